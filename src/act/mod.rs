@@ -1,0 +1,3 @@
+//! act: work that calls the KMS on behalf of committed decisions.
+
+pub mod rotation;

@@ -1,0 +1,172 @@
+//! act: the rotation worker. A rotate event leaves a persisted job; this worker
+//! rewraps every DEK of the key under the newest version with bounded concurrency
+//! and commits the results in batches. The old wrapped DEK is replaced only in the
+//! commit that stores the new one, so a crash at any point loses no DEK, and after
+//! a restart the job continues with the instances still on an old version.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use rand::Rng;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::RotationConfig;
+use crate::engine::{Input, KeyStatus, RotationJob, View};
+use crate::kms::Kms;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::writer::Writer;
+
+pub struct Rotator {
+    pub store: Store,
+    pub kms: Arc<dyn Kms>,
+    pub writer: Writer,
+    pub notify: Arc<Notify>,
+    pub config: RotationConfig,
+    pub metrics: Arc<Metrics>,
+}
+
+enum Pass {
+    Finished,
+    /// The key stopped being usable, or a newer rotation replaced this one.
+    Interrupted,
+}
+
+enum Attempt {
+    Done(Input),
+    KeyUnusable,
+}
+
+impl Rotator {
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let notified = self.notify.notified();
+            for job in self.store.jobs().into_iter().filter(|j| j.finished_at.is_none()) {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                match self.pass(&job, &shutdown).await {
+                    Ok(Pass::Finished) => {
+                        let _ = self
+                            .writer
+                            .submit(Input::JobFinished { key_id: job.key_id.clone(), target_version: job.target_version.clone(), at: Utc::now() })
+                            .await;
+                        tracing::info!(key_id = %job.key_id, version = %job.target_version, "rotation finished");
+                    }
+                    Ok(Pass::Interrupted) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, key_id = %job.key_id, "rotation stopped: the store writer is gone");
+                        return;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    fn current(&self, job: &RotationJob) -> bool {
+        let key_active = self.store.key(&job.key_id).map(|k| k.status == KeyStatus::Active).unwrap_or(false);
+        let same_job = self.store.job(&job.key_id).map(|j| j.target_version == job.target_version).unwrap_or(false);
+        key_active && same_job
+    }
+
+    async fn pass(&self, job: &RotationJob, shutdown: &CancellationToken) -> Result<Pass, crate::writer::WriterError> {
+        if !self.current(job) {
+            return Ok(Pass::Interrupted);
+        }
+        let todo: Vec<String> = self
+            .store
+            .instance_ids_of(&job.key_id)
+            .into_iter()
+            .filter(|id| {
+                self.store
+                    .instance(id)
+                    .and_then(|i| i.wrapped)
+                    .map(|w| w.key_version != job.target_version)
+                    .unwrap_or(false)
+            })
+            .collect();
+        if job.total.is_none() {
+            self.writer
+                .submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total: todo.len() as u64 })
+                .await?;
+        }
+        tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = todo.len(), "rotation pass");
+        let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id)).buffer_unordered(self.config.concurrency);
+        let mut chunk = Vec::with_capacity(self.config.batch);
+        let mut interrupted = false;
+        while let Some(attempt) = results.next().await {
+            match attempt {
+                Some(Attempt::Done(input)) => chunk.push(input),
+                Some(Attempt::KeyUnusable) => interrupted = true,
+                None => {}
+            }
+            if chunk.len() >= self.config.batch || interrupted || shutdown.is_cancelled() {
+                self.commit(&mut chunk).await?;
+                if interrupted || shutdown.is_cancelled() || !self.current(job) {
+                    return Ok(Pass::Interrupted);
+                }
+            }
+        }
+        self.commit(&mut chunk).await?;
+        Ok(if self.current(job) { Pass::Finished } else { Pass::Interrupted })
+    }
+
+    async fn commit(&self, chunk: &mut Vec<Input>) -> Result<(), crate::writer::WriterError> {
+        let mut last = None;
+        for input in chunk.drain(..) {
+            last = Some(self.writer.enqueue(Some(input), None).await?);
+        }
+        if let Some(pending) = last {
+            // The writer answers in order: the last answer covers the whole chunk.
+            pending.await.map_err(|_| crate::writer::WriterError::Stopped)??;
+        }
+        Ok(())
+    }
+
+    async fn rewrap_one(&self, instance_id: String) -> Option<Attempt> {
+        let inst = self.store.instance(&instance_id)?;
+        let wrapped = inst.wrapped?;
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 1;
+        loop {
+            match self.kms.rewrap(&inst.key_id, &wrapped, instance_id.as_bytes()).await {
+                Ok(new) => {
+                    self.metrics.rewraps.with_label_values(&[self.kms.provider(), "ok"]).inc();
+                    return Some(Attempt::Done(Input::Rewrapped {
+                        instance_id,
+                        from_version: wrapped.key_version,
+                        wrapped: new,
+                        at: Utc::now(),
+                    }));
+                }
+                Err(e) if e.key_unusable() => return Some(Attempt::KeyUnusable),
+                Err(e) if e.retryable() && attempt < self.config.max_attempts => {
+                    self.metrics.rewraps.with_label_values(&[self.kms.provider(), "retry"]).inc();
+                    tracing::debug!(%instance_id, error = %e, attempt, "rewrap failed transiently; retrying");
+                    let jitter = rand::thread_rng().gen_range(0..=delay.as_millis() as u64 / 2);
+                    tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.metrics.rewraps.with_label_values(&[self.kms.provider(), "failed"]).inc();
+                    tracing::warn!(%instance_id, key_id = %inst.key_id, error = %e, "rewrap failed");
+                    return Some(Attempt::Done(Input::RewrapFailed {
+                        instance_id,
+                        from_version: wrapped.key_version,
+                        reason: e.to_string(),
+                        at: Utc::now(),
+                    }));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,374 @@
+//! api: the admin and data-plane HTTP API (axum). Reads come from the store;
+//! every change goes through the single writer, so the API never races the intake.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::{engine::general_purpose::STANDARD, Engine};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+use crate::engine::{instance_state, EventType, InstanceRecord, InstanceState, Input, KeyStatus, Reply, View};
+use crate::intake::native::valid_id;
+use crate::kms::cache::DekCache;
+use crate::kms::local::LocalKms;
+use crate::kms::{Dek, Kms, KmsError};
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::writer::{Writer, WriterError};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    /// Serves the data plane: wrap and unwrap.
+    pub kms: Arc<dyn Kms>,
+    /// Operates keys; only the embedded KMS is operated through keywarden.
+    pub local: Arc<LocalKms>,
+    pub writer: Writer,
+    pub cache: Arc<DekCache>,
+    pub metrics: Arc<Metrics>,
+    pub ready: Arc<AtomicBool>,
+    pub relay: Arc<Notify>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+impl From<WriterError> for ApiError {
+    fn from(e: WriterError) -> Self {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+impl From<KmsError> for ApiError {
+    fn from(e: KmsError) -> Self {
+        let status = match &e {
+            KmsError::UnknownKey(_) => StatusCode::NOT_FOUND,
+            KmsError::KeyDisabled(_) => StatusCode::LOCKED,
+            KmsError::KeyDeleted(_) => StatusCode::GONE,
+            KmsError::Conflict(_) => StatusCode::CONFLICT,
+            KmsError::UnknownVersion { .. } | KmsError::Integrity(_) | KmsError::Setup(_) | KmsError::Store(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            KmsError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/keys", post(create_key))
+        .route("/v1/keys/{key_id}", get(show_key))
+        .route("/v1/keys/{key_id}/{action}", post(operate_key))
+        .route("/v1/events/{event_id}", get(show_event))
+        .route("/v1/instances", post(create_instance).get(list_instances))
+        .route("/v1/instances/{id}", get(show_instance).delete(delete_instance))
+        .route("/v1/instances/{id}/dek", post(fetch_dek))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README for the API") })
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    if s.ready.load(Ordering::SeqCst) {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the consumer group to assign partitions").into_response()
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+}
+
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes, allow_empty: bool) -> Result<Option<T>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return if allow_empty { Ok(None) } else { Err(ApiError::new(StatusCode::BAD_REQUEST, "request body is empty; send a JSON object")) };
+    }
+    serde_json::from_slice(body).map(Some).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("request body is not valid: {e}")))
+}
+
+fn check_id(name: &'static str, value: &str, max: usize) -> Result<(), ApiError> {
+    valid_id(name, value, max).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    key_id: Option<String>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, KmsError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}")))?
+        .map_err(ApiError::from)
+}
+
+async fn create_key(State(s): State<AppState>, body: Bytes) -> ApiResult {
+    let req: Option<CreateKey> = parse_body(&body, true)?;
+    let key_id = req.and_then(|r| r.key_id);
+    if let Some(id) = &key_id {
+        check_id("key_id", id, 256)?;
+    }
+    let local = s.local.clone();
+    let (key_id, version) = blocking(move || local.create_key(key_id)).await?;
+    s.writer.submit(Input::RegisterKey { key_id: key_id.clone(), version: version.clone(), at: Utc::now() }).await?;
+    Ok((StatusCode::CREATED, Json(json!({"key_id": key_id, "version": version, "state": "active"}))).into_response())
+}
+
+async fn operate_key(State(s): State<AppState>, Path((key_id, action)): Path<(String, String)>) -> ApiResult {
+    let kind = match action.as_str() {
+        "rotate" => EventType::Rotate,
+        "disable" => EventType::Disable,
+        "enable" => EventType::Enable,
+        "delete" => EventType::Delete,
+        "restore" => EventType::Restore,
+        "retry" => return retry_failed(&s, &key_id).await,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("{other:?} is not a key action; use rotate, disable, enable, delete, restore or retry"),
+            ))
+        }
+    };
+    let local = s.local.clone();
+    let id = key_id.clone();
+    let emitted = blocking(move || local.operate(&id, kind)).await?;
+    s.relay.notify_one();
+    let e = emitted.event;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "event_id": e.event_id,
+            "key_id": e.key_id,
+            "type": e.kind,
+            "key_version": e.key_version,
+            "occurred_at": e.occurred_at,
+        })),
+    )
+        .into_response())
+}
+
+/// Re-runs a finished rotation for the instances whose rewrap failed.
+async fn retry_failed(s: &AppState, key_id: &str) -> ApiResult {
+    let Some(key) = s.store.key(key_id) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("key {key_id} is unknown to keywarden")));
+    };
+    let Some(version) = key.version else {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("key {key_id} has no version to rewrap to")));
+    };
+    let event = crate::engine::LifecycleEvent {
+        event_id: format!("retry-{}", uuid::Uuid::new_v4()),
+        kind: EventType::Rotate,
+        key_id: key_id.to_string(),
+        key_version: Some(version),
+        occurred_at: key.last_event_at.unwrap_or_else(Utc::now),
+    };
+    let event_id = event.event_id.clone();
+    s.writer.submit(Input::Event { event, at: Utc::now() }).await?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"event_id": event_id, "key_id": key_id, "type": "retry"}))).into_response())
+}
+
+async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiResult {
+    let record = s.store.key(&key_id);
+    let kms_state = s.local.state(&key_id).ok();
+    if record.is_none() && kms_state.is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("key {key_id} is unknown; create it with POST /v1/keys")));
+    }
+    let instances = s.store.instances_of(&key_id);
+    let live: Vec<&InstanceRecord> = instances.iter().filter(|i| i.wrapped.is_some()).collect();
+    let version = record.as_ref().and_then(|k| k.version.clone()).or_else(|| kms_state.as_ref().map(|k| k.1.clone()));
+    let pending = live.iter().filter(|i| Some(&i.key_version) != version.as_ref()).count();
+    let failures: Vec<Value> = live
+        .iter()
+        .filter_map(|i| i.rewrap_error.as_ref().map(|e| json!({"instance_id": i.instance_id, "error": e})))
+        .collect();
+    let status = record.as_ref().map(|k| k.status).or(kms_state.as_ref().map(|k| k.0)).unwrap_or(KeyStatus::Active);
+    let job = s.store.job(&key_id);
+    Ok(Json(json!({
+        "key_id": key_id,
+        "state": status,
+        "version": version,
+        "instances": live.len(),
+        "pending_rewraps": pending,
+        "rewrap_failures": failures,
+        "rotation": job,
+        "last_event_id": record.as_ref().and_then(|k| k.last_event_id.clone()),
+        "last_event_at": record.as_ref().and_then(|k| k.last_event_at),
+        "deleted_at": record.as_ref().and_then(|k| k.deleted_at),
+        "purged_at": record.as_ref().and_then(|k| k.purged_at),
+        "kms_state": kms_state.map(|k| k.0),
+    }))
+    .into_response())
+}
+
+async fn show_event(State(s): State<AppState>, Path(event_id): Path<String>) -> ApiResult {
+    match s.store.event(&event_id) {
+        Some(e) => Ok(Json(e).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("event {event_id} has not been consumed (yet)"))),
+    }
+}
+
+fn instance_json(s: &AppState, inst: &InstanceRecord) -> Value {
+    let key = s.store.key(&inst.key_id);
+    json!({
+        "instance_id": inst.instance_id,
+        "key_id": inst.key_id,
+        "key_version": inst.key_version,
+        "state": instance_state(inst, key.as_ref()).as_str(),
+        "dek_fingerprint": inst.dek_fingerprint,
+        "created_at": inst.created_at,
+        "updated_at": inst.updated_at,
+        "destroyed_reason": inst.destroyed_reason,
+        "rewrap_error": inst.rewrap_error,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateInstance {
+    instance_id: String,
+    key_id: String,
+}
+
+async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
+    let req: CreateInstance = parse_body(&body, false)?.expect("body required");
+    check_id("instance_id", &req.instance_id, 256)?;
+    check_id("key_id", &req.key_id, 256)?;
+    if s.store.instance(&req.instance_id).is_some() {
+        return Err(ApiError::new(StatusCode::CONFLICT, format!("instance {} already exists; pick another id or delete it first", req.instance_id)));
+    }
+    let dek = Dek::generate();
+    let wrapped = match s.kms.wrap(&req.key_id, &dek, req.instance_id.as_bytes()).await {
+        Ok(w) => w,
+        Err(KmsError::KeyDisabled(k)) => return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is disabled; enable it before creating instances under it"))),
+        Err(KmsError::KeyDeleted(k)) => return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is deleted; restore it or choose another key"))),
+        Err(e) => return Err(e.into()),
+    };
+    let reply = s
+        .writer
+        .submit(Input::CreateInstance {
+            instance_id: req.instance_id.clone(),
+            key_id: req.key_id,
+            wrapped,
+            fingerprint: dek.fingerprint(),
+            at: Utc::now(),
+        })
+        .await?;
+    match reply {
+        Reply::Created(inst) => Ok((StatusCode::CREATED, Json(instance_json(&s, &inst))).into_response()),
+        Reply::Conflict(m) => Err(ApiError::new(StatusCode::CONFLICT, m)),
+        other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected engine reply {other:?}"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    key_id: Option<String>,
+}
+
+async fn list_instances(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
+    let list = match &q.key_id {
+        Some(k) => s.store.instances_of(k),
+        None => s.store.instances(),
+    };
+    let items: Vec<Value> = list.iter().map(|i| instance_json(&s, i)).collect();
+    Ok(Json(json!({ "instances": items })).into_response())
+}
+
+async fn show_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    match s.store.instance(&id) {
+        Some(inst) => Ok(Json(instance_json(&s, &inst)).into_response()),
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("instance {id} does not exist"))),
+    }
+}
+
+async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let reply = s
+        .writer
+        .submit(Input::DeleteInstance { instance_id: id.clone(), request_id: format!("api-delete-{}", uuid::Uuid::new_v4()), at: Utc::now() })
+        .await?;
+    match reply {
+        Reply::NotFound(m) => Err(ApiError::new(StatusCode::NOT_FOUND, m)),
+        _ => {
+            s.cache.forget(&id);
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
+}
+
+async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let result = serve_dek(&s, &id).await;
+    let label = match &result {
+        Ok(_) => "served",
+        Err(e) if e.status == StatusCode::LOCKED => "revoked",
+        Err(e) if e.status == StatusCode::GONE => "erased",
+        Err(e) if e.status == StatusCode::NOT_FOUND => "unknown",
+        Err(_) => "error",
+    };
+    s.metrics.dek_requests.with_label_values(&[label]).inc();
+    result
+}
+
+async fn serve_dek(s: &AppState, id: &str) -> ApiResult {
+    let Some(inst) = s.store.instance(id) else {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("instance {id} does not exist")));
+    };
+    // The state check comes first and reads the committed key record, so a
+    // revocation is in force the moment its batch is durable.
+    let key = s.store.key(&inst.key_id);
+    match instance_state(&inst, key.as_ref()) {
+        InstanceState::Active => {}
+        InstanceState::Revoked => {
+            return Err(ApiError::new(StatusCode::LOCKED, format!("instance {id} is revoked: key {} is disabled", inst.key_id)))
+        }
+        InstanceState::Erased => {
+            return Err(ApiError::new(StatusCode::GONE, format!("instance {id} is erased: key {} is deleted", inst.key_id)))
+        }
+        InstanceState::Destroyed => {
+            return Err(ApiError::new(
+                StatusCode::GONE,
+                format!("instance {id} is destroyed: {}", inst.destroyed_reason.as_deref().unwrap_or("its DEK no longer exists")),
+            ))
+        }
+    }
+    let wrapped = inst.wrapped.as_ref().expect("active instances have a wrapped DEK");
+    let dek = match s.cache.get(id, &wrapped.key_version) {
+        Some(d) => d,
+        None => {
+            let d = s.kms.unwrap(&inst.key_id, wrapped, id.as_bytes()).await?;
+            s.cache.put(id, &inst.key_id, &wrapped.key_version, d.clone());
+            d
+        }
+    };
+    Ok(Json(json!({"dek": STANDARD.encode(dek.expose()), "key_version": wrapped.key_version})).into_response())
+}

@@ -1,0 +1,170 @@
+//! cli: the `keywarden` command. `run` starts the daemon; every other subcommand
+//! is a client of the admin API.
+
+mod client;
+mod demo;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(name = "keywarden", version, about = "Key-lifecycle daemon for customer-managed keys")]
+pub struct Cli {
+    /// Config file (TOML). Defaults work without one.
+    #[arg(long, global = true, env = "KEYWARDEN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Admin API base URL; defaults to http://<api.listen> from the config.
+    #[arg(long, global = true)]
+    pub api: Option<String>,
+    /// Output format for client commands.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon.
+    Run,
+    /// Load and validate the config, then print it.
+    CheckConfig,
+    /// Run the daemon on embedded defaults and walk a key's lifecycle live.
+    Demo {
+        /// Stop the daemon when the walk is done instead of leaving it running.
+        #[arg(long)]
+        exit: bool,
+    },
+    /// Operate root keys (embedded KMS).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Manage instances and fetch their DEKs.
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+    /// Show what became of a consumed event.
+    Event { event_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Create a root key (a random id unless given).
+    Create { key_id: Option<String> },
+    Show { key_id: String },
+    Rotate { key_id: String },
+    Disable { key_id: String },
+    Enable { key_id: String },
+    Delete { key_id: String },
+    Restore { key_id: String },
+    /// Retry the rewrap of instances whose rotation failed.
+    Retry { key_id: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InstanceCommand {
+    Create {
+        instance_id: String,
+        #[arg(long)]
+        key: String,
+    },
+    Show { instance_id: String },
+    List {
+        #[arg(long)]
+        key: Option<String>,
+    },
+    Delete { instance_id: String },
+    /// Fetch the instance's plaintext DEK (base64).
+    Dek { instance_id: String },
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match run_cli(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("keywarden: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Run => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_tracing(&config);
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone());
+                crate::daemon::run(config, shutdown, |s| {
+                    tracing::info!(api = %s.api, bootstrap = %s.bootstrap, "ready to serve");
+                })
+                .await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CheckConfig => {
+            let config = Config::load(cli.config.as_deref())?;
+            println!("{}", toml::to_string_pretty(&config)?);
+            eprintln!("config is valid");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { exit } => {
+            let config = Config::load(cli.config.as_deref())?;
+            init_tracing_with(&config.log.format, "warn");
+            demo::run(config, *exit)
+        }
+        _ => {
+            let base = match &cli.api {
+                Some(url) => url.trim_end_matches('/').to_string(),
+                None => format!("http://{}", Config::load(cli.config.as_deref())?.api.listen),
+            };
+            client::run(&base, cli.output, cli.command)
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    init_tracing_with(&config.log.format, &config.log.level);
+}
+
+fn init_tracing_with(format: &str, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYWARDEN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// First SIGTERM/SIGINT drains and exits cleanly; a second one exits at once.
+/// Exiting at once loses nothing: only durable work was ever acknowledged.
+pub fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if n == 0 {
+                tracing::info!("signal received: draining (send again to exit at once)");
+                shutdown.cancel();
+            } else {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+}

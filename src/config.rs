@@ -1,0 +1,439 @@
+//! Configuration: TOML with `deny_unknown_fields`, documented defaults, environment
+//! overrides (`KEYWARDEN_<SECTION>_<FIELD>`) and a `validate()` that names the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}={value:?} is not valid for {field}: {message}")]
+    Env { var: String, value: String, field: String, message: String },
+    #[error("config field {field} = {value:?} is not valid: {expected}")]
+    Invalid { field: &'static str, value: String, expected: String },
+}
+
+/// A duration written the human way in config ("30d", "250ms", "4h").
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl fmt::Debug for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("{text:?} is not a duration like \"30d\" or \"250ms\": {e}")))
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub store: StoreConfig,
+    pub api: ApiConfig,
+    pub kms: KmsConfig,
+    pub policy: PolicyConfig,
+    pub rotation: RotationConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, or "embedded" for librdkafka's in-process mock cluster.
+    pub brokers: String,
+    pub group_id: String,
+    pub events_topic: String,
+    pub commands_topic: String,
+    pub dlq_topic: String,
+    /// Create the three topics at start-up through the admin API.
+    pub create_topics: bool,
+    /// Partition count used when keywarden creates a topic.
+    pub partitions: i32,
+    /// Replication factor used when keywarden creates a topic.
+    pub replication: i32,
+    /// How many events are applied to the store in one flushed batch at most.
+    pub max_batch: usize,
+    /// Extra librdkafka properties, passed through verbatim to every client.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "embedded".into(),
+            group_id: "keywarden".into(),
+            events_topic: "key-lifecycle".into(),
+            commands_topic: "instance-commands".into(),
+            dlq_topic: "key-lifecycle.dlq".into(),
+            create_topics: true,
+            partitions: 3,
+            replication: 1,
+            max_batch: 1024,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { path: PathBuf::from("keywarden-data") }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub listen: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:8420".into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KmsConfig {
+    pub local: LocalKmsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalKmsConfig {
+    /// File holding the 32-byte master key that encrypts root-key material at rest.
+    pub master_key_file: PathBuf,
+}
+
+impl Default for LocalKmsConfig {
+    fn default() -> Self {
+        Self { master_key_file: PathBuf::from("keywarden-data/master.key") }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// How long a deleted key's wrapped DEKs are kept so that a restore can bring data back.
+    pub purge_after: HumanDuration,
+    /// Cron expression (with seconds) for the purge sweep.
+    pub purge_schedule: String,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            purge_after: HumanDuration(Duration::from_secs(30 * 24 * 3600)),
+            purge_schedule: "0 * * * * *".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationConfig {
+    /// Rewrap calls in flight at once against the KMS.
+    pub concurrency: usize,
+    /// Rewrapped instances committed to the store in one batch.
+    pub batch: usize,
+    /// Attempts for a rewrap that fails transiently before the instance is marked failed.
+    pub max_attempts: u32,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self { concurrency: 16, batch: 256, max_attempts: 5 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// "plain" or "json".
+    pub format: String,
+    /// A tracing filter such as "info" or "keywarden=debug".
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { format: "plain".into(), level: "info".into() }
+    }
+}
+
+impl Config {
+    /// Reads the file (when given), applies `KEYWARDEN_*` overrides, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with("KEYWARDEN_")).collect();
+        Self::load_with_env(path, &vars)
+    }
+
+    pub fn load_with_env(path: Option<&Path>, vars: &[(String, String)]) -> Result<Config, ConfigError> {
+        let (text, shown) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?,
+                p.to_path_buf(),
+            ),
+            None => (String::new(), PathBuf::from("<defaults>")),
+        };
+        let parse_err = |message: String| ConfigError::Parse { path: shown.clone(), message };
+        let mut value: toml::Value = toml::from_str(&text).map_err(|e| parse_err(e.to_string()))?;
+        // Validate the file alone first, so that a typo is reported against the file.
+        Config::deserialize(value.clone()).map_err(|e| parse_err(e.to_string()))?;
+        let defaults = toml::Value::try_from(Config::default()).expect("defaults serialize");
+        apply_env(&mut value, &defaults, vars)?;
+        let config = Config::deserialize(value).map_err(|e| parse_err(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, value: &dyn fmt::Display, expected: &str| ConfigError::Invalid {
+            field,
+            value: value.to_string(),
+            expected: expected.to_string(),
+        };
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", &k.brokers, "\"embedded\" or a list like \"host1:9092,host2:9092\""));
+        }
+        if k.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", &k.group_id, "a non-empty consumer group id"));
+        }
+        for (field, topic) in [
+            ("kafka.events_topic", &k.events_topic),
+            ("kafka.commands_topic", &k.commands_topic),
+            ("kafka.dlq_topic", &k.dlq_topic),
+        ] {
+            if !valid_topic(topic) {
+                return Err(invalid(field, topic, "a Kafka topic name: 1-249 characters of a-z A-Z 0-9 . _ -"));
+            }
+        }
+        if k.events_topic == k.commands_topic || k.events_topic == k.dlq_topic || k.commands_topic == k.dlq_topic {
+            return Err(invalid("kafka.dlq_topic", &k.dlq_topic, "events, commands and dead-letter topics must all differ"));
+        }
+        if !(1..=10_000).contains(&k.partitions) {
+            return Err(invalid("kafka.partitions", &k.partitions, "a whole number from 1 to 10000"));
+        }
+        if !(1..=16).contains(&k.replication) {
+            return Err(invalid("kafka.replication", &k.replication, "a whole number from 1 to 16"));
+        }
+        if !(1..=100_000).contains(&k.max_batch) {
+            return Err(invalid("kafka.max_batch", &k.max_batch, "a whole number from 1 to 100000"));
+        }
+        if self.store.path.as_os_str().is_empty() {
+            return Err(invalid("store.path", &self.store.path.display(), "a directory path"));
+        }
+        if SocketAddr::from_str(&self.api.listen).is_err() {
+            return Err(invalid("api.listen", &self.api.listen, "an address like 127.0.0.1:8420"));
+        }
+        if self.kms.local.master_key_file.as_os_str().is_empty() {
+            return Err(invalid("kms.local.master_key_file", &"", "a file path"));
+        }
+        if self.policy.purge_after.0.is_zero() {
+            return Err(invalid("policy.purge_after", &"0s", "a positive duration such as \"30d\""));
+        }
+        if cron::Schedule::from_str(&self.policy.purge_schedule).is_err() {
+            return Err(invalid(
+                "policy.purge_schedule",
+                &self.policy.purge_schedule,
+                "a cron expression with seconds, such as \"0 * * * * *\"",
+            ));
+        }
+        let r = &self.rotation;
+        if !(1..=1024).contains(&r.concurrency) {
+            return Err(invalid("rotation.concurrency", &r.concurrency, "a whole number from 1 to 1024"));
+        }
+        if !(1..=100_000).contains(&r.batch) {
+            return Err(invalid("rotation.batch", &r.batch, "a whole number from 1 to 100000"));
+        }
+        if !(1..=100).contains(&r.max_attempts) {
+            return Err(invalid("rotation.max_attempts", &r.max_attempts, "a whole number from 1 to 100"));
+        }
+        if !matches!(self.log.format.as_str(), "plain" | "json") {
+            return Err(invalid("log.format", &self.log.format, "\"plain\" or \"json\""));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid("log.level", &self.log.level, "a tracing filter such as \"info\" or \"keywarden=debug\""));
+        }
+        Ok(())
+    }
+
+    pub fn embedded_broker(&self) -> bool {
+        self.kafka.brokers == "embedded"
+    }
+}
+
+fn valid_topic(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 249 && t != "." && t != ".." && t.chars().all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
+}
+
+/// Every leaf of the default config is a settable field; its variable is
+/// `KEYWARDEN_` + the path joined by `_`, upper-cased. Values are parsed as the
+/// leaf's type, so a typo in a number fails with the variable's name.
+fn apply_env(value: &mut toml::Value, defaults: &toml::Value, vars: &[(String, String)]) -> Result<(), ConfigError> {
+    let mut leaves = Vec::new();
+    collect_leaves(defaults, &mut Vec::new(), &mut leaves);
+    for (var, raw) in vars {
+        let Some((path, template)) = leaves.iter().find(|(p, _)| env_name(p) == *var) else {
+            if var.starts_with("KEYWARDEN_KAFKA_PROPERTIES_") {
+                // librdkafka property names are dotted; "KEYWARDEN_KAFKA_PROPERTIES_SESSION_TIMEOUT_MS" sets session.timeout.ms.
+                let prop = var["KEYWARDEN_KAFKA_PROPERTIES_".len()..].to_lowercase().replace('_', ".");
+                set_path(value, &["kafka", "properties", &prop], toml::Value::String(raw.clone()));
+            }
+            continue;
+        };
+        let field = path.join(".");
+        let parsed = match template {
+            toml::Value::String(_) => toml::Value::String(raw.clone()),
+            toml::Value::Integer(_) => toml::Value::Integer(raw.trim().parse().map_err(|_| ConfigError::Env {
+                var: var.clone(),
+                value: raw.clone(),
+                field: field.clone(),
+                message: "expected a whole number".into(),
+            })?),
+            toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().map_err(|_| ConfigError::Env {
+                var: var.clone(),
+                value: raw.clone(),
+                field: field.clone(),
+                message: "expected true or false".into(),
+            })?),
+            _ => toml::Value::String(raw.clone()),
+        };
+        let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+        set_path(value, &parts, parsed);
+    }
+    Ok(())
+}
+
+fn collect_leaves(v: &toml::Value, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
+    match v {
+        toml::Value::Table(t) if prefix.last().map(String::as_str) != Some("properties") => {
+            for (k, child) in t {
+                prefix.push(k.clone());
+                collect_leaves(child, prefix, out);
+                prefix.pop();
+            }
+        }
+        toml::Value::Table(_) => {}
+        leaf => out.push((prefix.clone(), leaf.clone())),
+    }
+}
+
+fn env_name(path: &[String]) -> String {
+    format!("KEYWARDEN_{}", path.join("_").to_uppercase())
+}
+
+fn set_path(root: &mut toml::Value, path: &[&str], leaf: toml::Value) {
+    let mut cur = root;
+    for (i, part) in path.iter().enumerate() {
+        let table = match cur {
+            toml::Value::Table(t) => t,
+            other => {
+                *other = toml::Value::Table(Default::default());
+                let toml::Value::Table(t) = other else { unreachable!() };
+                t
+            }
+        };
+        if i + 1 == path.len() {
+            table.insert(part.to_string(), leaf);
+            return;
+        }
+        cur = table.entry(part.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid_and_use_the_embedded_broker() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert!(c.embedded_broker());
+        assert_eq!(c.api.listen, "127.0.0.1:8420");
+        assert_eq!(c.policy.purge_after.0, Duration::from_secs(30 * 86400));
+    }
+
+    #[test]
+    fn shipped_config_file_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keywarden.toml");
+        Config::load_with_env(Some(&path), &[]).unwrap();
+    }
+
+    #[test]
+    fn environment_overrides_every_section() {
+        let c = Config::load_with_env(
+            None,
+            &env(&[
+                ("KEYWARDEN_KAFKA_BROKERS", "127.0.0.1:9092"),
+                ("KEYWARDEN_STORE_PATH", "/tmp/x"),
+                ("KEYWARDEN_API_LISTEN", "127.0.0.1:9999"),
+                ("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", "/tmp/m.key"),
+                ("KEYWARDEN_POLICY_PURGE_AFTER", "2s"),
+                ("KEYWARDEN_KAFKA_PARTITIONS", "6"),
+                ("KEYWARDEN_KAFKA_PROPERTIES_SESSION_TIMEOUT_MS", "6000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "127.0.0.1:9092");
+        assert_eq!(c.store.path, PathBuf::from("/tmp/x"));
+        assert_eq!(c.api.listen, "127.0.0.1:9999");
+        assert_eq!(c.kms.local.master_key_file, PathBuf::from("/tmp/m.key"));
+        assert_eq!(c.policy.purge_after.0, Duration::from_secs(2));
+        assert_eq!(c.kafka.partitions, 6);
+        assert_eq!(c.kafka.properties["session.timeout.ms"], "6000");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_API_LISTEN", "nowhere")])).unwrap_err();
+        assert!(err.to_string().contains("api.listen"), "{err}");
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_KAFKA_PARTITIONS", "many")])).unwrap_err();
+        assert!(err.to_string().contains("KEYWARDEN_KAFKA_PARTITIONS"), "{err}");
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_POLICY_PURGE_AFTER", "soon")])).unwrap_err();
+        assert!(err.to_string().contains("purge_after"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, "[kafka]\nbrokerz = \"x\"\n").unwrap();
+        let err = Config::load_with_env(Some(&p), &[]).unwrap_err();
+        assert!(err.to_string().contains("brokerz"), "{err}");
+    }
+}

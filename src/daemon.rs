@@ -1,0 +1,182 @@
+//! Wires the stages together and owns the one shutdown path: cancel, drain the
+//! intake (acknowledging only what is durable), stop the workers, then let the
+//! writer commit its last batch and flush the store.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::act::rotation::Rotator;
+use crate::api::{router, AppState};
+use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
+use crate::config::Config;
+use crate::engine::{KeyStatus, Record};
+use crate::intake::{Intake, IntakeError};
+use crate::kms::cache::DekCache;
+use crate::kms::local::LocalKms;
+use crate::kms::{Kms, KmsError};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+use crate::tell::{Relay, TellError};
+use crate::writer::Writer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Intake(#[from] IntakeError),
+    #[error(transparent)]
+    Tell(#[from] TellError),
+    #[error("cannot listen on {addr}: {source}; is another keywarden running? set api.listen")]
+    Listen { addr: String, source: std::io::Error },
+    #[error("the store writer stopped unexpectedly; see the log above")]
+    WriterDied,
+}
+
+/// Facts a caller (the CLI's demo, tests) may want once the daemon is up.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub api: SocketAddr,
+    pub bootstrap: String,
+    pub embedded: bool,
+}
+
+/// Runs until `shutdown` is cancelled. `on_started` is called once the API listens.
+pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl FnOnce(Started) + Send) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(&config.store.path).map_err(|e| {
+        StoreError::Open { path: config.store.path.display().to_string(), source: sled::Error::Io(e) }
+    })?;
+    let store = Store::open(&config.store.path)?;
+    let local = Arc::new(LocalKms::open(store.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?);
+    let kms: Arc<dyn Kms> = local.clone();
+
+    let embedded = if config.embedded_broker() { Some(EmbeddedBroker::start()?) } else { None };
+    let bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone()).unwrap_or_else(|| config.kafka.brokers.clone());
+    if let Some(e) = &embedded {
+        tracing::warn!(bootstrap = %e.bootstrap, "using the embedded in-memory mock broker: for trying keywarden out only, all events are lost on exit; set kafka.brokers for production");
+    }
+    if config.kafka.create_topics {
+        create_topics_with_retry(&config, &bootstrap, &shutdown).await?;
+    }
+
+    let metrics = Arc::new(Metrics::new());
+    let cache = Arc::new(DekCache::default());
+    let relay_notify = Arc::new(Notify::new());
+    let rotation_notify = Arc::new(Notify::new());
+    let on_commit = {
+        let cache = cache.clone();
+        let relay = relay_notify.clone();
+        let rotation = rotation_notify.clone();
+        Box::new(move |records: &[Record]| {
+            let mut wake_relay = false;
+            let mut wake_rotation = false;
+            for r in records {
+                match r {
+                    Record::Key(k) if k.status != KeyStatus::Active => cache.forget_key(&k.key_id),
+                    Record::Key(_) => wake_rotation = true,
+                    Record::Instance(i) => cache.forget(&i.instance_id),
+                    Record::Job(_) => wake_rotation = true,
+                    Record::Outbox(_) => wake_relay = true,
+                    Record::Event(_) | Record::Offset { .. } => {}
+                }
+            }
+            if wake_relay {
+                relay.notify_one();
+            }
+            if wake_rotation {
+                rotation.notify_one();
+            }
+        })
+    };
+    let (writer, writer_thread) = Writer::start(store.clone(), config.kafka.max_batch, on_commit);
+
+    let assigned = Arc::new(AtomicBool::new(false));
+    let intake = Intake::new(&config.kafka, &bootstrap, writer.clone(), metrics.clone(), assigned.clone())?;
+    let relay = Relay::new(store.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone())?;
+    let rotator = Rotator {
+        store: store.clone(),
+        kms: kms.clone(),
+        writer: writer.clone(),
+        notify: rotation_notify,
+        config: config.rotation.clone(),
+        metrics: metrics.clone(),
+    };
+
+    let state = AppState {
+        store: store.clone(),
+        kms,
+        local,
+        writer: writer.clone(),
+        cache,
+        metrics,
+        ready: assigned,
+        relay: relay_notify,
+    };
+    let listener = tokio::net::TcpListener::bind(&config.api.listen)
+        .await
+        .map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
+    let api_addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
+    tracing::info!(api = %api_addr, bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
+
+    let tasks = CancellationToken::new();
+    let api_task = {
+        let stop = tasks.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router(state)).with_graceful_shutdown(stop.cancelled_owned()).await;
+        })
+    };
+    let relay_task = tokio::spawn(relay.run(tasks.clone()));
+    let rotation_task = tokio::spawn(rotator.run(tasks.clone()));
+    let purge_task = tokio::spawn(crate::schedule::purge_loop(
+        store.clone(),
+        writer.clone(),
+        config.policy.purge_schedule.clone(),
+        config.policy.purge_after.0,
+        tasks.clone(),
+    ));
+    on_started(Started { api: api_addr, bootstrap: bootstrap.clone(), embedded: embedded.is_some() });
+
+    // The intake stops on shutdown, or on its own when the writer fails.
+    let intake_result = intake.run(shutdown.clone()).await;
+    tracing::info!("shutting down: intake drained");
+    tasks.cancel();
+    let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task);
+    drop(writer);
+    let writer_result = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    drop(embedded);
+    intake_result?;
+    match writer_result {
+        Ok(Ok(Ok(()))) => {
+            tracing::info!("store flushed; bye");
+            Ok(())
+        }
+        Ok(Ok(Err(e))) => Err(e.into()),
+        _ => Err(DaemonError::WriterDied),
+    }
+}
+
+async fn create_topics_with_retry(config: &Config, bootstrap: &str, shutdown: &CancellationToken) -> Result<(), BrokerError> {
+    let mut delay = Duration::from_millis(200);
+    let mut tries = 0;
+    loop {
+        match ensure_topics(&config.kafka, bootstrap).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.retryable() && tries < 30 && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, "topic creation failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}

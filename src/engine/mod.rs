@@ -1,0 +1,398 @@
+//! The decision: (input, current state) → state-change records + effects.
+//!
+//! Pure: no I/O, no clock (time arrives inside the input), no randomness. Everything
+//! that must be correct — duplicates, stale events, state transitions, what to
+//! publish — is decided here and can be tested without a broker or a store.
+
+mod types;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+pub use types::*;
+
+/// Read access to current state. The store implements it; `Overlay` layers the
+/// records of a batch that is not yet committed on top.
+pub trait View {
+    fn key(&self, key_id: &str) -> Option<KeyRecord>;
+    fn instance(&self, instance_id: &str) -> Option<InstanceRecord>;
+    fn event_seen(&self, event_id: &str) -> bool;
+    fn job(&self, key_id: &str) -> Option<RotationJob>;
+    fn instances_of(&self, key_id: &str) -> Vec<InstanceRecord>;
+}
+
+#[derive(Debug, Clone)]
+pub enum Input {
+    Event { event: LifecycleEvent, at: DateTime<Utc> },
+    /// The embedded KMS created a key: keywarden knows it before any event.
+    RegisterKey { key_id: String, version: String, at: DateTime<Utc> },
+    CreateInstance { instance_id: String, key_id: String, wrapped: WrappedDek, fingerprint: String, at: DateTime<Utc> },
+    DeleteInstance { instance_id: String, request_id: String, at: DateTime<Utc> },
+    JobPlanned { key_id: String, target_version: String, total: u64 },
+    Rewrapped { instance_id: String, from_version: String, wrapped: WrappedDek, at: DateTime<Utc> },
+    RewrapFailed { instance_id: String, from_version: String, reason: String, at: DateTime<Utc> },
+    JobFinished { key_id: String, target_version: String, at: DateTime<Utc> },
+    Purge { key_id: String, purge_after: Duration, at: DateTime<Utc> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Event { outcome: Outcome, detail: String },
+    Created(Box<InstanceRecord>),
+    Conflict(String),
+    NotFound(String),
+    Done,
+}
+
+pub struct Decision {
+    pub records: Vec<Record>,
+    pub reply: Reply,
+}
+
+fn decision(records: Vec<Record>, reply: Reply) -> Decision {
+    Decision { records, reply }
+}
+
+pub fn decide(view: &impl View, input: Input) -> Decision {
+    match input {
+        Input::Event { event, at } => decide_event(view, event, at),
+        Input::RegisterKey { key_id, version, at } => match view.key(&key_id) {
+            Some(_) => decision(vec![], Reply::Done),
+            None => {
+                let mut key = KeyRecord::new(&key_id, at);
+                key.version = Some(version);
+                decision(vec![Record::Key(key)], Reply::Done)
+            }
+        },
+        Input::CreateInstance { instance_id, key_id, wrapped, fingerprint, at } => {
+            if view.instance(&instance_id).is_some() {
+                return decision(vec![], Reply::Conflict(format!("instance {instance_id} already exists; pick another id or delete it first")));
+            }
+            let mut records = Vec::new();
+            match view.key(&key_id) {
+                Some(k) if k.status == KeyStatus::Deleted => {
+                    return decision(vec![], Reply::Conflict(format!("key {key_id} is deleted; restore it or choose another key")));
+                }
+                Some(k) if k.version.is_none() => {
+                    let mut k = k.clone();
+                    k.version = Some(wrapped.key_version.clone());
+                    records.push(Record::Key(k));
+                }
+                Some(_) => {}
+                None => {
+                    let mut k = KeyRecord::new(&key_id, at);
+                    k.version = Some(wrapped.key_version.clone());
+                    records.push(Record::Key(k));
+                }
+            }
+            let inst = InstanceRecord {
+                instance_id,
+                key_id,
+                key_version: wrapped.key_version.clone(),
+                wrapped: Some(wrapped),
+                dek_fingerprint: fingerprint,
+                created_at: at,
+                updated_at: at,
+                destroyed_at: None,
+                destroyed_reason: None,
+                rewrap_error: None,
+            };
+            records.push(Record::Instance(inst.clone()));
+            decision(records, Reply::Created(Box::new(inst)))
+        }
+        Input::DeleteInstance { instance_id, request_id, at } => {
+            let Some(mut inst) = view.instance(&instance_id) else {
+                return decision(vec![], Reply::NotFound(format!("instance {instance_id} does not exist")));
+            };
+            if inst.wrapped.is_none() {
+                return decision(vec![], Reply::Done);
+            }
+            inst.wrapped = None;
+            inst.destroyed_at = Some(at);
+            inst.destroyed_reason = Some("instance deleted through the API".into());
+            inst.updated_at = at;
+            let effect = Effect::InstanceCommand {
+                instance_id: inst.instance_id.clone(),
+                key_id: inst.key_id.clone(),
+                action: CommandAction::Erase,
+                key_version: Some(inst.key_version.clone()),
+                cause_event_id: request_id,
+                issued_at: at,
+            };
+            decision(vec![Record::Instance(inst), Record::Outbox(effect)], Reply::Done)
+        }
+        Input::JobPlanned { key_id, target_version, total } => match view.job(&key_id) {
+            Some(mut job) if job.target_version == target_version && job.total.is_none() => {
+                job.total = Some(total);
+                decision(vec![Record::Job(job)], Reply::Done)
+            }
+            _ => decision(vec![], Reply::Done),
+        },
+        Input::Rewrapped { instance_id, from_version, wrapped, at } => {
+            let Some(mut inst) = view.instance(&instance_id) else { return decision(vec![], Reply::Done) };
+            // Only the DEK that was read may be replaced: a concurrent delete or an
+            // earlier rewrap wins, and this result is dropped.
+            if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {
+                return decision(vec![], Reply::Done);
+            }
+            let version = wrapped.key_version.clone();
+            inst.wrapped = Some(wrapped);
+            inst.key_version = version.clone();
+            inst.rewrap_error = None;
+            inst.updated_at = at;
+            let mut records = Vec::new();
+            let mut cause = String::new();
+            if let Some(mut job) = view.job(&inst.key_id) {
+                job.done += 1;
+                cause = job.cause_event_id.clone();
+                records.push(Record::Job(job));
+            }
+            records.push(Record::Outbox(Effect::InstanceCommand {
+                instance_id: inst.instance_id.clone(),
+                key_id: inst.key_id.clone(),
+                action: CommandAction::Rewrapped,
+                key_version: Some(version),
+                cause_event_id: cause,
+                issued_at: at,
+            }));
+            records.push(Record::Instance(inst));
+            decision(records, Reply::Done)
+        }
+        Input::RewrapFailed { instance_id, from_version, reason, at } => {
+            let Some(mut inst) = view.instance(&instance_id) else { return decision(vec![], Reply::Done) };
+            if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {
+                return decision(vec![], Reply::Done);
+            }
+            inst.rewrap_error = Some(reason);
+            inst.updated_at = at;
+            let mut records = Vec::new();
+            if let Some(mut job) = view.job(&inst.key_id) {
+                job.failed += 1;
+                records.push(Record::Job(job));
+            }
+            records.push(Record::Instance(inst));
+            decision(records, Reply::Done)
+        }
+        Input::JobFinished { key_id, target_version, at } => match view.job(&key_id) {
+            Some(mut job) if job.target_version == target_version && job.finished_at.is_none() => {
+                job.finished_at = Some(at);
+                decision(vec![Record::Job(job)], Reply::Done)
+            }
+            _ => decision(vec![], Reply::Done),
+        },
+        Input::Purge { key_id, purge_after, at } => {
+            let Some(mut key) = view.key(&key_id) else { return decision(vec![], Reply::Done) };
+            let due = match (key.status, key.deleted_at, key.purged_at) {
+                (KeyStatus::Deleted, Some(deleted), None) => {
+                    deleted + chrono::Duration::from_std(purge_after).unwrap_or(chrono::Duration::MAX) <= at
+                }
+                _ => false,
+            };
+            if !due {
+                return decision(vec![], Reply::Done);
+            }
+            let reason = format!(
+                "purged: key {} was deleted at {} and not restored within the restore window",
+                key.key_id,
+                key.deleted_at.map(|d| d.to_rfc3339()).unwrap_or_default()
+            );
+            let mut records = Vec::new();
+            for mut inst in view.instances_of(&key_id) {
+                if inst.wrapped.is_some() {
+                    inst.wrapped = None;
+                    inst.destroyed_at = Some(at);
+                    inst.destroyed_reason = Some(reason.clone());
+                    inst.updated_at = at;
+                    records.push(Record::Instance(inst));
+                }
+            }
+            key.purged_at = Some(at);
+            key.updated_at = at;
+            records.push(Record::Key(key));
+            decision(records, Reply::Done)
+        }
+    }
+}
+
+fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>) -> Decision {
+    if view.event_seen(&event.event_id) {
+        return decision(vec![], Reply::Event { outcome: Outcome::Duplicate, detail: "event already applied".into() });
+    }
+    let mut key = view.key(&event.key_id).unwrap_or_else(|| KeyRecord::new(&event.key_id, at));
+    let (outcome, detail, mut records) = match key.last_event_at {
+        Some(last) if event.occurred_at < last => (
+            Outcome::Stale,
+            format!(
+                "occurred at {} before the last applied event {} at {}; state left as it is",
+                event.occurred_at.to_rfc3339(),
+                key.last_event_id.as_deref().unwrap_or("?"),
+                last.to_rfc3339()
+            ),
+            vec![],
+        ),
+        _ => transition(view, &mut key, &event, at),
+    };
+    // An ignored event was still the newest word on this key: anything older is stale.
+    if matches!(outcome, Outcome::Applied | Outcome::Ignored) {
+        key.last_event_at = Some(event.occurred_at);
+        key.last_event_id = Some(event.event_id.clone());
+        key.updated_at = at;
+    }
+    // The key is recorded even when nothing else changed, so that an instance
+    // created later under this key starts in the state the events imply.
+    if outcome != Outcome::Stale || view.key(&event.key_id).is_none() {
+        records.push(Record::Key(key));
+    }
+    records.push(Record::Event(EventRecord {
+        event_id: event.event_id,
+        key_id: event.key_id,
+        kind: event.kind,
+        occurred_at: event.occurred_at,
+        applied_at: at,
+        outcome,
+        detail: detail.clone(),
+    }));
+    decision(records, Reply::Event { outcome, detail })
+}
+
+fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> (Outcome, String, Vec<Record>) {
+    let key_commands = |action: CommandAction, version: Option<String>| {
+        Record::Outbox(Effect::KeyCommands {
+            key_id: event.key_id.clone(),
+            action,
+            key_version: version,
+            cause_event_id: event.event_id.clone(),
+            issued_at: at,
+        })
+    };
+    let ignored = |why: &str| (Outcome::Ignored, why.to_string(), vec![]);
+    match (event.kind, key.status) {
+        (EventType::Rotate, KeyStatus::Deleted) => ignored("key is deleted; a rotate cannot bring it back"),
+        (EventType::Rotate, _) => {
+            let Some(version) = event.key_version.clone() else {
+                return ignored("rotate without key_version");
+            };
+            key.version = Some(version.clone());
+            let job = RotationJob {
+                key_id: key.key_id.clone(),
+                target_version: version.clone(),
+                cause_event_id: event.event_id.clone(),
+                started_at: at,
+                total: None,
+                done: 0,
+                failed: 0,
+                finished_at: None,
+            };
+            let detail = if key.status == KeyStatus::Disabled {
+                format!("rotation to version {version} waits until the key is enabled")
+            } else {
+                format!("rotation to version {version} started")
+            };
+            (Outcome::Applied, detail, vec![Record::Job(job)])
+        }
+        (EventType::Disable, KeyStatus::Active) => {
+            key.status = KeyStatus::Disabled;
+            (Outcome::Applied, "key disabled; DEKs revoked".into(), vec![key_commands(CommandAction::Revoke, key.version.clone())])
+        }
+        (EventType::Disable, KeyStatus::Disabled) => (Outcome::Applied, "key was already disabled".into(), vec![]),
+        (EventType::Disable, KeyStatus::Deleted) => ignored("key is deleted; disable changes nothing"),
+        (EventType::Enable, KeyStatus::Disabled) => {
+            key.status = KeyStatus::Active;
+            (Outcome::Applied, "key enabled; DEKs restored".into(), vec![key_commands(CommandAction::Restore, key.version.clone())])
+        }
+        (EventType::Enable, KeyStatus::Active) => (Outcome::Applied, "key was already enabled".into(), vec![]),
+        (EventType::Enable, KeyStatus::Deleted) => ignored("key is deleted; restore it rather than enable it"),
+        (EventType::Delete, KeyStatus::Deleted) => (Outcome::Applied, "key was already deleted".into(), vec![]),
+        (EventType::Delete, _) => {
+            key.status = KeyStatus::Deleted;
+            key.deleted_at = Some(event.occurred_at);
+            key.purged_at = None;
+            (Outcome::Applied, "key deleted; DEKs erased until restored or purged".into(), vec![key_commands(CommandAction::Erase, key.version.clone())])
+        }
+        (EventType::Restore, KeyStatus::Deleted) => {
+            key.status = KeyStatus::Active;
+            key.deleted_at = None;
+            if let Some(purged) = key.purged_at {
+                let destroyed = view.instances_of(&key.key_id).len();
+                (
+                    Outcome::Applied,
+                    format!(
+                        "key restored, but its wrapped DEKs were purged at {}: {destroyed} instance(s) stay destroyed and cannot be recovered",
+                        purged.to_rfc3339()
+                    ),
+                    vec![],
+                )
+            } else {
+                (Outcome::Applied, "key restored; DEKs served again".into(), vec![key_commands(CommandAction::Restore, key.version.clone())])
+            }
+        }
+        (EventType::Restore, _) => ignored("key is not deleted; restore changes nothing"),
+    }
+}
+
+/// The records of a batch that is not committed yet, layered over a base view so
+/// that each input of the batch sees the ones before it.
+pub struct Overlay<'a, V: View> {
+    base: &'a V,
+    keys: HashMap<String, KeyRecord>,
+    instances: HashMap<String, InstanceRecord>,
+    events: HashSet<String>,
+    jobs: HashMap<String, RotationJob>,
+}
+
+impl<'a, V: View> Overlay<'a, V> {
+    pub fn new(base: &'a V) -> Self {
+        Overlay { base, keys: HashMap::new(), instances: HashMap::new(), events: HashSet::new(), jobs: HashMap::new() }
+    }
+
+    pub fn absorb(&mut self, records: &[Record]) {
+        for r in records {
+            match r {
+                Record::Key(k) => {
+                    self.keys.insert(k.key_id.clone(), k.clone());
+                }
+                Record::Instance(i) => {
+                    self.instances.insert(i.instance_id.clone(), i.clone());
+                }
+                Record::Event(e) => {
+                    self.events.insert(e.event_id.clone());
+                }
+                Record::Job(j) => {
+                    self.jobs.insert(j.key_id.clone(), j.clone());
+                }
+                Record::Outbox(_) | Record::Offset { .. } => {}
+            }
+        }
+    }
+}
+
+impl<V: View> View for Overlay<'_, V> {
+    fn key(&self, key_id: &str) -> Option<KeyRecord> {
+        self.keys.get(key_id).cloned().or_else(|| self.base.key(key_id))
+    }
+    fn instance(&self, instance_id: &str) -> Option<InstanceRecord> {
+        self.instances.get(instance_id).cloned().or_else(|| self.base.instance(instance_id))
+    }
+    fn event_seen(&self, event_id: &str) -> bool {
+        self.events.contains(event_id) || self.base.event_seen(event_id)
+    }
+    fn job(&self, key_id: &str) -> Option<RotationJob> {
+        self.jobs.get(key_id).cloned().or_else(|| self.base.job(key_id))
+    }
+    fn instances_of(&self, key_id: &str) -> Vec<InstanceRecord> {
+        let mut list = self.base.instances_of(key_id);
+        for inst in list.iter_mut() {
+            if let Some(newer) = self.instances.get(&inst.instance_id) {
+                *inst = newer.clone();
+            }
+        }
+        let known: HashSet<String> = list.iter().map(|i| i.instance_id.clone()).collect();
+        list.extend(self.instances.values().filter(|i| i.key_id == key_id && !known.contains(&i.instance_id)).cloned());
+        list
+    }
+}
+
+#[cfg(test)]
+mod tests;

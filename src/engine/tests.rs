@@ -1,0 +1,273 @@
+use super::*;
+use chrono::TimeZone;
+
+#[derive(Default)]
+struct Mem {
+    keys: HashMap<String, KeyRecord>,
+    instances: HashMap<String, InstanceRecord>,
+    events: HashSet<String>,
+    jobs: HashMap<String, RotationJob>,
+    outbox: Vec<Effect>,
+}
+
+impl View for Mem {
+    fn key(&self, key_id: &str) -> Option<KeyRecord> {
+        self.keys.get(key_id).cloned()
+    }
+    fn instance(&self, instance_id: &str) -> Option<InstanceRecord> {
+        self.instances.get(instance_id).cloned()
+    }
+    fn event_seen(&self, event_id: &str) -> bool {
+        self.events.contains(event_id)
+    }
+    fn job(&self, key_id: &str) -> Option<RotationJob> {
+        self.jobs.get(key_id).cloned()
+    }
+    fn instances_of(&self, key_id: &str) -> Vec<InstanceRecord> {
+        self.instances.values().filter(|i| i.key_id == key_id).cloned().collect()
+    }
+}
+
+impl Mem {
+    fn run(&mut self, input: Input) -> Reply {
+        let d = decide(self, input);
+        for r in d.records {
+            match r {
+                Record::Key(k) => {
+                    self.keys.insert(k.key_id.clone(), k);
+                }
+                Record::Instance(i) => {
+                    self.instances.insert(i.instance_id.clone(), i);
+                }
+                Record::Event(e) => {
+                    self.events.insert(e.event_id);
+                }
+                Record::Job(j) => {
+                    self.jobs.insert(j.key_id.clone(), j);
+                }
+                Record::Outbox(e) => self.outbox.push(e),
+                Record::Offset { .. } => {}
+            }
+        }
+        d.reply
+    }
+
+    fn state(&self, instance_id: &str) -> InstanceState {
+        let i = &self.instances[instance_id];
+        instance_state(i, self.keys.get(&i.key_id))
+    }
+}
+
+fn t(secs: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_700_000_000 + secs, 0).unwrap()
+}
+
+fn ev(id: &str, kind: EventType, key: &str, at: i64) -> Input {
+    Input::Event {
+        event: LifecycleEvent {
+            event_id: id.into(),
+            kind,
+            key_id: key.into(),
+            key_version: (kind == EventType::Rotate).then(|| format!("v-{id}")),
+            occurred_at: t(at),
+        },
+        at: t(at),
+    }
+}
+
+fn create(m: &mut Mem, inst: &str, key: &str) {
+    let reply = m.run(Input::CreateInstance {
+        instance_id: inst.into(),
+        key_id: key.into(),
+        wrapped: WrappedDek { key_version: "1".into(), ciphertext: vec![1, 2, 3] },
+        fingerprint: "fp".into(),
+        at: t(0),
+    });
+    assert!(matches!(reply, Reply::Created(_)), "{reply:?}");
+}
+
+fn outcome(r: Reply) -> Outcome {
+    match r {
+        Reply::Event { outcome, .. } => outcome,
+        other => panic!("not an event reply: {other:?}"),
+    }
+}
+
+#[test]
+fn disable_revokes_every_instance_with_one_key_wide_command() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    create(&mut m, "b", "k");
+    assert_eq!(outcome(m.run(ev("e1", EventType::Disable, "k", 10))), Outcome::Applied);
+    assert_eq!(m.state("a"), InstanceState::Revoked);
+    assert_eq!(m.state("b"), InstanceState::Revoked);
+    assert!(matches!(&m.outbox[..], [Effect::KeyCommands { action: CommandAction::Revoke, .. }]));
+}
+
+#[test]
+fn redelivered_event_changes_nothing() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("e1", EventType::Disable, "k", 10));
+    m.run(ev("e2", EventType::Enable, "k", 20));
+    assert_eq!(outcome(m.run(ev("e1", EventType::Disable, "k", 10))), Outcome::Duplicate);
+    assert_eq!(m.state("a"), InstanceState::Active);
+    assert_eq!(m.outbox.len(), 2);
+}
+
+#[test]
+fn late_enable_after_disable_is_ignored() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("e2", EventType::Disable, "k", 20));
+    assert_eq!(outcome(m.run(ev("e1", EventType::Enable, "k", 10))), Outcome::Stale);
+    assert_eq!(m.state("a"), InstanceState::Revoked);
+}
+
+#[test]
+fn late_rotate_after_delete_resurrects_nothing() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("d", EventType::Delete, "k", 20));
+    assert_eq!(outcome(m.run(ev("r", EventType::Rotate, "k", 10))), Outcome::Stale);
+    assert_eq!(outcome(m.run(ev("r2", EventType::Rotate, "k", 30))), Outcome::Ignored);
+    assert_eq!(m.state("a"), InstanceState::Erased);
+    assert!(m.jobs.is_empty());
+}
+
+#[test]
+fn events_for_a_key_without_instances_shape_later_instances() {
+    let mut m = Mem::default();
+    m.run(ev("e1", EventType::Disable, "k", 10));
+    assert_eq!(m.keys["k"].status, KeyStatus::Disabled);
+    create(&mut m, "late", "k");
+    assert_eq!(m.state("late"), InstanceState::Revoked);
+}
+
+#[test]
+fn stale_event_for_a_new_key_is_still_recorded() {
+    let mut m = Mem::default();
+    assert_eq!(outcome(m.run(ev("e1", EventType::Enable, "k", 10))), Outcome::Applied);
+    assert!(m.events.contains("e1"));
+    assert!(m.keys.contains_key("k"));
+}
+
+#[test]
+fn rotate_creates_a_job_and_rewrap_result_advances_it() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("r", EventType::Rotate, "k", 10));
+    let job = &m.jobs["k"];
+    assert_eq!(job.target_version, "v-r");
+    m.run(Input::Rewrapped {
+        instance_id: "a".into(),
+        from_version: "1".into(),
+        wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
+        at: t(11),
+    });
+    assert_eq!(m.instances["a"].key_version, "v-r");
+    assert_eq!(m.jobs["k"].done, 1);
+    assert!(m.outbox.iter().any(|e| matches!(e, Effect::InstanceCommand { action: CommandAction::Rewrapped, cause_event_id, .. } if cause_event_id == "r")));
+}
+
+#[test]
+fn rewrap_of_a_dek_that_changed_meanwhile_is_dropped() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(Input::DeleteInstance { instance_id: "a".into(), request_id: "req".into(), at: t(5) });
+    m.run(Input::Rewrapped {
+        instance_id: "a".into(),
+        from_version: "1".into(),
+        wrapped: WrappedDek { key_version: "2".into(), ciphertext: vec![9] },
+        at: t(6),
+    });
+    assert_eq!(m.state("a"), InstanceState::Destroyed);
+    assert!(m.instances["a"].wrapped.is_none());
+}
+
+#[test]
+fn restore_inside_the_window_brings_instances_back() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("d", EventType::Delete, "k", 10));
+    m.run(Input::Purge { key_id: "k".into(), purge_after: Duration::from_secs(100), at: t(50) });
+    assert_eq!(m.state("a"), InstanceState::Erased);
+    m.run(ev("r", EventType::Restore, "k", 60));
+    assert_eq!(m.state("a"), InstanceState::Active);
+}
+
+#[test]
+fn restore_after_purge_leaves_instances_destroyed_and_says_why() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("d", EventType::Delete, "k", 10));
+    m.run(Input::Purge { key_id: "k".into(), purge_after: Duration::from_secs(100), at: t(200) });
+    assert_eq!(m.state("a"), InstanceState::Destroyed);
+    match m.run(ev("r", EventType::Restore, "k", 300)) {
+        Reply::Event { outcome: Outcome::Applied, detail } => assert!(detail.contains("stay destroyed"), "{detail}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.state("a"), InstanceState::Destroyed);
+}
+
+#[test]
+fn instance_delete_destroys_its_dek_and_emits_erase() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    assert_eq!(m.run(Input::DeleteInstance { instance_id: "a".into(), request_id: "req".into(), at: t(5) }), Reply::Done);
+    assert_eq!(m.state("a"), InstanceState::Destroyed);
+    assert!(matches!(&m.outbox[..], [Effect::InstanceCommand { action: CommandAction::Erase, .. }]));
+    assert!(matches!(m.run(Input::DeleteInstance { instance_id: "zz".into(), request_id: "r".into(), at: t(5) }), Reply::NotFound(_)));
+}
+
+#[test]
+fn overlay_lets_a_batch_see_its_own_records() {
+    let base = Mem::default();
+    let mut o = Overlay::new(&base);
+    let d = decide(&o, ev("e1", EventType::Disable, "k", 10));
+    o.absorb(&d.records);
+    let d = decide(&o, ev("e1", EventType::Disable, "k", 10));
+    assert_eq!(d.reply, Reply::Event { outcome: Outcome::Duplicate, detail: "event already applied".into() });
+}
+
+mod ordering {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kind(i: u8) -> EventType {
+        [EventType::Rotate, EventType::Disable, EventType::Enable, EventType::Delete, EventType::Restore][i as usize % 5]
+    }
+
+    proptest! {
+        /// Redeliveries anywhere in the stream (at-least-once intake) and late
+        /// copies of old events leave exactly the state of the clean stream.
+        #[test]
+        fn redelivered_and_late_events_end_like_the_clean_stream(
+            kinds in proptest::collection::vec(0u8..5, 1..20),
+            extra in proptest::collection::vec((0usize..40, 0usize..40), 0..30),
+        ) {
+            let events: Vec<Input> = kinds.iter().enumerate()
+                .map(|(i, k)| ev(&format!("e{i}"), kind(*k), "k", i as i64 * 10)).collect();
+            let mut clean = Mem::default();
+            create(&mut clean, "a", "k");
+            for e in &events { clean.run(e.clone()); }
+
+            // After event i, copies of any events up to i arrive again.
+            let mut stream: Vec<Input> = Vec::new();
+            for (i, e) in events.iter().enumerate() {
+                stream.push(e.clone());
+                for (after, which) in &extra {
+                    if after % events.len() == i {
+                        stream.push(events[which % (i + 1)].clone());
+                    }
+                }
+            }
+            let mut noisy = Mem::default();
+            create(&mut noisy, "a", "k");
+            for e in stream { noisy.run(e); }
+            prop_assert_eq!(&noisy.keys["k"], &clean.keys["k"]);
+            prop_assert_eq!(noisy.state("a"), clean.state("a"));
+            prop_assert_eq!(noisy.outbox.len(), clean.outbox.len());
+        }
+    }
+}

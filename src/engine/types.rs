@@ -1,0 +1,248 @@
+//! The engine's vocabulary: events in, state records and effects out.
+//! Every record is serde-serializable so that it can be stored, replayed, or
+//! later replicated through a compacted changelog topic.
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventType {
+    Rotate,
+    Disable,
+    Enable,
+    Delete,
+    Restore,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Rotate => "rotate",
+            EventType::Disable => "disable",
+            EventType::Enable => "enable",
+            EventType::Delete => "delete",
+            EventType::Restore => "restore",
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A lifecycle event, whatever format it arrived in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LifecycleEvent {
+    pub event_id: String,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub key_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<String>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// keywarden's view of a root key, built from the events it applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStatus {
+    Active,
+    Disabled,
+    Deleted,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub status: KeyStatus,
+    /// Newest root-key version known; DEKs are rewrapped towards it.
+    pub version: Option<String>,
+    /// `occurred_at` of the newest event applied: older events are stale.
+    pub last_event_at: Option<DateTime<Utc>>,
+    pub last_event_id: Option<String>,
+    pub deleted_at: Option<DateTime<Utc>>,
+    /// Set once the restore window passed and the wrapped DEKs were destroyed.
+    pub purged_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl KeyRecord {
+    pub fn new(key_id: &str, at: DateTime<Utc>) -> Self {
+        KeyRecord {
+            key_id: key_id.to_string(),
+            status: KeyStatus::Active,
+            version: None,
+            last_event_at: None,
+            last_event_id: None,
+            deleted_at: None,
+            purged_at: None,
+            updated_at: at,
+        }
+    }
+}
+
+/// A DEK wrapped by a root-key version. The bytes are opaque to everyone but the KMS.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedDek {
+    pub key_version: String,
+    #[serde(with = "b64")]
+    pub ciphertext: Vec<u8>,
+}
+
+impl fmt::Debug for WrappedDek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WrappedDek(version {}, {} bytes)", self.key_version, self.ciphertext.len())
+    }
+}
+
+mod b64 {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub instance_id: String,
+    pub key_id: String,
+    /// `None` once destroyed: the wrapped DEK is gone and cannot come back.
+    pub wrapped: Option<WrappedDek>,
+    /// Version of the wrapped DEK (kept after destruction, for the record).
+    pub key_version: String,
+    pub dek_fingerprint: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub destroyed_at: Option<DateTime<Utc>>,
+    pub destroyed_reason: Option<String>,
+    /// Why the last rewrap failed permanently, until a later one succeeds.
+    pub rewrap_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    Active,
+    Revoked,
+    Erased,
+    Destroyed,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Active => "active",
+            InstanceState::Revoked => "revoked",
+            InstanceState::Erased => "erased",
+            InstanceState::Destroyed => "destroyed",
+        }
+    }
+}
+
+/// Revocation is a fact about the key, not a loop over instances: an instance's
+/// state is derived from its own record and its key's record, so a disable takes
+/// effect for every instance in the single write that records it.
+pub fn instance_state(inst: &InstanceRecord, key: Option<&KeyRecord>) -> InstanceState {
+    if inst.wrapped.is_none() {
+        return InstanceState::Destroyed;
+    }
+    match key.map(|k| k.status) {
+        Some(KeyStatus::Deleted) => InstanceState::Erased,
+        Some(KeyStatus::Disabled) => InstanceState::Revoked,
+        Some(KeyStatus::Active) | None => InstanceState::Active,
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RotationJob {
+    pub key_id: String,
+    pub target_version: String,
+    pub cause_event_id: String,
+    pub started_at: DateTime<Utc>,
+    /// Instances that needed a rewrap when the job was planned.
+    pub total: Option<u64>,
+    pub done: u64,
+    pub failed: u64,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+    Stale,
+    Ignored,
+}
+
+/// What became of one event; kept so that redeliveries are recognised and so
+/// that an operator can ask what happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub event_id: String,
+    pub key_id: String,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    pub occurred_at: DateTime<Utc>,
+    pub applied_at: DateTime<Utc>,
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CommandAction {
+    Revoke,
+    Restore,
+    Rewrapped,
+    Erase,
+}
+
+/// An effect to publish after commit. Key-wide commands are one entry that the
+/// relay fans out to the key's instances, so a disable commits in O(1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Effect {
+    KeyCommands {
+        key_id: String,
+        action: CommandAction,
+        key_version: Option<String>,
+        cause_event_id: String,
+        issued_at: DateTime<Utc>,
+    },
+    InstanceCommand {
+        instance_id: String,
+        key_id: String,
+        action: CommandAction,
+        key_version: Option<String>,
+        cause_event_id: String,
+        issued_at: DateTime<Utc>,
+    },
+    /// A lifecycle event emitted by the embedded KMS, as a real KMS would.
+    LifecycleEvent { key_id: String, payload: String },
+}
+
+/// One state change. A batch of these, plus the partition offsets it consumed,
+/// is applied to the store atomically.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    Key(KeyRecord),
+    Instance(InstanceRecord),
+    Event(EventRecord),
+    Job(RotationJob),
+    Outbox(Effect),
+    Offset { topic: String, partition: i32, next: i64 },
+}

@@ -1,0 +1,389 @@
+//! The embedded KMS: versioned AES-256-GCM root keys, sealed at rest under a master
+//! key from a file. It behaves like a real KMS: operating a key emits the matching
+//! lifecycle event (through the durable outbox) for the daemon to consume.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use base64::{engine::general_purpose::STANDARD, Engine};
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{Dek, Kms, KmsError, KmsKeyState};
+use crate::engine::{Effect, EventType, KeyStatus, LifecycleEvent, WrappedDek};
+use crate::store::Store;
+
+const NONCE: usize = 12;
+
+#[derive(Serialize, Deserialize)]
+struct SealedVersion {
+    version: String,
+    /// nonce || AES-256-GCM(master, material, aad = key id and version)
+    sealed: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct KeyFile {
+    key_id: String,
+    status: KeyStatus,
+    deleted_at: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+    versions: Vec<SealedVersion>,
+}
+
+struct LoadedKey {
+    status: KeyStatus,
+    deleted_at: Option<DateTime<Utc>>,
+    /// Unsealed root-key material by version; zeroed when the entry is dropped.
+    material: HashMap<String, Zeroizing<[u8; 32]>>,
+    latest: String,
+}
+
+pub struct LocalKms {
+    store: Store,
+    master: Zeroizing<[u8; 32]>,
+    cache: RwLock<HashMap<String, Arc<LoadedKey>>>,
+    purge_after: Duration,
+}
+
+/// What an operation on a key did: the event it emitted, for the API's answer.
+#[derive(Debug, Clone)]
+pub struct Emitted {
+    pub event: LifecycleEvent,
+}
+
+impl LocalKms {
+    pub fn open(store: Store, master_key_file: &Path, purge_after: Duration) -> Result<LocalKms, KmsError> {
+        let master = load_or_create_master(master_key_file)?;
+        Ok(LocalKms { store, master, cache: RwLock::new(HashMap::new()), purge_after })
+    }
+
+    fn seal(&self, key_id: &str, version: &str, material: &[u8; 32]) -> String {
+        let cipher = Aes256Gcm::new_from_slice(self.master.as_ref()).expect("32-byte key");
+        let mut nonce = [0u8; NONCE];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let aad = format!("keywarden root key {key_id} version {version}");
+        let ct = cipher
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: material, aad: aad.as_bytes() })
+            .expect("aes-gcm encryption does not fail");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        STANDARD.encode(out)
+    }
+
+    fn unseal(&self, key_id: &str, v: &SealedVersion) -> Result<Zeroizing<[u8; 32]>, KmsError> {
+        let bad = || KmsError::Setup(format!("root key {key_id} version {} cannot be unsealed; is this the master key it was created with?", v.version));
+        let raw = STANDARD.decode(&v.sealed).map_err(|_| bad())?;
+        if raw.len() < NONCE {
+            return Err(bad());
+        }
+        let cipher = Aes256Gcm::new_from_slice(self.master.as_ref()).expect("32-byte key");
+        let aad = format!("keywarden root key {key_id} version {}", v.version);
+        let plain = Zeroizing::new(
+            cipher.decrypt(Nonce::from_slice(&raw[..NONCE]), Payload { msg: &raw[NONCE..], aad: aad.as_bytes() }).map_err(|_| bad())?,
+        );
+        let arr: [u8; 32] = plain.as_slice().try_into().map_err(|_| bad())?;
+        Ok(Zeroizing::new(arr))
+    }
+
+    fn read_file(&self, key_id: &str) -> Result<KeyFile, KmsError> {
+        let bytes = self.store.kms_get(key_id).ok_or_else(|| KmsError::UnknownKey(key_id.to_string()))?;
+        serde_json::from_slice(&bytes).map_err(|e| KmsError::Setup(format!("root key {key_id} record is corrupt: {e}")))
+    }
+
+    fn load(&self, key_id: &str) -> Result<Arc<LoadedKey>, KmsError> {
+        if let Some(k) = self.cache.read().expect("kms cache lock").get(key_id) {
+            return Ok(k.clone());
+        }
+        let file = self.read_file(key_id)?;
+        let mut material = HashMap::new();
+        for v in &file.versions {
+            material.insert(v.version.clone(), self.unseal(key_id, v)?);
+        }
+        let loaded = Arc::new(LoadedKey {
+            status: file.status,
+            deleted_at: file.deleted_at,
+            material,
+            latest: file.versions.last().map(|v| v.version.clone()).unwrap_or_default(),
+        });
+        self.cache.write().expect("kms cache lock").insert(key_id.to_string(), loaded.clone());
+        Ok(loaded)
+    }
+
+    fn usable(&self, key_id: &str) -> Result<Arc<LoadedKey>, KmsError> {
+        let key = self.load(key_id)?;
+        match key.status {
+            KeyStatus::Active => Ok(key),
+            KeyStatus::Disabled => Err(KmsError::KeyDisabled(key_id.to_string())),
+            KeyStatus::Deleted => Err(KmsError::KeyDeleted(key_id.to_string())),
+        }
+    }
+
+    fn wrap_with(key_id: &str, key: &LoadedKey, dek: &Dek, aad: &[u8]) -> WrappedDek {
+        let cipher = Aes256Gcm::new_from_slice(key.material[&key.latest].as_ref()).expect("32-byte key");
+        let mut nonce = [0u8; NONCE];
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
+        let ct = cipher
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: dek.expose(), aad: &aad_for(key_id, aad) })
+            .expect("aes-gcm encryption does not fail");
+        let mut ciphertext = nonce.to_vec();
+        ciphertext.extend_from_slice(&ct);
+        WrappedDek { key_version: key.latest.clone(), ciphertext }
+    }
+
+    fn unwrap_with(key_id: &str, key: &LoadedKey, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError> {
+        let material = key.material.get(&wrapped.key_version).ok_or_else(|| KmsError::UnknownVersion {
+            key_id: key_id.to_string(),
+            version: wrapped.key_version.clone(),
+        })?;
+        if wrapped.ciphertext.len() < NONCE {
+            return Err(KmsError::Integrity(key_id.to_string()));
+        }
+        let cipher = Aes256Gcm::new_from_slice(material.as_ref()).expect("32-byte key");
+        let plain = Zeroizing::new(
+            cipher
+                .decrypt(
+                    Nonce::from_slice(&wrapped.ciphertext[..NONCE]),
+                    Payload { msg: &wrapped.ciphertext[NONCE..], aad: &aad_for(key_id, aad) },
+                )
+                .map_err(|_| KmsError::Integrity(key_id.to_string()))?,
+        );
+        Dek::from_slice(&plain).ok_or_else(|| KmsError::Integrity(key_id.to_string()))
+    }
+
+    fn save(&self, file: &KeyFile, event: Option<&LifecycleEvent>) -> Result<(), KmsError> {
+        let effect = event.map(|e| Effect::LifecycleEvent {
+            key_id: e.key_id.clone(),
+            payload: serde_json::to_string(e).expect("events serialize"),
+        });
+        self.store.kms_put(&file.key_id, serde_json::to_vec(file).expect("key files serialize"), effect)?;
+        self.cache.write().expect("kms cache lock").remove(&file.key_id);
+        Ok(())
+    }
+
+    /// Creates a root key with its first version. Emits no lifecycle event: none of
+    /// the five event types means "created".
+    pub fn create_key(&self, key_id: Option<String>) -> Result<(String, String), KmsError> {
+        let key_id = key_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        if self.store.kms_get(&key_id).is_some() {
+            return Err(KmsError::Conflict(format!("key {key_id} already exists; choose another id")));
+        }
+        let version = "1".to_string();
+        let mut material = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(material.as_mut());
+        let file = KeyFile {
+            key_id: key_id.clone(),
+            status: KeyStatus::Active,
+            deleted_at: None,
+            created_at: Utc::now(),
+            versions: vec![SealedVersion { version: version.clone(), sealed: self.seal(&key_id, &version, &material) }],
+        };
+        self.save(&file, None)?;
+        Ok((key_id, version))
+    }
+
+    /// Applies an operator's action to a key and emits the matching lifecycle event.
+    pub fn operate(&self, key_id: &str, action: EventType) -> Result<Emitted, KmsError> {
+        let mut file = self.read_file(key_id)?;
+        let now = Utc::now();
+        let conflict = |what: &str| Err(KmsError::Conflict(format!("key {key_id} is {what}")));
+        let mut key_version = None;
+        match (action, file.status) {
+            (EventType::Rotate, KeyStatus::Active) => {
+                let next = file.versions.len() + 1;
+                let version = next.to_string();
+                let mut material = Zeroizing::new([0u8; 32]);
+                rand::rngs::OsRng.fill_bytes(material.as_mut());
+                let sealed = self.seal(key_id, &version, &material);
+                file.versions.push(SealedVersion { version: version.clone(), sealed });
+                key_version = Some(version);
+            }
+            (EventType::Rotate, KeyStatus::Disabled) => return conflict("disabled; enable it before rotating"),
+            (EventType::Disable, KeyStatus::Active) => file.status = KeyStatus::Disabled,
+            (EventType::Disable, KeyStatus::Disabled) => return conflict("already disabled"),
+            (EventType::Enable, KeyStatus::Disabled) => file.status = KeyStatus::Active,
+            (EventType::Enable, KeyStatus::Active) => return conflict("already enabled"),
+            (EventType::Delete, KeyStatus::Active | KeyStatus::Disabled) => {
+                file.status = KeyStatus::Deleted;
+                file.deleted_at = Some(now);
+            }
+            (EventType::Restore, KeyStatus::Deleted) => {
+                let deleted = file.deleted_at.unwrap_or(now);
+                let window = chrono::Duration::from_std(self.purge_after).unwrap_or(chrono::Duration::MAX);
+                if deleted + window <= now {
+                    return Err(KmsError::Conflict(format!(
+                        "key {key_id} was deleted at {} and its restore window of {} has passed; its DEKs are destroyed and cannot be restored",
+                        deleted.to_rfc3339(),
+                        humantime::format_duration(self.purge_after)
+                    )));
+                }
+                file.status = KeyStatus::Active;
+                file.deleted_at = None;
+            }
+            (EventType::Restore, _) => return conflict("not deleted; there is nothing to restore"),
+            (_, KeyStatus::Deleted) => return conflict("deleted; restore it first"),
+        }
+        let event = LifecycleEvent {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            kind: action,
+            key_id: key_id.to_string(),
+            key_version: key_version.or_else(|| file.versions.last().map(|v| v.version.clone())),
+            occurred_at: now,
+        };
+        self.save(&file, Some(&event))?;
+        Ok(Emitted { event })
+    }
+
+    pub fn state(&self, key_id: &str) -> Result<(KeyStatus, String, Option<DateTime<Utc>>), KmsError> {
+        let key = self.load(key_id)?;
+        Ok((key.status, key.latest.clone(), key.deleted_at))
+    }
+}
+
+/// Binds a wrapped DEK to its key as well as to the caller's context (the instance).
+fn aad_for(key_id: &str, aad: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(key_id.len() + aad.len() + 1);
+    v.extend_from_slice(key_id.as_bytes());
+    v.push(0);
+    v.extend_from_slice(aad);
+    v
+}
+
+#[async_trait::async_trait]
+impl Kms for LocalKms {
+    fn provider(&self) -> &'static str {
+        "local"
+    }
+
+    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8]) -> Result<WrappedDek, KmsError> {
+        let key = self.usable(key_id)?;
+        Ok(Self::wrap_with(key_id, &key, dek, aad))
+    }
+
+    async fn unwrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError> {
+        let key = self.usable(key_id)?;
+        Self::unwrap_with(key_id, &key, wrapped, aad)
+    }
+
+    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<WrappedDek, KmsError> {
+        let key = self.usable(key_id)?;
+        let dek = Self::unwrap_with(key_id, &key, wrapped, aad)?;
+        Ok(Self::wrap_with(key_id, &key, &dek, aad))
+    }
+
+    async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
+        let key = self.load(key_id)?;
+        Ok(KmsKeyState { status: key.status, latest_version: key.latest.clone() })
+    }
+}
+
+/// Reads the master key (base64 of 32 bytes); on first run creates it, mode 0600.
+fn load_or_create_master(path: &Path) -> Result<Zeroizing<[u8; 32]>, KmsError> {
+    if !path.exists() {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| KmsError::Setup(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(key.as_mut());
+        let text = Zeroizing::new(format!("{}\n", STANDARD.encode(key.as_ref())));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| KmsError::Setup(format!("cannot create master key file {}: {e}", path.display())))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|e| KmsError::Setup(format!("cannot write master key file {}: {e}", path.display())))?;
+        tracing::info!(path = %path.display(), "created a new master key file (mode 0600); back it up: without it the root keys cannot be read");
+        return Ok(key);
+    }
+    let meta = std::fs::metadata(path).map_err(|e| KmsError::Setup(format!("cannot read master key file {}: {e}", path.display())))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), "master key file is readable by group or others; chmod 600 it");
+    }
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path).map_err(|e| KmsError::Setup(format!("cannot read master key file {}: {e}", path.display())))?,
+    );
+    let raw = Zeroizing::new(STANDARD.decode(text.trim()).unwrap_or_default());
+    let arr: [u8; 32] = raw
+        .as_slice()
+        .try_into()
+        .map_err(|_| KmsError::Setup(format!("master key file {} must hold 32 bytes in base64", path.display())))?;
+    Ok(Zeroizing::new(arr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kms(dir: &Path) -> LocalKms {
+        let store = Store::open(&dir.join("db")).unwrap();
+        LocalKms::open(store, &dir.join("master.key"), Duration::from_secs(3600)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn rewrap_moves_to_the_new_version_and_keeps_the_dek() {
+        let dir = tempfile::tempdir().unwrap();
+        let kms = kms(dir.path());
+        let (key, v1) = kms.create_key(Some("k".into())).unwrap();
+        let dek = Dek::generate();
+        let w1 = kms.wrap(&key, &dek, b"inst-1").await.unwrap();
+        assert_eq!(w1.key_version, v1);
+        let emitted = kms.operate(&key, EventType::Rotate).unwrap();
+        assert_eq!(emitted.event.key_version.as_deref(), Some("2"));
+        let w2 = kms.rewrap(&key, &w1, b"inst-1").await.unwrap();
+        assert_eq!(w2.key_version, "2");
+        assert_eq!(kms.unwrap(&key, &w2, b"inst-1").await.unwrap().expose(), dek.expose());
+        // The old version still opens old wraps until they are all rewrapped.
+        assert_eq!(kms.unwrap(&key, &w1, b"inst-1").await.unwrap().expose(), dek.expose());
+    }
+
+    #[tokio::test]
+    async fn wrapped_dek_is_bound_to_its_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        let kms = kms(dir.path());
+        let (key, _) = kms.create_key(None).unwrap();
+        let w = kms.wrap(&key, &Dek::generate(), b"a").await.unwrap();
+        assert!(matches!(kms.unwrap(&key, &w, b"b").await, Err(KmsError::Integrity(_))));
+    }
+
+    #[tokio::test]
+    async fn disabled_key_refuses_and_emits_an_event_through_the_outbox() {
+        let dir = tempfile::tempdir().unwrap();
+        let kms = kms(dir.path());
+        let (key, _) = kms.create_key(None).unwrap();
+        let w = kms.wrap(&key, &Dek::generate(), b"a").await.unwrap();
+        kms.operate(&key, EventType::Disable).unwrap();
+        assert!(matches!(kms.unwrap(&key, &w, b"a").await, Err(KmsError::KeyDisabled(_))));
+        assert_eq!(kms.store.outbox_len(), 1);
+        assert!(matches!(kms.operate(&key, EventType::Disable), Err(KmsError::Conflict(_))));
+    }
+
+    #[tokio::test]
+    async fn root_keys_survive_restart_with_the_same_master_key_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let dek = Dek::generate();
+        let w = {
+            let kms = kms(dir.path());
+            kms.create_key(Some("k".into())).unwrap();
+            kms.wrap("k", &dek, b"a").await.unwrap()
+        };
+        let mode = std::fs::metadata(dir.path().join("master.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let kms2 = kms(dir.path());
+        assert_eq!(kms2.unwrap("k", &w, b"a").await.unwrap().expose(), dek.expose());
+        drop(kms2);
+        std::fs::remove_file(dir.path().join("master.key")).unwrap();
+        let kms3 = kms(dir.path());
+        assert!(matches!(kms3.unwrap("k", &w, b"a").await, Err(KmsError::Setup(_))));
+    }
+}

@@ -1,0 +1,115 @@
+//! act: the KMS seam. The engine never talks to a KMS; the rotation worker and the
+//! API do, through this trait, so a new provider is one new file beside `local.rs`.
+
+pub mod cache;
+pub mod local;
+
+use std::fmt;
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+use crate::engine::{KeyStatus, WrappedDek};
+use crate::store::StoreError;
+
+/// A plaintext data-encryption key. Zeroed on drop; never printed.
+#[derive(Clone)]
+pub struct Dek(Zeroizing<[u8; 32]>);
+
+impl Dek {
+    pub fn generate() -> Dek {
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+        Dek(bytes)
+    }
+
+    pub fn from_slice(bytes: &[u8]) -> Option<Dek> {
+        let arr: [u8; 32] = bytes.try_into().ok()?;
+        Some(Dek(Zeroizing::new(arr)))
+    }
+
+    pub fn expose(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Proves two DEKs are the same without revealing either: a domain-separated
+    /// SHA-256, truncated. A 256-bit random key cannot be recovered from it.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"keywarden dek fingerprint v1\0");
+        h.update(self.0.as_ref());
+        let digest = h.finalize();
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for Dek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Dek(<redacted>)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KmsError {
+    #[error("key {0} does not exist in the KMS; create it first or check the key id")]
+    UnknownKey(String),
+    #[error("key {0} is disabled in the KMS; enable it to use its DEKs")]
+    KeyDisabled(String),
+    #[error("key {0} is deleted in the KMS; restore it within the restore window to use its DEKs")]
+    KeyDeleted(String),
+    #[error("key {key_id} has no version {version}; the wrapped DEK belongs to another key")]
+    UnknownVersion { key_id: String, version: String },
+    #[error("wrapped DEK does not authenticate under key {0}; it was altered or belongs to another instance")]
+    Integrity(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("kms is unavailable: {0}; it will be retried")]
+    Unavailable(String),
+    #[error("kms configuration: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl KmsError {
+    /// Transient failures are retried with backoff; the rest fail the instance.
+    pub fn retryable(&self) -> bool {
+        matches!(self, KmsError::Unavailable(_))
+    }
+
+    /// The key is not usable right now, but may be again (enable, restore).
+    pub fn key_unusable(&self) -> bool {
+        matches!(self, KmsError::KeyDisabled(_) | KmsError::KeyDeleted(_))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KmsKeyState {
+    pub status: KeyStatus,
+    pub latest_version: String,
+}
+
+/// What keywarden needs of any KMS. `rewrap` never hands the plaintext to the
+/// caller, so remote providers can rewrap server-side.
+#[async_trait::async_trait]
+pub trait Kms: Send + Sync {
+    fn provider(&self) -> &'static str;
+    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8]) -> Result<WrappedDek, KmsError>;
+    async fn unwrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError>;
+    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<WrappedDek, KmsError>;
+    async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dek_never_prints_its_bytes() {
+        let dek = Dek::from_slice(&[7u8; 32]).unwrap();
+        assert_eq!(format!("{dek:?}"), "Dek(<redacted>)");
+        assert_eq!(dek.fingerprint().len(), 32);
+        assert_ne!(dek.fingerprint(), Dek::generate().fingerprint());
+    }
+}

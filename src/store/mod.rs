@@ -1,0 +1,312 @@
+//! The embedded store. sled 0.34 is beta, so nothing outside this module names it.
+//!
+//! One tree, prefixed keys, so that a batch of records — state, outbox entries and
+//! the partition offsets that caused them — lands atomically in one `apply_batch`,
+//! and one flush makes the whole batch durable (group commit).
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::engine::{Effect, EventRecord, InstanceRecord, KeyRecord, Record, RotationJob, View};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {source}; check that the directory is writable and no other keywarden uses it")]
+    Open { path: String, source: sled::Error },
+    #[error("store write failed: {0}; check disk space and permissions")]
+    Write(#[from] sled::Error),
+}
+
+impl StoreError {
+    /// Disk-level failures rarely heal by retrying the same write at once.
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
+const KEY: &[u8] = b"k/";
+const INSTANCE: &[u8] = b"i/";
+const INDEX: &[u8] = b"x/";
+const EVENT: &[u8] = b"e/";
+const JOB: &[u8] = b"j/";
+const OUTBOX: &[u8] = b"o/";
+const OFFSET: &[u8] = b"p/";
+const KMS: &[u8] = b"m/";
+
+fn k(prefix: &[u8], id: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(prefix.len() + id.len());
+    v.extend_from_slice(prefix);
+    v.extend_from_slice(id.as_bytes());
+    v
+}
+
+fn index_key(key_id: &str, instance_id: &str) -> Vec<u8> {
+    let mut v = k(INDEX, key_id);
+    v.push(0);
+    v.extend_from_slice(instance_id.as_bytes());
+    v
+}
+
+fn offset_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut v = k(OFFSET, topic);
+    v.push(0);
+    v.extend_from_slice(&partition.to_be_bytes());
+    v
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records always serialize")
+}
+
+/// A store that cannot be read is a fatal fault: deciding on partial state could
+/// apply an event twice or lose a DEK, so the daemon stops instead.
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> T {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("store record is corrupt ({e}); restore the store from a backup"))
+}
+
+fn read(r: sled::Result<Option<sled::IVec>>) -> Option<sled::IVec> {
+    r.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk"))
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(1000))
+            .open()
+            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        let tree = db.open_tree("state").map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        Ok(Store { db, tree })
+    }
+
+    /// Applies the records atomically; with `flush`, returns only once they are durable.
+    pub fn commit(&self, records: &[Record], flush: bool) -> Result<(), StoreError> {
+        self.tree.apply_batch(self.batch(records)?)?;
+        if flush {
+            self.tree.flush()?;
+        }
+        Ok(())
+    }
+
+    fn batch(&self, records: &[Record]) -> Result<sled::Batch, StoreError> {
+        let mut batch = sled::Batch::default();
+        for r in records {
+            match r {
+                Record::Key(key) => batch.insert(k(KEY, &key.key_id), encode(key)),
+                Record::Instance(inst) => {
+                    batch.insert(index_key(&inst.key_id, &inst.instance_id), &[][..]);
+                    batch.insert(k(INSTANCE, &inst.instance_id), encode(inst));
+                }
+                Record::Event(e) => batch.insert(k(EVENT, &e.event_id), encode(e)),
+                Record::Job(j) => batch.insert(k(JOB, &j.key_id), encode(j)),
+                Record::Outbox(effect) => {
+                    // generate_id is monotonic across restarts, so the outbox keeps commit order.
+                    let id = self.db.generate_id()?;
+                    let mut key = OUTBOX.to_vec();
+                    key.extend_from_slice(&id.to_be_bytes());
+                    batch.insert(key, encode(effect));
+                }
+                Record::Offset { topic, partition, next } => batch.insert(offset_key(topic, *partition), &next.to_be_bytes()[..]),
+            }
+        }
+        Ok(batch)
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    pub fn offset(&self, topic: &str, partition: i32) -> Option<i64> {
+        read(self.tree.get(offset_key(topic, partition))).map(|v| i64::from_be_bytes(v.as_ref().try_into().expect("offset is 8 bytes")))
+    }
+
+    pub fn event(&self, event_id: &str) -> Option<EventRecord> {
+        read(self.tree.get(k(EVENT, event_id))).map(|v| decode(&v))
+    }
+
+    fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Vec<T> {
+        self.tree
+            .scan_prefix(prefix)
+            .map(|kv| decode(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1))
+            .collect()
+    }
+
+    pub fn keys(&self) -> Vec<KeyRecord> {
+        self.scan(KEY)
+    }
+
+    pub fn jobs(&self) -> Vec<RotationJob> {
+        self.scan(JOB)
+    }
+
+    pub fn instances(&self) -> Vec<InstanceRecord> {
+        self.scan(INSTANCE)
+    }
+
+    pub fn instance_ids_of(&self, key_id: &str) -> Vec<String> {
+        let mut prefix = k(INDEX, key_id);
+        prefix.push(0);
+        self.tree
+            .scan_prefix(&prefix)
+            .keys()
+            .map(|key| {
+                let key = key.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk"));
+                String::from_utf8_lossy(&key[prefix.len()..]).into_owned()
+            })
+            .collect()
+    }
+
+    /// The oldest `limit` effects waiting to be published, with their ids.
+    pub fn outbox(&self, limit: usize) -> Vec<(u64, Effect)> {
+        self.tree
+            .scan_prefix(OUTBOX)
+            .take(limit)
+            .map(|kv| {
+                let (key, value) = kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk"));
+                let id = u64::from_be_bytes(key[OUTBOX.len()..].try_into().expect("outbox id is 8 bytes"));
+                (id, decode(&value))
+            })
+            .collect()
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.tree.scan_prefix(OUTBOX).count()
+    }
+
+    /// Not flushed: an effect published twice after a crash is deduplicated by its
+    /// stable id downstream, and one flush per relay round is enough.
+    pub fn outbox_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for id in ids {
+            let mut key = OUTBOX.to_vec();
+            key.extend_from_slice(&id.to_be_bytes());
+            batch.remove(key);
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Embedded-KMS material. The KMS owns the bytes; the store only keeps them.
+    pub fn kms_get(&self, key_id: &str) -> Option<Vec<u8>> {
+        read(self.tree.get(k(KMS, key_id))).map(|v| v.to_vec())
+    }
+
+    /// Writes KMS material and the lifecycle event it implies in one durable batch,
+    /// so that a key change is never made without its event being published.
+    pub fn kms_put(&self, key_id: &str, material: Vec<u8>, event: Option<Effect>) -> Result<(), StoreError> {
+        let mut batch = self.batch(event.map(Record::Outbox).as_slice())?;
+        batch.insert(k(KMS, key_id), material);
+        self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    pub fn kms_keys(&self) -> Vec<String> {
+        self.tree
+            .scan_prefix(KMS)
+            .keys()
+            .map(|key| {
+                let key = key.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk"));
+                String::from_utf8_lossy(&key[KMS.len()..]).into_owned()
+            })
+            .collect()
+    }
+}
+
+impl View for Store {
+    fn key(&self, key_id: &str) -> Option<KeyRecord> {
+        read(self.tree.get(k(KEY, key_id))).map(|v| decode(&v))
+    }
+
+    fn instance(&self, instance_id: &str) -> Option<InstanceRecord> {
+        read(self.tree.get(k(INSTANCE, instance_id))).map(|v| decode(&v))
+    }
+
+    fn event_seen(&self, event_id: &str) -> bool {
+        self.tree.contains_key(k(EVENT, event_id)).unwrap_or_else(|e| panic!("store read failed ({e}); check the disk"))
+    }
+
+    fn job(&self, key_id: &str) -> Option<RotationJob> {
+        read(self.tree.get(k(JOB, key_id))).map(|v| decode(&v))
+    }
+
+    fn instances_of(&self, key_id: &str) -> Vec<InstanceRecord> {
+        self.instance_ids_of(key_id).iter().filter_map(|id| self.instance(id)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{CommandAction, KeyStatus, WrappedDek};
+    use chrono::Utc;
+
+    fn inst(id: &str, key: &str) -> InstanceRecord {
+        InstanceRecord {
+            instance_id: id.into(),
+            key_id: key.into(),
+            wrapped: Some(WrappedDek { key_version: "1".into(), ciphertext: vec![1] }),
+            key_version: "1".into(),
+            dek_fingerprint: "f".into(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            destroyed_at: None,
+            destroyed_reason: None,
+            rewrap_error: None,
+        }
+    }
+
+    #[test]
+    fn committed_batch_survives_reopen_with_its_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let mut key = KeyRecord::new("k", Utc::now());
+            key.status = KeyStatus::Disabled;
+            s.commit(
+                &[
+                    Record::Key(key),
+                    Record::Instance(inst("a", "k")),
+                    Record::Instance(inst("b", "k")),
+                    Record::Offset { topic: "t".into(), partition: 2, next: 41 },
+                ],
+                true,
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.key("k").unwrap().status, KeyStatus::Disabled);
+        assert_eq!(s.instance_ids_of("k"), vec!["a".to_string(), "b".to_string()]);
+        assert_eq!(s.offset("t", 2), Some(41));
+        assert_eq!(s.offset("t", 1), None);
+    }
+
+    #[test]
+    fn outbox_keeps_commit_order_and_forgets_what_was_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let effect = |n: &str| Effect::KeyCommands {
+            key_id: n.into(),
+            action: CommandAction::Revoke,
+            key_version: None,
+            cause_event_id: n.into(),
+            issued_at: Utc::now(),
+        };
+        s.commit(&[Record::Outbox(effect("a")), Record::Outbox(effect("b"))], true).unwrap();
+        s.commit(&[Record::Outbox(effect("c"))], true).unwrap();
+        let out = s.outbox(10);
+        let names: Vec<_> = out.iter().map(|(_, e)| match e { Effect::KeyCommands { key_id, .. } => key_id.clone(), _ => unreachable!() }).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        s.outbox_remove(&[out[0].0]).unwrap();
+        assert_eq!(s.outbox_len(), 2);
+    }
+}

@@ -1,0 +1,203 @@
+//! tell: the outbox relay. Effects are committed with the state that caused them
+//! and published here afterwards, so a crash between commit and publish only
+//! delays them; after a restart they are sent again with the same ids.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::KafkaConfig;
+use crate::engine::{CommandAction, Effect};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TellError {
+    #[error("cannot publish to {topic}: {source}; the effect stays in the outbox and is retried")]
+    Publish { topic: String, source: KafkaError },
+    #[error("cannot create the kafka producer: {0}; check kafka.brokers and kafka.properties")]
+    Producer(KafkaError),
+}
+
+impl TellError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, TellError::Publish { .. })
+    }
+}
+
+/// A data-plane command, as published to the commands topic.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct Command {
+    pub command_id: String,
+    pub instance_id: String,
+    pub action: CommandAction,
+    pub key_id: String,
+    pub key_version: Option<String>,
+    pub cause_event_id: String,
+    pub issued_at: DateTime<Utc>,
+}
+
+const COMMAND_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b65_7977_6172_6465_6e00_636f_6d6d_616e);
+
+impl Command {
+    /// The id depends only on what caused the command, so a re-send after a crash
+    /// carries the same id and consumers can deduplicate.
+    pub fn new(
+        instance_id: &str,
+        key_id: &str,
+        action: CommandAction,
+        key_version: Option<String>,
+        cause_event_id: &str,
+        issued_at: DateTime<Utc>,
+    ) -> Command {
+        let action_name = serde_json::to_string(&action).expect("actions serialize");
+        let name = format!("{cause_event_id}\0{instance_id}\0{action_name}");
+        Command {
+            command_id: uuid::Uuid::new_v5(&COMMAND_NAMESPACE, name.as_bytes()).to_string(),
+            instance_id: instance_id.to_string(),
+            action,
+            key_id: key_id.to_string(),
+            key_version,
+            cause_event_id: cause_event_id.to_string(),
+            issued_at,
+        }
+    }
+}
+
+pub struct Relay {
+    store: Store,
+    producer: FutureProducer,
+    kafka: KafkaConfig,
+    notify: Arc<Notify>,
+    metrics: Arc<Metrics>,
+}
+
+/// Effects handled per round; a key-wide command counts as one.
+const ROUND: usize = 64;
+
+impl Relay {
+    pub fn new(store: Store, kafka: &KafkaConfig, bootstrap: &str, notify: Arc<Notify>, metrics: Arc<Metrics>) -> Result<Relay, TellError> {
+        let producer = crate::broker::client_config(kafka, bootstrap)
+            .set("message.timeout.ms", "30000")
+            .set("linger.ms", "2")
+            .create()
+            .map_err(TellError::Producer)?;
+        Ok(Relay { store, producer, kafka: kafka.clone(), notify, metrics })
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let notified = self.notify.notified();
+            let batch = self.store.outbox(ROUND);
+            self.metrics.outbox_depth.set(self.store.outbox_len() as i64);
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = notified => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            let mut sent = Vec::with_capacity(batch.len());
+            let mut failed = None;
+            for (id, effect) in batch {
+                match self.publish(&effect).await {
+                    Ok(()) => sent.push(id),
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = self.store.outbox_remove(&sent) {
+                tracing::error!(error = %e, "cannot remove published effects from the outbox; they will be sent again");
+            }
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, "publishing failed");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            } else {
+                backoff = Duration::from_millis(100);
+            }
+        }
+    }
+
+    async fn publish(&self, effect: &Effect) -> Result<(), TellError> {
+        match effect {
+            Effect::KeyCommands { key_id, action, key_version, cause_event_id, issued_at } => {
+                // Fan out to the instances the key protects now, including those
+                // created after the event: they all share the key's fate.
+                let commands: Vec<Command> = self
+                    .store
+                    .instance_ids_of(key_id)
+                    .into_iter()
+                    .filter_map(|id| crate::engine::View::instance(&self.store, &id))
+                    .filter(|inst| inst.wrapped.is_some())
+                    .map(|inst| Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at))
+                    .collect();
+                self.send_commands(&commands).await
+            }
+            Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at } => {
+                let c = Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at);
+                self.send_commands(std::slice::from_ref(&c)).await
+            }
+            Effect::LifecycleEvent { key_id, payload } => {
+                let topic = &self.kafka.events_topic;
+                self.producer
+                    .send(FutureRecord::to(topic).key(key_id).payload(payload), Duration::from_secs(10))
+                    .await
+                    .map_err(|(source, _)| TellError::Publish { topic: topic.clone(), source })?;
+                tracing::info!(%key_id, "lifecycle event published");
+                Ok(())
+            }
+        }
+    }
+
+    async fn send_commands(&self, commands: &[Command]) -> Result<(), TellError> {
+        let topic = &self.kafka.commands_topic;
+        let payloads: Vec<String> = commands.iter().map(|c| serde_json::to_string(c).expect("commands serialize")).collect();
+        // Queue them all, then wait: librdkafka batches the sends.
+        let futures: Vec<_> = commands
+            .iter()
+            .zip(&payloads)
+            .map(|(c, p)| self.producer.send(FutureRecord::to(topic).key(&c.instance_id).payload(p), Duration::from_secs(10)))
+            .collect();
+        for (c, result) in commands.iter().zip(futures::future::join_all(futures).await) {
+            result.map_err(|(source, _)| TellError::Publish { topic: topic.clone(), source })?;
+            let action = serde_json::to_value(c.action).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            self.metrics.commands.with_label_values(&[&action]).inc();
+            tracing::debug!(instance_id = %c.instance_id, key_id = %c.key_id, command_id = %c.command_id, action = %action, "command published");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resent_command_keeps_its_id() {
+        let at = Utc::now();
+        let a = Command::new("i", "k", CommandAction::Revoke, None, "e1", at);
+        let b = Command::new("i", "k", CommandAction::Revoke, None, "e1", at);
+        let c = Command::new("i", "k", CommandAction::Restore, None, "e1", at);
+        assert_eq!(a.command_id, b.command_id);
+        assert_ne!(a.command_id, c.command_id);
+        let json = serde_json::to_value(&a).unwrap();
+        for field in ["command_id", "instance_id", "action", "key_id", "key_version", "cause_event_id", "issued_at"] {
+            assert!(json.get(field).is_some(), "{field}");
+        }
+        assert_eq!(json["action"], "revoke");
+    }
+}

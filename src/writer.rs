@@ -1,0 +1,148 @@
+//! record: the single writer. Every state change passes through one thread that
+//! runs the engine over a batch of inputs, commits the records together with the
+//! partition offsets that caused them, flushes once (group commit) and only then
+//! answers. One writer means no read-modify-write races and a serializable log.
+
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{decide, Input, Overlay, Record, Reply};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error("the store writer has stopped; keywarden is shutting down or its store failed")]
+    Stopped,
+    #[error("commit failed: {0}")]
+    Commit(String),
+}
+
+impl WriterError {
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
+
+/// A consumed partition offset: the next offset to read once this input is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub next: i64,
+}
+
+struct Job {
+    input: Option<Input>,
+    consumed: Option<Consumed>,
+    reply: oneshot::Sender<Result<Reply, WriterError>>,
+}
+
+/// Called after each durable commit with its records, before anyone is answered.
+pub type OnCommit = Box<dyn Fn(&[Record]) + Send>;
+
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+}
+
+pub type Pending = oneshot::Receiver<Result<Reply, WriterError>>;
+
+impl Writer {
+    /// Starts the writer thread. It ends when every `Writer` clone is dropped,
+    /// after committing what it was given.
+    pub fn start(store: Store, max_batch: usize, on_commit: OnCommit) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+        let (tx, rx) = mpsc::channel(max_batch * 4);
+        let handle = std::thread::Builder::new()
+            .name("keywarden-writer".into())
+            .spawn(move || writer_loop(store, rx, max_batch, on_commit))
+            .expect("spawn writer thread");
+        (Writer { tx }, handle)
+    }
+
+    /// Queues an input; the returned receiver answers once it is durable.
+    pub async fn enqueue(&self, input: Option<Input>, consumed: Option<Consumed>) -> Result<Pending, WriterError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Job { input, consumed, reply }).await.map_err(|_| WriterError::Stopped)?;
+        Ok(rx)
+    }
+
+    pub async fn submit(&self, input: Input) -> Result<Reply, WriterError> {
+        self.enqueue(Some(input), None).await?.await.map_err(|_| WriterError::Stopped)?
+    }
+}
+
+fn writer_loop(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize, on_commit: OnCommit) -> Result<(), StoreError> {
+    let mut jobs = Vec::with_capacity(max_batch);
+    while let Some(first) = rx.blocking_recv() {
+        jobs.push(first);
+        while jobs.len() < max_batch {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut records = Vec::new();
+        let mut replies = Vec::with_capacity(jobs.len());
+        {
+            let mut overlay = Overlay::new(&store);
+            for job in jobs.drain(..) {
+                let reply = match job.input {
+                    Some(input) => {
+                        let d = decide(&overlay, input);
+                        overlay.absorb(&d.records);
+                        records.extend(d.records);
+                        d.reply
+                    }
+                    None => Reply::Done,
+                };
+                if let Some(c) = job.consumed {
+                    records.push(Record::Offset { topic: c.topic, partition: c.partition, next: c.next });
+                }
+                replies.push((job.reply, reply));
+            }
+        }
+        if let Err(e) = store.commit(&records, true) {
+            tracing::error!(error = %e, "store commit failed; stopping so that nothing is acknowledged that is not durable");
+            for (tx, _) in replies {
+                let _ = tx.send(Err(WriterError::Commit(e.to_string())));
+            }
+            return Err(e);
+        }
+        on_commit(&records);
+        for (tx, reply) in replies {
+            let _ = tx.send(Ok(reply));
+        }
+    }
+    store.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EventType, LifecycleEvent, Outcome, View};
+    use chrono::Utc;
+
+    #[tokio::test]
+    async fn offset_is_committed_with_the_state_it_caused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (w, handle) = Writer::start(store.clone(), 16, Box::new(|_| {}));
+        let event = LifecycleEvent {
+            event_id: "e1".into(),
+            kind: EventType::Disable,
+            key_id: "k".into(),
+            key_version: None,
+            occurred_at: Utc::now(),
+        };
+        let consumed = Consumed { topic: "t".into(), partition: 0, next: 8 };
+        let pending = w.enqueue(Some(Input::Event { event: event.clone(), at: Utc::now() }), Some(consumed)).await.unwrap();
+        assert!(matches!(pending.await.unwrap().unwrap(), Reply::Event { outcome: Outcome::Applied, .. }));
+        assert_eq!(store.offset("t", 0), Some(8));
+        assert!(store.event_seen("e1"));
+        let again = w.submit(Input::Event { event, at: Utc::now() }).await.unwrap();
+        assert!(matches!(again, Reply::Event { outcome: Outcome::Duplicate, .. }));
+        drop(w);
+        handle.join().unwrap().unwrap();
+    }
+}
