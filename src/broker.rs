@@ -38,13 +38,21 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    pub fn start() -> Result<EmbeddedBroker, BrokerError> {
+    /// Starts a one-broker mock cluster with the given topics (name, partitions):
+    /// the mock does not serve the CreateTopics admin call.
+    pub fn start(topics: Vec<(String, i32)>) -> Result<EmbeddedBroker, BrokerError> {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("keywarden-embedded-broker".into())
             .spawn(move || match rdkafka::mocking::MockCluster::new(1) {
                 Ok(cluster) => {
+                    for (topic, partitions) in &topics {
+                        if let Err(e) = cluster.create_topic(topic, *partitions, 1) {
+                            let _ = addr_tx.send(Err(format!("cannot create topic {topic}: {e}")));
+                            return;
+                        }
+                    }
                     let _ = addr_tx.send(Ok(cluster.bootstrap_servers()));
                     let _ = stop_rx.recv();
                     drop(cluster);

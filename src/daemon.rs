@@ -59,12 +59,18 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
     let local = Arc::new(LocalKms::open(store.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?);
     let kms: Arc<dyn Kms> = local.clone();
 
-    let embedded = if config.embedded_broker() { Some(EmbeddedBroker::start()?) } else { None };
+    let embedded = if config.embedded_broker() {
+        let k = &config.kafka;
+        let topics = [&k.events_topic, &k.commands_topic, &k.dlq_topic].iter().map(|t| (t.to_string(), k.partitions)).collect();
+        Some(EmbeddedBroker::start(topics)?)
+    } else {
+        None
+    };
     let bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone()).unwrap_or_else(|| config.kafka.brokers.clone());
     if let Some(e) = &embedded {
         tracing::warn!(bootstrap = %e.bootstrap, "using the embedded in-memory mock broker: for trying keywarden out only, all events are lost on exit; set kafka.brokers for production");
     }
-    if config.kafka.create_topics {
+    if config.kafka.create_topics && embedded.is_none() {
         create_topics_with_retry(&config, &bootstrap, &shutdown).await?;
     }
 

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use reqwest::blocking::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -42,7 +42,7 @@ pub fn run(base: &str, output: Output, command: Command) -> anyhow::Result<ExitC
     if let Some(b) = body {
         req = req.json(&b);
     }
-    let resp = req.send().with_context(|| format!("cannot reach the admin API at {base}; is keywarden running? (set --api)"))?;
+    let resp = req.send().map_err(|e| anyhow!("cannot reach the admin API at {base} ({e}); is keywarden running? set --api"))?;
     let status = resp.status();
     let text = resp.text().unwrap_or_default();
     let value: Value = if text.trim().is_empty() { json!({}) } else { serde_json::from_str(&text).unwrap_or(json!({ "raw": text })) };

@@ -91,7 +91,7 @@ pub fn main(cli: Cli) -> ExitCode {
     match run_cli(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("keywarden: {e:#}");
+            eprintln!("keywarden: {e}");
             ExitCode::FAILURE
         }
     }

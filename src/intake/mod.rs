@@ -118,7 +118,10 @@ impl Intake {
             .set("enable.auto.commit", "true")
             // Offsets are stored only once the store batch holding their effect is flushed.
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            // Revocation latency is bounded below by how long a fetch may wait on an
+            // idle partition; lifecycle topics are low-volume, so poll briskly.
+            .set("fetch.wait.max.ms", "10");
         // The operator's properties win over keywarden's choices.
         for (k, v) in &kafka.properties {
             cfg.set(k, v);

@@ -1,0 +1,330 @@
+//! Test harness: a real tansu broker per test, the real `keywarden` binary, and a
+//! plain Kafka client to produce events and read commands.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::{json, Value};
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = PathBuf::from(dir).join("tansu");
+        if p.exists() {
+            return p;
+        }
+    }
+    let home = PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cargo/bin/tansu");
+    assert!(home.exists(), "tansu is not installed: run .ci/run, or cargo install tansu --version 0.6.0 --locked --features dynostore,libsql");
+    home
+}
+
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real tansu broker on a free loopback port, in memory, killed on drop.
+pub struct Broker {
+    child: Child,
+    pub bootstrap: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Broker {
+    pub fn start() -> Broker {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
+        let child = Command::new(tansu_bin())
+            .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url, "--advertised-listener-url", &url])
+            .current_dir(dir.path())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start tansu");
+        let bootstrap = format!("127.0.0.1:{port}");
+        wait_until("tansu to listen", Duration::from_secs(30), || std::net::TcpStream::connect(&bootstrap).ok());
+        Broker { child, bootstrap, dir }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real keywarden binary with its own store, API port and consumer group.
+pub struct Daemon {
+    child: Option<Child>,
+    pub api: String,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::blocking::Client,
+}
+
+impl Daemon {
+    pub fn start(bootstrap: &str, env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let api = format!("http://127.0.0.1:{port}");
+        let mut d = Daemon { child: None, api, dir, http: reqwest::blocking::Client::new() };
+        d.spawn(bootstrap, port, env);
+        d
+    }
+
+    fn spawn(&mut self, bootstrap: &str, port: u16, env: &[(&str, &str)]) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("keywarden.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keywarden"));
+        cmd.arg("run")
+            .env("KEYWARDEN_KAFKA_BROKERS", bootstrap)
+            .env("KEYWARDEN_STORE_PATH", self.dir.path().join("store"))
+            .env("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", self.dir.path().join("master.key"))
+            .env("KEYWARDEN_API_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KEYWARDEN_LOG", "info,keywarden=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start keywarden"));
+        let api = self.api.clone();
+        let http = self.http.clone();
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = http.get(format!("{api}/readyz")).send() {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("keywarden exited with {status} during start-up; log:\n{}", self.log());
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "keywarden not ready after 60s; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("keywarden.log")).unwrap_or_default()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{path}", self.api)).send().unwrap();
+        decode(r)
+    }
+
+    pub fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.api));
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        decode(req.send().unwrap())
+    }
+
+    pub fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+        decode(self.http.post(format!("{}{path}", self.api)).header("content-type", "application/json").body(body).send().unwrap())
+    }
+
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        decode(self.http.delete(format!("{}{path}", self.api)).send().unwrap())
+    }
+
+    pub fn create_key(&self, key: &str) {
+        let (s, v) = self.post("/v1/keys", Some(json!({ "key_id": key })));
+        assert_eq!(s, 201, "{v}");
+    }
+
+    pub fn create_instance(&self, id: &str, key: &str) -> Value {
+        let (s, v) = self.post("/v1/instances", Some(json!({"instance_id": id, "key_id": key})));
+        assert_eq!(s, 201, "{v}");
+        v
+    }
+
+    /// Operates the key through the embedded KMS; returns the emitted event.
+    pub fn act(&self, key: &str, action: &str) -> Value {
+        let (s, v) = self.post(&format!("/v1/keys/{key}/{action}"), None);
+        assert_eq!(s, 202, "{action}: {v}");
+        v
+    }
+
+    pub fn dek(&self, id: &str) -> (u16, Value) {
+        self.post(&format!("/v1/instances/{id}/dek"), None)
+    }
+
+    pub fn state(&self, id: &str) -> String {
+        let (s, v) = self.get(&format!("/v1/instances/{id}"));
+        assert_eq!(s, 200, "{v}");
+        v["state"].as_str().unwrap().to_string()
+    }
+
+    pub fn wait_state(&self, id: &str, want: &str) {
+        wait_until(&format!("{id} to be {want}"), Duration::from_secs(30), || (self.state(id) == want).then_some(()));
+    }
+
+    pub fn wait_event(&self, event_id: &str) -> Value {
+        wait_until(&format!("event {event_id} to be applied"), Duration::from_secs(30), || {
+            let (s, v) = self.get(&format!("/v1/events/{event_id}"));
+            (s == 200).then_some(v)
+        })
+    }
+
+    pub fn wait_rotated(&self, key: &str, version: &str) -> Value {
+        wait_until(&format!("{key} rotated to {version}"), Duration::from_secs(60), || {
+            let (_, v) = self.get(&format!("/v1/keys/{key}"));
+            (v["version"] == version && v["pending_rewraps"] == 0).then_some(v)
+        })
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status.code();
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = c.kill();
+                panic!("keywarden did not exit within 30s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- keywarden log ----\n{}", self.log());
+        }
+    }
+}
+
+fn decode(r: reqwest::blocking::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().unwrap_or_default();
+    (status, if text.is_empty() { Value::Null } else { serde_json::from_str(&text).unwrap_or(Value::String(text)) })
+}
+
+pub fn producer(bootstrap: &str) -> BaseProducer {
+    ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "0").create().unwrap()
+}
+
+pub fn produce(p: &BaseProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
+    let mut rec = BaseRecord::<str, [u8]>::to(topic).payload(payload);
+    if let Some(k) = key {
+        rec = rec.key(k);
+    }
+    p.send(rec).map_err(|(e, _)| e).unwrap();
+    p.flush(Duration::from_secs(10)).unwrap();
+}
+
+pub fn event(id: &str, kind: &str, key: &str, version: Option<&str>, at: &str) -> Vec<u8> {
+    let mut v = json!({"event_id": id, "type": kind, "key_id": key, "occurred_at": at});
+    if let Some(ver) = version {
+        v["key_version"] = json!(ver);
+    }
+    serde_json::to_vec(&v).unwrap()
+}
+
+/// A message read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub key: Option<String>,
+    pub payload: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl Read {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.payload).unwrap()
+    }
+    pub fn header(&self, k: &str) -> Option<&str> {
+        self.headers.iter().find(|(hk, _)| hk == k).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads a topic from the beginning until `done` holds for what was read.
+pub struct TopicReader {
+    consumer: BaseConsumer,
+    pub seen: Vec<Read>,
+}
+
+impl TopicReader {
+    pub fn new(bootstrap: &str, topic: &str) -> TopicReader {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", format!("test-reader-{}", uuid::Uuid::new_v4()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "50")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        TopicReader { consumer, seen: Vec::new() }
+    }
+
+    pub fn read_until(&mut self, what: &str, timeout: Duration, mut done: impl FnMut(&[Read]) -> bool) -> &[Read] {
+        let start = Instant::now();
+        while !done(&self.seen) {
+            assert!(start.elapsed() < timeout, "timed out waiting for {what}; read so far: {:#?}", self.seen.len());
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                self.seen.push(Read {
+                    key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                    partition: m.partition(),
+                    offset: m.offset(),
+                });
+            }
+        }
+        &self.seen
+    }
+
+    /// Commands read so far with the given action and cause.
+    pub fn commands(&self, action: &str, cause: &str) -> Vec<Value> {
+        self.seen.iter().map(Read::json).filter(|c| c["action"] == action && c["cause_event_id"] == cause).collect()
+    }
+}

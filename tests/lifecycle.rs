@@ -1,0 +1,325 @@
+//! End to end over a real tansu broker: every event type, duplicates, stale
+//! events, unknown keys, the dead-letter topic, the restore window and API errors.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const MIN: Duration = Duration::from_secs(60);
+
+#[test]
+fn every_event_type_rewraps_revokes_erases_and_restores_end_to_end() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
+    d.create_key("k1");
+    let ids = ["db-a", "db-b", "db-c"];
+    for id in ids {
+        d.create_instance(id, "k1");
+    }
+    let original: Vec<String> = ids.iter().map(|id| d.dek(id).1["dek"].as_str().unwrap().to_string()).collect();
+    let fingerprints: Vec<String> = ids.iter().map(|id| d.get(&format!("/v1/instances/{id}")).1["dek_fingerprint"].as_str().unwrap().to_string()).collect();
+
+    // Several rotations: the DEK never changes, the wrapping follows the newest version.
+    for round in 2..=4 {
+        let ev = d.act("k1", "rotate");
+        let version = round.to_string();
+        assert_eq!(ev["key_version"], version.as_str());
+        let key = d.wait_rotated("k1", &version);
+        assert_eq!(key["rotation"]["done"], 3, "{key}");
+        for (i, id) in ids.iter().enumerate() {
+            let (s, v) = d.dek(id);
+            assert_eq!(s, 200);
+            assert_eq!(v["dek"].as_str().unwrap(), original[i], "DEK of {id} changed in rotation {round}");
+            assert_eq!(v["key_version"], version.as_str());
+            let inst = d.get(&format!("/v1/instances/{id}")).1;
+            assert_eq!(inst["dek_fingerprint"].as_str().unwrap(), fingerprints[i]);
+        }
+        let cause = ev["event_id"].as_str().unwrap().to_string();
+        commands.read_until("rewrapped commands", MIN, |r| commands_for(r, "rewrapped", &cause) == 3);
+    }
+
+    let ev = d.act("k1", "disable");
+    let cause = ev["event_id"].as_str().unwrap().to_string();
+    for id in ids {
+        d.wait_state(id, "revoked");
+        let (s, v) = d.dek(id);
+        assert_eq!(s, 423, "{v}");
+        assert!(v["error"].as_str().unwrap().contains("revoked"));
+    }
+    commands.read_until("revoke commands", MIN, |r| commands_for(r, "revoke", &cause) == 3);
+
+    let ev = d.act("k1", "enable");
+    let cause = ev["event_id"].as_str().unwrap().to_string();
+    for id in ids {
+        d.wait_state(id, "active");
+    }
+    commands.read_until("restore commands", MIN, |r| commands_for(r, "restore", &cause) == 3);
+
+    let ev = d.act("k1", "delete");
+    let cause = ev["event_id"].as_str().unwrap().to_string();
+    for id in ids {
+        d.wait_state(id, "erased");
+        assert_eq!(d.dek(id).0, 410);
+    }
+    commands.read_until("erase commands", MIN, |r| commands_for(r, "erase", &cause) == 3);
+
+    let ev = d.act("k1", "restore");
+    let cause = ev["event_id"].as_str().unwrap().to_string();
+    for (i, id) in ids.iter().enumerate() {
+        d.wait_state(id, "active");
+        assert_eq!(d.dek(id).1["dek"].as_str().unwrap(), original[i], "restore brings back the same DEK");
+    }
+    commands.read_until("restore commands after delete", MIN, |r| commands_for(r, "restore", &cause) == 3);
+
+    // Every command carries the documented fields, keyed by instance id.
+    for r in &commands.seen {
+        let c = r.json();
+        for field in ["command_id", "instance_id", "action", "key_id", "key_version", "cause_event_id", "issued_at"] {
+            assert!(c.get(field).is_some(), "command lacks {field}: {c}");
+        }
+        assert_eq!(r.key.as_deref(), c["instance_id"].as_str());
+    }
+}
+
+fn commands_for(read: &[Read], action: &str, cause: &str) -> usize {
+    read.iter().map(Read::json).filter(|c| c["action"] == action && c["cause_event_id"] == cause).map(|c| c["instance_id"].to_string()).collect::<HashSet<_>>().len()
+}
+
+#[test]
+fn malformed_messages_go_to_the_dead_letter_topic_and_intake_goes_on() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("k2");
+    d.create_instance("i2", "k2");
+    let p = producer(&broker.bootstrap);
+    let garbage: &[u8] = b"\x00\x01 definitely not json";
+    produce(&p, "key-lifecycle", Some("k2"), garbage);
+    let no_version = event("bad-rotate", "rotate", "k2", None, "2030-01-01T00:00:00Z");
+    produce(&p, "key-lifecycle", Some("k2"), &no_version);
+    produce(&p, "key-lifecycle", Some("k2"), &event("good", "disable", "k2", None, "2030-01-01T00:00:01Z"));
+
+    // The valid event after the bad ones is applied: nothing stopped the intake.
+    d.wait_state("i2", "revoked");
+    let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");
+    let read = dlq.read_until("two dead letters", MIN, |r| r.len() >= 2).to_vec();
+    assert_eq!(read[0].payload, garbage, "original bytes are kept");
+    assert_eq!(read[1].payload, no_version);
+    assert!(read[0].header("keywarden.reason").unwrap().contains("not JSON"), "{:?}", read[0].headers);
+    assert!(read[1].header("keywarden.reason").unwrap().contains("key_version is required"), "{:?}", read[1].headers);
+    for r in &read {
+        assert_eq!(r.header("keywarden.source.topic"), Some("key-lifecycle"));
+        assert!(r.header("keywarden.source.partition").unwrap().parse::<i32>().is_ok());
+        assert!(r.header("keywarden.source.offset").unwrap().parse::<i64>().is_ok());
+    }
+    let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
+    assert!(metrics.contains("keywarden_dead_letters_total"), "{metrics}");
+}
+
+#[test]
+fn duplicate_and_stale_events_change_nothing() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
+    d.create_key("k3");
+    d.create_instance("i3a", "k3");
+    d.create_instance("i3b", "k3");
+    let p = producer(&broker.bootstrap);
+
+    // A disable, delivered twice, then an enable that happened before it.
+    let disable = event("d-1", "disable", "k3", None, "2030-01-01T00:00:10Z");
+    produce(&p, "key-lifecycle", Some("k3"), &disable);
+    produce(&p, "key-lifecycle", Some("k3"), &disable);
+    produce(&p, "key-lifecycle", Some("k3"), &event("e-0", "enable", "k3", None, "2030-01-01T00:00:05Z"));
+    let stale = d.wait_event("e-0");
+    assert_eq!(stale["outcome"], "stale", "{stale}");
+    assert_eq!(d.wait_event("d-1")["outcome"], "applied");
+    assert_eq!(d.state("i3a"), "revoked", "a late enable does not re-enable");
+    commands.read_until("revoke commands", MIN, |r| commands_for(r, "revoke", "d-1") == 2);
+    // Give a duplicate every chance to show up, then count: one revoke per instance.
+    std::thread::sleep(Duration::from_millis(500));
+    commands.read_until("nothing more", Duration::from_secs(2), |_| true);
+    let revokes = commands.commands("revoke", "d-1");
+    assert_eq!(revokes.len(), 2, "exactly one revoke per instance: {revokes:?}");
+    let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
+    assert!(metrics.contains(r#"keywarden_events_total{outcome="duplicate",type="disable"} 1"#), "{metrics}");
+
+    // A late rotate after a delete resurrects nothing.
+    produce(&p, "key-lifecycle", Some("k3"), &event("del", "delete", "k3", None, "2030-01-01T00:00:20Z"));
+    produce(&p, "key-lifecycle", Some("k3"), &event("rot-late", "rotate", "k3", Some("9"), "2030-01-01T00:00:15Z"));
+    produce(&p, "key-lifecycle", Some("k3"), &event("rot-after", "rotate", "k3", Some("9"), "2030-01-01T00:00:30Z"));
+    assert_eq!(d.wait_event("rot-late")["outcome"], "stale");
+    assert_eq!(d.wait_event("rot-after")["outcome"], "ignored");
+    assert_eq!(d.state("i3a"), "erased");
+    assert_eq!(d.state("i3b"), "erased");
+    let key = d.get("/v1/keys/k3").1;
+    assert_eq!(key["state"], "deleted", "{key}");
+    assert_ne!(key["version"], "9");
+}
+
+#[test]
+fn events_for_a_key_without_instances_shape_instances_created_later() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    let p = producer(&broker.bootstrap);
+    produce(&p, "key-lifecycle", Some("ext-key"), &event("x-1", "disable", "ext-key", None, "2030-01-01T00:00:00Z"));
+    assert_eq!(d.wait_event("x-1")["outcome"], "applied");
+    let (s, key) = d.get("/v1/keys/ext-key");
+    assert_eq!(s, 200, "{key}");
+    assert_eq!(key["state"], "disabled");
+    assert_eq!(key["instances"], 0);
+
+    // The KMS can still wrap under it (its own state is active), but keywarden
+    // knows the key is disabled: the new instance starts revoked.
+    d.create_key("ext-key");
+    let inst = d.create_instance("late-1", "ext-key");
+    assert_eq!(inst["state"], "revoked", "{inst}");
+    assert_eq!(d.dek("late-1").0, 423);
+}
+
+#[test]
+fn restore_after_the_purge_leaves_instances_destroyed_and_says_why() {
+    let broker = Broker::start();
+    let d = Daemon::start(
+        &broker.bootstrap,
+        &[("KEYWARDEN_POLICY_PURGE_AFTER", "2s"), ("KEYWARDEN_POLICY_PURGE_SCHEDULE", "* * * * * *")],
+    );
+    d.create_key("k5");
+    d.create_instance("i5", "k5");
+    d.act("k5", "delete");
+    d.wait_state("i5", "erased");
+    wait_until("the purge", MIN, || (d.state("i5") == "destroyed").then_some(()));
+    let inst = d.get("/v1/instances/i5").1;
+    assert!(inst["destroyed_reason"].as_str().unwrap().contains("restore window"), "{inst}");
+    assert_eq!(d.dek("i5").0, 410);
+
+    // The embedded KMS refuses, and says why.
+    let (s, v) = d.post("/v1/keys/k5/restore", None);
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("restore window"), "{v}");
+
+    // A restore from elsewhere (a remote KMS) is recorded; the instance stays destroyed.
+    let p = producer(&broker.bootstrap);
+    produce(&p, "key-lifecycle", Some("k5"), &event("late-restore", "restore", "k5", None, "2099-01-01T00:00:00Z"));
+    let rec = d.wait_event("late-restore");
+    assert!(rec["detail"].as_str().unwrap().contains("stay destroyed"), "{rec}");
+    assert_eq!(d.state("i5"), "destroyed");
+    assert_eq!(d.dek("i5").0, 410);
+}
+
+#[test]
+fn api_errors_are_json_with_the_right_status() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("k6");
+    let cases: Vec<(u16, (u16, serde_json::Value))> = vec![
+        (400, d.post_raw("/v1/instances", "{not json")),
+        (400, d.post_raw("/v1/instances", r#"{"instance_id":"x"}"#)),
+        (400, d.post_raw("/v1/instances", r#"{"instance_id":"","key_id":"k6"}"#)),
+        (400, d.post_raw("/v1/instances", r#"{"instance_id":"x","key_id":"k6","bogus":1}"#)),
+        (400, d.post("/v1/instances", None)),
+        (404, d.post("/v1/instances", Some(json!({"instance_id": "x", "key_id": "no-such-key"})))),
+        (404, d.get("/v1/instances/nope")),
+        (404, d.dek("nope")),
+        (404, d.delete("/v1/instances/nope")),
+        (404, d.get("/v1/keys/nope")),
+        (404, d.post("/v1/keys/k6/explode", None)),
+        (404, d.post("/v1/keys/nope/disable", None)),
+        (409, d.post("/v1/keys", Some(json!({"key_id": "k6"})))),
+        (409, d.post("/v1/keys/k6/enable", None)),
+        (404, d.get("/v1/no/such/route")),
+    ];
+    for (want, (got, body)) in cases {
+        assert_eq!(got, want, "{body}");
+        let msg = body["error"].as_str().unwrap_or_else(|| panic!("error body is JSON with an error field: {body}"));
+        assert!(!msg.is_empty());
+    }
+    d.create_instance("i6", "k6");
+    assert_eq!(d.post("/v1/instances", Some(json!({"instance_id": "i6", "key_id": "k6"}))).0, 409);
+    // Deleting an instance destroys its wrapped DEK at once.
+    assert_eq!(d.delete("/v1/instances/i6").0, 204);
+    assert_eq!(d.state("i6"), "destroyed");
+    assert_eq!(d.dek("i6").0, 410);
+    assert_eq!(d.get("/healthz").0, 200);
+    assert_eq!(d.get("/readyz").0, 200);
+}
+
+#[test]
+fn cli_speaks_to_the_api_and_fails_with_a_one_line_reason() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).arg("--api").arg(&d.api).args(args).output().unwrap()
+    };
+    let out = cli(&["--output", "json", "key", "create", "cli-key"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["key_id"], "cli-key");
+    let out = cli(&["instance", "create", "cli-db", "--key", "cli-key"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["--output", "json", "instance", "dek", "cli-db"]);
+    assert!(out.status.success());
+    let out = cli(&["key", "disable", "cli-key"]);
+    assert!(out.status.success());
+    d.wait_state("cli-db", "revoked");
+    let out = cli(&["instance", "dek", "cli-db"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("revoked") && err.contains("423"), "{err}");
+    let out = cli(&["instance", "list", "--key", "cli-key"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cli-db\trevoked"));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", "http://127.0.0.1:1", "key", "show", "x"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+#[test]
+fn an_event_from_a_third_party_kafka_client_is_applied() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("py-key");
+    d.create_instance("py-db", "py-key");
+    let script = r#"
+import json, sys
+from confluent_kafka import Producer
+p = Producer({"bootstrap.servers": sys.argv[1]})
+ev = {"event_id": "py-1", "type": "disable", "key_id": "py-key", "occurred_at": "2030-01-01T00:00:00Z", "source": "confluent-kafka"}
+p.produce("key-lifecycle", key="py-key", value=json.dumps(ev))
+left = p.flush(30)
+sys.exit(1 if left else 0)
+"#;
+    let out = std::process::Command::new("python3").args(["-c", script, &broker.bootstrap]).output().expect("python3");
+    assert!(
+        out.status.success(),
+        "confluent-kafka producer failed (pip install confluent-kafka): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.wait_event("py-1")["outcome"], "applied");
+    d.wait_state("py-db", "revoked");
+}
+
+#[test]
+fn graceful_shutdown_exits_zero_and_state_survives_restart() {
+    let broker = Broker::start();
+    let mut d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("k8");
+    d.create_instance("i8", "k8");
+    let dek = d.dek("i8").1["dek"].clone();
+    d.act("k8", "rotate");
+    d.wait_rotated("k8", "2");
+    assert_eq!(d.terminate(), Some(0));
+    // A new process on the same store and master key serves the same DEK.
+    let store_env = d.dir.path().join("store");
+    let key_env = d.dir.path().join("master.key");
+    let d3 = Daemon::start(
+        &broker.bootstrap,
+        &[("KEYWARDEN_STORE_PATH", store_env.to_str().unwrap()), ("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", key_env.to_str().unwrap())],
+    );
+    assert_eq!(d3.dek("i8").1["dek"], dek);
+    assert_eq!(d3.get("/v1/instances/i8").1["key_version"], "2");
+}
