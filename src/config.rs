@@ -305,9 +305,9 @@ fn apply_env(value: &mut toml::Value, defaults: &toml::Value, vars: &[(String, S
     collect_leaves(defaults, &mut Vec::new(), &mut leaves);
     for (var, raw) in vars {
         let Some((path, template)) = leaves.iter().find(|(p, _)| env_name(p) == *var) else {
-            if var.starts_with("KEYWARDEN_KAFKA_PROPERTIES_") {
+            if let Some(name) = var.strip_prefix("KEYWARDEN_KAFKA_PROPERTIES_") {
                 // librdkafka property names are dotted; "KEYWARDEN_KAFKA_PROPERTIES_SESSION_TIMEOUT_MS" sets session.timeout.ms.
-                let prop = var["KEYWARDEN_KAFKA_PROPERTIES_".len()..].to_lowercase().replace('_', ".");
+                let prop = name.to_lowercase().replace('_', ".");
                 set_path(value, &["kafka", "properties", &prop], toml::Value::String(raw.clone()));
             }
             continue;
