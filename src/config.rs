@@ -76,6 +76,13 @@ pub struct KafkaConfig {
     pub replication: i32,
     /// How many events are applied to the store in one flushed batch at most.
     pub max_batch: usize,
+    /// Static group membership id (`group.instance.id`), stable per node so that a
+    /// restarted daemon gets its partitions back at once. Empty: derived from the
+    /// host name and the store path.
+    pub instance_id: String,
+    /// How long a graceful shutdown waits for in-flight events to become durable.
+    /// Must be shorter than the consumer session timeout.
+    pub drain_timeout: HumanDuration,
     /// Extra librdkafka properties, passed through verbatim to every client.
     pub properties: BTreeMap<String, String>,
 }
@@ -92,6 +99,8 @@ impl Default for KafkaConfig {
             partitions: 3,
             replication: 1,
             max_batch: 1024,
+            instance_id: String::new(),
+            drain_timeout: HumanDuration(Duration::from_secs(10)),
             properties: BTreeMap::new(),
         }
     }
@@ -211,8 +220,11 @@ impl Config {
         Config::deserialize(value.clone()).map_err(|e| parse_err(e.to_string()))?;
         let defaults = toml::Value::try_from(Config::default()).expect("defaults serialize");
         apply_env(&mut value, &defaults, vars)?;
-        let config = Config::deserialize(value).map_err(|e| parse_err(e.to_string()))?;
+        let mut config = Config::deserialize(value).map_err(|e| parse_err(e.to_string()))?;
         config.validate()?;
+        if config.kafka.instance_id.is_empty() {
+            config.kafka.instance_id = derived_instance_id(&config.store.path);
+        }
         Ok(config)
     }
 
@@ -249,6 +261,17 @@ impl Config {
         }
         if !(1..=100_000).contains(&k.max_batch) {
             return Err(invalid("kafka.max_batch", &k.max_batch, "a whole number from 1 to 100000"));
+        }
+        let session_ms: u64 = k.properties.get("session.timeout.ms").and_then(|v| v.parse().ok()).unwrap_or(45_000);
+        if k.drain_timeout.0.is_zero() || k.drain_timeout.0 >= Duration::from_millis(session_ms) {
+            return Err(invalid(
+                "kafka.drain_timeout",
+                &format!("{:?}", k.drain_timeout),
+                &format!("a positive duration shorter than the session timeout ({session_ms} ms)"),
+            ));
+        }
+        if k.instance_id.len() > 200 || k.instance_id.chars().any(char::is_control) {
+            return Err(invalid("kafka.instance_id", &k.instance_id, "up to 200 printable characters, or empty to derive one"));
         }
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", &self.store.path.display(), "a directory path"));
@@ -291,6 +314,17 @@ impl Config {
     pub fn embedded_broker(&self) -> bool {
         self.kafka.brokers == "embedded"
     }
+}
+
+/// Stable for one store on one host, different for two stores: two daemons must
+/// never share a static member id, and one daemon must keep its own across restarts.
+fn derived_instance_id(store: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let path = std::fs::canonicalize(store).unwrap_or_else(|_| std::env::current_dir().unwrap_or_default().join(store));
+    let digest = Sha256::new().chain_update(host.trim()).chain_update([0]).chain_update(path.as_os_str().as_encoded_bytes()).finalize();
+    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    format!("keywarden-{}-{hex}", host.trim())
 }
 
 fn valid_topic(t: &str) -> bool {
@@ -405,7 +439,7 @@ mod tests {
                 ("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", "/tmp/m.key"),
                 ("KEYWARDEN_POLICY_PURGE_AFTER", "2s"),
                 ("KEYWARDEN_KAFKA_PARTITIONS", "6"),
-                ("KEYWARDEN_KAFKA_PROPERTIES_SESSION_TIMEOUT_MS", "6000"),
+                ("KEYWARDEN_KAFKA_PROPERTIES_SESSION_TIMEOUT_MS", "60000"),
             ]),
         )
         .unwrap();
@@ -415,7 +449,7 @@ mod tests {
         assert_eq!(c.kms.local.master_key_file, PathBuf::from("/tmp/m.key"));
         assert_eq!(c.policy.purge_after.0, Duration::from_secs(2));
         assert_eq!(c.kafka.partitions, 6);
-        assert_eq!(c.kafka.properties["session.timeout.ms"], "6000");
+        assert_eq!(c.kafka.properties["session.timeout.ms"], "60000");
     }
 
     #[test]
@@ -426,6 +460,17 @@ mod tests {
         assert!(err.to_string().contains("KEYWARDEN_KAFKA_PARTITIONS"), "{err}");
         let err = Config::load_with_env(None, &env(&[("KEYWARDEN_POLICY_PURGE_AFTER", "soon")])).unwrap_err();
         assert!(err.to_string().contains("purge_after"), "{err}");
+    }
+
+    #[test]
+    fn static_member_id_is_stable_per_store_and_differs_between_stores() {
+        let a = Config::load_with_env(None, &env(&[("KEYWARDEN_STORE_PATH", "/tmp/a")])).unwrap();
+        let a2 = Config::load_with_env(None, &env(&[("KEYWARDEN_STORE_PATH", "/tmp/a")])).unwrap();
+        let b = Config::load_with_env(None, &env(&[("KEYWARDEN_STORE_PATH", "/tmp/b")])).unwrap();
+        assert_eq!(a.kafka.instance_id, a2.kafka.instance_id);
+        assert_ne!(a.kafka.instance_id, b.kafka.instance_id);
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_KAFKA_DRAIN_TIMEOUT", "60s")])).unwrap_err();
+        assert!(err.to_string().contains("kafka.drain_timeout"), "{err}");
     }
 
     #[test]

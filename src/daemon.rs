@@ -3,7 +3,6 @@
 //! writer commit its last batch and flush the store.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,8 @@ use crate::api::{router, AppState};
 use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
 use crate::config::Config;
 use crate::engine::{KeyStatus, Record};
-use crate::intake::{Intake, IntakeError};
+use crate::intake::fence::Fence;
+use crate::intake::{Health, Intake, IntakeError};
 use crate::kms::cache::DekCache;
 use crate::kms::local::LocalKms;
 use crate::kms::{Kms, KmsError};
@@ -103,10 +103,11 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
             }
         })
     };
-    let (writer, writer_thread) = Writer::start(store.clone(), config.kafka.max_batch, on_commit);
+    let fence = Arc::new(Fence::default());
+    let (writer, writer_thread) = Writer::start(store.clone(), fence.clone(), config.kafka.max_batch, on_commit);
 
-    let assigned = Arc::new(AtomicBool::new(false));
-    let intake = Intake::new(&config.kafka, &bootstrap, writer.clone(), metrics.clone(), assigned.clone())?;
+    let health = Arc::new(Health::default());
+    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone())?;
     let relay = Relay::new(store.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone())?;
     let rotator = Rotator {
         store: store.clone(),
@@ -124,7 +125,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
         writer: writer.clone(),
         cache,
         metrics,
-        ready: assigned,
+        health,
         relay: relay_notify,
     };
     let listener = tokio::net::TcpListener::bind(&config.api.listen)

@@ -7,7 +7,10 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
+use std::sync::Arc;
+
 use crate::engine::{decide, Input, Overlay, Record, Reply};
+use crate::intake::fence::Fence;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -16,6 +19,8 @@ pub enum WriterError {
     Stopped,
     #[error("commit failed: {0}")]
     Commit(String),
+    #[error("partition {topic}/{partition} was revoked before this input was committed; its next owner reads it again")]
+    Fenced { topic: String, partition: i32 },
 }
 
 impl WriterError {
@@ -30,6 +35,8 @@ pub struct Consumed {
     pub topic: String,
     pub partition: i32,
     pub next: i64,
+    /// The partition's fence generation when the message was read.
+    pub generation: u64,
 }
 
 struct Job {
@@ -51,11 +58,11 @@ pub type Pending = oneshot::Receiver<Result<Reply, WriterError>>;
 impl Writer {
     /// Starts the writer thread. It ends when every `Writer` clone is dropped,
     /// after committing what it was given.
-    pub fn start(store: Store, max_batch: usize, on_commit: OnCommit) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+    pub fn start(store: Store, fence: Arc<Fence>, max_batch: usize, on_commit: OnCommit) -> (Writer, JoinHandle<Result<(), StoreError>>) {
         let (tx, rx) = mpsc::channel(max_batch * 4);
         let handle = std::thread::Builder::new()
             .name("keywarden-writer".into())
-            .spawn(move || writer_loop(store, rx, max_batch, on_commit))
+            .spawn(move || writer_loop(store, fence, rx, max_batch, on_commit))
             .expect("spawn writer thread");
         (Writer { tx }, handle)
     }
@@ -72,7 +79,7 @@ impl Writer {
     }
 }
 
-fn writer_loop(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize, on_commit: OnCommit) -> Result<(), StoreError> {
+fn writer_loop(store: Store, fence: Arc<Fence>, mut rx: mpsc::Receiver<Job>, max_batch: usize, on_commit: OnCommit) -> Result<(), StoreError> {
     let mut jobs = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
@@ -84,9 +91,18 @@ fn writer_loop(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize, on_c
         }
         let mut records = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
+        // Held until the batch is durable: a revocation waits for it, and no input
+        // read under an older generation gets in.
+        let owned = fence.hold();
         {
             let mut overlay = Overlay::new(&store);
             for job in jobs.drain(..) {
+                if let Some(c) = &job.consumed {
+                    if !owned.owns(&c.topic, c.partition, c.generation) {
+                        let _ = job.reply.send(Err(WriterError::Fenced { topic: c.topic.clone(), partition: c.partition }));
+                        continue;
+                    }
+                }
                 let reply = match job.input {
                     Some(input) => {
                         let d = decide(&overlay, input);
@@ -109,6 +125,7 @@ fn writer_loop(store: Store, mut rx: mpsc::Receiver<Job>, max_batch: usize, on_c
             }
             return Err(e);
         }
+        drop(owned);
         on_commit(&records);
         for (tx, reply) in replies {
             let _ = tx.send(Ok(reply));
@@ -127,7 +144,10 @@ mod tests {
     async fn offset_is_committed_with_the_state_it_caused() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let (w, handle) = Writer::start(store.clone(), 16, Box::new(|_| {}));
+        let fence = Arc::new(Fence::default());
+        fence.assign(&[("t".to_string(), 0)]);
+        let generation = fence.generation("t", 0).unwrap();
+        let (w, handle) = Writer::start(store.clone(), fence.clone(), 16, Box::new(|_| {}));
         let event = LifecycleEvent {
             event_id: "e1".into(),
             kind: EventType::Disable,
@@ -135,7 +155,7 @@ mod tests {
             key_version: None,
             occurred_at: Utc::now(),
         };
-        let consumed = Consumed { topic: "t".into(), partition: 0, next: 8 };
+        let consumed = Consumed { topic: "t".into(), partition: 0, next: 8, generation };
         let pending = w.enqueue(Some(Input::Event { event: event.clone(), at: Utc::now() }), Some(consumed)).await.unwrap();
         assert!(matches!(pending.await.unwrap().unwrap(), Reply::Event { outcome: Outcome::Applied, .. }));
         assert_eq!(store.offset("t", 0), Some(8));
@@ -144,5 +164,43 @@ mod tests {
         assert!(matches!(again, Reply::Event { outcome: Outcome::Duplicate, .. }));
         drop(w);
         handle.join().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_revoked_partition_writes_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fence = Arc::new(Fence::default());
+        let part = ("t".to_string(), 3);
+        fence.assign(std::slice::from_ref(&part));
+        let old = fence.generation("t", 3).unwrap();
+        let (w, _handle) = Writer::start(store.clone(), fence.clone(), 16, Box::new(|_| {}));
+        let event = |id: &str| LifecycleEvent {
+            event_id: id.into(),
+            kind: EventType::Disable,
+            key_id: "k".into(),
+            key_version: None,
+            occurred_at: Utc::now(),
+        };
+        let first = w
+            .enqueue(Some(Input::Event { event: event("e1"), at: Utc::now() }), Some(Consumed { topic: "t".into(), partition: 3, next: 1, generation: old }))
+            .await
+            .unwrap();
+        assert!(first.await.unwrap().is_ok());
+        // Revoked (and even re-assigned to this member): inputs read before are fenced off.
+        fence.revoke(std::slice::from_ref(&part));
+        let late = w
+            .enqueue(Some(Input::Event { event: event("e2"), at: Utc::now() }), Some(Consumed { topic: "t".into(), partition: 3, next: 2, generation: old }))
+            .await
+            .unwrap();
+        assert!(matches!(late.await.unwrap(), Err(WriterError::Fenced { partition: 3, .. })));
+        fence.assign(std::slice::from_ref(&part));
+        let stale_gen = w
+            .enqueue(Some(Input::Event { event: event("e3"), at: Utc::now() }), Some(Consumed { topic: "t".into(), partition: 3, next: 3, generation: old }))
+            .await
+            .unwrap();
+        assert!(matches!(stale_gen.await.unwrap(), Err(WriterError::Fenced { .. })));
+        assert_eq!(store.offset("t", 3), Some(1), "the stored offset never passes what this owner applied");
+        assert!(!store.event_seen("e2") && !store.event_seen("e3"));
     }
 }

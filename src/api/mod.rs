@@ -1,7 +1,7 @@
 //! api: the admin and data-plane HTTP API (axum). Reads come from the store;
 //! every change goes through the single writer, so the API never races the intake.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -18,6 +18,7 @@ use tokio::sync::Notify;
 
 use crate::engine::{instance_state, EventType, InstanceRecord, InstanceState, Input, KeyStatus, Reply, View};
 use crate::intake::native::valid_id;
+use crate::intake::Health;
 use crate::kms::cache::DekCache;
 use crate::kms::local::LocalKms;
 use crate::kms::{Dek, Kms, KmsError};
@@ -35,7 +36,7 @@ pub struct AppState {
     pub writer: Writer,
     pub cache: Arc<DekCache>,
     pub metrics: Arc<Metrics>,
-    pub ready: Arc<AtomicBool>,
+    pub health: Arc<Health>,
     pub relay: Arc<Notify>,
 }
 
@@ -98,8 +99,10 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
-    if s.ready.load(Ordering::SeqCst) {
+    if s.health.ready() {
         Json(json!({"status": "ready"})).into_response()
+    } else if !s.health.broker_ok.load(Ordering::SeqCst) {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not ready: kafka is unreachable; state is kept and intake resumes when it is back").into_response()
     } else {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the consumer group to assign partitions").into_response()
     }

@@ -3,6 +3,7 @@
 //! effect; a message that is not an event goes to the dead-letter topic with its
 //! original bytes, and its offset then advances through the same path.
 
+pub mod fence;
 pub mod native;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,18 +11,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientContext, Message};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
 use crate::engine::{Input, Outcome, Reply};
 use crate::metrics::Metrics;
-use crate::writer::{Consumed, Pending, Writer};
+use crate::store::Store;
+use crate::writer::{Consumed, Pending, Writer, WriterError};
+use fence::{Fence, Partition};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -66,35 +70,80 @@ impl IntakeError {
     }
 }
 
-/// Tracks whether this member holds partitions, for `/readyz`.
+/// What `/readyz` reports: partitions held and the broker answering.
+#[derive(Default)]
+pub struct Health {
+    pub assigned: AtomicBool,
+    pub broker_ok: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.assigned.load(Ordering::SeqCst) && self.broker_ok.load(Ordering::SeqCst)
+    }
+}
+
+/// Rebalance handling: on assignment each partition resumes from the offset in
+/// the store (the truth; Kafka's committed offset is only a hint) under a new
+/// fence generation; on revocation the fence closes before the partition goes.
 pub struct IntakeContext {
-    pub assigned: Arc<AtomicBool>,
+    store: Store,
+    fence: Arc<Fence>,
+    health: Arc<Health>,
 }
 
 impl ClientContext for IntakeContext {}
 
 impl ConsumerContext for IntakeContext {
-    fn post_rebalance(&self, _consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions assigned");
-                self.assigned.store(tpl.count() > 0, Ordering::SeqCst);
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let parts: Vec<Partition> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                for (topic, partition) in &parts {
+                    if let Some(next) = self.store.offset(topic, *partition) {
+                        if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(next)) {
+                            tracing::error!(error = %e, %topic, partition, "cannot seek to the stored offset");
+                        }
+                    }
+                }
+                self.fence.assign(&parts);
+                let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "assigning partitions failed");
+                }
+                let resumed: Vec<String> = parts
+                    .iter()
+                    .map(|(t, p)| format!("{t}/{p}@{}", self.store.offset(t, *p).map(|o| o.to_string()).unwrap_or_else(|| "start".into())))
+                    .collect();
+                tracing::info!(partitions = ?resumed, "partitions assigned; resuming from the store's offsets");
             }
-            Rebalance::Revoke(tpl) => {
-                tracing::info!(partitions = tpl.count(), "partitions revoked");
-                self.assigned.store(false, Ordering::SeqCst);
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.fence.revoke(&parts);
+                let result = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "unassigning partitions failed");
+                }
+                tracing::info!(partitions = parts.len(), "partitions revoked");
             }
-            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+            other => {
+                tracing::warn!(error = ?other, "rebalance error; dropping the assignment");
+                self.fence.revoke_all();
+                let _ = consumer.unassign();
+            }
         }
+        self.health.assigned.store(self.fence.owned_count() > 0, Ordering::SeqCst);
     }
 }
 
 pub struct Intake {
-    pub consumer: Arc<StreamConsumer<IntakeContext>>,
+    consumer: Arc<StreamConsumer<IntakeContext>>,
     dlq: FutureProducer,
     kafka: KafkaConfig,
     writer: Writer,
     metrics: Arc<Metrics>,
+    fence: Arc<Fence>,
+    health: Arc<Health>,
 }
 
 struct Ack {
@@ -106,15 +155,21 @@ struct Ack {
 }
 
 impl Intake {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         kafka: &KafkaConfig,
         bootstrap: &str,
+        store: Store,
         writer: Writer,
+        fence: Arc<Fence>,
+        health: Arc<Health>,
         metrics: Arc<Metrics>,
-        assigned: Arc<AtomicBool>,
     ) -> Result<Intake, IntakeError> {
         let mut cfg = crate::broker::client_config(kafka, bootstrap);
         cfg.set("group.id", &kafka.group_id)
+            // Static membership: a restarted member with the same id gets its
+            // partitions back at once instead of after the session timeout.
+            .set("group.instance.id", &kafka.instance_id)
             .set("enable.auto.commit", "true")
             // Offsets are stored only once the store batch holding their effect is flushed.
             .set("enable.auto.offset.store", "false")
@@ -127,7 +182,7 @@ impl Intake {
             cfg.set(k, v);
         }
         let consumer: StreamConsumer<IntakeContext> =
-            cfg.create_with_context(IntakeContext { assigned }).map_err(IntakeError::Consumer)?;
+            cfg.create_with_context(IntakeContext { store, fence: fence.clone(), health: health.clone() }).map_err(IntakeError::Consumer)?;
         consumer
             .subscribe(&[&kafka.events_topic])
             .map_err(|source| IntakeError::Subscribe { topic: kafka.events_topic.clone(), source })?;
@@ -135,16 +190,26 @@ impl Intake {
             .set("message.timeout.ms", "30000")
             .create()
             .map_err(IntakeError::Consumer)?;
-        Ok(Intake { consumer: Arc::new(consumer), dlq, kafka: kafka.clone(), writer, metrics })
+        Ok(Intake { consumer: Arc::new(consumer), dlq, kafka: kafka.clone(), writer, metrics, fence, health })
     }
 
     /// Consumes until `shutdown`, then drains acknowledgements and commits offsets.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), IntakeError> {
         let (ack_tx, ack_rx) = mpsc::channel::<Ack>(self.kafka.max_batch * 4);
         let acker = tokio::spawn(acknowledge(self.consumer.clone(), ack_rx, self.metrics.clone(), shutdown.clone()));
+        let probe = tokio::spawn(probe_broker(self.consumer.clone(), self.kafka.events_topic.clone(), self.health.clone(), shutdown.clone()));
         let result = self.consume(&ack_tx, &shutdown).await;
         drop(ack_tx);
-        let acked = acker.await.unwrap_or(Err(IntakeError::Writer));
+        // Whatever is not durable within the drain timeout stays unacknowledged and
+        // is read again by the next owner; that is safe, only slower.
+        let acked = match tokio::time::timeout(self.kafka.drain_timeout.0, acker).await {
+            Ok(joined) => joined.unwrap_or(Err(IntakeError::Writer)),
+            Err(_) => {
+                tracing::warn!(timeout = ?self.kafka.drain_timeout, "drain timed out; unfinished events will be redelivered");
+                Ok(())
+            }
+        };
+        let _ = probe.await;
         // Commit what is durable, so that a restart does not re-read it (it would be
         // harmless: duplicates are recognised, but slower).
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {
@@ -168,7 +233,11 @@ impl Intake {
                 }
             };
             let (topic, partition, offset) = (msg.topic().to_string(), msg.partition(), msg.offset());
-            let consumed = Consumed { topic: topic.clone(), partition, next: offset + 1 };
+            let Some(generation) = self.fence.generation(&topic, partition) else {
+                // Fetched before a revocation: the partition's next owner reads it.
+                continue;
+            };
+            let consumed = Consumed { topic: topic.clone(), partition, next: offset + 1, generation };
             let (input, label) = match decode_message(&msg) {
                 Ok(event) => {
                     tracing::debug!(event_id = %event.event_id, key_id = %event.key_id, r#type = %event.kind, partition, offset, "event received");
@@ -257,6 +326,10 @@ async fn acknowledge(
     while let Some(ack) = rx.recv().await {
         let reply = match ack.pending.await {
             Ok(Ok(reply)) => reply,
+            Ok(Err(WriterError::Fenced { topic, partition })) => {
+                tracing::debug!(%topic, partition, offset = ack.offset, "input fenced off after a revocation");
+                continue;
+            }
             _ => {
                 shutdown.cancel();
                 return Err(IntakeError::Writer);
@@ -278,4 +351,28 @@ async fn acknowledge(
         }
     }
     Ok(())
+}
+
+/// Asks the broker for metadata every second: a consumer that holds partitions
+/// but cannot reach the broker is not ready, and `/readyz` says so.
+async fn probe_broker(consumer: Arc<StreamConsumer<IntakeContext>>, topic: String, health: Arc<Health>, shutdown: CancellationToken) {
+    let mut was_ok = true;
+    loop {
+        let c = consumer.clone();
+        let t = topic.clone();
+        let ok = tokio::task::spawn_blocking(move || c.fetch_metadata(Some(&t), Duration::from_secs(2)).is_ok()).await.unwrap_or(false);
+        health.broker_ok.store(ok, Ordering::SeqCst);
+        if ok != was_ok {
+            if ok {
+                tracing::info!("kafka is reachable again");
+            } else {
+                tracing::warn!("kafka is unreachable; not ready until it is back (state is kept)");
+            }
+            was_ok = ok;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
