@@ -174,7 +174,8 @@ pub struct RotationConfig {
     pub concurrency: usize,
     /// Rewrapped instances committed to the store in one batch.
     pub batch: usize,
-    /// Attempts for a rewrap that fails transiently before the instance is marked failed.
+    /// Attempts, with capped exponential backoff and jitter, for a rewrap that fails
+    /// transiently; then the instance waits for the job's next pass.
     pub max_attempts: u32,
 }
 

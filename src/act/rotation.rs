@@ -38,6 +38,9 @@ enum Pass {
 enum Attempt {
     Done(Input),
     KeyUnusable,
+    /// Still failing transiently after every attempt: left for the next pass,
+    /// never marked failed, since nothing is wrong with the instance.
+    Later,
 }
 
 impl Rotator {
@@ -63,10 +66,11 @@ impl Rotator {
                     }
                 }
             }
+            // Unfinished jobs (key disabled, KMS failing) are looked at again soon.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = notified => {}
-                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
@@ -102,10 +106,12 @@ impl Rotator {
         let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id)).buffer_unordered(self.config.concurrency);
         let mut chunk = Vec::with_capacity(self.config.batch);
         let mut interrupted = false;
+        let mut deferred = 0usize;
         while let Some(attempt) = results.next().await {
             match attempt {
                 Some(Attempt::Done(input)) => chunk.push(input),
                 Some(Attempt::KeyUnusable) => interrupted = true,
+                Some(Attempt::Later) => deferred += 1,
                 None => {}
             }
             if chunk.len() >= self.config.batch || interrupted || shutdown.is_cancelled() {
@@ -116,6 +122,10 @@ impl Rotator {
             }
         }
         self.commit(&mut chunk).await?;
+        if deferred > 0 {
+            tracing::warn!(key_id = %job.key_id, deferred, "kms kept failing transiently for some instances; the next pass retries them");
+            return Ok(Pass::Interrupted);
+        }
         Ok(if self.current(job) { Pass::Finished } else { Pass::Interrupted })
     }
 
@@ -148,7 +158,12 @@ impl Rotator {
                     }));
                 }
                 Err(e) if e.key_unusable() => return Some(Attempt::KeyUnusable),
-                Err(e) if e.retryable() && attempt < self.config.max_attempts => {
+                Err(e) if e.retryable() && attempt >= self.config.max_attempts => {
+                    self.metrics.rewraps.with_label_values(&[self.kms.provider(), "deferred"]).inc();
+                    tracing::debug!(%instance_id, error = %e, "rewrap still failing transiently; deferred to the next pass");
+                    return Some(Attempt::Later);
+                }
+                Err(e) if e.retryable() => {
                     self.metrics.rewraps.with_label_values(&[self.kms.provider(), "retry"]).inc();
                     tracing::debug!(%instance_id, error = %e, attempt, "rewrap failed transiently; retrying");
                     let jitter = rand::thread_rng().gen_range(0..=delay.as_millis() as u64 / 2);

@@ -71,6 +71,7 @@ impl From<KmsError> for ApiError {
             KmsError::KeyDisabled(_) => StatusCode::LOCKED,
             KmsError::KeyDeleted(_) => StatusCode::GONE,
             KmsError::Conflict(_) => StatusCode::CONFLICT,
+            KmsError::Refused(_) => StatusCode::BAD_GATEWAY,
             KmsError::UnknownVersion { .. } | KmsError::Integrity(_) | KmsError::Setup(_) | KmsError::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -252,6 +253,11 @@ fn instance_json(s: &AppState, inst: &InstanceRecord) -> Value {
         "created_at": inst.created_at,
         "updated_at": inst.updated_at,
         "destroyed_reason": inst.destroyed_reason,
+        "rewrap_status": match (&inst.rewrap_error, key.as_ref().and_then(|k| k.version.as_ref())) {
+            (Some(_), _) => "rewrap_failed",
+            (None, Some(v)) if inst.wrapped.is_some() && *v != inst.key_version => "pending",
+            _ => "ok",
+        },
         "rewrap_error": inst.rewrap_error,
     })
 }

@@ -138,14 +138,17 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 return decision(vec![], Reply::Done);
             }
             let version = wrapped.key_version.clone();
+            let had_failed = inst.rewrap_error.take().is_some();
             inst.wrapped = Some(wrapped);
             inst.key_version = version.clone();
-            inst.rewrap_error = None;
             inst.updated_at = at;
             let mut records = Vec::new();
             let mut cause = String::new();
             if let Some(mut job) = view.job(&inst.key_id) {
                 job.done += 1;
+                if had_failed {
+                    job.failed = job.failed.saturating_sub(1);
+                }
                 cause = job.cause_event_id.clone();
                 records.push(Record::Job(job));
             }
@@ -165,10 +168,13 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
             if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {
                 return decision(vec![], Reply::Done);
             }
+            let newly_failed = inst.rewrap_error.is_none();
             inst.rewrap_error = Some(reason);
             inst.updated_at = at;
             let mut records = Vec::new();
-            if let Some(mut job) = view.job(&inst.key_id) {
+            // `failed` counts instances currently failed, not attempts: a later
+            // pass that fails the same instance again does not count it twice.
+            if let (true, Some(mut job)) = (newly_failed, view.job(&inst.key_id)) {
                 job.failed += 1;
                 records.push(Record::Job(job));
             }

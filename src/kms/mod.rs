@@ -64,6 +64,8 @@ pub enum KmsError {
     Integrity(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("kms refused the request: {0}")]
+    Refused(String),
     #[error("kms is unavailable: {0}; it will be retried")]
     Unavailable(String),
     #[error("kms configuration: {0}")]
