@@ -82,6 +82,9 @@ pub struct Daemon {
     pub api: String,
     pub dir: tempfile::TempDir,
     pub http: reqwest::blocking::Client,
+    bootstrap: String,
+    port: u16,
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -89,12 +92,32 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let api = format!("http://127.0.0.1:{port}");
-        let mut d = Daemon { child: None, api, dir, http: reqwest::blocking::Client::new() };
-        d.spawn(bootstrap, port, env);
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut d = Daemon { child: None, api, dir, http: reqwest::blocking::Client::new(), bootstrap: bootstrap.to_string(), port, env };
+        d.spawn();
+        d.wait_ready();
         d
     }
 
-    fn spawn(&mut self, bootstrap: &str, port: u16, env: &[(&str, &str)]) {
+    /// Starts the process again on the same store, port and settings.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn();
+        self.wait_ready();
+    }
+
+    /// Starts the process again without waiting for it to be ready.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        self.spawn();
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.http.get(format!("{}/readyz", self.api)).send().map(|r| r.status() == 200).unwrap_or(false)
+    }
+
+    fn spawn(&mut self) {
+        let (bootstrap, port) = (self.bootstrap.clone(), self.port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("keywarden.log")).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keywarden"));
         cmd.arg("run")
@@ -106,10 +129,13 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        for (k, v) in env {
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
         self.child = Some(cmd.spawn().expect("start keywarden"));
+    }
+
+    pub fn wait_ready(&mut self) {
         let api = self.api.clone();
         let http = self.http.clone();
         let started = Instant::now();
@@ -122,13 +148,16 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("keywarden exited with {status} during start-up; log:\n{}", self.log());
             }
-            assert!(started.elapsed() < Duration::from_secs(60), "keywarden not ready after 60s; log:\n{}", self.log());
+            assert!(started.elapsed() < Duration::from_secs(90), "keywarden not ready after 90s; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
+    /// The last 300 lines of the daemon's log, for failure messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("keywarden.log")).unwrap_or_default()
+        let all = std::fs::read_to_string(self.dir.path().join("keywarden.log")).unwrap_or_default();
+        let lines: Vec<&str> = all.lines().collect();
+        lines[lines.len().saturating_sub(300)..].join("\n")
     }
 
     pub fn get(&self, path: &str) -> (u16, Value) {
@@ -302,7 +331,21 @@ impl TopicReader {
         let start = Instant::now();
         while !done(&self.seen) {
             assert!(start.elapsed() < timeout, "timed out waiting for {what}; read so far: {:#?}", self.seen.len());
-            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+            self.poll_one(Duration::from_millis(100));
+        }
+        &self.seen
+    }
+
+    /// Reads until nothing arrives for `idle`; returns how many were read.
+    pub fn drain(&mut self, idle: Duration) -> usize {
+        let before = self.seen.len();
+        while self.poll_one(idle) {}
+        self.seen.len() - before
+    }
+
+    fn poll_one(&mut self, wait: Duration) -> bool {
+        {
+            if let Some(Ok(m)) = self.consumer.poll(wait) {
                 let headers = m
                     .headers()
                     .map(|h| {
@@ -318,9 +361,10 @@ impl TopicReader {
                     partition: m.partition(),
                     offset: m.offset(),
                 });
+                return true;
             }
         }
-        &self.seen
+        false
     }
 
     /// Commands read so far with the given action and cause.
