@@ -43,36 +43,59 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
-/// A real tansu broker on a free loopback port, in memory, killed on drop.
+/// A real tansu broker on a free loopback port, killed on drop. In memory by
+/// default; `start_durable` keeps its data in SQLite across `stop`/`restart`.
 pub struct Broker {
-    child: Child,
+    child: Option<Child>,
     pub bootstrap: String,
     pub dir: tempfile::TempDir,
+    storage: String,
+    port: u16,
 }
 
 impl Broker {
     pub fn start() -> Broker {
+        Self::start_with("memory://tansu/")
+    }
+
+    pub fn start_durable() -> Broker {
+        Self::start_with("sqlite://tansu.db")
+    }
+
+    fn start_with(storage: &str) -> Broker {
         let port = free_port();
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.path().join("tansu.log")).unwrap();
+        let mut b = Broker { child: None, bootstrap: format!("127.0.0.1:{port}"), dir, storage: storage.to_string(), port };
+        b.restart();
+        b
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("tansu.log")).unwrap();
         let child = Command::new(tansu_bin())
-            .args(["broker", "--storage-engine", "memory://tansu/", "--listener-url", &url, "--advertised-listener-url", &url])
-            .current_dir(dir.path())
+            .args(["broker", "--storage-engine", &self.storage, "--listener-url", &url, "--advertised-listener-url", &url])
+            .current_dir(self.dir.path())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("start tansu");
-        let bootstrap = format!("127.0.0.1:{port}");
-        wait_until("tansu to listen", Duration::from_secs(30), || std::net::TcpStream::connect(&bootstrap).ok());
-        Broker { child, bootstrap, dir }
+        self.child = Some(child);
+        wait_until("tansu to listen", Duration::from_secs(30), || std::net::TcpStream::connect(&self.bootstrap).ok());
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

@@ -1,0 +1,163 @@
+//! Broker outage and rebalance, against the real broker.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+fn at(n: usize) -> String {
+    format!("2030-01-01T{:02}:{:02}:{:02}Z", n / 3600, (n / 60) % 60, n % 60)
+}
+
+/// A producer that keeps messages through a broker outage, in order.
+fn patient_producer(bootstrap: &str) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("message.timeout.ms", "180000")
+        .set("max.in.flight.requests.per.connection", "1")
+        .set("linger.ms", "0")
+        .create()
+        .unwrap()
+}
+
+fn send(p: &BaseProducer, key: &str, payload: Vec<u8>) {
+    p.send(BaseRecord::<str, Vec<u8>>::to("key-lifecycle").key(key).payload(&payload)).map_err(|(e, _)| e).unwrap();
+    p.poll(Duration::ZERO);
+}
+
+#[test]
+fn broker_outage_of_30_seconds_loses_nothing_and_readiness_says_so() {
+    let mut broker = Broker::start_durable();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("ok");
+    for i in 0..5 {
+        d.create_instance(&format!("o-{i}"), "ok");
+    }
+    let p = patient_producer(&broker.bootstrap);
+    let kinds = ["disable", "enable"];
+    let total = 60;
+    let mut last = "";
+    for n in 0..20 {
+        last = kinds[n % 2];
+        send(&p, "ok", event(&format!("ev-{n}"), last, "ok", None, &at(n)));
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    d.wait_event("ev-19");
+
+    broker.stop();
+    let down = Instant::now();
+    // Events keep coming while the broker is away; the producer holds them.
+    for n in 20..40 {
+        last = kinds[n % 2];
+        send(&p, "ok", event(&format!("ev-{n}"), last, "ok", None, &at(n)));
+    }
+    wait_until("readyz to report the outage", Duration::from_secs(20), || (!d.is_ready()).then_some(()));
+    let (s, body) = d.get("/readyz");
+    assert_eq!(s, 503);
+    assert!(body["error"].as_str().unwrap().contains("unreachable"), "{body}");
+    // State is kept and still served while the broker is down.
+    assert_eq!(d.state("o-0"), "active", "ev-19 was an enable");
+    assert_eq!(d.dek("o-0").0, 200);
+    let remaining = Duration::from_secs(30).saturating_sub(down.elapsed());
+    std::thread::sleep(remaining);
+
+    broker.restart();
+    let back = Instant::now();
+    for n in 40..total {
+        last = kinds[n % 2];
+        send(&p, "ok", event(&format!("ev-{n}"), last, "ok", None, &at(n)));
+    }
+    p.flush(Duration::from_secs(120)).unwrap();
+    wait_until("readiness after the outage", Duration::from_secs(90), || d.is_ready().then_some(()));
+    for n in 0..total {
+        let rec = d.wait_event(&format!("ev-{n}"));
+        assert_eq!(rec["outcome"], "applied", "{rec}");
+    }
+    println!("OUTAGE: broker down {:.1?}; all {total} events applied {:.1?} after it came back", back - down, back.elapsed());
+    let want = if last == "disable" { "revoked" } else { "active" };
+    for i in 0..5 {
+        assert_eq!(d.state(&format!("o-{i}")), want);
+    }
+}
+
+#[test]
+fn a_consumer_joining_and_leaving_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    let p = patient_producer(&broker.bootstrap);
+    let mut sent = 0;
+    let mut last: HashMap<String, &str> = HashMap::new();
+    produce_rb(&p, &mut sent, 60, &mut last);
+
+    // Another member joins the group, takes partitions, and commits offsets for
+    // events keywarden never applied; then it leaves.
+    let intruder: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", "keywarden")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "100")
+        .create()
+        .unwrap();
+    intruder.subscribe(&["key-lifecycle"]).unwrap();
+    let joined = Instant::now();
+    let mut got_partitions = false;
+    while joined.elapsed() < Duration::from_secs(60) {
+        let _ = intruder.poll(Duration::from_millis(100));
+        if intruder.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+            got_partitions = true;
+            if joined.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+        }
+        if got_partitions && sent < 120 {
+            produce_rb(&p, &mut sent, 60, &mut last);
+        }
+    }
+    assert!(got_partitions, "the second member never got a partition");
+    if sent < 120 {
+        produce_rb(&p, &mut sent, 60, &mut last);
+    }
+    for _ in 0..30 {
+        let _ = intruder.poll(Duration::from_millis(100));
+    }
+    intruder.unsubscribe();
+    drop(intruder);
+    produce_rb(&p, &mut sent, 60, &mut last);
+
+    for n in 0..sent {
+        let rec = d.wait_event(&format!("rb-ev-{n}"));
+        assert_eq!(rec["outcome"], "applied", "{rec}");
+    }
+    let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
+    let applied: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("keywarden_events_total{") && l.contains("outcome=\"applied\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(applied, sent as u64, "every event applied exactly once");
+    for (key, kind) in &last {
+        let (_, k) = d.get(&format!("/v1/keys/{key}"));
+        assert_eq!(k["state"], if *kind == "disable" { "disabled" } else { "active" }, "{k}");
+    }
+    let log = std::fs::read_to_string(d.dir.path().join("keywarden.log")).unwrap();
+    assert!(log.contains("partitions revoked"), "the rebalance revoked keywarden's partitions");
+    println!("REBALANCE: {sent} events, all applied once, across a member joining and leaving");
+}
+
+fn produce_rb(p: &BaseProducer, sent: &mut usize, count: usize, last: &mut HashMap<String, &'static str>) {
+    const KEYS: [&str; 6] = ["rb-0", "rb-1", "rb-2", "rb-3", "rb-4", "rb-5"];
+    for _ in 0..count {
+        let key = KEYS[*sent % KEYS.len()];
+        let kind = ["disable", "enable"][(*sent / KEYS.len()) % 2];
+        send(p, key, event(&format!("rb-ev-{sent}"), kind, key, None, &at(*sent)));
+        last.insert(key.to_string(), kind);
+        *sent += 1;
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
