@@ -161,3 +161,28 @@ fn produce_rb(p: &BaseProducer, sent: &mut usize, count: usize, last: &mut HashM
     }
     p.flush(Duration::from_secs(30)).unwrap();
 }
+
+#[test]
+fn sigterm_drains_and_a_second_signal_exits_at_once_losing_nothing() {
+    let broker = Broker::start();
+    let mut d = Daemon::start(&broker.bootstrap, &[]);
+    let p = patient_producer(&broker.bootstrap);
+    let mut sent = 0;
+    let mut last = HashMap::new();
+    produce_rb(&p, &mut sent, 120, &mut last);
+    // First signal: drain and exit 0.
+    assert_eq!(d.terminate(), Some(0), "graceful shutdown exits 0");
+    d.restart();
+    produce_rb(&p, &mut sent, 120, &mut last);
+    // Two signals in a row: the second exits at once.
+    let code = d.terminate_twice();
+    assert!(code == Some(130) || code == Some(0), "second signal exits at once (130), got {code:?}");
+    d.restart();
+    produce_rb(&p, &mut sent, 60, &mut last);
+    for n in 0..sent {
+        assert_eq!(d.wait_event(&format!("rb-ev-{n}"))["outcome"], "applied");
+    }
+    for (key, kind) in &last {
+        assert_eq!(d.get(&format!("/v1/keys/{key}")).1["state"], if *kind == "disable" { "disabled" } else { "active" });
+    }
+}

@@ -257,6 +257,15 @@ impl Daemon {
         }
     }
 
+    /// Two SIGTERMs back to back; returns the exit code.
+    pub fn terminate_twice(&mut self) -> Option<i32> {
+        let pid = self.child.as_ref()?.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        std::thread::sleep(Duration::from_millis(20));
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.terminate()
+    }
+
     /// SIGTERM, then wait for a clean exit; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut c = self.child.take()?;
