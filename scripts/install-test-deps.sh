@@ -12,10 +12,12 @@ else
   cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql
 fi
 
-if python3 -c 'import confluent_kafka' 2>/dev/null; then
-  echo "confluent-kafka: present"
+# confluent-kafka: an independent third-party Kafka client; moto[server]: a real
+# AWS KMS API implementation (moto_server) for the AWS provider's tests.
+if python3 -c 'import confluent_kafka, moto.server, boto3, flask_cors' 2>/dev/null; then
+  echo "python test tools: present"
 else
-  python3 -m pip install --quiet confluent-kafka
+  python3 -m pip install --quiet confluent-kafka "moto[server]" boto3
 fi
 
 if ! command -v systemd-analyze >/dev/null 2>&1; then

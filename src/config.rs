@@ -130,10 +130,107 @@ impl Default for ApiConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KmsConfig {
+    /// Provider for keys that match no route: "local", "aws" or "vault".
+    pub default: String,
+    /// Key-id prefixes routed to a provider, first match wins.
+    pub routes: Vec<KmsRoute>,
     pub local: LocalKmsConfig,
+    pub aws: AwsKmsConfig,
+    pub vault: VaultKmsConfig,
+}
+
+impl Default for KmsConfig {
+    fn default() -> Self {
+        Self {
+            default: "local".into(),
+            routes: Vec::new(),
+            local: LocalKmsConfig::default(),
+            aws: AwsKmsConfig::default(),
+            vault: VaultKmsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsRoute {
+    pub prefix: String,
+    pub provider: String,
+}
+
+pub const PROVIDERS: [&str; 3] = ["local", "aws", "vault"];
+
+/// How hard keywarden may press on a remote KMS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteLimits {
+    /// Requests per second at most (the customer's KMS quota); 0 means unlimited.
+    pub rate_limit: f64,
+    /// Requests in flight at most; halved on throttling, regrown one at a time.
+    pub max_concurrency: usize,
+    /// Timeout of one KMS call.
+    pub timeout: HumanDuration,
+    /// Consecutive transient failures that open the breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker refuses calls before trying again.
+    pub breaker_cooldown: HumanDuration,
+}
+
+impl Default for RemoteLimits {
+    fn default() -> Self {
+        Self {
+            rate_limit: 0.0,
+            max_concurrency: 32,
+            timeout: HumanDuration(Duration::from_secs(10)),
+            breaker_threshold: 20,
+            breaker_cooldown: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsKmsConfig {
+    pub region: String,
+    /// Empty: https://kms.<region>.amazonaws.com.
+    pub endpoint: String,
+    /// Credentials profile in ~/.aws/credentials, used when AWS_ACCESS_KEY_ID is not set.
+    pub profile: String,
+    pub limits: RemoteLimits,
+}
+
+impl Default for AwsKmsConfig {
+    fn default() -> Self {
+        Self { region: "us-east-1".into(), endpoint: String::new(), profile: "default".into(), limits: RemoteLimits::default() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultKmsConfig {
+    pub address: String,
+    /// File holding the Vault token (X-Vault-Token).
+    pub token_file: PathBuf,
+    /// Mount path of the transit secrets engine.
+    pub mount: String,
+    /// Rewraps sent in one batch_input request.
+    pub batch: usize,
+    pub limits: RemoteLimits,
+}
+
+impl Default for VaultKmsConfig {
+    fn default() -> Self {
+        Self {
+            address: "http://127.0.0.1:8200".into(),
+            token_file: PathBuf::new(),
+            mount: "transit".into(),
+            batch: 64,
+            limits: RemoteLimits::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -280,6 +377,25 @@ impl Config {
         if SocketAddr::from_str(&self.api.listen).is_err() {
             return Err(invalid("api.listen", &self.api.listen, "an address like 127.0.0.1:8420"));
         }
+        for (field, name) in std::iter::once(("kms.default", &self.kms.default)).chain(self.kms.routes.iter().map(|r| ("kms.routes.provider", &r.provider))) {
+            if !PROVIDERS.contains(&name.as_str()) {
+                return Err(invalid(field, name, "one of local, aws, vault"));
+            }
+        }
+        if self.kms.routes.iter().any(|r| r.prefix.is_empty()) {
+            return Err(invalid("kms.routes.prefix", &"", "a non-empty key-id prefix such as \"arn:aws:kms:\""));
+        }
+        if self.uses("vault") && self.kms.vault.token_file.as_os_str().is_empty() {
+            return Err(invalid("kms.vault.token_file", &"", "the path of a file holding a Vault token"));
+        }
+        if !(1..=1000).contains(&self.kms.vault.batch) {
+            return Err(invalid("kms.vault.batch", &self.kms.vault.batch, "a whole number from 1 to 1000"));
+        }
+        for (field, l) in [("kms.aws.limits", &self.kms.aws.limits), ("kms.vault.limits", &self.kms.vault.limits)] {
+            if !(l.rate_limit >= 0.0 && l.rate_limit.is_finite()) || l.max_concurrency == 0 || l.timeout.0.is_zero() || l.breaker_threshold == 0 {
+                return Err(invalid(field, &format!("{l:?}"), "rate_limit >= 0, max_concurrency >= 1, timeout > 0, breaker_threshold >= 1"));
+            }
+        }
         if self.kms.local.master_key_file.as_os_str().is_empty() {
             return Err(invalid("kms.local.master_key_file", &"", "a file path"));
         }
@@ -310,6 +426,11 @@ impl Config {
             return Err(invalid("log.level", &self.log.level, "a tracing filter such as \"info\" or \"keywarden=debug\""));
         }
         Ok(())
+    }
+
+    /// Whether a provider serves any key: the default or a route names it.
+    pub fn uses(&self, provider: &str) -> bool {
+        self.kms.default == provider || self.kms.routes.iter().any(|r| r.provider == provider)
     }
 
     pub fn embedded_broker(&self) -> bool {
@@ -356,6 +477,12 @@ fn apply_env(value: &mut toml::Value, defaults: &toml::Value, vars: &[(String, S
                 field: field.clone(),
                 message: "expected a whole number".into(),
             })?),
+            toml::Value::Float(_) => toml::Value::Float(raw.trim().parse().map_err(|_| ConfigError::Env {
+                var: var.clone(),
+                value: raw.clone(),
+                field: field.clone(),
+                message: "expected a number".into(),
+            })?),
             toml::Value::Boolean(_) => toml::Value::Boolean(raw.trim().parse().map_err(|_| ConfigError::Env {
                 var: var.clone(),
                 value: raw.clone(),
@@ -379,7 +506,7 @@ fn collect_leaves(v: &toml::Value, prefix: &mut Vec<String>, out: &mut Vec<(Vec<
                 prefix.pop();
             }
         }
-        toml::Value::Table(_) => {}
+        toml::Value::Table(_) | toml::Value::Array(_) => {}
         leaf => out.push((prefix.clone(), leaf.clone())),
     }
 }

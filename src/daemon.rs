@@ -2,6 +2,7 @@
 //! intake (acknowledging only what is durable), stop the workers, then let the
 //! writer commit its last batch and flush the store.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,12 +13,15 @@ use tokio_util::sync::CancellationToken;
 use crate::act::rotation::Rotator;
 use crate::api::{router, AppState};
 use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
-use crate::config::Config;
+use crate::config::{Config, RemoteLimits};
 use crate::engine::{KeyStatus, Record};
 use crate::intake::fence::Fence;
 use crate::intake::{Health, Intake, IntakeError};
 use crate::kms::cache::DekCache;
+use crate::kms::aws::AwsKms;
+use crate::kms::governor::{Governed, Limits};
 use crate::kms::local::LocalKms;
+use crate::kms::router::KmsRouter;
 use crate::kms::{Kms, KmsError};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -57,7 +61,8 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
     })?;
     let store = Store::open(&config.store.path)?;
     let local = Arc::new(LocalKms::open(store.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?);
-    let kms: Arc<dyn Kms> = local.clone();
+    let kms_router = Arc::new(build_router(&config, local.clone())?);
+    let kms: Arc<dyn Kms> = kms_router.clone();
 
     let embedded = if config.embedded_broker() {
         let k = &config.kafka;
@@ -121,6 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
     let state = AppState {
         store: store.clone(),
         kms,
+        router: kms_router,
         local,
         writer: writer.clone(),
         cache,
@@ -168,6 +174,29 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
         }
         Ok(Ok(Err(e))) => Err(e.into()),
         _ => Err(DaemonError::WriterDied),
+    }
+}
+
+/// One instance per provider in use, each behind its own governor, so that a
+/// slow or throttling KMS never holds up another.
+fn build_router(config: &Config, local: Arc<LocalKms>) -> Result<KmsRouter, KmsError> {
+    let mut providers: HashMap<&str, Arc<dyn Kms>> = HashMap::new();
+    providers.insert("local", local);
+    if config.uses("aws") {
+        let c = &config.kms.aws;
+        providers.insert("aws", Arc::new(Governed::new(AwsKms::new(c)?, limits(&c.limits))));
+    }
+    let pick = |name: &str| providers.get(name).cloned().ok_or_else(|| KmsError::Setup(format!("kms provider {name} is not configured")));
+    let routes = config.kms.routes.iter().map(|r| Ok((r.prefix.clone(), pick(&r.provider)?))).collect::<Result<Vec<_>, KmsError>>()?;
+    Ok(KmsRouter::new(routes, pick(&config.kms.default)?))
+}
+
+fn limits(l: &RemoteLimits) -> Limits {
+    Limits {
+        rate: l.rate_limit,
+        max_concurrency: l.max_concurrency,
+        breaker_threshold: l.breaker_threshold,
+        breaker_cooldown: l.breaker_cooldown.0,
     }
 }
 

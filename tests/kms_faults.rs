@@ -40,13 +40,13 @@ impl Kms for FaultyKms {
     fn provider(&self) -> &'static str {
         "faulty"
     }
-    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8]) -> Result<WrappedDek, KmsError> {
-        self.inner.wrap(key_id, dek, aad).await
+    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
+        self.inner.wrap(key_id, dek, aad, label).await
     }
     async fn unwrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError> {
         self.inner.unwrap(key_id, wrapped, aad).await
     }
-    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<WrappedDek, KmsError> {
+    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
         self.count("rewrap");
         if self.poisoned.lock().unwrap().contains(aad) {
             self.count("refused");
@@ -66,7 +66,7 @@ impl Kms for FaultyKms {
             self.count("429");
             return Err(KmsError::Unavailable("429 too many requests".into()));
         }
-        self.inner.rewrap(key_id, wrapped, aad).await
+        self.inner.rewrap(key_id, wrapped, aad, label).await
     }
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
         self.inner.key_state(key_id).await
@@ -120,7 +120,7 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
     for i in 0..400 {
         let id = format!("inst-{i}");
         let dek = Dek::generate();
-        let wrapped = local.wrap(&key, &dek, id.as_bytes()).await.unwrap();
+        let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
         let reply = writer
             .submit(Input::CreateInstance { instance_id: id.clone(), key_id: key.clone(), wrapped, fingerprint: dek.fingerprint(), at: Utc::now() })
             .await

@@ -103,7 +103,7 @@ impl Rotator {
                 .await?;
         }
         tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = todo.len(), "rotation pass");
-        let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id)).buffer_unordered(self.config.concurrency);
+        let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &job.target_version)).buffer_unordered(self.config.concurrency);
         let mut chunk = Vec::with_capacity(self.config.batch);
         let mut interrupted = false;
         let mut deferred = 0usize;
@@ -141,13 +141,13 @@ impl Rotator {
         Ok(())
     }
 
-    async fn rewrap_one(&self, instance_id: String) -> Option<Attempt> {
+    async fn rewrap_one(&self, instance_id: String, target: &str) -> Option<Attempt> {
         let inst = self.store.instance(&instance_id)?;
         let wrapped = inst.wrapped?;
         let mut delay = Duration::from_millis(50);
         let mut attempt = 1;
         loop {
-            match self.kms.rewrap(&inst.key_id, &wrapped, instance_id.as_bytes()).await {
+            match self.kms.rewrap(&inst.key_id, &wrapped, instance_id.as_bytes(), Some(target)).await {
                 Ok(new) => {
                     self.metrics.rewraps.with_label_values(&[self.kms.provider(), "ok"]).inc();
                     return Some(Attempt::Done(Input::Rewrapped {

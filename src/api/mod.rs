@@ -21,6 +21,7 @@ use crate::intake::native::valid_id;
 use crate::intake::Health;
 use crate::kms::cache::DekCache;
 use crate::kms::local::LocalKms;
+use crate::kms::router::KmsRouter;
 use crate::kms::{Dek, Kms, KmsError};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -31,6 +32,8 @@ pub struct AppState {
     pub store: Store,
     /// Serves the data plane: wrap and unwrap.
     pub kms: Arc<dyn Kms>,
+    /// Which provider serves a key, for status.
+    pub router: Arc<KmsRouter>,
     /// Operates keys; only the embedded KMS is operated through keywarden.
     pub local: Arc<LocalKms>,
     pub writer: Writer,
@@ -75,7 +78,7 @@ impl From<KmsError> for ApiError {
             KmsError::UnknownVersion { .. } | KmsError::Integrity(_) | KmsError::Setup(_) | KmsError::Store(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            KmsError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            KmsError::Unavailable(_) | KmsError::Throttled(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
     }
@@ -218,6 +221,7 @@ async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiR
         .collect();
     let status = record.as_ref().map(|k| k.status).or(kms_state.as_ref().map(|k| k.0)).unwrap_or(KeyStatus::Active);
     let job = s.store.job(&key_id);
+    let (provider, governor) = s.router.describe(&key_id);
     Ok(Json(json!({
         "key_id": key_id,
         "state": status,
@@ -231,6 +235,7 @@ async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiR
         "deleted_at": record.as_ref().and_then(|k| k.deleted_at),
         "purged_at": record.as_ref().and_then(|k| k.purged_at),
         "kms_state": kms_state.map(|k| k.0),
+        "kms": {"provider": provider, "limits": governor},
     }))
     .into_response())
 }
@@ -277,7 +282,8 @@ async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
         return Err(ApiError::new(StatusCode::CONFLICT, format!("instance {} already exists; pick another id or delete it first", req.instance_id)));
     }
     let dek = Dek::generate();
-    let wrapped = match s.kms.wrap(&req.key_id, &dek, req.instance_id.as_bytes()).await {
+    let label = s.store.key(&req.key_id).and_then(|k| k.version);
+    let wrapped = match s.kms.wrap(&req.key_id, &dek, req.instance_id.as_bytes(), label.as_deref()).await {
         Ok(w) => w,
         Err(KmsError::KeyDisabled(k)) => return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is disabled; enable it before creating instances under it"))),
         Err(KmsError::KeyDeleted(k)) => return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is deleted; restore it or choose another key"))),

@@ -263,7 +263,7 @@ impl Kms for LocalKms {
         "local"
     }
 
-    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8]) -> Result<WrappedDek, KmsError> {
+    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], _label: Option<&str>) -> Result<WrappedDek, KmsError> {
         let key = self.usable(key_id)?;
         Ok(Self::wrap_with(key_id, &key, dek, aad))
     }
@@ -273,7 +273,7 @@ impl Kms for LocalKms {
         Self::unwrap_with(key_id, &key, wrapped, aad)
     }
 
-    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<WrappedDek, KmsError> {
+    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8], _label: Option<&str>) -> Result<WrappedDek, KmsError> {
         let key = self.usable(key_id)?;
         let dek = Self::unwrap_with(key_id, &key, wrapped, aad)?;
         Ok(Self::wrap_with(key_id, &key, &dek, aad))
@@ -336,11 +336,11 @@ mod tests {
         let kms = kms(dir.path());
         let (key, v1) = kms.create_key(Some("k".into())).unwrap();
         let dek = Dek::generate();
-        let w1 = kms.wrap(&key, &dek, b"inst-1").await.unwrap();
+        let w1 = kms.wrap(&key, &dek, b"inst-1", None).await.unwrap();
         assert_eq!(w1.key_version, v1);
         let emitted = kms.operate(&key, EventType::Rotate).unwrap();
         assert_eq!(emitted.event.key_version.as_deref(), Some("2"));
-        let w2 = kms.rewrap(&key, &w1, b"inst-1").await.unwrap();
+        let w2 = kms.rewrap(&key, &w1, b"inst-1", None).await.unwrap();
         assert_eq!(w2.key_version, "2");
         assert_eq!(kms.unwrap(&key, &w2, b"inst-1").await.unwrap().expose(), dek.expose());
         // The old version still opens old wraps until they are all rewrapped.
@@ -352,7 +352,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kms = kms(dir.path());
         let (key, _) = kms.create_key(None).unwrap();
-        let w = kms.wrap(&key, &Dek::generate(), b"a").await.unwrap();
+        let w = kms.wrap(&key, &Dek::generate(), b"a", None).await.unwrap();
         assert!(matches!(kms.unwrap(&key, &w, b"b").await, Err(KmsError::Integrity(_))));
     }
 
@@ -361,7 +361,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let kms = kms(dir.path());
         let (key, _) = kms.create_key(None).unwrap();
-        let w = kms.wrap(&key, &Dek::generate(), b"a").await.unwrap();
+        let w = kms.wrap(&key, &Dek::generate(), b"a", None).await.unwrap();
         kms.operate(&key, EventType::Disable).unwrap();
         assert!(matches!(kms.unwrap(&key, &w, b"a").await, Err(KmsError::KeyDisabled(_))));
         assert_eq!(kms.store.outbox_len(), 1);
@@ -375,7 +375,7 @@ mod tests {
         let w = {
             let kms = kms(dir.path());
             kms.create_key(Some("k".into())).unwrap();
-            kms.wrap("k", &dek, b"a").await.unwrap()
+            kms.wrap("k", &dek, b"a", None).await.unwrap()
         };
         let mode = std::fs::metadata(dir.path().join("master.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

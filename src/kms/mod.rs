@@ -1,8 +1,11 @@
 //! act: the KMS seam. The engine never talks to a KMS; the rotation worker and the
 //! API do, through this trait, so a new provider is one new file beside `local.rs`.
 
+pub mod aws;
 pub mod cache;
+pub mod governor;
 pub mod local;
+pub mod router;
 
 use std::fmt;
 
@@ -64,6 +67,8 @@ pub enum KmsError {
     Integrity(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("kms is throttling: {0}; keywarden backs off and retries")]
+    Throttled(String),
     #[error("kms refused the request: {0}")]
     Refused(String),
     #[error("kms is unavailable: {0}; it will be retried")]
@@ -77,7 +82,7 @@ pub enum KmsError {
 impl KmsError {
     /// Transient failures are retried with backoff; the rest fail the instance.
     pub fn retryable(&self) -> bool {
-        matches!(self, KmsError::Unavailable(_))
+        matches!(self, KmsError::Unavailable(_) | KmsError::Throttled(_))
     }
 
     /// The key is not usable right now, but may be again (enable, restore).
@@ -97,10 +102,17 @@ pub struct KmsKeyState {
 #[async_trait::async_trait]
 pub trait Kms: Send + Sync {
     fn provider(&self) -> &'static str;
-    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8]) -> Result<WrappedDek, KmsError>;
+    /// `label` is keywarden's current version of the key: a provider that does
+    /// not expose versions (AWS rotates inside the key) names the wrapping with it.
+    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError>;
     async fn unwrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError>;
-    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<WrappedDek, KmsError>;
+    /// `label` is the version the rotation moves to, with the same use as in `wrap`.
+    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError>;
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError>;
+    /// Limits and breaker state, for providers behind a governor.
+    fn health(&self) -> Option<governor::GovernorState> {
+        None
+    }
 }
 
 #[cfg(test)]
