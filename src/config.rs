@@ -159,6 +159,9 @@ impl Default for KmsConfig {
 pub struct KmsRoute {
     pub prefix: String,
     pub provider: String,
+    /// Give the provider the key id without the prefix ("vault:orders" → "orders").
+    #[serde(default)]
+    pub strip_prefix: bool,
 }
 
 pub const PROVIDERS: [&str; 3] = ["local", "aws", "vault"];
@@ -218,6 +221,9 @@ pub struct VaultKmsConfig {
     pub mount: String,
     /// Rewraps sent in one batch_input request.
     pub batch: usize,
+    /// The transit keys are derived keys: send the instance id as `context`,
+    /// binding each DEK to its instance.
+    pub derived: bool,
     pub limits: RemoteLimits,
 }
 
@@ -228,6 +234,7 @@ impl Default for VaultKmsConfig {
             token_file: PathBuf::new(),
             mount: "transit".into(),
             batch: 64,
+            derived: false,
             limits: RemoteLimits::default(),
         }
     }

@@ -21,7 +21,8 @@ use crate::kms::cache::DekCache;
 use crate::kms::aws::AwsKms;
 use crate::kms::governor::{Governed, Limits};
 use crate::kms::local::LocalKms;
-use crate::kms::router::KmsRouter;
+use crate::kms::vault::VaultKms;
+use crate::kms::router::{KmsRouter, Route};
 use crate::kms::{Kms, KmsError};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
@@ -186,8 +187,17 @@ fn build_router(config: &Config, local: Arc<LocalKms>) -> Result<KmsRouter, KmsE
         let c = &config.kms.aws;
         providers.insert("aws", Arc::new(Governed::new(AwsKms::new(c)?, limits(&c.limits))));
     }
+    if config.uses("vault") {
+        let c = &config.kms.vault;
+        providers.insert("vault", Arc::new(Governed::new(VaultKms::new(c)?, limits(&c.limits))));
+    }
     let pick = |name: &str| providers.get(name).cloned().ok_or_else(|| KmsError::Setup(format!("kms provider {name} is not configured")));
-    let routes = config.kms.routes.iter().map(|r| Ok((r.prefix.clone(), pick(&r.provider)?))).collect::<Result<Vec<_>, KmsError>>()?;
+    let routes = config
+        .kms
+        .routes
+        .iter()
+        .map(|r| Ok(Route { prefix: r.prefix.clone(), strip: r.strip_prefix, kms: pick(&r.provider)? }))
+        .collect::<Result<Vec<_>, KmsError>>()?;
     Ok(KmsRouter::new(routes, pick(&config.kms.default)?))
 }
 

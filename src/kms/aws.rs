@@ -90,10 +90,18 @@ fn map_error(status: u16, kind: &str, message: &str, action: &str, key_id: &str)
         "DisabledException" => KmsError::KeyDisabled(key_id.to_string()),
         "KMSInvalidStateException" => KmsError::KeyDeleted(key_id.to_string()),
         "InvalidCiphertextException" | "IncorrectKeyException" => KmsError::Integrity(key_id.to_string()),
-        "AccessDeniedException" | "UnrecognizedClientException" | "InvalidSignatureException" | "ExpiredTokenException" => KmsError::Refused(format!(
+        "AccessDeniedException"
+        | "UnrecognizedClientException"
+        | "InvalidSignatureException"
+        | "ExpiredTokenException"
+        | "InvalidClientTokenId"
+        | "MissingAuthenticationToken"
+        | "IncompleteSignature" => KmsError::Refused(format!(
             "{what}; check the AWS credentials (AWS_ACCESS_KEY_ID or kms.aws.profile) and the key policy"
         )),
-        "DependencyTimeoutException" | "KMSInternalException" | "KeyUnavailableException" => KmsError::Unavailable(what),
+        "DependencyTimeoutException" | "KMSInternalException" | "KeyUnavailableException" | "ServiceUnavailable" | "InternalFailure" => {
+            KmsError::Unavailable(what)
+        }
         _ if status == 429 => KmsError::Throttled(what),
         _ if status >= 500 => KmsError::Unavailable(what),
         _ => KmsError::Refused(what),

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod governor;
 pub mod local;
 pub mod router;
+pub mod vault;
 
 use std::fmt;
 

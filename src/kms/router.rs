@@ -7,23 +7,35 @@ use super::governor::GovernorState;
 use super::{Dek, Kms, KmsError, KmsKeyState};
 use crate::engine::WrappedDek;
 
+pub struct Route {
+    pub prefix: String,
+    /// Hand the provider the key id without the prefix (a Vault key name).
+    pub strip: bool,
+    pub kms: Arc<dyn Kms>,
+}
+
 pub struct KmsRouter {
-    routes: Vec<(String, Arc<dyn Kms>)>,
+    routes: Vec<Route>,
     default: Arc<dyn Kms>,
 }
 
 impl KmsRouter {
-    pub fn new(routes: Vec<(String, Arc<dyn Kms>)>, default: Arc<dyn Kms>) -> KmsRouter {
+    pub fn new(routes: Vec<Route>, default: Arc<dyn Kms>) -> KmsRouter {
         KmsRouter { routes, default }
     }
 
-    pub fn for_key(&self, key_id: &str) -> &Arc<dyn Kms> {
-        self.routes.iter().find(|(prefix, _)| key_id.starts_with(prefix.as_str())).map(|(_, k)| k).unwrap_or(&self.default)
+    /// The provider for a key, and the id that provider knows it by.
+    pub fn for_key<'a>(&'a self, key_id: &'a str) -> (&'a Arc<dyn Kms>, &'a str) {
+        match self.routes.iter().find(|r| key_id.starts_with(r.prefix.as_str())) {
+            Some(r) if r.strip => (&r.kms, &key_id[r.prefix.len()..]),
+            Some(r) => (&r.kms, key_id),
+            None => (&self.default, key_id),
+        }
     }
 
     /// Which provider serves the key, and its limits and breaker, for `GET /v1/keys`.
     pub fn describe(&self, key_id: &str) -> (&'static str, Option<GovernorState>) {
-        let k = self.for_key(key_id);
+        let (k, _) = self.for_key(key_id);
         (k.provider(), k.health())
     }
 }
@@ -34,15 +46,19 @@ impl Kms for KmsRouter {
         "router"
     }
     async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
-        self.for_key(key_id).wrap(key_id, dek, aad, label).await
+        let (k, id) = self.for_key(key_id);
+        k.wrap(id, dek, aad, label).await
     }
     async fn unwrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError> {
-        self.for_key(key_id).unwrap(key_id, wrapped, aad).await
+        let (k, id) = self.for_key(key_id);
+        k.unwrap(id, wrapped, aad).await
     }
     async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
-        self.for_key(key_id).rewrap(key_id, wrapped, aad, label).await
+        let (k, id) = self.for_key(key_id);
+        k.rewrap(id, wrapped, aad, label).await
     }
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
-        self.for_key(key_id).key_state(key_id).await
+        let (k, id) = self.for_key(key_id);
+        k.key_state(id).await
     }
 }
