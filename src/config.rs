@@ -140,6 +140,7 @@ pub struct KmsConfig {
     pub local: LocalKmsConfig,
     pub aws: AwsKmsConfig,
     pub vault: VaultKmsConfig,
+    pub keyprotect: KeyProtectConfig,
 }
 
 impl Default for KmsConfig {
@@ -150,6 +151,7 @@ impl Default for KmsConfig {
             local: LocalKmsConfig::default(),
             aws: AwsKmsConfig::default(),
             vault: VaultKmsConfig::default(),
+            keyprotect: KeyProtectConfig::default(),
         }
     }
 }
@@ -164,7 +166,37 @@ pub struct KmsRoute {
     pub strip_prefix: bool,
 }
 
-pub const PROVIDERS: [&str; 3] = ["local", "aws", "vault"];
+pub const PROVIDERS: [&str; 4] = ["local", "aws", "vault", "keyprotect"];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyProtectConfig {
+    /// Regional endpoint, https://<region>.kms.cloud.ibm.com.
+    pub endpoint: String,
+    /// IBM Cloud IAM, where the API key is exchanged for tokens.
+    pub iam_endpoint: String,
+    /// Key Protect instance GUID (bluemix-instance) for keys given by bare id;
+    /// a key given by CRN carries its own.
+    pub instance_id: String,
+    /// File holding the IBM Cloud API key of keywarden's service ID.
+    pub api_key_file: PathBuf,
+    /// Key ring (x-kms-key-ring); empty searches all rings.
+    pub key_ring: String,
+    pub limits: RemoteLimits,
+}
+
+impl Default for KeyProtectConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "https://us-south.kms.cloud.ibm.com".into(),
+            iam_endpoint: "https://iam.cloud.ibm.com".into(),
+            instance_id: String::new(),
+            api_key_file: PathBuf::new(),
+            key_ring: String::new(),
+            limits: RemoteLimits::default(),
+        }
+    }
+}
 
 /// How hard keywarden may press on a remote KMS.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -386,7 +418,7 @@ impl Config {
         }
         for (field, name) in std::iter::once(("kms.default", &self.kms.default)).chain(self.kms.routes.iter().map(|r| ("kms.routes.provider", &r.provider))) {
             if !PROVIDERS.contains(&name.as_str()) {
-                return Err(invalid(field, name, "one of local, aws, vault"));
+                return Err(invalid(field, name, "one of local, aws, vault, keyprotect"));
             }
         }
         if self.kms.routes.iter().any(|r| r.prefix.is_empty()) {
@@ -398,7 +430,14 @@ impl Config {
         if !(1..=1000).contains(&self.kms.vault.batch) {
             return Err(invalid("kms.vault.batch", &self.kms.vault.batch, "a whole number from 1 to 1000"));
         }
-        for (field, l) in [("kms.aws.limits", &self.kms.aws.limits), ("kms.vault.limits", &self.kms.vault.limits)] {
+        if self.uses("keyprotect") && self.kms.keyprotect.api_key_file.as_os_str().is_empty() {
+            return Err(invalid("kms.keyprotect.api_key_file", &"", "the path of a file holding an IBM Cloud API key"));
+        }
+        for (field, l) in [
+            ("kms.aws.limits", &self.kms.aws.limits),
+            ("kms.vault.limits", &self.kms.vault.limits),
+            ("kms.keyprotect.limits", &self.kms.keyprotect.limits),
+        ] {
             if !(l.rate_limit >= 0.0 && l.rate_limit.is_finite()) || l.max_concurrency == 0 || l.timeout.0.is_zero() || l.breaker_threshold == 0 {
                 return Err(invalid(field, &format!("{l:?}"), "rate_limit >= 0, max_concurrency >= 1, timeout > 0, breaker_threshold >= 1"));
             }

@@ -20,6 +20,7 @@ use crate::intake::{Health, Intake, IntakeError};
 use crate::kms::cache::DekCache;
 use crate::kms::aws::AwsKms;
 use crate::kms::governor::{Governed, Limits};
+use crate::kms::keyprotect::KeyProtect;
 use crate::kms::local::LocalKms;
 use crate::kms::vault::VaultKms;
 use crate::kms::router::{KmsRouter, Route};
@@ -186,6 +187,10 @@ fn build_router(config: &Config, local: Arc<LocalKms>) -> Result<KmsRouter, KmsE
     if config.uses("aws") {
         let c = &config.kms.aws;
         providers.insert("aws", Arc::new(Governed::new(AwsKms::new(c)?, limits(&c.limits))));
+    }
+    if config.uses("keyprotect") {
+        let c = &config.kms.keyprotect;
+        providers.insert("keyprotect", Arc::new(Governed::new(KeyProtect::new(c)?, limits(&c.limits))));
     }
     if config.uses("vault") {
         let c = &config.kms.vault;

@@ -85,6 +85,19 @@ impl Rotator {
         if !self.current(job) {
             return Ok(Pass::Interrupted);
         }
+        // Adopters rewrap only when the KMS itself reports the key active (Key
+        // Protect's rule); an unreachable KMS means: try again later.
+        match self.kms.key_state(&job.key_id).await {
+            Ok(state) if state.status != KeyStatus::Active => {
+                tracing::info!(key_id = %job.key_id, state = ?state.status, "kms reports the key not active; rotation waits");
+                return Ok(Pass::Interrupted);
+            }
+            Err(e) if e.retryable() => {
+                tracing::warn!(key_id = %job.key_id, error = %e, "cannot read the key state; rotation waits");
+                return Ok(Pass::Interrupted);
+            }
+            _ => {}
+        }
         let todo: Vec<String> = self
             .store
             .instance_ids_of(&job.key_id)

@@ -4,6 +4,7 @@
 pub mod aws;
 pub mod cache;
 pub mod governor;
+pub mod keyprotect;
 pub mod local;
 pub mod router;
 pub mod vault;
