@@ -290,6 +290,11 @@ impl Default for LocalKmsConfig {
 pub struct PolicyConfig {
     /// How long a deleted key's wrapped DEKs are kept so that a restore can bring data back.
     pub purge_after: HumanDuration,
+    /// How long plaintext unwrapped by the KMS may be served from memory; past
+    /// that the KMS is asked again, and an unreachable KMS means refusal.
+    pub max_dek_cache_age: HumanDuration,
+    /// Cached plaintext DEKs at most.
+    pub dek_cache_size: usize,
     /// Cron expression (with seconds) for the purge sweep.
     pub purge_schedule: String,
 }
@@ -298,6 +303,8 @@ impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             purge_after: HumanDuration(Duration::from_secs(30 * 24 * 3600)),
+            max_dek_cache_age: HumanDuration(Duration::from_secs(4 * 3600)),
+            dek_cache_size: 100_000,
             purge_schedule: "0 * * * * *".into(),
         }
     }
@@ -447,6 +454,12 @@ impl Config {
         }
         if self.policy.purge_after.0.is_zero() {
             return Err(invalid("policy.purge_after", &"0s", "a positive duration such as \"30d\""));
+        }
+        if self.policy.max_dek_cache_age.0.is_zero() {
+            return Err(invalid("policy.max_dek_cache_age", &"0s", "a positive duration such as \"4h\""));
+        }
+        if !(1..=10_000_000).contains(&self.policy.dek_cache_size) {
+            return Err(invalid("policy.dek_cache_size", &self.policy.dek_cache_size, "a whole number from 1 to 10000000"));
         }
         if cron::Schedule::from_str(&self.policy.purge_schedule).is_err() {
             return Err(invalid(

@@ -82,7 +82,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
     }
 
     let metrics = Arc::new(Metrics::new());
-    let cache = Arc::new(DekCache::default());
+    let cache = Arc::new(DekCache::new(config.policy.max_dek_cache_age.0, config.policy.dek_cache_size));
     let relay_notify = Arc::new(Notify::new());
     let rotation_notify = Arc::new(Notify::new());
     let on_commit = {
