@@ -182,6 +182,11 @@ pub struct KeyProtectConfig {
     pub api_key_file: PathBuf,
     /// Key ring (x-kms-key-ring); empty searches all rings.
     pub key_ring: String,
+    /// Registrations ask Key Protect to refuse deleting a key that still protects instances.
+    pub prevent_key_deletion: bool,
+    /// Prepended to an instance id to form the resource CRN of its registration
+    /// (empty when instance ids are CRNs already).
+    pub resource_crn_prefix: String,
     pub limits: RemoteLimits,
 }
 
@@ -193,6 +198,8 @@ impl Default for KeyProtectConfig {
             instance_id: String::new(),
             api_key_file: PathBuf::new(),
             key_ring: String::new(),
+            prevent_key_deletion: false,
+            resource_crn_prefix: String::new(),
             limits: RemoteLimits::default(),
         }
     }

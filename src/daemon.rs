@@ -103,7 +103,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
                 }
             }
             if wake_relay {
-                relay.notify_one();
+                relay.notify_waiters();
             }
             if wake_rotation {
                 rotation.notify_one();
@@ -115,7 +115,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
 
     let health = Arc::new(Health::default());
     let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone())?;
-    let relay = Relay::new(store.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone())?;
+    let relay = Relay::new(store.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone())?;
     let rotator = Rotator {
         store: store.clone(),
         kms: kms.clone(),

@@ -41,6 +41,10 @@ struct KeyProtect {
     throttle_next: AtomicUsize,
     fail_next: AtomicUsize,
     rewraps: AtomicUsize,
+    /// (key id, resource CRN) -> registered key version, if updated
+    registrations: Mutex<HashMap<(String, String), Option<String>>>,
+    acks: Mutex<Vec<Value>>,
+    last_sync: Mutex<Option<Instant>>,
 }
 
 type S = State<Arc<KeyProtect>>;
@@ -94,6 +98,16 @@ fn seal(material: &[u8; 32], plain: &[u8], aad: &str) -> Vec<u8> {
 async fn action(State(kp): S, headers: HeaderMap, Path((id, action)): Path<(String, String)>, body: axum::body::Bytes) -> Response {
     if let Some(r) = check(&kp, &headers) {
         return r;
+    }
+    // https://cloud.ibm.com/docs/key-protect?topic=key-protect-sync-associated-resources:
+    // 204, or 409 within an hour of the last notification.
+    if action == "sync" {
+        let mut last = kp.last_sync.lock().unwrap();
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
+            return kp_error(StatusCode::CONFLICT, "REQ_TOO_EARLY_ERR", "Conflict: The key was updated recently: Please wait and try again");
+        }
+        *last = Some(Instant::now());
+        return StatusCode::NO_CONTENT.into_response();
     }
     if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/vnd.ibm.kms.key_action+json") {
         return kp_error(StatusCode::BAD_REQUEST, "BAD_BODY_ERR", "Bad Request: content-type must be application/vnd.ibm.kms.key_action+json");
@@ -158,9 +172,62 @@ async fn metadata(State(kp): S, headers: HeaderMap, Path(id): Path<String>) -> R
     .into_response()
 }
 
+/// Registrations: POST creates, PATCH updates the key version, DELETE removes
+/// (https://cloud.ibm.com/apidocs/key-protect#createregistration and siblings).
+async fn registration(
+    State(kp): S,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    Path((id, crn)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Some(r) = check(&kp, &headers) {
+        return r;
+    }
+    let state = kp.keys.lock().unwrap().get(&id).map(|k| k.state);
+    let Some(state) = state else { return kp_error(StatusCode::NOT_FOUND, "KEY_NOT_FOUND_ERR", "Not Found: Key could not be retrieved") };
+    let mut regs = kp.registrations.lock().unwrap();
+    let entry = (id.clone(), crn.clone());
+    let b: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let input_ok = b["metadata"]["collectionType"] == "application/vnd.ibm.kms.registration_input+json";
+    match method.as_str() {
+        "POST" | "PATCH" if !input_ok => kp_error(StatusCode::BAD_REQUEST, "BAD_BODY_ERR", "Bad Request: registration_input collection expected"),
+        "POST" | "PATCH" if state != 1 => kp_error(StatusCode::UNPROCESSABLE_ENTITY, "KEY_INVALID_STATE_ERR", "Unprocessable: key is not active"),
+        "POST" => {
+            regs.insert(entry, None);
+            (StatusCode::CREATED, Json(json!({"resources": [{"keyId": id, "resourceCrn": crn}]}))).into_response()
+        }
+        "PATCH" if regs.contains_key(&entry) => {
+            regs.insert(entry, b["resources"][0]["keyVersionId"].as_str().map(str::to_owned));
+            Json(json!({"resources": [{"keyId": id, "resourceCrn": crn}]})).into_response()
+        }
+        "DELETE" if regs.remove(&entry).is_some() => StatusCode::NO_CONTENT.into_response(),
+        _ => kp_error(StatusCode::NOT_FOUND, "NOT_FOUND_ERR", "Not Found: registration"),
+    }
+}
+
+async fn event_ack(State(kp): S, headers: HeaderMap, Json(b): Json<Value>) -> Response {
+    if let Some(r) = check(&kp, &headers) {
+        return r;
+    }
+    let r = &b["resources"][0];
+    if b["metadata"]["collectionType"] != "application/vnd.ibm.kms.event_acknowledge+json"
+        || r["eventId"].as_str().is_none()
+        || r["adopterKeyState"].as_str().is_none()
+        || r["timestamp"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).is_none()
+        || (r["adopterKeyState"] == "DEK_ENABLED" && r["keyStateData"]["rewrappedKeyVersion"].as_str().is_none())
+    {
+        return kp_error(StatusCode::BAD_REQUEST, "BAD_BODY_ERR", "Bad Request: eventId, adopterKeyState, timestamp and, for DEK_ENABLED, keyStateData are required");
+    }
+    kp.acks.lock().unwrap().push(r.clone());
+    StatusCode::NO_CONTENT.into_response()
+}
+
 fn start(rt: &tokio::runtime::Runtime, kp: Arc<KeyProtect>) -> String {
     let app = Router::new()
         .route("/identity/token", post(token))
+        .route("/api/v2/keys/{id}/registrations/{crn}", post(registration).patch(registration).delete(registration))
+        .route("/api/v2/event_ack", post(event_ack))
         .route("/api/v2/keys/{id}/actions/{action}", post(action))
         .route("/api/v2/keys/{id}/metadata", get(metadata))
         .with_state(kp);
@@ -242,6 +309,12 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     assert_eq!(kp.rewraps.load(Ordering::SeqCst), before, "no rewrap against a suspended key");
     set_state(&kp, key, 1);
     d.wait_rotated(&enc, &v3);
+    // Registrations follow the instances and their key versions (updates need an
+    // active key, so this is checked before the key is suspended again).
+    wait_until("registrations updated to the newest version", Duration::from_secs(30), || {
+        let regs = kp.registrations.lock().unwrap();
+        (regs.len() == ids.len() && regs.values().all(|v| v.as_deref() == Some(v3.as_str()))).then_some(())
+    });
 
     // Disable, enable, delete and restore, with the KMS's state following the customer.
     set_state(&kp, key, 2);
@@ -260,6 +333,25 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     produce(&p, "key-lifecycle", Some(&crn), &event("kp-6", "restore", &crn, None, "2030-01-01T00:00:06Z"));
     d.wait_state("kp-1", "active");
     assert_eq!(d.dek("kp-1").1["dek"].as_str().unwrap(), deks[1]);
+
+    // Registrations follow the instances and their key versions; every event was
+    // acknowledged with the adopter's state; sync obeys the hourly cooldown.
+    let (s, _) = d.delete("/v1/instances/kp-29");
+    assert_eq!(s, 204);
+    wait_until("the deleted instance deregistered", Duration::from_secs(30), || (kp.registrations.lock().unwrap().len() == ids.len() - 1).then_some(()));
+    let ack_of = |id: &str| wait_until(&format!("ack of {id}"), Duration::from_secs(30), || kp.acks.lock().unwrap().iter().find(|a| a["eventId"] == id).cloned());
+    let rotated = ack_of("kp-1");
+    assert_eq!(rotated["adopterKeyState"], "DEK_ENABLED");
+    assert_eq!(rotated["keyStateData"]["rewrappedKeyVersion"], v2.as_str(), "{rotated}");
+    assert_eq!(ack_of("kp-3")["adopterKeyState"], "DEK_DISABLED");
+    assert_eq!(ack_of("kp-4")["adopterKeyState"], "DEK_ENABLED");
+    assert_eq!(ack_of("kp-5")["adopterKeyState"], "DEK_DELETED");
+    assert_eq!(ack_of("kp-6")["adopterKeyState"], "DEK_ENABLED");
+    let (s, v) = d.post(&format!("/v1/keys/{enc}/sync"), None);
+    assert_eq!(s, 202, "{v}");
+    let (s, v) = d.post(&format!("/v1/keys/{enc}/sync"), None);
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("once an hour"), "{v}");
 
     // Errors name the provider and what to check.
     let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "kp-x", "key_id": format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:missing")})));

@@ -160,17 +160,21 @@ async fn operate_key(State(s): State<AppState>, Path((key_id, action)): Path<(St
         "delete" => EventType::Delete,
         "restore" => EventType::Restore,
         "retry" => return retry_failed(&s, &key_id).await,
+        "sync" => {
+            s.kms.sync(&key_id).await?;
+            return Ok((StatusCode::ACCEPTED, Json(json!({"key_id": key_id, "type": "sync", "detail": "the kms will re-send the key's last event"}))).into_response());
+        }
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("{other:?} is not a key action; use rotate, disable, enable, delete, restore or retry"),
+                format!("{other:?} is not a key action; use rotate, disable, enable, delete, restore, retry or sync"),
             ))
         }
     };
     let local = s.local.clone();
     let id = key_id.clone();
     let emitted = blocking(move || local.operate(&id, kind)).await?;
-    s.relay.notify_one();
+    s.relay.notify_waiters();
     let e = emitted.event;
     Ok((
         StatusCode::ACCEPTED,

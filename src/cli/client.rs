@@ -20,6 +20,7 @@ pub fn run(base: &str, output: Output, command: Command) -> anyhow::Result<ExitC
             KeyCommand::Delete { key_id } => (Method::POST, format!("/v1/keys/{}/delete", enc(&key_id)), None),
             KeyCommand::Restore { key_id } => (Method::POST, format!("/v1/keys/{}/restore", enc(&key_id)), None),
             KeyCommand::Retry { key_id } => (Method::POST, format!("/v1/keys/{}/retry", enc(&key_id)), None),
+            KeyCommand::Sync { key_id } => (Method::POST, format!("/v1/keys/{}/sync", enc(&key_id)), None),
         },
         Command::Instance(i) => match i {
             InstanceCommand::Create { instance_id, key } => {

@@ -68,6 +68,8 @@ pub enum KeyCommand {
     Restore { key_id: String },
     /// Retry the rewrap of instances whose rotation failed.
     Retry { key_id: String },
+    /// Ask the key's KMS to re-send its last lifecycle event (Key Protect).
+    Sync { key_id: String },
 }
 
 #[derive(Subcommand, Debug)]

@@ -51,6 +51,10 @@ pub struct Decision {
     pub reply: Reply,
 }
 
+fn notice(key_id: &str, notice: Notice) -> Effect {
+    Effect::KmsNotice { key_id: key_id.to_string(), notice }
+}
+
 fn decision(records: Vec<Record>, reply: Reply) -> Decision {
     Decision { records, reply }
 }
@@ -99,6 +103,10 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 destroyed_reason: None,
                 rewrap_error: None,
             };
+            records.push(Record::Outbox(notice(&inst.key_id, Notice::Registered {
+                instance_id: inst.instance_id.clone(),
+                key_version: inst.key_version.clone(),
+            })));
             records.push(Record::Instance(inst.clone()));
             decision(records, Reply::Created(Box::new(inst)))
         }
@@ -121,7 +129,8 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 cause_event_id: request_id,
                 issued_at: at,
             };
-            decision(vec![Record::Instance(inst), Record::Outbox(effect)], Reply::Done)
+            let deregister = notice(&inst.key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() });
+            decision(vec![Record::Instance(inst), Record::Outbox(effect), Record::Outbox(deregister)], Reply::Done)
         }
         Input::JobPlanned { key_id, target_version, total } => match view.job(&key_id) {
             Some(mut job) if job.target_version == target_version && job.total.is_none() => {
@@ -156,10 +165,11 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 instance_id: inst.instance_id.clone(),
                 key_id: inst.key_id.clone(),
                 action: CommandAction::Rewrapped,
-                key_version: Some(version),
+                key_version: Some(version.clone()),
                 cause_event_id: cause,
                 issued_at: at,
             }));
+            records.push(Record::Outbox(notice(&inst.key_id, Notice::Rewrapped { instance_id: inst.instance_id.clone(), key_version: version })));
             records.push(Record::Instance(inst));
             decision(records, Reply::Done)
         }
@@ -184,7 +194,14 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
         Input::JobFinished { key_id, target_version, at } => match view.job(&key_id) {
             Some(mut job) if job.target_version == target_version && job.finished_at.is_none() => {
                 job.finished_at = Some(at);
-                decision(vec![Record::Job(job)], Reply::Done)
+                // A rotation is acknowledged once every DEK is rewrapped.
+                let ack = notice(&key_id, Notice::Acknowledge {
+                    event_id: job.cause_event_id.clone(),
+                    state: AdopterState::Enabled,
+                    key_version: Some(target_version),
+                    at,
+                });
+                decision(vec![Record::Job(job), Record::Outbox(ack)], Reply::Done)
             }
             _ => decision(vec![], Reply::Done),
         },
@@ -211,6 +228,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                     inst.destroyed_at = Some(at);
                     inst.destroyed_reason = Some(reason.clone());
                     inst.updated_at = at;
+                    records.push(Record::Outbox(notice(&key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() })));
                     records.push(Record::Instance(inst));
                 }
             }
@@ -248,6 +266,22 @@ fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>) -> D
     }
     // The key is recorded even when nothing else changed, so that an instance
     // created later under this key starts in the state the events imply.
+    if outcome == Outcome::Applied {
+        let state = match (event.kind, key.status) {
+            (EventType::Rotate, _) => None, // acknowledged when the rotation finishes
+            (_, KeyStatus::Active) => Some(AdopterState::Enabled),
+            (_, KeyStatus::Disabled) => Some(AdopterState::Disabled),
+            (_, KeyStatus::Deleted) => Some(AdopterState::Deleted),
+        };
+        if let Some(state) = state {
+            records.push(Record::Outbox(notice(&event.key_id, Notice::Acknowledge {
+                event_id: event.event_id.clone(),
+                state,
+                key_version: key.version.clone(),
+                at,
+            })));
+        }
+    }
     if outcome != Outcome::Stale || view.key(&event.key_id).is_none() {
         records.push(Record::Key(key));
     }

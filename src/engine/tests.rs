@@ -8,6 +8,7 @@ struct Mem {
     events: HashSet<String>,
     jobs: HashMap<String, RotationJob>,
     outbox: Vec<Effect>,
+    notices: Vec<Notice>,
 }
 
 impl View for Mem {
@@ -45,6 +46,7 @@ impl Mem {
                 Record::Job(j) => {
                     self.jobs.insert(j.key_id.clone(), j);
                 }
+                Record::Outbox(Effect::KmsNotice { notice, .. }) => self.notices.push(notice),
                 Record::Outbox(e) => self.outbox.push(e),
                 Record::Offset { .. } => {}
             }
@@ -102,6 +104,38 @@ fn disable_revokes_every_instance_with_one_key_wide_command() {
     assert_eq!(m.state("a"), InstanceState::Revoked);
     assert_eq!(m.state("b"), InstanceState::Revoked);
     assert!(matches!(&m.outbox[..], [Effect::KeyCommands { action: CommandAction::Revoke, .. }]));
+}
+
+#[test]
+fn the_kms_is_told_of_registrations_rewraps_and_handled_events() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("d", EventType::Disable, "k", 10));
+    m.run(ev("e", EventType::Enable, "k", 20));
+    m.run(ev("r", EventType::Rotate, "k", 30));
+    m.run(Input::Rewrapped {
+        instance_id: "a".into(),
+        from_version: "1".into(),
+        wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
+        at: t(31),
+    });
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), at: t(32) });
+    m.run(Input::DeleteInstance { instance_id: "a".into(), request_id: "req".into(), at: t(40) });
+    let kinds: Vec<String> = m
+        .notices
+        .iter()
+        .map(|n| match n {
+            Notice::Registered { .. } => "registered".to_string(),
+            Notice::Rewrapped { key_version, .. } => format!("rewrapped {key_version}"),
+            Notice::Deregistered { .. } => "deregistered".to_string(),
+            Notice::Acknowledge { event_id, state, key_version, .. } => format!("ack {event_id} {state:?} {}", key_version.as_deref().unwrap_or("-")),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["registered", "ack d Disabled 1", "ack e Enabled 1", "rewrapped v-r", "ack r Enabled v-r", "deregistered"],
+        "a rotation is acknowledged only when it finished"
+    );
 }
 
 #[test]

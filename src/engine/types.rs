@@ -232,6 +232,31 @@ pub enum Effect {
     },
     /// A lifecycle event emitted by the embedded KMS, as a real KMS would.
     LifecycleEvent { key_id: String, payload: String },
+    /// Something the key's KMS wants to be told (Key Protect tracks which
+    /// resources a key protects and wants events acknowledged); providers that
+    /// do not care ignore it. Kept apart from commands, so a slow KMS never
+    /// delays a revocation reaching the data plane.
+    KmsNotice { key_id: String, notice: Notice },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "notice", rename_all = "snake_case")]
+pub enum Notice {
+    Registered { instance_id: String, key_version: String },
+    Rewrapped { instance_id: String, key_version: String },
+    Deregistered { instance_id: String },
+    Acknowledge { event_id: String, state: AdopterState, key_version: Option<String>, at: DateTime<Utc> },
+}
+
+/// The adopter's state of its DEKs, as Key Protect's event acknowledgement names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdopterState {
+    #[serde(rename = "DEK_ENABLED")]
+    Enabled,
+    #[serde(rename = "DEK_DISABLED")]
+    Disabled,
+    #[serde(rename = "DEK_DELETED")]
+    Deleted,
 }
 
 /// One state change. A batch of these, plus the partition offsets it consumed,

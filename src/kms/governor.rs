@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio::sync::Notify;
 
 use super::{Dek, Kms, KmsError, KmsKeyState};
-use crate::engine::WrappedDek;
+use crate::engine::{Notice, WrappedDek};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -172,6 +172,12 @@ impl<K: Kms> Kms for Governed<K> {
     }
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
         self.call(self.inner.key_state(key_id)).await
+    }
+    async fn notify(&self, key_id: &str, notice: &Notice) -> Result<(), KmsError> {
+        self.call(self.inner.notify(key_id, notice)).await
+    }
+    async fn sync(&self, key_id: &str) -> Result<(), KmsError> {
+        self.call(self.inner.sync(key_id)).await
     }
     fn health(&self) -> Option<GovernorState> {
         Some(self.state())

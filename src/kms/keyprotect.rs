@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 
 use super::{Dek, Kms, KmsError, KmsKeyState};
 use crate::config::KeyProtectConfig;
-use crate::engine::{KeyStatus, WrappedDek};
+use crate::engine::{AdopterState, KeyStatus, Notice, WrappedDek};
 
 const KEY_ACTION: &str = "application/vnd.ibm.kms.key_action+json";
 
@@ -30,6 +30,8 @@ pub struct KeyProtect {
     instance_id: String,
     key_ring: String,
     api_key_file: PathBuf,
+    prevent_key_deletion: bool,
+    resource_crn_prefix: String,
     token: Mutex<Option<Token>>,
 }
 
@@ -72,6 +74,8 @@ impl KeyProtect {
             instance_id: config.instance_id.clone(),
             key_ring: config.key_ring.clone(),
             api_key_file: config.api_key_file.clone(),
+            prevent_key_deletion: config.prevent_key_deletion,
+            resource_crn_prefix: config.resource_crn_prefix.clone(),
             token: Mutex::new(None),
         })
     }
@@ -118,9 +122,24 @@ impl KeyProtect {
         Ok(value)
     }
 
+    /// A call under the key: `path` follows `/api/v2/keys/{id}`.
     async fn call(&self, method: reqwest::Method, key_id: &str, path: &str, body: Option<Value>) -> Result<Value, KmsError> {
-        let (instance, key) = locate(key_id, &self.instance_id);
-        let url = format!("{}/api/v2/keys/{key}{path}", self.endpoint);
+        let (_, key) = locate(key_id, &self.instance_id);
+        self.request(method, key_id, &format!("/keys/{key}{path}"), path, body, KEY_ACTION).await
+    }
+
+    /// Any call on the key's instance: `api_path` follows `/api/v2`.
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        key_id: &str,
+        api_path: &str,
+        path: &str,
+        body: Option<Value>,
+        content_type: &str,
+    ) -> Result<Value, KmsError> {
+        let (instance, _) = locate(key_id, &self.instance_id);
+        let url = format!("{}/api/v2{api_path}", self.endpoint);
         let mut force = false;
         loop {
             let token = self.token(force).await?;
@@ -135,7 +154,7 @@ impl KeyProtect {
                 req = req.header("x-kms-key-ring", &self.key_ring);
             }
             if let Some(b) = &body {
-                req = req.header("content-type", KEY_ACTION).body(serde_json::to_vec(b).expect("json serializes"));
+                req = req.header("content-type", content_type).body(serde_json::to_vec(b).expect("json serializes"));
             }
             let resp = req.send().await.map_err(|e| KmsError::Unavailable(format!("key protect {path} for key {key_id}: {e}")))?;
             let status = resp.status().as_u16();
@@ -168,11 +187,21 @@ fn map_error(status: u16, code: &str, message: &str, path: &str, key_id: &str) -
             KmsError::KeyDisabled(key_id.to_string())
         }
         410 => KmsError::KeyDeleted(key_id.to_string()),
+        422 if code == "KEY_INVALID_STATE_ERR" => KmsError::KeyDisabled(key_id.to_string()),
         422 => KmsError::Integrity(key_id.to_string()),
         429 => KmsError::Throttled(what),
         s if s >= 500 => KmsError::Unavailable(what),
         _ => KmsError::Refused(what),
     }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn aad(aad: &[u8]) -> Value {
@@ -213,6 +242,54 @@ impl Kms for KeyProtect {
             .await?;
         let version = v["rewrappedKeyVersion"]["id"].as_str().unwrap_or_default().to_string();
         Ok(WrappedDek { key_version: version, ciphertext: field_b64(&v, "ciphertext", key_id)? })
+    }
+
+    /// Registrations tell Key Protect which resources a key protects (so that it
+    /// can warn before deletion); acknowledgements confirm an event was handled.
+    async fn notify(&self, key_id: &str, notice: &Notice) -> Result<(), KmsError> {
+        let (_, key) = locate(key_id, &self.instance_id);
+        let registration = |instance_id: &str| {
+            let crn = format!("{}{instance_id}", self.resource_crn_prefix);
+            format!("/keys/{key}/registrations/{}", urlencode(&crn))
+        };
+        let input = |resource: Value| {
+            json!({"metadata": {"collectionType": "application/vnd.ibm.kms.registration_input+json", "collectionTotal": 1}, "resources": [resource]})
+        };
+        let result = match notice {
+            Notice::Registered { instance_id, .. } => {
+                let body = input(json!({"description": format!("keywarden instance {instance_id}"), "preventKeyDeletion": self.prevent_key_deletion}));
+                self.request(reqwest::Method::POST, key_id, &registration(instance_id), "registrations", Some(body), "application/json").await
+            }
+            Notice::Rewrapped { instance_id, key_version } => {
+                let body = input(json!({"keyVersionId": key_version}));
+                self.request(reqwest::Method::PATCH, key_id, &registration(instance_id), "registrations", Some(body), "application/json").await
+            }
+            Notice::Deregistered { instance_id } => {
+                match self.request(reqwest::Method::DELETE, key_id, &registration(instance_id), "registrations", None, "application/json").await {
+                    // Already gone (the key was purged, or a retry after a crash).
+                    Err(KmsError::UnknownKey(_)) => Ok(Value::Null),
+                    other => other,
+                }
+            }
+            Notice::Acknowledge { event_id, state, key_version, at } => {
+                let mut resource = json!({"eventId": event_id, "adopterKeyState": state, "timestamp": at.to_rfc3339()});
+                if let (AdopterState::Enabled, Some(v)) = (state, key_version) {
+                    resource["keyStateData"] = json!({"rewrappedKeyVersion": v});
+                }
+                let body = json!({"metadata": {"collectionType": "application/vnd.ibm.kms.event_acknowledge+json", "collectionTotal": 1}, "resources": [resource]});
+                self.request(reqwest::Method::POST, key_id, "/event_ack", "event_ack", Some(body), "application/json").await
+            }
+        };
+        result.map(|_| ())
+    }
+
+    async fn sync(&self, key_id: &str) -> Result<(), KmsError> {
+        match self.call(reqwest::Method::POST, key_id, "/actions/sync", None).await {
+            Err(KmsError::Refused(m)) if m.contains(" 409 ") => Err(KmsError::Conflict(format!(
+                "key protect notified the services of key {key_id} less than an hour ago; sync is allowed once an hour, try again later"
+            ))),
+            other => other.map(|_| ()),
+        }
     }
 
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {

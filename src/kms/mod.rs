@@ -15,7 +15,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::engine::{KeyStatus, WrappedDek};
+use crate::engine::{KeyStatus, Notice, WrappedDek};
 use crate::store::StoreError;
 
 /// A plaintext data-encryption key. Zeroed on drop; never printed.
@@ -111,6 +111,15 @@ pub trait Kms: Send + Sync {
     /// `label` is the version the rotation moves to, with the same use as in `wrap`.
     async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError>;
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError>;
+    /// Tells the KMS what it asked to be told (registrations, acknowledgements).
+    /// Most providers do not care.
+    async fn notify(&self, _key_id: &str, _notice: &Notice) -> Result<(), KmsError> {
+        Ok(())
+    }
+    /// Asks the KMS to re-send the key's last lifecycle event.
+    async fn sync(&self, key_id: &str) -> Result<(), KmsError> {
+        Err(KmsError::Conflict(format!("the {} kms has no sync; key {key_id} cannot be synced", self.provider())))
+    }
     /// Limits and breaker state, for providers behind a governor.
     fn health(&self) -> Option<governor::GovernorState> {
         None

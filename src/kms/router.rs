@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::governor::GovernorState;
 use super::{Dek, Kms, KmsError, KmsKeyState};
-use crate::engine::WrappedDek;
+use crate::engine::{Notice, WrappedDek};
 
 pub struct Route {
     pub prefix: String,
@@ -60,5 +60,13 @@ impl Kms for KmsRouter {
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
         let (k, id) = self.for_key(key_id);
         k.key_state(id).await
+    }
+    async fn notify(&self, key_id: &str, notice: &Notice) -> Result<(), KmsError> {
+        let (k, id) = self.for_key(key_id);
+        k.notify(id, notice).await
+    }
+    async fn sync(&self, key_id: &str) -> Result<(), KmsError> {
+        let (k, id) = self.for_key(key_id);
+        k.sync(id).await
     }
 }

@@ -32,6 +32,8 @@ const INDEX: &[u8] = b"x/";
 const EVENT: &[u8] = b"e/";
 const JOB: &[u8] = b"j/";
 const OUTBOX: &[u8] = b"o/";
+/// KMS notices wait in their own queue: a slow KMS must not hold up commands.
+const NOTICES: &[u8] = b"n/";
 const OFFSET: &[u8] = b"p/";
 const KMS: &[u8] = b"m/";
 
@@ -110,7 +112,8 @@ impl Store {
                 Record::Outbox(effect) => {
                     // generate_id is monotonic across restarts, so the outbox keeps commit order.
                     let id = self.db.generate_id()?;
-                    let mut key = OUTBOX.to_vec();
+                    let prefix = if matches!(effect, Effect::KmsNotice { .. }) { NOTICES } else { OUTBOX };
+                    let mut key = prefix.to_vec();
                     key.extend_from_slice(&id.to_be_bytes());
                     batch.insert(key, encode(effect));
                 }
@@ -167,12 +170,21 @@ impl Store {
 
     /// The oldest `limit` effects waiting to be published, with their ids.
     pub fn outbox(&self, limit: usize) -> Vec<(u64, Effect)> {
+        self.queue(OUTBOX, limit)
+    }
+
+    /// The oldest `limit` notices waiting for their KMS, with their ids.
+    pub fn notices(&self, limit: usize) -> Vec<(u64, Effect)> {
+        self.queue(NOTICES, limit)
+    }
+
+    fn queue(&self, prefix: &[u8], limit: usize) -> Vec<(u64, Effect)> {
         self.tree
-            .scan_prefix(OUTBOX)
+            .scan_prefix(prefix)
             .take(limit)
             .map(|kv| {
                 let (key, value) = kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk"));
-                let id = u64::from_be_bytes(key[OUTBOX.len()..].try_into().expect("outbox id is 8 bytes"));
+                let id = u64::from_be_bytes(key[prefix.len()..].try_into().expect("queue id is 8 bytes"));
                 (id, decode(&value))
             })
             .collect()
@@ -185,9 +197,17 @@ impl Store {
     /// Not flushed: an effect published twice after a crash is deduplicated by its
     /// stable id downstream, and one flush per relay round is enough.
     pub fn outbox_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
+        self.queue_remove(OUTBOX, ids)
+    }
+
+    pub fn notices_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
+        self.queue_remove(NOTICES, ids)
+    }
+
+    fn queue_remove(&self, prefix: &[u8], ids: &[u64]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for id in ids {
-            let mut key = OUTBOX.to_vec();
+            let mut key = prefix.to_vec();
             key.extend_from_slice(&id.to_be_bytes());
             batch.remove(key);
         }

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
 use crate::engine::{CommandAction, Effect};
+use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -72,6 +73,7 @@ impl Command {
 
 pub struct Relay {
     store: Store,
+    kms: Arc<dyn Kms>,
     producer: FutureProducer,
     kafka: KafkaConfig,
     notify: Arc<Notify>,
@@ -82,16 +84,79 @@ pub struct Relay {
 const ROUND: usize = 64;
 
 impl Relay {
-    pub fn new(store: Store, kafka: &KafkaConfig, bootstrap: &str, notify: Arc<Notify>, metrics: Arc<Metrics>) -> Result<Relay, TellError> {
+    pub fn new(
+        store: Store,
+        kms: Arc<dyn Kms>,
+        kafka: &KafkaConfig,
+        bootstrap: &str,
+        notify: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Relay, TellError> {
         let producer = crate::broker::client_config(kafka, bootstrap)
             .set("message.timeout.ms", "30000")
             .set("linger.ms", "2")
             .create()
             .map_err(TellError::Producer)?;
-        Ok(Relay { store, producer, kafka: kafka.clone(), notify, metrics })
+        Ok(Relay { store, kms, producer, kafka: kafka.clone(), notify, metrics })
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
+        tokio::join!(self.publish_loop(shutdown.clone()), self.notice_loop(shutdown));
+    }
+
+    /// Tells each key's KMS what it asked to be told, in commit order. A
+    /// transient failure waits and retries (order matters: a registration comes
+    /// before its update); a permanent one is logged and dropped, so that one
+    /// bad notice cannot stall the rest.
+    async fn notice_loop(&self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let notified = self.notify.notified();
+            let batch = self.store.notices(32);
+            if batch.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = notified => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            let mut done = Vec::new();
+            let mut stalled = false;
+            for (id, effect) in batch {
+                let Effect::KmsNotice { key_id, notice } = &effect else {
+                    done.push(id);
+                    continue;
+                };
+                match self.kms.notify(key_id, notice).await {
+                    Ok(()) => done.push(id),
+                    Err(e) if e.retryable() => {
+                        tracing::warn!(%key_id, error = %e, "kms notice failed; retrying");
+                        stalled = true;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(%key_id, error = %e, notice = ?notice, "kms refused a notice; dropping it");
+                        done.push(id);
+                    }
+                }
+            }
+            if let Err(e) = self.store.notices_remove(&done) {
+                tracing::error!(error = %e, "cannot remove delivered notices; they will be sent again");
+            }
+            if stalled {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            } else {
+                backoff = Duration::from_millis(200);
+            }
+        }
+    }
+
+    async fn publish_loop(&self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let notified = self.notify.notified();
@@ -160,6 +225,8 @@ impl Relay {
                 tracing::info!(%key_id, "lifecycle event published");
                 Ok(())
             }
+            // Stored in the notice queue, never here.
+            Effect::KmsNotice { .. } => Ok(()),
         }
     }
 
