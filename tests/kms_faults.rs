@@ -178,3 +178,122 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
     shutdown.cancel();
     worker.await.unwrap();
 }
+
+/// A KMS with a hard quota: above `per_second` requests in a one-second window it
+/// answers 429, like Key Protect or AWS do.
+struct QuotaKms {
+    inner: Arc<LocalKms>,
+    per_second: usize,
+    window: Mutex<(std::time::Instant, usize)>,
+    served: std::sync::atomic::AtomicUsize,
+    throttled: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Kms for QuotaKms {
+    fn provider(&self) -> &'static str {
+        "quota"
+    }
+    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
+        self.inner.wrap(key_id, dek, aad, label).await
+    }
+    async fn unwrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError> {
+        self.inner.unwrap(key_id, wrapped, aad).await
+    }
+    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
+        {
+            let mut w = self.window.lock().unwrap();
+            if w.0.elapsed() >= Duration::from_secs(1) {
+                *w = (std::time::Instant::now(), 0);
+            }
+            w.1 += 1;
+            if w.1 > self.per_second {
+                self.throttled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Err(KmsError::Throttled("429 Too Many Requests".into()));
+            }
+        }
+        self.served.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.rewrap(key_id, wrapped, aad, label).await
+    }
+    async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
+        self.inner.key_state(key_id).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
+    use keywarden::kms::governor::{Governed, Limits};
+    const N: usize = 100_000;
+    const QUOTA: usize = 5_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let local = Arc::new(LocalKms::open(store.clone(), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap());
+    let notify = Arc::new(Notify::new());
+    let wake = notify.clone();
+    let (writer, _thread) = Writer::start(store.clone(), Arc::new(Fence::default()), 1024, Box::new(move |_| wake.notify_one()));
+    let (key, _) = local.create_key(Some("big".into())).unwrap();
+    let setup = std::time::Instant::now();
+    let mut last = None;
+    for i in 0..N {
+        let id = format!("b-{i:06}");
+        let dek = Dek::generate();
+        let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
+        let input = Input::CreateInstance { instance_id: id, key_id: key.clone(), wrapped, fingerprint: dek.fingerprint(), at: Utc::now() };
+        last = Some(writer.enqueue(Some(input), None).await.unwrap());
+    }
+    last.unwrap().await.unwrap().unwrap();
+    println!("QUOTA: set up {N} instances in {:.1?}", setup.elapsed());
+
+    let quota = Arc::new(QuotaKms {
+        inner: local.clone(),
+        per_second: QUOTA,
+        window: Mutex::new((std::time::Instant::now(), 0)),
+        served: 0.into(),
+        throttled: 0.into(),
+    });
+    // Configured just under the quota, as an operator would.
+    let limits = Limits { rate: QUOTA as f64 * 0.95, max_concurrency: 64, breaker_threshold: 1000, breaker_cooldown: Duration::from_secs(1) };
+    let governed = Arc::new(Governed::new(quota.clone(), limits));
+    let shutdown = CancellationToken::new();
+    let rotator = Rotator {
+        store: store.clone(),
+        kms: governed.clone(),
+        writer: writer.clone(),
+        notify,
+        config: RotationConfig { concurrency: 64, batch: 512, max_attempts: 8 },
+        metrics: Arc::new(Metrics::new()),
+    };
+    let worker = tokio::spawn(rotator.run(shutdown.clone()));
+    local.operate(&key, EventType::Rotate).unwrap();
+    let started = std::time::Instant::now();
+    writer.submit(rotate_event("big-rot", &key, "2")).await.unwrap();
+    let job = wait_job_finished_within(&store, &key, "big-rot", Duration::from_secs(300)).await;
+    let took = started.elapsed();
+    let served = quota.served.load(std::sync::atomic::Ordering::SeqCst);
+    let throttled = quota.throttled.load(std::sync::atomic::Ordering::SeqCst);
+    println!(
+        "QUOTA: {N} rewraps in {took:.1?} = {:.0}/s against a quota of {QUOTA}/s ({:.0}% of it); {throttled} throttled ({:.2}% of requests)",
+        N as f64 / took.as_secs_f64(),
+        100.0 * N as f64 / took.as_secs_f64() / QUOTA as f64,
+        100.0 * throttled as f64 / (served + throttled) as f64
+    );
+    assert_eq!(job.failed, 0, "{job:?}");
+    assert_eq!(job.done, N as u64, "{job:?}");
+    let stragglers = store.instances_of(&key).iter().filter(|i| i.key_version != "2").count();
+    assert_eq!(stragglers, 0);
+    shutdown.cancel();
+    worker.await.unwrap();
+}
+
+async fn wait_job_finished_within(store: &Store, key: &str, event_id: &str, limit: Duration) -> keywarden::engine::RotationJob {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Some(job) = store.job(key) {
+            if job.cause_event_id == event_id && job.finished_at.is_some() {
+                return job;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("rotation {event_id} did not finish within {limit:?}: {:?}", store.job(key));
+}

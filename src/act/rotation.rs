@@ -18,7 +18,7 @@ use crate::engine::{Input, KeyStatus, RotationJob, View};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::writer::Writer;
+use crate::writer::{Pending, Writer, WriterError};
 
 pub struct Rotator {
     pub store: Store,
@@ -81,7 +81,7 @@ impl Rotator {
         key_active && same_job
     }
 
-    async fn pass(&self, job: &RotationJob, shutdown: &CancellationToken) -> Result<Pass, crate::writer::WriterError> {
+    async fn pass(&self, job: &RotationJob, shutdown: &CancellationToken) -> Result<Pass, WriterError> {
         if !self.current(job) {
             return Ok(Pass::Interrupted);
         }
@@ -118,6 +118,7 @@ impl Rotator {
         tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = todo.len(), "rotation pass");
         let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &job.target_version)).buffer_unordered(self.config.concurrency);
         let mut chunk = Vec::with_capacity(self.config.batch);
+        let mut in_flight = None;
         let mut interrupted = false;
         let mut deferred = 0usize;
         while let Some(attempt) = results.next().await {
@@ -128,13 +129,15 @@ impl Rotator {
                 None => {}
             }
             if chunk.len() >= self.config.batch || interrupted || shutdown.is_cancelled() {
-                self.commit(&mut chunk).await?;
+                self.commit(&mut chunk, &mut in_flight).await?;
                 if interrupted || shutdown.is_cancelled() || !self.current(job) {
+                    self.settle(&mut in_flight).await?;
                     return Ok(Pass::Interrupted);
                 }
             }
         }
-        self.commit(&mut chunk).await?;
+        self.commit(&mut chunk, &mut in_flight).await?;
+        self.settle(&mut in_flight).await?;
         if deferred > 0 {
             tracing::warn!(key_id = %job.key_id, deferred, "kms kept failing transiently for some instances; the next pass retries them");
             return Ok(Pass::Interrupted);
@@ -142,14 +145,24 @@ impl Rotator {
         Ok(if self.current(job) { Pass::Finished } else { Pass::Interrupted })
     }
 
-    async fn commit(&self, chunk: &mut Vec<Input>) -> Result<(), crate::writer::WriterError> {
+    /// Queues a chunk for the writer without waiting for it, so that KMS calls go
+    /// on while the previous chunk is flushed; waits for that previous chunk
+    /// first, so at most two chunks are ever in flight.
+    async fn commit(&self, chunk: &mut Vec<Input>, in_flight: &mut Option<Pending>) -> Result<(), WriterError> {
+        self.settle(in_flight).await?;
         let mut last = None;
         for input in chunk.drain(..) {
             last = Some(self.writer.enqueue(Some(input), None).await?);
         }
-        if let Some(pending) = last {
-            // The writer answers in order: the last answer covers the whole chunk.
-            pending.await.map_err(|_| crate::writer::WriterError::Stopped)??;
+        *in_flight = last;
+        Ok(())
+    }
+
+    /// Waits until everything queued is durable. The writer answers in order,
+    /// so the last answer covers the whole chunk.
+    async fn settle(&self, in_flight: &mut Option<Pending>) -> Result<(), WriterError> {
+        if let Some(pending) = in_flight.take() {
+            pending.await.map_err(|_| WriterError::Stopped)??;
         }
         Ok(())
     }

@@ -198,7 +198,7 @@ mod tests {
     }
 
     #[async_trait::async_trait]
-    impl Kms for Arc<Throttling> {
+    impl Kms for Throttling {
         fn provider(&self) -> &'static str {
             "test"
         }

@@ -126,6 +126,36 @@ pub trait Kms: Send + Sync {
     }
 }
 
+/// A shared provider is a provider: lets a governor wrap an `Arc` that tests or
+/// the router also hold.
+#[async_trait::async_trait]
+impl<K: Kms + ?Sized> Kms for std::sync::Arc<K> {
+    fn provider(&self) -> &'static str {
+        (**self).provider()
+    }
+    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
+        (**self).wrap(key_id, dek, aad, label).await
+    }
+    async fn unwrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError> {
+        (**self).unwrap(key_id, wrapped, aad).await
+    }
+    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
+        (**self).rewrap(key_id, wrapped, aad, label).await
+    }
+    async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
+        (**self).key_state(key_id).await
+    }
+    async fn notify(&self, key_id: &str, notice: &Notice) -> Result<(), KmsError> {
+        (**self).notify(key_id, notice).await
+    }
+    async fn sync(&self, key_id: &str) -> Result<(), KmsError> {
+        (**self).sync(key_id).await
+    }
+    fn health(&self) -> Option<governor::GovernorState> {
+        (**self).health()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
