@@ -114,7 +114,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
     let (writer, writer_thread) = Writer::start(store.clone(), fence.clone(), config.kafka.max_batch, on_commit);
 
     let health = Arc::new(Health::default());
-    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone())?;
+    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone(), kms.clone())?;
     let relay = Relay::new(store.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone())?;
     let rotator = Rotator {
         store: store.clone(),

@@ -156,11 +156,11 @@ mod tests {
             occurred_at: Utc::now(),
         };
         let consumed = Consumed { topic: "t".into(), partition: 0, next: 8, generation };
-        let pending = w.enqueue(Some(Input::Event { event: event.clone(), at: Utc::now() }), Some(consumed)).await.unwrap();
+        let pending = w.enqueue(Some(Input::Event { event: event.clone(), at: Utc::now(), kms: None }), Some(consumed)).await.unwrap();
         assert!(matches!(pending.await.unwrap().unwrap(), Reply::Event { outcome: Outcome::Applied, .. }));
         assert_eq!(store.offset("t", 0), Some(8));
         assert!(store.event_seen("e1"));
-        let again = w.submit(Input::Event { event, at: Utc::now() }).await.unwrap();
+        let again = w.submit(Input::Event { event, at: Utc::now(), kms: None }).await.unwrap();
         assert!(matches!(again, Reply::Event { outcome: Outcome::Duplicate, .. }));
         drop(w);
         handle.join().unwrap().unwrap();
@@ -183,20 +183,20 @@ mod tests {
             occurred_at: Utc::now(),
         };
         let first = w
-            .enqueue(Some(Input::Event { event: event("e1"), at: Utc::now() }), Some(Consumed { topic: "t".into(), partition: 3, next: 1, generation: old }))
+            .enqueue(Some(Input::Event { event: event("e1"), at: Utc::now(), kms: None }), Some(Consumed { topic: "t".into(), partition: 3, next: 1, generation: old }))
             .await
             .unwrap();
         assert!(first.await.unwrap().is_ok());
         // Revoked (and even re-assigned to this member): inputs read before are fenced off.
         fence.revoke(std::slice::from_ref(&part));
         let late = w
-            .enqueue(Some(Input::Event { event: event("e2"), at: Utc::now() }), Some(Consumed { topic: "t".into(), partition: 3, next: 2, generation: old }))
+            .enqueue(Some(Input::Event { event: event("e2"), at: Utc::now(), kms: None }), Some(Consumed { topic: "t".into(), partition: 3, next: 2, generation: old }))
             .await
             .unwrap();
         assert!(matches!(late.await.unwrap(), Err(WriterError::Fenced { partition: 3, .. })));
         fence.assign(std::slice::from_ref(&part));
         let stale_gen = w
-            .enqueue(Some(Input::Event { event: event("e3"), at: Utc::now() }), Some(Consumed { topic: "t".into(), partition: 3, next: 3, generation: old }))
+            .enqueue(Some(Input::Event { event: event("e3"), at: Utc::now(), kms: None }), Some(Consumed { topic: "t".into(), partition: 3, next: 3, generation: old }))
             .await
             .unwrap();
         assert!(matches!(stale_gen.await.unwrap(), Err(WriterError::Fenced { .. })));

@@ -95,6 +95,7 @@ fn rotate_event(id: &str, key: &str, version: &str) -> Input {
             occurred_at: Utc::now(),
         },
         at: Utc::now(),
+        kms: None,
     }
 }
 

@@ -148,17 +148,39 @@ fn duplicate_and_stale_events_change_nothing() {
     let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
     assert!(metrics.contains(r#"keywarden_events_total{outcome="duplicate",type="disable"} 1"#), "{metrics}");
 
-    // A late rotate after a delete resurrects nothing.
-    produce(&p, "key-lifecycle", Some("k3"), &event("del", "delete", "k3", None, "2030-01-01T00:00:20Z"));
-    produce(&p, "key-lifecycle", Some("k3"), &event("rot-late", "rotate", "k3", Some("9"), "2030-01-01T00:00:15Z"));
-    produce(&p, "key-lifecycle", Some("k3"), &event("rot-after", "rotate", "k3", Some("9"), "2030-01-01T00:00:30Z"));
+    // A late rotate after a delete resurrects nothing. The delete is the KMS's
+    // own (keywarden applies a delete only when the KMS confirms it).
+    d.create_key("k3b");
+    d.create_instance("i3c", "k3b");
+    let del = d.act("k3b", "delete");
+    assert_eq!(d.wait_event(del["event_id"].as_str().unwrap())["outcome"], "applied");
+    let deleted_at = chrono::DateTime::parse_from_rfc3339(del["occurred_at"].as_str().unwrap()).unwrap();
+    let before = (deleted_at - chrono::Duration::hours(1)).to_rfc3339();
+    let after = (deleted_at + chrono::Duration::hours(1)).to_rfc3339();
+    produce(&p, "key-lifecycle", Some("k3b"), &event("rot-late", "rotate", "k3b", Some("9"), &before));
+    produce(&p, "key-lifecycle", Some("k3b"), &event("rot-after", "rotate", "k3b", Some("9"), &after));
     assert_eq!(d.wait_event("rot-late")["outcome"], "stale");
     assert_eq!(d.wait_event("rot-after")["outcome"], "ignored");
-    assert_eq!(d.state("i3a"), "erased");
-    assert_eq!(d.state("i3b"), "erased");
-    let key = d.get("/v1/keys/k3").1;
+    assert_eq!(d.state("i3c"), "erased");
+    let key = d.get("/v1/keys/k3b").1;
     assert_eq!(key["state"], "deleted", "{key}");
     assert_ne!(key["version"], "9");
+}
+
+#[test]
+fn a_delete_the_kms_does_not_confirm_erases_nothing() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("k4");
+    d.create_instance("i4", "k4");
+    // A delete event for a key the embedded KMS still holds active.
+    let p = producer(&broker.bootstrap);
+    produce(&p, "key-lifecycle", Some("k4"), &event("forged-del", "delete", "k4", None, "2030-01-01T00:00:00Z"));
+    let rec = d.wait_event("forged-del");
+    assert_eq!(rec["outcome"], "ignored", "{rec}");
+    assert!(rec["detail"].as_str().unwrap().contains("kms reports the key active"), "{rec}");
+    assert_eq!(d.state("i4"), "active");
+    assert_eq!(d.dek("i4").0, 200);
 }
 
 #[test]

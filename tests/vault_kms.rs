@@ -237,9 +237,13 @@ fn vault_transit_lifecycle_with_batched_rewrap_throttling_outage_and_token_renew
     assert_eq!(d.dek("v-0").1["dek"].as_str().unwrap(), deks[0]);
     assert!(transit.forbidden.load(Ordering::SeqCst) >= 1, "the old token was refused once, then the file was read again");
 
+    // The key is deleted in Vault (keywarden erases only what the KMS confirms),
+    // and later restored from a backup.
+    let backup = transit.keys.lock().unwrap().remove("orders").unwrap();
     produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-4", "delete", "vault:orders", None, "2030-01-01T00:00:04Z"));
     d.wait_state("v-1", "erased");
     assert_eq!(d.dek("v-1").0, 410);
+    transit.keys.lock().unwrap().insert("orders".into(), backup);
     produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-5", "restore", "vault:orders", None, "2030-01-01T00:00:05Z"));
     d.wait_state("v-1", "active");
     assert_eq!(d.dek("v-1").1["dek"].as_str().unwrap(), deks[1]);

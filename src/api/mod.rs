@@ -205,7 +205,7 @@ async fn retry_failed(s: &AppState, key_id: &str) -> ApiResult {
         occurred_at: key.last_event_at.unwrap_or_else(Utc::now),
     };
     let event_id = event.event_id.clone();
-    s.writer.submit(Input::Event { event, at: Utc::now() }).await?;
+    s.writer.submit(Input::Event { event, at: Utc::now(), kms: None }).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"event_id": event_id, "key_id": key_id, "type": "retry"}))).into_response())
 }
 

@@ -25,7 +25,8 @@ pub trait View {
 
 #[derive(Debug, Clone)]
 pub enum Input {
-    Event { event: LifecycleEvent, at: DateTime<Utc> },
+    /// `kms` is the key's state as its KMS reported it just before, when asked.
+    Event { event: LifecycleEvent, at: DateTime<Utc>, kms: Option<KeyStatus> },
     /// The embedded KMS created a key: keywarden knows it before any event.
     RegisterKey { key_id: String, version: String, at: DateTime<Utc> },
     CreateInstance { instance_id: String, key_id: String, wrapped: WrappedDek, fingerprint: String, at: DateTime<Utc> },
@@ -61,7 +62,7 @@ fn decision(records: Vec<Record>, reply: Reply) -> Decision {
 
 pub fn decide(view: &impl View, input: Input) -> Decision {
     match input {
-        Input::Event { event, at } => decide_event(view, event, at),
+        Input::Event { event, at, kms } => decide_event(view, event, at, kms),
         Input::RegisterKey { key_id, version, at } => match view.key(&key_id) {
             Some(_) => decision(vec![], Reply::Done),
             None => {
@@ -240,7 +241,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
     }
 }
 
-fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>) -> Decision {
+fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>, kms: Option<KeyStatus>) -> Decision {
     if view.event_seen(&event.event_id) {
         return decision(vec![], Reply::Event { outcome: Outcome::Duplicate, detail: "event already applied".into() });
     }
@@ -254,6 +255,13 @@ fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>) -> D
                 key.last_event_id.as_deref().unwrap_or("?"),
                 last.to_rfc3339()
             ),
+            vec![],
+        ),
+        // Crypto-erasure only when the KMS agrees the key is gone (the Key
+        // Protect adopter rule): a delete it contradicts changes nothing.
+        _ if event.kind == EventType::Delete && kms == Some(KeyStatus::Active) => (
+            Outcome::Ignored,
+            "the kms reports the key active; a delete it does not confirm is not applied".to_string(),
             vec![],
         ),
         _ => transition(view, &mut key, &event, at),

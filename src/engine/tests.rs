@@ -74,6 +74,7 @@ fn ev(id: &str, kind: EventType, key: &str, at: i64) -> Input {
             occurred_at: t(at),
         },
         at: t(at),
+        kms: None,
     }
 }
 
@@ -136,6 +137,19 @@ fn the_kms_is_told_of_registrations_rewraps_and_handled_events() {
         ["registered", "ack d Disabled 1", "ack e Enabled 1", "rewrapped v-r", "ack r Enabled v-r", "deregistered"],
         "a rotation is acknowledged only when it finished"
     );
+}
+
+#[test]
+fn a_delete_the_kms_contradicts_erases_nothing() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    let Input::Event { event, at, .. } = ev("d", EventType::Delete, "k", 10) else { unreachable!() };
+    let reply = m.run(Input::Event { event, at, kms: Some(KeyStatus::Active) });
+    assert!(matches!(reply, Reply::Event { outcome: Outcome::Ignored, .. }), "{reply:?}");
+    assert_eq!(m.state("a"), InstanceState::Active);
+    let Input::Event { event, at, .. } = ev("d2", EventType::Delete, "k", 20) else { unreachable!() };
+    m.run(Input::Event { event, at, kms: Some(KeyStatus::Deleted) });
+    assert_eq!(m.state("a"), InstanceState::Erased);
 }
 
 #[test]

@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
-use crate::engine::{Input, Outcome, Reply};
+use crate::engine::{EventType, Input, KeyStatus, Outcome, Reply};
+use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::writer::{Consumed, Pending, Writer, WriterError};
@@ -144,6 +145,7 @@ pub struct Intake {
     metrics: Arc<Metrics>,
     fence: Arc<Fence>,
     health: Arc<Health>,
+    kms: Arc<dyn Kms>,
 }
 
 struct Ack {
@@ -164,6 +166,7 @@ impl Intake {
         fence: Arc<Fence>,
         health: Arc<Health>,
         metrics: Arc<Metrics>,
+        kms: Arc<dyn Kms>,
     ) -> Result<Intake, IntakeError> {
         let mut cfg = crate::broker::client_config(kafka, bootstrap);
         cfg.set("group.id", &kafka.group_id)
@@ -190,7 +193,7 @@ impl Intake {
             .set("message.timeout.ms", "30000")
             .create()
             .map_err(IntakeError::Consumer)?;
-        Ok(Intake { consumer: Arc::new(consumer), dlq, kafka: kafka.clone(), writer, metrics, fence, health })
+        Ok(Intake { consumer: Arc::new(consumer), dlq, kafka: kafka.clone(), writer, metrics, fence, health, kms })
     }
 
     /// Consumes until `shutdown`, then drains acknowledgements and commits offsets.
@@ -242,7 +245,8 @@ impl Intake {
                 Ok(event) => {
                     tracing::debug!(event_id = %event.event_id, key_id = %event.key_id, r#type = %event.kind, partition, offset, "event received");
                     let label = Some((event.event_id.clone(), event.key_id.clone(), event.kind.as_str()));
-                    (Some(Input::Event { event, at: Utc::now() }), label)
+                    let kms = self.confirm(&event).await;
+                    (Some(Input::Event { event, at: Utc::now(), kms }), label)
                 }
                 Err(reason) => {
                     if !self.dead_letter(&msg, &reason, shutdown).await {
@@ -255,6 +259,23 @@ impl Intake {
             if ack_tx.send(Ack { pending, topic, partition, offset, label }).await.is_err() {
                 return Err(IntakeError::Writer);
             }
+        }
+    }
+
+    /// Asks the key's KMS for its state before a delete is applied, so that a
+    /// delete the KMS contradicts erases nothing. An unreachable KMS is no veto:
+    /// refusing DEKs is the safe direction, and a restore undoes it.
+    async fn confirm(&self, event: &crate::engine::LifecycleEvent) -> Option<KeyStatus> {
+        if event.kind != EventType::Delete {
+            return None;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), self.kms.key_state(&event.key_id)).await {
+            Ok(Ok(state)) => Some(state.status),
+            Ok(Err(e)) => {
+                tracing::warn!(key_id = %event.key_id, error = %e, "cannot confirm the delete with the kms; applying it");
+                None
+            }
+            Err(_) => None,
         }
     }
 
