@@ -16,4 +16,5 @@ pub mod metrics;
 pub mod schedule;
 pub mod store;
 pub mod tell;
+pub mod text;
 pub mod writer;

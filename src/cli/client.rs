@@ -8,33 +8,34 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::{Command, InstanceCommand, KeyCommand, Output};
+use crate::text::percent_encode;
 
 pub fn run(base: &str, output: Output, command: Command) -> anyhow::Result<ExitCode> {
     let (method, path, body) = match command {
         Command::Key(k) => match k {
             KeyCommand::Create { key_id } => (Method::POST, "/v1/keys".to_string(), Some(json!({ "key_id": key_id }))),
-            KeyCommand::Show { key_id } => (Method::GET, format!("/v1/keys/{}", enc(&key_id)), None),
-            KeyCommand::Rotate { key_id } => (Method::POST, format!("/v1/keys/{}/rotate", enc(&key_id)), None),
-            KeyCommand::Disable { key_id } => (Method::POST, format!("/v1/keys/{}/disable", enc(&key_id)), None),
-            KeyCommand::Enable { key_id } => (Method::POST, format!("/v1/keys/{}/enable", enc(&key_id)), None),
-            KeyCommand::Delete { key_id } => (Method::POST, format!("/v1/keys/{}/delete", enc(&key_id)), None),
-            KeyCommand::Restore { key_id } => (Method::POST, format!("/v1/keys/{}/restore", enc(&key_id)), None),
-            KeyCommand::Retry { key_id } => (Method::POST, format!("/v1/keys/{}/retry", enc(&key_id)), None),
-            KeyCommand::Sync { key_id } => (Method::POST, format!("/v1/keys/{}/sync", enc(&key_id)), None),
+            KeyCommand::Show { key_id } => (Method::GET, format!("/v1/keys/{}", percent_encode(&key_id)), None),
+            KeyCommand::Rotate { key_id } => (Method::POST, format!("/v1/keys/{}/rotate", percent_encode(&key_id)), None),
+            KeyCommand::Disable { key_id } => (Method::POST, format!("/v1/keys/{}/disable", percent_encode(&key_id)), None),
+            KeyCommand::Enable { key_id } => (Method::POST, format!("/v1/keys/{}/enable", percent_encode(&key_id)), None),
+            KeyCommand::Delete { key_id } => (Method::POST, format!("/v1/keys/{}/delete", percent_encode(&key_id)), None),
+            KeyCommand::Restore { key_id } => (Method::POST, format!("/v1/keys/{}/restore", percent_encode(&key_id)), None),
+            KeyCommand::Retry { key_id } => (Method::POST, format!("/v1/keys/{}/retry", percent_encode(&key_id)), None),
+            KeyCommand::Sync { key_id } => (Method::POST, format!("/v1/keys/{}/sync", percent_encode(&key_id)), None),
         },
         Command::Instance(i) => match i {
             InstanceCommand::Create { instance_id, key } => {
                 (Method::POST, "/v1/instances".to_string(), Some(json!({"instance_id": instance_id, "key_id": key})))
             }
-            InstanceCommand::Show { instance_id } => (Method::GET, format!("/v1/instances/{}", enc(&instance_id)), None),
+            InstanceCommand::Show { instance_id } => (Method::GET, format!("/v1/instances/{}", percent_encode(&instance_id)), None),
             InstanceCommand::List { key } => match key {
-                Some(k) => (Method::GET, format!("/v1/instances?key_id={}", enc(&k)), None),
+                Some(k) => (Method::GET, format!("/v1/instances?key_id={}", percent_encode(&k)), None),
                 None => (Method::GET, "/v1/instances".to_string(), None),
             },
-            InstanceCommand::Delete { instance_id } => (Method::DELETE, format!("/v1/instances/{}", enc(&instance_id)), None),
-            InstanceCommand::Dek { instance_id } => (Method::POST, format!("/v1/instances/{}/dek", enc(&instance_id)), None),
+            InstanceCommand::Delete { instance_id } => (Method::DELETE, format!("/v1/instances/{}", percent_encode(&instance_id)), None),
+            InstanceCommand::Dek { instance_id } => (Method::POST, format!("/v1/instances/{}/dek", percent_encode(&instance_id)), None),
         },
-        Command::Event { event_id } => (Method::GET, format!("/v1/events/{}", enc(&event_id)), None),
+        Command::Event { event_id } => (Method::GET, format!("/v1/events/{}", percent_encode(&event_id)), None),
         Command::Run | Command::CheckConfig | Command::Demo { .. } => unreachable!("handled by the caller"),
     };
     let client = Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
@@ -56,15 +57,6 @@ pub fn run(base: &str, output: Output, command: Command) -> anyhow::Result<ExitC
         Output::Text => print_text(&value),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn enc(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn print_text(v: &Value) {

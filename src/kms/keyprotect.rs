@@ -15,6 +15,7 @@ use zeroize::Zeroizing;
 use super::{Dek, Kms, KmsError, KmsKeyState};
 use crate::config::KeyProtectConfig;
 use crate::engine::{AdopterState, KeyStatus, Notice, WrappedDek};
+use crate::text::percent_encode;
 
 const KEY_ACTION: &str = "application/vnd.ibm.kms.key_action+json";
 
@@ -195,15 +196,6 @@ fn map_error(status: u16, code: &str, message: &str, path: &str, key_id: &str) -
     }
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn aad(aad: &[u8]) -> Value {
     json!([String::from_utf8_lossy(aad)])
 }
@@ -250,7 +242,7 @@ impl Kms for KeyProtect {
         let (_, key) = locate(key_id, &self.instance_id);
         let registration = |instance_id: &str| {
             let crn = format!("{}{instance_id}", self.resource_crn_prefix);
-            format!("/keys/{key}/registrations/{}", urlencode(&crn))
+            format!("/keys/{key}/registrations/{}", percent_encode(&crn))
         };
         let input = |resource: Value| {
             json!({"metadata": {"collectionType": "application/vnd.ibm.kms.registration_input+json", "collectionTotal": 1}, "resources": [resource]})
