@@ -122,11 +122,19 @@ impl Default for StoreConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ApiConfig {
     pub listen: String,
+    /// Bearer token for managing keys and instances; created 0600 on first run.
+    pub admin_token_file: PathBuf,
+    /// Bearer token that only fetches DEKs, for data-plane nodes.
+    pub dek_token_file: PathBuf,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8420".into() }
+        Self {
+            listen: "127.0.0.1:8420".into(),
+            admin_token_file: PathBuf::from("keywarden-data/admin.token"),
+            dek_token_file: PathBuf::from("keywarden-data/dek.token"),
+        }
     }
 }
 
@@ -455,6 +463,9 @@ impl Config {
             if !(l.rate_limit >= 0.0 && l.rate_limit.is_finite()) || l.max_concurrency == 0 || l.timeout.0.is_zero() || l.breaker_threshold == 0 {
                 return Err(invalid(field, &format!("{l:?}"), "rate_limit >= 0, max_concurrency >= 1, timeout > 0, breaker_threshold >= 1"));
             }
+        }
+        if self.api.admin_token_file.as_os_str().is_empty() || self.api.admin_token_file == self.api.dek_token_file {
+            return Err(invalid("api.admin_token_file", &self.api.admin_token_file.display(), "a file path, different from api.dek_token_file"));
         }
         if self.kms.local.master_key_file.as_os_str().is_empty() {
             return Err(invalid("kms.local.master_key_file", &"", "a file path"));

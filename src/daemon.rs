@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::act::rotation::Rotator;
+use crate::api::auth::{AuthError, Tokens};
 use crate::api::{router, AppState};
 use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
 use crate::config::{Config, RemoteLimits};
@@ -44,6 +45,8 @@ pub enum DaemonError {
     Tell(#[from] TellError),
     #[error("cannot listen on {addr}: {source}; is another keywarden running? set api.listen")]
     Listen { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
     #[error("the store writer stopped unexpectedly; see the log above")]
     WriterDied,
 }
@@ -136,6 +139,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
         health,
         relay: relay_notify,
     };
+    let tokens = Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?);
     let listener = tokio::net::TcpListener::bind(&config.api.listen)
         .await
         .map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
@@ -146,7 +150,7 @@ pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl F
     let api_task = {
         let stop = tasks.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router(state)).with_graceful_shutdown(stop.cancelled_owned()).await;
+            let _ = axum::serve(listener, router(state, tokens)).with_graceful_shutdown(stop.cancelled_owned()).await;
         })
     };
     let relay_task = tokio::spawn(relay.run(tasks.clone()));

@@ -275,7 +275,14 @@ fn cli_speaks_to_the_api_and_fails_with_a_one_line_reason() {
     let broker = Broker::start();
     let d = Daemon::start(&broker.bootstrap, &[]);
     let cli = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).arg("--api").arg(&d.api).args(args).output().unwrap()
+        std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
+            .arg("--api")
+            .arg(&d.api)
+            .args(args)
+            .env("KEYWARDEN_API_ADMIN_TOKEN_FILE", d.dir.path().join("admin.token"))
+            .env("KEYWARDEN_API_DEK_TOKEN_FILE", d.dir.path().join("dek.token"))
+            .output()
+            .unwrap()
     };
     let out = cli(&["--output", "json", "key", "create", "cli-key"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -295,7 +302,7 @@ fn cli_speaks_to_the_api_and_fails_with_a_one_line_reason() {
     assert!(err.contains("revoked") && err.contains("423"), "{err}");
     let out = cli(&["instance", "list", "--key", "cli-key"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("cli-db\trevoked"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", "http://127.0.0.1:1", "key", "show", "x"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", "http://127.0.0.1:1", "--token", "t", "key", "show", "x"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
@@ -344,4 +351,41 @@ fn graceful_shutdown_exits_zero_and_state_survives_restart() {
     );
     assert_eq!(d3.dek("i8").1["dek"], dek);
     assert_eq!(d3.get("/v1/instances/i8").1["key_version"], "2");
+}
+
+#[test]
+fn the_api_takes_the_right_token_for_each_door_and_says_nothing_else() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("auth-key");
+    d.create_instance("auth-db", "auth-key");
+    let call = |method: reqwest::Method, path: &str, token: Option<&str>| {
+        let mut req = d.http.request(method, format!("{}{path}", d.api));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    use reqwest::Method;
+    // No token, a wrong token, or the other door's token: 401 and nothing more.
+    for (method, path, token) in [
+        (Method::GET, "/v1/keys/auth-key", None),
+        (Method::GET, "/v1/keys/auth-key", Some("not-the-token")),
+        (Method::GET, "/v1/keys/auth-key", Some(d.dek_token.as_str())),
+        (Method::POST, "/v1/keys/auth-key/disable", Some(d.dek_token.as_str())),
+        (Method::POST, "/v1/instances/auth-db/dek", None),
+        (Method::POST, "/v1/instances/auth-db/dek", Some(d.admin_token.as_str())),
+    ] {
+        let (status, body) = call(method.clone(), path, token);
+        assert_eq!(status, 401, "{method} {path}");
+        assert_eq!(body, r#"{"error":"unauthorized"}"#);
+    }
+    assert_eq!(call(Method::POST, "/v1/instances/auth-db/dek", Some(&d.dek_token)).0, 200);
+    assert_eq!(call(Method::GET, "/v1/keys/auth-key", Some(&d.admin_token)).0, 200);
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(call(Method::GET, open, None).0, 200, "{open}");
+    }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(d.dir.path().join("admin.token")).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
 }

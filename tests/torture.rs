@@ -85,8 +85,8 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
         let restarted = Instant::now();
         d.respawn();
         wait_until("the probe event after restart", Duration::from_secs(90), || {
-            let (s, _) = d.http.get(format!("{}/v1/events/{probe}", d.api)).send().ok().map(|r| (r.status().as_u16(), ())).unwrap_or((0, ()));
-            (s == 200).then_some(())
+            let r = d.http.get(format!("{}/v1/events/{probe}", d.api)).bearer_auth(&d.admin_token).send();
+            r.ok().filter(|r| r.status() == 200).map(|_| ())
         });
         recovery.push(restarted.elapsed());
     }

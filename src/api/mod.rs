@@ -1,6 +1,8 @@
 //! api: the admin and data-plane HTTP API (axum). Reads come from the store;
 //! every change goes through the single writer, so the API never races the intake.
 
+pub mod auth;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -86,7 +88,7 @@ impl From<KmsError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-pub fn router(state: AppState) -> Router {
+pub fn router(state: AppState, tokens: Arc<auth::Tokens>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -100,6 +102,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/instances/{id}/dek", post(fetch_dek))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README for the API") })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::{Command, InstanceCommand, KeyCommand, Output};
 use crate::text::percent_encode;
 
-pub fn run(base: &str, output: Output, command: Command) -> anyhow::Result<ExitCode> {
+pub fn run(base: &str, token: &str, output: Output, command: Command) -> anyhow::Result<ExitCode> {
     let (method, path, body) = match command {
         Command::Key(k) => match k {
             KeyCommand::Create { key_id } => (Method::POST, "/v1/keys".to_string(), Some(json!({ "key_id": key_id }))),
@@ -40,7 +40,7 @@ pub fn run(base: &str, output: Output, command: Command) -> anyhow::Result<ExitC
     };
     let client = Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
     let url = format!("{base}{path}");
-    let mut req = client.request(method, &url);
+    let mut req = client.request(method, &url).bearer_auth(token);
     if let Some(b) = body {
         req = req.json(&b);
     }

@@ -14,6 +14,8 @@ pub fn run(mut config: Config, exit: bool) -> anyhow::Result<ExitCode> {
     let dir = std::env::temp_dir().join(format!("keywarden-demo-{}", uuid::Uuid::new_v4()));
     config.store.path = dir.join("store");
     config.kms.local.master_key_file = dir.join("master.key");
+    config.api.admin_token_file = dir.join("admin.token");
+    config.api.dek_token_file = dir.join("dek.token");
     if std::net::TcpListener::bind(&config.api.listen).is_err() {
         config.api.listen = "127.0.0.1:0".into();
     }
@@ -38,13 +40,18 @@ pub fn run(mut config: Config, exit: bool) -> anyhow::Result<ExitCode> {
         }
         println!("  store         {}", dir.display());
         println!();
-        let walk = Walk { http: reqwest::Client::new(), base: format!("http://{}", started.api) };
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).map(|t| t.trim().to_string());
+        let walk = Walk { http: reqwest::Client::new(), base: format!("http://{}", started.api), admin: read("admin.token")?, dek: read("dek.token")? };
         let outcome = walk.run().await;
         if let Err(e) = &outcome {
             println!("demo failed: {e:#}");
         } else if !exit {
             println!();
-            println!("The daemon keeps running. Try: keywarden --api http://{} key show demo-key", started.api);
+            println!(
+                "The daemon keeps running. Try: keywarden --api http://{} --token $(cat {}) key show demo-key",
+                started.api,
+                dir.join("admin.token").display()
+            );
             println!("Press Ctrl-C to stop.");
             shutdown.cancelled().await;
         }
@@ -59,6 +66,8 @@ pub fn run(mut config: Config, exit: bool) -> anyhow::Result<ExitCode> {
 struct Walk {
     http: reqwest::Client,
     base: String,
+    admin: String,
+    dek: String,
 }
 
 const INSTANCES: [&str; 3] = ["orders-db", "billing-db", "audit-db"];
@@ -66,7 +75,8 @@ const KEY: &str = "demo-key";
 
 impl Walk {
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
-        let mut req = self.http.request(method, format!("{}{}", self.base, path));
+        let token = if path.ends_with("/dek") { &self.dek } else { &self.admin };
+        let mut req = self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }

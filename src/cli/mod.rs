@@ -21,6 +21,10 @@ pub struct Cli {
     /// Admin API base URL; defaults to http://<api.listen> from the config.
     #[arg(long, global = true)]
     pub api: Option<String>,
+    /// Bearer token for the admin API; defaults to the contents of
+    /// api.admin_token_file (api.dek_token_file for `instance dek`).
+    #[arg(long, global = true, env = "KEYWARDEN_API_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
     /// Output format for client commands.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -127,11 +131,26 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
             demo::run(config, *exit)
         }
         _ => {
+            let config = Config::load(cli.config.as_deref())?;
             let base = match &cli.api {
                 Some(url) => url.trim_end_matches('/').to_string(),
-                None => format!("http://{}", Config::load(cli.config.as_deref())?.api.listen),
+                None => format!("http://{}", config.api.listen),
             };
-            client::run(&base, cli.output, cli.command)
+            let token = match &cli.token {
+                Some(t) => t.clone(),
+                None => {
+                    let file = if matches!(cli.command, Command::Instance(InstanceCommand::Dek { .. })) {
+                        &config.api.dek_token_file
+                    } else {
+                        &config.api.admin_token_file
+                    };
+                    std::fs::read_to_string(file)
+                        .map_err(|e| anyhow::anyhow!("cannot read the api token from {} ({e}); pass --token or set api.admin_token_file", file.display()))?
+                        .trim()
+                        .to_string()
+                }
+            };
+            client::run(&base, &token, cli.output, cli.command)
         }
     }
 }

@@ -108,6 +108,9 @@ pub struct Daemon {
     bootstrap: String,
     port: u16,
     env: Vec<(String, String)>,
+    /// Bearer tokens the daemon created on first run.
+    pub admin_token: String,
+    pub dek_token: String,
 }
 
 impl Daemon {
@@ -116,7 +119,17 @@ impl Daemon {
         let port = free_port();
         let api = format!("http://127.0.0.1:{port}");
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut d = Daemon { child: None, api, dir, http: reqwest::blocking::Client::new(), bootstrap: bootstrap.to_string(), port, env };
+        let mut d = Daemon {
+            child: None,
+            api,
+            dir,
+            http: reqwest::blocking::Client::new(),
+            bootstrap: bootstrap.to_string(),
+            port,
+            env,
+            admin_token: String::new(),
+            dek_token: String::new(),
+        };
         d.spawn();
         d.wait_ready();
         d
@@ -148,6 +161,8 @@ impl Daemon {
             .env("KEYWARDEN_STORE_PATH", self.dir.path().join("store"))
             .env("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", self.dir.path().join("master.key"))
             .env("KEYWARDEN_API_LISTEN", format!("127.0.0.1:{port}"))
+            .env("KEYWARDEN_API_ADMIN_TOKEN_FILE", self.dir.path().join("admin.token"))
+            .env("KEYWARDEN_API_DEK_TOKEN_FILE", self.dir.path().join("dek.token"))
             .env("KEYWARDEN_LOG", "info,keywarden=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -174,6 +189,9 @@ impl Daemon {
             assert!(started.elapsed() < Duration::from_secs(90), "keywarden not ready after 90s; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
+        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap().trim().to_string();
+        self.admin_token = read("admin.token");
+        self.dek_token = read("dek.token");
     }
 
     /// The last 300 lines of the daemon's log, for failure messages.
@@ -183,13 +201,22 @@ impl Daemon {
         lines[lines.len().saturating_sub(300)..].join("\n")
     }
 
+    /// The token a caller of this path holds: the DEK endpoint takes the DEK token.
+    fn token(&self, path: &str) -> &str {
+        if path.ends_with("/dek") {
+            &self.dek_token
+        } else {
+            &self.admin_token
+        }
+    }
+
     pub fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(format!("{}{path}", self.api)).send().unwrap();
+        let r = self.http.get(format!("{}{path}", self.api)).bearer_auth(self.token(path)).send().unwrap();
         decode(r)
     }
 
     pub fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.post(format!("{}{path}", self.api));
+        let mut req = self.http.post(format!("{}{path}", self.api)).bearer_auth(self.token(path));
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -197,11 +224,19 @@ impl Daemon {
     }
 
     pub fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
-        decode(self.http.post(format!("{}{path}", self.api)).header("content-type", "application/json").body(body).send().unwrap())
+        decode(
+            self.http
+                .post(format!("{}{path}", self.api))
+                .bearer_auth(self.token(path))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .unwrap(),
+        )
     }
 
     pub fn delete(&self, path: &str) -> (u16, Value) {
-        decode(self.http.delete(format!("{}{path}", self.api)).send().unwrap())
+        decode(self.http.delete(format!("{}{path}", self.api)).bearer_auth(self.token(path)).send().unwrap())
     }
 
     pub fn create_key(&self, key: &str) {

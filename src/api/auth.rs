@@ -1,0 +1,143 @@
+//! Bearer tokens for the API. The admin token manages keys and instances; the
+//! DEK token only fetches DEKs, so a data-plane node holding it cannot manage
+//! keys. Tokens come from files (created 0600 on first run) or from systemd
+//! credentials (`$CREDENTIALS_DIRECTORY/<file name>`). A wrong or missing token
+//! gets 401 with no detail; tokens are compared in constant time.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("cannot read or create the api token file {path}: {message}; check api.admin_token_file and api.dek_token_file")]
+    TokenFile { path: String, message: String },
+}
+
+/// Who a request was made by, for the log and the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    DataPlane,
+}
+
+pub struct Tokens {
+    admin: [u8; 32],
+    dek: [u8; 32],
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.trim().as_bytes()).into()
+}
+
+/// Equal-length digests compared without an early exit, so the time taken says
+/// nothing about how much of a guess was right.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Tokens {
+    pub fn load(admin_file: &Path, dek_file: &Path) -> Result<Tokens, AuthError> {
+        Ok(Tokens { admin: digest(&read_or_create(admin_file)?), dek: digest(&read_or_create(dek_file)?) })
+    }
+
+    fn caller(&self, presented: &str) -> Option<Caller> {
+        let d = digest(presented);
+        // Both comparisons always run.
+        let (admin, dek) = (same(&d, &self.admin), same(&d, &self.dek));
+        match (admin, dek) {
+            (true, _) => Some(Caller::Admin),
+            (false, true) => Some(Caller::DataPlane),
+            _ => None,
+        }
+    }
+}
+
+/// A systemd credential of the same file name wins; otherwise the file, which is
+/// created with a random token on first run.
+pub fn read_or_create(path: &Path) -> Result<Zeroizing<String>, AuthError> {
+    let err = |message: String| AuthError::TokenFile { path: path.display().to_string(), message };
+    if let (Ok(dir), Some(name)) = (std::env::var("CREDENTIALS_DIRECTORY"), path.file_name()) {
+        let cred = Path::new(&dir).join(name);
+        if cred.exists() {
+            return std::fs::read_to_string(&cred).map(|t| Zeroizing::new(t.trim().to_string())).map_err(|e| err(e.to_string()));
+        }
+    }
+    if path.exists() {
+        let token = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?.trim().to_string());
+        if token.len() < 16 {
+            return Err(err("the token must be at least 16 characters".into()));
+        }
+        return Ok(token);
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let mut raw = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut raw);
+    let token = Zeroizing::new(raw.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| err(e.to_string()))?;
+    f.write_all(format!("{}\n", token.as_str()).as_bytes()).map_err(|e| err(e.to_string()))?;
+    tracing::info!(path = %path.display(), "created an api token file (mode 0600)");
+    Ok(token)
+}
+
+fn unauthorized() -> Response {
+    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(serde_json::json!({"error": "unauthorized"}))).into_response()
+}
+
+/// Health, readiness and metrics are open; the DEK endpoint takes the DEK token;
+/// everything else takes the admin token.
+pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if matches!(path, "/healthz" | "/readyz" | "/metrics") {
+        return next.run(req).await;
+    }
+    let wants_dek = path.starts_with("/v1/instances/") && path.ends_with("/dek");
+    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let caller = presented.and_then(|t| tokens.caller(t));
+    match (caller, wants_dek) {
+        (Some(Caller::DataPlane), true) | (Some(Caller::Admin), false) => {
+            req.extensions_mut().insert(caller.expect("matched"));
+            next.run(req).await
+        }
+        _ => unauthorized(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_token_opens_only_its_own_door() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "admin-token-0123456789\n").unwrap();
+        std::fs::write(dir.path().join("d"), "dek-token-0123456789\n").unwrap();
+        let t = Tokens::load(&dir.path().join("a"), &dir.path().join("d")).unwrap();
+        assert_eq!(t.caller("admin-token-0123456789"), Some(Caller::Admin));
+        assert_eq!(t.caller("dek-token-0123456789"), Some(Caller::DataPlane));
+        assert_eq!(t.caller("admin-token-012345678"), None);
+        assert_eq!(t.caller(""), None);
+    }
+
+    #[test]
+    fn a_missing_token_file_is_created_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/admin.token");
+        let t = read_or_create(&p).unwrap();
+        assert_eq!(t.len(), 64);
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(read_or_create(&p).unwrap().as_str(), t.as_str());
+    }
+}
