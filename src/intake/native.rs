@@ -106,3 +106,89 @@ mod tests {
         assert!(matches!(decode(&big), Err(DecodeError::TooLarge(_))));
     }
 }
+
+#[cfg(test)]
+mod hostile {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn generate(rng: &mut rand::rngs::StdRng, n: usize) -> Vec<u8> {
+        let valid = br#"{"event_id":"e-1","type":"rotate","key_id":"k","key_version":"2","occurred_at":"2026-01-01T00:00:00Z"}"#;
+        match n % 9 {
+            // Random bytes.
+            0 => (0..rng.gen_range(0..256)).map(|_| rng.gen()).collect(),
+            // Truncated valid JSON.
+            1 => valid[..rng.gen_range(0..valid.len())].to_vec(),
+            // Deep nesting.
+            2 => {
+                let depth = rng.gen_range(1..5000);
+                let mut v = "[".repeat(depth).into_bytes();
+                v.extend("]".repeat(depth).into_bytes());
+                v
+            }
+            // Wrong types in every field.
+            3 => {
+                let junk = ["1", "true", "null", "[]", "{}", "\"\"", "-0.5e999"];
+                let pick = |r: &mut rand::rngs::StdRng| junk[r.gen_range(0..junk.len())];
+                format!(
+                    r#"{{"event_id":{},"type":{},"key_id":{},"key_version":{},"occurred_at":{}}}"#,
+                    pick(rng),
+                    pick(rng),
+                    pick(rng),
+                    pick(rng),
+                    pick(rng)
+                )
+                .into_bytes()
+            }
+            // Unicode ids, including control characters and very long ones.
+            4 => {
+                let len = rng.gen_range(0..400);
+                let id: String = (0..len).map(|_| char::from_u32(rng.gen_range(0..0x2FFFF)).unwrap_or('\u{fffd}')).collect();
+                serde_json::to_vec(&serde_json::json!({"event_id": id, "type": "disable", "key_id": id, "occurred_at": "2026-01-01T00:00:00Z"})).unwrap()
+            }
+            // Duplicate fields.
+            5 => br#"{"event_id":"a","event_id":"b","type":"disable","type":"enable","key_id":"k","occurred_at":"2026-01-01T00:00:00Z"}"#.to_vec(),
+            // Random mutations of a valid event.
+            6 => {
+                let mut v = valid.to_vec();
+                for _ in 0..rng.gen_range(1..8) {
+                    let i = rng.gen_range(0..v.len());
+                    v[i] = rng.gen();
+                }
+                v
+            }
+            // Odd timestamps and types.
+            7 => format!(
+                r#"{{"event_id":"e","type":"{}","key_id":"k","key_version":"1","occurred_at":"{}"}}"#,
+                ["rotate", "ROTATE", "disable ", "", "delete"][rng.gen_range(0..5)],
+                ["2026-13-01T00:00:00Z", "0000-00-00", "2026-01-01T00:00:00+25:00", "2026-01-01T00:00:00Z", "9999-12-31T23:59:59Z"][rng.gen_range(0..5)]
+            )
+            .into_bytes(),
+            // Oversized payloads.
+            _ => vec![b'"'; rng.gen_range(MAX_EVENT_BYTES - 10..MAX_EVENT_BYTES + 10)],
+        }
+    }
+
+    /// 100,000 hostile inputs: none panics, and each is either an event or has a
+    /// reason that can go in the dead-letter header.
+    #[test]
+    fn hostile_inputs_never_panic_and_always_get_a_reason() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b77);
+        let mut rejected = 0;
+        for n in 0..100_000 {
+            let input = generate(&mut rng, n);
+            match std::panic::catch_unwind(|| decode(&input)) {
+                Ok(Ok(_)) => {}
+                Ok(Err(reason)) => {
+                    assert!(!reason.to_string().is_empty());
+                    rejected += 1;
+                }
+                Err(_) => panic!("decoder panicked on input #{n}: {:?}", String::from_utf8_lossy(&input[..input.len().min(200)])),
+            }
+        }
+        assert!(rejected > 50_000, "most hostile inputs are rejected ({rejected})");
+        // A 10 MB string is refused by size before any parsing.
+        let huge = format!(r#"{{"event_id":"{}"}}"#, "x".repeat(10 << 20));
+        assert!(matches!(decode(huge.as_bytes()), Err(DecodeError::TooLarge(_))));
+    }
+}
