@@ -85,6 +85,10 @@ pub struct KafkaConfig {
     pub drain_timeout: HumanDuration,
     /// Extra librdkafka properties, passed through verbatim to every client.
     pub properties: BTreeMap<String, String>,
+    /// librdkafka properties whose values are secrets, read from these files at
+    /// start ("sasl.password" = "/etc/keywarden/kafka-password"), so that no
+    /// secret sits in the config file or the environment.
+    pub secret_files: BTreeMap<String, PathBuf>,
 }
 
 impl Default for KafkaConfig {
@@ -102,6 +106,7 @@ impl Default for KafkaConfig {
             instance_id: String::new(),
             drain_timeout: HumanDuration(Duration::from_secs(10)),
             properties: BTreeMap::new(),
+            secret_files: BTreeMap::new(),
         }
     }
 }
@@ -421,6 +426,13 @@ impl Config {
         if !(1..=100_000).contains(&k.max_batch) {
             return Err(invalid("kafka.max_batch", &k.max_batch, "a whole number from 1 to 100000"));
         }
+        if let Some(name) = k.properties.keys().find(|name| is_secret_property(name)) {
+            return Err(ConfigError::Invalid {
+                field: "kafka.properties",
+                value: name.clone(),
+                expected: format!("no secret inline: put the value of {name} in a file and name it under [kafka.secret_files]"),
+            });
+        }
         let session_ms: u64 = k.properties.get("session.timeout.ms").and_then(|v| v.parse().ok()).unwrap_or(45_000);
         if k.drain_timeout.0.is_zero() || k.drain_timeout.0 >= Duration::from_millis(session_ms) {
             return Err(invalid(
@@ -515,6 +527,26 @@ impl Config {
     }
 }
 
+/// Property names whose values are credentials.
+fn is_secret_property(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    n.contains("password") || n.contains("secret") || n == "ssl.key.pem" || n == "sasl.oauthbearer.config"
+}
+
+impl KafkaConfig {
+    /// The secret properties, read from their files.
+    pub fn read_secrets(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        self.secret_files
+            .iter()
+            .map(|(name, path)| {
+                std::fs::read_to_string(path)
+                    .map(|v| (name.clone(), v.trim_end_matches(['\n', '\r']).to_string()))
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })
+            })
+            .collect()
+    }
+}
+
 /// Stable for one store on one host, different for two stores: two daemons must
 /// never share a static member id, and one daemon must keep its own across restarts.
 fn derived_instance_id(store: &Path) -> String {
@@ -576,7 +608,7 @@ fn apply_env(value: &mut toml::Value, defaults: &toml::Value, vars: &[(String, S
 
 fn collect_leaves(v: &toml::Value, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, toml::Value)>) {
     match v {
-        toml::Value::Table(t) if prefix.last().map(String::as_str) != Some("properties") => {
+        toml::Value::Table(t) if !matches!(prefix.last().map(String::as_str), Some("properties" | "secret_files")) => {
             for (k, child) in t {
                 prefix.push(k.clone());
                 collect_leaves(child, prefix, out);
@@ -676,6 +708,18 @@ mod tests {
         assert_ne!(a.kafka.instance_id, b.kafka.instance_id);
         let err = Config::load_with_env(None, &env(&[("KEYWARDEN_KAFKA_DRAIN_TIMEOUT", "60s")])).unwrap_err();
         assert!(err.to_string().contains("kafka.drain_timeout"), "{err}");
+    }
+
+    #[test]
+    fn kafka_secrets_come_from_files_never_inline() {
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_KAFKA_PROPERTIES_SASL_PASSWORD", "hunter2")])).unwrap_err();
+        assert!(err.to_string().contains("kafka.secret_files"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret\n").unwrap();
+        let p = dir.path().join("k.toml");
+        std::fs::write(&p, format!("[kafka.secret_files]\n\"sasl.password\" = \"{}\"\n", dir.path().join("pw").display())).unwrap();
+        let c = Config::load_with_env(Some(&p), &[]).unwrap();
+        assert_eq!(c.kafka.read_secrets().unwrap(), vec![("sasl.password".to_string(), "s3cret".to_string())]);
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub enum DaemonError {
     Listen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("the store writer stopped unexpectedly; see the log above")]
     WriterDied,
 }
@@ -60,7 +62,9 @@ pub struct Started {
 }
 
 /// Runs until `shutdown` is cancelled. `on_started` is called once the API listens.
-pub async fn run(config: Config, shutdown: CancellationToken, on_started: impl FnOnce(Started) + Send) -> Result<(), DaemonError> {
+pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: impl FnOnce(Started) + Send) -> Result<(), DaemonError> {
+    let secrets = config.kafka.read_secrets()?;
+    config.kafka.properties.extend(secrets);
     std::fs::create_dir_all(&config.store.path).map_err(|e| {
         StoreError::Open { path: config.store.path.display().to_string(), source: sled::Error::Io(e) }
     })?;
