@@ -27,6 +27,7 @@ use crate::kms::vault::VaultKms;
 use crate::kms::router::{KmsRouter, Route};
 use crate::kms::{Kms, KmsError};
 use crate::metrics::Metrics;
+use crate::store::audit::Audit;
 use crate::store::{Store, StoreError};
 use crate::tell::{Relay, TellError};
 use crate::writer::Writer;
@@ -144,6 +145,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         relay: relay_notify,
     };
     let tokens = Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?);
+    let audit = Arc::new(Audit::new(store.clone()));
     let listener = tokio::net::TcpListener::bind(&config.api.listen)
         .await
         .map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
@@ -154,7 +156,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let api_task = {
         let stop = tasks.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router(state, tokens)).with_graceful_shutdown(stop.cancelled_owned()).await;
+            let _ = axum::serve(listener, router(state, tokens, audit)).with_graceful_shutdown(stop.cancelled_owned()).await;
         })
     };
     let relay_task = tokio::spawn(relay.run(tasks.clone()));

@@ -388,4 +388,17 @@ fn the_api_takes_the_right_token_for_each_door_and_says_nothing_else() {
     }
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(d.dir.path().join("admin.token")).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
+
+    // Every write is in the audit trail with who, what and the outcome, refused
+    // ones included, and the chain verifies.
+    let (_, audit) = d.get("/v1/audit");
+    assert_eq!(audit["chain"], "intact", "{audit}");
+    let entries = audit["entries"].as_array().unwrap();
+    let find = |what: &str| entries.iter().find(|e| e["what"] == what).cloned();
+    let created = find("POST /v1/instances").expect("instance creation audited");
+    assert_eq!(created["who"], "admin");
+    assert_eq!(created["outcome"], 201);
+    let refused = find("POST /v1/keys/auth-key/disable").expect("refused write audited");
+    assert_eq!(refused["outcome"], 401);
+    assert_eq!(refused["who"], "anonymous");
 }

@@ -97,7 +97,7 @@ fn unauthorized() -> Response {
 
 /// Health, readiness and metrics are open; the DEK endpoint takes the DEK token;
 /// everything else takes the admin token.
-pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, mut req: Request, next: Next) -> Response {
+pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return next.run(req).await;
@@ -106,9 +106,11 @@ pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, mut req: Requ
     let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let caller = presented.and_then(|t| tokens.caller(t));
     match (caller, wants_dek) {
-        (Some(Caller::DataPlane), true) | (Some(Caller::Admin), false) => {
-            req.extensions_mut().insert(caller.expect("matched"));
-            next.run(req).await
+        (Some(who @ Caller::DataPlane), true) | (Some(who @ Caller::Admin), false) => {
+            // Carried on the response, for the audit trail wrapped around this layer.
+            let mut response = next.run(req).await;
+            response.extensions_mut().insert(who);
+            response
         }
         _ => unauthorized(),
     }

@@ -26,6 +26,7 @@ use crate::kms::local::LocalKms;
 use crate::kms::router::KmsRouter;
 use crate::kms::{Dek, Kms, KmsError};
 use crate::metrics::Metrics;
+use crate::store::audit::Audit;
 use crate::store::Store;
 use crate::writer::{Writer, WriterError};
 
@@ -88,7 +89,7 @@ impl From<KmsError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-pub fn router(state: AppState, tokens: Arc<auth::Tokens>) -> Router {
+pub fn router(state: AppState, tokens: Arc<auth::Tokens>, audit: Arc<Audit>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -97,12 +98,50 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>) -> Router {
         .route("/v1/keys/{key_id}", get(show_key))
         .route("/v1/keys/{key_id}/{action}", post(operate_key))
         .route("/v1/events/{event_id}", get(show_event))
+        .route("/v1/audit", get(show_audit))
         .route("/v1/instances", post(create_instance).get(list_instances))
         .route("/v1/instances/{id}", get(show_instance).delete(delete_instance))
         .route("/v1/instances/{id}/dek", post(fetch_dek))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README for the API") })
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
+        // Outside the token check, so that refused writes are audited too.
+        .layer(axum::middleware::from_fn_with_state(audit, record_writes))
+}
+
+/// Every write through the API lands in the hash-chained audit trail: which
+/// token, what, and the status answered. DEK fetches are reads and stay out, so
+/// that the data plane's hot path costs no flush.
+async fn record_writes(State(audit): State<Arc<Audit>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    let who = match response.extensions().get::<auth::Caller>() {
+        Some(auth::Caller::Admin) => "admin",
+        Some(auth::Caller::DataPlane) => "dek",
+        None => "anonymous",
+    };
+    let is_write = matches!(method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE") && !path.ends_with("/dek");
+    if is_write {
+        let what = format!("{method} {path}");
+        let status = response.status().as_u16();
+        let result = tokio::task::spawn_blocking(move || audit.record(who, what, status)).await;
+        if !matches!(result, Ok(Ok(_))) {
+            tracing::error!(%path, "cannot write the audit trail; check the store");
+        }
+    }
+    response
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+}
+
+async fn show_audit(State(s): State<AppState>, Query(q): Query<AuditQuery>) -> ApiResult {
+    let entries = s.store.audit(q.limit.unwrap_or(100).min(10_000));
+    let verified = crate::store::audit::verify(&entries);
+    Ok(Json(json!({"entries": entries, "chain": match verified { Ok(()) => "intact".to_string(), Err(e) => e }})).into_response())
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

@@ -4,6 +4,8 @@
 //! the partition offsets that caused them — lands atomically in one `apply_batch`,
 //! and one flush makes the whole batch durable (group commit).
 
+pub mod audit;
+
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -36,6 +38,7 @@ const OUTBOX: &[u8] = b"o/";
 const NOTICES: &[u8] = b"n/";
 const OFFSET: &[u8] = b"p/";
 const KMS: &[u8] = b"m/";
+const AUDIT: &[u8] = b"a/";
 
 fn k(prefix: &[u8], id: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(prefix.len() + id.len());
@@ -213,6 +216,32 @@ impl Store {
         }
         self.tree.apply_batch(batch)?;
         Ok(())
+    }
+
+    /// Flushed: an audit entry that could vanish in a crash would be worthless.
+    pub fn audit_put(&self, entry: &audit::AuditEntry) -> Result<(), StoreError> {
+        let mut key = AUDIT.to_vec();
+        key.extend_from_slice(&entry.seq.to_be_bytes());
+        self.tree.insert(key, encode(entry))?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    /// The newest `limit` audit entries, oldest first.
+    pub fn audit(&self, limit: usize) -> Vec<audit::AuditEntry> {
+        let mut v: Vec<audit::AuditEntry> = self
+            .tree
+            .scan_prefix(AUDIT)
+            .rev()
+            .take(limit)
+            .map(|kv| decode(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1))
+            .collect();
+        v.reverse();
+        v
+    }
+
+    pub fn audit_last(&self) -> Option<audit::AuditEntry> {
+        self.audit(1).pop()
     }
 
     /// Embedded-KMS material. The KMS owns the bytes; the store only keeps them.
