@@ -82,12 +82,20 @@ pub struct Store {
 }
 
 impl Store {
+    /// Waits up to two seconds for the store's lock: a process that is just
+    /// exiting (or a handle just dropped) may still hold it. A second daemon on
+    /// the same store still fails, with the lock error.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        let db = loop {
+            match sled::Config::new().path(path).flush_every_ms(Some(1000)).open() {
+                Ok(db) => break db,
+                Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => return Err(StoreError::Open { path: path.display().to_string(), source }),
+            }
+        };
         let tree = db.open_tree("state").map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
         Ok(Store { db, tree })
     }
@@ -332,13 +340,7 @@ mod tests {
             )
             .unwrap();
         }
-        // sled's background flusher may hold the lock for a moment after drop.
-        let s = (0..100)
-            .find_map(|_| Store::open(dir.path()).ok().or_else(|| {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-                None
-            }))
-            .expect("store reopens");
+        let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.key("k").unwrap().status, KeyStatus::Disabled);
         assert_eq!(s.instance_ids_of("k"), vec!["a".to_string(), "b".to_string()]);
         assert_eq!(s.offset("t", 2), Some(41));
