@@ -114,10 +114,15 @@ impl Relay {
             let notified = self.notify.notified();
             let batch = self.store.notices(32);
             if batch.is_empty() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = notified => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                if !pause(&shutdown, async {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                })
+                .await
+                {
+                    return;
                 }
                 continue;
             }
@@ -145,9 +150,8 @@ impl Relay {
                 tracing::error!(error = %e, "cannot remove delivered notices; they will be sent again");
             }
             if stalled {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !pause(&shutdown, tokio::time::sleep(backoff)).await {
+                    return;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             } else {
@@ -163,10 +167,15 @@ impl Relay {
             let batch = self.store.outbox(ROUND);
             self.metrics.outbox_depth.set(self.store.outbox_len() as i64);
             if batch.is_empty() {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = notified => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                if !pause(&shutdown, async {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                })
+                .await
+                {
+                    return;
                 }
                 continue;
             }
@@ -186,9 +195,8 @@ impl Relay {
             }
             if let Some(e) = failed {
                 tracing::warn!(error = %e, "publishing failed");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !pause(&shutdown, tokio::time::sleep(backoff)).await {
+                    return;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             } else {
@@ -246,6 +254,14 @@ impl Relay {
             tracing::debug!(instance_id = %c.instance_id, key_id = %c.key_id, command_id = %c.command_id, action = %action, "command published");
         }
         Ok(())
+    }
+}
+
+/// Waits for `wake`, or for shutdown; false means shut down.
+async fn pause(shutdown: &CancellationToken, wake: impl std::future::Future<Output = ()>) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = wake => true,
     }
 }
 
