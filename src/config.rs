@@ -56,6 +56,7 @@ pub struct Config {
     pub kms: KmsConfig,
     pub policy: PolicyConfig,
     pub rotation: RotationConfig,
+    pub signatures: SignaturesConfig,
     pub log: LogConfig,
 }
 
@@ -141,6 +142,50 @@ impl Default for ApiConfig {
             dek_token_file: PathBuf::from("keywarden-data/dek.token"),
         }
     }
+}
+
+/// Event authenticity: see `intake::signature`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignaturesConfig {
+    /// Native and CloudEvents messages must carry a valid signature.
+    pub required: bool,
+    /// The HMAC-SHA256 secret this daemon signs its own events with (the
+    /// embedded KMS's) and also accepts; created on first run. Empty: none.
+    pub hmac_key_file: PathBuf,
+    /// The key id that secret goes by in signature headers.
+    pub hmac_key_id: String,
+    /// More keys to accept: partners' Ed25519 public keys, or an old secret
+    /// during a rollover.
+    pub keys: Vec<SignatureKey>,
+}
+
+impl Default for SignaturesConfig {
+    fn default() -> Self {
+        Self { required: true, hmac_key_file: PathBuf::from("keywarden-data/event-hmac.key"), hmac_key_id: "local".into(), keys: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureKey {
+    pub id: String,
+    pub algorithm: SignatureAlgorithm,
+    /// HMAC: the secret; Ed25519: base64 of the 32-byte public key.
+    pub file: PathBuf,
+    /// Topics this key may sign for; empty means every topic consumed.
+    #[serde(default)]
+    pub topics: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum SignatureAlgorithm {
+    #[serde(rename = "hmac-sha256")]
+    #[value(name = "hmac-sha256")]
+    HmacSha256,
+    #[serde(rename = "ed25519")]
+    #[value(name = "ed25519")]
+    Ed25519,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -447,6 +492,26 @@ impl Config {
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", &self.store.path.display(), "a directory path"));
         }
+        let sig = &self.signatures;
+        if !sig.hmac_key_file.as_os_str().is_empty() && !valid_key_id(&sig.hmac_key_id) {
+            return Err(invalid("signatures.hmac_key_id", &sig.hmac_key_id, "1-128 characters of a-z A-Z 0-9 . _ -"));
+        }
+        let mut ids = vec![sig.hmac_key_id.as_str()];
+        for key in &sig.keys {
+            if !valid_key_id(&key.id) || ids.contains(&key.id.as_str()) {
+                return Err(invalid("signatures.keys.id", &key.id, "a unique key id of 1-128 characters of a-z A-Z 0-9 . _ -"));
+            }
+            ids.push(&key.id);
+            if key.file.as_os_str().is_empty() {
+                return Err(invalid("signatures.keys.file", &key.id, "the path of the key's file"));
+            }
+            if let Some(t) = key.topics.iter().find(|t| **t != k.events_topic) {
+                return Err(invalid("signatures.keys.topics", t, &format!("a topic keywarden consumes ({})", k.events_topic)));
+            }
+        }
+        if sig.required && sig.hmac_key_file.as_os_str().is_empty() && sig.keys.is_empty() {
+            return Err(invalid("signatures.keys", &"[]", "at least one key when signatures.required is true"));
+        }
         if SocketAddr::from_str(&self.api.listen).is_err() {
             return Err(invalid("api.listen", &self.api.listen, "an address like 127.0.0.1:8420"));
         }
@@ -556,6 +621,10 @@ fn derived_instance_id(store: &Path) -> String {
     let digest = Sha256::new().chain_update(host.trim()).chain_update([0]).chain_update(path.as_os_str().as_encoded_bytes()).finalize();
     let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
     format!("keywarden-{}-{hex}", host.trim())
+}
+
+fn valid_key_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn valid_topic(t: &str) -> bool {

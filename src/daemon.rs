@@ -17,6 +17,7 @@ use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
 use crate::config::{Config, RemoteLimits};
 use crate::engine::{KeyStatus, Record};
 use crate::intake::fence::Fence;
+use crate::intake::signature::{SignatureError, Signer, Verifier};
 use crate::intake::{Health, Intake, IntakeError};
 use crate::kms::cache::DekCache;
 use crate::kms::aws::AwsKms;
@@ -48,6 +49,8 @@ pub enum DaemonError {
     Listen { addr: String, source: std::io::Error },
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error("the store writer stopped unexpectedly; see the log above")]
@@ -122,8 +125,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let (writer, writer_thread) = Writer::start(store.clone(), fence.clone(), config.kafka.max_batch, on_commit);
 
     let health = Arc::new(Health::default());
-    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone(), kms.clone())?;
-    let relay = Relay::new(store.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone())?;
+    let verifier = Arc::new(Verifier::load(&config.signatures)?);
+    let signer = Signer::from_config(&config.signatures)?.map(Arc::new);
+    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone(), kms.clone(), verifier)?;
+    let relay = Relay::new(store.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?;
     let rotator = Rotator {
         store: store.clone(),
         kms: kms.clone(),

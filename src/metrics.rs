@@ -6,6 +6,7 @@ pub struct Metrics {
     registry: Registry,
     pub events: IntCounterVec,
     pub dead_letters: IntCounterVec,
+    pub security_events: IntCounterVec,
     pub commands: IntCounterVec,
     pub rewraps: IntCounterVec,
     pub dek_requests: IntCounterVec,
@@ -27,6 +28,11 @@ impl Metrics {
             &["reason"],
         )
         .expect("metric");
+        let security_events = IntCounterVec::new(
+            Opts::new("keywarden_security_events_total", "Messages refused for a missing, unknown or forged signature, by reason"),
+            &["reason"],
+        )
+        .expect("metric");
         let commands = IntCounterVec::new(
             Opts::new("keywarden_commands_published_total", "Data-plane commands published, by action"),
             &["action"],
@@ -45,13 +51,13 @@ impl Metrics {
         let outbox_depth = IntGauge::new("keywarden_outbox_depth", "Effects committed but not yet published").expect("metric");
         let build_info = IntGaugeVec::new(Opts::new("keywarden_build_info", "Build information"), &["version"]).expect("metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        for c in [&events, &dead_letters, &commands, &rewraps, &dek_requests] {
+        for c in [&events, &dead_letters, &security_events, &commands, &rewraps, &dek_requests] {
             registry.register(Box::new(c.clone())).expect("register");
         }
         registry.register(Box::new(commit_seconds.clone())).expect("register");
         registry.register(Box::new(outbox_depth.clone())).expect("register");
         registry.register(Box::new(build_info.clone())).expect("register");
-        Metrics { registry, events, dead_letters, commands, rewraps, dek_requests, commit_seconds, outbox_depth, build_info }
+        Metrics { registry, events, dead_letters, security_events, commands, rewraps, dek_requests, commit_seconds, outbox_depth, build_info }
     }
 
     pub fn render(&self) -> String {

@@ -154,6 +154,8 @@ mod tests {
             key_id: "k".into(),
             key_version: None,
             occurred_at: Utc::now(),
+            correlation_id: None,
+            material_destroyed: false,
         };
         let consumed = Consumed { topic: "t".into(), partition: 0, next: 8, generation };
         let pending = w.enqueue(Some(Input::Event { event: event.clone(), at: Utc::now(), kms: None }), Some(consumed)).await.unwrap();
@@ -181,6 +183,8 @@ mod tests {
             key_id: "k".into(),
             key_version: None,
             occurred_at: Utc::now(),
+            correlation_id: None,
+            material_destroyed: false,
         };
         let first = w
             .enqueue(Some(Input::Event { event: event("e1"), at: Utc::now(), kms: None }), Some(Consumed { topic: "t".into(), partition: 3, next: 1, generation: old }))

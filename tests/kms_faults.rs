@@ -93,6 +93,8 @@ fn rotate_event(id: &str, key: &str, version: &str) -> Input {
             key_id: key.into(),
             key_version: Some(version.into()),
             occurred_at: Utc::now(),
+            correlation_id: None,
+            material_destroyed: false,
         },
         at: Utc::now(),
         kms: None,

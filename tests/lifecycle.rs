@@ -314,15 +314,17 @@ fn an_event_from_a_third_party_kafka_client_is_applied() {
     d.create_key("py-key");
     d.create_instance("py-db", "py-key");
     let script = r#"
-import json, sys
+import base64, hashlib, hmac, json, sys
 from confluent_kafka import Producer
 p = Producer({"bootstrap.servers": sys.argv[1]})
 ev = {"event_id": "py-1", "type": "disable", "key_id": "py-key", "occurred_at": "2030-01-01T00:00:00Z", "source": "confluent-kafka"}
-p.produce("key-lifecycle", key="py-key", value=json.dumps(ev))
+body = json.dumps(ev).encode()
+sig = base64.b64encode(hmac.new(sys.argv[2].encode(), body, hashlib.sha256).digest()).decode()
+p.produce("key-lifecycle", key="py-key", value=body, headers=[("keywarden-signature", "kid=local;sig=" + sig)])
 left = p.flush(30)
 sys.exit(1 if left else 0)
 "#;
-    let out = std::process::Command::new("python3").args(["-c", script, &broker.bootstrap]).output().expect("python3");
+    let out = std::process::Command::new("python3").args(["-c", script, &broker.bootstrap, TEST_EVENT_SECRET]).output().expect("python3");
     assert!(
         out.status.success(),
         "confluent-kafka producer failed (pip install confluent-kafka): {}",

@@ -87,11 +87,15 @@ impl Rotator {
         }
         // Adopters rewrap only when the KMS itself reports the key active (Key
         // Protect's rule); an unreachable KMS means: try again later.
+        // The version the KMS rewraps to is its newest, whatever the event named:
+        // events from AWS or Activity Tracker carry no version, only a label.
+        let mut target = job.target_version.clone();
         match self.kms.key_state(&job.key_id).await {
             Ok(state) if state.status != KeyStatus::Active => {
                 tracing::info!(key_id = %job.key_id, state = ?state.status, "kms reports the key not active; rotation waits");
                 return Ok(Pass::Interrupted);
             }
+            Ok(state) if !state.latest_version.is_empty() => target = state.latest_version,
             Err(e) if e.retryable() => {
                 tracing::warn!(key_id = %job.key_id, error = %e, "cannot read the key state; rotation waits");
                 return Ok(Pass::Interrupted);
@@ -106,7 +110,7 @@ impl Rotator {
                 self.store
                     .instance(id)
                     .and_then(|i| i.wrapped)
-                    .map(|w| w.key_version != job.target_version)
+                    .map(|w| w.key_version != target)
                     .unwrap_or(false)
             })
             .collect();
@@ -116,7 +120,7 @@ impl Rotator {
                 .await?;
         }
         tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = todo.len(), "rotation pass");
-        let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &job.target_version)).buffer_unordered(self.config.concurrency);
+        let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &target)).buffer_unordered(self.config.concurrency);
         let mut chunk = Vec::with_capacity(self.config.batch);
         let mut in_flight = None;
         let mut interrupted = false;

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use crate::engine::{instance_state, EventType, InstanceRecord, InstanceState, Input, KeyStatus, Reply, View};
-use crate::intake::native::valid_id;
+use crate::intake::format::valid_id;
 use crate::intake::Health;
 use crate::kms::cache::DekCache;
 use crate::kms::local::LocalKms;
@@ -245,6 +245,8 @@ async fn retry_failed(s: &AppState, key_id: &str) -> ApiResult {
         key_id: key_id.to_string(),
         key_version: Some(version),
         occurred_at: key.last_event_at.unwrap_or_else(Utc::now),
+        correlation_id: None,
+        material_destroyed: false,
     };
     let event_id = event.event_id.clone();
     s.writer.submit(Input::Event { event, at: Utc::now(), kms: None }).await?;

@@ -7,7 +7,7 @@ use reqwest::blocking::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::{Command, InstanceCommand, KeyCommand, Output};
+use super::{Command, EventCommand, InstanceCommand, KeyCommand, Output};
 use crate::text::percent_encode;
 
 pub fn run(base: &str, token: &str, output: Output, command: Command) -> anyhow::Result<ExitCode> {
@@ -35,8 +35,8 @@ pub fn run(base: &str, token: &str, output: Output, command: Command) -> anyhow:
             InstanceCommand::Delete { instance_id } => (Method::DELETE, format!("/v1/instances/{}", percent_encode(&instance_id)), None),
             InstanceCommand::Dek { instance_id } => (Method::POST, format!("/v1/instances/{}/dek", percent_encode(&instance_id)), None),
         },
-        Command::Event { event_id } => (Method::GET, format!("/v1/events/{}", percent_encode(&event_id)), None),
-        Command::Run | Command::CheckConfig | Command::Demo { .. } => unreachable!("handled by the caller"),
+        Command::Event(EventCommand::Show { event_id }) => (Method::GET, format!("/v1/events/{}", percent_encode(&event_id)), None),
+        Command::Run | Command::CheckConfig | Command::Demo { .. } | Command::Event(_) => unreachable!("handled by the caller"),
     };
     let client = Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
     let url = format!("{base}{path}");

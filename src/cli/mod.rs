@@ -3,6 +3,7 @@
 
 mod client;
 mod demo;
+mod event;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,8 +57,29 @@ pub enum Command {
     /// Manage instances and fetch their DEKs.
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// Show consumed events, and sign or emit test events.
+    #[command(subcommand)]
+    Event(EventCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EventCommand {
     /// Show what became of a consumed event.
-    Event { event_id: String },
+    Show { event_id: String },
+    /// Print the signature header for a payload (a file, or - for stdin).
+    Sign {
+        #[arg(default_value = "-")]
+        file: String,
+        #[command(flatten)]
+        key: event::KeyArgs,
+    },
+    /// Build a native lifecycle event, sign it and produce it to the events topic.
+    Emit(event::EmitArgs),
+    /// Create an Ed25519 key pair for a producer: PREFIX.key (private, 0600) and PREFIX.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,6 +152,9 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
             init_tracing_with(&config.log.format, "warn");
             demo::run(config, *exit)
         }
+        Command::Event(EventCommand::Sign { file, key }) => event::sign(&Config::load(cli.config.as_deref())?, file, key),
+        Command::Event(EventCommand::Emit(args)) => event::emit(&Config::load(cli.config.as_deref())?, args),
+        Command::Event(EventCommand::Keygen { out }) => event::keygen(out),
         _ => {
             let config = Config::load(cli.config.as_deref())?;
             let base = match &cli.api {

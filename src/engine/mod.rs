@@ -129,6 +129,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 key_version: Some(inst.key_version.clone()),
                 cause_event_id: request_id,
                 issued_at: at,
+                correlation_id: None,
             };
             let deregister = notice(&inst.key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() });
             decision(vec![Record::Instance(inst), Record::Outbox(effect), Record::Outbox(deregister)], Reply::Done)
@@ -154,12 +155,14 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
             inst.updated_at = at;
             let mut records = Vec::new();
             let mut cause = String::new();
+            let mut correlation_id = None;
             if let Some(mut job) = view.job(&inst.key_id) {
                 job.done += 1;
                 if had_failed {
                     job.failed = job.failed.saturating_sub(1);
                 }
                 cause = job.cause_event_id.clone();
+                correlation_id = job.correlation_id.clone();
                 records.push(Record::Job(job));
             }
             records.push(Record::Outbox(Effect::InstanceCommand {
@@ -169,6 +172,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 key_version: Some(version.clone()),
                 cause_event_id: cause,
                 issued_at: at,
+                correlation_id,
             }));
             records.push(Record::Outbox(notice(&inst.key_id, Notice::Rewrapped { instance_id: inst.instance_id.clone(), key_version: version })));
             records.push(Record::Instance(inst));
@@ -201,6 +205,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                     state: AdopterState::Enabled,
                     key_version: Some(target_version),
                     at,
+                    correlation_id: job.correlation_id.clone(),
                 });
                 decision(vec![Record::Job(job), Record::Outbox(ack)], Reply::Done)
             }
@@ -222,17 +227,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 key.key_id,
                 key.deleted_at.map(|d| d.to_rfc3339()).unwrap_or_default()
             );
-            let mut records = Vec::new();
-            for mut inst in view.instances_of(&key_id) {
-                if inst.wrapped.is_some() {
-                    inst.wrapped = None;
-                    inst.destroyed_at = Some(at);
-                    inst.destroyed_reason = Some(reason.clone());
-                    inst.updated_at = at;
-                    records.push(Record::Outbox(notice(&key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() })));
-                    records.push(Record::Instance(inst));
-                }
-            }
+            let mut records = purge(view, &key_id, &reason, at);
             key.purged_at = Some(at);
             key.updated_at = at;
             records.push(Record::Key(key));
@@ -287,6 +282,7 @@ fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>, kms:
                 state,
                 key_version: key.version.clone(),
                 at,
+                correlation_id: event.correlation_id.clone(),
             })));
         }
     }
@@ -301,6 +297,7 @@ fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>, kms:
         applied_at: at,
         outcome,
         detail: detail.clone(),
+        correlation_id: event.correlation_id,
     }));
     decision(records, Reply::Event { outcome, detail })
 }
@@ -313,6 +310,7 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
             key_version: version,
             cause_event_id: event.event_id.clone(),
             issued_at: at,
+            correlation_id: event.correlation_id.clone(),
         })
     };
     let ignored = |why: &str| (Outcome::Ignored, why.to_string(), vec![]);
@@ -327,6 +325,7 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
                 key_id: key.key_id.clone(),
                 target_version: version.clone(),
                 cause_event_id: event.event_id.clone(),
+                correlation_id: event.correlation_id.clone(),
                 started_at: at,
                 total: None,
                 done: 0,
@@ -352,6 +351,36 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
         }
         (EventType::Enable, KeyStatus::Active) => (Outcome::Applied, "key was already enabled".into(), vec![]),
         (EventType::Enable, KeyStatus::Deleted) => ignored("key is deleted; restore it rather than enable it"),
+        (EventType::Delete, _) if event.material_destroyed && key.purged_at.is_none() => {
+            // Per instance, not key-wide: the relay fans a key-wide command out to
+            // instances that still hold a wrapped DEK, and none will after this.
+            let erase: Vec<Record> = if key.status == KeyStatus::Deleted {
+                vec![]
+            } else {
+                view.instances_of(&key.key_id)
+                    .into_iter()
+                    .filter(|i| i.wrapped.is_some())
+                    .map(|i| {
+                        Record::Outbox(Effect::InstanceCommand {
+                            instance_id: i.instance_id,
+                            key_id: key.key_id.clone(),
+                            action: CommandAction::Erase,
+                            key_version: Some(i.key_version),
+                            cause_event_id: event.event_id.clone(),
+                            issued_at: at,
+                            correlation_id: event.correlation_id.clone(),
+                        })
+                    })
+                    .collect()
+            };
+            key.status = KeyStatus::Deleted;
+            key.deleted_at = key.deleted_at.or(Some(event.occurred_at));
+            key.purged_at = Some(at);
+            let reason = format!("purged: the kms destroyed the material of key {} at {}", key.key_id, event.occurred_at.to_rfc3339());
+            let mut records = erase;
+            records.extend(purge(view, &key.key_id, &reason, at));
+            (Outcome::Applied, "the kms destroyed the key material; wrapped DEKs purged, nothing can restore them".into(), records)
+        }
         (EventType::Delete, KeyStatus::Deleted) => (Outcome::Applied, "key was already deleted".into(), vec![]),
         (EventType::Delete, _) => {
             key.status = KeyStatus::Deleted;
@@ -378,6 +407,23 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
         }
         (EventType::Restore, _) => ignored("key is not deleted; restore changes nothing"),
     }
+}
+
+/// Destroys the wrapped DEKs of a key's instances: afterwards nothing, not even
+/// the KMS, can bring their data back.
+fn purge(view: &impl View, key_id: &str, reason: &str, at: DateTime<Utc>) -> Vec<Record> {
+    let mut records = Vec::new();
+    for mut inst in view.instances_of(key_id) {
+        if inst.wrapped.is_some() {
+            inst.wrapped = None;
+            inst.destroyed_at = Some(at);
+            inst.destroyed_reason = Some(reason.to_string());
+            inst.updated_at = at;
+            records.push(Record::Outbox(notice(key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() })));
+            records.push(Record::Instance(inst));
+        }
+    }
+    records
 }
 
 /// The records of a batch that is not committed yet, layered over a base view so

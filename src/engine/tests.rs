@@ -72,6 +72,8 @@ fn ev(id: &str, kind: EventType, key: &str, at: i64) -> Input {
             key_id: key.into(),
             key_version: (kind == EventType::Rotate).then(|| format!("v-{id}")),
             occurred_at: t(at),
+            correlation_id: None,
+            material_destroyed: false,
         },
         at: t(at),
         kms: None,
@@ -377,3 +379,42 @@ mod ordering {
     }
 }
 
+
+#[test]
+fn destroyed_key_material_purges_at_once_and_nothing_restores_it() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    create(&mut m, "b", "k");
+    let mut destroy = ev("gone", EventType::Delete, "k", 10);
+    if let Input::Event { event, .. } = &mut destroy {
+        event.material_destroyed = true;
+        event.correlation_id = Some("corr-1".into());
+    }
+    m.run(destroy);
+    assert_eq!((m.state("a"), m.state("b")), (InstanceState::Destroyed, InstanceState::Destroyed));
+    let erased: Vec<_> = m
+        .outbox
+        .iter()
+        .filter_map(|e| match e {
+            Effect::InstanceCommand { action: CommandAction::Erase, instance_id, correlation_id, .. } => Some((instance_id.clone(), correlation_id.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(erased.len(), 2, "each instance is told to erase: {erased:?}");
+    assert!(erased.iter().all(|(_, c)| c.as_deref() == Some("corr-1")));
+    m.run(ev("r", EventType::Restore, "k", 20));
+    assert_eq!(m.state("a"), InstanceState::Destroyed);
+}
+
+#[test]
+fn the_correlation_id_reaches_commands_and_the_acknowledgement() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    let mut disable = ev("d", EventType::Disable, "k", 10);
+    if let Input::Event { event, .. } = &mut disable {
+        event.correlation_id = Some("corr-9".into());
+    }
+    m.run(disable);
+    assert!(m.outbox.iter().any(|e| matches!(e, Effect::KeyCommands { correlation_id: Some(c), .. } if c == "corr-9")));
+    assert!(m.notices.iter().any(|n| matches!(n, Notice::Acknowledge { correlation_id: Some(c), .. } if c == "corr-9")));
+}

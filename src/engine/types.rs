@@ -45,6 +45,15 @@ pub struct LifecycleEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_version: Option<String>,
     pub occurred_at: DateTime<Utc>,
+    /// The KMS's id for the request that caused the event (Key Protect's
+    /// `correlationId`); carried to logs, records, commands and acknowledgements
+    /// so that both sides can follow one request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    /// The KMS destroyed the key material itself (AWS "KMS CMK Deletion"): the
+    /// wrapped DEKs can never be unwrapped again, so they are purged at once.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub material_destroyed: bool,
 }
 
 /// keywarden's view of a root key, built from the events it applied.
@@ -170,6 +179,8 @@ pub struct RotationJob {
     pub key_id: String,
     pub target_version: String,
     pub cause_event_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
     pub started_at: DateTime<Utc>,
     /// Instances that needed a rewrap when the job was planned.
     pub total: Option<u64>,
@@ -199,6 +210,8 @@ pub struct EventRecord {
     pub applied_at: DateTime<Utc>,
     pub outcome: Outcome,
     pub detail: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -221,6 +234,8 @@ pub enum Effect {
         key_version: Option<String>,
         cause_event_id: String,
         issued_at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        correlation_id: Option<String>,
     },
     InstanceCommand {
         instance_id: String,
@@ -229,6 +244,8 @@ pub enum Effect {
         key_version: Option<String>,
         cause_event_id: String,
         issued_at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        correlation_id: Option<String>,
     },
     /// A lifecycle event emitted by the embedded KMS, as a real KMS would.
     LifecycleEvent { key_id: String, payload: String },
@@ -245,7 +262,14 @@ pub enum Notice {
     Registered { instance_id: String, key_version: String },
     Rewrapped { instance_id: String, key_version: String },
     Deregistered { instance_id: String },
-    Acknowledge { event_id: String, state: AdopterState, key_version: Option<String>, at: DateTime<Utc> },
+    Acknowledge {
+        event_id: String,
+        state: AdopterState,
+        key_version: Option<String>,
+        at: DateTime<Utc>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        correlation_id: Option<String>,
+    },
 }
 
 /// The adopter's state of its DEKs, as Key Protect's event acknowledgement names it.

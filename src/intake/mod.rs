@@ -3,8 +3,13 @@
 //! effect; a message that is not an event goes to the dead-letter topic with its
 //! original bytes, and its offset then advances through the same path.
 
+pub mod activity_tracker;
+pub mod cloudevents;
+pub mod eventbridge;
 pub mod fence;
+pub mod format;
 pub mod native;
+pub mod signature;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,6 +32,8 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::writer::{Consumed, Pending, Writer, WriterError};
 use fence::{Fence, Partition};
+use format::{Decoded, Incoming};
+use signature::Verifier;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -36,10 +43,18 @@ pub enum DecodeError {
     TooLarge(usize),
     #[error("payload is not JSON: {0}")]
     NotJson(String),
+    #[error("payload is {what}; expected one of: {expected}")]
+    UnknownFormat { what: String, expected: String },
     #[error("field {field} {problem}")]
     Field { field: &'static str, problem: String },
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{format} event: {source}")]
+    InFormat { format: &'static str, source: Box<DecodeError> },
     #[error("message key {message_key:?} is not the event's key_id {key_id:?}; produce with the key id as the message key so that a key's events stay ordered")]
     KeyMismatch { message_key: String, key_id: String },
+    #[error(transparent)]
+    Signature(#[from] signature::SignatureError),
 }
 
 impl DecodeError {
@@ -49,9 +64,17 @@ impl DecodeError {
             DecodeError::Empty => "empty",
             DecodeError::TooLarge(_) => "too_large",
             DecodeError::NotJson(_) => "not_json",
+            DecodeError::UnknownFormat { .. } => "unknown_format",
             DecodeError::Field { .. } => "invalid_field",
+            DecodeError::Unsupported(_) => "unsupported",
+            DecodeError::InFormat { source, .. } => source.class(),
             DecodeError::KeyMismatch { .. } => "key_mismatch",
+            DecodeError::Signature(e) => e.class(),
         }
+    }
+
+    pub fn in_format(self, format: &'static str) -> DecodeError {
+        DecodeError::InFormat { format, source: Box::new(self) }
     }
 }
 
@@ -146,6 +169,7 @@ pub struct Intake {
     fence: Arc<Fence>,
     health: Arc<Health>,
     kms: Arc<dyn Kms>,
+    verifier: Arc<Verifier>,
 }
 
 struct Ack {
@@ -153,7 +177,16 @@ struct Ack {
     topic: String,
     partition: i32,
     offset: i64,
-    label: Option<(String, String, &'static str)>,
+    label: Option<Label>,
+}
+
+/// What the log line and metrics say about a handled event.
+struct Label {
+    event_id: String,
+    key_id: String,
+    kind: &'static str,
+    correlation_id: Option<String>,
+    format: &'static str,
 }
 
 impl Intake {
@@ -167,6 +200,7 @@ impl Intake {
         health: Arc<Health>,
         metrics: Arc<Metrics>,
         kms: Arc<dyn Kms>,
+        verifier: Arc<Verifier>,
     ) -> Result<Intake, IntakeError> {
         let mut cfg = crate::broker::client_config(kafka, bootstrap);
         cfg.set("group.id", &kafka.group_id)
@@ -193,7 +227,7 @@ impl Intake {
             .set("message.timeout.ms", "30000")
             .create()
             .map_err(IntakeError::Consumer)?;
-        Ok(Intake { consumer: Arc::new(consumer), dlq, kafka: kafka.clone(), writer, metrics, fence, health, kms })
+        Ok(Intake { consumer: Arc::new(consumer), dlq, kafka: kafka.clone(), writer, metrics, fence, health, kms, verifier })
     }
 
     /// Consumes until `shutdown`, then drains acknowledgements and commits offsets.
@@ -241,14 +275,35 @@ impl Intake {
                 continue;
             };
             let consumed = Consumed { topic: topic.clone(), partition, next: offset + 1, generation };
-            let (input, label) = match decode_message(&msg) {
-                Ok(event) => {
-                    tracing::debug!(event_id = %event.event_id, key_id = %event.key_id, r#type = %event.kind, partition, offset, "event received");
-                    let label = Some((event.event_id.clone(), event.key_id.clone(), event.kind.as_str()));
+            let (input, label) = match decode_message(&msg, &self.verifier) {
+                Ok(Decoded { event, format }) => {
+                    tracing::debug!(
+                        event_id = %event.event_id,
+                        key_id = %event.key_id,
+                        r#type = %event.kind,
+                        correlation_id = event.correlation_id.as_deref().unwrap_or(""),
+                        format = format.name,
+                        partition,
+                        offset,
+                        "event received"
+                    );
+                    let label = Label {
+                        event_id: event.event_id.clone(),
+                        key_id: event.key_id.clone(),
+                        kind: event.kind.as_str(),
+                        correlation_id: event.correlation_id.clone(),
+                        format: format.name,
+                    };
                     let kms = self.confirm(&event).await;
-                    (Some(Input::Event { event, at: Utc::now(), kms }), label)
+                    (Some(Input::Event { event, at: Utc::now(), kms }), Some(label))
                 }
                 Err(reason) => {
+                    if let DecodeError::Signature(e) = &reason {
+                        if e.is_security_event() {
+                            self.metrics.security_events.with_label_values(&[e.class()]).inc();
+                            tracing::error!(topic = %topic, partition, offset, reason = %e, "refused a message that is not signed by a configured key; it is never applied");
+                        }
+                    }
                     if !self.dead_letter(&msg, &reason, shutdown).await {
                         return Ok(());
                     }
@@ -324,16 +379,21 @@ impl Intake {
     }
 }
 
-fn decode_message(msg: &BorrowedMessage<'_>) -> Result<crate::engine::LifecycleEvent, DecodeError> {
-    let payload = msg.payload().filter(|p| !p.is_empty()).ok_or(DecodeError::Empty)?;
-    let event = native::decode(payload)?;
+/// Detects the format, checks the signature before believing anything in the
+/// payload, then decodes.
+fn decode_message(msg: &BorrowedMessage<'_>, verifier: &Verifier) -> Result<Decoded, DecodeError> {
+    let headers = msg.headers().map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect()).unwrap_or_default();
+    let incoming = Incoming { key: msg.key(), payload: msg.payload().unwrap_or_default(), headers };
+    let format = format::detect(&incoming)?;
+    verifier.check(msg.topic(), &incoming, format.name, format.signed)?;
+    let event = (format.decode)(&incoming).map_err(|e| e.in_format(format.name))?;
     if let Some(k) = msg.key() {
         let key = String::from_utf8_lossy(k);
         if key != event.key_id {
             return Err(DecodeError::KeyMismatch { message_key: key.into_owned(), key_id: event.key_id });
         }
     }
-    Ok(event)
+    Ok(Decoded { event, format })
 }
 
 /// Waits for each input to be durable, in order, then stores its offset for the
@@ -356,15 +416,24 @@ async fn acknowledge(
                 return Err(IntakeError::Writer);
             }
         };
-        if let (Some((event_id, key_id, kind)), Reply::Event { outcome, detail }) = (&ack.label, &reply) {
+        if let (Some(label), Reply::Event { outcome, detail }) = (&ack.label, &reply) {
             let outcome_label = match outcome {
                 Outcome::Applied => "applied",
                 Outcome::Duplicate => "duplicate",
                 Outcome::Stale => "stale",
                 Outcome::Ignored => "ignored",
             };
-            metrics.events.with_label_values(&[kind, outcome_label]).inc();
-            tracing::info!(%event_id, %key_id, r#type = kind, outcome = outcome_label, %detail, "event handled");
+            metrics.events.with_label_values(&[label.kind, outcome_label]).inc();
+            tracing::info!(
+                event_id = %label.event_id,
+                key_id = %label.key_id,
+                r#type = label.kind,
+                correlation_id = label.correlation_id.as_deref().unwrap_or(""),
+                format = label.format,
+                outcome = outcome_label,
+                %detail,
+                "event handled"
+            );
         }
         if let Err(e) = consumer.store_offset(&ack.topic, ack.partition, ack.offset) {
             // The partition was revoked meanwhile; the store already holds the offset.

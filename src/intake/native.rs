@@ -1,14 +1,27 @@
 //! keywarden's native event format:
-//! `{"event_id", "type", "key_id", "key_version"?, "occurred_at"}`, JSON, ≤ 64 KiB.
+//! `{"event_id", "type", "key_id", "key_version"?, "occurred_at", "correlation_id"?}`,
+//! JSON, ≤ 64 KiB.
 //! Unknown fields are ignored so producers can add their own.
 
-use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
+use super::format::{self, optional, string, timestamp, Format, Incoming, Probe};
 use super::DecodeError;
 use crate::engine::{EventType, LifecycleEvent};
 
-pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+pub use super::format::MAX_EVENT_BYTES;
+
+pub static FORMAT: Format = Format {
+    name: "native",
+    expects: "event_id, type, key_id, key_version for rotate, occurred_at",
+    signed: true,
+    detect,
+    decode: |m| decode(m.payload),
+};
+
+fn detect(_: &Incoming<'_>, probe: Option<&Probe>) -> bool {
+    probe.is_some_and(|p| p.has("event_id") || p.has("key_id"))
+}
 
 #[derive(Deserialize)]
 struct Wire {
@@ -18,35 +31,11 @@ struct Wire {
     key_id: Option<serde_json::Value>,
     key_version: Option<serde_json::Value>,
     occurred_at: Option<serde_json::Value>,
+    correlation_id: Option<serde_json::Value>,
 }
 
-fn string_field(name: &'static str, v: Option<serde_json::Value>, max: usize) -> Result<String, DecodeError> {
-    let v = v.ok_or(DecodeError::Field { field: name, problem: "is missing".into() })?;
-    let s = v.as_str().ok_or(DecodeError::Field { field: name, problem: "must be a string".into() })?;
-    valid_id(name, s, max)?;
-    Ok(s.to_string())
-}
-
-/// Ids end up in store keys, logs and headers: no control characters, bounded length.
-pub fn valid_id(name: &'static str, s: &str, max: usize) -> Result<(), DecodeError> {
-    let len = s.chars().count();
-    if len == 0 || len > max {
-        return Err(DecodeError::Field { field: name, problem: format!("must be 1-{max} characters, got {len}") });
-    }
-    if s.chars().any(char::is_control) {
-        return Err(DecodeError::Field { field: name, problem: "must not contain control characters".into() });
-    }
-    Ok(())
-}
-
-pub fn decode(payload: &[u8]) -> Result<LifecycleEvent, DecodeError> {
-    if payload.len() > MAX_EVENT_BYTES {
-        return Err(DecodeError::TooLarge(payload.len()));
-    }
-    let wire: Wire = serde_json::from_slice(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
-    let event_id = string_field("event_id", wire.event_id, 128)?;
-    let kind_text = string_field("type", wire.kind, 16)?;
-    let kind = match kind_text.as_str() {
+pub fn kind(text: &str) -> Result<EventType, DecodeError> {
+    Ok(match text {
         "rotate" => EventType::Rotate,
         "disable" => EventType::Disable,
         "enable" => EventType::Enable,
@@ -58,20 +47,24 @@ pub fn decode(payload: &[u8]) -> Result<LifecycleEvent, DecodeError> {
                 problem: format!("{other:?} is not one of rotate, disable, enable, delete, restore"),
             })
         }
-    };
-    let key_id = string_field("key_id", wire.key_id, 256)?;
-    let key_version = match wire.key_version {
-        None | Some(serde_json::Value::Null) if kind == EventType::Rotate => {
-            return Err(DecodeError::Field { field: "key_version", problem: "is required for rotate".into() })
-        }
-        None | Some(serde_json::Value::Null) => None,
-        v => Some(string_field("key_version", v, 256)?),
-    };
-    let at_text = string_field("occurred_at", wire.occurred_at, 64)?;
-    let occurred_at = DateTime::parse_from_rfc3339(&at_text)
-        .map_err(|e| DecodeError::Field { field: "occurred_at", problem: format!("{at_text:?} is not RFC 3339 ({e})") })?
-        .with_timezone(&Utc);
-    Ok(LifecycleEvent { event_id, kind, key_id, key_version, occurred_at })
+    })
+}
+
+pub fn decode(payload: &[u8]) -> Result<LifecycleEvent, DecodeError> {
+    if payload.len() > MAX_EVENT_BYTES {
+        return Err(DecodeError::TooLarge(payload.len()));
+    }
+    let wire: Wire = format::parse(payload)?;
+    let event_id = string("event_id", wire.event_id, 128)?;
+    let kind = kind(&string("type", wire.kind, 16)?)?;
+    let key_id = string("key_id", wire.key_id, 256)?;
+    let key_version = optional("key_version", wire.key_version, 256)?;
+    if kind == EventType::Rotate && key_version.is_none() {
+        return Err(DecodeError::Field { field: "key_version", problem: "is required for rotate".into() });
+    }
+    let occurred_at = timestamp("occurred_at", &string("occurred_at", wire.occurred_at, 64)?)?;
+    let correlation_id = optional("correlation_id", wire.correlation_id, 128)?;
+    Ok(LifecycleEvent { event_id, kind, key_id, key_version, occurred_at, correlation_id, material_destroyed: false })
 }
 
 #[cfg(test)]
@@ -95,7 +88,7 @@ mod tests {
             (br#"{"event_id":"e","type":"explode","key_id":"k","occurred_at":"2026-01-01T00:00:00Z"}"#, "not one of"),
             (br#"{"event_id":"e","type":"rotate","key_id":"k","occurred_at":"2026-01-01T00:00:00Z"}"#, "key_version is required"),
             (br#"{"event_id":"e","type":"disable","key_id":"","occurred_at":"2026-01-01T00:00:00Z"}"#, "key_id must be 1-256"),
-            (br#"{"event_id":"e","type":"disable","key_id":"k","occurred_at":"yesterday"}"#, "not RFC 3339"),
+            (br#"{"event_id":"e","type":"disable","key_id":"k","occurred_at":"yesterday"}"#, "not an RFC 3339"),
             (br#"{"event_id":7,"type":"disable","key_id":"k","occurred_at":"2026-01-01T00:00:00Z"}"#, "must be a string"),
         ];
         for (input, expected) in cases {

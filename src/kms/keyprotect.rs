@@ -126,7 +126,7 @@ impl KeyProtect {
     /// A call under the key: `path` follows `/api/v2/keys/{id}`.
     async fn call(&self, method: reqwest::Method, key_id: &str, path: &str, body: Option<Value>) -> Result<Value, KmsError> {
         let (_, key) = locate(key_id, &self.instance_id);
-        self.request(method, key_id, &format!("/keys/{key}{path}"), path, body, KEY_ACTION).await
+        self.request(method, key_id, &format!("/keys/{key}{path}"), path, body, KEY_ACTION, None).await
     }
 
     /// Any call on the key's instance: `api_path` follows `/api/v2`.
@@ -138,6 +138,7 @@ impl KeyProtect {
         path: &str,
         body: Option<Value>,
         content_type: &str,
+        correlation_id: Option<&str>,
     ) -> Result<Value, KmsError> {
         let (instance, _) = locate(key_id, &self.instance_id);
         let url = format!("{}/api/v2{api_path}", self.endpoint);
@@ -149,7 +150,8 @@ impl KeyProtect {
                 .request(method.clone(), &url)
                 .header("authorization", format!("Bearer {}", token.as_str()))
                 .header("bluemix-instance", instance)
-                .header("correlation-id", uuid::Uuid::new_v4().to_string())
+                // Key Protect asks adopters to answer an event under its own id.
+                .header("correlation-id", correlation_id.map(str::to_owned).unwrap_or_else(|| uuid::Uuid::new_v4().to_string()))
                 .header("accept", "application/json");
             if !self.key_ring.is_empty() {
                 req = req.header("x-kms-key-ring", &self.key_ring);
@@ -250,26 +252,26 @@ impl Kms for KeyProtect {
         let result = match notice {
             Notice::Registered { instance_id, .. } => {
                 let body = input(json!({"description": format!("keywarden instance {instance_id}"), "preventKeyDeletion": self.prevent_key_deletion}));
-                self.request(reqwest::Method::POST, key_id, &registration(instance_id), "registrations", Some(body), "application/json").await
+                self.request(reqwest::Method::POST, key_id, &registration(instance_id), "registrations", Some(body), "application/json", None).await
             }
             Notice::Rewrapped { instance_id, key_version } => {
                 let body = input(json!({"keyVersionId": key_version}));
-                self.request(reqwest::Method::PATCH, key_id, &registration(instance_id), "registrations", Some(body), "application/json").await
+                self.request(reqwest::Method::PATCH, key_id, &registration(instance_id), "registrations", Some(body), "application/json", None).await
             }
             Notice::Deregistered { instance_id } => {
-                match self.request(reqwest::Method::DELETE, key_id, &registration(instance_id), "registrations", None, "application/json").await {
+                match self.request(reqwest::Method::DELETE, key_id, &registration(instance_id), "registrations", None, "application/json", None).await {
                     // Already gone (the key was purged, or a retry after a crash).
                     Err(KmsError::UnknownKey(_)) => Ok(Value::Null),
                     other => other,
                 }
             }
-            Notice::Acknowledge { event_id, state, key_version, at } => {
+            Notice::Acknowledge { event_id, state, key_version, at, correlation_id } => {
                 let mut resource = json!({"eventId": event_id, "adopterKeyState": state, "timestamp": at.to_rfc3339()});
                 if let (AdopterState::Enabled, Some(v)) = (state, key_version) {
                     resource["keyStateData"] = json!({"rewrappedKeyVersion": v});
                 }
                 let body = json!({"metadata": {"collectionType": "application/vnd.ibm.kms.event_acknowledge+json", "collectionTotal": 1}, "resources": [resource]});
-                self.request(reqwest::Method::POST, key_id, "/event_ack", "event_ack", Some(body), "application/json").await
+                self.request(reqwest::Method::POST, key_id, "/event_ack", "event_ack", Some(body), "application/json", correlation_id.as_deref()).await
             }
         };
         result.map(|_| ())

@@ -237,6 +237,8 @@ impl LocalKms {
             key_id: key_id.to_string(),
             key_version: key_version.or_else(|| file.versions.last().map(|v| v.version.clone())),
             occurred_at: now,
+            correlation_id: None,
+            material_destroyed: false,
         };
         self.save(&file, Some(&event))?;
         Ok(Emitted { event })

@@ -357,6 +357,7 @@ mod tests {
             key_version: None,
             cause_event_id: n.into(),
             issued_at: Utc::now(),
+            correlation_id: None,
         };
         s.commit(&[Record::Outbox(effect("a")), Record::Outbox(effect("b"))], true).unwrap();
         s.commit(&[Record::Outbox(effect("c"))], true).unwrap();

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KafkaConfig;
+use crate::intake::signature::{Signer, HEADER as SIGNATURE_HEADER};
 use crate::engine::{CommandAction, Effect};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
@@ -42,6 +44,8 @@ pub struct Command {
     pub key_version: Option<String>,
     pub cause_event_id: String,
     pub issued_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
 }
 
 const COMMAND_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b65_7977_6172_6465_6e00_636f_6d6d_616e);
@@ -56,6 +60,7 @@ impl Command {
         key_version: Option<String>,
         cause_event_id: &str,
         issued_at: DateTime<Utc>,
+        correlation_id: Option<String>,
     ) -> Command {
         let action_name = serde_json::to_string(&action).expect("actions serialize");
         let name = format!("{cause_event_id}\0{instance_id}\0{action_name}");
@@ -67,6 +72,7 @@ impl Command {
             key_version,
             cause_event_id: cause_event_id.to_string(),
             issued_at,
+            correlation_id,
         }
     }
 }
@@ -78,6 +84,9 @@ pub struct Relay {
     kafka: KafkaConfig,
     notify: Arc<Notify>,
     metrics: Arc<Metrics>,
+    /// Signs the embedded KMS's events, so that they pass the same check as
+    /// anyone else's.
+    signer: Option<Arc<Signer>>,
 }
 
 /// Effects handled per round; a key-wide command counts as one.
@@ -91,13 +100,14 @@ impl Relay {
         bootstrap: &str,
         notify: Arc<Notify>,
         metrics: Arc<Metrics>,
+        signer: Option<Arc<Signer>>,
     ) -> Result<Relay, TellError> {
         let producer = crate::broker::client_config(kafka, bootstrap)
             .set("message.timeout.ms", "30000")
             .set("linger.ms", "2")
             .create()
             .map_err(TellError::Producer)?;
-        Ok(Relay { store, kms, producer, kafka: kafka.clone(), notify, metrics })
+        Ok(Relay { store, kms, producer, kafka: kafka.clone(), notify, metrics, signer })
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -207,7 +217,7 @@ impl Relay {
 
     async fn publish(&self, effect: &Effect) -> Result<(), TellError> {
         match effect {
-            Effect::KeyCommands { key_id, action, key_version, cause_event_id, issued_at } => {
+            Effect::KeyCommands { key_id, action, key_version, cause_event_id, issued_at, correlation_id } => {
                 // Fan out to the instances the key protects now, including those
                 // created after the event: they all share the key's fate.
                 let commands: Vec<Command> = self
@@ -216,18 +226,23 @@ impl Relay {
                     .into_iter()
                     .filter_map(|id| crate::engine::View::instance(&self.store, &id))
                     .filter(|inst| inst.wrapped.is_some())
-                    .map(|inst| Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at))
+                    .map(|inst| Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
                     .collect();
                 self.send_commands(&commands).await
             }
-            Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at } => {
-                let c = Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at);
+            Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id } => {
+                let c = Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone());
                 self.send_commands(std::slice::from_ref(&c)).await
             }
             Effect::LifecycleEvent { key_id, payload } => {
                 let topic = &self.kafka.events_topic;
+                let signature = self.signer.as_ref().map(|s| s.sign(payload.as_bytes()));
+                let mut record = FutureRecord::to(topic).key(key_id).payload(payload);
+                if let Some(sig) = &signature {
+                    record = record.headers(OwnedHeaders::new().insert(Header { key: SIGNATURE_HEADER, value: Some(sig.as_str()) }));
+                }
                 self.producer
-                    .send(FutureRecord::to(topic).key(key_id).payload(payload), Duration::from_secs(10))
+                    .send(record, Duration::from_secs(10))
                     .await
                     .map_err(|(source, _)| TellError::Publish { topic: topic.clone(), source })?;
                 tracing::info!(%key_id, "lifecycle event published");
@@ -272,9 +287,9 @@ mod tests {
     #[test]
     fn a_resent_command_keeps_its_id() {
         let at = Utc::now();
-        let a = Command::new("i", "k", CommandAction::Revoke, None, "e1", at);
-        let b = Command::new("i", "k", CommandAction::Revoke, None, "e1", at);
-        let c = Command::new("i", "k", CommandAction::Restore, None, "e1", at);
+        let a = Command::new("i", "k", CommandAction::Revoke, None, "e1", at, None);
+        let b = Command::new("i", "k", CommandAction::Revoke, None, "e1", at, None);
+        let c = Command::new("i", "k", CommandAction::Restore, None, "e1", at, None);
         assert_eq!(a.command_id, b.command_id);
         assert_ne!(a.command_id, c.command_id);
         let json = serde_json::to_value(&a).unwrap();

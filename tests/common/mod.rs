@@ -155,6 +155,10 @@ impl Daemon {
     fn spawn(&mut self) {
         let (bootstrap, port) = (self.bootstrap.clone(), self.port);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("keywarden.log")).unwrap();
+        // Every test daemon accepts events signed with the one test secret, so
+        // that `produce` can sign without knowing which daemon reads.
+        let secret = self.dir.path().join("event-hmac.key");
+        std::fs::write(&secret, TEST_EVENT_SECRET).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keywarden"));
         cmd.arg("run")
             .env("KEYWARDEN_KAFKA_BROKERS", bootstrap)
@@ -163,6 +167,7 @@ impl Daemon {
             .env("KEYWARDEN_API_LISTEN", format!("127.0.0.1:{port}"))
             .env("KEYWARDEN_API_ADMIN_TOKEN_FILE", self.dir.path().join("admin.token"))
             .env("KEYWARDEN_API_DEK_TOKEN_FILE", self.dir.path().join("dek.token"))
+            .env("KEYWARDEN_SIGNATURES_HMAC_KEY_FILE", &secret)
             .env("KEYWARDEN_LOG", "info,keywarden=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -338,8 +343,21 @@ pub fn producer(bootstrap: &str) -> BaseProducer {
     ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "0").create().unwrap()
 }
 
+/// The HMAC secret every test daemon is given (signatures.hmac_key_file).
+pub const TEST_EVENT_SECRET: &str = "keywarden-test-event-signing-secret-0123456789";
+
+/// Produces an event signed as a trusted producer would.
 pub fn produce(p: &BaseProducer, topic: &str, key: Option<&str>, payload: &[u8]) {
-    let mut rec = BaseRecord::<str, [u8]>::to(topic).payload(payload);
+    let sig = keywarden::intake::signature::Signer::hmac("local", TEST_EVENT_SECRET.as_bytes()).sign(payload);
+    produce_with_headers(p, topic, key, payload, &[(keywarden::intake::signature::HEADER, &sig)]);
+}
+
+pub fn produce_with_headers(p: &BaseProducer, topic: &str, key: Option<&str>, payload: &[u8], headers: &[(&str, &str)]) {
+    let mut owned = rdkafka::message::OwnedHeaders::new();
+    for (k, v) in headers {
+        owned = owned.insert(rdkafka::message::Header { key: k, value: Some(*v) });
+    }
+    let mut rec = BaseRecord::<str, [u8]>::to(topic).payload(payload).headers(owned);
     if let Some(k) = key {
         rec = rec.key(k);
     }

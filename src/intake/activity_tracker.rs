@@ -1,0 +1,154 @@
+//! IBM Key Protect events as IBM Cloud Activity Tracker (or IBM Cloud Logs)
+//! records them: CADF JSON, routed to Kafka. `action` is `kms.secrets.<verb>`,
+//! the key is `target.id` (its CRN, which keywarden uses as the key id, so
+//! register Key Protect keys by CRN), the time is `eventTime`, and only a
+//! `success` outcome happened. `correlationId` is carried through, as Key
+//! Protect asks of its adopters.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::format::{self, optional, string, timestamp, Format, Incoming, Probe};
+use super::DecodeError;
+use crate::engine::{EventType, LifecycleEvent};
+
+pub static FORMAT: Format = Format {
+    name: "activity-tracker",
+    expects: "CADF with action kms.secrets.*, target.id (a key CRN), eventTime, outcome",
+    signed: false,
+    detect: |_: &Incoming<'_>, probe: Option<&Probe>| probe.and_then(|p| p.str("action")).is_some_and(|a| a.starts_with("kms.")),
+    decode,
+};
+
+#[derive(Deserialize)]
+struct Wire {
+    id: Option<Value>,
+    action: Option<Value>,
+    #[serde(rename = "eventTime")]
+    event_time: Option<Value>,
+    outcome: Option<Value>,
+    #[serde(rename = "correlationId")]
+    correlation_id: Option<Value>,
+    #[serde(default)]
+    target: Value,
+    #[serde(default, rename = "responseData")]
+    response: Value,
+    #[serde(default, rename = "requestData")]
+    request: Value,
+}
+
+fn decode(msg: &Incoming<'_>) -> Result<LifecycleEvent, DecodeError> {
+    let w: Wire = format::parse(msg.payload)?;
+    let action = string("action", w.action, 128)?;
+    let kind = match action.as_str() {
+        "kms.secrets.rotate" => EventType::Rotate,
+        "kms.secrets.disable" => EventType::Disable,
+        "kms.secrets.enable" => EventType::Enable,
+        "kms.secrets.delete" => EventType::Delete,
+        "kms.secrets.restore" => EventType::Restore,
+        other => {
+            return Err(DecodeError::Unsupported(format!(
+                "action {other:?} is not a lifecycle action; expected kms.secrets.rotate, disable, enable, delete or restore (filter the route on action)"
+            )))
+        }
+    };
+    let outcome = string("outcome", w.outcome, 32)?;
+    if outcome != "success" {
+        return Err(DecodeError::Unsupported(format!("outcome is {outcome:?}: the {action} request did not happen")));
+    }
+    let at_text = string("eventTime", w.event_time, 64)?;
+    let occurred_at = timestamp("eventTime", &at_text)?;
+    let key_id = string("target.id", w.target.get("id").cloned(), 256)?;
+    if !(key_id.starts_with("crn:") && key_id.contains(":key:")) {
+        return Err(DecodeError::Field { field: "target.id", problem: format!("{key_id:?} is not a Key Protect key CRN (crn:...:key:<id>)") });
+    }
+    let correlation_id = optional("correlationId", w.correlation_id, 128)?;
+    // Activity Tracker may not give the event an id of its own; the request's
+    // correlation id plus the action then names it, stable across redeliveries.
+    let event_id = match (optional("id", w.id, 128)?, &correlation_id) {
+        (Some(id), _) => id,
+        (None, Some(c)) => format!("{c}:{action}"),
+        (None, None) => return Err(DecodeError::Field { field: "correlationId", problem: "is missing, and so is id; one is needed to recognise redeliveries".into() }),
+    };
+    let key_version = match kind {
+        EventType::Rotate => Some(
+            [&w.response["keyVersion"]["id"], &w.response["keyVersionId"], &w.request["keyVersionId"]]
+                .into_iter()
+                .find_map(Value::as_str)
+                .filter(|v| format::valid_id("keyVersion", v, 256).is_ok())
+                .map(str::to_owned)
+                // Key Protect reports its newest version when asked; the rotation uses that.
+                .unwrap_or_else(|| format!("kp-rotation-{}", occurred_at.format("%Y%m%dT%H%M%SZ"))),
+        ),
+        _ => None,
+    };
+    Ok(LifecycleEvent { event_id, kind, key_id, key_version, occurred_at, correlation_id, material_destroyed: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::intake::format::decode as detect_and_decode;
+
+    const CRN: &str = "crn:v1:bluemix:public:kms:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:12e8c9c2-a162-472d-b7d6-8b9a86b815a6:key:2e4f5b0d-f8e3-4b4b-9d1c-3f2a7f4d2e1a";
+
+    /// Shaped like the Activity Tracker samples in the Key Protect docs.
+    fn at_event(action: &str) -> serde_json::Value {
+        serde_json::json!({
+            "initiator": {"id": "IBMid-550006NJ23", "typeURI": "service/security/account/user", "name": "alice@example.com",
+                          "host": {"address": "192.0.2.10"}, "credential": {"type": "token"}},
+            "target": {"id": CRN, "name": "root-key-prod", "typeURI": "kms/secrets"},
+            "observer": {"name": "ActivityTracker"},
+            "action": action,
+            "outcome": "success",
+            "reason": {"reasonCode": 200, "reasonType": "OK"},
+            "severity": "warning",
+            "eventTime": "2026-03-01T10:15:30.12+0000",
+            "correlationId": "8c2b1a4e-3f5d-4e8a-9b7c-1d2e3f4a5b6c",
+            "logSourceCRN": "crn:v1:bluemix:public:kms:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:12e8c9c2-a162-472d-b7d6-8b9a86b815a6::",
+            "requestData": {"requestURI": "/api/v2/keys/2e4f5b0d-f8e3-4b4b-9d1c-3f2a7f4d2e1a/actions/rotate", "keyType": "root_key"},
+            "responseData": {"keyVersion": {"id": "7d9c1a2b-0000-4000-8000-000000000002"}},
+            "eventType": "activity",
+            "saveServiceCopy": true
+        })
+    }
+
+    fn decode_json(v: serde_json::Value) -> Result<LifecycleEvent, String> {
+        let bytes = serde_json::to_vec(&v).unwrap();
+        detect_and_decode(&Incoming { key: None, payload: &bytes, headers: vec![] }).map(|d| d.event).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn every_lifecycle_action_maps_and_keeps_its_correlation_id() {
+        for (action, kind) in [
+            ("kms.secrets.rotate", EventType::Rotate),
+            ("kms.secrets.disable", EventType::Disable),
+            ("kms.secrets.enable", EventType::Enable),
+            ("kms.secrets.delete", EventType::Delete),
+            ("kms.secrets.restore", EventType::Restore),
+        ] {
+            let e = decode_json(at_event(action)).unwrap();
+            assert_eq!((e.kind, e.key_id.as_str()), (kind, CRN));
+            assert_eq!(e.correlation_id.as_deref(), Some("8c2b1a4e-3f5d-4e8a-9b7c-1d2e3f4a5b6c"));
+            assert_eq!(e.event_id, format!("8c2b1a4e-3f5d-4e8a-9b7c-1d2e3f4a5b6c:{action}"));
+            assert_eq!(e.occurred_at.to_rfc3339(), "2026-03-01T10:15:30.120+00:00");
+        }
+        assert_eq!(decode_json(at_event("kms.secrets.rotate")).unwrap().key_version.as_deref(), Some("7d9c1a2b-0000-4000-8000-000000000002"));
+    }
+
+    #[test]
+    fn failures_and_other_actions_are_not_applied() {
+        let mut failed = at_event("kms.secrets.disable");
+        failed["outcome"] = "failure".into();
+        let mut not_a_key = at_event("kms.secrets.delete");
+        not_a_key["target"]["id"] = "crn:v1:bluemix:public:kms:us-south:a/x:y::".into();
+        for (v, expected) in [
+            (failed, "did not happen"),
+            (at_event("kms.secrets.wrap"), "not a lifecycle action"),
+            (not_a_key, "not a Key Protect key CRN"),
+        ] {
+            let err = decode_json(v).unwrap_err();
+            assert!(err.contains(expected) && err.contains("activity-tracker"), "{err} should contain {expected}");
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Format detection: every message is offered to each known format in turn and
+//! the first that claims it decodes it. A format is one file beside this one
+//! exporting a [`Format`]; adding one means adding it to [`FORMATS`] and
+//! nothing else (the engine only ever sees a [`LifecycleEvent`]).
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+
+use super::{activity_tracker, cloudevents, eventbridge, native, DecodeError};
+use crate::engine::LifecycleEvent;
+
+/// Largest message any format accepts; checked before parsing anything.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+/// A Kafka message as the formats see it.
+pub struct Incoming<'a> {
+    pub key: Option<&'a [u8]>,
+    pub payload: &'a [u8],
+    pub headers: Vec<(&'a str, &'a [u8])>,
+}
+
+impl<'a> Incoming<'a> {
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| *v)
+    }
+}
+
+pub struct Format {
+    pub name: &'static str,
+    /// What a message of this format looks like, for the dead-letter reason
+    /// when no format claims a message.
+    pub expects: &'static str,
+    /// Whether producers of this format can sign (keywarden's own formats). A
+    /// cloud router (EventBridge, Activity Tracker) cannot; those topics are
+    /// protected by the broker's ACLs instead.
+    pub signed: bool,
+    /// Claims the message, cheaply; `probe` is the payload's top level when it
+    /// is a JSON object.
+    pub detect: fn(&Incoming<'_>, Option<&Probe>) -> bool,
+    pub decode: fn(&Incoming<'_>) -> Result<LifecycleEvent, DecodeError>,
+}
+
+/// Most specific first: binary CloudEvents are recognised by headers alone, and
+/// the native format claims anything with an `event_id`.
+pub const FORMATS: &[&Format] = &[&cloudevents::BINARY, &cloudevents::STRUCTURED, &eventbridge::FORMAT, &activity_tracker::FORMAT, &native::FORMAT];
+
+pub struct Decoded {
+    pub event: LifecycleEvent,
+    pub format: &'static Format,
+}
+
+/// Which format the message is in; nothing is decoded yet, so that a signature
+/// can be checked before any of the payload is believed.
+pub fn detect(msg: &Incoming<'_>) -> Result<&'static Format, DecodeError> {
+    if msg.payload.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if msg.payload.len() > MAX_EVENT_BYTES {
+        return Err(DecodeError::TooLarge(msg.payload.len()));
+    }
+    let probe = match serde_json::from_slice::<Probe>(msg.payload) {
+        Ok(p) => Some(p),
+        Err(e) if e.is_data() && e.to_string().starts_with("duplicate field") => return Err(DecodeError::NotJson(e.to_string())),
+        Err(_) => None,
+    };
+    FORMATS.iter().copied().find(|f| (f.detect)(msg, probe.as_ref())).ok_or_else(|| unknown(msg.payload, probe.is_some()))
+}
+
+/// Detects and decodes, without checking signatures (tests and tools).
+pub fn decode(msg: &Incoming<'_>) -> Result<Decoded, DecodeError> {
+    let format = detect(msg)?;
+    let event = (format.decode)(msg).map_err(|e| e.in_format(format.name))?;
+    Ok(Decoded { event, format })
+}
+
+fn unknown(payload: &[u8], object: bool) -> DecodeError {
+    let expected: Vec<String> = FORMATS.iter().map(|f| format!("{} ({})", f.name, f.expects)).collect();
+    let what = if object {
+        "a JSON object that no format claims".to_string()
+    } else {
+        match serde_json::from_slice::<IgnoredAny>(payload) {
+            Ok(_) => "JSON but not an object".to_string(),
+            Err(e) => format!("not JSON ({e})"),
+        }
+    };
+    DecodeError::UnknownFormat { what, expected: expected.join("; ") }
+}
+
+/// The top level of a JSON object: each field's name, and its value when that
+/// is a short string. Enough to tell formats apart without decoding any of
+/// them; a duplicated field is refused here, so no format has to guess which
+/// copy counts.
+#[derive(Default)]
+pub struct Probe {
+    fields: Vec<(String, Option<String>)>,
+}
+
+impl Probe {
+    pub fn has(&self, name: &str) -> bool {
+        self.fields.iter().any(|(k, _)| k == name)
+    }
+
+    pub fn str(&self, name: &str) -> Option<&str> {
+        self.fields.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.as_deref())
+    }
+}
+
+impl<'de> Deserialize<'de> for Probe {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Probe;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe, A::Error> {
+                let mut probe = Probe::default();
+                while let Some(key) = map.next_key::<String>()? {
+                    if probe.has(&key) {
+                        return Err(de::Error::custom(format!("duplicate field `{key}`")));
+                    }
+                    let value = map.next_value::<Short>()?.0;
+                    probe.fields.push((key, value));
+                }
+                Ok(probe)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// A value kept only if it is a string of at most 256 characters.
+struct Short(Option<String>);
+
+impl<'de> Deserialize<'de> for Short {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Short;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Short, E> {
+                Ok(Short((s.len() <= 256).then(|| s.to_string())))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Short, E> {
+                Ok(Short(None))
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Short, E> {
+                Ok(Short(None))
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Short, E> {
+                Ok(Short(None))
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Short, E> {
+                Ok(Short(None))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Short, E> {
+                Ok(Short(None))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Short, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Short(None))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Short, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Short(None))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---- helpers the formats share ----
+
+/// Ids end up in store keys, logs and headers: no control characters, bounded length.
+pub fn valid_id(name: &'static str, s: &str, max: usize) -> Result<(), DecodeError> {
+    let len = s.chars().count();
+    if len == 0 || len > max {
+        return Err(DecodeError::Field { field: name, problem: format!("must be 1-{max} characters, got {len}") });
+    }
+    if s.chars().any(char::is_control) {
+        return Err(DecodeError::Field { field: name, problem: "must not contain control characters".into() });
+    }
+    Ok(())
+}
+
+/// A required string field, checked as an id.
+pub fn string(name: &'static str, v: Option<serde_json::Value>, max: usize) -> Result<String, DecodeError> {
+    let v = v.ok_or(DecodeError::Field { field: name, problem: "is missing".into() })?;
+    let s = v.as_str().ok_or(DecodeError::Field { field: name, problem: "must be a string".into() })?;
+    valid_id(name, s, max)?;
+    Ok(s.to_string())
+}
+
+/// An optional string field: absent and null are the same.
+pub fn optional(name: &'static str, v: Option<serde_json::Value>, max: usize) -> Result<Option<String>, DecodeError> {
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        v => string(name, v, max).map(Some),
+    }
+}
+
+/// RFC 3339, and the variants KMS audit pipelines write: `+0000` offsets and
+/// fractional seconds of any length.
+pub fn timestamp(name: &'static str, text: &str) -> Result<DateTime<Utc>, DecodeError> {
+    DateTime::parse_from_rfc3339(text)
+        .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f%z"))
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| DecodeError::Field { field: name, problem: format!("{text:?} is not an RFC 3339 time ({e})") })
+}
+
+pub fn parse<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(payload: &[u8]) -> Incoming<'_> {
+        Incoming { key: None, payload, headers: vec![] }
+    }
+
+    #[test]
+    fn unknown_json_names_every_format_it_expected() {
+        let err = decode(&msg(br#"{"hello":"world"}"#)).err().unwrap().to_string();
+        for f in FORMATS {
+            assert!(err.contains(f.name), "{err} names {}", f.name);
+        }
+        assert!(decode(&msg(b"[1,2]")).err().unwrap().to_string().contains("not an object"));
+        assert!(decode(&msg(b"\xff\xfe")).err().unwrap().to_string().contains("not JSON"));
+    }
+
+    #[test]
+    fn duplicate_top_level_fields_are_refused_before_any_format_decides() {
+        let err = decode(&msg(br#"{"event_id":"a","event_id":"b","type":"disable","key_id":"k","occurred_at":"2026-01-01T00:00:00Z"}"#))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("duplicate field"), "{err}");
+    }
+
+    #[test]
+    fn timestamps_with_compact_offsets_parse() {
+        assert_eq!(timestamp("t", "2020-04-17T14:23:29.00+0000").unwrap().to_rfc3339(), "2020-04-17T14:23:29+00:00");
+        assert!(timestamp("t", "yesterday").is_err());
+    }
+}
