@@ -157,14 +157,18 @@ pub struct Watched {
 /// watchdog pings while the intake's heartbeat is fresh. Sends `STOPPING=1` as
 /// soon as `shutdown` is cancelled, then stays quiet until `done`.
 pub async fn supervise(notifier: Notifier, watched: Watched, shutdown: CancellationToken, done: CancellationToken) {
-    if !notifier.enabled() {
-        return;
-    }
     let watchdog = watchdog_interval(
         std::env::var("WATCHDOG_USEC").ok().as_deref(),
         std::env::var("WATCHDOG_PID").ok().as_deref(),
         std::process::id(),
     );
+    report(notifier, watched, watchdog, shutdown, done).await
+}
+
+async fn report(notifier: Notifier, watched: Watched, watchdog: Option<Duration>, shutdown: CancellationToken, done: CancellationToken) {
+    if !notifier.enabled() {
+        return;
+    }
     // Pinging at half the interval leaves one ping of slack; a heartbeat older
     // than that means the loop missed a whole ping period.
     let ping_every = watchdog.map(|w| w / 2);
@@ -281,6 +285,61 @@ mod tests {
         // A late beat from a slower thread never moves the heartbeat back.
         h.beat_at(t0);
         assert_eq!(h.age_at(t0 + Duration::from_secs(20)), Duration::ZERO);
+    }
+
+    /// Collects what `report` sends while `during` runs, then stops it.
+    async fn reported(watched: Watched, watchdog: Duration, during: impl std::future::Future<Output = ()>) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let server = UnixDatagram::bind(&path).unwrap();
+        server.set_nonblocking(true).unwrap();
+        let (shutdown, done) = (CancellationToken::new(), CancellationToken::new());
+        let task = tokio::spawn(report(Notifier::new(path.to_str()).unwrap(), watched, Some(watchdog), shutdown.clone(), done.clone()));
+        during.await;
+        shutdown.cancel();
+        done.cancel();
+        task.await.unwrap();
+        let mut buf = [0u8; 512];
+        std::iter::from_fn(|| server.recv(&mut buf).ok().map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())).collect()
+    }
+
+    fn watched(dir: &std::path::Path) -> Watched {
+        Watched { health: Arc::new(Health::default()), fence: Arc::new(Fence::default()), store: Store::open(dir).unwrap() }
+    }
+
+    #[tokio::test]
+    async fn a_stuck_loop_gets_no_watchdog_pings_and_a_turning_one_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watched(dir.path());
+        let health = w.health.clone();
+        // Nobody beats: the heartbeat goes stale after half the interval.
+        let stuck = reported(w, Duration::from_millis(200), tokio::time::sleep(Duration::from_millis(800))).await;
+        let pings = stuck.iter().filter(|m| *m == "WATCHDOG=1").count();
+        assert!(pings <= 2, "a stuck loop still got {pings} pings: {stuck:?}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let w = Watched { health: health.clone(), ..watched(dir.path()) };
+        let turning = async {
+            for _ in 0..40 {
+                health.progress.beat();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let alive = reported(w, Duration::from_millis(200), turning).await;
+        let pings = alive.iter().filter(|m| *m == "WATCHDOG=1").count();
+        assert!(pings >= 4, "a turning loop got only {pings} pings: {alive:?}");
+    }
+
+    #[tokio::test]
+    async fn ready_is_sent_once_and_stopping_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = watched(dir.path());
+        let health = w.health.clone();
+        health.assigned.store(true, Ordering::SeqCst);
+        health.broker_ok.store(true, Ordering::SeqCst);
+        let sent = reported(w, Duration::from_secs(60), tokio::time::sleep(Duration::from_millis(700))).await;
+        assert_eq!(sent.iter().filter(|m| m.starts_with("READY=1\nSTATUS=ready: ")).count(), 1, "{sent:?}");
+        assert!(sent.last().unwrap().starts_with("STOPPING=1\nSTATUS=stopping: "), "{sent:?}");
     }
 
     #[test]
