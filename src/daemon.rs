@@ -28,6 +28,7 @@ use crate::kms::vault::VaultKms;
 use crate::kms::router::{KmsRouter, Route};
 use crate::kms::{Kms, KmsError};
 use crate::metrics::Metrics;
+use crate::notify::{Notifier, NotifyError, Watched};
 use crate::store::audit::Audit;
 use crate::store::{Store, StoreError};
 use crate::tell::{Relay, TellError};
@@ -53,6 +54,8 @@ pub enum DaemonError {
     Signature(#[from] SignatureError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Notify(#[from] NotifyError),
     #[error("the store writer stopped unexpectedly; see the log above")]
     WriterDied,
 }
@@ -67,6 +70,8 @@ pub struct Started {
 
 /// Runs until `shutdown` is cancelled. `on_started` is called once the API listens.
 pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: impl FnOnce(Started) + Send) -> Result<(), DaemonError> {
+    let notifier = Notifier::from_env()?;
+    notifier.send("STATUS=starting: opening the store");
     let secrets = config.kafka.read_secrets()?;
     config.kafka.properties.extend(secrets);
     std::fs::create_dir_all(&config.store.path).map_err(|e| {
@@ -127,6 +132,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let health = Arc::new(Health::default());
     let verifier = Arc::new(Verifier::load(&config.signatures)?);
     let signer = Signer::from_config(&config.signatures)?.map(Arc::new);
+    let watched = Watched { health: health.clone(), fence: fence.clone(), store: store.clone() };
     let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone(), kms.clone(), verifier)?;
     let relay = Relay::new(store.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?;
     let rotator = Rotator {
@@ -173,13 +179,14 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         config.policy.purge_after.0,
         tasks.clone(),
     ));
+    let notify_task = tokio::spawn(crate::notify::supervise(notifier, watched, shutdown.clone(), tasks.clone()));
     on_started(Started { api: api_addr, bootstrap: bootstrap.clone(), embedded: embedded.is_some() });
 
     // The intake stops on shutdown, or on its own when the writer fails.
     let intake_result = intake.run(shutdown.clone()).await;
     tracing::info!("shutting down: intake drained");
     tasks.cancel();
-    let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task);
+    let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task, notify_task);
     drop(writer);
     let writer_result = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     drop(embedded);

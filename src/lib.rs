@@ -13,6 +13,7 @@ pub mod engine;
 pub mod intake;
 pub mod kms;
 pub mod metrics;
+pub mod notify;
 pub mod schedule;
 pub mod store;
 pub mod tell;

@@ -94,11 +94,13 @@ impl IntakeError {
     }
 }
 
-/// What `/readyz` reports: partitions held and the broker answering.
+/// What `/readyz` reports: partitions held and the broker answering; and the
+/// consume loop's heartbeat, which the systemd watchdog pings are tied to.
 #[derive(Default)]
 pub struct Health {
     pub assigned: AtomicBool,
     pub broker_ok: AtomicBool,
+    pub progress: crate::notify::Heartbeat,
 }
 
 impl Health {
@@ -106,6 +108,10 @@ impl Health {
         self.assigned.load(Ordering::SeqCst) && self.broker_ok.load(Ordering::SeqCst)
     }
 }
+
+/// `recv` waits as long as the topic is idle; waking this often lets the
+/// heartbeat tell an idle loop from a stuck one (well inside a watchdog of 2s).
+const IDLE_WAKE: Duration = Duration::from_millis(250);
 
 /// Rebalance handling: on assignment each partition resumes from the offset in
 /// the store (the truth; Kafka's committed offset is only a hint) under a new
@@ -257,10 +263,12 @@ impl Intake {
 
     async fn consume(&self, ack_tx: &mpsc::Sender<Ack>, shutdown: &CancellationToken) -> Result<(), IntakeError> {
         loop {
+            self.health.progress.beat();
             let msg = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                m = self.consumer.recv() => m,
+                m = tokio::time::timeout(IDLE_WAKE, self.consumer.recv()) => m,
             };
+            let Ok(msg) = msg else { continue };
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
@@ -368,6 +376,8 @@ impl Intake {
                 }
                 Err((e, _)) => {
                     tracing::warn!(error = %e, dlq = %self.kafka.dlq_topic, "cannot publish to the dead-letter topic; retrying");
+                    // Retrying is progress: a restart would only retry the same publish.
+                    self.health.progress.beat();
                     tokio::select! {
                         _ = shutdown.cancelled() => return false,
                         _ = tokio::time::sleep(backoff) => {}
