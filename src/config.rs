@@ -132,6 +132,26 @@ pub struct ApiConfig {
     pub admin_token_file: PathBuf,
     /// Bearer token that only fetches DEKs, for data-plane nodes.
     pub dek_token_file: PathBuf,
+    pub tls: TlsConfig,
+}
+
+/// TLS on the API listener; all empty means plain HTTP.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key of that certificate.
+    pub key_file: PathBuf,
+    /// PEM CA bundle: when set, DEK requests must also present a client
+    /// certificate issued by it.
+    pub client_ca_file: PathBuf,
+}
+
+impl TlsConfig {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.as_os_str().is_empty()
+    }
 }
 
 impl Default for ApiConfig {
@@ -140,6 +160,7 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:8420".into(),
             admin_token_file: PathBuf::from("keywarden-data/admin.token"),
             dek_token_file: PathBuf::from("keywarden-data/dek.token"),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -514,6 +535,13 @@ impl Config {
         }
         if SocketAddr::from_str(&self.api.listen).is_err() {
             return Err(invalid("api.listen", &self.api.listen, "an address like 127.0.0.1:8420"));
+        }
+        let tls = &self.api.tls;
+        if tls.enabled() != !tls.key_file.as_os_str().is_empty() {
+            return Err(invalid("api.tls.key_file", &tls.key_file.display(), "set together with api.tls.cert_file, or both empty"));
+        }
+        if !tls.enabled() && !tls.client_ca_file.as_os_str().is_empty() {
+            return Err(invalid("api.tls.client_ca_file", &tls.client_ca_file.display(), "used only with api.tls.cert_file and key_file set"));
         }
         for (field, name) in std::iter::once(("kms.default", &self.kms.default)).chain(self.kms.routes.iter().map(|r| ("kms.routes.provider", &r.provider))) {
             if !PROVIDERS.contains(&name.as_str()) {

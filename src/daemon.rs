@@ -53,6 +53,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Signature(#[from] SignatureError),
     #[error(transparent)]
+    Tls(#[from] crate::api::tls::TlsError),
+    #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Notify(#[from] NotifyError),
@@ -155,19 +157,27 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         health,
         relay: relay_notify,
     };
-    let tokens = Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?);
+    let tls = &config.api.tls;
+    let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
+    let tokens = Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?.with_client_certs_for_dek(!tls.client_ca_file.as_os_str().is_empty()));
     let audit = Arc::new(Audit::new(store.clone()));
     let listener = tokio::net::TcpListener::bind(&config.api.listen)
         .await
         .map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
     let api_addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
-    tracing::info!(api = %api_addr, bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
+    tracing::info!(api = %api_addr, tls = acceptor.is_some(), bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
 
     let tasks = CancellationToken::new();
     let api_task = {
         let stop = tasks.clone();
+        let app = router(state, tokens, audit);
         tokio::spawn(async move {
-            let _ = axum::serve(listener, router(state, tokens, audit)).with_graceful_shutdown(stop.cancelled_owned()).await;
+            match acceptor {
+                Some(acceptor) => crate::api::tls::serve(listener, acceptor, app, stop).await,
+                None => {
+                    let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+                }
+            }
         })
     };
     let relay_task = tokio::spawn(relay.run(tasks.clone()));

@@ -26,7 +26,9 @@ fn patient_producer(bootstrap: &str) -> BaseProducer {
 }
 
 fn send(p: &BaseProducer, key: &str, payload: Vec<u8>) {
-    p.send(BaseRecord::<str, Vec<u8>>::to("key-lifecycle").key(key).payload(&payload)).map_err(|(e, _)| e).unwrap();
+    let sig = keywarden::intake::signature::Signer::hmac("local", TEST_EVENT_SECRET.as_bytes()).sign(&payload);
+    let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header { key: keywarden::intake::signature::HEADER, value: Some(&sig) });
+    p.send(BaseRecord::<str, Vec<u8>>::to("key-lifecycle").key(key).payload(&payload).headers(headers)).map_err(|(e, _)| e).unwrap();
     p.poll(Duration::ZERO);
 }
 

@@ -33,6 +33,8 @@ pub enum Caller {
 pub struct Tokens {
     admin: [u8; 32],
     dek: [u8; 32],
+    /// DEK requests must also come with a verified client certificate.
+    dek_needs_client_cert: bool,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -47,7 +49,12 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl Tokens {
     pub fn load(admin_file: &Path, dek_file: &Path) -> Result<Tokens, AuthError> {
-        Ok(Tokens { admin: digest(&read_or_create(admin_file)?), dek: digest(&read_or_create(dek_file)?) })
+        Ok(Tokens { admin: digest(&read_or_create(admin_file)?), dek: digest(&read_or_create(dek_file)?), dek_needs_client_cert: false })
+    }
+
+    pub fn with_client_certs_for_dek(mut self, needed: bool) -> Tokens {
+        self.dek_needs_client_cert = needed;
+        self
     }
 
     fn caller(&self, presented: &str) -> Option<Caller> {
@@ -105,6 +112,10 @@ pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, req: Request,
     let wants_dek = path.starts_with("/v1/instances/") && path.ends_with("/dek");
     let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let caller = presented.and_then(|t| tokens.caller(t));
+    let cert_ok = !tokens.dek_needs_client_cert || req.extensions().get::<super::tls::ClientCert>().is_some_and(|c| c.0);
+    if wants_dek && !cert_ok {
+        return unauthorized();
+    }
     match (caller, wants_dek) {
         (Some(who @ Caller::DataPlane), true) | (Some(who @ Caller::Admin), false) => {
             // Carried on the response, for the audit trail wrapped around this layer.

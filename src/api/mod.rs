@@ -2,6 +2,7 @@
 //! every change goes through the single writer, so the API never races the intake.
 
 pub mod auth;
+pub mod tls;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -10,7 +10,28 @@ use serde_json::{json, Value};
 use super::{Command, EventCommand, InstanceCommand, KeyCommand, Output};
 use crate::text::percent_encode;
 
-pub fn run(base: &str, token: &str, output: Output, command: Command) -> anyhow::Result<ExitCode> {
+/// Trust and identity for an https API.
+pub struct Tls {
+    pub ca_cert: Option<std::path::PathBuf>,
+    pub client_cert: Option<std::path::PathBuf>,
+}
+
+fn client(tls: &Tls) -> anyhow::Result<Client> {
+    let mut builder = Client::builder().timeout(std::time::Duration::from_secs(30));
+    if let Some(path) = &tls.ca_cert {
+        let pem = std::fs::read(path).map_err(|e| anyhow!("cannot read --ca-cert {} ({e})", path.display()))?;
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    if let Some(path) = &tls.client_cert {
+        let pem = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| anyhow!("cannot read --client-cert {} ({e})", path.display()))?);
+        builder = builder.identity(
+            reqwest::Identity::from_pem(&pem).map_err(|e| anyhow!("--client-cert {} must hold a PEM certificate and its key ({e})", path.display()))?,
+        );
+    }
+    Ok(builder.build()?)
+}
+
+pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command) -> anyhow::Result<ExitCode> {
     let (method, path, body) = match command {
         Command::Key(k) => match k {
             KeyCommand::Create { key_id } => (Method::POST, "/v1/keys".to_string(), Some(json!({ "key_id": key_id }))),
@@ -38,7 +59,7 @@ pub fn run(base: &str, token: &str, output: Output, command: Command) -> anyhow:
         Command::Event(EventCommand::Show { event_id }) => (Method::GET, format!("/v1/events/{}", percent_encode(&event_id)), None),
         Command::Run | Command::CheckConfig | Command::Demo { .. } | Command::Event(_) => unreachable!("handled by the caller"),
     };
-    let client = Client::builder().timeout(std::time::Duration::from_secs(30)).build()?;
+    let client = client(tls)?;
     let url = format!("{base}{path}");
     let mut req = client.request(method, &url).bearer_auth(token);
     if let Some(b) = body {

@@ -26,6 +26,13 @@ pub struct Cli {
     /// api.admin_token_file (api.dek_token_file for `instance dek`).
     #[arg(long, global = true, env = "KEYWARDEN_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// PEM CA certificate to trust for an https admin API (a private CA).
+    #[arg(long, global = true, env = "KEYWARDEN_API_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// PEM file with a client certificate and its key, for a DEK endpoint that
+    /// requires one (api.tls.client_ca_file).
+    #[arg(long, global = true, env = "KEYWARDEN_API_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
     /// Output format for client commands.
     #[arg(long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -159,6 +166,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
             let config = Config::load(cli.config.as_deref())?;
             let base = match &cli.api {
                 Some(url) => url.trim_end_matches('/').to_string(),
+                None if config.api.tls.enabled() => format!("https://{}", config.api.listen),
                 None => format!("http://{}", config.api.listen),
             };
             let token = match &cli.token {
@@ -175,7 +183,8 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
                         .to_string()
                 }
             };
-            client::run(&base, &token, cli.output, cli.command)
+            let tls = client::Tls { ca_cert: cli.ca_cert.clone(), client_cert: cli.client_cert.clone() };
+            client::run(&base, &token, &tls, cli.output, cli.command)
         }
     }
 }

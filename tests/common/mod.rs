@@ -117,13 +117,19 @@ impl Daemon {
     pub fn start(bootstrap: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let api = format!("http://127.0.0.1:{port}");
+        // A test that turns TLS on names the CA to trust the way the CLI takes it.
+        let ca = env.iter().find(|(k, _)| *k == "KEYWARDEN_API_CA_CERT").map(|(_, v)| std::fs::read(v).unwrap());
+        let api = format!("{}://127.0.0.1:{port}", if ca.is_some() { "https" } else { "http" });
+        let http = match ca {
+            Some(pem) => reqwest::blocking::Client::builder().add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap()).build().unwrap(),
+            None => reqwest::blocking::Client::new(),
+        };
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let mut d = Daemon {
             child: None,
             api,
             dir,
-            http: reqwest::blocking::Client::new(),
+            http,
             bootstrap: bootstrap.to_string(),
             port,
             env,
