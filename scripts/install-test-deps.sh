@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need and is not on a fresh machine: the tansu broker
 # (built once, then cached in ~/.cargo/bin), the Python Kafka client used as an
-# independent third-party producer, and systemd-analyze.
+# independent third-party producer, systemd-analyze, Prometheus and Alertmanager.
 set -euo pipefail
 
 TANSU_VERSION=0.6.0
@@ -20,6 +20,13 @@ else
   python3 -m pip install --quiet confluent-kafka "moto[server]" boto3
 fi
 
-if ! command -v systemd-analyze >/dev/null 2>&1; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd
+# systemd-analyze checks the unit; Prometheus scrapes the daemon and
+# Alertmanager receives its alerts in the tests (the tests start their own).
+missing=()
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "debian packages: installing ${missing[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
