@@ -57,6 +57,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub rotation: RotationConfig,
     pub signatures: SignaturesConfig,
+    pub alerts: AlertsConfig,
+    pub reconcile: ReconcileConfig,
     pub log: LogConfig,
 }
 
@@ -162,6 +164,71 @@ impl Default for ApiConfig {
             dek_token_file: PathBuf::from("keywarden-data/dek.token"),
             tls: TlsConfig::default(),
         }
+    }
+}
+
+/// Operator alerts: where they go and when conditions count as alerts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// Where alerts go; several may be given. Empty: alerts are only logged.
+    pub sinks: Vec<AlertSink>,
+    /// How often firing alerts are sent again (Alertmanager forgets an alert
+    /// that is not repeated within its resolve_timeout).
+    pub resend_every: HumanDuration,
+    /// How often the conditions below are checked.
+    pub check_every: HumanDuration,
+    /// Dead-lettered messages per minute above which an alert fires.
+    pub dead_letters_per_minute: u64,
+    /// A rotation still running after this long alerts as slow.
+    pub rotation_slow_after: HumanDuration,
+    /// Kafka unreachable for this long alerts.
+    pub kafka_unreachable_after: HumanDuration,
+    /// A forged-event alert resolves after this long without a new one.
+    pub forged_quiet_after: HumanDuration,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            sinks: Vec::new(),
+            resend_every: HumanDuration(Duration::from_secs(60)),
+            check_every: HumanDuration(Duration::from_secs(5)),
+            dead_letters_per_minute: 10,
+            rotation_slow_after: HumanDuration(Duration::from_secs(3600)),
+            kafka_unreachable_after: HumanDuration(Duration::from_secs(60)),
+            forged_quiet_after: HumanDuration(Duration::from_secs(15 * 60)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertSink {
+    /// "alertmanager" (its v2 API) or "webhook" (a JSON POST).
+    pub kind: String,
+    /// Alertmanager's base URL (http://host:9093), or the webhook's URL.
+    pub url: String,
+    /// Webhook only: send a Slack-compatible body ({"text": ...}).
+    #[serde(default)]
+    pub slack: bool,
+}
+
+/// Reconciliation: polls each key's KMS and corrects what events missed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    /// Cron schedule with seconds ("0 */5 * * * *" is every five minutes);
+    /// empty turns reconciliation off.
+    pub schedule: String,
+    /// A run that would revoke or erase more instances than this alerts and
+    /// waits for `keywarden reconcile confirm` instead of acting.
+    pub confirm_above: u64,
+}
+
+impl Default for ReconcileConfig {
+    fn default() -> Self {
+        Self { schedule: "0 */5 * * * *".into(), confirm_above: 1000 }
     }
 }
 
@@ -512,6 +579,25 @@ impl Config {
         }
         if self.store.path.as_os_str().is_empty() {
             return Err(invalid("store.path", &self.store.path.display(), "a directory path"));
+        }
+        for sink in &self.alerts.sinks {
+            if !matches!(sink.kind.as_str(), "alertmanager" | "webhook") {
+                return Err(invalid("alerts.sinks.kind", &sink.kind, "\"alertmanager\" or \"webhook\""));
+            }
+            if !(sink.url.starts_with("http://") || sink.url.starts_with("https://")) {
+                return Err(invalid("alerts.sinks.url", &sink.url, "an http:// or https:// URL"));
+            }
+            if sink.slack && sink.kind != "webhook" {
+                return Err(invalid("alerts.sinks.slack", &sink.kind, "only a webhook sink takes slack = true"));
+            }
+        }
+        for (field, d) in [("alerts.resend_every", self.alerts.resend_every), ("alerts.check_every", self.alerts.check_every)] {
+            if d.0 < Duration::from_millis(100) {
+                return Err(invalid(field, &format!("{d:?}"), "at least 100ms"));
+            }
+        }
+        if !self.reconcile.schedule.is_empty() && cron::Schedule::from_str(&self.reconcile.schedule).is_err() {
+            return Err(invalid("reconcile.schedule", &self.reconcile.schedule, "a cron expression with seconds, e.g. \"0 */5 * * * *\", or empty for off"));
         }
         let sig = &self.signatures;
         if !sig.hmac_key_file.as_os_str().is_empty() && !valid_key_id(&sig.hmac_key_id) {

@@ -29,8 +29,9 @@ use crate::kms::router::{KmsRouter, Route};
 use crate::kms::{Kms, KmsError};
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError, Watched};
-use crate::store::audit::Audit;
 use crate::store::{Store, StoreError};
+use crate::tell::alerts::{self, Context as AlertContext, Sinks};
+use crate::tell::monitor::Monitor;
 use crate::tell::{Relay, TellError};
 use crate::writer::Writer;
 
@@ -117,7 +118,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
                     Record::Instance(i) => cache.forget(&i.instance_id),
                     Record::Job(_) => wake_rotation = true,
                     Record::Outbox(_) => wake_relay = true,
-                    Record::Event(_) | Record::Offset { .. } => {}
+                    Record::Event(_) | Record::Offset { .. } | Record::Audit(_) => {}
                 }
             }
             if wake_relay {
@@ -149,18 +150,17 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let state = AppState {
         store: store.clone(),
         kms,
-        router: kms_router,
+        router: kms_router.clone(),
         local,
         writer: writer.clone(),
         cache,
-        metrics,
-        health,
-        relay: relay_notify,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        relay: relay_notify.clone(),
     };
     let tls = &config.api.tls;
     let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
     let tokens = Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?.with_client_certs_for_dek(!tls.client_ca_file.as_os_str().is_empty()));
-    let audit = Arc::new(Audit::new(store.clone()));
     let listener = tokio::net::TcpListener::bind(&config.api.listen)
         .await
         .map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
@@ -170,7 +170,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let tasks = CancellationToken::new();
     let api_task = {
         let stop = tasks.clone();
-        let app = router(state, tokens, audit);
+        let app = router(state, tokens);
         tokio::spawn(async move {
             match acceptor {
                 Some(acceptor) => crate::api::tls::serve(listener, acceptor, app, stop).await,
@@ -190,13 +190,30 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         tasks.clone(),
     ));
     let notify_task = tokio::spawn(crate::notify::supervise(notifier, watched, shutdown.clone(), tasks.clone()));
+    let scheme = if config.api.tls.enabled() { "https" } else { "http" };
+    let sinks = Sinks::new(config.alerts.sinks.clone(), AlertContext { node: config.kafka.instance_id.clone(), api: format!("{scheme}://{api_addr}") });
+    let alert_task = tokio::spawn({
+        let (store, sinks, notify, stop, every) = (store.clone(), sinks.clone(), relay_notify.clone(), tasks.clone(), config.alerts.resend_every.0);
+        async move {
+            tokio::join!(alerts::deliver_loop(store.clone(), sinks.clone(), notify, stop.clone()), alerts::resend_loop(store, sinks, every, stop));
+        }
+    });
+    let monitor = Monitor {
+        store: store.clone(),
+        writer: writer.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        kms: kms_router.clone(),
+        config: config.alerts.clone(),
+    };
+    let monitor_task = tokio::spawn(monitor.run(tasks.clone()));
     on_started(Started { api: api_addr, bootstrap: bootstrap.clone(), embedded: embedded.is_some() });
 
     // The intake stops on shutdown, or on its own when the writer fails.
     let intake_result = intake.run(shutdown.clone()).await;
     tracing::info!("shutting down: intake drained");
     tasks.cancel();
-    let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task, notify_task);
+    let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task, notify_task, alert_task, monitor_task);
     drop(writer);
     let writer_result = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     drop(embedded);

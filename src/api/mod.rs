@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
-use crate::engine::{instance_state, EventType, InstanceRecord, InstanceState, Input, KeyStatus, Reply, View};
+use crate::engine::{instance_state, EventType, InstanceRecord, InstanceState, Input, KeyStatus, Record, Reply, View};
 use crate::intake::format::valid_id;
 use crate::intake::Health;
 use crate::kms::cache::DekCache;
@@ -27,7 +27,7 @@ use crate::kms::local::LocalKms;
 use crate::kms::router::KmsRouter;
 use crate::kms::{Dek, Kms, KmsError};
 use crate::metrics::Metrics;
-use crate::store::audit::Audit;
+use crate::store::audit::AuditFact;
 use crate::store::Store;
 use crate::writer::{Writer, WriterError};
 
@@ -90,7 +90,8 @@ impl From<KmsError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-pub fn router(state: AppState, tokens: Arc<auth::Tokens>, audit: Arc<Audit>) -> Router {
+pub fn router(state: AppState, tokens: Arc<auth::Tokens>) -> Router {
+    let store = state.store.clone();
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -100,6 +101,8 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>, audit: Arc<Audit>) -> 
         .route("/v1/keys/{key_id}/{action}", post(operate_key))
         .route("/v1/events/{event_id}", get(show_event))
         .route("/v1/audit", get(show_audit))
+        .route("/v1/audit/export", get(export_audit))
+        .route("/v1/audit/verify", get(verify_audit))
         .route("/v1/instances", post(create_instance).get(list_instances))
         .route("/v1/instances/{id}", get(show_instance).delete(delete_instance))
         .route("/v1/instances/{id}/dek", post(fetch_dek))
@@ -107,13 +110,13 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>, audit: Arc<Audit>) -> 
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
         // Outside the token check, so that refused writes are audited too.
-        .layer(axum::middleware::from_fn_with_state(audit, record_writes))
+        .layer(axum::middleware::from_fn_with_state(store, record_writes))
 }
 
 /// Every write through the API lands in the hash-chained audit trail: which
 /// token, what, and the status answered. DEK fetches are reads and stay out, so
 /// that the data plane's hot path costs no flush.
-async fn record_writes(State(audit): State<Arc<Audit>>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn record_writes(State(store): State<Store>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let response = next.run(req).await;
@@ -124,9 +127,8 @@ async fn record_writes(State(audit): State<Arc<Audit>>, req: axum::extract::Requ
     };
     let is_write = matches!(method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE") && !path.ends_with("/dek");
     if is_write {
-        let what = format!("{method} {path}");
-        let status = response.status().as_u16();
-        let result = tokio::task::spawn_blocking(move || audit.record(who, what, status)).await;
+        let fact = AuditFact { who: who.into(), what: format!("{method} {path}"), outcome: response.status().as_u16().to_string(), ..Default::default() };
+        let result = tokio::task::spawn_blocking(move || store.commit(&[Record::Audit(fact)], true)).await;
         if !matches!(result, Ok(Ok(_))) {
             tracing::error!(%path, "cannot write the audit trail; check the store");
         }
@@ -137,12 +139,40 @@ async fn record_writes(State(audit): State<Arc<Audit>>, req: axum::extract::Requ
 #[derive(Deserialize)]
 struct AuditQuery {
     limit: Option<usize>,
+    since: Option<chrono::DateTime<Utc>>,
 }
 
 async fn show_audit(State(s): State<AppState>, Query(q): Query<AuditQuery>) -> ApiResult {
     let entries = s.store.audit(q.limit.unwrap_or(100).min(10_000));
-    let verified = crate::store::audit::verify(&entries);
+    let verified = crate::store::audit::verify(&entries, false);
     Ok(Json(json!({"entries": entries, "chain": match verified { Ok(()) => "intact".to_string(), Err(e) => e }})).into_response())
+}
+
+/// JSON lines, oldest first: one entry per line, ready for a SIEM.
+async fn export_audit(State(s): State<AppState>, Query(q): Query<AuditQuery>) -> ApiResult {
+    let store = s.store.clone();
+    let entries = tokio::task::spawn_blocking(move || store.audit_since(q.since, q.limit.unwrap_or(usize::MAX)))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit export failed; see the log"))?;
+    let mut body = String::new();
+    for e in &entries {
+        body.push_str(&serde_json::to_string(e).expect("audit entries serialize"));
+        body.push('\n');
+    }
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// Checks the whole chain, from the first entry ever written.
+async fn verify_audit(State(s): State<AppState>) -> ApiResult {
+    let store = s.store.clone();
+    let entries = tokio::task::spawn_blocking(move || store.audit_since(None, usize::MAX))
+        .await
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit verification failed; see the log"))?;
+    let last = entries.last().map(|e| e.hash.clone());
+    Ok(match crate::store::audit::verify(&entries, true) {
+        Ok(()) => Json(json!({"chain": "intact", "entries": entries.len(), "last_hash": last})).into_response(),
+        Err(e) => (StatusCode::CONFLICT, Json(json!({"chain": "broken", "error": e, "entries": entries.len()}))).into_response(),
+    })
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {

@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sha2::Digest;
 
 pub use types::*;
 
@@ -36,6 +37,8 @@ pub enum Input {
     RewrapFailed { instance_id: String, from_version: String, reason: String, at: DateTime<Utc> },
     JobFinished { key_id: String, target_version: String, at: DateTime<Utc> },
     Purge { key_id: String, purge_after: Duration, at: DateTime<Utc> },
+    /// A condition the monitor or the reconciliation found, or its end.
+    Alert(Alert),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +111,15 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 instance_id: inst.instance_id.clone(),
                 key_version: inst.key_version.clone(),
             })));
+            records.push(Record::Audit(AuditFact {
+                who: "api".into(),
+                what: "instance created".into(),
+                outcome: "created".into(),
+                key_id: Some(inst.key_id.clone()),
+                instance_id: Some(inst.instance_id.clone()),
+                key_version: Some(inst.key_version.clone()),
+                ..Default::default()
+            }));
             records.push(Record::Instance(inst.clone()));
             decision(records, Reply::Created(Box::new(inst)))
         }
@@ -115,10 +127,20 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
             let Some(mut inst) = view.instance(&instance_id) else {
                 return decision(vec![], Reply::NotFound(format!("instance {instance_id} does not exist")));
             };
-            if inst.wrapped.is_none() {
+            let Some(wrapped) = inst.wrapped.take() else {
                 return decision(vec![], Reply::Done);
-            }
-            inst.wrapped = None;
+            };
+            let digest: String = sha2::Sha256::digest(&wrapped.ciphertext).iter().map(|b| format!("{b:02x}")).collect();
+            let proof = Record::Audit(AuditFact {
+                who: "api".into(),
+                what: "instance deleted".into(),
+                outcome: "destroyed".into(),
+                key_id: Some(inst.key_id.clone()),
+                instance_id: Some(inst.instance_id.clone()),
+                key_version: Some(wrapped.key_version.clone()),
+                detail: Some(format!("sha256 of the destroyed wrapped DEK: {digest}")),
+                ..Default::default()
+            });
             inst.destroyed_at = Some(at);
             inst.destroyed_reason = Some("instance deleted through the API".into());
             inst.updated_at = at;
@@ -132,7 +154,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 correlation_id: None,
             };
             let deregister = notice(&inst.key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() });
-            decision(vec![Record::Instance(inst), Record::Outbox(effect), Record::Outbox(deregister)], Reply::Done)
+            decision(vec![Record::Instance(inst), Record::Outbox(effect), Record::Outbox(deregister), proof], Reply::Done)
         }
         Input::JobPlanned { key_id, target_version, total } => match view.job(&key_id) {
             Some(mut job) if job.target_version == target_version && job.total.is_none() => {
@@ -184,9 +206,19 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 return decision(vec![], Reply::Done);
             }
             let newly_failed = inst.rewrap_error.is_none();
+            let fact = Record::Audit(AuditFact {
+                who: "rotation".into(),
+                what: "rewrap".into(),
+                outcome: "failed".into(),
+                key_id: Some(inst.key_id.clone()),
+                instance_id: Some(inst.instance_id.clone()),
+                key_version: Some(from_version.clone()),
+                detail: Some(reason.clone()),
+                ..Default::default()
+            });
             inst.rewrap_error = Some(reason);
             inst.updated_at = at;
-            let mut records = Vec::new();
+            let mut records = vec![fact];
             // `failed` counts instances currently failed, not attempts: a later
             // pass that fails the same instance again does not count it twice.
             if let (true, Some(mut job)) = (newly_failed, view.job(&inst.key_id)) {
@@ -199,6 +231,17 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
         Input::JobFinished { key_id, target_version, at } => match view.job(&key_id) {
             Some(mut job) if job.target_version == target_version && job.finished_at.is_none() => {
                 job.finished_at = Some(at);
+                let fact = Record::Audit(AuditFact {
+                    who: "rotation".into(),
+                    what: "rotation finished".into(),
+                    outcome: if job.failed > 0 { "partial".into() } else { "complete".into() },
+                    event_id: Some(job.cause_event_id.clone()),
+                    key_id: Some(key_id.clone()),
+                    key_version: Some(target_version.clone()),
+                    correlation_id: job.correlation_id.clone(),
+                    detail: Some(format!("{} rewrapped, {} failed", job.done, job.failed)),
+                    ..Default::default()
+                });
                 // A rotation is acknowledged once every DEK is rewrapped.
                 let ack = notice(&key_id, Notice::Acknowledge {
                     event_id: job.cause_event_id.clone(),
@@ -207,10 +250,11 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                     at,
                     correlation_id: job.correlation_id.clone(),
                 });
-                decision(vec![Record::Job(job), Record::Outbox(ack)], Reply::Done)
+                decision(vec![Record::Job(job), Record::Outbox(ack), fact], Reply::Done)
             }
             _ => decision(vec![], Reply::Done),
         },
+        Input::Alert(alert) => decision(vec![Record::Outbox(Effect::Alert(alert))], Reply::Done),
         Input::Purge { key_id, purge_after, at } => {
             let Some(mut key) = view.key(&key_id) else { return decision(vec![], Reply::Done) };
             let due = match (key.status, key.deleted_at, key.purged_at) {
@@ -227,7 +271,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 key.key_id,
                 key.deleted_at.map(|d| d.to_rfc3339()).unwrap_or_default()
             );
-            let mut records = purge(view, &key_id, &reason, at);
+            let mut records = purge(view, &key_id, &reason, "schedule:purge", at);
             key.purged_at = Some(at);
             key.updated_at = at;
             records.push(Record::Key(key));
@@ -289,6 +333,17 @@ fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>, kms:
     if outcome != Outcome::Stale || view.key(&event.key_id).is_none() {
         records.push(Record::Key(key));
     }
+    records.push(Record::Audit(AuditFact {
+        who: "kms-event".into(),
+        what: format!("event {}", event.kind),
+        outcome: outcome.as_str().into(),
+        event_id: Some(event.event_id.clone()),
+        key_id: Some(event.key_id.clone()),
+        key_version: event.key_version.clone(),
+        correlation_id: event.correlation_id.clone(),
+        detail: Some(detail.clone()),
+        ..Default::default()
+    }));
     records.push(Record::Event(EventRecord {
         event_id: event.event_id,
         key_id: event.key_id,
@@ -314,6 +369,24 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
         })
     };
     let ignored = |why: &str| (Outcome::Ignored, why.to_string(), vec![]);
+    let key_alert = |kind: EventType| {
+        let (name, severity, what) = match kind {
+            EventType::Delete => ("KeywardenKeyDeleted", Severity::Critical, "deleted: its DEKs are erased until a restore"),
+            _ => ("KeywardenKeyDisabled", Severity::Warning, "disabled: its DEKs are revoked until it is enabled"),
+        };
+        let mut a = Alert::new(
+            name,
+            severity,
+            &[("key_id", &event.key_id)],
+            format!("root key {} was {}", event.key_id, what.split(':').next().unwrap_or(what)),
+            format!("root key {} was {what} (event {})", event.key_id, event.event_id),
+            at,
+        );
+        a.count_instances_of = Some(event.key_id.clone());
+        a
+    };
+    let raise = |kind: EventType| Record::Outbox(Effect::Alert(key_alert(kind)));
+    let clear = |kind: EventType| Record::Outbox(Effect::Alert(key_alert(kind).resolved(at)));
     match (event.kind, key.status) {
         (EventType::Rotate, KeyStatus::Deleted) => ignored("key is deleted; a rotate cannot bring it back"),
         (EventType::Rotate, _) => {
@@ -341,13 +414,13 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
         }
         (EventType::Disable, KeyStatus::Active) => {
             key.status = KeyStatus::Disabled;
-            (Outcome::Applied, "key disabled; DEKs revoked".into(), vec![key_commands(CommandAction::Revoke, key.version.clone())])
+            (Outcome::Applied, "key disabled; DEKs revoked".into(), vec![key_commands(CommandAction::Revoke, key.version.clone()), raise(EventType::Disable)])
         }
         (EventType::Disable, KeyStatus::Disabled) => (Outcome::Applied, "key was already disabled".into(), vec![]),
         (EventType::Disable, KeyStatus::Deleted) => ignored("key is deleted; disable changes nothing"),
         (EventType::Enable, KeyStatus::Disabled) => {
             key.status = KeyStatus::Active;
-            (Outcome::Applied, "key enabled; DEKs restored".into(), vec![key_commands(CommandAction::Restore, key.version.clone())])
+            (Outcome::Applied, "key enabled; DEKs restored".into(), vec![key_commands(CommandAction::Restore, key.version.clone()), clear(EventType::Disable)])
         }
         (EventType::Enable, KeyStatus::Active) => (Outcome::Applied, "key was already enabled".into(), vec![]),
         (EventType::Enable, KeyStatus::Deleted) => ignored("key is deleted; restore it rather than enable it"),
@@ -378,7 +451,8 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
             key.purged_at = Some(at);
             let reason = format!("purged: the kms destroyed the material of key {} at {}", key.key_id, event.occurred_at.to_rfc3339());
             let mut records = erase;
-            records.extend(purge(view, &key.key_id, &reason, at));
+            records.push(raise(EventType::Delete));
+            records.extend(purge(view, &key.key_id, &reason, "kms-event", at));
             (Outcome::Applied, "the kms destroyed the key material; wrapped DEKs purged, nothing can restore them".into(), records)
         }
         (EventType::Delete, KeyStatus::Deleted) => (Outcome::Applied, "key was already deleted".into(), vec![]),
@@ -386,7 +460,11 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
             key.status = KeyStatus::Deleted;
             key.deleted_at = Some(event.occurred_at);
             key.purged_at = None;
-            (Outcome::Applied, "key deleted; DEKs erased until restored or purged".into(), vec![key_commands(CommandAction::Erase, key.version.clone())])
+            (
+                Outcome::Applied,
+                "key deleted; DEKs erased until restored or purged".into(),
+                vec![key_commands(CommandAction::Erase, key.version.clone()), raise(EventType::Delete), clear(EventType::Disable)],
+            )
         }
         (EventType::Restore, KeyStatus::Deleted) => {
             key.status = KeyStatus::Active;
@@ -399,10 +477,10 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
                         "key restored, but its wrapped DEKs were purged at {}: {destroyed} instance(s) stay destroyed and cannot be recovered",
                         purged.to_rfc3339()
                     ),
-                    vec![],
+                    vec![clear(EventType::Delete)],
                 )
             } else {
-                (Outcome::Applied, "key restored; DEKs served again".into(), vec![key_commands(CommandAction::Restore, key.version.clone())])
+                (Outcome::Applied, "key restored; DEKs served again".into(), vec![key_commands(CommandAction::Restore, key.version.clone()), clear(EventType::Delete)])
             }
         }
         (EventType::Restore, _) => ignored("key is not deleted; restore changes nothing"),
@@ -411,11 +489,23 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
 
 /// Destroys the wrapped DEKs of a key's instances: afterwards nothing, not even
 /// the KMS, can bring their data back.
-fn purge(view: &impl View, key_id: &str, reason: &str, at: DateTime<Utc>) -> Vec<Record> {
+fn purge(view: &impl View, key_id: &str, reason: &str, who: &str, at: DateTime<Utc>) -> Vec<Record> {
     let mut records = Vec::new();
     for mut inst in view.instances_of(key_id) {
-        if inst.wrapped.is_some() {
-            inst.wrapped = None;
+        if let Some(wrapped) = inst.wrapped.take() {
+            // The proof of erasure names exactly which ciphertext was destroyed,
+            // without keeping anything that could be unwrapped.
+            let digest: String = sha2::Sha256::digest(&wrapped.ciphertext).iter().map(|b| format!("{b:02x}")).collect();
+            records.push(Record::Audit(AuditFact {
+                who: who.into(),
+                what: "purge".into(),
+                outcome: "destroyed".into(),
+                key_id: Some(key_id.into()),
+                instance_id: Some(inst.instance_id.clone()),
+                key_version: Some(wrapped.key_version.clone()),
+                detail: Some(format!("{reason}; sha256 of the destroyed wrapped DEK: {digest}")),
+                ..Default::default()
+            }));
             inst.destroyed_at = Some(at);
             inst.destroyed_reason = Some(reason.to_string());
             inst.updated_at = at;
@@ -456,7 +546,7 @@ impl<'a, V: View> Overlay<'a, V> {
                 Record::Job(j) => {
                     self.jobs.insert(j.key_id.clone(), j.clone());
                 }
-                Record::Outbox(_) | Record::Offset { .. } => {}
+                Record::Outbox(_) | Record::Offset { .. } | Record::Audit(_) => {}
             }
         }
     }

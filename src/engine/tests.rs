@@ -9,6 +9,8 @@ struct Mem {
     jobs: HashMap<String, RotationJob>,
     outbox: Vec<Effect>,
     notices: Vec<Notice>,
+    audit: Vec<AuditFact>,
+    alerts: Vec<Alert>,
 }
 
 impl View for Mem {
@@ -47,7 +49,9 @@ impl Mem {
                     self.jobs.insert(j.key_id.clone(), j);
                 }
                 Record::Outbox(Effect::KmsNotice { notice, .. }) => self.notices.push(notice),
+                Record::Outbox(Effect::Alert(a)) => self.alerts.push(a),
                 Record::Outbox(e) => self.outbox.push(e),
+                Record::Audit(f) => self.audit.push(f),
                 Record::Offset { .. } => {}
             }
         }
@@ -417,4 +421,46 @@ fn the_correlation_id_reaches_commands_and_the_acknowledgement() {
     m.run(disable);
     assert!(m.outbox.iter().any(|e| matches!(e, Effect::KeyCommands { correlation_id: Some(c), .. } if c == "corr-9")));
     assert!(m.notices.iter().any(|n| matches!(n, Notice::Acknowledge { correlation_id: Some(c), .. } if c == "corr-9")));
+}
+
+#[test]
+fn every_applied_event_and_every_destroyed_dek_is_audited() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    let mut disable = ev("d", EventType::Disable, "k", 10);
+    if let Input::Event { event, .. } = &mut disable {
+        event.correlation_id = Some("corr-a".into());
+    }
+    m.run(disable);
+    m.run(ev("d", EventType::Disable, "k", 10));
+    m.run(ev("x", EventType::Delete, "k", 20));
+    m.run(Input::Purge { key_id: "k".into(), purge_after: Duration::from_secs(1), at: t(100) });
+    let events: Vec<_> = m.audit.iter().filter(|f| f.who == "kms-event").collect();
+    assert_eq!(events.len(), 2, "the redelivered disable is not audited twice: {events:?}");
+    assert_eq!((events[0].event_id.as_deref(), events[0].correlation_id.as_deref(), events[0].outcome.as_str()), (Some("d"), Some("corr-a"), "applied"));
+    let purged: Vec<_> = m.audit.iter().filter(|f| f.what == "purge").collect();
+    assert_eq!(purged.len(), 1);
+    assert_eq!(purged[0].instance_id.as_deref(), Some("a"));
+    assert!(purged[0].detail.as_deref().unwrap().contains("sha256 of the destroyed wrapped DEK"));
+}
+
+#[test]
+fn a_disable_raises_an_alert_that_the_enable_resolves() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("d", EventType::Disable, "k", 10));
+    m.run(ev("e", EventType::Enable, "k", 20));
+    m.run(ev("x", EventType::Delete, "k", 30));
+    let seen: Vec<_> = m.alerts.iter().map(|a| (a.name.as_str(), a.severity, a.ends_at.is_some())).collect();
+    assert_eq!(
+        seen,
+        [
+            ("KeywardenKeyDisabled", Severity::Warning, false),
+            ("KeywardenKeyDisabled", Severity::Warning, true),
+            ("KeywardenKeyDeleted", Severity::Critical, false),
+            ("KeywardenKeyDisabled", Severity::Warning, true),
+        ]
+    );
+    assert_eq!(m.alerts[0].fingerprint(), m.alerts[1].fingerprint(), "the resolve names the alert it resolves");
+    assert_eq!(m.alerts[0].count_instances_of.as_deref(), Some("k"));
 }

@@ -198,6 +198,17 @@ pub enum Outcome {
     Ignored,
 }
 
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Stale => "stale",
+            Outcome::Ignored => "ignored",
+        }
+    }
+}
+
 /// What became of one event; kept so that redeliveries are recognised and so
 /// that an operator can ask what happened.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,6 +265,78 @@ pub enum Effect {
     /// do not care ignore it. Kept apart from commands, so a slow KMS never
     /// delays a revocation reaching the data plane.
     KmsNotice { key_id: String, notice: Notice },
+    /// An operator alert, firing or (with `ends_at`) resolved.
+    Alert(Alert),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Critical,
+    Warning,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Critical => "critical",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+/// An operator alert. Its identity is its name and labels: the same condition
+/// always raises the same fingerprint, so repeats deduplicate in Alertmanager
+/// and a resolve finds what it resolves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    pub name: String,
+    pub severity: Severity,
+    /// Identifying labels besides the name (key_id, provider, ...).
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub summary: String,
+    pub description: String,
+    pub starts_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_at: Option<DateTime<Utc>>,
+    /// Counted when the alert is sent, so that raising it stays O(1) for a key
+    /// with many instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count_instances_of: Option<String>,
+}
+
+impl Alert {
+    pub fn new(name: &str, severity: Severity, labels: &[(&str, &str)], summary: String, description: String, at: DateTime<Utc>) -> Alert {
+        Alert {
+            name: name.to_string(),
+            severity,
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            summary,
+            description,
+            starts_at: at,
+            ends_at: None,
+            count_instances_of: None,
+        }
+    }
+
+    /// The same alert, resolved at `at`.
+    pub fn resolved(mut self, at: DateTime<Utc>) -> Alert {
+        self.ends_at = Some(at);
+        self
+    }
+
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(self.name.as_bytes());
+        for (k, v) in &self.labels {
+            h.update([0]);
+            h.update(k.as_bytes());
+            h.update([0]);
+            h.update(v.as_bytes());
+        }
+        h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +366,30 @@ pub enum AdopterState {
     Deleted,
 }
 
+/// What happened, before the chain gives it a place.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditFact {
+    /// Who acted: "admin" or "dek" (API tokens), "anonymous" (refused),
+    /// "kms-event", "schedule:purge", "schedule:reconcile", "rotation".
+    pub who: String,
+    /// What: "POST /v1/keys/k1/disable", "event disable", "purge", ...
+    pub what: String,
+    /// The HTTP status, or the engine's outcome ("applied", "ignored", ...).
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
 /// One state change. A batch of these, plus the partition offsets it consumed,
 /// is applied to the store atomically.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -294,4 +401,6 @@ pub enum Record {
     Job(RotationJob),
     Outbox(Effect),
     Offset { topic: String, partition: i32, next: i64 },
+    /// Placed in the hash-chained audit trail by the store, in the same batch.
+    Audit(AuditFact),
 }

@@ -33,6 +33,19 @@ impl KmsRouter {
         }
     }
 
+    /// Each remote provider's limits and breaker, once per provider.
+    pub fn providers_health(&self) -> Vec<(&'static str, GovernorState)> {
+        let mut seen: Vec<(&'static str, GovernorState)> = Vec::new();
+        for k in self.routes.iter().map(|r| &r.kms).chain(std::iter::once(&self.default)) {
+            if let Some(state) = k.health() {
+                if !seen.iter().any(|(p, _)| *p == k.provider()) {
+                    seen.push((k.provider(), state));
+                }
+            }
+        }
+        seen
+    }
+
     /// Which provider serves the key, and its limits and breaker, for `GET /v1/keys`.
     pub fn describe(&self, key_id: &str) -> (&'static str, Option<GovernorState>) {
         let (k, _) = self.for_key(key_id);

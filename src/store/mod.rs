@@ -39,6 +39,10 @@ const NOTICES: &[u8] = b"n/";
 const OFFSET: &[u8] = b"p/";
 const KMS: &[u8] = b"m/";
 const AUDIT: &[u8] = b"a/";
+/// Alerts firing now, by fingerprint: re-sent until resolved, also after a restart.
+const FIRING: &[u8] = b"l/";
+/// Alerts waiting for their sinks: a sink that is down must not hold up commands.
+const ALERTS: &[u8] = b"q/";
 
 fn k(prefix: &[u8], id: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(prefix.len() + id.len());
@@ -87,6 +91,9 @@ pub struct Census {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    /// Seq and hash of the newest audit entry. Held while a batch with audit
+    /// facts is sealed and applied, so that the chain stays one line.
+    audit_chain: std::sync::Arc<std::sync::Mutex<Option<(u64, String)>>>,
 }
 
 impl Store {
@@ -105,12 +112,30 @@ impl Store {
             }
         };
         let tree = db.open_tree("state").map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
-        Ok(Store { db, tree })
+        let last = tree.scan_prefix(AUDIT).next_back().map(|kv| {
+            let e: audit::AuditEntry = decode(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1);
+            (e.seq, e.hash)
+        });
+        Ok(Store { db, tree, audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)) })
     }
 
     /// Applies the records atomically; with `flush`, returns only once they are durable.
     pub fn commit(&self, records: &[Record], flush: bool) -> Result<(), StoreError> {
-        self.tree.apply_batch(self.batch(records)?)?;
+        let mut batch = self.batch(records)?;
+        let facts: Vec<_> = records.iter().filter_map(|r| if let Record::Audit(f) = r { Some(f.clone()) } else { None }).collect();
+        if facts.is_empty() {
+            self.tree.apply_batch(batch)?;
+        } else {
+            let mut chain = self.audit_chain.lock().expect("audit chain lock");
+            let entries = audit::seal(chain.as_ref(), facts, chrono::Utc::now());
+            for e in &entries {
+                let mut key = AUDIT.to_vec();
+                key.extend_from_slice(&e.seq.to_be_bytes());
+                batch.insert(key, encode(e));
+            }
+            self.tree.apply_batch(batch)?;
+            *chain = entries.last().map(|e| (e.seq, e.hash.clone()));
+        }
         if flush {
             self.tree.flush()?;
         }
@@ -128,6 +153,15 @@ impl Store {
                 }
                 Record::Event(e) => batch.insert(k(EVENT, &e.event_id), encode(e)),
                 Record::Job(j) => batch.insert(k(JOB, &j.key_id), encode(j)),
+                Record::Outbox(Effect::Alert(alert)) => {
+                    match alert.ends_at {
+                        None => batch.insert(k(FIRING, &alert.fingerprint()), encode(alert)),
+                        Some(_) => batch.remove(k(FIRING, &alert.fingerprint())),
+                    }
+                    let mut key = ALERTS.to_vec();
+                    key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+                    batch.insert(key, encode(&Effect::Alert(alert.clone())));
+                }
                 Record::Outbox(effect) => {
                     // generate_id is monotonic across restarts, so the outbox keeps commit order.
                     let id = self.db.generate_id()?;
@@ -137,6 +171,8 @@ impl Store {
                     batch.insert(key, encode(effect));
                 }
                 Record::Offset { topic, partition, next } => batch.insert(offset_key(topic, *partition), &next.to_be_bytes()[..]),
+                // Sealed by `commit`, which holds the chain.
+                Record::Audit(_) => {}
             }
         }
         Ok(batch)
@@ -229,6 +265,17 @@ impl Store {
         self.queue_remove(NOTICES, ids)
     }
 
+    /// The oldest `limit` alerts waiting for their sinks, with their ids.
+    pub fn alert_queue(&self, limit: usize) -> Vec<(u64, Effect)> {
+        self.queue(ALERTS, limit)
+    }
+
+    pub fn alert_queue_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
+        self.queue_remove(ALERTS, ids)?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
     fn queue_remove(&self, prefix: &[u8], ids: &[u64]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for id in ids {
@@ -240,13 +287,19 @@ impl Store {
         Ok(())
     }
 
-    /// Flushed: an audit entry that could vanish in a crash would be worthless.
-    pub fn audit_put(&self, entry: &audit::AuditEntry) -> Result<(), StoreError> {
-        let mut key = AUDIT.to_vec();
-        key.extend_from_slice(&entry.seq.to_be_bytes());
-        self.tree.insert(key, encode(entry))?;
-        self.tree.flush()?;
-        Ok(())
+    /// Alerts firing now (raised and not yet resolved).
+    pub fn firing_alerts(&self) -> Vec<crate::engine::Alert> {
+        self.scan(FIRING)
+    }
+
+    /// Audit entries after `since` (oldest first), at most `limit`.
+    pub fn audit_since(&self, since: Option<chrono::DateTime<chrono::Utc>>, limit: usize) -> Vec<audit::AuditEntry> {
+        self.tree
+            .scan_prefix(AUDIT)
+            .map(|kv| decode::<audit::AuditEntry>(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1))
+            .filter(|e| since.is_none_or(|t| e.at >= t))
+            .take(limit)
+            .collect()
     }
 
     /// The newest `limit` audit entries, oldest first.
@@ -260,10 +313,6 @@ impl Store {
             .collect();
         v.reverse();
         v
-    }
-
-    pub fn audit_last(&self) -> Option<audit::AuditEntry> {
-        self.audit(1).pop()
     }
 
     /// Embedded-KMS material. The KMS owns the bytes; the store only keeps them.

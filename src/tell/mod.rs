@@ -2,6 +2,9 @@
 //! and published here afterwards, so a crash between commit and publish only
 //! delays them; after a restart they are sent again with the same ids.
 
+pub mod alerts;
+pub mod monitor;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -248,8 +251,8 @@ impl Relay {
                 tracing::info!(%key_id, "lifecycle event published");
                 Ok(())
             }
-            // Stored in the notice queue, never here.
-            Effect::KmsNotice { .. } => Ok(()),
+            // Stored in the notice and alert queues, never here.
+            Effect::KmsNotice { .. } | Effect::Alert(_) => Ok(()),
         }
     }
 
@@ -273,7 +276,7 @@ impl Relay {
 }
 
 /// Waits for `wake`, or for shutdown; false means shut down.
-async fn pause(shutdown: &CancellationToken, wake: impl std::future::Future<Output = ()>) -> bool {
+pub(crate) async fn pause(shutdown: &CancellationToken, wake: impl std::future::Future<Output = ()>) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => false,
         _ = wake => true,

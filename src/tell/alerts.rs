@@ -1,0 +1,247 @@
+//! Alert sinks: Alertmanager's v2 API and plain JSON webhooks (optionally with
+//! a Slack-compatible body). An alert leaves the outbox only once every sink
+//! took it, so none is lost to a crash or a sink that is down; a repeat is
+//! harmless, because Alertmanager deduplicates on the labels.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AlertSink;
+use crate::engine::{Alert, Effect};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AlertError {
+    #[error("alert sink {url} is unreachable: {message}; alerts wait in the outbox and are retried")]
+    Unreachable { url: String, message: String },
+    #[error("alert sink {url} answered {status}: {body}; check alerts.sinks")]
+    Refused { url: String, status: u16, body: String },
+}
+
+impl AlertError {
+    pub fn retryable(&self) -> bool {
+        true
+    }
+}
+
+/// What the receiving end gets besides the alert itself.
+#[derive(Clone)]
+pub struct Context {
+    /// The node that raised it (kafka.instance_id).
+    pub node: String,
+    /// Base URL of the admin API, for links back.
+    pub api: String,
+}
+
+/// The configured sinks; swapped whole on SIGHUP.
+#[derive(Clone)]
+pub struct Sinks {
+    sinks: Arc<RwLock<Vec<AlertSink>>>,
+    http: reqwest::Client,
+    context: Context,
+}
+
+impl Sinks {
+    pub fn new(sinks: Vec<AlertSink>, context: Context) -> Sinks {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client builds");
+        Sinks { sinks: Arc::new(RwLock::new(sinks)), http, context }
+    }
+
+    pub fn replace(&self, sinks: Vec<AlertSink>) {
+        *self.sinks.write().expect("sinks lock") = sinks;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sinks.read().expect("sinks lock").is_empty()
+    }
+
+    /// Sends to every sink; the first failure is returned after all were tried.
+    /// `instances` is the instance count of the key, when the alert asks for it.
+    pub async fn send(&self, alert: &Alert, instances: Option<usize>) -> Result<(), AlertError> {
+        let sinks = self.sinks.read().expect("sinks lock").clone();
+        let mut first_error = None;
+        for sink in &sinks {
+            let (url, body) = match sink.kind.as_str() {
+                "alertmanager" => (format!("{}/api/v2/alerts", sink.url.trim_end_matches('/')), json!([alertmanager_body(alert, instances, &self.context)])),
+                _ if sink.slack => (sink.url.clone(), slack_body(alert, instances)),
+                _ => (sink.url.clone(), webhook_body(alert, instances, &self.context)),
+            };
+            let result = match self.http.post(&url).json(&body).send().await {
+                Err(e) => Err(AlertError::Unreachable { url: url.clone(), message: e.to_string() }),
+                Ok(r) if r.status().is_success() => Ok(()),
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    Err(AlertError::Refused { url: url.clone(), status, body: r.text().await.unwrap_or_default().chars().take(200).collect() })
+                }
+            };
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// Delivers queued alerts in commit order; a sink that fails is retried with
+/// backoff and the alert stays queued (and durable) until every sink took it.
+pub async fn deliver_loop(store: Store, sinks: Sinks, notify: Arc<Notify>, shutdown: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let notified = notify.notified();
+        let batch = store.alert_queue(32);
+        if batch.is_empty() {
+            let wake = async {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            };
+            if !super::pause(&shutdown, wake).await {
+                return;
+            }
+            continue;
+        }
+        let mut done = Vec::new();
+        let mut failed = None;
+        for (id, effect) in batch {
+            let Effect::Alert(alert) = &effect else {
+                done.push(id);
+                continue;
+            };
+            let instances = alert.count_instances_of.as_deref().map(|k| store.instance_ids_of(k).len());
+            if sinks.is_empty() {
+                tracing::warn!(alert = %alert.name, labels = ?alert.labels, resolved = alert.ends_at.is_some(), summary = %alert.summary, "alert (no alerts.sinks configured)");
+                done.push(id);
+                continue;
+            }
+            match sinks.send(alert, instances).await {
+                Ok(()) => {
+                    tracing::info!(alert = %alert.name, fingerprint = %alert.fingerprint(), resolved = alert.ends_at.is_some(), "alert sent");
+                    done.push(id);
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = store.alert_queue_remove(&done) {
+            tracing::error!(error = %e, "cannot remove delivered alerts; they will be sent again");
+        }
+        if let Some(e) = failed {
+            tracing::warn!(error = %e, "alert delivery failed");
+            if !super::pause(&shutdown, tokio::time::sleep(backoff)).await {
+                return;
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        } else {
+            backoff = Duration::from_millis(200);
+        }
+    }
+}
+
+/// Sends every firing alert again now and then: Alertmanager drops an alert
+/// that is not repeated within its resolve_timeout.
+pub async fn resend_loop(store: Store, sinks: Sinks, every: Duration, shutdown: CancellationToken) {
+    while super::pause(&shutdown, tokio::time::sleep(every)).await {
+        for alert in store.firing_alerts() {
+            let instances = alert.count_instances_of.as_deref().map(|k| store.instance_ids_of(k).len());
+            if let Err(e) = sinks.send(&alert, instances).await {
+                tracing::debug!(error = %e, "alert re-send failed; the next round tries again");
+            }
+        }
+    }
+}
+
+fn labels(alert: &Alert, context: &Context) -> serde_json::Map<String, Value> {
+    let mut labels = serde_json::Map::new();
+    labels.insert("alertname".into(), alert.name.clone().into());
+    labels.insert("severity".into(), alert.severity.as_str().into());
+    labels.insert("service".into(), "keywarden".into());
+    labels.insert("node".into(), context.node.clone().into());
+    for (k, v) in &alert.labels {
+        labels.insert(k.clone(), v.clone().into());
+    }
+    labels
+}
+
+fn description(alert: &Alert, instances: Option<usize>) -> String {
+    match instances {
+        Some(n) => format!("{} ({n} instance(s) affected)", alert.description),
+        None => alert.description.clone(),
+    }
+}
+
+fn alertmanager_body(alert: &Alert, instances: Option<usize>, context: &Context) -> Value {
+    let mut annotations = json!({"summary": alert.summary, "description": description(alert, instances), "fingerprint": alert.fingerprint()});
+    if let Some(n) = instances {
+        annotations["instances"] = n.to_string().into();
+    }
+    let mut body = json!({
+        "labels": labels(alert, context),
+        "annotations": annotations,
+        "startsAt": alert.starts_at.to_rfc3339(),
+        "generatorURL": match alert.labels.get("key_id") {
+            Some(k) => format!("{}/v1/keys/{}", context.api, crate::text::percent_encode(k)),
+            None => format!("{}/metrics", context.api),
+        },
+    });
+    if let Some(end) = alert.ends_at {
+        body["endsAt"] = end.to_rfc3339().into();
+    }
+    body
+}
+
+fn webhook_body(alert: &Alert, instances: Option<usize>, context: &Context) -> Value {
+    json!({
+        "status": if alert.ends_at.is_some() { "resolved" } else { "firing" },
+        "fingerprint": alert.fingerprint(),
+        "labels": labels(alert, context),
+        "summary": alert.summary,
+        "description": description(alert, instances),
+        "instances": instances,
+        "startsAt": alert.starts_at.to_rfc3339(),
+        "endsAt": alert.ends_at.map(|t| t.to_rfc3339()),
+    })
+}
+
+fn slack_body(alert: &Alert, instances: Option<usize>) -> Value {
+    let icon = match (alert.ends_at.is_some(), alert.severity.as_str()) {
+        (true, _) => ":white_check_mark: RESOLVED",
+        (false, "critical") => ":rotating_light: CRITICAL",
+        _ => ":warning: WARNING",
+    };
+    json!({"text": format!("{icon} {}: {}", alert.summary, description(alert, instances))})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Severity;
+
+    fn alert() -> Alert {
+        Alert::new("KeywardenKeyDeleted", Severity::Critical, &[("key_id", "k/1")], "root key k/1 was deleted".into(), "gone".into(), chrono::Utc::now())
+    }
+
+    #[test]
+    fn bodies_carry_the_labels_that_identify_the_alert_and_say_when_it_ended() {
+        let context = Context { node: "n1".into(), api: "http://127.0.0.1:8420".into() };
+        let firing = alertmanager_body(&alert(), Some(3), &context);
+        assert_eq!(firing["labels"]["alertname"], "KeywardenKeyDeleted");
+        assert_eq!(firing["labels"]["severity"], "critical");
+        assert_eq!(firing["labels"]["key_id"], "k/1");
+        assert_eq!(firing["annotations"]["instances"], "3");
+        assert_eq!(firing["generatorURL"], "http://127.0.0.1:8420/v1/keys/k%2F1");
+        assert!(firing.get("endsAt").is_none());
+        let resolved = alertmanager_body(&alert().resolved(chrono::Utc::now()), None, &context);
+        assert!(resolved["endsAt"].is_string());
+        assert_eq!(webhook_body(&alert().resolved(chrono::Utc::now()), None, &context)["status"], "resolved");
+        assert!(slack_body(&alert(), Some(3))["text"].as_str().unwrap().contains("CRITICAL"));
+        // The same condition, raised twice, is the same alert.
+        assert_eq!(alert().fingerprint(), alert().resolved(chrono::Utc::now()).fingerprint());
+    }
+}

@@ -1,0 +1,174 @@
+//! The alert monitor: checks the conditions an operator must hear about every
+//! `alerts.check_every`, and raises an alert when one starts and resolves it
+//! when it clears. Alerts go through the writer, so they are durable before they
+//! are sent, and the set of firing alerts survives a restart.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use prometheus::core::Collector;
+use prometheus::IntCounterVec;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AlertsConfig;
+use crate::engine::{Alert, Input, Severity};
+use crate::intake::Health;
+use crate::kms::router::KmsRouter;
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::writer::Writer;
+
+/// The alerts this monitor owns; others (key state, drift) are raised and
+/// resolved where their condition is decided.
+const OWNED: &[&str] = &[
+    "KeywardenDeadLetterRate",
+    "KeywardenForgedEvents",
+    "KeywardenKmsBreakerOpen",
+    "KeywardenKafkaUnreachable",
+    "KeywardenRotationSlow",
+    "KeywardenRotationFailed",
+];
+
+pub struct Monitor {
+    pub store: Store,
+    pub writer: Writer,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub kms: Arc<KmsRouter>,
+    pub config: AlertsConfig,
+}
+
+#[derive(Default)]
+struct Memory {
+    dead_letters: VecDeque<(Instant, u64)>,
+    forged_seen: u64,
+    last_forged: Option<Instant>,
+    kafka_down_since: Option<Instant>,
+}
+
+fn total(counter: &IntCounterVec) -> u64 {
+    counter.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
+}
+
+impl Monitor {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut firing: HashMap<String, Alert> =
+            self.store.firing_alerts().into_iter().filter(|a| OWNED.contains(&a.name.as_str())).map(|a| (a.fingerprint(), a)).collect();
+        let mut memory = Memory { forged_seen: total(&self.metrics.security_events), ..Default::default() };
+        while crate::tell::pause(&shutdown, tokio::time::sleep(self.config.check_every.0)).await {
+            let now = Utc::now();
+            let wanted: HashMap<String, Alert> = self.conditions(&mut memory).into_iter().map(|a| (a.fingerprint(), a)).collect();
+            let raised: Vec<Alert> = wanted.iter().filter(|(fp, _)| !firing.contains_key(*fp)).map(|(_, a)| a.clone()).collect();
+            let cleared: Vec<Alert> = firing.iter().filter(|(fp, _)| !wanted.contains_key(*fp)).map(|(_, a)| a.clone().resolved(now)).collect();
+            for alert in raised.into_iter().chain(cleared) {
+                let fp = alert.fingerprint();
+                let resolved = alert.ends_at.is_some();
+                if self.writer.submit(Input::Alert(alert.clone())).await.is_err() {
+                    return;
+                }
+                if resolved {
+                    firing.remove(&fp);
+                } else {
+                    tracing::warn!(alert = %alert.name, labels = ?alert.labels, summary = %alert.summary, "alert raised");
+                    firing.insert(fp, alert);
+                }
+            }
+        }
+    }
+
+    fn conditions(&self, memory: &mut Memory) -> Vec<Alert> {
+        let now = Utc::now();
+        let c = &self.config;
+        let mut out = Vec::new();
+
+        let dead = total(&self.metrics.dead_letters);
+        let minute_ago = Instant::now() - Duration::from_secs(60);
+        memory.dead_letters.push_back((Instant::now(), dead));
+        while memory.dead_letters.len() > 1 && memory.dead_letters[1].0 <= minute_ago {
+            memory.dead_letters.pop_front();
+        }
+        let per_minute = dead - memory.dead_letters.front().map_or(dead, |(_, n)| *n);
+        if per_minute > c.dead_letters_per_minute {
+            out.push(Alert::new(
+                "KeywardenDeadLetterRate",
+                Severity::Warning,
+                &[],
+                format!("{per_minute} messages dead-lettered in the last minute"),
+                format!("more than {} messages a minute go to the dead-letter topic; see its keywarden.reason headers", c.dead_letters_per_minute),
+                now,
+            ));
+        }
+
+        let forged = total(&self.metrics.security_events);
+        if forged > memory.forged_seen {
+            memory.forged_seen = forged;
+            memory.last_forged = Some(Instant::now());
+        }
+        if memory.last_forged.is_some_and(|t| t.elapsed() < c.forged_quiet_after.0) {
+            out.push(Alert::new(
+                "KeywardenForgedEvents",
+                Severity::Critical,
+                &[],
+                "unsigned or forged lifecycle events were refused".into(),
+                "someone produced events without a valid signature to the events topic; they were dead-lettered and not applied. Check who can write to the topic".into(),
+                now,
+            ));
+        }
+
+        for (provider, state) in self.kms.providers_health() {
+            if state.breaker_open {
+                out.push(Alert::new(
+                    "KeywardenKmsBreakerOpen",
+                    Severity::Critical,
+                    &[("provider", provider)],
+                    format!("the {provider} KMS keeps failing; calls to it are paused"),
+                    format!("the circuit breaker for {provider} is open: rotations and new instances on its keys wait until it answers again"),
+                    now,
+                ));
+            }
+        }
+
+        if self.health.broker_ok.load(std::sync::atomic::Ordering::SeqCst) {
+            memory.kafka_down_since = None;
+        } else {
+            let since = *memory.kafka_down_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= c.kafka_unreachable_after.0 {
+                out.push(Alert::new(
+                    "KeywardenKafkaUnreachable",
+                    Severity::Critical,
+                    &[],
+                    format!("kafka has been unreachable for {}s", since.elapsed().as_secs()),
+                    "no lifecycle events are consumed and no commands published until kafka is back; state is kept".into(),
+                    now,
+                ));
+            }
+        }
+
+        let slow = chrono::Duration::from_std(c.rotation_slow_after.0).unwrap_or(chrono::Duration::MAX);
+        for job in self.store.jobs() {
+            if job.finished_at.is_none() && job.started_at + slow <= now {
+                out.push(Alert::new(
+                    "KeywardenRotationSlow",
+                    Severity::Warning,
+                    &[("key_id", &job.key_id)],
+                    format!("rotation of key {} to version {} is still running", job.key_id, job.target_version),
+                    format!("started {}; {} of {} rewrapped", job.started_at.to_rfc3339(), job.done, job.total.map_or("?".into(), |t| t.to_string())),
+                    now,
+                ));
+            }
+            if job.failed > 0 {
+                out.push(Alert::new(
+                    "KeywardenRotationFailed",
+                    Severity::Warning,
+                    &[("key_id", &job.key_id)],
+                    format!("{} instance(s) of key {} could not be rewrapped", job.failed, job.key_id),
+                    format!("the KMS refused their rewrap to version {}; see GET /v1/keys/{}, fix the cause and run `keywarden key retry`", job.target_version, job.key_id),
+                    now,
+                ));
+            }
+        }
+        out
+    }
+}
