@@ -60,6 +60,7 @@ pub struct Config {
     pub alerts: AlertsConfig,
     pub reconcile: ReconcileConfig,
     pub log: LogConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -496,6 +497,32 @@ impl Default for LogConfig {
     }
 }
 
+/// OpenTelemetry traces: see `telemetry`. Off unless an endpoint is set.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Base URL of an OTLP/HTTP collector ("http://127.0.0.1:4318"); spans are
+    /// posted as protobuf to <url>/v1/traces. Empty: no spans are recorded or
+    /// exported, and an event's incoming traceparent is still passed on to its
+    /// commands. A wrong URL loses traces (export errors go to the log), never events.
+    pub otlp_endpoint: String,
+    /// The `service.name` the traces are filed under; two deployments sharing
+    /// one name mix their traces in the backend.
+    pub service_name: String,
+    /// Fraction of traces keywarden starts that are recorded, 0.0 to 1.0. A
+    /// producer's traceparent decides for its own trace, so a trace is never
+    /// half recorded; lower this if the collector cannot keep up.
+    pub sample_ratio: f64,
+    /// Timeout of one export request; a collector slower than this drops the batch.
+    pub export_timeout: HumanDuration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: String::new(), service_name: "keywarden".into(), sample_ratio: 1.0, export_timeout: HumanDuration(Duration::from_secs(10)) }
+    }
+}
+
 impl Config {
     /// Reads the file (when given), applies `KEYWARDEN_*` overrides, then validates.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -692,6 +719,19 @@ impl Config {
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid("log.level", &self.log.level, "a tracing filter such as \"info\" or \"keywarden=debug\""));
+        }
+        let t = &self.telemetry;
+        if !t.otlp_endpoint.is_empty() && !reqwest::Url::parse(&t.otlp_endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https")) {
+            return Err(invalid("telemetry.otlp_endpoint", &t.otlp_endpoint, "an http(s) URL such as \"http://127.0.0.1:4318\", or empty for no traces"));
+        }
+        if t.service_name.trim().is_empty() {
+            return Err(invalid("telemetry.service_name", &t.service_name, "a non-empty name such as \"keywarden\""));
+        }
+        if !(0.0..=1.0).contains(&t.sample_ratio) {
+            return Err(invalid("telemetry.sample_ratio", &t.sample_ratio, "a number from 0.0 to 1.0"));
+        }
+        if t.export_timeout.0.is_zero() {
+            return Err(invalid("telemetry.export_timeout", &"0s", "a positive duration such as \"10s\""));
         }
         Ok(())
     }
@@ -903,6 +943,23 @@ mod tests {
         std::fs::write(&p, format!("[kafka.secret_files]\n\"sasl.password\" = \"{}\"\n", dir.path().join("pw").display())).unwrap();
         let c = Config::load_with_env(Some(&p), &[]).unwrap();
         assert_eq!(c.kafka.read_secrets().unwrap(), vec![("sasl.password".to_string(), "s3cret".to_string())]);
+    }
+
+    #[test]
+    fn traces_are_off_by_default_and_turned_on_by_the_environment() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert!(c.telemetry.otlp_endpoint.is_empty());
+        let c = Config::load_with_env(
+            None,
+            &env(&[("KEYWARDEN_TELEMETRY_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("KEYWARDEN_TELEMETRY_SAMPLE_RATIO", "0.25")]),
+        )
+        .unwrap();
+        assert_eq!(c.telemetry.otlp_endpoint, "http://127.0.0.1:4318");
+        assert_eq!(c.telemetry.sample_ratio, 0.25);
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_TELEMETRY_OTLP_ENDPOINT", "127.0.0.1:4318")])).unwrap_err();
+        assert!(err.to_string().contains("telemetry.otlp_endpoint"), "{err}");
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_TELEMETRY_SAMPLE_RATIO", "2")])).unwrap_err();
+        assert!(err.to_string().contains("telemetry.sample_ratio"), "{err}");
     }
 
     #[test]

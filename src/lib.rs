@@ -17,5 +17,6 @@ pub mod notify;
 pub mod schedule;
 pub mod store;
 pub mod tell;
+pub mod telemetry;
 pub mod text;
 pub mod writer;

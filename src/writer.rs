@@ -155,6 +155,7 @@ mod tests {
             key_version: None,
             occurred_at: Utc::now(),
             correlation_id: None,
+            traceparent: None,
             material_destroyed: false,
         };
         let consumed = Consumed { topic: "t".into(), partition: 0, next: 8, generation };
@@ -184,6 +185,7 @@ mod tests {
             key_version: None,
             occurred_at: Utc::now(),
             correlation_id: None,
+            traceparent: None,
             material_destroyed: false,
         };
         let first = w

@@ -94,6 +94,7 @@ fn rotate_event(id: &str, key: &str, version: &str) -> Input {
             key_version: Some(version.into()),
             occurred_at: Utc::now(),
             correlation_id: None,
+            traceparent: None,
             material_destroyed: false,
         },
         at: Utc::now(),

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::{info_span, Instrument};
 
 use crate::config::RotationConfig;
 use crate::engine::{Input, KeyStatus, RotationJob, View};
@@ -57,7 +58,13 @@ impl Rotator {
                             .writer
                             .submit(Input::JobFinished { key_id: job.key_id.clone(), target_version: job.target_version.clone(), at: Utc::now() })
                             .await;
-                        tracing::info!(key_id = %job.key_id, version = %job.target_version, "rotation finished");
+                        tracing::info!(
+                            key_id = %job.key_id,
+                            version = %job.target_version,
+                            event_id = %job.cause_event_id,
+                            correlation_id = job.correlation_id.as_deref().unwrap_or(""),
+                            "rotation finished"
+                        );
                     }
                     Ok(Pass::Interrupted) => {}
                     Err(e) => {
@@ -82,15 +89,31 @@ impl Rotator {
     }
 
     async fn pass(&self, job: &RotationJob, shutdown: &CancellationToken) -> Result<Pass, WriterError> {
+        // Checked before any span exists: a job waiting on a disabled key is
+        // looked at every second, and must not fill its event's trace with that.
         if !self.current(job) {
             return Ok(Pass::Interrupted);
         }
+        // Every line of the pass carries the causing event's fields, and its
+        // KMS calls are recorded in that event's trace.
+        let span = info_span!(
+            "rotation",
+            key_id = %job.key_id,
+            version = %job.target_version,
+            event_id = %job.cause_event_id,
+            correlation_id = job.correlation_id.as_deref().unwrap_or("")
+        );
+        crate::telemetry::continue_trace(&span, crate::telemetry::stored(job.traceparent.as_deref()));
+        self.rewrap_all(job, shutdown).instrument(span).await
+    }
+
+    async fn rewrap_all(&self, job: &RotationJob, shutdown: &CancellationToken) -> Result<Pass, WriterError> {
         // Adopters rewrap only when the KMS itself reports the key active (Key
         // Protect's rule); an unreachable KMS means: try again later.
         // The version the KMS rewraps to is its newest, whatever the event named:
         // events from AWS or Activity Tracker carry no version, only a label.
         let mut target = job.target_version.clone();
-        match self.kms.key_state(&job.key_id).await {
+        match self.kms.key_state(&job.key_id).instrument(info_span!("kms.key_state", key_id = %job.key_id)).await {
             Ok(state) if state.status != KeyStatus::Active => {
                 tracing::info!(key_id = %job.key_id, state = ?state.status, "kms reports the key not active; rotation waits");
                 return Ok(Pass::Interrupted);
@@ -177,7 +200,8 @@ impl Rotator {
         let mut delay = Duration::from_millis(50);
         let mut attempt = 1;
         loop {
-            match self.kms.rewrap(&inst.key_id, &wrapped, instance_id.as_bytes(), Some(target)).await {
+            let call = self.kms.rewrap(&inst.key_id, &wrapped, instance_id.as_bytes(), Some(target));
+            match call.instrument(info_span!("kms.rewrap", key_id = %inst.key_id, %instance_id, attempt)).await {
                 Ok(new) => {
                     self.metrics.rewraps.with_label_values(&[self.kms.provider(), "ok"]).inc();
                     return Some(Attempt::Done(Input::Rewrapped {

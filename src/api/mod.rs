@@ -277,6 +277,7 @@ async fn retry_failed(s: &AppState, key_id: &str) -> ApiResult {
         key_version: Some(version),
         occurred_at: key.last_event_at.unwrap_or_else(Utc::now),
         correlation_id: None,
+        traceparent: None,
         material_destroyed: false,
     };
     let event_id = event.event_id.clone();

@@ -11,7 +11,13 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
 use crate::config::Config;
+use crate::telemetry::{TelemetryError, Traces};
 
 #[derive(Parser, Debug)]
 #[command(name = "keywarden", version, about = "Key-lifecycle daemon for customer-managed keys")]
@@ -136,7 +142,9 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Run => {
             let config = Config::load(cli.config.as_deref())?;
-            init_tracing(&config);
+            // Declared before the runtime so that it is dropped after it: the
+            // last spans are flushed once the daemon is done, outside async code.
+            let _traces = init_tracing(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
@@ -189,17 +197,34 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_tracing(config: &Config) {
-    init_tracing_with(&config.log.format, &config.log.level);
+/// Logs, and traces when `telemetry.otlp_endpoint` is set; the returned
+/// pipeline flushes its spans when dropped.
+fn init_tracing(config: &Config) -> Result<Option<Traces>, TelemetryError> {
+    let traces = Traces::start(&config.telemetry)?;
+    // Traces get keywarden's spans whatever the log level: quieting the log
+    // must not cut traces short.
+    let otel = traces.as_ref().map(|t| t.layer().with_filter(Targets::new().with_target("keywarden", tracing::Level::INFO)));
+    tracing_subscriber::registry().with(log_layer(&config.log.format, &config.log.level)).with(otel).init();
+    Ok(traces)
 }
 
 fn init_tracing_with(format: &str, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("KEYWARDEN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    tracing_subscriber::registry().with(log_layer(format, level)).init();
+}
+
+/// In JSON every line carries the fields of the spans it is logged in (the
+/// event's event_id, key_id, correlation_id): "span" is the innermost, "spans"
+/// all of them, outermost first; the line's own fields are at the top level.
+fn log_layer<S>(format: &str, level: &str) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let filter = EnvFilter::try_from_env("KEYWARDEN_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if format == "json" {
-        builder.json().init();
+        fmt.json().flatten_event(true).with_current_span(true).with_span_list(true).with_filter(filter).boxed()
     } else {
-        builder.init();
+        fmt.with_filter(filter).boxed()
     }
 }
 

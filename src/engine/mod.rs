@@ -152,6 +152,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 cause_event_id: request_id,
                 issued_at: at,
                 correlation_id: None,
+                traceparent: None,
             };
             let deregister = notice(&inst.key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() });
             decision(vec![Record::Instance(inst), Record::Outbox(effect), Record::Outbox(deregister), proof], Reply::Done)
@@ -178,6 +179,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
             let mut records = Vec::new();
             let mut cause = String::new();
             let mut correlation_id = None;
+            let mut traceparent = None;
             if let Some(mut job) = view.job(&inst.key_id) {
                 job.done += 1;
                 if had_failed {
@@ -185,6 +187,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 }
                 cause = job.cause_event_id.clone();
                 correlation_id = job.correlation_id.clone();
+                traceparent = job.traceparent.clone();
                 records.push(Record::Job(job));
             }
             records.push(Record::Outbox(Effect::InstanceCommand {
@@ -195,6 +198,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 cause_event_id: cause,
                 issued_at: at,
                 correlation_id,
+                traceparent,
             }));
             records.push(Record::Outbox(notice(&inst.key_id, Notice::Rewrapped { instance_id: inst.instance_id.clone(), key_version: version })));
             records.push(Record::Instance(inst));
@@ -366,6 +370,7 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
             cause_event_id: event.event_id.clone(),
             issued_at: at,
             correlation_id: event.correlation_id.clone(),
+            traceparent: event.traceparent.clone(),
         })
     };
     let ignored = |why: &str| (Outcome::Ignored, why.to_string(), vec![]);
@@ -399,6 +404,7 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
                 target_version: version.clone(),
                 cause_event_id: event.event_id.clone(),
                 correlation_id: event.correlation_id.clone(),
+                traceparent: event.traceparent.clone(),
                 started_at: at,
                 total: None,
                 done: 0,
@@ -442,6 +448,7 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
                             cause_event_id: event.event_id.clone(),
                             issued_at: at,
                             correlation_id: event.correlation_id.clone(),
+                            traceparent: event.traceparent.clone(),
                         })
                     })
                     .collect()

@@ -77,6 +77,7 @@ fn ev(id: &str, kind: EventType, key: &str, at: i64) -> Input {
             key_version: (kind == EventType::Rotate).then(|| format!("v-{id}")),
             occurred_at: t(at),
             correlation_id: None,
+            traceparent: None,
             material_destroyed: false,
         },
         at: t(at),
@@ -463,4 +464,33 @@ fn a_disable_raises_an_alert_that_the_enable_resolves() {
     );
     assert_eq!(m.alerts[0].fingerprint(), m.alerts[1].fingerprint(), "the resolve names the alert it resolves");
     assert_eq!(m.alerts[0].count_instances_of.as_deref(), Some("k"));
+}
+
+#[test]
+fn the_traceparent_reaches_commands_and_the_rotation_it_causes() {
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    let with_trace = |mut input: Input| {
+        if let Input::Event { event, .. } = &mut input {
+            event.traceparent = Some(TP.into());
+        }
+        input
+    };
+    m.run(with_trace(ev("r", EventType::Rotate, "k", 10)));
+    assert_eq!(m.jobs["k"].traceparent.as_deref(), Some(TP), "the rotation's rewraps join the event's trace");
+    m.run(Input::Rewrapped {
+        instance_id: "a".into(),
+        from_version: "1".into(),
+        wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
+        at: t(11),
+    });
+    assert!(m.outbox.iter().any(|e| matches!(e, Effect::InstanceCommand { action: CommandAction::Rewrapped, traceparent: Some(tp), .. } if tp == TP)));
+    m.run(with_trace(ev("d", EventType::Disable, "k", 20)));
+    assert!(m.outbox.iter().any(|e| matches!(e, Effect::KeyCommands { action: CommandAction::Revoke, traceparent: Some(tp), .. } if tp == TP)));
+    m.run(ev("e", EventType::Enable, "k", 30));
+    assert!(
+        m.outbox.iter().any(|e| matches!(e, Effect::KeyCommands { action: CommandAction::Restore, traceparent: None, .. })),
+        "an event without a trace hands none on"
+    );
 }

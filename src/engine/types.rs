@@ -50,6 +50,11 @@ pub struct LifecycleEvent {
     /// so that both sides can follow one request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// W3C trace context of the event's handling, handed on to the commands and
+    /// rotation it causes, so that the data plane's work joins the producer's
+    /// trace. Set by the intake from the message headers, never by a format.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// The KMS destroyed the key material itself (AWS "KMS CMK Deletion"): the
     /// wrapped DEKs can never be unwrapped again, so they are purged at once.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -181,6 +186,9 @@ pub struct RotationJob {
     pub cause_event_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
+    /// The causing event's trace: the rotation's rewraps are recorded in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     pub started_at: DateTime<Utc>,
     /// Instances that needed a rewrap when the job was planned.
     pub total: Option<u64>,
@@ -247,6 +255,10 @@ pub enum Effect {
         issued_at: DateTime<Utc>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         correlation_id: Option<String>,
+        /// Persisted with the effect because the relay publishes after commit,
+        /// possibly after a restart, when the event's span is long gone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     InstanceCommand {
         instance_id: String,
@@ -257,6 +269,10 @@ pub enum Effect {
         issued_at: DateTime<Utc>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         correlation_id: Option<String>,
+        /// Persisted with the effect because the relay publishes after commit,
+        /// possibly after a restart, when the event's span is long gone.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     /// A lifecycle event emitted by the embedded KMS, as a real KMS would.
     LifecycleEvent { key_id: String, payload: String },

@@ -82,7 +82,7 @@ fn decode(msg: &Incoming<'_>) -> Result<LifecycleEvent, DecodeError> {
         ),
         _ => None,
     };
-    Ok(LifecycleEvent { event_id, kind, key_id, key_version, occurred_at, correlation_id, material_destroyed: false })
+    Ok(LifecycleEvent { event_id, kind, key_id, key_version, occurred_at, correlation_id, traceparent: None, material_destroyed: false })
 }
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ fn decode(msg: &Incoming<'_>) -> Result<LifecycleEvent, DecodeError> {
         }
     };
     let key_id = key_arn(&w.resources, detail, region.as_deref(), account.as_deref())?;
-    Ok(LifecycleEvent { event_id, kind, key_id, key_version, occurred_at, correlation_id, material_destroyed })
+    Ok(LifecycleEvent { event_id, kind, key_id, key_version, occurred_at, correlation_id, traceparent: None, material_destroyed })
 }
 
 fn unsupported(why: String) -> DecodeError {

@@ -24,6 +24,8 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
+use tracing::{info_span, Instrument, Span};
 
 use crate::config::KafkaConfig;
 use crate::engine::{EventType, Input, KeyStatus, Outcome, Reply};
@@ -183,16 +185,17 @@ struct Ack {
     topic: String,
     partition: i32,
     offset: i64,
-    label: Option<Label>,
-}
-
-/// What the log line and metrics say about a handled event.
-struct Label {
-    event_id: String,
-    key_id: String,
-    kind: &'static str,
-    correlation_id: Option<String>,
-    format: &'static str,
+    /// The event's type, for metrics; `None` for a dead-lettered message.
+    kind: Option<&'static str>,
+    /// The message's span: the "event handled" line is logged in it, and the
+    /// trace ends when it is dropped.
+    span: Span,
+    /// Open from enqueue until the input is durable. The writer commits many
+    /// events' inputs in one batch on its own thread; a span per batch would
+    /// sit in a trace of its own, linked to hundreds of others, while what an
+    /// event's trace needs is how long this event waited for durability
+    /// (queueing, the group commit and its flush), which is what this measures.
+    commit: Span,
 }
 
 impl Intake {
@@ -283,27 +286,35 @@ impl Intake {
                 continue;
             };
             let consumed = Consumed { topic: topic.clone(), partition, next: offset + 1, generation };
-            let (input, label) = match decode_message(&msg, &self.verifier) {
-                Ok(Decoded { event, format }) => {
-                    tracing::debug!(
-                        event_id = %event.event_id,
-                        key_id = %event.key_id,
-                        r#type = %event.kind,
-                        correlation_id = event.correlation_id.as_deref().unwrap_or(""),
-                        format = format.name,
-                        partition,
-                        offset,
-                        "event received"
-                    );
-                    let label = Label {
-                        event_id: event.event_id.clone(),
-                        key_id: event.key_id.clone(),
-                        kind: event.kind.as_str(),
-                        correlation_id: event.correlation_id.clone(),
-                        format: format.name,
-                    };
-                    let kms = self.confirm(&event).await;
-                    (Some(Input::Event { event, at: Utc::now(), kms }), Some(label))
+            let headers = headers_of(&msg);
+            let upstream = crate::telemetry::received(&headers);
+            // Every line logged while handling the message carries these fields.
+            let span = info_span!(
+                "event",
+                otel.kind = "consumer",
+                %topic,
+                partition,
+                offset,
+                event_id = Empty,
+                key_id = Empty,
+                r#type = Empty,
+                correlation_id = Empty,
+                format = Empty
+            );
+            crate::telemetry::continue_trace(&span, upstream.clone());
+            let decoded = info_span!(parent: &span, "decode").in_scope(|| decode_message(&msg, &headers, &self.verifier));
+            let (input, kind) = match decoded {
+                Ok(Decoded { mut event, format }) => {
+                    span.record("event_id", event.event_id.as_str());
+                    span.record("key_id", event.key_id.as_str());
+                    span.record("type", event.kind.as_str());
+                    span.record("correlation_id", event.correlation_id.as_deref().unwrap_or(""));
+                    span.record("format", format.name);
+                    event.traceparent = crate::telemetry::traceparent(&span, &upstream);
+                    span.in_scope(|| tracing::debug!("event received"));
+                    let kms = self.confirm(&event).instrument(span.clone()).await;
+                    let kind = event.kind.as_str();
+                    (Some(Input::Event { event, at: Utc::now(), kms }), Some(kind))
                 }
                 Err(reason) => {
                     if let DecodeError::Signature(e) = &reason {
@@ -312,14 +323,15 @@ impl Intake {
                             tracing::error!(topic = %topic, partition, offset, reason = %e, "refused a message that is not signed by a configured key; it is never applied");
                         }
                     }
-                    if !self.dead_letter(&msg, &reason, shutdown).await {
+                    if !self.dead_letter(&msg, &reason, shutdown).instrument(span.clone()).await {
                         return Ok(());
                     }
                     (None, None)
                 }
             };
+            let commit = info_span!(parent: &span, "commit");
             let pending = self.writer.enqueue(input, Some(consumed)).await.map_err(|_| IntakeError::Writer)?;
-            if ack_tx.send(Ack { pending, topic, partition, offset, label }).await.is_err() {
+            if ack_tx.send(Ack { pending, topic, partition, offset, kind, span, commit }).await.is_err() {
                 return Err(IntakeError::Writer);
             }
         }
@@ -332,7 +344,8 @@ impl Intake {
         if event.kind != EventType::Delete {
             return None;
         }
-        match tokio::time::timeout(Duration::from_secs(2), self.kms.key_state(&event.key_id)).await {
+        let call = self.kms.key_state(&event.key_id).instrument(info_span!("kms.key_state", key_id = %event.key_id));
+        match tokio::time::timeout(Duration::from_secs(2), call).await {
             Ok(Ok(state)) => Some(state.status),
             Ok(Err(e)) => {
                 tracing::warn!(key_id = %event.key_id, error = %e, "cannot confirm the delete with the kms; applying it");
@@ -391,9 +404,8 @@ impl Intake {
 
 /// Detects the format, checks the signature before believing anything in the
 /// payload, then decodes.
-fn decode_message(msg: &BorrowedMessage<'_>, verifier: &Verifier) -> Result<Decoded, DecodeError> {
-    let headers = msg.headers().map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect()).unwrap_or_default();
-    let incoming = Incoming { key: msg.key(), payload: msg.payload().unwrap_or_default(), headers };
+fn decode_message(msg: &BorrowedMessage<'_>, headers: &[(&str, &[u8])], verifier: &Verifier) -> Result<Decoded, DecodeError> {
+    let incoming = Incoming { key: msg.key(), payload: msg.payload().unwrap_or_default(), headers: headers.to_vec() };
     let format = format::detect(&incoming)?;
     verifier.check(msg.topic(), &incoming, format.name, format.signed)?;
     let event = (format.decode)(&incoming).map_err(|e| e.in_format(format.name))?;
@@ -406,6 +418,10 @@ fn decode_message(msg: &BorrowedMessage<'_>, verifier: &Verifier) -> Result<Deco
     Ok(Decoded { event, format })
 }
 
+fn headers_of<'a>(msg: &'a BorrowedMessage<'_>) -> Vec<(&'a str, &'a [u8])> {
+    msg.headers().map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect()).unwrap_or_default()
+}
+
 /// Waits for each input to be durable, in order, then stores its offset for the
 /// next auto-commit. Stored offsets never pass what the store holds.
 async fn acknowledge(
@@ -415,7 +431,9 @@ async fn acknowledge(
     shutdown: CancellationToken,
 ) -> Result<(), IntakeError> {
     while let Some(ack) = rx.recv().await {
-        let reply = match ack.pending.await {
+        let result = ack.pending.await;
+        drop(ack.commit);
+        let reply = match result {
             Ok(Ok(reply)) => reply,
             Ok(Err(WriterError::Fenced { topic, partition })) => {
                 tracing::debug!(%topic, partition, offset = ack.offset, "input fenced off after a revocation");
@@ -426,24 +444,16 @@ async fn acknowledge(
                 return Err(IntakeError::Writer);
             }
         };
-        if let (Some(label), Reply::Event { outcome, detail }) = (&ack.label, &reply) {
+        if let (Some(kind), Reply::Event { outcome, detail }) = (ack.kind, &reply) {
             let outcome_label = match outcome {
                 Outcome::Applied => "applied",
                 Outcome::Duplicate => "duplicate",
                 Outcome::Stale => "stale",
                 Outcome::Ignored => "ignored",
             };
-            metrics.events.with_label_values(&[label.kind, outcome_label]).inc();
-            tracing::info!(
-                event_id = %label.event_id,
-                key_id = %label.key_id,
-                r#type = label.kind,
-                correlation_id = label.correlation_id.as_deref().unwrap_or(""),
-                format = label.format,
-                outcome = outcome_label,
-                %detail,
-                "event handled"
-            );
+            metrics.events.with_label_values(&[kind, outcome_label]).inc();
+            // event_id, key_id, type, correlation_id and format come from the span.
+            ack.span.in_scope(|| tracing::info!(outcome = outcome_label, %detail, "event handled"));
         }
         if let Err(e) = consumer.store_offset(&ack.topic, ack.partition, ack.offset) {
             // The partition was revoked meanwhile; the store already holds the offset.

@@ -64,7 +64,7 @@ pub fn decode(payload: &[u8]) -> Result<LifecycleEvent, DecodeError> {
     }
     let occurred_at = timestamp("occurred_at", &string("occurred_at", wire.occurred_at, 64)?)?;
     let correlation_id = optional("correlation_id", wire.correlation_id, 128)?;
-    Ok(LifecycleEvent { event_id, kind, key_id, key_version, occurred_at, correlation_id, material_destroyed: false })
+    Ok(LifecycleEvent { event_id, kind, key_id, key_version, occurred_at, correlation_id, traceparent: None, material_destroyed: false })
 }
 
 #[cfg(test)]

@@ -238,6 +238,7 @@ impl LocalKms {
             key_version: key_version.or_else(|| file.versions.last().map(|v| v.version.clone())),
             occurred_at: now,
             correlation_id: None,
+            traceparent: None,
             material_destroyed: false,
         };
         self.save(&file, Some(&event))?;

@@ -429,6 +429,7 @@ mod tests {
             cause_event_id: n.into(),
             issued_at: Utc::now(),
             correlation_id: None,
+            traceparent: None,
         };
         s.commit(&[Record::Outbox(effect("a")), Record::Outbox(effect("b"))], true).unwrap();
         s.commit(&[Record::Outbox(effect("c"))], true).unwrap();

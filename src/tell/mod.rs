@@ -15,6 +15,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::KafkaConfig;
 use crate::intake::signature::{Signer, HEADER as SIGNATURE_HEADER};
@@ -220,7 +221,7 @@ impl Relay {
 
     async fn publish(&self, effect: &Effect) -> Result<(), TellError> {
         match effect {
-            Effect::KeyCommands { key_id, action, key_version, cause_event_id, issued_at, correlation_id } => {
+            Effect::KeyCommands { key_id, action, key_version, cause_event_id, issued_at, correlation_id, traceparent } => {
                 // Fan out to the instances the key protects now, including those
                 // created after the event: they all share the key's fate.
                 let commands: Vec<Command> = self
@@ -231,11 +232,11 @@ impl Relay {
                     .filter(|inst| inst.wrapped.is_some())
                     .map(|inst| Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
                     .collect();
-                self.send_commands(&commands).await
+                self.send_commands(&commands, traceparent.as_deref()).await
             }
-            Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id } => {
+            Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id, traceparent } => {
                 let c = Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone());
-                self.send_commands(std::slice::from_ref(&c)).await
+                self.send_commands(std::slice::from_ref(&c), traceparent.as_deref()).await
             }
             Effect::LifecycleEvent { key_id, payload } => {
                 let topic = &self.kafka.events_topic;
@@ -256,20 +257,43 @@ impl Relay {
         }
     }
 
-    async fn send_commands(&self, commands: &[Command]) -> Result<(), TellError> {
+    /// `traceparent` is the causing event's, stored with the effect: the
+    /// commands continue its trace, so the data plane's handling joins it.
+    async fn send_commands(&self, commands: &[Command], traceparent: Option<&str>) -> Result<(), TellError> {
         let topic = &self.kafka.commands_topic;
+        let span = tracing::info_span!("publish", otel.kind = "producer", %topic, commands = commands.len());
+        let upstream = crate::telemetry::stored(traceparent);
+        crate::telemetry::continue_trace(&span, upstream.clone());
+        let header = crate::telemetry::traceparent(&span, &upstream);
+        let headers = header.as_deref().map(|tp| OwnedHeaders::new().insert(Header { key: crate::telemetry::TRACEPARENT, value: Some(tp) }));
         let payloads: Vec<String> = commands.iter().map(|c| serde_json::to_string(c).expect("commands serialize")).collect();
         // Queue them all, then wait: librdkafka batches the sends.
         let futures: Vec<_> = commands
             .iter()
             .zip(&payloads)
-            .map(|(c, p)| self.producer.send(FutureRecord::to(topic).key(&c.instance_id).payload(p), Duration::from_secs(10)))
+            .map(|(c, p)| {
+                let mut record = FutureRecord::to(topic).key(&c.instance_id).payload(p);
+                if let Some(h) = &headers {
+                    record = record.headers(h.clone());
+                }
+                self.producer.send(record, Duration::from_secs(10))
+            })
             .collect();
-        for (c, result) in commands.iter().zip(futures::future::join_all(futures).await) {
+        let results = futures::future::join_all(futures).instrument(span.clone()).await;
+        let _in_span = span.enter();
+        for (c, result) in commands.iter().zip(results) {
             result.map_err(|(source, _)| TellError::Publish { topic: topic.clone(), source })?;
             let action = serde_json::to_value(c.action).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
             self.metrics.commands.with_label_values(&[&action]).inc();
-            tracing::debug!(instance_id = %c.instance_id, key_id = %c.key_id, command_id = %c.command_id, action = %action, "command published");
+            tracing::debug!(
+                instance_id = %c.instance_id,
+                key_id = %c.key_id,
+                event_id = %c.cause_event_id,
+                correlation_id = c.correlation_id.as_deref().unwrap_or(""),
+                command_id = %c.command_id,
+                action = %action,
+                "command published"
+            );
         }
         Ok(())
     }
