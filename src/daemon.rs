@@ -129,7 +129,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         })
     };
     let fence = Arc::new(Fence::default());
-    let (writer, writer_thread) = Writer::start(store.clone(), fence.clone(), config.kafka.max_batch, on_commit);
+    let (writer, writer_thread) = Writer::start_timed(store.clone(), fence.clone(), config.kafka.max_batch, on_commit, metrics.commit_seconds.clone());
 
     let health = Arc::new(Health::default());
     let verifier = Arc::new(Verifier::load(&config.signatures)?);

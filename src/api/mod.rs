@@ -156,6 +156,9 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    let (m, store) = (s.metrics.clone(), s.store.clone());
+    // The store gauges scan the store (throttled inside): off the runtime.
+    let _ = tokio::task::spawn_blocking(move || m.refresh_store_gauges(&store)).await;
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 

@@ -8,6 +8,7 @@ pub mod cloudevents;
 pub mod eventbridge;
 pub mod fence;
 pub mod format;
+mod lag;
 pub mod native;
 pub mod signature;
 
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
@@ -191,6 +192,7 @@ struct Label {
     event_id: String,
     key_id: String,
     kind: &'static str,
+    occurred_at: DateTime<Utc>,
     correlation_id: Option<String>,
     format: &'static str,
 }
@@ -241,7 +243,10 @@ impl Intake {
         let (ack_tx, ack_rx) = mpsc::channel::<Ack>(self.kafka.max_batch * 4);
         let acker = tokio::spawn(acknowledge(self.consumer.clone(), ack_rx, self.metrics.clone(), shutdown.clone()));
         let probe = tokio::spawn(probe_broker(self.consumer.clone(), self.kafka.events_topic.clone(), self.health.clone(), shutdown.clone()));
+        let lag = tokio::spawn(lag::sample(self.consumer.clone(), self.metrics.clone(), shutdown.clone()));
         let result = self.consume(&ack_tx, &shutdown).await;
+        // Not joined: a sample can sit in a broker timeout, and lag is not worth a slower stop.
+        lag.abort();
         drop(ack_tx);
         // Whatever is not durable within the drain timeout stays unacknowledged and
         // is read again by the next owner; that is safe, only slower.
@@ -299,6 +304,7 @@ impl Intake {
                         event_id: event.event_id.clone(),
                         key_id: event.key_id.clone(),
                         kind: event.kind.as_str(),
+                        occurred_at: event.occurred_at,
                         correlation_id: event.correlation_id.clone(),
                         format: format.name,
                     };
@@ -318,6 +324,7 @@ impl Intake {
                     (None, None)
                 }
             };
+            self.metrics.events_consumed.with_label_values(&[label.as_ref().map_or("unknown", |l| l.kind)]).inc();
             let pending = self.writer.enqueue(input, Some(consumed)).await.map_err(|_| IntakeError::Writer)?;
             if ack_tx.send(Ack { pending, topic, partition, offset, label }).await.is_err() {
                 return Err(IntakeError::Writer);
@@ -371,6 +378,8 @@ impl Intake {
             match self.dlq.send(record, Duration::from_secs(5)).await {
                 Ok(_) => {
                     self.metrics.dead_letters.with_label_values(&[reason.class()]).inc();
+                    // Nothing in an undecodable or unverified message is believed, its type included.
+                    self.metrics.events.with_label_values(&["unknown", "dead_lettered"]).inc();
                     tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %reason_text, "message dead-lettered");
                     return true;
                 }
@@ -434,6 +443,11 @@ async fn acknowledge(
                 Outcome::Ignored => "ignored",
             };
             metrics.events.with_label_values(&[label.kind, outcome_label]).inc();
+            if *outcome == Outcome::Applied {
+                // A producer's clock ahead of ours would make this negative; that is no delay.
+                let delay = (Utc::now() - label.occurred_at).to_std().unwrap_or_default();
+                metrics.event_to_action.with_label_values(&[label.kind]).observe(delay.as_secs_f64());
+            }
             tracing::info!(
                 event_id = %label.event_id,
                 key_id = %label.key_id,
