@@ -2,6 +2,7 @@
 //! every change goes through the single writer, so the API never races the intake.
 
 pub mod auth;
+mod progress;
 pub mod tls;
 
 use std::sync::atomic::Ordering;
@@ -281,7 +282,7 @@ async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiR
         "instances": live.len(),
         "pending_rewraps": pending,
         "rewrap_failures": failures,
-        "rotation": job,
+        "rotation": job.map(|j| progress::rotation_view(&j, status, Utc::now())),
         "last_event_id": record.as_ref().and_then(|k| k.last_event_id.clone()),
         "last_event_at": record.as_ref().and_then(|k| k.last_event_at),
         "deleted_at": record.as_ref().and_then(|k| k.deleted_at),

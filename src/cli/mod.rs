@@ -4,6 +4,7 @@
 mod client;
 mod demo;
 mod event;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -93,7 +94,13 @@ pub enum EventCommand {
 pub enum KeyCommand {
     /// Create a root key (a random id unless given).
     Create { key_id: Option<String> },
-    Show { key_id: String },
+    Show {
+        key_id: String,
+        /// Follow the key's rotation with a progress bar until it finishes
+        /// (exit 1 if instances failed to rewrap).
+        #[arg(long)]
+        watch: bool,
+    },
     Rotate { key_id: String },
     Disable { key_id: String },
     Enable { key_id: String },
