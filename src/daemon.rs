@@ -156,6 +156,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         metrics,
         health,
         relay: relay_notify,
+        commands_topic: config.kafka.commands_topic.clone(),
     };
     let tls = &config.api.tls;
     let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };

@@ -1,4 +1,4 @@
-//! `keywarden key show --watch`, run as an operator
+//! `keywarden key impact` and `keywarden key show --watch`, run as an operator
 //! would: the real CLI against the real daemon over a real tansu broker.
 
 mod common;
@@ -49,6 +49,67 @@ fn run(mut c: Command, timeout: Duration) -> Output {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn key_impact_predicts_the_revokes_a_disable_then_sends() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
+    d.create_key("ik");
+    for i in 0..4 {
+        d.create_instance(&format!("im-{i}"), "ik");
+    }
+    let (s, v) = d.delete("/v1/instances/im-3");
+    assert_eq!(s, 204, "{v}");
+
+    let out = run(cli(&d, &["key", "impact", "ik", "--output", "json"]), MIN);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let before: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(before["instances"]["total"], 4, "{before}");
+    assert_eq!(before["instances"]["by_state"], serde_json::json!({"active": 3, "revoked": 0, "erased": 0, "destroyed": 1}));
+    let listed: Vec<(&str, &str)> =
+        before["instances"]["listed"].as_array().unwrap().iter().map(|i| (i["instance_id"].as_str().unwrap(), i["state"].as_str().unwrap())).collect();
+    assert_eq!(listed, [("im-0", "active"), ("im-1", "active"), ("im-2", "active"), ("im-3", "destroyed")]);
+    assert_eq!(before["wrapped_deks"], 3);
+    assert_eq!(before["pending_rewraps"], 0);
+    assert_eq!((before["disable"]["command"].as_str(), before["disable"]["commands"].as_u64()), (Some("revoke"), Some(3)));
+    assert_eq!((before["delete"]["command"].as_str(), before["delete"]["commands"].as_u64()), (Some("erase"), Some(3)));
+    assert_eq!(before["data_plane"]["commands_topic"], "instance-commands");
+    assert_eq!(before["data_plane"]["message_key"], "instance_id");
+
+    let out = run(cli(&d, &["key", "impact", "ik", "--limit", "2"]), MIN);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(shown.contains("instances: 4 (active 3, revoked 0, erased 0, destroyed 1)"), "{shown}");
+    assert!(shown.contains("if disabled: 3 instance(s) become revoked"), "{shown}");
+    assert!(shown.contains("commands go to topic instance-commands keyed by instance_id; a disable sends 3 revoke and a delete 3 erase"), "{shown}");
+    assert!(shown.contains("2 more not listed"), "{shown}");
+
+    // What it predicted is what happens.
+    let ev = d.act("ik", "disable");
+    let cause = ev["event_id"].as_str().unwrap().to_string();
+    d.wait_event(&cause);
+    commands.read_until("the revoke commands", MIN, |r| r.iter().filter(|m| m.json()["cause_event_id"] == cause.as_str()).count() >= 3);
+    commands.drain(Duration::from_secs(1));
+    let mut revoked: Vec<String> = commands
+        .commands("revoke", &cause)
+        .iter()
+        .map(|c| c["instance_id"].as_str().unwrap().to_string())
+        .collect();
+    revoked.sort();
+    assert_eq!(revoked, ["im-0", "im-1", "im-2"]);
+    assert!(commands.seen.iter().filter(|m| m.json()["cause_event_id"] == cause.as_str()).all(|m| m.key == Some(m.json()["instance_id"].as_str().unwrap().to_string())));
+
+    let out = run(cli(&d, &["key", "impact", "ik", "--output", "json"]), MIN);
+    let after: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(after["instances"]["by_state"]["revoked"], 3, "{after}");
+    assert_eq!(after["disable"]["commands"], 0, "a second disable changes nothing");
+    assert_eq!(after["delete"]["commands"], 3, "a delete would still erase them");
+
+    let out = run(cli(&d, &["key", "impact", "no-such-key"]), MIN);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("key no-such-key is unknown"), "{}", text(&out.stderr));
 }
 
 #[test]

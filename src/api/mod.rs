@@ -2,6 +2,7 @@
 //! every change goes through the single writer, so the API never races the intake.
 
 pub mod auth;
+mod impact;
 mod progress;
 pub mod tls;
 
@@ -46,6 +47,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub relay: Arc<Notify>,
+    /// Named in `GET /v1/keys/{id}/impact`: where the data plane's commands go.
+    pub commands_topic: String,
 }
 
 #[derive(Debug)]
@@ -98,6 +101,7 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>, audit: Arc<Audit>) -> 
         .route("/metrics", get(metrics))
         .route("/v1/keys", post(create_key))
         .route("/v1/keys/{key_id}", get(show_key))
+        .route("/v1/keys/{key_id}/impact", get(impact::show_impact))
         .route("/v1/keys/{key_id}/{action}", post(operate_key))
         .route("/v1/events/{event_id}", get(show_event))
         .route("/v1/audit", get(show_audit))

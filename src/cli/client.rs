@@ -36,10 +36,12 @@ pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command)
     if let Command::Key(KeyCommand::Show { key_id, watch: true }) = &command {
         return super::watch::run(&client, base, token, key_id, output);
     }
+    let impact = matches!(command, Command::Key(KeyCommand::Impact { .. }));
     let (method, path, body) = match command {
         Command::Key(k) => match k {
             KeyCommand::Create { key_id } => (Method::POST, "/v1/keys".to_string(), Some(json!({ "key_id": key_id }))),
             KeyCommand::Show { key_id, .. } => (Method::GET, format!("/v1/keys/{}", percent_encode(&key_id)), None),
+            KeyCommand::Impact { key_id, limit } => (Method::GET, format!("/v1/keys/{}/impact?limit={limit}", percent_encode(&key_id)), None),
             KeyCommand::Rotate { key_id } => (Method::POST, format!("/v1/keys/{}/rotate", percent_encode(&key_id)), None),
             KeyCommand::Disable { key_id } => (Method::POST, format!("/v1/keys/{}/disable", percent_encode(&key_id)), None),
             KeyCommand::Enable { key_id } => (Method::POST, format!("/v1/keys/{}/enable", percent_encode(&key_id)), None),
@@ -66,6 +68,7 @@ pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command)
     let value = request(&client, base, token, method, &path, body)?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Output::Text if impact => super::impact::print_text(&value),
         Output::Text => print_text(&value),
     }
     Ok(ExitCode::SUCCESS)

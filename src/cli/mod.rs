@@ -4,6 +4,7 @@
 mod client;
 mod demo;
 mod event;
+mod impact;
 mod watch;
 
 use std::path::PathBuf;
@@ -100,6 +101,13 @@ pub enum KeyCommand {
         /// (exit 1 if instances failed to rewrap).
         #[arg(long)]
         watch: bool,
+    },
+    /// What a disable or delete of the key would affect, without doing it.
+    Impact {
+        key_id: String,
+        /// Instance ids to list at most; the counts cover all of them.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     Rotate { key_id: String },
     Disable { key_id: String },
