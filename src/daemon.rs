@@ -130,7 +130,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         })
     };
     let fence = Arc::new(Fence::default());
-    let (writer, writer_thread) = Writer::start(store.clone(), fence.clone(), config.kafka.max_batch, on_commit);
+    let (writer, writer_thread) = Writer::start_timed(store.clone(), fence.clone(), config.kafka.max_batch, on_commit, metrics.commit_seconds.clone());
 
     let health = Arc::new(Health::default());
     let verifier = Arc::new(Verifier::load(&config.signatures)?);
@@ -157,6 +157,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         metrics: metrics.clone(),
         health: health.clone(),
         relay: relay_notify.clone(),
+        commands_topic: config.kafka.commands_topic.clone(),
     };
     let tls = &config.api.tls;
     let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };

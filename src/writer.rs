@@ -5,6 +5,7 @@
 
 use std::thread::JoinHandle;
 
+use prometheus::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
 use std::sync::Arc;
@@ -59,10 +60,32 @@ impl Writer {
     /// Starts the writer thread. It ends when every `Writer` clone is dropped,
     /// after committing what it was given.
     pub fn start(store: Store, fence: Arc<Fence>, max_batch: usize, on_commit: OnCommit) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+        Self::spawn(store, fence, max_batch, on_commit, None)
+    }
+
+    /// As `start`, and observes each commit's apply-and-flush time: the flush is
+    /// what bounds throughput, so its latency is the first thing to look at.
+    pub fn start_timed(
+        store: Store,
+        fence: Arc<Fence>,
+        max_batch: usize,
+        on_commit: OnCommit,
+        commit_seconds: Histogram,
+    ) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+        Self::spawn(store, fence, max_batch, on_commit, Some(commit_seconds))
+    }
+
+    fn spawn(
+        store: Store,
+        fence: Arc<Fence>,
+        max_batch: usize,
+        on_commit: OnCommit,
+        commit_seconds: Option<Histogram>,
+    ) -> (Writer, JoinHandle<Result<(), StoreError>>) {
         let (tx, rx) = mpsc::channel(max_batch * 4);
         let handle = std::thread::Builder::new()
             .name("keywarden-writer".into())
-            .spawn(move || writer_loop(store, fence, rx, max_batch, on_commit))
+            .spawn(move || writer_loop(store, fence, rx, max_batch, on_commit, commit_seconds))
             .expect("spawn writer thread");
         (Writer { tx }, handle)
     }
@@ -79,7 +102,14 @@ impl Writer {
     }
 }
 
-fn writer_loop(store: Store, fence: Arc<Fence>, mut rx: mpsc::Receiver<Job>, max_batch: usize, on_commit: OnCommit) -> Result<(), StoreError> {
+fn writer_loop(
+    store: Store,
+    fence: Arc<Fence>,
+    mut rx: mpsc::Receiver<Job>,
+    max_batch: usize,
+    on_commit: OnCommit,
+    commit_seconds: Option<Histogram>,
+) -> Result<(), StoreError> {
     let mut jobs = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
@@ -118,7 +148,12 @@ fn writer_loop(store: Store, fence: Arc<Fence>, mut rx: mpsc::Receiver<Job>, max
                 replies.push((job.reply, reply));
             }
         }
-        if let Err(e) = store.commit(&records, true) {
+        let started = std::time::Instant::now();
+        let committed = store.commit(&records, true);
+        if let Some(h) = &commit_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        if let Err(e) = committed {
             tracing::error!(error = %e, "store commit failed; stopping so that nothing is acknowledged that is not durable");
             for (tx, _) in replies {
                 let _ = tx.send(Err(WriterError::Commit(e.to_string())));
@@ -147,7 +182,8 @@ mod tests {
         let fence = Arc::new(Fence::default());
         fence.assign(&[("t".to_string(), 0)]);
         let generation = fence.generation("t", 0).unwrap();
-        let (w, handle) = Writer::start(store.clone(), fence.clone(), 16, Box::new(|_| {}));
+        let timer = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
+        let (w, handle) = Writer::start_timed(store.clone(), fence.clone(), 16, Box::new(|_| {}), timer.clone());
         let event = LifecycleEvent {
             event_id: "e1".into(),
             kind: EventType::Disable,
@@ -163,6 +199,7 @@ mod tests {
         assert!(matches!(pending.await.unwrap().unwrap(), Reply::Event { outcome: Outcome::Applied, .. }));
         assert_eq!(store.offset("t", 0), Some(8));
         assert!(store.event_seen("e1"));
+        assert_eq!(timer.get_sample_count(), 1, "the commit is timed");
         let again = w.submit(Input::Event { event, at: Utc::now(), kms: None }).await.unwrap();
         assert!(matches!(again, Reply::Event { outcome: Outcome::Duplicate, .. }));
         drop(w);

@@ -197,13 +197,20 @@ impl Rotator {
     async fn rewrap_one(&self, instance_id: String, target: &str) -> Option<Attempt> {
         let inst = self.store.instance(&instance_id)?;
         let wrapped = inst.wrapped?;
+        let provider = self.kms.provider_for(&inst.key_id);
         let mut delay = Duration::from_millis(50);
         let mut attempt = 1;
         loop {
+            let started = std::time::Instant::now();
             let call = self.kms.rewrap(&inst.key_id, &wrapped, instance_id.as_bytes(), Some(target));
-            match call.instrument(info_span!("kms.rewrap", key_id = %inst.key_id, %instance_id, attempt)).await {
+            let result = call.instrument(info_span!("kms.rewrap", key_id = %inst.key_id, %instance_id, attempt)).await;
+            self.metrics.rewrap_seconds.with_label_values(&[provider]).observe(started.elapsed().as_secs_f64());
+            if let Err(e) = &result {
+                self.metrics.rewrap_errors.with_label_values(&[provider, e.class()]).inc();
+            }
+            match result {
                 Ok(new) => {
-                    self.metrics.rewraps.with_label_values(&[self.kms.provider(), "ok"]).inc();
+                    self.metrics.rewraps.with_label_values(&[provider, "ok"]).inc();
                     return Some(Attempt::Done(Input::Rewrapped {
                         instance_id,
                         from_version: wrapped.key_version,
@@ -213,12 +220,12 @@ impl Rotator {
                 }
                 Err(e) if e.key_unusable() => return Some(Attempt::KeyUnusable),
                 Err(e) if e.retryable() && attempt >= self.config.max_attempts => {
-                    self.metrics.rewraps.with_label_values(&[self.kms.provider(), "deferred"]).inc();
+                    self.metrics.rewraps.with_label_values(&[provider, "deferred"]).inc();
                     tracing::debug!(%instance_id, error = %e, "rewrap still failing transiently; deferred to the next pass");
                     return Some(Attempt::Later);
                 }
                 Err(e) if e.retryable() => {
-                    self.metrics.rewraps.with_label_values(&[self.kms.provider(), "retry"]).inc();
+                    self.metrics.rewraps.with_label_values(&[provider, "retry"]).inc();
                     tracing::debug!(%instance_id, error = %e, attempt, "rewrap failed transiently; retrying");
                     let jitter = rand::thread_rng().gen_range(0..=delay.as_millis() as u64 / 2);
                     tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
@@ -226,7 +233,7 @@ impl Rotator {
                     attempt += 1;
                 }
                 Err(e) => {
-                    self.metrics.rewraps.with_label_values(&[self.kms.provider(), "failed"]).inc();
+                    self.metrics.rewraps.with_label_values(&[provider, "failed"]).inc();
                     tracing::warn!(%instance_id, key_id = %inst.key_id, error = %e, "rewrap failed");
                     return Some(Attempt::Done(Input::RewrapFailed {
                         instance_id,

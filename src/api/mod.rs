@@ -2,6 +2,8 @@
 //! every change goes through the single writer, so the API never races the intake.
 
 pub mod auth;
+mod impact;
+mod progress;
 pub mod tls;
 
 use std::sync::atomic::Ordering;
@@ -45,6 +47,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub relay: Arc<Notify>,
+    /// Named in `GET /v1/keys/{id}/impact`: where the data plane's commands go.
+    pub commands_topic: String,
 }
 
 #[derive(Debug)]
@@ -98,6 +102,7 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/keys", post(create_key))
         .route("/v1/keys/{key_id}", get(show_key))
+        .route("/v1/keys/{key_id}/impact", get(impact::show_impact))
         .route("/v1/keys/{key_id}/{action}", post(operate_key))
         .route("/v1/events/{event_id}", get(show_event))
         .route("/v1/audit", get(show_audit))
@@ -186,6 +191,9 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    let (m, store) = (s.metrics.clone(), s.store.clone());
+    // The store gauges scan the store (throttled inside): off the runtime.
+    let _ = tokio::task::spawn_blocking(move || m.refresh_store_gauges(&store)).await;
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
@@ -309,7 +317,7 @@ async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiR
         "instances": live.len(),
         "pending_rewraps": pending,
         "rewrap_failures": failures,
-        "rotation": job,
+        "rotation": job.map(|j| progress::rotation_view(&j, status, Utc::now())),
         "last_event_id": record.as_ref().and_then(|k| k.last_event_id.clone()),
         "last_event_at": record.as_ref().and_then(|k| k.last_event_at),
         "deleted_at": record.as_ref().and_then(|k| k.deleted_at),

@@ -32,10 +32,16 @@ fn client(tls: &Tls) -> anyhow::Result<Client> {
 }
 
 pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command) -> anyhow::Result<ExitCode> {
+    let client = client(tls)?;
+    if let Command::Key(KeyCommand::Show { key_id, watch: true }) = &command {
+        return super::watch::run(&client, base, token, key_id, output);
+    }
+    let impact = matches!(command, Command::Key(KeyCommand::Impact { .. }));
     let (method, path, body) = match command {
         Command::Key(k) => match k {
             KeyCommand::Create { key_id } => (Method::POST, "/v1/keys".to_string(), Some(json!({ "key_id": key_id }))),
-            KeyCommand::Show { key_id } => (Method::GET, format!("/v1/keys/{}", percent_encode(&key_id)), None),
+            KeyCommand::Show { key_id, .. } => (Method::GET, format!("/v1/keys/{}", percent_encode(&key_id)), None),
+            KeyCommand::Impact { key_id, limit } => (Method::GET, format!("/v1/keys/{}/impact?limit={limit}", percent_encode(&key_id)), None),
             KeyCommand::Rotate { key_id } => (Method::POST, format!("/v1/keys/{}/rotate", percent_encode(&key_id)), None),
             KeyCommand::Disable { key_id } => (Method::POST, format!("/v1/keys/{}/disable", percent_encode(&key_id)), None),
             KeyCommand::Enable { key_id } => (Method::POST, format!("/v1/keys/{}/enable", percent_encode(&key_id)), None),
@@ -59,7 +65,17 @@ pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command)
         Command::Event(EventCommand::Show { event_id }) => (Method::GET, format!("/v1/events/{}", percent_encode(&event_id)), None),
         Command::Run | Command::CheckConfig | Command::Demo { .. } | Command::Event(_) => unreachable!("handled by the caller"),
     };
-    let client = client(tls)?;
+    let value = request(&client, base, token, method, &path, body)?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        Output::Text if impact => super::impact::print_text(&value),
+        Output::Text => print_text(&value),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One API call; a non-2xx answer becomes the API's error message.
+pub(super) fn request(client: &Client, base: &str, token: &str, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
     let url = format!("{base}{path}");
     let mut req = client.request(method, &url).bearer_auth(token);
     if let Some(b) = body {
@@ -73,11 +89,7 @@ pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command)
         let reason = value.get("error").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| text.clone());
         return Err(anyhow!("{} ({})", reason, status.as_u16()));
     }
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
-        Output::Text => print_text(&value),
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(value)
 }
 
 fn print_text(v: &Value) {

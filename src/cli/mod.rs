@@ -4,6 +4,8 @@
 mod client;
 mod demo;
 mod event;
+mod impact;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,7 +101,20 @@ pub enum EventCommand {
 pub enum KeyCommand {
     /// Create a root key (a random id unless given).
     Create { key_id: Option<String> },
-    Show { key_id: String },
+    Show {
+        key_id: String,
+        /// Follow the key's rotation with a progress bar until it finishes
+        /// (exit 1 if instances failed to rewrap).
+        #[arg(long)]
+        watch: bool,
+    },
+    /// What a disable or delete of the key would affect, without doing it.
+    Impact {
+        key_id: String,
+        /// Instance ids to list at most; the counts cover all of them.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     Rotate { key_id: String },
     Disable { key_id: String },
     Enable { key_id: String },

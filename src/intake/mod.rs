@@ -8,6 +8,7 @@ pub mod cloudevents;
 pub mod eventbridge;
 pub mod fence;
 pub mod format;
+mod lag;
 pub mod native;
 pub mod signature;
 
@@ -15,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
@@ -187,6 +188,8 @@ struct Ack {
     offset: i64,
     /// The event's type, for metrics; `None` for a dead-lettered message.
     kind: Option<&'static str>,
+    /// When the event happened, for the time-to-action histogram.
+    occurred_at: Option<DateTime<Utc>>,
     /// The message's span: the "event handled" line is logged in it, and the
     /// trace ends when it is dropped.
     span: Span,
@@ -244,7 +247,10 @@ impl Intake {
         let (ack_tx, ack_rx) = mpsc::channel::<Ack>(self.kafka.max_batch * 4);
         let acker = tokio::spawn(acknowledge(self.consumer.clone(), ack_rx, self.metrics.clone(), shutdown.clone()));
         let probe = tokio::spawn(probe_broker(self.consumer.clone(), self.kafka.events_topic.clone(), self.health.clone(), shutdown.clone()));
+        let lag = tokio::spawn(lag::sample(self.consumer.clone(), self.metrics.clone(), shutdown.clone()));
         let result = self.consume(&ack_tx, &shutdown).await;
+        // Not joined: a sample can sit in a broker timeout, and lag is not worth a slower stop.
+        lag.abort();
         drop(ack_tx);
         // Whatever is not durable within the drain timeout stays unacknowledged and
         // is read again by the next owner; that is safe, only slower.
@@ -303,7 +309,7 @@ impl Intake {
             );
             crate::telemetry::continue_trace(&span, upstream.clone());
             let decoded = info_span!(parent: &span, "decode").in_scope(|| decode_message(&msg, &headers, &self.verifier));
-            let (input, kind) = match decoded {
+            let (input, meta) = match decoded {
                 Ok(Decoded { mut event, format }) => {
                     span.record("event_id", event.event_id.as_str());
                     span.record("key_id", event.key_id.as_str());
@@ -313,8 +319,8 @@ impl Intake {
                     event.traceparent = crate::telemetry::traceparent(&span, &upstream);
                     span.in_scope(|| tracing::debug!("event received"));
                     let kms = self.confirm(&event).instrument(span.clone()).await;
-                    let kind = event.kind.as_str();
-                    (Some(Input::Event { event, at: Utc::now(), kms }), Some(kind))
+                    let meta = (event.kind.as_str(), event.occurred_at);
+                    (Some(Input::Event { event, at: Utc::now(), kms }), Some(meta))
                 }
                 Err(reason) => {
                     if let DecodeError::Signature(e) = &reason {
@@ -330,8 +336,10 @@ impl Intake {
                 }
             };
             let commit = info_span!(parent: &span, "commit");
+            let (kind, occurred_at) = (meta.map(|m| m.0), meta.map(|m| m.1));
+            self.metrics.events_consumed.with_label_values(&[kind.unwrap_or("unknown")]).inc();
             let pending = self.writer.enqueue(input, Some(consumed)).await.map_err(|_| IntakeError::Writer)?;
-            if ack_tx.send(Ack { pending, topic, partition, offset, kind, span, commit }).await.is_err() {
+            if ack_tx.send(Ack { pending, topic, partition, offset, kind, occurred_at, span, commit }).await.is_err() {
                 return Err(IntakeError::Writer);
             }
         }
@@ -384,6 +392,8 @@ impl Intake {
             match self.dlq.send(record, Duration::from_secs(5)).await {
                 Ok(_) => {
                     self.metrics.dead_letters.with_label_values(&[reason.class()]).inc();
+                    // Nothing in an undecodable or unverified message is believed, its type included.
+                    self.metrics.events.with_label_values(&["unknown", "dead_lettered"]).inc();
                     tracing::warn!(topic = msg.topic(), partition = msg.partition(), offset = msg.offset(), reason = %reason_text, "message dead-lettered");
                     return true;
                 }
@@ -452,6 +462,11 @@ async fn acknowledge(
                 Outcome::Ignored => "ignored",
             };
             metrics.events.with_label_values(&[kind, outcome_label]).inc();
+            if let (Outcome::Applied, Some(at)) = (outcome, ack.occurred_at) {
+                // A producer's clock ahead of ours would make this negative; that is no delay.
+                let delay = (Utc::now() - at).to_std().unwrap_or_default();
+                metrics.event_to_action.with_label_values(&[kind]).observe(delay.as_secs_f64());
+            }
             // event_id, key_id, type, correlation_id and format come from the span.
             ack.span.in_scope(|| tracing::info!(outcome = outcome_label, %detail, "event handled"));
         }

@@ -91,6 +91,23 @@ impl KmsError {
     pub fn key_unusable(&self) -> bool {
         matches!(self, KmsError::KeyDisabled(_) | KmsError::KeyDeleted(_))
     }
+
+    /// A short, fixed label for metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            KmsError::UnknownKey(_) => "unknown_key",
+            KmsError::KeyDisabled(_) => "key_disabled",
+            KmsError::KeyDeleted(_) => "key_deleted",
+            KmsError::UnknownVersion { .. } => "unknown_version",
+            KmsError::Integrity(_) => "integrity",
+            KmsError::Conflict(_) => "conflict",
+            KmsError::Throttled(_) => "throttled",
+            KmsError::Refused(_) => "refused",
+            KmsError::Unavailable(_) => "unavailable",
+            KmsError::Setup(_) => "setup",
+            KmsError::Store(_) => "store",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,6 +121,11 @@ pub struct KmsKeyState {
 #[async_trait::async_trait]
 pub trait Kms: Send + Sync {
     fn provider(&self) -> &'static str;
+    /// The provider that serves this key: a router is no provider itself, and
+    /// metrics labelled "router" would hide which KMS is slow.
+    fn provider_for(&self, _key_id: &str) -> &'static str {
+        self.provider()
+    }
     /// `label` is keywarden's current version of the key: a provider that does
     /// not expose versions (AWS rotates inside the key) names the wrapping with it.
     async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError>;
@@ -132,6 +154,9 @@ pub trait Kms: Send + Sync {
 impl<K: Kms + ?Sized> Kms for std::sync::Arc<K> {
     fn provider(&self) -> &'static str {
         (**self).provider()
+    }
+    fn provider_for(&self, key_id: &str) -> &'static str {
+        (**self).provider_for(key_id)
     }
     async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
         (**self).wrap(key_id, dek, aad, label).await

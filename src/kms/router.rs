@@ -58,6 +58,9 @@ impl Kms for KmsRouter {
     fn provider(&self) -> &'static str {
         "router"
     }
+    fn provider_for(&self, key_id: &str) -> &'static str {
+        self.for_key(key_id).0.provider_for(key_id)
+    }
     async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
         let (k, id) = self.for_key(key_id);
         k.wrap(id, dek, aad, label).await

@@ -6,6 +6,7 @@
 
 pub mod audit;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
@@ -85,6 +86,21 @@ pub struct Census {
     pub keys: usize,
     pub instances: usize,
     pub outbox: usize,
+}
+
+/// One key's instances, for the `keywarden_instances` gauge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub with_dek: u64,
+    pub destroyed: u64,
+}
+
+/// The two fields a tally needs; serde skips the rest (and the DEK's bytes)
+/// without building them.
+#[derive(serde::Deserialize)]
+struct TallyFields {
+    key_id: String,
+    wrapped: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Clone)]
@@ -251,6 +267,22 @@ impl Store {
         Census { keys: count(KEY), instances: count(INSTANCE), outbox: count(OUTBOX) }
     }
 
+    /// Per key, instances that hold a wrapped DEK and destroyed ones. Reads every
+    /// instance record, but decodes only two fields of each.
+    pub fn instance_tally(&self) -> HashMap<String, Tally> {
+        let mut tally: HashMap<String, Tally> = HashMap::new();
+        for kv in self.tree.scan_prefix(INSTANCE) {
+            let fields: TallyFields = decode(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1);
+            let t = tally.entry(fields.key_id).or_default();
+            if fields.wrapped.is_some() {
+                t.with_dek += 1;
+            } else {
+                t.destroyed += 1;
+            }
+        }
+        tally
+    }
+
     pub fn outbox_len(&self) -> usize {
         self.tree.scan_prefix(OUTBOX).count()
     }
@@ -391,6 +423,18 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         s.commit(&[Record::Key(KeyRecord::new("k", Utc::now())), Record::Instance(inst("a", "k")), Record::Instance(inst("b", "k"))], false).unwrap();
         assert_eq!(s.census(), Census { keys: 1, instances: 2, outbox: 0 });
+    }
+
+    #[test]
+    fn tally_counts_dek_holders_and_destroyed_instances_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut gone = inst("c", "k");
+        gone.wrapped = None;
+        s.commit(&[Record::Instance(inst("a", "k")), Record::Instance(inst("b", "j")), Record::Instance(gone)], false).unwrap();
+        let t = s.instance_tally();
+        assert_eq!(t["k"], Tally { with_dek: 1, destroyed: 1 });
+        assert_eq!(t["j"], Tally { with_dek: 1, destroyed: 0 });
     }
 
     #[test]
