@@ -61,6 +61,9 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
+    /// The file this was read from, for SIGHUP.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -545,6 +548,7 @@ impl Config {
         let defaults = toml::Value::try_from(Config::default()).expect("defaults serialize");
         apply_env(&mut value, &defaults, vars)?;
         let mut config = Config::deserialize(value).map_err(|e| parse_err(e.to_string()))?;
+        config.source = path.map(Path::to_path_buf);
         config.validate()?;
         if config.kafka.instance_id.is_empty() {
             config.kafka.instance_id = derived_instance_id(&config.store.path);
@@ -775,6 +779,43 @@ fn derived_instance_id(store: &Path) -> String {
     let digest = Sha256::new().chain_update(host.trim()).chain_update([0]).chain_update(path.as_os_str().as_encoded_bytes()).finalize();
     let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
     format!("keywarden-{}-{hex}", host.trim())
+}
+
+/// What SIGHUP may change without a restart.
+const RELOADABLE: &[&str] = &["log.level", "alerts.sinks"];
+
+impl Config {
+    /// The fields that differ between `self` and `next` and that a reload cannot
+    /// apply; empty means `next` can be taken as it is.
+    pub fn not_reloadable(&self, next: &Config) -> Vec<String> {
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        collect_all(&toml::Value::try_from(self).expect("config serializes"), &mut Vec::new(), &mut a);
+        collect_all(&toml::Value::try_from(next).expect("config serializes"), &mut Vec::new(), &mut b);
+        let mut changed: Vec<String> = a
+            .iter()
+            .filter(|(p, v)| b.iter().find(|(q, _)| q == p).map(|(_, w)| w) != Some(v))
+            .chain(b.iter().filter(|(p, _)| !a.iter().any(|(q, _)| q == p)))
+            .map(|(p, _)| p.clone())
+            .filter(|p| !RELOADABLE.iter().any(|r| p == r || p.starts_with(&format!("{r}."))))
+            .collect();
+        changed.sort();
+        changed.dedup();
+        changed
+    }
+}
+
+/// Every leaf by dotted path; arrays count as one leaf.
+fn collect_all(v: &toml::Value, path: &mut Vec<String>, out: &mut Vec<(String, toml::Value)>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, child) in t {
+                path.push(k.clone());
+                collect_all(child, path, out);
+                path.pop();
+            }
+        }
+        leaf => out.push((path.join("."), leaf.clone())),
+    }
 }
 
 fn valid_key_id(id: &str) -> bool {

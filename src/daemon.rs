@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError, Watched};
 use crate::store::{Store, StoreError};
 use crate::tell::alerts::{self, Context as AlertContext, Sinks};
+use crate::schedule::reconcile::Reconciler;
 use crate::tell::monitor::Monitor;
 use crate::tell::{Relay, TellError};
 use crate::writer::Writer;
@@ -147,6 +148,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         metrics: metrics.clone(),
     };
 
+    let reconciler = Arc::new(Reconciler::new(store.clone(), writer.clone(), kms.clone(), config.reconcile.clone()));
     let state = AppState {
         store: store.clone(),
         kms,
@@ -158,6 +160,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         health: health.clone(),
         relay: relay_notify.clone(),
         commands_topic: config.kafka.commands_topic.clone(),
+        reconciler: reconciler.clone(),
     };
     let tls = &config.api.tls;
     let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
@@ -168,10 +171,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let api_addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
     tracing::info!(api = %api_addr, tls = acceptor.is_some(), bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
 
+    let reload_tokens = tokens.clone();
     let tasks = CancellationToken::new();
     let api_task = {
         let stop = tasks.clone();
-        let app = router(state, tokens);
+        let app = router(state, tokens.clone());
         tokio::spawn(async move {
             match acceptor {
                 Some(acceptor) => crate::api::tls::serve(listener, acceptor, app, stop).await,
@@ -208,13 +212,16 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         config: config.alerts.clone(),
     };
     let monitor_task = tokio::spawn(monitor.run(tasks.clone()));
+    let reloader = crate::reload::Reloader { current: std::sync::Mutex::new(config.clone()), sinks: sinks.clone(), tokens: reload_tokens };
+    let reconcile_task = tokio::spawn(reconciler.run(tasks.clone()));
+    let reload_task = tokio::spawn(reloader.run(tasks.clone()));
     on_started(Started { api: api_addr, bootstrap: bootstrap.clone(), embedded: embedded.is_some() });
 
     // The intake stops on shutdown, or on its own when the writer fails.
     let intake_result = intake.run(shutdown.clone()).await;
     tracing::info!("shutting down: intake drained");
     tasks.cancel();
-    let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task, notify_task, alert_task, monitor_task);
+    let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task, notify_task, alert_task, monitor_task, reconcile_task, reload_task);
     drop(writer);
     let writer_result = tokio::task::spawn_blocking(move || writer_thread.join()).await;
     drop(embedded);

@@ -14,6 +14,7 @@ pub mod intake;
 pub mod kms;
 pub mod metrics;
 pub mod notify;
+pub mod reload;
 pub mod schedule;
 pub mod store;
 pub mod tell;

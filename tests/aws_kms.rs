@@ -134,3 +134,61 @@ fn aws_key_lifecycle_through_moto_and_the_broker() {
         assert_eq!(d.dek(id).1["dek"].as_str().unwrap(), deks[i], "restore brings back the same DEK");
     }
 }
+
+/// AWS events are best effort. Reconciliation finds what they missed: a key
+/// disabled in AWS with no event is revoked within one interval, and a change
+/// that would revoke more instances than the threshold waits for an operator.
+#[test]
+fn reconciliation_applies_what_events_missed_and_asks_before_revoking_many() {
+    let broker = Broker::start();
+    let moto = Moto::start();
+    let create = "print(kms.create_key(Description='keywarden reconcile')['KeyMetadata']['Arn'])";
+    let (small, large) = (moto.boto(create), moto.boto(create));
+    let bare = |arn: &str| arn.rsplit('/').next().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n[reconcile]\nschedule = \"* * * * * *\"\nconfirm_above = 2\n",
+            moto.url
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &broker.bootstrap,
+        &[("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")],
+    );
+    d.create_instance("rc-small", &small);
+    for i in 0..3 {
+        d.create_instance(&format!("rc-large-{i}"), &large);
+    }
+
+    // Disabled in AWS, and the event never came.
+    moto.boto(&format!("kms.disable_key(KeyId='{}')", bare(&small)));
+    d.wait_state("rc-small", "revoked");
+    let (_, audit) = d.get("/v1/audit?limit=200");
+    let fixed = audit["entries"].as_array().unwrap().iter().find(|e| e["who"] == "schedule:reconcile" && e["key_id"] == small.as_str()).cloned();
+    assert!(fixed.is_some_and(|e| e["what"] == "event disable" && e["outcome"] == "applied"), "{audit}");
+
+    // Three instances is above the threshold of two: nothing happens until confirmed.
+    moto.boto(&format!("kms.disable_key(KeyId='{}')", bare(&large)));
+    std::thread::sleep(Duration::from_secs(4));
+    for i in 0..3 {
+        assert_eq!(d.state(&format!("rc-large-{i}")), "active", "held back for confirmation");
+    }
+    let (_, plan) = d.post("/v1/reconcile", None);
+    assert_eq!(plan["awaiting_confirmation"], true, "{plan}");
+    let confirm = Command::new(env!("CARGO_BIN_EXE_keywarden"))
+        .args(["--api", &d.api, "--token", &d.admin_token, "reconcile", "--confirm"])
+        .output()
+        .unwrap();
+    assert!(confirm.status.success(), "{}", String::from_utf8_lossy(&confirm.stderr));
+    for i in 0..3 {
+        d.wait_state(&format!("rc-large-{i}"), "revoked");
+    }
+
+    // Enabled again in AWS: reconciliation brings the small key back too.
+    moto.boto(&format!("kms.enable_key(KeyId='{}')", bare(&small)));
+    d.wait_state("rc-small", "active");
+}

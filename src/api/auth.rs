@@ -31,8 +31,8 @@ pub enum Caller {
 }
 
 pub struct Tokens {
-    admin: [u8; 32],
-    dek: [u8; 32],
+    /// Swapped whole when SIGHUP re-reads the token files.
+    digests: std::sync::RwLock<([u8; 32], [u8; 32])>,
     /// DEK requests must also come with a verified client certificate.
     dek_needs_client_cert: bool,
 }
@@ -49,7 +49,18 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl Tokens {
     pub fn load(admin_file: &Path, dek_file: &Path) -> Result<Tokens, AuthError> {
-        Ok(Tokens { admin: digest(&read_or_create(admin_file)?), dek: digest(&read_or_create(dek_file)?), dek_needs_client_cert: false })
+        Ok(Tokens { digests: std::sync::RwLock::new(Self::read(admin_file, dek_file)?), dek_needs_client_cert: false })
+    }
+
+    fn read(admin_file: &Path, dek_file: &Path) -> Result<([u8; 32], [u8; 32]), AuthError> {
+        Ok((digest(&read_or_create(admin_file)?), digest(&read_or_create(dek_file)?)))
+    }
+
+    /// Re-reads both token files (or credentials); the old tokens stop working.
+    pub fn reload(&self, admin_file: &Path, dek_file: &Path) -> Result<(), AuthError> {
+        let fresh = Self::read(admin_file, dek_file)?;
+        *self.digests.write().expect("tokens lock") = fresh;
+        Ok(())
     }
 
     pub fn with_client_certs_for_dek(mut self, needed: bool) -> Tokens {
@@ -59,8 +70,9 @@ impl Tokens {
 
     fn caller(&self, presented: &str) -> Option<Caller> {
         let d = digest(presented);
+        let (admin_digest, dek_digest) = *self.digests.read().expect("tokens lock");
         // Both comparisons always run.
-        let (admin, dek) = (same(&d, &self.admin), same(&d, &self.dek));
+        let (admin, dek) = (same(&d, &admin_digest), same(&d, &dek_digest));
         match (admin, dek) {
             (true, _) => Some(Caller::Admin),
             (false, true) => Some(Caller::DataPlane),

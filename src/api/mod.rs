@@ -49,6 +49,7 @@ pub struct AppState {
     pub relay: Arc<Notify>,
     /// Named in `GET /v1/keys/{id}/impact`: where the data plane's commands go.
     pub commands_topic: String,
+    pub reconciler: Arc<crate::schedule::reconcile::Reconciler>,
 }
 
 #[derive(Debug)]
@@ -105,6 +106,7 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>) -> Router {
         .route("/v1/keys/{key_id}/impact", get(impact::show_impact))
         .route("/v1/keys/{key_id}/{action}", post(operate_key))
         .route("/v1/events/{event_id}", get(show_event))
+        .route("/v1/reconcile", post(reconcile))
         .route("/v1/audit", get(show_audit))
         .route("/v1/audit/export", get(export_audit))
         .route("/v1/audit/verify", get(verify_audit))
@@ -139,6 +141,23 @@ async fn record_writes(State(store): State<Store>, req: axum::extract::Request, 
         }
     }
     response
+}
+
+#[derive(Deserialize)]
+struct ReconcileQuery {
+    #[serde(default)]
+    confirm: bool,
+}
+
+/// Runs a reconciliation now; `?confirm=true` applies a plan held back for
+/// touching more instances than `reconcile.confirm_above`.
+async fn reconcile(State(s): State<AppState>, Query(q): Query<ReconcileQuery>) -> ApiResult {
+    use crate::schedule::reconcile::ReconcileError;
+    match s.reconciler.reconcile(q.confirm).await {
+        Ok(report) => Ok(Json(report).into_response()),
+        Err(e @ ReconcileError::Busy) => Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
+        Err(e) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
 }
 
 #[derive(Deserialize)]

@@ -7,7 +7,7 @@ use reqwest::blocking::Client;
 use reqwest::Method;
 use serde_json::{json, Value};
 
-use super::{Command, EventCommand, InstanceCommand, KeyCommand, Output};
+use super::{AuditCommand, Command, EventCommand, InstanceCommand, KeyCommand, Output};
 use crate::text::percent_encode;
 
 /// Trust and identity for an https API.
@@ -36,6 +36,22 @@ pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command)
     if let Command::Key(KeyCommand::Show { key_id, watch: true }) = &command {
         return super::watch::run(&client, base, token, key_id, output);
     }
+    if let Command::Audit(AuditCommand::Export { since, out }) = &command {
+        let mut path = "/v1/audit/export".to_string();
+        if let Some(t) = since {
+            path.push_str(&format!("?since={}", percent_encode(&t.to_rfc3339())));
+        }
+        let resp = client.get(format!("{base}{path}")).bearer_auth(token).send().map_err(|e| anyhow!("cannot reach the admin API at {base} ({e})"))?;
+        if !resp.status().is_success() {
+            return Err(anyhow!("audit export failed ({})", resp.status().as_u16()));
+        }
+        let text = resp.text()?;
+        match out {
+            Some(file) => std::fs::write(file, &text).map_err(|e| anyhow!("cannot write {} ({e})", file.display()))?,
+            None => print!("{text}"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let impact = matches!(command, Command::Key(KeyCommand::Impact { .. }));
     let (method, path, body) = match command {
         Command::Key(k) => match k {
@@ -63,7 +79,9 @@ pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command)
             InstanceCommand::Dek { instance_id } => (Method::POST, format!("/v1/instances/{}/dek", percent_encode(&instance_id)), None),
         },
         Command::Event(EventCommand::Show { event_id }) => (Method::GET, format!("/v1/events/{}", percent_encode(&event_id)), None),
-        Command::Run | Command::CheckConfig | Command::Demo { .. } | Command::Event(_) => unreachable!("handled by the caller"),
+        Command::Audit(AuditCommand::Verify) => (Method::GET, "/v1/audit/verify".to_string(), None),
+        Command::Reconcile { confirm } => (Method::POST, format!("/v1/reconcile?confirm={confirm}"), None),
+        Command::Run | Command::CheckConfig | Command::Demo { .. } | Command::Event(_) | Command::Audit(_) => unreachable!("handled by the caller"),
     };
     let value = request(&client, base, token, method, &path, body)?;
     match output {

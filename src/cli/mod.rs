@@ -75,6 +75,30 @@ pub enum Command {
     /// Show consumed events, and sign or emit test events.
     #[command(subcommand)]
     Event(EventCommand),
+    /// Export or verify the hash-chained audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Compare every key in use with its KMS now, and apply what events missed.
+    Reconcile {
+        /// Apply a plan held back for touching more than reconcile.confirm_above instances.
+        #[arg(long)]
+        confirm: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Write the trail as JSON lines, oldest first.
+    Export {
+        /// Only entries at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<chrono::DateTime<chrono::Utc>>,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check the whole chain; exits non-zero if any entry was altered or removed.
+    Verify,
 }
 
 #[derive(Subcommand, Debug)]
@@ -234,7 +258,13 @@ fn log_layer<S>(format: &str, level: &str) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    let filter = EnvFilter::try_from_env("KEYWARDEN_LOG").unwrap_or_else(|_| EnvFilter::new(level));
+    let filter = match std::env::var("KEYWARDEN_LOG").ok().filter(|v| !v.trim().is_empty()) {
+        Some(directives) => EnvFilter::new(directives),
+        None => EnvFilter::new(level),
+    };
+    // SIGHUP may set a new log.level.
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    crate::reload::register_log_level(Box::new(move |level| handle.modify(|f| *f = EnvFilter::new(level)).map_err(|e| e.to_string())));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if format == "json" {
         fmt.json().flatten_event(true).with_current_span(true).with_span_list(true).with_filter(filter).boxed()

@@ -338,7 +338,7 @@ fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>, kms:
         records.push(Record::Key(key));
     }
     records.push(Record::Audit(AuditFact {
-        who: "kms-event".into(),
+        who: if event.event_id.starts_with("reconcile:") { "schedule:reconcile" } else { "kms-event" }.into(),
         what: format!("event {}", event.kind),
         outcome: outcome.as_str().into(),
         event_id: Some(event.event_id.clone()),

@@ -1,6 +1,8 @@
 //! schedule: cron-driven sweeps. The purge destroys the wrapped DEKs of keys that
 //! stayed deleted past `policy.purge_after`; the engine decides, this only asks.
 
+pub mod reconcile;
+
 use std::str::FromStr;
 use std::time::Duration;
 

@@ -296,6 +296,12 @@ impl Daemon {
         })
     }
 
+    /// Sends a signal by name ("HUP", "TERM", ...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let _ = Command::new("kill").args([&format!("-{name}"), &pid]).status();
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -1,0 +1,233 @@
+//! Reconciliation. KMS events are best effort (AWS says so of EventBridge), so on
+//! a schedule every key in use is compared with what its KMS reports now, and
+//! each difference is applied as the event that was missed, through the same
+//! engine path as any event. The worst-case staleness of keywarden's view is
+//! therefore one reconciliation interval.
+//!
+//! A run that would revoke or erase more than `reconcile.confirm_above`
+//! instances does not act: one misread of a KMS must not mass-revoke a region.
+//! It alerts and keeps its plan until an operator confirms it.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ReconcileConfig;
+use crate::engine::{Alert, EventType, Input, KeyRecord, KeyStatus, LifecycleEvent, Severity, View};
+use crate::kms::Kms;
+use crate::store::Store;
+use crate::writer::{Writer, WriterError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("a reconciliation is already running; wait for it to finish")]
+    Busy,
+    #[error("the store writer stopped; the daemon is shutting down")]
+    Writer(#[from] WriterError),
+}
+
+/// One key whose KMS disagrees with keywarden, and the event that fixes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Correction {
+    pub key_id: String,
+    pub ours: KeyStatus,
+    pub kms: KeyStatus,
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_version: Option<String>,
+    /// Instances under the key: how many a revoke or erase would touch.
+    pub instances: usize,
+}
+
+impl Correction {
+    fn revokes(&self) -> bool {
+        matches!(self.kind, EventType::Disable | EventType::Delete)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub keys_checked: usize,
+    /// Keys whose KMS could not be asked; they are checked again next time.
+    pub unreachable: Vec<String>,
+    pub corrections: Vec<Correction>,
+    /// The corrections were held back, waiting for `keywarden reconcile --confirm`.
+    pub awaiting_confirmation: bool,
+}
+
+pub struct Reconciler {
+    store: Store,
+    writer: Writer,
+    kms: Arc<dyn Kms>,
+    config: ReconcileConfig,
+    running: AtomicBool,
+}
+
+const DRIFT: &str = "KeywardenDrift";
+const HELD: &str = "KeywardenReconcileAwaitsConfirmation";
+
+impl Reconciler {
+    pub fn new(store: Store, writer: Writer, kms: Arc<dyn Kms>, config: ReconcileConfig) -> Reconciler {
+        Reconciler { store, writer, kms, config, running: AtomicBool::new(false) }
+    }
+
+    /// Runs on the configured schedule until shutdown.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        if self.config.schedule.is_empty() {
+            return;
+        }
+        let Ok(schedule) = cron::Schedule::from_str(&self.config.schedule) else {
+            tracing::error!(schedule = %self.config.schedule, "reconcile schedule does not parse; reconciliation is off");
+            return;
+        };
+        loop {
+            let Some(next) = schedule.upcoming(Utc).next() else { return };
+            let wait = (next - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+            if !crate::tell::pause(&shutdown, tokio::time::sleep(wait)).await {
+                return;
+            }
+            match self.reconcile(false).await {
+                Ok(report) if !report.corrections.is_empty() => tracing::warn!(?report, "reconciliation found drift"),
+                Ok(_) => tracing::debug!("reconciliation found no drift"),
+                Err(ReconcileError::Busy) => tracing::warn!("the previous reconciliation is still running; this one is skipped"),
+                Err(e) => {
+                    tracing::error!(error = %e, "reconciliation stopped");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One pass over every key in use. With `confirmed`, a plan over the
+    /// threshold is applied too.
+    pub async fn reconcile(&self, confirmed: bool) -> Result<Report, ReconcileError> {
+        if self.running.swap(true, Ordering::SeqCst) {
+            return Err(ReconcileError::Busy);
+        }
+        let result = self.pass(confirmed).await;
+        self.running.store(false, Ordering::SeqCst);
+        result
+    }
+
+    async fn pass(&self, confirmed: bool) -> Result<Report, ReconcileError> {
+        let keys: Vec<KeyRecord> = self.store.keys().into_iter().filter(|k| k.purged_at.is_none()).collect();
+        let mut report = Report { keys_checked: 0, unreachable: vec![], corrections: vec![], awaiting_confirmation: false };
+        for key in &keys {
+            let instances = self.store.instance_ids_of(&key.key_id).len();
+            if instances == 0 {
+                continue;
+            }
+            report.keys_checked += 1;
+            let state = match tokio::time::timeout(Duration::from_secs(10), self.kms.key_state(&key.key_id)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(key_id = %key.key_id, error = %e, "reconciliation cannot read the key's state");
+                    report.unreachable.push(key.key_id.clone());
+                    continue;
+                }
+                Err(_) => {
+                    report.unreachable.push(key.key_id.clone());
+                    continue;
+                }
+            };
+            let rotating = self.store.job(&key.key_id).is_some_and(|j| j.finished_at.is_none());
+            let kind = match (key.status, state.status) {
+                (KeyStatus::Active, KeyStatus::Disabled) => Some(EventType::Disable),
+                (KeyStatus::Active | KeyStatus::Disabled, KeyStatus::Deleted) => Some(EventType::Delete),
+                (KeyStatus::Disabled, KeyStatus::Active) => Some(EventType::Enable),
+                (KeyStatus::Deleted, KeyStatus::Active | KeyStatus::Disabled) => Some(EventType::Restore),
+                (KeyStatus::Active, KeyStatus::Active)
+                    if !rotating && !state.latest_version.is_empty() && key.version.as_deref() != Some(state.latest_version.as_str()) =>
+                {
+                    Some(EventType::Rotate)
+                }
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                let key_version = (kind == EventType::Rotate).then(|| state.latest_version.clone());
+                report.corrections.push(Correction { key_id: key.key_id.clone(), ours: key.status, kms: state.status, kind, key_version, instances });
+            }
+        }
+        let revoking: usize = report.corrections.iter().filter(|c| c.revokes()).map(|c| c.instances).sum();
+        let now = Utc::now();
+        if revoking as u64 > self.config.confirm_above && !confirmed {
+            report.awaiting_confirmation = true;
+            if self.store.firing_alerts().iter().any(|a| a.name == HELD) {
+                return Ok(report);
+            }
+            let keys: Vec<&str> = report.corrections.iter().filter(|c| c.revokes()).map(|c| c.key_id.as_str()).collect();
+            self.writer
+                .submit(Input::Alert(Alert::new(
+                    HELD,
+                    Severity::Critical,
+                    &[],
+                    format!("reconciliation would revoke or erase {revoking} instances and waits for confirmation"),
+                    format!(
+                        "the KMS reports keys {} disabled or deleted, but no events said so. Check the KMS, then run `keywarden reconcile --confirm` (threshold reconcile.confirm_above = {})",
+                        keys.join(", "),
+                        self.config.confirm_above
+                    ),
+                    now,
+                )))
+                .await?;
+            return Ok(report);
+        }
+        self.resolve_held(now).await?;
+        let run = uuid::Uuid::new_v4();
+        for c in &report.corrections {
+            let key = self.store.key(&c.key_id);
+            // What the KMS says now is newer than anything keywarden applied.
+            let last = key.as_ref().and_then(|k| k.last_event_at).unwrap_or(now);
+            let occurred_at = now.max(last + chrono::Duration::microseconds(1));
+            let event = LifecycleEvent {
+                event_id: format!("reconcile:{}:{}:{}", c.key_id, c.kind, occurred_at.timestamp_micros()),
+                kind: c.kind,
+                key_id: c.key_id.clone(),
+                key_version: c.key_version.clone(),
+                occurred_at,
+                correlation_id: Some(format!("reconcile-{run}")),
+                material_destroyed: false,
+                traceparent: None,
+            };
+            tracing::warn!(key_id = %c.key_id, ours = ?c.ours, kms = ?c.kms, r#type = %c.kind, "drift: applying the event that was missed");
+            self.writer.submit(Input::Event { event, at: now, kms: Some(c.kms) }).await?;
+            let alert = drift_alert(c, now);
+            self.writer.submit(Input::Alert(alert)).await?;
+        }
+        // Keys that agree again end their drift alerts.
+        for firing in self.store.firing_alerts().into_iter().filter(|a| a.name == DRIFT) {
+            let key = firing.labels.get("key_id").cloned().unwrap_or_default();
+            if !report.corrections.iter().any(|c| c.key_id == key) && !report.unreachable.contains(&key) {
+                self.writer.submit(Input::Alert(firing.resolved(now))).await?;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn resolve_held(&self, now: chrono::DateTime<Utc>) -> Result<(), ReconcileError> {
+        for held in self.store.firing_alerts().into_iter().filter(|a| a.name == HELD) {
+            self.writer.submit(Input::Alert(held.resolved(now))).await?;
+        }
+        Ok(())
+    }
+}
+
+fn drift_alert(c: &Correction, now: chrono::DateTime<Utc>) -> Alert {
+    let severity = if c.revokes() { Severity::Critical } else { Severity::Warning };
+    let mut a = Alert::new(
+        DRIFT,
+        severity,
+        &[("key_id", &c.key_id)],
+        format!("key {} drifted: the KMS says {:?}, keywarden had {:?}", c.key_id, c.kms, c.ours),
+        format!("reconciliation applied the missed {} event; an event from the KMS was lost or is late", c.kind),
+        now,
+    );
+    a.count_instances_of = Some(c.key_id.clone());
+    a
+}

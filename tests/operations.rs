@@ -1,0 +1,268 @@
+//! Operating keywarden: alerts through a real Alertmanager (Debian's
+//! prometheus-alertmanager) and a webhook, the audit trail's export and its
+//! verification against tampering, and the purge's proof of erasure.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const MIN: Duration = Duration::from_secs(60);
+
+struct Alertmanager {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Alertmanager {
+    fn binary() -> Option<&'static str> {
+        ["/usr/bin/prometheus-alertmanager", "/usr/bin/alertmanager"].into_iter().find(|p| std::path::Path::new(p).exists())
+    }
+
+    fn start() -> Option<Alertmanager> {
+        Self::binary()?;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("am.yml"), "route:\n  receiver: blackhole\n  group_wait: 1s\nreceivers:\n  - name: blackhole\n").unwrap();
+        let mut am = Alertmanager { child: None, port: free_port(), dir };
+        am.spawn();
+        Some(am)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(Self::binary().unwrap())
+            .arg(format!("--config.file={}", self.dir.path().join("am.yml").display()))
+            .arg(format!("--storage.path={}", self.dir.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let url = self.url();
+        wait_until("alertmanager to be ready", MIN, || reqwest::blocking::get(format!("{url}/-/ready")).ok().filter(|r| r.status().is_success()));
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn alerts(&self, name: &str) -> Vec<Value> {
+        let r = reqwest::blocking::get(format!("{}/api/v2/alerts", self.url())).and_then(|r| r.json::<Value>());
+        r.ok().and_then(|v| v.as_array().cloned()).unwrap_or_default().into_iter().filter(|a| a["labels"]["alertname"] == name).collect()
+    }
+}
+
+impl Drop for Alertmanager {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A webhook receiver: records every JSON body POSTed to it.
+fn webhook() -> (String, Arc<Mutex<Vec<Value>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_ok() {
+                if let Ok(v) = serde_json::from_slice(&body) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+            let _ = reader.into_inner().write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn alerts_reach_a_real_alertmanager_with_their_labels_and_resolve() {
+    let Some(mut am) = Alertmanager::start() else {
+        println!("SKIPPED: prometheus-alertmanager is not installed (apt-get install prometheus-alertmanager)");
+        return;
+    };
+    let (hook, received) = webhook();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[alerts]\ncheck_every = \"200ms\"\nresend_every = \"2s\"\n[[alerts.sinks]]\nkind = \"alertmanager\"\nurl = \"{}\"\n[[alerts.sinks]]\nkind = \"webhook\"\nurl = \"{hook}\"\n",
+            am.url()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_CONFIG", config.to_str().unwrap())]);
+    d.create_key("al-key");
+    for i in 0..3 {
+        d.create_instance(&format!("al-{i}"), "al-key");
+    }
+    let disable = d.act("al-key", "disable");
+    d.wait_event(disable["event_id"].as_str().unwrap());
+    let fired = wait_until("the disable alert in alertmanager", MIN, || am.alerts("KeywardenKeyDisabled").into_iter().next());
+    assert_eq!(fired["labels"]["key_id"], "al-key");
+    assert_eq!(fired["labels"]["severity"], "warning");
+    assert_eq!(fired["labels"]["service"], "keywarden");
+    assert_eq!(fired["annotations"]["instances"], "3", "{fired}");
+    assert_eq!(fired["status"]["state"], "active");
+    let fingerprint = fired["fingerprint"].clone();
+
+    // Raised again (a re-send, or after a restart) it stays one alert.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(am.alerts("KeywardenKeyDisabled").len(), 1);
+    assert_eq!(am.alerts("KeywardenKeyDisabled")[0]["fingerprint"], fingerprint);
+
+    let enable = d.act("al-key", "enable");
+    d.wait_event(enable["event_id"].as_str().unwrap());
+    wait_until("the disable alert to resolve", MIN, || {
+        let now = chrono::Utc::now();
+        let open = am.alerts("KeywardenKeyDisabled").into_iter().any(|a| {
+            a["endsAt"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).is_none_or(|t| t > now)
+        });
+        (!open).then_some(())
+    });
+
+    // Alertmanager down: a delete's critical alert waits in the queue, and
+    // arrives once it is back.
+    am.stop();
+    let delete = d.act("al-key", "delete");
+    d.wait_event(delete["event_id"].as_str().unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    am.spawn();
+    let critical = wait_until("the delete alert after the outage", MIN, || am.alerts("KeywardenKeyDeleted").into_iter().next());
+    assert_eq!(critical["labels"]["severity"], "critical");
+
+    // A forged event raises a security alert.
+    let p = producer(&broker.bootstrap);
+    let forged = event("forged-1", "delete", "al-key", None, "2030-01-01T00:00:00Z");
+    produce_with_headers(&p, "key-lifecycle", Some("al-key"), &forged, &[("keywarden-signature", "kid=local;sig=AAAA")]);
+    let security = wait_until("the forged-event alert", MIN, || am.alerts("KeywardenForgedEvents").into_iter().next());
+    assert_eq!(security["labels"]["severity"], "critical");
+
+    // The webhook saw the same alerts, firing and resolved.
+    let bodies = received.lock().unwrap().clone();
+    let disabled: Vec<&Value> = bodies.iter().filter(|b| b["labels"]["alertname"] == "KeywardenKeyDisabled").collect();
+    assert!(disabled.iter().any(|b| b["status"] == "firing"), "{bodies:?}");
+    assert!(disabled.iter().any(|b| b["status"] == "resolved"), "{bodies:?}");
+    assert!(disabled.iter().all(|b| b["fingerprint"] == disabled[0]["fingerprint"]));
+}
+
+#[test]
+fn the_audit_trail_exports_verifies_and_catches_tampering_and_purges_leave_proof() {
+    let broker = Broker::start();
+    let mut d = Daemon::start(
+        &broker.bootstrap,
+        &[("KEYWARDEN_POLICY_PURGE_AFTER", "1s"), ("KEYWARDEN_POLICY_PURGE_SCHEDULE", "* * * * * *")],
+    );
+    let started = chrono::Utc::now();
+    d.create_key("au-key");
+    d.create_instance("au-1", "au-key");
+    d.create_instance("au-2", "au-key");
+    let delete = d.act("au-key", "delete");
+    d.wait_event(delete["event_id"].as_str().unwrap());
+    d.wait_state("au-1", "destroyed");
+    d.wait_state("au-2", "destroyed");
+
+    let (api, token) = (d.api.clone(), d.admin_token.clone());
+    let cli = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", &api, "--token", &token]).args(args).output().unwrap();
+    let verified = cli(&["audit", "verify"]);
+    assert!(verified.status.success(), "{}", String::from_utf8_lossy(&verified.stderr));
+    let export = cli(&["audit", "export", "--since", &started.to_rfc3339()]);
+    assert!(export.status.success());
+    let lines: Vec<Value> = String::from_utf8(export.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let applied = lines.iter().find(|e| e["event_id"] == delete["event_id"]).expect("the delete event is audited");
+    assert_eq!((applied["who"].as_str(), applied["outcome"].as_str(), applied["key_id"].as_str()), (Some("kms-event"), Some("applied"), Some("au-key")));
+    let proofs: Vec<&Value> = lines.iter().filter(|e| e["what"] == "purge").collect();
+    assert_eq!(proofs.len(), 2, "one proof of erasure per instance");
+    for p in &proofs {
+        assert_eq!(p["who"], "schedule:purge");
+        assert!(p["detail"].as_str().unwrap().contains("sha256 of the destroyed wrapped DEK"), "{p}");
+    }
+    assert!(lines.iter().any(|e| e["what"] == "POST /v1/keys/au-key/delete" && e["who"] == "admin"));
+
+    // Alter one entry behind the daemon's back.
+    assert_eq!(d.terminate(), Some(0));
+    {
+        let db = sled::open(d.dir.path().join("store")).unwrap();
+        let tree = db.open_tree("state").unwrap();
+        let (k, v) = tree.scan_prefix(b"a/").nth(2).unwrap().unwrap();
+        let mut entry: Value = serde_json::from_slice(&v).unwrap();
+        entry["outcome"] = "nothing to see here".into();
+        tree.insert(k, serde_json::to_vec(&entry).unwrap()).unwrap();
+        db.flush().unwrap();
+    }
+    d.restart();
+    let tampered = cli(&["audit", "verify"]);
+    assert!(!tampered.status.success());
+    assert!(String::from_utf8_lossy(&tampered.stderr).contains("altered"), "{}", String::from_utf8_lossy(&tampered.stderr));
+}
+
+#[test]
+fn sighup_reloads_tokens_sinks_and_log_level_and_refuses_what_needs_a_restart() {
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(&config, "[log]\nlevel = \"warn\"\n").unwrap();
+    let mut d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("KEYWARDEN_LOG", "")]);
+    d.create_key("hup-key");
+
+    // A new admin token and log level, and a sink: all applied without a restart.
+    let (hook, received) = webhook();
+    std::fs::write(&config, format!("[log]\nlevel = \"info,keywarden=debug\"\n[[alerts.sinks]]\nkind = \"webhook\"\nurl = \"{hook}\"\n")).unwrap();
+    let old_token = d.admin_token.clone();
+    std::fs::write(d.dir.path().join("admin.token"), "a-brand-new-admin-token-0123456789\n").unwrap();
+    d.signal("HUP");
+    d.admin_token = "a-brand-new-admin-token-0123456789".into();
+    wait_until("the new admin token to work", MIN, || (d.get("/v1/keys/hup-key").0 == 200).then_some(()));
+    let stale = d.http.get(format!("{}/v1/keys/hup-key", d.api)).bearer_auth(&old_token).send().unwrap();
+    assert_eq!(stale.status().as_u16(), 401, "the old token stops working");
+    d.create_instance("hup-db", "hup-key");
+    let disable = d.act("hup-key", "disable");
+    d.wait_event(disable["event_id"].as_str().unwrap());
+    wait_until("the alert at the sink added by the reload", MIN, || {
+        received.lock().unwrap().iter().any(|b| b["labels"]["alertname"] == "KeywardenKeyDisabled").then_some(())
+    });
+    assert!(d.log().contains("config reloaded"), "{}", d.log());
+    assert!(d.log().contains("event handled"), "the debug/info lines now appear: {}", d.log());
+
+    // Changing the consumer group needs a restart: refused whole, named, and
+    // the daemon goes on as it was.
+    std::fs::write(&config, "[log]\nlevel = \"warn\"\n[kafka]\ngroup_id = \"somebody-else\"\n").unwrap();
+    d.signal("HUP");
+    wait_until("the refusal in the log", MIN, || d.log().contains("config reload refused").then_some(()));
+    assert!(d.log().contains("kafka.group_id"), "{}", d.log());
+    let enable = d.act("hup-key", "enable");
+    d.wait_event(enable["event_id"].as_str().unwrap());
+    d.wait_state("hup-db", "active");
+    assert_eq!(d.terminate(), Some(0));
+}
