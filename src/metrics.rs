@@ -217,6 +217,7 @@ mod tests {
             key_id: "k".into(),
             target_version: "2".into(),
             cause_event_id: "e".into(),
+            acknowledge: true,
             correlation_id: None,
             traceparent: None,
             started_at: Utc::now(),

@@ -291,24 +291,13 @@ async fn operate_key(State(s): State<AppState>, Path((key_id, action)): Path<(St
 
 /// Re-runs a finished rotation for the instances whose rewrap failed.
 async fn retry_failed(s: &AppState, key_id: &str) -> ApiResult {
-    let Some(key) = s.store.key(key_id) else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("key {key_id} is unknown to keywarden")));
-    };
-    let Some(version) = key.version else {
-        return Err(ApiError::new(StatusCode::CONFLICT, format!("key {key_id} has no version to rewrap to")));
-    };
-    let event = crate::engine::LifecycleEvent {
-        event_id: format!("retry-{}", uuid::Uuid::new_v4()),
-        kind: EventType::Rotate,
-        key_id: key_id.to_string(),
-        key_version: Some(version),
-        occurred_at: key.last_event_at.unwrap_or_else(Utc::now),
-        correlation_id: None,
-        traceparent: None,
-        material_destroyed: false,
-    };
-    let event_id = event.event_id.clone();
-    s.writer.submit(Input::Event { event, at: Utc::now(), kms: None }).await?;
+    let event_id = format!("retry-{}", uuid::Uuid::new_v4());
+    let input = Input::RetryRewraps { key_id: key_id.to_string(), request_id: event_id.clone(), at: Utc::now() };
+    match s.writer.submit(input).await? {
+        Reply::NotFound(m) => return Err(ApiError::new(StatusCode::NOT_FOUND, m)),
+        Reply::Conflict(m) => return Err(ApiError::new(StatusCode::CONFLICT, m)),
+        _ => {}
+    }
     Ok((StatusCode::ACCEPTED, Json(json!({"event_id": event_id, "key_id": key_id, "type": "retry"}))).into_response())
 }
 

@@ -58,6 +58,7 @@ mod tests {
             key_id: "k".into(),
             target_version: "2".into(),
             cause_event_id: "e".into(),
+            acknowledge: true,
             correlation_id: None,
             traceparent: None,
             started_at: "2026-01-01T00:00:00Z".parse().unwrap(),

@@ -39,6 +39,9 @@ pub enum Input {
     Purge { key_id: String, purge_after: Duration, at: DateTime<Utc> },
     /// A condition the monitor or the reconciliation found, or its end.
     Alert(Alert),
+    /// An operator asks for another rotation pass over the key's instances
+    /// whose rewrap failed (after fixing what the KMS refused).
+    RetryRewraps { key_id: String, request_id: String, at: DateTime<Utc> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,18 +250,57 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                     ..Default::default()
                 });
                 // A rotation is acknowledged once every DEK is rewrapped.
-                let ack = notice(&key_id, Notice::Acknowledge {
-                    event_id: job.cause_event_id.clone(),
-                    state: AdopterState::Enabled,
-                    key_version: Some(target_version),
-                    at,
-                    correlation_id: job.correlation_id.clone(),
+                let ack = job.acknowledge.then(|| {
+                    Record::Outbox(notice(&key_id, Notice::Acknowledge {
+                        event_id: job.cause_event_id.clone(),
+                        state: AdopterState::Enabled,
+                        key_version: Some(target_version),
+                        at,
+                        correlation_id: job.correlation_id.clone(),
+                    }))
                 });
-                decision(vec![Record::Job(job), Record::Outbox(ack), fact], Reply::Done)
+                let mut records = vec![Record::Job(job), fact];
+                records.extend(ack);
+                decision(records, Reply::Done)
             }
             _ => decision(vec![], Reply::Done),
         },
         Input::Alert(alert) => decision(vec![Record::Outbox(Effect::Alert(alert))], Reply::Done),
+        Input::RetryRewraps { key_id, request_id, at } => {
+            let Some(key) = view.key(&key_id) else {
+                return decision(vec![], Reply::NotFound(format!("key {key_id} is unknown to keywarden")));
+            };
+            let Some(version) = key.version.clone() else {
+                return decision(vec![], Reply::Conflict(format!("key {key_id} has no version to rewrap to")));
+            };
+            if key.status != KeyStatus::Active {
+                return decision(vec![], Reply::Conflict(format!("key {key_id} is {:?}; enable or restore it before retrying", key.status).to_lowercase()));
+            }
+            let previous = view.job(&key_id);
+            let job = RotationJob {
+                key_id: key_id.clone(),
+                target_version: version.clone(),
+                cause_event_id: request_id.clone(),
+                acknowledge: false,
+                correlation_id: previous.as_ref().and_then(|j| j.correlation_id.clone()),
+                traceparent: None,
+                started_at: at,
+                total: None,
+                done: 0,
+                failed: 0,
+                finished_at: None,
+            };
+            let fact = Record::Audit(AuditFact {
+                who: "api".into(),
+                what: "rotation retry".into(),
+                outcome: "started".into(),
+                event_id: Some(request_id),
+                key_id: Some(key_id),
+                key_version: Some(version),
+                ..Default::default()
+            });
+            decision(vec![Record::Job(job), fact], Reply::Done)
+        }
         Input::Purge { key_id, purge_after, at } => {
             let Some(mut key) = view.key(&key_id) else { return decision(vec![], Reply::Done) };
             let due = match (key.status, key.deleted_at, key.purged_at) {
@@ -403,6 +445,7 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
                 key_id: key.key_id.clone(),
                 target_version: version.clone(),
                 cause_event_id: event.event_id.clone(),
+                acknowledge: true,
                 correlation_id: event.correlation_id.clone(),
                 traceparent: event.traceparent.clone(),
                 started_at: at,

@@ -494,3 +494,22 @@ fn the_traceparent_reaches_commands_and_the_rotation_it_causes() {
         "an event without a trace hands none on"
     );
 }
+
+#[test]
+fn an_operator_retry_starts_a_new_pass_that_acknowledges_nothing() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("r", EventType::Rotate, "k", 10));
+    m.run(Input::RewrapFailed { instance_id: "a".into(), from_version: "1".into(), reason: "refused".into(), at: t(11) });
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), at: t(12) });
+    let acks = |m: &Mem| m.notices.iter().filter(|n| matches!(n, Notice::Acknowledge { .. })).count();
+    assert_eq!(acks(&m), 1);
+    assert_eq!(m.run(Input::RetryRewraps { key_id: "k".into(), request_id: "retry-1".into(), at: t(20) }), Reply::Done);
+    let job = &m.jobs["k"];
+    assert_eq!((job.target_version.as_str(), job.cause_event_id.as_str(), job.finished_at, job.acknowledge), ("v-r", "retry-1", None, false));
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), at: t(21) });
+    assert_eq!(acks(&m), 1, "the retry answers no KMS event");
+    assert!(matches!(m.run(Input::RetryRewraps { key_id: "zz".into(), request_id: "x".into(), at: t(22) }), Reply::NotFound(_)));
+    m.run(ev("d", EventType::Disable, "k", 30));
+    assert!(matches!(m.run(Input::RetryRewraps { key_id: "k".into(), request_id: "y".into(), at: t(31) }), Reply::Conflict(_)));
+}

@@ -61,6 +61,10 @@ pub struct LifecycleEvent {
     pub material_destroyed: bool,
 }
 
+fn yes() -> bool {
+    true
+}
+
 /// keywarden's view of a root key, built from the events it applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -184,6 +188,10 @@ pub struct RotationJob {
     pub key_id: String,
     pub target_version: String,
     pub cause_event_id: String,
+    /// Whether the KMS is told when it finishes: a rotation caused by a KMS
+    /// event is acknowledged; an operator's retry answers no event.
+    #[serde(default = "yes")]
+    pub acknowledge: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
     /// The causing event's trace: the rotation's rewraps are recorded in it.
