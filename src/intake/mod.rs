@@ -123,6 +123,9 @@ pub struct IntakeContext {
     store: Store,
     fence: Arc<Fence>,
     health: Arc<Health>,
+    /// With several nodes: a partition is taken over only once this node's
+    /// replica holds everything its previous owner wrote.
+    replica: Option<Arc<crate::replica::Replica>>,
 }
 
 impl ClientContext for IntakeContext {}
@@ -133,6 +136,13 @@ impl ConsumerContext for IntakeContext {
         let parts: Vec<Partition> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(replica) = &self.replica {
+                    for (_, partition) in &parts {
+                        if let Err(e) = replica.wait_caught_up(Some(*partition), Duration::from_secs(30)) {
+                            tracing::error!(partition, error = %e, "taking the partition over without a caught-up replica");
+                        }
+                    }
+                }
                 for (topic, partition) in &parts {
                     if let Some(next) = self.store.offset(topic, *partition) {
                         if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(next)) {
@@ -213,9 +223,13 @@ impl Intake {
         metrics: Arc<Metrics>,
         kms: Arc<dyn Kms>,
         verifier: Arc<Verifier>,
+        replica: Option<Arc<crate::replica::Replica>>,
+        advertise_url: &str,
     ) -> Result<Intake, IntakeError> {
         let mut cfg = crate::broker::client_config(kafka, bootstrap);
         cfg.set("group.id", &kafka.group_id)
+            // Other nodes find this one's API through the group's member list.
+            .set("client.id", advertise_url)
             // Static membership: a restarted member with the same id gets its
             // partitions back at once instead of after the session timeout.
             .set("group.instance.id", &kafka.instance_id)
@@ -231,7 +245,7 @@ impl Intake {
             cfg.set(k, v);
         }
         let consumer: StreamConsumer<IntakeContext> =
-            cfg.create_with_context(IntakeContext { store, fence: fence.clone(), health: health.clone() }).map_err(IntakeError::Consumer)?;
+            cfg.create_with_context(IntakeContext { store, fence: fence.clone(), health: health.clone(), replica }).map_err(IntakeError::Consumer)?;
         consumer
             .subscribe(&[&kafka.events_topic])
             .map_err(|source| IntakeError::Subscribe { topic: kafka.events_topic.clone(), source })?;

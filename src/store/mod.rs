@@ -44,6 +44,58 @@ const AUDIT: &[u8] = b"a/";
 const FIRING: &[u8] = b"l/";
 /// Alerts waiting for their sinks: a sink that is down must not hold up commands.
 const ALERTS: &[u8] = b"q/";
+/// State changes waiting to be written to the changelog topic, one entry per batch.
+const CHANGES: &[u8] = b"c/";
+/// How far this node's replica has read each changelog partition.
+const REPLICA: &[u8] = b"r/";
+
+/// One state change as it goes to the changelog: the store's own key and value,
+/// and what decides its partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub route: Route,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// A change belongs to its key's partition; a partition offset to its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Key(String),
+    Partition(i32),
+}
+
+fn encode_changes(changes: &[Change]) -> Vec<u8> {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let list: Vec<serde_json::Value> = changes
+        .iter()
+        .map(|c| {
+            let route = match &c.route {
+                Route::Key(k) => serde_json::json!({"key_id": k}),
+                Route::Partition(p) => serde_json::json!({"partition": p}),
+            };
+            serde_json::json!({"route": route, "k": b64(&c.key), "v": b64(&c.value)})
+        })
+        .collect();
+    encode(&list)
+}
+
+fn decode_changes(bytes: &[u8]) -> Vec<Change> {
+    use base64::Engine;
+    let list: Vec<serde_json::Value> = decode(bytes);
+    let raw = |v: &serde_json::Value| base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default()).unwrap_or_default();
+    list.iter()
+        .map(|c| Change {
+            route: match c["route"]["key_id"].as_str() {
+                Some(k) => Route::Key(k.to_string()),
+                None => Route::Partition(c["route"]["partition"].as_i64().unwrap_or(0) as i32),
+            },
+            key: raw(&c["k"]),
+            value: raw(&c["v"]),
+        })
+        .collect()
+}
 
 fn k(prefix: &[u8], id: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(prefix.len() + id.len());
@@ -110,6 +162,8 @@ pub struct Store {
     /// Seq and hash of the newest audit entry. Held while a batch with audit
     /// facts is sealed and applied, so that the chain stays one line.
     audit_chain: std::sync::Arc<std::sync::Mutex<Option<(u64, String)>>>,
+    /// Whether state changes also go to the changelog queue.
+    changelog: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -132,12 +186,18 @@ impl Store {
             let e: audit::AuditEntry = decode(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1);
             (e.seq, e.hash)
         });
-        Ok(Store { db, tree, audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)) })
+        Ok(Store {
+            db,
+            tree,
+            audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)),
+            changelog: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        })
     }
 
     /// Applies the records atomically; with `flush`, returns only once they are durable.
     pub fn commit(&self, records: &[Record], flush: bool) -> Result<(), StoreError> {
-        let mut batch = self.batch(records)?;
+        let (mut batch, changes) = self.batch(records)?;
+        self.queue_changes(&mut batch, &changes)?;
         let facts: Vec<_> = records.iter().filter_map(|r| if let Record::Audit(f) = r { Some(f.clone()) } else { None }).collect();
         if facts.is_empty() {
             self.tree.apply_batch(batch)?;
@@ -158,17 +218,37 @@ impl Store {
         Ok(())
     }
 
-    fn batch(&self, records: &[Record]) -> Result<sled::Batch, StoreError> {
+    /// Turns changelog output on: every state change is queued for the changelog
+    /// topic in the batch that makes it.
+    pub fn enable_changelog(&self) {
+        self.changelog.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn queue_changes(&self, batch: &mut sled::Batch, changes: &[Change]) -> Result<(), StoreError> {
+        if !changes.is_empty() && self.changelog.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut key = CHANGES.to_vec();
+            key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
+            batch.insert(key, encode_changes(changes));
+        }
+        Ok(())
+    }
+
+    fn batch(&self, records: &[Record]) -> Result<(sled::Batch, Vec<Change>), StoreError> {
         let mut batch = sled::Batch::default();
+        let mut changes = Vec::new();
+        let mut put = |batch: &mut sled::Batch, route: Route, key: Vec<u8>, value: Vec<u8>| {
+            batch.insert(key.clone(), value.clone());
+            changes.push(Change { route, key, value });
+        };
         for r in records {
             match r {
-                Record::Key(key) => batch.insert(k(KEY, &key.key_id), encode(key)),
+                Record::Key(key) => put(&mut batch, Route::Key(key.key_id.clone()), k(KEY, &key.key_id), encode(key)),
                 Record::Instance(inst) => {
-                    batch.insert(index_key(&inst.key_id, &inst.instance_id), &[][..]);
-                    batch.insert(k(INSTANCE, &inst.instance_id), encode(inst));
+                    put(&mut batch, Route::Key(inst.key_id.clone()), index_key(&inst.key_id, &inst.instance_id), vec![]);
+                    put(&mut batch, Route::Key(inst.key_id.clone()), k(INSTANCE, &inst.instance_id), encode(inst));
                 }
-                Record::Event(e) => batch.insert(k(EVENT, &e.event_id), encode(e)),
-                Record::Job(j) => batch.insert(k(JOB, &j.key_id), encode(j)),
+                Record::Event(e) => put(&mut batch, Route::Key(e.key_id.clone()), k(EVENT, &e.event_id), encode(e)),
+                Record::Job(j) => put(&mut batch, Route::Key(j.key_id.clone()), k(JOB, &j.key_id), encode(j)),
                 Record::Outbox(Effect::Alert(alert)) => {
                     match alert.ends_at {
                         None => batch.insert(k(FIRING, &alert.fingerprint()), encode(alert)),
@@ -186,12 +266,72 @@ impl Store {
                     key.extend_from_slice(&id.to_be_bytes());
                     batch.insert(key, encode(effect));
                 }
-                Record::Offset { topic, partition, next } => batch.insert(offset_key(topic, *partition), &next.to_be_bytes()[..]),
-                // Sealed by `commit`, which holds the chain.
+                Record::Offset { topic, partition, next } => {
+                    put(&mut batch, Route::Partition(*partition), offset_key(topic, *partition), next.to_be_bytes().to_vec())
+                }
+                // Sealed by `commit`, which holds the chain; each node's trail is its own.
                 Record::Audit(_) => {}
             }
         }
-        Ok(batch)
+        Ok((batch, changes))
+    }
+
+    /// The oldest `limit` changelog batches waiting to be published, with their ids.
+    pub fn change_queue(&self, limit: usize) -> Vec<(u64, Vec<Change>)> {
+        self.tree
+            .scan_prefix(CHANGES)
+            .take(limit)
+            .map(|kv| {
+                let (key, value) = kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk"));
+                (u64::from_be_bytes(key[CHANGES.len()..].try_into().expect("queue id is 8 bytes")), decode_changes(&value))
+            })
+            .collect()
+    }
+
+    pub fn change_queue_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
+        self.queue_remove(CHANGES, ids)
+    }
+
+    /// Applies changes another node made (read from the changelog) together with
+    /// the replica's new positions, in one batch.
+    pub fn apply_replicated(&self, changes: &[(Vec<u8>, Vec<u8>)], positions: &[(i32, i64)], flush: bool) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in changes {
+            batch.insert(key.clone(), value.clone());
+        }
+        for (partition, next) in positions {
+            let mut key = REPLICA.to_vec();
+            key.extend_from_slice(&partition.to_be_bytes());
+            batch.insert(key, &next.to_be_bytes()[..]);
+        }
+        self.tree.apply_batch(batch)?;
+        if flush {
+            self.tree.flush()?;
+        }
+        Ok(())
+    }
+
+    pub fn replica_position(&self, partition: i32) -> Option<i64> {
+        let mut key = REPLICA.to_vec();
+        key.extend_from_slice(&partition.to_be_bytes());
+        read(self.tree.get(key)).map(|v| i64::from_be_bytes(v.as_ref().try_into().expect("position is 8 bytes")))
+    }
+
+    /// Writes this node's changes that are not in the changelog yet over what a
+    /// replica catch-up just applied: they are newer than anything published.
+    pub fn reapply_unpublished(&self) -> Result<usize, StoreError> {
+        let pending = self.change_queue(usize::MAX);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for (_, changes) in &pending {
+            for c in changes {
+                batch.insert(c.key.clone(), c.value.clone());
+                n += 1;
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
+        Ok(n)
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
@@ -355,7 +495,10 @@ impl Store {
     /// Writes KMS material and the lifecycle event it implies in one durable batch,
     /// so that a key change is never made without its event being published.
     pub fn kms_put(&self, key_id: &str, material: Vec<u8>, event: Option<Effect>) -> Result<(), StoreError> {
-        let mut batch = self.batch(event.map(Record::Outbox).as_slice())?;
+        let (mut batch, _) = self.batch(event.map(Record::Outbox).as_slice())?;
+        // Other nodes unwrap with the same material (sealed under the shared master key).
+        let change = Change { route: Route::Key(key_id.to_string()), key: k(KMS, key_id), value: material.clone() };
+        self.queue_changes(&mut batch, std::slice::from_ref(&change))?;
         batch.insert(k(KMS, key_id), material);
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;

@@ -3,6 +3,7 @@
 //! delays them; after a restart they are sent again with the same ids.
 
 pub mod alerts;
+pub mod changelog;
 pub mod monitor;
 
 use std::sync::Arc;

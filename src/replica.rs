@@ -1,0 +1,204 @@
+//! The read replica: every node follows every partition of the changelog topic
+//! and applies what other nodes wrote to its own store, so that reads and DEKs
+//! are served on any node. Partitions this node owns are read through but not
+//! applied: their entries are this node's own, already in its store, and an
+//! older copy must not overwrite a newer local change.
+//!
+//! Positions are kept in the store with the changes they cover, so catching up
+//! after a restart is incremental. A partition is "caught up" when its position
+//! reached the high watermark the replica last saw; the intake waits for that
+//! before it takes a partition over, and the DEK endpoint refuses to serve when
+//! the replica has not been caught up for longer than `cluster.max_replica_lag`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+use crate::intake::fence::Fence;
+use crate::kms::cache::DekCache;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("cannot create the changelog consumer: {0}; check kafka.brokers and kafka.properties")]
+    Consumer(rdkafka::error::KafkaError),
+    #[error("the changelog topic {topic} has no partitions the broker reports; create it (see the README) or set cluster.changelog_topic")]
+    NoTopic { topic: String },
+    #[error("the replica did not catch up with the changelog within {0:?}; is the broker reachable?")]
+    Timeout(Duration),
+}
+
+#[derive(Default)]
+struct Progress {
+    /// Per partition: when its position last equalled the high watermark.
+    caught_up_at: HashMap<i32, Instant>,
+}
+
+pub struct Replica {
+    progress: Mutex<Progress>,
+    changed: Condvar,
+    partitions: Vec<i32>,
+    stop: AtomicBool,
+}
+
+impl Replica {
+    /// Starts following all partitions of `topic` on a thread of its own.
+    pub fn start(
+        store: Store,
+        kafka: &KafkaConfig,
+        bootstrap: &str,
+        topic: &str,
+        fence: Arc<Fence>,
+        cache: Arc<DekCache>,
+    ) -> Result<Arc<Replica>, ReplicaError> {
+        let consumer: BaseConsumer = crate::broker::client_config(kafka, bootstrap)
+            .set("group.id", format!("{}-replica-{}", kafka.group_id, kafka.instance_id))
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .map_err(ReplicaError::Consumer)?;
+        let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(ReplicaError::Consumer)?;
+        let partitions: Vec<i32> = meta.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        if partitions.is_empty() {
+            return Err(ReplicaError::NoTopic { topic: topic.to_string() });
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            let from = store.replica_position(*p).map_or(Offset::Beginning, Offset::Offset);
+            tpl.add_partition_offset(topic, *p, from).map_err(ReplicaError::Consumer)?;
+        }
+        consumer.assign(&tpl).map_err(ReplicaError::Consumer)?;
+        let replica = Arc::new(Replica { progress: Mutex::new(Progress::default()), changed: Condvar::new(), partitions, stop: AtomicBool::new(false) });
+        let follower = Follower { store, consumer, topic: topic.to_string(), events_topic: kafka.events_topic.clone(), fence, cache, replica: replica.clone() };
+        std::thread::Builder::new().name("replica".into()).spawn(move || follower.run()).expect("spawn the replica thread");
+        Ok(replica)
+    }
+
+    pub fn partitions(&self) -> &[i32] {
+        &self.partitions
+    }
+
+    /// Blocks until `partition` (or every partition, for `None`) was caught up
+    /// after this call began.
+    pub fn wait_caught_up(&self, partition: Option<i32>, timeout: Duration) -> Result<(), ReplicaError> {
+        let asked = Instant::now();
+        let deadline = asked + timeout;
+        let mut progress = self.progress.lock().expect("replica lock");
+        loop {
+            let done = |p: &i32| progress.caught_up_at.get(p).is_some_and(|t| *t >= asked);
+            let ok = match partition {
+                Some(p) => done(&p),
+                None => self.partitions.iter().all(done),
+            };
+            if ok {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(ReplicaError::Timeout(timeout));
+            }
+            progress = self.changed.wait_timeout(progress, deadline - now).expect("replica lock").0;
+        }
+    }
+
+    /// How long ago the partition furthest behind was last caught up.
+    pub fn lag(&self) -> Duration {
+        let progress = self.progress.lock().expect("replica lock");
+        self.partitions.iter().map(|p| progress.caught_up_at.get(p).map_or(Duration::MAX, |t| t.elapsed())).max().unwrap_or_default()
+    }
+
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+struct Follower {
+    store: Store,
+    consumer: BaseConsumer,
+    topic: String,
+    events_topic: String,
+    fence: Arc<Fence>,
+    cache: Arc<DekCache>,
+    replica: Arc<Replica>,
+}
+
+impl Follower {
+    fn run(self) {
+        let mut positions: HashMap<i32, i64> = HashMap::new();
+        let mut last_check = Instant::now() - Duration::from_secs(1);
+        while !self.replica.stop.load(Ordering::SeqCst) {
+            let mut changes = Vec::new();
+            let mut moved: HashMap<i32, i64> = HashMap::new();
+            // Read what is there (up to a batch), then apply it in one write.
+            if let Some(first) = self.consumer.poll(Duration::from_millis(50)) {
+                let mut next = Some(first);
+                while let Some(result) = next.take() {
+                    match result {
+                        Ok(m) => {
+                            let p = m.partition();
+                            moved.insert(p, m.offset() + 1);
+                            // Our own partitions' entries are already in our store.
+                            if self.fence.generation(&self.events_topic, p).is_none() {
+                                if let (Some(k), Some(v)) = (m.key(), m.payload()) {
+                                    changes.push((k.to_vec(), v.to_vec()));
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, topic = %self.topic, "changelog read failed; retrying"),
+                    }
+                    if changes.len() < 5000 {
+                        next = self.consumer.poll(Duration::ZERO);
+                    }
+                }
+            }
+            let read_some = !moved.is_empty();
+            if read_some {
+                let pos: Vec<(i32, i64)> = moved.iter().map(|(p, o)| (*p, *o)).collect();
+                if let Err(e) = self.store.apply_replicated(&changes, &pos, true) {
+                    tracing::error!(error = %e, "cannot apply replicated changes; retrying from the stored position");
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                self.forget_cached(&changes);
+                positions.extend(moved);
+            }
+            // Caught up means: nothing left below the high watermark.
+            if last_check.elapsed() >= Duration::from_millis(100) || read_some {
+                last_check = Instant::now();
+                let mut caught = Vec::new();
+                for p in &self.replica.partitions {
+                    if let Ok((_, high)) = self.consumer.fetch_watermarks(&self.topic, *p, Duration::from_secs(2)) {
+                        let at = positions.get(p).copied().or_else(|| self.store.replica_position(*p)).unwrap_or(0);
+                        if at >= high {
+                            caught.push(*p);
+                        }
+                    }
+                }
+                let now = Instant::now();
+                let mut progress = self.replica.progress.lock().expect("replica lock");
+                for p in caught {
+                    progress.caught_up_at.insert(p, now);
+                }
+                drop(progress);
+                self.replica.changed.notify_all();
+            }
+        }
+    }
+
+    /// A replicated key or instance change drops the plaintext this node cached.
+    fn forget_cached(&self, changes: &[(Vec<u8>, Vec<u8>)]) {
+        for (k, _) in changes {
+            if let Some(id) = k.strip_prefix(b"k/") {
+                self.cache.forget_key(&String::from_utf8_lossy(id));
+            } else if let Some(id) = k.strip_prefix(b"i/") {
+                self.cache.forget(&String::from_utf8_lossy(id));
+            }
+        }
+    }
+}
