@@ -34,7 +34,7 @@ use crate::tell::alerts::{self, Context as AlertContext, Sinks};
 use crate::replica::Replica;
 use crate::schedule::reconcile::Reconciler;
 use crate::tell::monitor::Monitor;
-use crate::tell::changelog::ChangelogRelay;
+use crate::tell::changelog::ChangelogPublisher;
 use crate::tell::{Relay, TellError};
 use crate::writer::Writer;
 
@@ -112,17 +112,19 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     // Before anything reads the store: other nodes' changes (and, on a fresh
     // node, everything) come from the changelog first; then this node's own
     // changes that had not been published yet go back on top, being newer.
+    let mut changelog_stop = None;
     let replica = if config.cluster.changelog_topic.is_empty() {
         None
     } else {
         notifier.send("STATUS=starting: catching up with the changelog");
-        store.enable_changelog();
         let topic = &config.cluster.changelog_topic;
         let replica = Replica::start(store.clone(), &config.kafka, &bootstrap, topic, fence.clone(), cache.clone())?;
         let waiting = replica.clone();
         tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120))).await.map_err(|_| DaemonError::WriterDied)??;
-        let reapplied = store.reapply_unpublished()?;
-        tracing::info!(%topic, partitions = replica.partitions().len(), reapplied, "replica caught up with the changelog");
+        let publisher = ChangelogPublisher::new(&config.kafka, &bootstrap, topic, replica.partitions().len() as i32).map_err(TellError::Producer)?;
+        changelog_stop = Some(publisher.stop.clone());
+        store.set_publisher(Box::new(move |changes| publisher.publish(changes)));
+        tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");
         Some(replica)
     };
     let ownership = match &replica {
@@ -134,14 +136,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let kms: Arc<dyn Kms> = kms_router.clone();
     let relay_notify = Arc::new(Notify::new());
     let rotation_notify = Arc::new(Notify::new());
-    let changelog_notify = Arc::new(Notify::new());
     let on_commit = {
         let cache = cache.clone();
         let relay = relay_notify.clone();
         let rotation = rotation_notify.clone();
-        let changelog = changelog_notify.clone();
         Box::new(move |records: &[Record]| {
-            changelog.notify_one();
             let mut wake_relay = false;
             let mut wake_rotation = false;
             for r in records {
@@ -196,6 +195,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         commands_topic: config.kafka.commands_topic.clone(),
         reconciler: reconciler.clone(),
         replica: replica.clone().map(|r| (r, config.cluster.max_replica_lag.0)),
+        ownership: ownership.clone(),
     };
     let tls = &config.api.tls;
     let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
@@ -232,15 +232,6 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         })
     };
     let relay_task = tokio::spawn(relay.run(tasks.clone()));
-    let changelog_task = match &replica {
-        Some(r) => {
-            let partitions = r.partitions().len() as i32;
-            let relay = ChangelogRelay::new(store.clone(), changelog_notify.clone(), &config.kafka, &bootstrap, &config.cluster.changelog_topic, partitions)
-                .map_err(TellError::Producer)?;
-            Some(tokio::spawn(relay.run(tasks.clone())))
-        }
-        None => None,
-    };
     let rotation_task = tokio::spawn(rotator.run(tasks.clone()));
     let purge_task = tokio::spawn(crate::schedule::purge_loop(
         store.clone(),
@@ -277,11 +268,12 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let intake_result = intake.run(shutdown.clone()).await;
     tracing::info!("shutting down: intake drained");
     tasks.cancel();
-    if let Some(t) = changelog_task {
-        let _ = t.await;
-    }
     if let Some(r) = &replica {
         r.stop();
+    }
+    if let Some(stop) = &changelog_stop {
+        // A batch still waiting for the broker gives up; it was not applied.
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
     let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task, notify_task, alert_task, monitor_task, reconcile_task, reload_task);
     drop(writer);

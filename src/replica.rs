@@ -107,10 +107,11 @@ impl Replica {
         }
     }
 
-    /// How long ago the partition furthest behind was last caught up.
-    pub fn lag(&self) -> Duration {
+    /// How long ago the partition was last caught up: what another node wrote
+    /// since may be missing here.
+    pub fn lag(&self, partition: i32) -> Duration {
         let progress = self.progress.lock().expect("replica lock");
-        self.partitions.iter().map(|p| progress.caught_up_at.get(p).map_or(Duration::MAX, |t| t.elapsed())).max().unwrap_or_default()
+        progress.caught_up_at.get(&partition).map_or(Duration::MAX, |t| t.elapsed())
     }
 
     pub fn stop(&self) {

@@ -51,8 +51,10 @@ pub struct AppState {
     /// Named in `GET /v1/keys/{id}/impact`: where the data plane's commands go.
     pub commands_topic: String,
     pub reconciler: Arc<crate::schedule::reconcile::Reconciler>,
-    /// With several nodes: DEKs are refused while the replica is this far behind.
+    /// With several nodes: DEKs of keys another node writes are refused while
+    /// the replica of their partition is this far behind.
     pub replica: Option<(Arc<crate::replica::Replica>, std::time::Duration)>,
+    pub ownership: crate::cluster::Ownership,
 }
 
 #[derive(Debug)]
@@ -446,8 +448,10 @@ async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> A
 }
 
 async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    if let Some((replica, max)) = &s.replica {
-        let lag = replica.lag();
+    let partition = s.store.instance(&id).filter(|i| !s.ownership.owns_key(&i.key_id)).and_then(|i| s.ownership.partition(&i.key_id));
+    if let (Some((replica, max)), Some(partition)) = (&s.replica, partition) {
+        // A key this node writes itself is never behind here.
+        let lag = replica.lag(partition);
         if lag > *max {
             s.metrics.dek_requests.with_label_values(&["replica_behind"]).inc();
             return Err(ApiError::new(

@@ -20,6 +20,8 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("store write failed: {0}; check disk space and permissions")]
     Write(#[from] sled::Error),
+    #[error("cannot write to the changelog: {0}; nothing was applied")]
+    Changelog(String),
 }
 
 impl StoreError {
@@ -44,8 +46,6 @@ const AUDIT: &[u8] = b"a/";
 const FIRING: &[u8] = b"l/";
 /// Alerts waiting for their sinks: a sink that is down must not hold up commands.
 const ALERTS: &[u8] = b"q/";
-/// State changes waiting to be written to the changelog topic, one entry per batch.
-const CHANGES: &[u8] = b"c/";
 /// How far this node's replica has read each changelog partition.
 const REPLICA: &[u8] = b"r/";
 
@@ -65,37 +65,6 @@ pub enum Route {
     Partition(i32),
 }
 
-fn encode_changes(changes: &[Change]) -> Vec<u8> {
-    use base64::Engine;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
-    let list: Vec<serde_json::Value> = changes
-        .iter()
-        .map(|c| {
-            let route = match &c.route {
-                Route::Key(k) => serde_json::json!({"key_id": k}),
-                Route::Partition(p) => serde_json::json!({"partition": p}),
-            };
-            serde_json::json!({"route": route, "k": b64(&c.key), "v": b64(&c.value)})
-        })
-        .collect();
-    encode(&list)
-}
-
-fn decode_changes(bytes: &[u8]) -> Vec<Change> {
-    use base64::Engine;
-    let list: Vec<serde_json::Value> = decode(bytes);
-    let raw = |v: &serde_json::Value| base64::engine::general_purpose::STANDARD.decode(v.as_str().unwrap_or_default()).unwrap_or_default();
-    list.iter()
-        .map(|c| Change {
-            route: match c["route"]["key_id"].as_str() {
-                Some(k) => Route::Key(k.to_string()),
-                None => Route::Partition(c["route"]["partition"].as_i64().unwrap_or(0) as i32),
-            },
-            key: raw(&c["k"]),
-            value: raw(&c["v"]),
-        })
-        .collect()
-}
 
 fn k(prefix: &[u8], id: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(prefix.len() + id.len());
@@ -162,9 +131,14 @@ pub struct Store {
     /// Seq and hash of the newest audit entry. Held while a batch with audit
     /// facts is sealed and applied, so that the chain stays one line.
     audit_chain: std::sync::Arc<std::sync::Mutex<Option<(u64, String)>>>,
-    /// Whether state changes also go to the changelog queue.
-    changelog: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// With several nodes: writes each batch's state changes to the changelog
+    /// topic, and returns only once the broker has them, before the batch is
+    /// applied here. The changelog is the write-ahead log: a node that dies
+    /// after publishing loses nothing the others (or it, restarted) cannot read.
+    publisher: std::sync::Arc<std::sync::OnceLock<Publisher>>,
 }
+
+pub type Publisher = Box<dyn Fn(&[Change]) -> Result<(), String> + Send + Sync>;
 
 impl Store {
     /// Waits up to two seconds for the store's lock: a process that is just
@@ -190,14 +164,14 @@ impl Store {
             db,
             tree,
             audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)),
-            changelog: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            publisher: std::sync::Arc::new(std::sync::OnceLock::new()),
         })
     }
 
     /// Applies the records atomically; with `flush`, returns only once they are durable.
     pub fn commit(&self, records: &[Record], flush: bool) -> Result<(), StoreError> {
         let (mut batch, changes) = self.batch(records)?;
-        self.queue_changes(&mut batch, &changes)?;
+        self.publish(&changes)?;
         let facts: Vec<_> = records.iter().filter_map(|r| if let Record::Audit(f) = r { Some(f.clone()) } else { None }).collect();
         if facts.is_empty() {
             self.tree.apply_batch(batch)?;
@@ -218,19 +192,16 @@ impl Store {
         Ok(())
     }
 
-    /// Turns changelog output on: every state change is queued for the changelog
-    /// topic in the batch that makes it.
-    pub fn enable_changelog(&self) {
-        self.changelog.store(true, std::sync::atomic::Ordering::SeqCst);
+    /// Turns the changelog on (once).
+    pub fn set_publisher(&self, publisher: Publisher) {
+        let _ = self.publisher.set(publisher);
     }
 
-    fn queue_changes(&self, batch: &mut sled::Batch, changes: &[Change]) -> Result<(), StoreError> {
-        if !changes.is_empty() && self.changelog.load(std::sync::atomic::Ordering::Relaxed) {
-            let mut key = CHANGES.to_vec();
-            key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
-            batch.insert(key, encode_changes(changes));
+    fn publish(&self, changes: &[Change]) -> Result<(), StoreError> {
+        match self.publisher.get() {
+            Some(publish) if !changes.is_empty() => publish(changes).map_err(StoreError::Changelog),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     fn batch(&self, records: &[Record]) -> Result<(sled::Batch, Vec<Change>), StoreError> {
@@ -276,22 +247,6 @@ impl Store {
         Ok((batch, changes))
     }
 
-    /// The oldest `limit` changelog batches waiting to be published, with their ids.
-    pub fn change_queue(&self, limit: usize) -> Vec<(u64, Vec<Change>)> {
-        self.tree
-            .scan_prefix(CHANGES)
-            .take(limit)
-            .map(|kv| {
-                let (key, value) = kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk"));
-                (u64::from_be_bytes(key[CHANGES.len()..].try_into().expect("queue id is 8 bytes")), decode_changes(&value))
-            })
-            .collect()
-    }
-
-    pub fn change_queue_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
-        self.queue_remove(CHANGES, ids)
-    }
-
     /// Applies changes another node made (read from the changelog) together with
     /// the replica's new positions, in one batch.
     pub fn apply_replicated(&self, changes: &[(Vec<u8>, Vec<u8>)], positions: &[(i32, i64)], flush: bool) -> Result<(), StoreError> {
@@ -317,22 +272,6 @@ impl Store {
         read(self.tree.get(key)).map(|v| i64::from_be_bytes(v.as_ref().try_into().expect("position is 8 bytes")))
     }
 
-    /// Writes this node's changes that are not in the changelog yet over what a
-    /// replica catch-up just applied: they are newer than anything published.
-    pub fn reapply_unpublished(&self) -> Result<usize, StoreError> {
-        let pending = self.change_queue(usize::MAX);
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for (_, changes) in &pending {
-            for c in changes {
-                batch.insert(c.key.clone(), c.value.clone());
-                n += 1;
-            }
-        }
-        self.tree.apply_batch(batch)?;
-        self.tree.flush()?;
-        Ok(n)
-    }
 
     pub fn flush(&self) -> Result<(), StoreError> {
         self.tree.flush()?;
@@ -498,7 +437,7 @@ impl Store {
         let (mut batch, _) = self.batch(event.map(Record::Outbox).as_slice())?;
         // Other nodes unwrap with the same material (sealed under the shared master key).
         let change = Change { route: Route::Key(key_id.to_string()), key: k(KMS, key_id), value: material.clone() };
-        self.queue_changes(&mut batch, std::slice::from_ref(&change))?;
+        self.publish(std::slice::from_ref(&change))?;
         batch.insert(k(KMS, key_id), material);
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;
