@@ -211,9 +211,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         Some(_) => Some(Arc::new(crate::api::forward::Forwarder {
             ownership: ownership.clone(),
             store: store.clone(),
-            lookup: crate::broker::client_config(&config.kafka, &bootstrap).create().map_err(TellError::Producer)?,
-            group: config.kafka.group_id.clone(),
-            events_topic: config.kafka.events_topic.clone(),
+            me: advertise.clone(),
             http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client builds"),
         })),
         None => None,

@@ -86,16 +86,13 @@ impl Replica {
 
     /// Blocks until `partition` (or every partition, for `None`) was caught up
     /// after this call began.
-    pub fn wait_caught_up(&self, partition: Option<i32>, timeout: Duration) -> Result<(), ReplicaError> {
+    pub fn wait_caught_up(&self, partitions: Option<&[i32]>, timeout: Duration) -> Result<(), ReplicaError> {
         let asked = Instant::now();
         let deadline = asked + timeout;
         let mut progress = self.progress.lock().expect("replica lock");
         loop {
             let done = |p: &i32| progress.caught_up_at.get(p).is_some_and(|t| *t >= asked);
-            let ok = match partition {
-                Some(p) => done(&p),
-                None => self.partitions.iter().all(done),
-            };
+            let ok = partitions.unwrap_or(&self.partitions).iter().all(done);
             if ok {
                 return Ok(());
             }
@@ -174,7 +171,8 @@ impl Follower {
                 last_check = Instant::now();
                 let mut caught = Vec::new();
                 for p in &self.replica.partitions {
-                    if let Ok((_, high)) = self.consumer.fetch_watermarks(&self.topic, *p, Duration::from_secs(2)) {
+                    // The high watermark each fetch response carries; no round trip.
+                    if let Some(high) = self.cached_high_watermark(*p) {
                         let at = positions.get(p).copied().or_else(|| self.store.replica_position(*p)).unwrap_or(0);
                         if at >= high {
                             caught.push(*p);
@@ -190,6 +188,19 @@ impl Follower {
                 self.replica.changed.notify_all();
             }
         }
+    }
+
+    /// The high watermark the last fetch response reported, without asking the
+    /// broker again (rdkafka does not wrap rd_kafka_get_watermark_offsets).
+    fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
+        let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
+        let (mut low, mut high) = (-1i64, -1i64);
+        // SAFETY: the client pointer lives as long as `self.consumer`; the call
+        // only reads librdkafka's cached offsets into the two integers.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_get_watermark_offsets(self.consumer.client().native_ptr(), topic.as_ptr(), partition, &mut low, &mut high)
+        };
+        (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
     }
 
     /// A replicated key or instance change drops the plaintext this node cached.

@@ -1,6 +1,6 @@
 //! Writes on any node: a write for a key whose partition another node owns is
-//! forwarded to that node's API, found through the consumer group's member
-//! list. Forwarding keeps one writer per key (the owner), so no two nodes ever
+//! forwarded to that node's API, found through the owner's announcement in the
+//! changelog. Forwarding keeps one writer per key (the owner), so no two nodes ever
 //! decide about the same key, and the caller gets the owner's answer as is.
 //! Reads are answered locally from the replica.
 
@@ -12,10 +12,9 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use rdkafka::consumer::BaseConsumer;
 use serde_json::{json, Value};
 
-use crate::cluster::{owner_of, Ownership};
+use crate::cluster::Ownership;
 use crate::store::Store;
 
 const FORWARDED: &str = "x-keywarden-forwarded";
@@ -24,10 +23,9 @@ const MAX_BODY: usize = 64 * 1024;
 pub struct Forwarder {
     pub ownership: Ownership,
     pub store: Store,
-    /// Asks the broker who is in the group; never consumes.
-    pub lookup: BaseConsumer,
-    pub group: String,
-    pub events_topic: String,
+    /// This node's own advertised URL: a stale announcement naming it means
+    /// the partition is between owners.
+    pub me: String,
     pub http: reqwest::Client,
 }
 
@@ -95,11 +93,8 @@ pub async fn forward(State(f): State<Arc<Forwarder>>, req: Request, next: Next) 
     if parts.headers.contains_key(FORWARDED) {
         return unavailable(format!("partition {partition} of key {key} changed owner while this request was forwarded; retry"));
     }
-    let lookup = {
-        let f = f.clone();
-        tokio::task::spawn_blocking(move || owner_of(&f.lookup, &f.group, &f.events_topic, partition)).await.ok().flatten()
-    };
-    let Some(owner) = lookup else {
+    // Owners announce themselves through the changelog when they take a partition.
+    let Some(owner) = f.store.owner_url(partition).filter(|url| *url != f.me) else {
         return unavailable(format!("no node owns partition {partition} of key {key} right now (the group is rebalancing); retry shortly"));
     };
     let url = format!("{}{}", owner.trim_end_matches('/'), parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));

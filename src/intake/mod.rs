@@ -123,9 +123,6 @@ pub struct IntakeContext {
     store: Store,
     fence: Arc<Fence>,
     health: Arc<Health>,
-    /// With several nodes: a partition is taken over only once this node's
-    /// replica holds everything its previous owner wrote.
-    replica: Option<Arc<crate::replica::Replica>>,
 }
 
 impl ClientContext for IntakeContext {}
@@ -136,13 +133,6 @@ impl ConsumerContext for IntakeContext {
         let parts: Vec<Partition> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                if let Some(replica) = &self.replica {
-                    for (_, partition) in &parts {
-                        if let Err(e) = replica.wait_caught_up(Some(*partition), Duration::from_secs(30)) {
-                            tracing::error!(partition, error = %e, "taking the partition over without a caught-up replica");
-                        }
-                    }
-                }
                 for (topic, partition) in &parts {
                     if let Some(next) = self.store.offset(topic, *partition) {
                         if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(next)) {
@@ -189,6 +179,14 @@ pub struct Intake {
     health: Arc<Health>,
     kms: Arc<dyn Kms>,
     verifier: Arc<Verifier>,
+    /// With several nodes: a partition's events are applied only once this
+    /// node's replica holds everything its previous owner wrote; the
+    /// partitions (and generations) for which that is done.
+    replica: Option<Arc<crate::replica::Replica>>,
+    taken_over: std::sync::Mutex<std::collections::HashSet<(i32, u64)>>,
+    /// This node's API, announced to the others for each partition it takes.
+    advertise_url: String,
+    store: Store,
 }
 
 struct Ack {
@@ -228,8 +226,7 @@ impl Intake {
     ) -> Result<Intake, IntakeError> {
         let mut cfg = crate::broker::client_config(kafka, bootstrap);
         cfg.set("group.id", &kafka.group_id)
-            // Other nodes find this one's API through the group's member list.
-            .set("client.id", advertise_url)
+
             // Static membership: a restarted member with the same id gets its
             // partitions back at once instead of after the session timeout.
             .set("group.instance.id", &kafka.instance_id)
@@ -245,7 +242,7 @@ impl Intake {
             cfg.set(k, v);
         }
         let consumer: StreamConsumer<IntakeContext> =
-            cfg.create_with_context(IntakeContext { store, fence: fence.clone(), health: health.clone(), replica }).map_err(IntakeError::Consumer)?;
+            cfg.create_with_context(IntakeContext { store: store.clone(), fence: fence.clone(), health: health.clone() }).map_err(IntakeError::Consumer)?;
         consumer
             .subscribe(&[&kafka.events_topic])
             .map_err(|source| IntakeError::Subscribe { topic: kafka.events_topic.clone(), source })?;
@@ -253,7 +250,21 @@ impl Intake {
             .set("message.timeout.ms", "30000")
             .create()
             .map_err(IntakeError::Consumer)?;
-        Ok(Intake { consumer: Arc::new(consumer), dlq, kafka: kafka.clone(), writer, metrics, fence, health, kms, verifier })
+        Ok(Intake {
+            consumer: Arc::new(consumer),
+            dlq,
+            kafka: kafka.clone(),
+            writer,
+            metrics,
+            fence,
+            health,
+            kms,
+            verifier,
+            replica,
+            taken_over: Default::default(),
+            advertise_url: advertise_url.to_string(),
+            store,
+        })
     }
 
     /// Consumes until `shutdown`, then drains acknowledgements and commits offsets.
@@ -305,6 +316,10 @@ impl Intake {
                 // Fetched before a revocation: the partition's next owner reads it.
                 continue;
             };
+            if !self.take_over(partition, generation).await {
+                // Not applied and not acknowledged: the partition's next reader gets it.
+                return Err(IntakeError::Writer);
+            }
             let consumed = Consumed { topic: topic.clone(), partition, next: offset + 1, generation };
             let headers = headers_of(&msg);
             let upstream = crate::telemetry::received(&headers);
@@ -355,6 +370,36 @@ impl Intake {
             let pending = self.writer.enqueue(input, Some(consumed)).await.map_err(|_| IntakeError::Writer)?;
             if ack_tx.send(Ack { pending, topic, partition, offset, kind, occurred_at, span, commit }).await.is_err() {
                 return Err(IntakeError::Writer);
+            }
+        }
+    }
+
+    /// The first message of a newly assigned partition waits until the replica
+    /// holds what the previous owner wrote (so that its events are recognised
+    /// as applied), then tells the other nodes who owns the partition now. Not
+    /// done in the rebalance callback: blocking there stalls the whole group.
+    async fn take_over(&self, partition: i32, generation: u64) -> bool {
+        let Some(replica) = &self.replica else { return true };
+        if self.taken_over.lock().expect("intake lock").contains(&(partition, generation)) {
+            return true;
+        }
+        let (r, store, url) = (replica.clone(), self.store.clone(), self.advertise_url.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            if let Err(e) = r.wait_caught_up(Some(&[partition]), Duration::from_secs(20)) {
+                tracing::error!(partition, error = %e, "taking the partition over without a caught-up replica");
+            }
+            store.announce_owner(partition, &url)
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {
+                tracing::info!(partition, "partition taken over: replica caught up, ownership announced");
+                self.taken_over.lock().expect("intake lock").insert((partition, generation));
+                true
+            }
+            _ => {
+                tracing::error!(partition, "cannot announce this node as the partition's owner; retrying");
+                false
             }
         }
     }

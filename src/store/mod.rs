@@ -48,6 +48,8 @@ const FIRING: &[u8] = b"l/";
 const ALERTS: &[u8] = b"q/";
 /// How far this node's replica has read each changelog partition.
 const REPLICA: &[u8] = b"r/";
+/// Which node (its API URL) owns each partition, as the owner announced it.
+const OWNER: &[u8] = b"w/";
 
 /// One state change as it goes to the changelog: the store's own key and value,
 /// and what decides its partition.
@@ -264,6 +266,24 @@ impl Store {
             self.tree.flush()?;
         }
         Ok(())
+    }
+
+    /// Tells every node, through the changelog, that this node now writes the
+    /// keys of `partition` and takes their writes at `url`.
+    pub fn announce_owner(&self, partition: i32, url: &str) -> Result<(), StoreError> {
+        let mut key = OWNER.to_vec();
+        key.extend_from_slice(&partition.to_be_bytes());
+        let change = Change { route: Route::Partition(partition), key: key.clone(), value: url.as_bytes().to_vec() };
+        self.publish(std::slice::from_ref(&change))?;
+        self.tree.insert(key, url.as_bytes())?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    pub fn owner_url(&self, partition: i32) -> Option<String> {
+        let mut key = OWNER.to_vec();
+        key.extend_from_slice(&partition.to_be_bytes());
+        read(self.tree.get(key)).map(|v| String::from_utf8_lossy(&v).into_owned())
     }
 
     pub fn replica_position(&self, partition: i32) -> Option<i64> {

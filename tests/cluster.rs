@@ -1,0 +1,240 @@
+//! Several keywarden nodes on one real broker: they split the events topic's
+//! partitions, replicate state through the compacted changelog, answer reads
+//! and DEKs on any node, and take writes on any node. One is SIGKILLed, a fresh
+//! one with an empty store joins, another stops cleanly; at the end every live
+//! node agrees on every instance, no event was applied twice, and the fresh
+//! node serves byte-identical DEKs.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const KEYS: usize = 30;
+
+/// Seven nodes at once on two cores would starve their heartbeats: one test at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The nodes' directories, for their logs when a write keeps failing.
+static LOGS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+const PER_KEY: usize = 100;
+
+struct Shared {
+    dir: tempfile::TempDir,
+}
+
+impl Shared {
+    /// What every node of one deployment shares: the master key that seals the
+    /// embedded KMS's material, and the API tokens (writes are forwarded).
+    fn new() -> Shared {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = |name: &str, text: &str| {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.path().join(name)).unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        };
+        use base64::Engine;
+        secret("master.key", &base64::engine::general_purpose::STANDARD.encode([7u8; 32]));
+        secret("admin.token", "cluster-admin-token-0123456789abcdef");
+        secret("dek.token", "cluster-dek-token-0123456789abcdef");
+        Shared { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).to_str().unwrap().to_string()
+    }
+
+    fn node(&self, bootstrap: &str) -> Daemon {
+        let (master, admin, dek) = (self.path("master.key"), self.path("admin.token"), self.path("dek.token"));
+        let d = Daemon::start(
+            bootstrap,
+            &[
+                ("KEYWARDEN_KAFKA_PARTITIONS", "6"),
+                ("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", &master),
+                ("KEYWARDEN_API_ADMIN_TOKEN_FILE", &admin),
+                ("KEYWARDEN_API_DEK_TOKEN_FILE", &dek),
+                // A killed node's partitions move after this long.
+                ("KEYWARDEN_KAFKA_PROPERTIES_SESSION_TIMEOUT_MS", "8000"),
+                ("KEYWARDEN_KAFKA_DRAIN_TIMEOUT", "3s"),
+                ("KEYWARDEN_LOG", "info"),
+            ],
+        );
+        LOGS.lock().unwrap().push(d.dir.path().to_path_buf());
+        d
+    }
+}
+
+/// A write on any node; a 503 (a partition between owners) is retried.
+fn write(d: &Daemon, path: &str, body: Option<Value>) -> Value {
+    let start = Instant::now();
+    loop {
+        let (s, v) = d.post(path, body.clone());
+        if (200..300).contains(&s) {
+            return v;
+        }
+        if !(s == 503 && start.elapsed() < Duration::from_secs(90)) {
+            for dir in LOGS.lock().unwrap().iter() {
+                let log = std::fs::read_to_string(dir.join("keywarden.log")).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().filter(|l| !l.contains("CONFWARN")).collect();
+                eprintln!("==== {} ====\n{}", dir.display(), lines[lines.len().saturating_sub(60)..].join("\n"));
+            }
+            panic!("POST {path} on {}: {s} {v}", d.api);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn key(i: usize) -> String {
+    format!("ck-{i:02}")
+}
+
+fn audit_of_stopped(store: &Path) -> Vec<Value> {
+    let s = keywarden::store::Store::open(store).unwrap();
+    s.audit_since(None, usize::MAX).into_iter().map(|e| serde_json::to_value(e).unwrap()).collect()
+}
+
+fn audit_of_running(d: &Daemon) -> Vec<Value> {
+    let text = d.http.get(format!("{}/v1/audit/export", d.api)).bearer_auth(&d.admin_token).send().unwrap().text().unwrap();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn three_nodes_share_the_work_survive_a_kill_a_fresh_node_and_a_clean_stop() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let broker = Broker::start();
+    let shared = Shared::new();
+    let mut nodes: Vec<Daemon> = (0..3).map(|_| shared.node(&broker.bootstrap)).collect();
+
+    // 30 keys and 3,000 instances, created through all three nodes.
+    for i in 0..KEYS {
+        write(&nodes[i % 3], "/v1/keys", Some(json!({"key_id": key(i)})));
+    }
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for (n, d) in nodes.iter().enumerate() {
+            scope.spawn(move || {
+                for i in (n..KEYS * PER_KEY).step_by(3) {
+                    write(d, "/v1/instances", Some(json!({"instance_id": format!("ci-{i:04}"), "key_id": key(i % KEYS)})));
+                }
+            });
+        }
+    });
+    println!("CLUSTER: 3000 instances created through 3 nodes in {:.1}s", started.elapsed().as_secs_f64());
+    // A sample of DEKs, as first served, to compare with what every node serves at the end.
+    let sample: Vec<String> = (0..KEYS * PER_KEY).step_by(37).map(|i| format!("ci-{i:04}")).collect();
+    let mut first: HashMap<String, String> = HashMap::new();
+    for (n, id) in sample.iter().enumerate() {
+        let (s, v) = nodes[n % 3].dek(id);
+        assert_eq!(s, 200, "{id}: {v}");
+        first.insert(id.clone(), v["dek"].as_str().unwrap().to_string());
+    }
+
+    // Rotate keys 0-9, disable 10-19, delete 20-29, with a kill, a fresh node
+    // and a clean stop in between.
+    let mut events = Vec::new();
+    for i in 0..10 {
+        events.push(write(&nodes[i % 3], &format!("/v1/keys/{}/rotate", key(i)), None)["event_id"].as_str().unwrap().to_string());
+    }
+    nodes[0].kill();
+    println!("CLUSTER: node 1 SIGKILLed");
+    for i in 10..20 {
+        events.push(write(&nodes[1 + i % 2], &format!("/v1/keys/{}/disable", key(i)), None)["event_id"].as_str().unwrap().to_string());
+    }
+    let fresh = shared.node(&broker.bootstrap);
+    println!("CLUSTER: a fresh node 4 with an empty store joined");
+    for i in 20..KEYS {
+        let d = if i % 2 == 0 { &nodes[2] } else { &fresh };
+        events.push(write(d, &format!("/v1/keys/{}/delete", key(i)), None)["event_id"].as_str().unwrap().to_string());
+    }
+    assert_eq!(nodes[1].terminate(), Some(0), "node 2 stops cleanly");
+    println!("CLUSTER: node 2 stopped cleanly");
+    let live = [&nodes[2], &fresh];
+
+    // Every live node converges on the state each key's last event implies.
+    let want = |i: usize| match i {
+        0..=9 => "active",
+        10..=19 => "revoked",
+        _ => "erased",
+    };
+    for d in live {
+        wait_until(&format!("node {} to converge", d.api), Duration::from_secs(180), || {
+            let (_, list) = d.get("/v1/instances");
+            let list = list["instances"].as_array().cloned().unwrap_or_default();
+            let by_id: HashMap<String, (String, String)> = list
+                .iter()
+                .map(|v| (v["instance_id"].as_str().unwrap().to_string(), (v["state"].as_str().unwrap().to_string(), v["key_version"].as_str().unwrap_or("").to_string())))
+                .collect();
+            let ok = by_id.len() == KEYS * PER_KEY
+                && (0..KEYS * PER_KEY).all(|i| {
+                    by_id.get(&format!("ci-{i:04}")).is_some_and(|(state, version)| state == want(i % KEYS) && (i % KEYS >= 10 || version == "2"))
+                });
+            ok.then_some(())
+        });
+    }
+
+    // The fresh node serves the same DEKs as the others, and as at the start.
+    for id in &sample {
+        let i: usize = id[3..].parse().unwrap();
+        if i % KEYS >= 10 {
+            continue;
+        }
+        let (s3, v3) = live[0].dek(id);
+        let (s4, v4) = live[1].dek(id);
+        assert_eq!((s3, s4), (200, 200), "{id}: {v3} {v4}");
+        assert_eq!(v3["dek"], v4["dek"], "{id}: the fresh node's DEK is byte-identical");
+        assert_eq!(v3["dek"].as_str().unwrap(), first[id], "{id}: the rotation kept the DEK");
+    }
+    for id in sample.iter().filter(|id| id[3..].parse::<usize>().unwrap() % KEYS >= 10) {
+        let (s, _) = live[1].dek(id);
+        assert!(s == 423 || s == 410, "{id}: revoked or erased on the fresh node too ({s})");
+    }
+
+    // Exactly one application per event, across every node's audit trail.
+    let mut trails: Vec<Value> = live.iter().flat_map(|d| audit_of_running(d)).collect();
+    for n in [0, 1] {
+        trails.extend(audit_of_stopped(&nodes[n].dir.path().join("store")));
+    }
+    for id in &events {
+        let applied = trails.iter().filter(|e| e["event_id"] == id.as_str() && e["who"] == "kms-event" && e["outcome"] == "applied").count();
+        assert_eq!(applied, 1, "event {id} was applied {applied} times");
+    }
+    println!("CLUSTER: {} events, each applied exactly once across 4 nodes' audit trails", events.len());
+}
+
+#[test]
+fn a_revocation_on_the_owner_is_visible_on_every_node_quickly() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let broker = Broker::start();
+    let shared = Shared::new();
+    let nodes: Vec<Daemon> = (0..3).map(|_| shared.node(&broker.bootstrap)).collect();
+    write(&nodes[0], "/v1/keys", Some(json!({"key_id": "rt-key"})));
+    write(&nodes[1], "/v1/instances", Some(json!({"instance_id": "rt-db", "key_id": "rt-key"})));
+    let mut latencies: Vec<Duration> = Vec::new();
+    for cycle in 0..20 {
+        for (action, want) in [("disable", 423), ("enable", 200)] {
+            let start = Instant::now();
+            write(&nodes[cycle % 3], &format!("/v1/keys/rt-key/{action}"), None);
+            // The slowest of the three nodes to refuse (or serve again).
+            for d in &nodes {
+                wait_until("the node to agree", Duration::from_secs(10), || (d.dek("rt-db").0 == want).then_some(()));
+            }
+            if action == "disable" {
+                latencies.push(start.elapsed());
+            }
+        }
+    }
+    latencies.sort();
+    let pct = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "CLUSTER: disable to refusal on all 3 nodes, {} cycles: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (target p99 <= 100 ms on loopback)",
+        latencies.len(),
+        pct(0.5).as_secs_f64() * 1000.0,
+        pct(0.99).as_secs_f64() * 1000.0,
+        latencies.last().unwrap().as_secs_f64() * 1000.0
+    );
+}
