@@ -55,6 +55,8 @@ impl Shared {
             bootstrap,
             &[
                 ("KEYWARDEN_KAFKA_PARTITIONS", "6"),
+                // tansu 0.6 keeps rebalancing a group of three static members.
+                ("KEYWARDEN_KAFKA_INSTANCE_ID", "dynamic"),
                 ("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", &master),
                 ("KEYWARDEN_API_ADMIN_TOKEN_FILE", &admin),
                 ("KEYWARDEN_API_DEK_TOKEN_FILE", &dek),

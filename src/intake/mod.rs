@@ -123,6 +123,9 @@ pub struct IntakeContext {
     store: Store,
     fence: Arc<Fence>,
     health: Arc<Health>,
+    /// With several nodes: newly assigned partitions, to be taken over (replica
+    /// caught up, ownership announced) at once, not only when an event comes.
+    takeovers: Option<mpsc::UnboundedSender<(i32, u64)>>,
 }
 
 impl ClientContext for IntakeContext {}
@@ -141,6 +144,13 @@ impl ConsumerContext for IntakeContext {
                     }
                 }
                 self.fence.assign(&parts);
+                if let Some(tx) = &self.takeovers {
+                    for (topic, partition) in &parts {
+                        if let Some(generation) = self.fence.generation(topic, *partition) {
+                            let _ = tx.send((*partition, generation));
+                        }
+                    }
+                }
                 let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions failed");
@@ -184,6 +194,7 @@ pub struct Intake {
     /// partitions (and generations) for which that is done.
     replica: Option<Arc<crate::replica::Replica>>,
     taken_over: std::sync::Mutex<std::collections::HashSet<(i32, u64)>>,
+    takeover_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(i32, u64)>>>,
     /// This node's API, announced to the others for each partition it takes.
     advertise_url: String,
     store: Store,
@@ -224,12 +235,9 @@ impl Intake {
         replica: Option<Arc<crate::replica::Replica>>,
         advertise_url: &str,
     ) -> Result<Intake, IntakeError> {
+        let (takeover_tx, takeover_rx) = mpsc::unbounded_channel();
         let mut cfg = crate::broker::client_config(kafka, bootstrap);
         cfg.set("group.id", &kafka.group_id)
-
-            // Static membership: a restarted member with the same id gets its
-            // partitions back at once instead of after the session timeout.
-            .set("group.instance.id", &kafka.instance_id)
             .set("enable.auto.commit", "true")
             // Offsets are stored only once the store batch holding their effect is flushed.
             .set("enable.auto.offset.store", "false")
@@ -237,12 +245,19 @@ impl Intake {
             // Revocation latency is bounded below by how long a fetch may wait on an
             // idle partition; lifecycle topics are low-volume, so poll briskly.
             .set("fetch.wait.max.ms", "10");
+        // Static membership: a restarted member with the same id gets its
+        // partitions back at once instead of after the session timeout.
+        // "dynamic" opts out (several nodes on a broker whose coordinator
+        // mishandles more than two static members).
+        if kafka.instance_id != "dynamic" {
+            cfg.set("group.instance.id", &kafka.instance_id);
+        }
         // The operator's properties win over keywarden's choices.
         for (k, v) in &kafka.properties {
             cfg.set(k, v);
         }
         let consumer: StreamConsumer<IntakeContext> =
-            cfg.create_with_context(IntakeContext { store: store.clone(), fence: fence.clone(), health: health.clone() }).map_err(IntakeError::Consumer)?;
+            cfg.create_with_context(IntakeContext { store: store.clone(), fence: fence.clone(), health: health.clone(), takeovers: replica.as_ref().map(|_| takeover_tx.clone()) }).map_err(IntakeError::Consumer)?;
         consumer
             .subscribe(&[&kafka.events_topic])
             .map_err(|source| IntakeError::Subscribe { topic: kafka.events_topic.clone(), source })?;
@@ -262,6 +277,7 @@ impl Intake {
             verifier,
             replica,
             taken_over: Default::default(),
+            takeover_rx: std::sync::Mutex::new(Some(takeover_rx)),
             advertise_url: advertise_url.to_string(),
             store,
         })
@@ -273,7 +289,22 @@ impl Intake {
         let acker = tokio::spawn(acknowledge(self.consumer.clone(), ack_rx, self.metrics.clone(), shutdown.clone()));
         let probe = tokio::spawn(probe_broker(self.consumer.clone(), self.kafka.events_topic.clone(), self.health.clone(), shutdown.clone()));
         let lag = tokio::spawn(lag::sample(self.consumer.clone(), self.metrics.clone(), shutdown.clone()));
-        let result = self.consume(&ack_tx, &shutdown).await;
+        let mut takeover_rx = self.takeover_rx.lock().expect("intake lock").take();
+        let takeovers = async {
+            match takeover_rx.as_mut() {
+                Some(rx) => {
+                    while let Some((partition, generation)) = rx.recv().await {
+                        self.take_over(partition, generation).await;
+                    }
+                    std::future::pending::<()>().await
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let result = tokio::select! {
+            r = self.consume(&ack_tx, &shutdown) => r,
+            _ = takeovers => Ok(()),
+        };
         // Not joined: a sample can sit in a broker timeout, and lag is not worth a slower stop.
         lag.abort();
         drop(ack_tx);
