@@ -637,7 +637,12 @@ pub fn b7_recovery(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
         d.spawn()?;
         producer.send(key, &event(&id, kind, key, None, Utc::now()))?;
         producer.flush()?;
-        let took = wait_until(&format!("{id} after the kill"), Duration::from_secs(120), Duration::from_millis(20), || applied(&d, &id).then(|| t0.elapsed()))?;
+        let took = wait_until(&format!("{id} after the kill"), Duration::from_secs(120), Duration::from_millis(20), || {
+            if let Some(status) = d.exited() {
+                return Some(Err(format!("keywarden exited by itself ({status}) after restart {i}; see {}", d.log_path().display())));
+            }
+            applied(&d, &id).then(|| Ok(t0.elapsed()))
+        })??;
         eprintln!("bench: B7 kill {i}: first new event applied {} after SIGKILL", ms(took));
         times.push(took);
     }

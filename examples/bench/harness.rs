@@ -96,14 +96,17 @@ impl Drop for Broker {
 }
 
 /// The keywarden binary next to this example, in the same profile; built first
-/// (a no-op when fresh) so that the bench never measures a stale binary.
+/// (a no-op when fresh) so that the bench never measures a stale binary. Built
+/// together with this example, so that cargo resolves the same features for
+/// both (examples pull in dev-dependency features such as tokio's `test-util`)
+/// and does not rebuild the library every other run.
 pub fn keywarden_bin() -> Res<PathBuf> {
     let exe = std::env::current_exe()?;
     let profile_dir = exe.parent().and_then(Path::parent).ok_or("cannot locate the target directory")?.to_path_buf();
     let release = profile_dir.file_name().map(|n| n == "release").unwrap_or(false);
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "--locked", "--bin", "keywarden"]);
+    cmd.args(["build", "--quiet", "--locked", "--bin", "keywarden", "--example", "bench"]);
     if release {
         cmd.arg("--release");
     }
@@ -217,6 +220,11 @@ impl Daemon {
     pub fn start(&mut self) -> Res<Duration> {
         self.spawn()?;
         self.wait_ready(Duration::from_millis(10))
+    }
+
+    /// The exit status, if the process ended (by itself or by someone else).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILL; returns once the process is gone.
