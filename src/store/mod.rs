@@ -110,7 +110,11 @@ pub struct Store {
     /// Seq and hash of the newest audit entry. Held while a batch with audit
     /// facts is sealed and applied, so that the chain stays one line.
     audit_chain: std::sync::Arc<std::sync::Mutex<Option<(u64, String)>>>,
+    /// Which keys' KMS reads notices; set once by the daemon. Unset: all are kept.
+    wants_notices: std::sync::Arc<std::sync::OnceLock<NoticeFilter>>,
 }
+
+pub type NoticeFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Store {
     /// Waits up to two seconds for the store's lock: a process that is just
@@ -132,7 +136,12 @@ impl Store {
             let e: audit::AuditEntry = decode(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1);
             (e.seq, e.hash)
         });
-        Ok(Store { db, tree, audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)) })
+        Ok(Store { db, tree, audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)), wants_notices: Default::default() })
+    }
+
+    /// Notices for keys whose KMS ignores them are dropped instead of queued.
+    pub fn keep_notices_only_for(&self, wants: NoticeFilter) {
+        let _ = self.wants_notices.set(wants);
     }
 
     /// Applies the records atomically; with `flush`, returns only once they are durable.
@@ -178,6 +187,7 @@ impl Store {
                     key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
                     batch.insert(key, encode(&Effect::Alert(alert.clone())));
                 }
+                Record::Outbox(Effect::KmsNotice { key_id, .. }) if self.wants_notices.get().is_some_and(|wants| !wants(key_id)) => {}
                 Record::Outbox(effect) => {
                     // generate_id is monotonic across restarts, so the outbox keeps commit order.
                     let id = self.db.generate_id()?;
