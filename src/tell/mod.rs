@@ -128,14 +128,7 @@ impl Relay {
             let notified = self.notify.notified();
             let batch = self.store.notices(32);
             if batch.is_empty() {
-                if !pause(&shutdown, async {
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                })
-                .await
-                {
+                if !idle(&shutdown, notified).await {
                     return;
                 }
                 continue;
@@ -187,14 +180,7 @@ impl Relay {
                 depth_at = Some(std::time::Instant::now());
             }
             if batch.is_empty() {
-                if !pause(&shutdown, async {
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                })
-                .await
-                {
+                if !idle(&shutdown, notified).await {
                     return;
                 }
                 continue;
@@ -306,6 +292,19 @@ impl Relay {
 }
 
 /// Waits for `wake`, or for shutdown; false means shut down.
+/// An empty queue waits for the next commit's wake-up, or a second at most (a
+/// wake-up sent before the wait began is not lost: `notified` was created
+/// before the queue was read); false means shut down.
+pub(crate) async fn idle(shutdown: &CancellationToken, notified: impl std::future::Future<Output = ()>) -> bool {
+    pause(shutdown, async {
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    })
+    .await
+}
+
 pub(crate) async fn pause(shutdown: &CancellationToken, wake: impl std::future::Future<Output = ()>) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => false,
