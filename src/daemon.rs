@@ -134,6 +134,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let local = Arc::new(LocalKms::open(store.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?);
     let kms_router = Arc::new(build_router(&config, local.clone())?);
     let kms: Arc<dyn Kms> = kms_router.clone();
+    let wants = kms_router.clone();
+    store.keep_notices_only_for(Box::new(move |key_id| wants.wants_notices(key_id)));
     let relay_notify = Arc::new(Notify::new());
     let rotation_notify = Arc::new(Notify::new());
     let on_commit = {

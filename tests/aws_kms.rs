@@ -150,14 +150,19 @@ fn reconciliation_applies_what_events_missed_and_asks_before_revoking_many() {
     std::fs::write(
         &config,
         format!(
-            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n[reconcile]\nschedule = \"* * * * * *\"\nconfirm_above = 2\n",
+            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n[reconcile]\nconfirm_above = 2\n",
             moto.url
         ),
     )
     .unwrap();
     let d = Daemon::start(
         &broker.bootstrap,
-        &[("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")],
+        &[
+            ("KEYWARDEN_CONFIG", config.to_str().unwrap()),
+            ("KEYWARDEN_RECONCILE_SCHEDULE", "* * * * * *"),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ],
     );
     d.create_instance("rc-small", &small);
     for i in 0..3 {

@@ -146,20 +146,38 @@ impl Rotator {
         }
         tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = todo.len(), "rotation pass");
         let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &target)).buffer_unordered(self.config.concurrency);
+        // Rewraps go on while the previous chunk is being flushed: waiting for the
+        // flush without polling `results` would leave the KMS idle for one flush
+        // per chunk, and the flush, not the KMS, would bound the rotation.
         let mut chunk = Vec::with_capacity(self.config.batch);
-        let mut in_flight = None;
+        let mut in_flight: Option<Pending> = None;
         let mut interrupted = false;
+        let mut exhausted = false;
         let mut deferred = 0usize;
-        while let Some(attempt) = results.next().await {
-            match attempt {
-                Some(Attempt::Done(input)) => chunk.push(input),
-                Some(Attempt::KeyUnusable) => interrupted = true,
-                Some(Attempt::Later) => deferred += 1,
-                None => {}
+        while !exhausted {
+            tokio::select! {
+                durable = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
+                    in_flight = None;
+                    durable.map_err(|_| WriterError::Stopped)??;
+                    if !self.current(job) {
+                        return Ok(Pass::Interrupted);
+                    }
+                }
+                attempt = results.next() => match attempt {
+                    Some(Some(Attempt::Done(input))) => chunk.push(input),
+                    Some(Some(Attempt::KeyUnusable)) => interrupted = true,
+                    Some(Some(Attempt::Later)) => deferred += 1,
+                    Some(None) => {}
+                    None => exhausted = true,
+                },
             }
-            if chunk.len() >= self.config.batch || interrupted || shutdown.is_cancelled() {
+            let stop = interrupted || shutdown.is_cancelled();
+            // A chunk is queued once the one before it is durable; what arrives
+            // meanwhile joins it. Memory stays bounded: past four chunks, wait.
+            let due = chunk.len() >= self.config.batch && (in_flight.is_none() || chunk.len() >= 4 * self.config.batch);
+            if due || stop {
                 self.commit(&mut chunk, &mut in_flight).await?;
-                if interrupted || shutdown.is_cancelled() || !self.current(job) {
+                if stop || !self.current(job) {
                     self.settle(&mut in_flight).await?;
                     return Ok(Pass::Interrupted);
                 }

@@ -182,6 +182,9 @@ impl<K: Kms> Kms for Governed<K> {
     fn health(&self) -> Option<GovernorState> {
         Some(self.state())
     }
+    fn wants_notices(&self, key_id: &str) -> bool {
+        self.inner.wants_notices(key_id)
+    }
 }
 
 #[cfg(test)]

@@ -238,6 +238,10 @@ impl Kms for KeyProtect {
         Ok(WrappedDek { key_version: version, ciphertext: field_b64(&v, "ciphertext", key_id)? })
     }
 
+    fn wants_notices(&self, _key_id: &str) -> bool {
+        true
+    }
+
     /// Registrations tell Key Protect which resources a key protects (so that it
     /// can warn before deletion); acknowledgements confirm an event was handled.
     async fn notify(&self, key_id: &str, notice: &Notice) -> Result<(), KmsError> {

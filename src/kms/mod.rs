@@ -138,6 +138,12 @@ pub trait Kms: Send + Sync {
     async fn notify(&self, _key_id: &str, _notice: &Notice) -> Result<(), KmsError> {
         Ok(())
     }
+    /// Whether `notify` does anything for this key. Notices for a provider that
+    /// ignores them are not queued at all: each would cost a store write and a
+    /// removal (two per rewrap in a rotation) for nothing.
+    fn wants_notices(&self, _key_id: &str) -> bool {
+        false
+    }
     /// Asks the KMS to re-send the key's last lifecycle event.
     async fn sync(&self, key_id: &str) -> Result<(), KmsError> {
         Err(KmsError::Conflict(format!("the {} kms has no sync; key {key_id} cannot be synced", self.provider())))
@@ -176,6 +182,9 @@ impl<K: Kms + ?Sized> Kms for std::sync::Arc<K> {
     async fn sync(&self, key_id: &str) -> Result<(), KmsError> {
         (**self).sync(key_id).await
     }
+    fn wants_notices(&self, key_id: &str) -> bool {
+        (**self).wants_notices(key_id)
+    }
     fn health(&self) -> Option<governor::GovernorState> {
         (**self).health()
     }
@@ -184,6 +193,19 @@ impl<K: Kms + ?Sized> Kms for std::sync::Arc<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notices_for_a_kms_that_ignores_them_are_not_queued() {
+        use crate::engine::{Effect, Record};
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path()).unwrap();
+        store.keep_notices_only_for(Box::new(|key_id| key_id == "kp"));
+        let notice = |key: &str| Record::Outbox(Effect::KmsNotice { key_id: key.into(), notice: Notice::Deregistered { instance_id: "i".into() } });
+        store.commit(&[notice("kp"), notice("local-key")], true).unwrap();
+        let queued = store.notices(10);
+        assert_eq!(queued.len(), 1);
+        assert!(matches!(&queued[0].1, Effect::KmsNotice { key_id, .. } if key_id == "kp"));
+    }
 
     #[test]
     fn dek_never_prints_its_bytes() {

@@ -85,4 +85,8 @@ impl Kms for KmsRouter {
         let (k, id) = self.for_key(key_id);
         k.sync(id).await
     }
+    fn wants_notices(&self, key_id: &str) -> bool {
+        let (k, id) = self.for_key(key_id);
+        k.wants_notices(id)
+    }
 }

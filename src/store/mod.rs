@@ -138,9 +138,13 @@ pub struct Store {
     /// applied here. The changelog is the write-ahead log: a node that dies
     /// after publishing loses nothing the others (or it, restarted) cannot read.
     publisher: std::sync::Arc<std::sync::OnceLock<Publisher>>,
+    /// Which keys' KMS reads notices; set once by the daemon. Unset: all are kept.
+    wants_notices: std::sync::Arc<std::sync::OnceLock<NoticeFilter>>,
 }
 
 pub type Publisher = Box<dyn Fn(&[Change]) -> Result<(), String> + Send + Sync>;
+
+pub type NoticeFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl Store {
     /// Waits up to two seconds for the store's lock: a process that is just
@@ -166,8 +170,14 @@ impl Store {
             db,
             tree,
             audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)),
-            publisher: std::sync::Arc::new(std::sync::OnceLock::new()),
+            publisher: Default::default(),
+            wants_notices: Default::default(),
         })
+    }
+
+    /// Notices for keys whose KMS ignores them are dropped instead of queued.
+    pub fn keep_notices_only_for(&self, wants: NoticeFilter) {
+        let _ = self.wants_notices.set(wants);
     }
 
     /// Applies the records atomically; with `flush`, returns only once they are durable.
@@ -231,6 +241,7 @@ impl Store {
                     key.extend_from_slice(&self.db.generate_id()?.to_be_bytes());
                     batch.insert(key, encode(&Effect::Alert(alert.clone())));
                 }
+                Record::Outbox(Effect::KmsNotice { key_id, .. }) if self.wants_notices.get().is_some_and(|wants| !wants(key_id)) => {}
                 Record::Outbox(effect) => {
                     // generate_id is monotonic across restarts, so the outbox keeps commit order.
                     let id = self.db.generate_id()?;

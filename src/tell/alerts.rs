@@ -94,13 +94,7 @@ pub async fn deliver_loop(store: Store, sinks: Sinks, notify: Arc<Notify>, shutd
         let notified = notify.notified();
         let batch = store.alert_queue(32);
         if batch.is_empty() {
-            let wake = async {
-                tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            };
-            if !super::pause(&shutdown, wake).await {
+            if !super::idle(&shutdown, notified).await {
                 return;
             }
             continue;

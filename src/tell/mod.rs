@@ -131,14 +131,7 @@ impl Relay {
             let notified = self.notify.notified();
             let batch = self.store.notices(32);
             if batch.is_empty() {
-                if !pause(&shutdown, async {
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                })
-                .await
-                {
+                if !idle(&shutdown, notified).await {
                     return;
                 }
                 continue;
@@ -179,19 +172,18 @@ impl Relay {
 
     async fn publish_loop(&self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
+        let mut depth_at: Option<std::time::Instant> = None;
         loop {
             let notified = self.notify.notified();
             let batch = self.store.outbox(ROUND);
-            self.metrics.outbox_depth.set(self.store.outbox_len() as i64);
+            // Counting the outbox walks all of it: once per round made a 100,000-DEK
+            // rotation quadratic. A short round is an exact count, and cheap.
+            if batch.len() < ROUND || depth_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                self.metrics.outbox_depth.set(self.store.outbox_len() as i64);
+                depth_at = Some(std::time::Instant::now());
+            }
             if batch.is_empty() {
-                if !pause(&shutdown, async {
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                })
-                .await
-                {
+                if !idle(&shutdown, notified).await {
                     return;
                 }
                 continue;
@@ -303,6 +295,19 @@ impl Relay {
 }
 
 /// Waits for `wake`, or for shutdown; false means shut down.
+/// An empty queue waits for the next commit's wake-up, or a second at most (a
+/// wake-up sent before the wait began is not lost: `notified` was created
+/// before the queue was read); false means shut down.
+pub(crate) async fn idle(shutdown: &CancellationToken, notified: impl std::future::Future<Output = ()>) -> bool {
+    pause(shutdown, async {
+        tokio::select! {
+            _ = notified => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    })
+    .await
+}
+
 pub(crate) async fn pause(shutdown: &CancellationToken, wake: impl std::future::Future<Output = ()>) -> bool {
     tokio::select! {
         _ = shutdown.cancelled() => false,
