@@ -118,7 +118,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     } else {
         notifier.send("STATUS=starting: catching up with the changelog");
         let topic = &config.cluster.changelog_topic;
-        let replica = Replica::start(store.clone(), &config.kafka, &bootstrap, topic, fence.clone(), cache.clone())?;
+        let replica = Replica::start(store.clone(), &config.kafka, &bootstrap, topic, cache.clone())?;
         let waiting = replica.clone();
         tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120))).await.map_err(|_| DaemonError::WriterDied)??;
         let publisher = ChangelogPublisher::new(&config.kafka, &bootstrap, topic, replica.partitions().len() as i32).map_err(TellError::Producer)?;

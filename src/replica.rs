@@ -1,11 +1,13 @@
 //! The read replica: every node follows every partition of the changelog topic
 //! and applies what other nodes wrote to its own store, so that reads and DEKs
-//! are served on any node. Partitions this node owns are read through but not
-//! applied: their entries are this node's own, already in its store, and an
-//! older copy must not overwrite a newer local change.
+//! are served on any node.
 //!
 //! Positions are kept in the store with the changes they cover, so catching up
-//! after a restart is incremental. A partition is "caught up" when its position
+//! after a restart is incremental. A node's own writes move its positions past
+//! its own entries in the same batch (see `Store::publish`), so the replica
+//! skips them rather than apply an older copy over a newer local change, yet
+//! applies an entry a node published and died before applying, and whatever a
+//! partition's next owner writes, whatever this node believes it owns. A partition is "caught up" when its position
 //! reached the high watermark the replica last saw; the intake waits for that
 //! before it takes a partition over, and the DEK endpoint refuses to serve when
 //! the replica has not been caught up for longer than `cluster.max_replica_lag`.
@@ -19,9 +21,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::intake::fence::Fence;
 use crate::kms::cache::DekCache;
-use crate::store::Store;
+use crate::store::{Replicated, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -53,7 +54,6 @@ impl Replica {
         kafka: &KafkaConfig,
         bootstrap: &str,
         topic: &str,
-        fence: Arc<Fence>,
         cache: Arc<DekCache>,
     ) -> Result<Arc<Replica>, ReplicaError> {
         let consumer: BaseConsumer = crate::broker::client_config(kafka, bootstrap)
@@ -75,7 +75,7 @@ impl Replica {
         }
         consumer.assign(&tpl).map_err(ReplicaError::Consumer)?;
         let replica = Arc::new(Replica { progress: Mutex::new(Progress::default()), changed: Condvar::new(), partitions, stop: AtomicBool::new(false) });
-        let follower = Follower { store, consumer, topic: topic.to_string(), events_topic: kafka.events_topic.clone(), fence, cache, replica: replica.clone() };
+        let follower = Follower { store, consumer, topic: topic.to_string(), cache, replica: replica.clone() };
         std::thread::Builder::new().name("replica".into()).spawn(move || follower.run()).expect("spawn the replica thread");
         Ok(replica)
     }
@@ -120,51 +120,44 @@ struct Follower {
     store: Store,
     consumer: BaseConsumer,
     topic: String,
-    events_topic: String,
-    fence: Arc<Fence>,
     cache: Arc<DekCache>,
     replica: Arc<Replica>,
 }
 
 impl Follower {
     fn run(self) {
-        let mut positions: HashMap<i32, i64> = HashMap::new();
         let mut last_check = Instant::now() - Duration::from_secs(1);
         while !self.replica.stop.load(Ordering::SeqCst) {
-            let mut changes = Vec::new();
-            let mut moved: HashMap<i32, i64> = HashMap::new();
+            let mut entries = Vec::new();
             // Read what is there (up to a batch), then apply it in one write.
             if let Some(first) = self.consumer.poll(Duration::from_millis(50)) {
                 let mut next = Some(first);
                 while let Some(result) = next.take() {
                     match result {
-                        Ok(m) => {
-                            let p = m.partition();
-                            moved.insert(p, m.offset() + 1);
-                            // Our own partitions' entries are already in our store.
-                            if self.fence.generation(&self.events_topic, p).is_none() {
-                                if let (Some(k), Some(v)) = (m.key(), m.payload()) {
-                                    changes.push((k.to_vec(), v.to_vec()));
-                                }
-                            }
-                        }
+                        Ok(m) => entries.push(Replicated {
+                            partition: m.partition(),
+                            offset: m.offset(),
+                            key: m.key().unwrap_or_default().to_vec(),
+                            value: m.payload().unwrap_or_default().to_vec(),
+                        }),
                         Err(e) => tracing::warn!(error = %e, topic = %self.topic, "changelog read failed; retrying"),
                     }
-                    if changes.len() < 5000 {
+                    if entries.len() < 5000 {
                         next = self.consumer.poll(Duration::ZERO);
                     }
                 }
             }
-            let read_some = !moved.is_empty();
+            let read_some = !entries.is_empty();
             if read_some {
-                let pos: Vec<(i32, i64)> = moved.iter().map(|(p, o)| (*p, *o)).collect();
-                if let Err(e) = self.store.apply_replicated(&changes, &pos, true) {
-                    tracing::error!(error = %e, "cannot apply replicated changes; retrying from the stored position");
-                    std::thread::sleep(Duration::from_millis(500));
-                    continue;
+                match self.store.apply_replicated(&entries, true) {
+                    Ok(applied) => self.forget_cached(&applied),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot apply replicated changes; retrying from the stored position");
+                        std::thread::sleep(Duration::from_millis(500));
+                        self.rewind();
+                        continue;
+                    }
                 }
-                self.forget_cached(&changes);
-                positions.extend(moved);
             }
             // Caught up means: nothing left below the high watermark.
             if last_check.elapsed() >= Duration::from_millis(100) || read_some {
@@ -173,8 +166,7 @@ impl Follower {
                 for p in &self.replica.partitions {
                     // The high watermark each fetch response carries; no round trip.
                     if let Some(high) = self.cached_high_watermark(*p) {
-                        let at = positions.get(p).copied().or_else(|| self.store.replica_position(*p)).unwrap_or(0);
-                        if at >= high {
+                        if self.store.replica_position(*p).unwrap_or(0) >= high {
                             caught.push(*p);
                         }
                     }
@@ -186,6 +178,16 @@ impl Follower {
                 }
                 drop(progress);
                 self.replica.changed.notify_all();
+            }
+        }
+    }
+
+    /// After a failed write, reads again from the stored positions.
+    fn rewind(&self) {
+        for p in &self.replica.partitions {
+            let from = self.store.replica_position(*p).map_or(Offset::Beginning, Offset::Offset);
+            if let Err(e) = self.consumer.seek(&self.topic, *p, from, Duration::from_secs(5)) {
+                tracing::warn!(error = %e, partition = p, "cannot rewind the changelog reader");
             }
         }
     }
@@ -204,11 +206,11 @@ impl Follower {
     }
 
     /// A replicated key or instance change drops the plaintext this node cached.
-    fn forget_cached(&self, changes: &[(Vec<u8>, Vec<u8>)]) {
-        for (k, _) in changes {
-            if let Some(id) = k.strip_prefix(b"k/") {
+    fn forget_cached(&self, applied: &[&Replicated]) {
+        for e in applied {
+            if let Some(id) = e.key.strip_prefix(b"k/") {
                 self.cache.forget_key(&String::from_utf8_lossy(id));
-            } else if let Some(id) = k.strip_prefix(b"i/") {
+            } else if let Some(id) = e.key.strip_prefix(b"i/") {
                 self.cache.forget(&String::from_utf8_lossy(id));
             }
         }

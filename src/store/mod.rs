@@ -60,6 +60,21 @@ pub struct Change {
     pub value: Vec<u8>,
 }
 
+/// One changelog entry as the replica read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replicated {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+fn replica_key(partition: i32) -> Vec<u8> {
+    let mut key = REPLICA.to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
 /// A change belongs to its key's partition; a partition offset to its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -138,11 +153,16 @@ pub struct Store {
     /// applied here. The changelog is the write-ahead log: a node that dies
     /// after publishing loses nothing the others (or it, restarted) cannot read.
     publisher: std::sync::Arc<std::sync::OnceLock<Publisher>>,
+    /// Held from publishing a batch until it is applied, and while replicated
+    /// entries are applied: the replica's position check and this node's own
+    /// writes never interleave, so an older entry never overwrites a newer one.
+    changelog: std::sync::Arc<std::sync::Mutex<()>>,
     /// Which keys' KMS reads notices; set once by the daemon. Unset: all are kept.
     wants_notices: std::sync::Arc<std::sync::OnceLock<NoticeFilter>>,
 }
 
-pub type Publisher = Box<dyn Fn(&[Change]) -> Result<(), String> + Send + Sync>;
+/// Publishes changes and returns, per partition, the offset after the last one.
+pub type Publisher = Box<dyn Fn(&[Change]) -> Result<Vec<(i32, i64)>, String> + Send + Sync>;
 
 pub type NoticeFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -171,6 +191,7 @@ impl Store {
             tree,
             audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)),
             publisher: Default::default(),
+            changelog: Default::default(),
             wants_notices: Default::default(),
         })
     }
@@ -183,7 +204,7 @@ impl Store {
     /// Applies the records atomically; with `flush`, returns only once they are durable.
     pub fn commit(&self, records: &[Record], flush: bool) -> Result<(), StoreError> {
         let (mut batch, changes) = self.batch(records)?;
-        self.publish(&changes)?;
+        let _published = self.publish(&changes, &mut batch)?;
         let facts: Vec<_> = records.iter().filter_map(|r| if let Record::Audit(f) = r { Some(f.clone()) } else { None }).collect();
         if facts.is_empty() {
             self.tree.apply_batch(batch)?;
@@ -209,11 +230,21 @@ impl Store {
         let _ = self.publisher.set(publisher);
     }
 
-    fn publish(&self, changes: &[Change]) -> Result<(), StoreError> {
-        match self.publisher.get() {
-            Some(publish) if !changes.is_empty() => publish(changes).map_err(StoreError::Changelog),
-            _ => Ok(()),
+    /// Writes the changes to the changelog (with one configured) and adds to
+    /// the batch the replica positions they moved, so this node's replica
+    /// skips its own entries. The guard must be held until the batch is applied.
+    fn publish(&self, changes: &[Change], batch: &mut sled::Batch) -> Result<Option<std::sync::MutexGuard<'_, ()>>, StoreError> {
+        let Some(publish) = self.publisher.get() else { return Ok(None) };
+        if changes.is_empty() {
+            return Ok(None);
         }
+        let guard = self.changelog.lock().expect("changelog lock");
+        for (partition, next) in publish(changes).map_err(StoreError::Changelog)? {
+            if self.replica_position(partition).is_none_or(|at| next > at) {
+                batch.insert(replica_key(partition), &next.to_be_bytes()[..]);
+            }
+        }
+        Ok(Some(guard))
     }
 
     fn batch(&self, records: &[Record]) -> Result<(sled::Batch, Vec<Change>), StoreError> {
@@ -260,23 +291,34 @@ impl Store {
         Ok((batch, changes))
     }
 
-    /// Applies changes another node made (read from the changelog) together with
-    /// the replica's new positions, in one batch.
-    pub fn apply_replicated(&self, changes: &[(Vec<u8>, Vec<u8>)], positions: &[(i32, i64)], flush: bool) -> Result<(), StoreError> {
+    /// Applies changelog entries, in their partition's order, that are not
+    /// already here (an entry below the partition's position was written by this
+    /// node, or applied before), and moves the positions past them, in one
+    /// batch. Returns the entries applied.
+    pub fn apply_replicated<'a>(&self, entries: &'a [Replicated], flush: bool) -> Result<Vec<&'a Replicated>, StoreError> {
+        let _guard = self.changelog.lock().expect("changelog lock");
+        let mut positions: HashMap<i32, Option<i64>> = HashMap::new();
         let mut batch = sled::Batch::default();
-        for (key, value) in changes {
-            batch.insert(key.clone(), value.clone());
+        let mut applied = Vec::new();
+        for e in entries {
+            let at = positions.entry(e.partition).or_insert_with(|| self.replica_position(e.partition));
+            if at.is_some_and(|at| e.offset < at) {
+                continue;
+            }
+            batch.insert(e.key.clone(), e.value.clone());
+            *at = Some(e.offset + 1);
+            applied.push(e);
         }
-        for (partition, next) in positions {
-            let mut key = REPLICA.to_vec();
-            key.extend_from_slice(&partition.to_be_bytes());
-            batch.insert(key, &next.to_be_bytes()[..]);
+        for (partition, at) in positions {
+            if let Some(next) = at {
+                batch.insert(replica_key(partition), &next.to_be_bytes()[..]);
+            }
         }
         self.tree.apply_batch(batch)?;
         if flush {
             self.tree.flush()?;
         }
-        Ok(())
+        Ok(applied)
     }
 
     /// Tells every node, through the changelog, that this node now writes the
@@ -285,8 +327,10 @@ impl Store {
         let mut key = OWNER.to_vec();
         key.extend_from_slice(&partition.to_be_bytes());
         let change = Change { route: Route::Partition(partition), key: key.clone(), value: url.as_bytes().to_vec() };
-        self.publish(std::slice::from_ref(&change))?;
-        self.tree.insert(key, url.as_bytes())?;
+        let mut batch = sled::Batch::default();
+        let _published = self.publish(std::slice::from_ref(&change), &mut batch)?;
+        batch.insert(key, url.as_bytes());
+        self.tree.apply_batch(batch)?;
         self.tree.flush()?;
         Ok(())
     }
@@ -298,9 +342,7 @@ impl Store {
     }
 
     pub fn replica_position(&self, partition: i32) -> Option<i64> {
-        let mut key = REPLICA.to_vec();
-        key.extend_from_slice(&partition.to_be_bytes());
-        read(self.tree.get(key)).map(|v| i64::from_be_bytes(v.as_ref().try_into().expect("position is 8 bytes")))
+        read(self.tree.get(replica_key(partition))).map(|v| i64::from_be_bytes(v.as_ref().try_into().expect("position is 8 bytes")))
     }
 
 
@@ -468,7 +510,7 @@ impl Store {
         let (mut batch, _) = self.batch(event.map(Record::Outbox).as_slice())?;
         // Other nodes unwrap with the same material (sealed under the shared master key).
         let change = Change { route: Route::Key(key_id.to_string()), key: k(KMS, key_id), value: material.clone() };
-        self.publish(std::slice::from_ref(&change))?;
+        let _published = self.publish(std::slice::from_ref(&change), &mut batch)?;
         batch.insert(k(KMS, key_id), material);
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;
@@ -573,6 +615,59 @@ mod tests {
         assert_eq!(s.instance_ids_of("k"), vec!["a".to_string(), "b".to_string()]);
         assert_eq!(s.offset("t", 2), Some(41));
         assert_eq!(s.offset("t", 1), None);
+    }
+
+    /// A fake changelog: one partition, entries appended in order.
+    fn changelog(s: &Store) -> std::sync::Arc<std::sync::Mutex<Vec<Replicated>>> {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Replicated>::new()));
+        let writer = log.clone();
+        s.set_publisher(Box::new(move |changes| {
+            let mut log = writer.lock().unwrap();
+            for c in changes {
+                let offset = log.len() as i64;
+                log.push(Replicated { partition: 0, offset, key: c.key.clone(), value: c.value.clone() });
+            }
+            Ok(vec![(0, log.len() as i64)])
+        }));
+        log
+    }
+
+    #[test]
+    fn replica_skips_its_own_entries_and_applies_the_next_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let log = changelog(&s);
+        s.commit(&[Record::Key(KeyRecord::new("k", Utc::now()))], true).unwrap();
+        let mut disabled = KeyRecord::new("k", Utc::now());
+        disabled.status = KeyStatus::Disabled;
+        s.commit(&[Record::Key(disabled.clone())], true).unwrap();
+        // This node's own entries, read back late, never undo its newer change.
+        let own = log.lock().unwrap().clone();
+        assert!(s.apply_replicated(&own, true).unwrap().is_empty());
+        assert_eq!(s.key("k").unwrap().status, KeyStatus::Disabled);
+        // Another owner's later entry is applied, whoever this node thinks owns the key.
+        let enabled = Replicated { partition: 0, offset: own.len() as i64, key: k(KEY, "k"), value: encode(&KeyRecord::new("k", Utc::now())) };
+        assert_eq!(s.apply_replicated(std::slice::from_ref(&enabled), true).unwrap().len(), 1);
+        assert_eq!(s.key("k").unwrap().status, KeyStatus::Active);
+        assert_eq!(s.replica_position(0), Some(own.len() as i64 + 1));
+    }
+
+    #[test]
+    fn an_entry_published_but_not_applied_before_a_crash_is_applied_from_the_changelog() {
+        let dir = tempfile::tempdir().unwrap();
+        let published = {
+            let s = Store::open(dir.path()).unwrap();
+            let log = changelog(&s);
+            s.commit(&[Record::Key(KeyRecord::new("k", Utc::now()))], true).unwrap();
+            let entries = log.lock().unwrap().clone();
+            entries
+        };
+        // The same store before that commit: the write-ahead entry is all there is.
+        let fresh = tempfile::tempdir().unwrap();
+        let s = Store::open(fresh.path()).unwrap();
+        assert!(s.key("k").is_none());
+        assert_eq!(s.apply_replicated(&published, true).unwrap().len(), published.len());
+        assert_eq!(s.key("k").unwrap().status, KeyStatus::Active);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! them: nothing a node applied is missing from the changelog, so a new owner
 //! never applies an event twice.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,11 +42,16 @@ impl ChangelogPublisher {
         Ok(ChangelogPublisher { producer, topic: topic.to_string(), partitions, stop: Arc::new(AtomicBool::new(false)) })
     }
 
-    /// Blocks until the broker has every change; retries while it is away.
-    pub fn publish(&self, changes: &[Change]) -> Result<(), String> {
+    /// Blocks until the broker has every change, in order; retries while it is
+    /// away. Returns, per partition written, the offset after the last change:
+    /// the store records it with the batch, so this node's replica knows the
+    /// entries below it are already applied here.
+    pub fn publish(&self, changes: &[Change]) -> Result<Vec<(i32, i64)>, String> {
+        let mut written: HashMap<i32, i64> = HashMap::new();
         let mut backoff = Duration::from_millis(100);
-        loop {
-            let sends: Vec<_> = changes
+        let mut rest = changes;
+        while !rest.is_empty() {
+            let sends: Vec<_> = rest
                 .iter()
                 .map(|c| {
                     let partition = match &c.route {
@@ -55,18 +61,31 @@ impl ChangelogPublisher {
                     self.producer.send_result(FutureRecord::to(&self.topic).partition(partition).key(&c.key).payload(&c.value))
                 })
                 .collect();
+            // Changes up to the first failure are in; only the rest is sent again,
+            // so a retry never writes an older value after a newer one.
+            let mut done = 0;
             let mut failure = None;
             for send in sends {
-                match send {
-                    Err((e, _)) => failure = Some(e.to_string()),
+                let delivered = match send {
+                    Err((e, _)) => Err(e.to_string()),
                     Ok(delivery) => match futures::executor::block_on(delivery) {
-                        Ok(Ok(_)) => {}
-                        Ok(Err((e, _))) => failure = Some(e.to_string()),
-                        Err(_) => failure = Some("the producer was dropped".into()),
+                        Ok(Ok((partition, offset))) => Ok((partition, offset)),
+                        Ok(Err((e, _))) => Err(e.to_string()),
+                        Err(_) => Err("the producer was dropped".to_string()),
                     },
+                };
+                match delivered {
+                    Ok((partition, offset)) if failure.is_none() => {
+                        let next = written.entry(partition).or_insert(0);
+                        *next = (*next).max(offset + 1);
+                        done += 1;
+                    }
+                    Ok(_) => {}
+                    Err(e) => failure = failure.or(Some(e)),
                 }
             }
-            let Some(e) = failure else { return Ok(()) };
+            rest = &rest[done..];
+            let Some(e) = failure else { break };
             if self.stop.load(Ordering::SeqCst) {
                 return Err(format!("{e} (shutting down)"));
             }
@@ -74,5 +93,6 @@ impl ChangelogPublisher {
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+        Ok(written.into_iter().collect())
     }
 }
