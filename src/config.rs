@@ -233,11 +233,20 @@ pub struct ClusterConfig {
     /// The API base URL other nodes forward writes to; empty derives
     /// http(s)://<api.listen>.
     pub advertise_url: String,
+    /// A partition of the events topic whose announced owner has not answered
+    /// for this long makes a node rejoin the consumer group, so that the broker
+    /// assigns it again (see `intake::orphans`). Keep it above the session timeout.
+    pub rejoin_after: HumanDuration,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { changelog_topic: "keywarden-state".into(), max_replica_lag: HumanDuration(Duration::from_secs(2)), advertise_url: String::new() }
+        Self {
+            changelog_topic: "keywarden-state".into(),
+            max_replica_lag: HumanDuration(Duration::from_secs(2)),
+            advertise_url: String::new(),
+            rejoin_after: HumanDuration(Duration::from_secs(20)),
+        }
     }
 }
 
@@ -659,6 +668,9 @@ impl Config {
         }
         if !c.advertise_url.is_empty() && !(c.advertise_url.starts_with("http://") || c.advertise_url.starts_with("https://")) {
             return Err(invalid("cluster.advertise_url", &c.advertise_url, "an http:// or https:// URL, or empty to derive it"));
+        }
+        if c.rejoin_after.0 < Duration::from_secs(2) {
+            return Err(invalid("cluster.rejoin_after", &format!("{:?}", c.rejoin_after.0), "at least 2s, and above the consumer session timeout"));
         }
         let sig = &self.signatures;
         if !sig.hmac_key_file.as_os_str().is_empty() && !valid_key_id(&sig.hmac_key_id) {

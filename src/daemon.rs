@@ -171,7 +171,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let verifier = Arc::new(Verifier::load(&config.signatures)?);
     let signer = Signer::from_config(&config.signatures)?.map(Arc::new);
     let watched = Watched { health: health.clone(), fence: fence.clone(), store: store.clone() };
-    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone(), kms.clone(), verifier, replica.clone(), &advertise)?;
+    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone(), kms.clone(), verifier, replica.clone(), &advertise, config.cluster.rejoin_after.0)?;
     let relay = Relay::new(store.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?;
     let rotator = Rotator {
         store: store.clone(),

@@ -63,6 +63,9 @@ impl Shared {
                 // A killed node's partitions move after this long.
                 ("KEYWARDEN_KAFKA_PROPERTIES_SESSION_TIMEOUT_MS", "8000"),
                 ("KEYWARDEN_KAFKA_DRAIN_TIMEOUT", "3s"),
+                // tansu 0.6 does not reassign a dead member's partitions; the
+                // survivors rejoin after this long without a live owner.
+                ("KEYWARDEN_CLUSTER_REJOIN_AFTER", "10s"),
                 ("KEYWARDEN_LOG", "info"),
             ],
         );

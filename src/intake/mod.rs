@@ -10,6 +10,7 @@ pub mod fence;
 pub mod format;
 mod lag;
 pub mod native;
+mod orphans;
 pub mod signature;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -197,6 +198,7 @@ pub struct Intake {
     takeover_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(i32, u64)>>>,
     /// This node's API, announced to the others for each partition it takes.
     advertise_url: String,
+    rejoin_after: Duration,
     store: Store,
 }
 
@@ -234,6 +236,7 @@ impl Intake {
         verifier: Arc<Verifier>,
         replica: Option<Arc<crate::replica::Replica>>,
         advertise_url: &str,
+        rejoin_after: Duration,
     ) -> Result<Intake, IntakeError> {
         let (takeover_tx, takeover_rx) = mpsc::unbounded_channel();
         let mut cfg = crate::broker::client_config(kafka, bootstrap);
@@ -279,6 +282,7 @@ impl Intake {
             taken_over: Default::default(),
             takeover_rx: std::sync::Mutex::new(Some(takeover_rx)),
             advertise_url: advertise_url.to_string(),
+            rejoin_after,
             store,
         })
     }
@@ -289,6 +293,18 @@ impl Intake {
         let acker = tokio::spawn(acknowledge(self.consumer.clone(), ack_rx, self.metrics.clone(), shutdown.clone()));
         let probe = tokio::spawn(probe_broker(self.consumer.clone(), self.kafka.events_topic.clone(), self.health.clone(), shutdown.clone()));
         let lag = tokio::spawn(lag::sample(self.consumer.clone(), self.metrics.clone(), shutdown.clone()));
+        let orphans = self.replica.as_ref().map(|replica| {
+            let watch = orphans::Watch {
+                consumer: self.consumer.clone(),
+                store: self.store.clone(),
+                fence: self.fence.clone(),
+                topic: self.kafka.events_topic.clone(),
+                partitions: replica.partitions().to_vec(),
+                me: self.advertise_url.clone(),
+                rejoin_after: self.rejoin_after,
+            };
+            tokio::spawn(watch.run(shutdown.clone()))
+        });
         let mut takeover_rx = self.takeover_rx.lock().expect("intake lock").take();
         let takeovers = async {
             match takeover_rx.as_mut() {
@@ -307,6 +323,9 @@ impl Intake {
         };
         // Not joined: a sample can sit in a broker timeout, and lag is not worth a slower stop.
         lag.abort();
+        if let Some(watch) = orphans {
+            watch.abort();
+        }
         drop(ack_tx);
         // Whatever is not durable within the drain timeout stays unacknowledged and
         // is read again by the next owner; that is safe, only slower.
