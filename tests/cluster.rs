@@ -167,19 +167,38 @@ fn three_nodes_share_the_work_survive_a_kill_a_fresh_node_and_a_clean_stop() {
         _ => "erased",
     };
     for d in live {
-        wait_until(&format!("node {} to converge", d.api), Duration::from_secs(180), || {
+        let started = Instant::now();
+        loop {
             let (_, list) = d.get("/v1/instances");
             let list = list["instances"].as_array().cloned().unwrap_or_default();
             let by_id: HashMap<String, (String, String)> = list
                 .iter()
                 .map(|v| (v["instance_id"].as_str().unwrap().to_string(), (v["state"].as_str().unwrap().to_string(), v["key_version"].as_str().unwrap_or("").to_string())))
                 .collect();
-            let ok = by_id.len() == KEYS * PER_KEY
-                && (0..KEYS * PER_KEY).all(|i| {
-                    by_id.get(&format!("ci-{i:04}")).is_some_and(|(state, version)| state == want(i % KEYS) && (i % KEYS >= 10 || version == "2"))
-                });
-            ok.then_some(())
-        });
+            // (key, what it should be, what it is) for every instance that is not there yet.
+            let mut wrong: HashMap<(usize, String), usize> = HashMap::new();
+            for i in 0..KEYS * PER_KEY {
+                let got = by_id.get(&format!("ci-{i:04}")).cloned().unwrap_or(("missing".into(), String::new()));
+                let ok = got.0 == want(i % KEYS) && (i % KEYS >= 10 || got.1 == "2");
+                if !ok {
+                    *wrong.entry((i % KEYS, format!("{}@{}", got.0, got.1))).or_default() += 1;
+                }
+            }
+            if wrong.is_empty() {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                for dir in LOGS.lock().unwrap().iter() {
+                    let log = std::fs::read_to_string(dir.join("keywarden.log")).unwrap_or_default();
+                    let lines: Vec<&str> = log.lines().filter(|l| !l.contains("CONFWARN") && !l.contains("event received")).collect();
+                    eprintln!("==== {} ====\n{}", dir.display(), lines[lines.len().saturating_sub(80)..].join("\n"));
+                }
+                let mut wrong: Vec<_> = wrong.into_iter().collect();
+                wrong.sort();
+                panic!("node {} did not converge in 120 s; (key, state@version) -> instances: {wrong:?}", d.api);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     // The fresh node serves the same DEKs as the others, and as at the start.

@@ -434,11 +434,20 @@ impl Intake {
             return true;
         }
         let (r, store, url) = (replica.clone(), self.store.clone(), self.advertise_url.clone());
+        let partitions = replica.partitions().len() as i32;
         let done = tokio::task::spawn_blocking(move || {
             if let Err(e) = r.wait_caught_up(Some(&[partition]), Duration::from_secs(20)) {
                 tracing::error!(partition, error = %e, "taking the partition over without a caught-up replica");
             }
-            store.announce_owner(partition, &url)
+            store.announce_owner(partition, &url)?;
+            // A previous owner may have died between a KMS change and publishing
+            // its event; the event is published again (a duplicate is recognised).
+            let pending = store.unapplied_emissions(|key_id| crate::cluster::partition_of(key_id, partitions) == partition)?;
+            if !pending.is_empty() {
+                tracing::warn!(partition, events = pending.len(), "publishing lifecycle events the previous owner emitted but did not see applied");
+                store.commit(&pending.into_iter().map(crate::engine::Record::Outbox).collect::<Vec<_>>(), true)?;
+            }
+            Ok::<_, crate::store::StoreError>(())
         })
         .await;
         match done {

@@ -50,6 +50,10 @@ const ALERTS: &[u8] = b"q/";
 const REPLICA: &[u8] = b"r/";
 /// Which node (its API URL) owns each partition, as the owner announced it.
 const OWNER: &[u8] = b"w/";
+/// Lifecycle events the embedded KMS emitted, by event id, replicated until
+/// their key's owner has recorded them: a node that dies between a KMS change
+/// and publishing its event leaves the event to the partition's next owner.
+const EMITTED: &[u8] = b"v/";
 
 /// One state change as it goes to the changelog: the store's own key and value,
 /// and what decides its partition.
@@ -507,14 +511,41 @@ impl Store {
     /// Writes KMS material and the lifecycle event it implies in one durable batch,
     /// so that a key change is never made without its event being published.
     pub fn kms_put(&self, key_id: &str, material: Vec<u8>, event: Option<Effect>) -> Result<(), StoreError> {
-        let (mut batch, _) = self.batch(event.map(Record::Outbox).as_slice())?;
+        let (mut batch, _) = self.batch(event.iter().cloned().map(Record::Outbox).collect::<Vec<_>>().as_slice())?;
         // Other nodes unwrap with the same material (sealed under the shared master key).
-        let change = Change { route: Route::Key(key_id.to_string()), key: k(KMS, key_id), value: material.clone() };
-        let _published = self.publish(std::slice::from_ref(&change), &mut batch)?;
+        let mut changes = vec![Change { route: Route::Key(key_id.to_string()), key: k(KMS, key_id), value: material.clone() }];
+        if let Some(effect @ Effect::LifecycleEvent { payload, .. }) = &event {
+            let event_id = serde_json::from_str::<serde_json::Value>(payload).ok().and_then(|v| v["event_id"].as_str().map(str::to_owned)).unwrap_or_default();
+            let change = Change { route: Route::Key(key_id.to_string()), key: k(EMITTED, &event_id), value: encode(effect) };
+            batch.insert(change.key.clone(), change.value.clone());
+            changes.push(change);
+        }
+        let _published = self.publish(&changes, &mut batch)?;
         batch.insert(k(KMS, key_id), material);
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;
         Ok(())
+    }
+
+    /// Lifecycle events the embedded KMS emitted for keys `mine` selects that
+    /// no event record shows applied; those that are applied are forgotten here.
+    pub fn unapplied_emissions(&self, mine: impl Fn(&str) -> bool) -> Result<Vec<Effect>, StoreError> {
+        let mut pending = Vec::new();
+        let mut done = sled::Batch::default();
+        for kv in self.tree.scan_prefix(EMITTED) {
+            let (key, value) = kv?;
+            let event_id = String::from_utf8_lossy(&key[EMITTED.len()..]).into_owned();
+            if self.tree.contains_key(k(EVENT, &event_id))? {
+                done.remove(key);
+                continue;
+            }
+            let effect: Effect = decode(&value);
+            if matches!(&effect, Effect::LifecycleEvent { key_id, .. } if mine(key_id)) {
+                pending.push(effect);
+            }
+        }
+        self.tree.apply_batch(done)?;
+        Ok(pending)
     }
 
     pub fn kms_keys(&self) -> Vec<String> {
@@ -668,6 +699,29 @@ mod tests {
         assert!(s.key("k").is_none());
         assert_eq!(s.apply_replicated(&published, true).unwrap().len(), published.len());
         assert_eq!(s.key("k").unwrap().status, KeyStatus::Active);
+    }
+
+    #[test]
+    fn an_emitted_event_stays_pending_until_an_event_record_shows_it_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let emit = |id: &str, key: &str| Effect::LifecycleEvent { key_id: key.into(), payload: format!(r#"{{"event_id":"{id}"}}"#) };
+        s.kms_put("a", b"{}".to_vec(), Some(emit("e1", "a"))).unwrap();
+        s.kms_put("b", b"{}".to_vec(), Some(emit("e2", "b"))).unwrap();
+        assert_eq!(s.unapplied_emissions(|k| k == "a").unwrap(), vec![emit("e1", "a")]);
+        let applied = EventRecord {
+            event_id: "e1".into(),
+            key_id: "a".into(),
+            kind: crate::engine::EventType::Disable,
+            occurred_at: Utc::now(),
+            applied_at: Utc::now(),
+            outcome: crate::engine::Outcome::Applied,
+            detail: String::new(),
+            correlation_id: None,
+        };
+        s.commit(&[Record::Event(applied)], true).unwrap();
+        assert!(s.unapplied_emissions(|k| k == "a").unwrap().is_empty());
+        assert_eq!(s.unapplied_emissions(|_| true).unwrap(), vec![emit("e2", "b")]);
     }
 
     #[test]
