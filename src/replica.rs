@@ -36,8 +36,12 @@ pub enum ReplicaError {
 
 #[derive(Default)]
 struct Progress {
-    /// Per partition: when its position last equalled the high watermark.
+    /// Per partition: the latest moment at which everything the broker had was
+    /// applied here (when the high watermark was asked for, not when the
+    /// position reached it), so a broker that cannot be reached makes it age.
     caught_up_at: HashMap<i32, Instant>,
+    /// Per partition: the high watermark the broker last reported, and when it was asked.
+    high: HashMap<i32, (i64, Instant)>,
 }
 
 pub struct Replica {
@@ -56,13 +60,13 @@ impl Replica {
         topic: &str,
         cache: Arc<DekCache>,
     ) -> Result<Arc<Replica>, ReplicaError> {
-        let consumer: BaseConsumer = crate::broker::client_config(kafka, bootstrap)
+        let consumer: Arc<BaseConsumer> = Arc::new(crate::broker::client_config(kafka, bootstrap)
             .set("group.id", format!("{}-replica-{}", kafka.group_id, kafka.instance_id))
             .set("enable.auto.commit", "false")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "10")
             .create()
-            .map_err(ReplicaError::Consumer)?;
+            .map_err(ReplicaError::Consumer)?);
         let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(ReplicaError::Consumer)?;
         let partitions: Vec<i32> = meta.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
         if partitions.is_empty() {
@@ -75,8 +79,10 @@ impl Replica {
         }
         consumer.assign(&tpl).map_err(ReplicaError::Consumer)?;
         let replica = Arc::new(Replica { progress: Mutex::new(Progress::default()), changed: Condvar::new(), partitions, stop: AtomicBool::new(false) });
-        let follower = Follower { store, consumer, topic: topic.to_string(), cache, replica: replica.clone() };
+        let follower = Follower { store, consumer: consumer.clone(), topic: topic.to_string(), cache, replica: replica.clone() };
         std::thread::Builder::new().name("replica".into()).spawn(move || follower.run()).expect("spawn the replica thread");
+        let (asking, topic) = (replica.clone(), topic.to_string());
+        std::thread::Builder::new().name("replica-watermarks".into()).spawn(move || asking.ask_watermarks(&consumer, &topic)).expect("spawn the replica thread");
         Ok(replica)
     }
 
@@ -111,6 +117,23 @@ impl Replica {
         progress.caught_up_at.get(&partition).map_or(Duration::MAX, |t| t.elapsed())
     }
 
+    /// Asks the broker for every partition's high watermark, over and over: the
+    /// follower is caught up as of the moment of asking once it has applied
+    /// up to that mark. (The watermark cached from fetch responses would not
+    /// age while the broker is unreachable.)
+    fn ask_watermarks(&self, consumer: &BaseConsumer, topic: &str) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let round = Instant::now();
+            for p in &self.partitions {
+                let asked = Instant::now();
+                if let Ok((_, high)) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(1)) {
+                    self.progress.lock().expect("replica lock").high.insert(*p, (high, asked));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100).saturating_sub(round.elapsed()));
+        }
+    }
+
     pub fn stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
     }
@@ -118,7 +141,7 @@ impl Replica {
 
 struct Follower {
     store: Store,
-    consumer: BaseConsumer,
+    consumer: Arc<BaseConsumer>,
     topic: String,
     cache: Arc<DekCache>,
     replica: Arc<Replica>,
@@ -159,22 +182,16 @@ impl Follower {
                     }
                 }
             }
-            // Caught up means: nothing left below the high watermark.
-            if last_check.elapsed() >= Duration::from_millis(100) || read_some {
+            // Caught up means: nothing left below the high watermark last asked for.
+            if last_check.elapsed() >= Duration::from_millis(20) || read_some {
                 last_check = Instant::now();
-                let mut caught = Vec::new();
-                for p in &self.replica.partitions {
-                    // The high watermark each fetch response carries; no round trip.
-                    if let Some(high) = self.cached_high_watermark(*p) {
-                        if self.store.replica_position(*p).unwrap_or(0) >= high {
-                            caught.push(*p);
-                        }
-                    }
-                }
-                let now = Instant::now();
                 let mut progress = self.replica.progress.lock().expect("replica lock");
-                for p in caught {
-                    progress.caught_up_at.insert(p, now);
+                let highs: Vec<(i32, i64, Instant)> = progress.high.iter().map(|(p, (h, at))| (*p, *h, *at)).collect();
+                for (p, high, asked) in highs {
+                    if self.store.replica_position(p).unwrap_or(0) >= high {
+                        let at = progress.caught_up_at.entry(p).or_insert(asked);
+                        *at = (*at).max(asked);
+                    }
                 }
                 drop(progress);
                 self.replica.changed.notify_all();
@@ -190,19 +207,6 @@ impl Follower {
                 tracing::warn!(error = %e, partition = p, "cannot rewind the changelog reader");
             }
         }
-    }
-
-    /// The high watermark the last fetch response reported, without asking the
-    /// broker again (rdkafka does not wrap rd_kafka_get_watermark_offsets).
-    fn cached_high_watermark(&self, partition: i32) -> Option<i64> {
-        let topic = std::ffi::CString::new(self.topic.as_str()).ok()?;
-        let (mut low, mut high) = (-1i64, -1i64);
-        // SAFETY: the client pointer lives as long as `self.consumer`; the call
-        // only reads librdkafka's cached offsets into the two integers.
-        let err = unsafe {
-            rdkafka::bindings::rd_kafka_get_watermark_offsets(self.consumer.client().native_ptr(), topic.as_ptr(), partition, &mut low, &mut high)
-        };
-        (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
     }
 
     /// A replicated key or instance change drops the plaintext this node cached.

@@ -233,7 +233,7 @@ fn three_nodes_share_the_work_survive_a_kill_a_fresh_node_and_a_clean_stop() {
 #[test]
 fn a_revocation_on_the_owner_is_visible_on_every_node_quickly() {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let broker = Broker::start();
+    let mut broker = Broker::start();
     let shared = Shared::new();
     let nodes: Vec<Daemon> = (0..3).map(|_| shared.node(&broker.bootstrap)).collect();
     write(&nodes[0], "/v1/keys", Some(json!({"key_id": "rt-key"})));
@@ -284,4 +284,15 @@ fn a_revocation_on_the_owner_is_visible_on_every_node_quickly() {
     };
     report("refused on the owner -> refused on all 3 nodes", spread);
     report("disable request -> refused on all 3 nodes", end_to_end);
+
+    // Without the broker the replicas fall behind: the two nodes that do not own
+    // the key refuse its DEK rather than serve what may have been revoked since.
+    broker.stop();
+    let started = Instant::now();
+    wait_until("the non-owners to refuse with 503", Duration::from_secs(20), || {
+        let answers: Vec<(u16, Value)> = nodes.iter().map(|d| d.dek("rt-db")).collect();
+        let refused = answers.iter().filter(|(s, v)| *s == 503 && v["error"].as_str().unwrap_or("").contains("behind the changelog")).count();
+        (refused == 2 && answers.iter().any(|(s, _)| *s == 200)).then_some(())
+    });
+    println!("CLUSTER: broker stopped; the 2 replicas refused the DEK after {:.1}s (cluster.max_replica_lag = 2s), the owner kept serving it", started.elapsed().as_secs_f64());
 }
