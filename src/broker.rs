@@ -90,11 +90,23 @@ pub fn client_config(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
 }
 
 /// Creates the topics that do not exist yet; existing ones are left as they are.
-pub async fn ensure_topics(kafka: &KafkaConfig, bootstrap: &str) -> Result<(), BrokerError> {
+/// `changelog`, when given, is created compacted: it holds each record's newest value.
+pub async fn ensure_topics(kafka: &KafkaConfig, bootstrap: &str, changelog: Option<&str>) -> Result<(), BrokerError> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka, bootstrap).create()?;
-    let topics = [&kafka.events_topic, &kafka.commands_topic, &kafka.dlq_topic];
-    let new: Vec<NewTopic> =
-        topics.iter().map(|t| NewTopic::new(t, kafka.partitions, TopicReplication::Fixed(kafka.replication))).collect();
+    let mut topics = vec![&kafka.events_topic, &kafka.commands_topic, &kafka.dlq_topic];
+    let changelog = changelog.map(str::to_string);
+    topics.extend(changelog.as_ref());
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            let topic = NewTopic::new(t, kafka.partitions, TopicReplication::Fixed(kafka.replication));
+            if Some(*t) == changelog.as_ref() {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
+        })
+        .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
     let results = admin.create_topics(&new, &opts).await.map_err(|source| BrokerError::CreateTopic { topic: topics.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(","), source })?;
     for r in results {

@@ -61,6 +61,7 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
+    pub cluster: ClusterConfig,
     /// The file this was read from, for SIGHUP.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -216,6 +217,37 @@ pub struct AlertSink {
     /// Webhook only: send a Slack-compatible body ({"text": ...}).
     #[serde(default)]
     pub slack: bool,
+}
+
+/// Several nodes sharing the work: see the README's "Running several nodes".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Compacted topic every state change is also written to, with the events
+    /// topic's partition count; every node follows it as a read replica. Empty
+    /// turns replication off (a single node then needs none).
+    pub changelog_topic: String,
+    /// A node whose replica has not been caught up for longer than this refuses
+    /// DEK requests (503) rather than serve a DEK that may have been revoked.
+    pub max_replica_lag: HumanDuration,
+    /// The API base URL other nodes forward writes to; empty derives
+    /// http(s)://<api.listen>.
+    pub advertise_url: String,
+    /// A partition of the events topic whose announced owner has not answered
+    /// for this long makes a node rejoin the consumer group, so that the broker
+    /// assigns it again (see `intake::orphans`). Keep it above the session timeout.
+    pub rejoin_after: HumanDuration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            changelog_topic: "keywarden-state".into(),
+            max_replica_lag: HumanDuration(Duration::from_secs(2)),
+            advertise_url: String::new(),
+            rejoin_after: HumanDuration(Duration::from_secs(20)),
+        }
+    }
 }
 
 /// Reconciliation: polls each key's KMS and corrects what events missed.
@@ -629,6 +661,16 @@ impl Config {
         }
         if !self.reconcile.schedule.is_empty() && cron::Schedule::from_str(&self.reconcile.schedule).is_err() {
             return Err(invalid("reconcile.schedule", &self.reconcile.schedule, "a cron expression with seconds, e.g. \"0 */5 * * * *\", or empty for off"));
+        }
+        let c = &self.cluster;
+        if !c.changelog_topic.is_empty() && (!valid_topic(&c.changelog_topic) || [&k.events_topic, &k.commands_topic, &k.dlq_topic].contains(&&c.changelog_topic)) {
+            return Err(invalid("cluster.changelog_topic", &c.changelog_topic, "a Kafka topic name of its own, or empty for off"));
+        }
+        if !c.advertise_url.is_empty() && !(c.advertise_url.starts_with("http://") || c.advertise_url.starts_with("https://")) {
+            return Err(invalid("cluster.advertise_url", &c.advertise_url, "an http:// or https:// URL, or empty to derive it"));
+        }
+        if c.rejoin_after.0 < Duration::from_secs(2) {
+            return Err(invalid("cluster.rejoin_after", &format!("{:?}", c.rejoin_after.0), "at least 2s, and above the consumer session timeout"));
         }
         let sig = &self.signatures;
         if !sig.hmac_key_file.as_os_str().is_empty() && !valid_key_id(&sig.hmac_key_id) {

@@ -31,8 +31,10 @@ use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError, Watched};
 use crate::store::{Store, StoreError};
 use crate::tell::alerts::{self, Context as AlertContext, Sinks};
+use crate::replica::Replica;
 use crate::schedule::reconcile::Reconciler;
 use crate::tell::monitor::Monitor;
+use crate::tell::changelog::ChangelogPublisher;
 use crate::tell::{Relay, TellError};
 use crate::writer::Writer;
 
@@ -62,6 +64,8 @@ pub enum DaemonError {
     Notify(#[from] NotifyError),
     #[error("the store writer stopped unexpectedly; see the log above")]
     WriterDied,
+    #[error(transparent)]
+    Replica(#[from] crate::replica::ReplicaError),
 }
 
 /// Facts a caller (the CLI's demo, tests) may want once the daemon is up.
@@ -82,15 +86,14 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         StoreError::Open { path: config.store.path.display().to_string(), source: sled::Error::Io(e) }
     })?;
     let store = Store::open(&config.store.path)?;
-    let local = Arc::new(LocalKms::open(store.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?);
-    let kms_router = Arc::new(build_router(&config, local.clone())?);
-    let kms: Arc<dyn Kms> = kms_router.clone();
-    let wants = kms_router.clone();
-    store.keep_notices_only_for(Box::new(move |key_id| wants.wants_notices(key_id)));
 
     let embedded = if config.embedded_broker() {
         let k = &config.kafka;
-        let topics = [&k.events_topic, &k.commands_topic, &k.dlq_topic].iter().map(|t| (t.to_string(), k.partitions)).collect();
+        let topics = [&k.events_topic, &k.commands_topic, &k.dlq_topic, &config.cluster.changelog_topic]
+            .iter()
+            .filter(|t| !t.is_empty())
+            .map(|t| (t.to_string(), k.partitions))
+            .collect();
         Some(EmbeddedBroker::start(topics)?)
     } else {
         None
@@ -105,6 +108,34 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
 
     let metrics = Arc::new(Metrics::new());
     let cache = Arc::new(DekCache::new(config.policy.max_dek_cache_age.0, config.policy.dek_cache_size));
+    let fence = Arc::new(Fence::default());
+    // Before anything reads the store: other nodes' changes (and, on a fresh
+    // node, everything) come from the changelog first; then this node's own
+    // changes that had not been published yet go back on top, being newer.
+    let mut changelog_stop = None;
+    let replica = if config.cluster.changelog_topic.is_empty() {
+        None
+    } else {
+        notifier.send("STATUS=starting: catching up with the changelog");
+        let topic = &config.cluster.changelog_topic;
+        let replica = Replica::start(store.clone(), &config.kafka, &bootstrap, topic, cache.clone())?;
+        let waiting = replica.clone();
+        tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120))).await.map_err(|_| DaemonError::WriterDied)??;
+        let publisher = ChangelogPublisher::new(&config.kafka, &bootstrap, topic, replica.partitions().len() as i32).map_err(TellError::Producer)?;
+        changelog_stop = Some(publisher.stop.clone());
+        store.set_publisher(Box::new(move |changes| publisher.publish(changes)));
+        tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");
+        Some(replica)
+    };
+    let ownership = match &replica {
+        Some(r) => crate::cluster::Ownership::shared(fence.clone(), &config.kafka.events_topic, r.partitions().len() as i32),
+        None => crate::cluster::Ownership::single(),
+    };
+    let local = Arc::new(LocalKms::open(store.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?);
+    let kms_router = Arc::new(build_router(&config, local.clone())?);
+    let kms: Arc<dyn Kms> = kms_router.clone();
+    let wants = kms_router.clone();
+    store.keep_notices_only_for(Box::new(move |key_id| wants.wants_notices(key_id)));
     let relay_notify = Arc::new(Notify::new());
     let rotation_notify = Arc::new(Notify::new());
     let on_commit = {
@@ -132,14 +163,15 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
             }
         })
     };
-    let fence = Arc::new(Fence::default());
     let (writer, writer_thread) = Writer::start_timed(store.clone(), fence.clone(), config.kafka.max_batch, on_commit, metrics.commit_seconds.clone());
 
     let health = Arc::new(Health::default());
+    let scheme = if config.api.tls.enabled() { "https" } else { "http" };
+    let advertise = if config.cluster.advertise_url.is_empty() { format!("{scheme}://{}", config.api.listen) } else { config.cluster.advertise_url.clone() };
     let verifier = Arc::new(Verifier::load(&config.signatures)?);
     let signer = Signer::from_config(&config.signatures)?.map(Arc::new);
     let watched = Watched { health: health.clone(), fence: fence.clone(), store: store.clone() };
-    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone(), kms.clone(), verifier)?;
+    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone(), kms.clone(), verifier, replica.clone(), &advertise, config.cluster.rejoin_after.0)?;
     let relay = Relay::new(store.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?;
     let rotator = Rotator {
         store: store.clone(),
@@ -148,9 +180,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         notify: rotation_notify,
         config: config.rotation.clone(),
         metrics: metrics.clone(),
+        ownership: ownership.clone(),
     };
 
-    let reconciler = Arc::new(Reconciler::new(store.clone(), writer.clone(), kms.clone(), config.reconcile.clone()));
+    let reconciler = Arc::new(Reconciler::new(store.clone(), writer.clone(), kms.clone(), config.reconcile.clone(), ownership.clone()));
     let state = AppState {
         store: store.clone(),
         kms,
@@ -163,6 +196,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         relay: relay_notify.clone(),
         commands_topic: config.kafka.commands_topic.clone(),
         reconciler: reconciler.clone(),
+        replica: replica.clone().map(|r| (r, config.cluster.max_replica_lag.0)),
+        ownership: ownership.clone(),
     };
     let tls = &config.api.tls;
     let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
@@ -174,10 +209,19 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     tracing::info!(api = %api_addr, tls = acceptor.is_some(), bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
 
     let reload_tokens = tokens.clone();
+    let forwarder = match &replica {
+        Some(_) => Some(Arc::new(crate::api::forward::Forwarder {
+            ownership: ownership.clone(),
+            store: store.clone(),
+            me: advertise.clone(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client builds"),
+        })),
+        None => None,
+    };
     let tasks = CancellationToken::new();
     let api_task = {
         let stop = tasks.clone();
-        let app = router(state, tokens.clone());
+        let app = router(state, tokens.clone(), forwarder);
         tokio::spawn(async move {
             match acceptor {
                 Some(acceptor) => crate::api::tls::serve(listener, acceptor, app, stop).await,
@@ -192,12 +236,12 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let purge_task = tokio::spawn(crate::schedule::purge_loop(
         store.clone(),
         writer.clone(),
+        ownership.clone(),
         config.policy.purge_schedule.clone(),
         config.policy.purge_after.0,
         tasks.clone(),
     ));
     let notify_task = tokio::spawn(crate::notify::supervise(notifier, watched, shutdown.clone(), tasks.clone()));
-    let scheme = if config.api.tls.enabled() { "https" } else { "http" };
     let sinks = Sinks::new(config.alerts.sinks.clone(), AlertContext { node: config.kafka.instance_id.clone(), api: format!("{scheme}://{api_addr}") });
     let alert_task = tokio::spawn({
         let (store, sinks, notify, stop, every) = (store.clone(), sinks.clone(), relay_notify.clone(), tasks.clone(), config.alerts.resend_every.0);
@@ -212,6 +256,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         health: health.clone(),
         kms: kms_router.clone(),
         config: config.alerts.clone(),
+        ownership: ownership.clone(),
     };
     let monitor_task = tokio::spawn(monitor.run(tasks.clone()));
     let reloader = crate::reload::Reloader { current: std::sync::Mutex::new(config.clone()), sinks: sinks.clone(), tokens: reload_tokens };
@@ -223,6 +268,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let intake_result = intake.run(shutdown.clone()).await;
     tracing::info!("shutting down: intake drained");
     tasks.cancel();
+    if let Some(r) = &replica {
+        r.stop();
+    }
+    if let Some(stop) = &changelog_stop {
+        // A batch still waiting for the broker gives up; it was not applied.
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task, notify_task, alert_task, monitor_task, reconcile_task, reload_task);
     drop(writer);
     let writer_result = tokio::task::spawn_blocking(move || writer_thread.join()).await;
@@ -278,7 +330,8 @@ async fn create_topics_with_retry(config: &Config, bootstrap: &str, shutdown: &C
     let mut delay = Duration::from_millis(200);
     let mut tries = 0;
     loop {
-        match ensure_topics(&config.kafka, bootstrap).await {
+        let changelog = Some(config.cluster.changelog_topic.as_str()).filter(|t| !t.is_empty());
+        match ensure_topics(&config.kafka, bootstrap, changelog).await {
             Ok(()) => return Ok(()),
             Err(e) if e.retryable() && tries < 30 && !shutdown.is_cancelled() => {
                 tracing::warn!(error = %e, "topic creation failed; retrying");

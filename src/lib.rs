@@ -6,6 +6,7 @@
 pub mod act;
 pub mod api;
 pub mod broker;
+pub mod cluster;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -15,6 +16,7 @@ pub mod kms;
 pub mod metrics;
 pub mod notify;
 pub mod reload;
+pub mod replica;
 pub mod schedule;
 pub mod store;
 pub mod tell;

@@ -28,6 +28,8 @@ pub struct Rotator {
     pub notify: Arc<Notify>,
     pub config: RotationConfig,
     pub metrics: Arc<Metrics>,
+    /// With several nodes, only the owner of a key's partition rewraps it.
+    pub ownership: crate::cluster::Ownership,
 }
 
 enum Pass {
@@ -48,7 +50,7 @@ impl Rotator {
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             let notified = self.notify.notified();
-            for job in self.store.jobs().into_iter().filter(|j| j.finished_at.is_none()) {
+            for job in self.store.jobs().into_iter().filter(|j| j.finished_at.is_none() && self.ownership.owns_key(&j.key_id)) {
                 if shutdown.is_cancelled() {
                     return;
                 }

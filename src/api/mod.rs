@@ -2,6 +2,7 @@
 //! every change goes through the single writer, so the API never races the intake.
 
 pub mod auth;
+pub mod forward;
 mod impact;
 mod progress;
 pub mod tls;
@@ -50,6 +51,10 @@ pub struct AppState {
     /// Named in `GET /v1/keys/{id}/impact`: where the data plane's commands go.
     pub commands_topic: String,
     pub reconciler: Arc<crate::schedule::reconcile::Reconciler>,
+    /// With several nodes: DEKs of keys another node writes are refused while
+    /// the replica of their partition is this far behind.
+    pub replica: Option<(Arc<crate::replica::Replica>, std::time::Duration)>,
+    pub ownership: crate::cluster::Ownership,
 }
 
 #[derive(Debug)]
@@ -95,9 +100,9 @@ impl From<KmsError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-pub fn router(state: AppState, tokens: Arc<auth::Tokens>) -> Router {
+pub fn router(state: AppState, tokens: Arc<auth::Tokens>, forwarder: Option<Arc<forward::Forwarder>>) -> Router {
     let store = state.store.clone();
-    Router::new()
+    let router = Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -114,7 +119,12 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>) -> Router {
         .route("/v1/instances/{id}", get(show_instance).delete(delete_instance))
         .route("/v1/instances/{id}/dek", post(fetch_dek))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README for the API") })
-        .with_state(state)
+        .with_state(state);
+    let router = match forwarder {
+        Some(f) => router.layer(axum::middleware::from_fn_with_state(f, forward::forward)),
+        None => router,
+    };
+    router
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
         // Outside the token check, so that refused writes are audited too.
         .layer(axum::middleware::from_fn_with_state(store, record_writes))
@@ -438,6 +448,18 @@ async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> A
 }
 
 async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let partition = s.store.instance(&id).filter(|i| !s.ownership.owns_key(&i.key_id)).and_then(|i| s.ownership.partition(&i.key_id));
+    if let (Some((replica, max)), Some(partition)) = (&s.replica, partition) {
+        // A key this node writes itself is never behind here.
+        let lag = replica.lag(partition);
+        if lag > *max {
+            s.metrics.dek_requests.with_label_values(&["replica_behind"]).inc();
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("this node's replica is {}ms behind the changelog (more than cluster.max_replica_lag); ask another node", lag.as_millis().min(u64::MAX as u128)),
+            ));
+        }
+    }
     let result = serve_dek(&s, &id).await;
     let label = match &result {
         Ok(_) => "served",

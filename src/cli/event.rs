@@ -131,7 +131,7 @@ pub fn emit(config: &Config, args: &EmitArgs) -> anyhow::Result<ExitCode> {
     }
     let mut props = k.clone();
     props.properties.extend(k.read_secrets()?);
-    let producer: BaseProducer = crate::broker::client_config(&props, &k.brokers).create()?;
+    let producer: BaseProducer = crate::broker::client_config(&props, &k.brokers).set("partitioner", crate::cluster::PARTITIONER).create()?;
     let mut owned = OwnedHeaders::new();
     for (name, value) in &headers {
         owned = owned.insert(Header { key: name, value: Some(value.as_str()) });

@@ -10,6 +10,7 @@ pub mod fence;
 pub mod format;
 mod lag;
 pub mod native;
+mod orphans;
 pub mod signature;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,6 +124,9 @@ pub struct IntakeContext {
     store: Store,
     fence: Arc<Fence>,
     health: Arc<Health>,
+    /// With several nodes: newly assigned partitions, to be taken over (replica
+    /// caught up, ownership announced) at once, not only when an event comes.
+    takeovers: Option<mpsc::UnboundedSender<(i32, u64)>>,
 }
 
 impl ClientContext for IntakeContext {}
@@ -141,6 +145,13 @@ impl ConsumerContext for IntakeContext {
                     }
                 }
                 self.fence.assign(&parts);
+                if let Some(tx) = &self.takeovers {
+                    for (topic, partition) in &parts {
+                        if let Some(generation) = self.fence.generation(topic, *partition) {
+                            let _ = tx.send((*partition, generation));
+                        }
+                    }
+                }
                 let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions failed");
@@ -179,6 +190,16 @@ pub struct Intake {
     health: Arc<Health>,
     kms: Arc<dyn Kms>,
     verifier: Arc<Verifier>,
+    /// With several nodes: a partition's events are applied only once this
+    /// node's replica holds everything its previous owner wrote; the
+    /// partitions (and generations) for which that is done.
+    replica: Option<Arc<crate::replica::Replica>>,
+    taken_over: std::sync::Mutex<std::collections::HashSet<(i32, u64)>>,
+    takeover_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(i32, u64)>>>,
+    /// This node's API, announced to the others for each partition it takes.
+    advertise_url: String,
+    rejoin_after: Duration,
+    store: Store,
 }
 
 struct Ack {
@@ -213,12 +234,13 @@ impl Intake {
         metrics: Arc<Metrics>,
         kms: Arc<dyn Kms>,
         verifier: Arc<Verifier>,
+        replica: Option<Arc<crate::replica::Replica>>,
+        advertise_url: &str,
+        rejoin_after: Duration,
     ) -> Result<Intake, IntakeError> {
+        let (takeover_tx, takeover_rx) = mpsc::unbounded_channel();
         let mut cfg = crate::broker::client_config(kafka, bootstrap);
         cfg.set("group.id", &kafka.group_id)
-            // Static membership: a restarted member with the same id gets its
-            // partitions back at once instead of after the session timeout.
-            .set("group.instance.id", &kafka.instance_id)
             .set("enable.auto.commit", "true")
             // Offsets are stored only once the store batch holding their effect is flushed.
             .set("enable.auto.offset.store", "false")
@@ -226,12 +248,19 @@ impl Intake {
             // Revocation latency is bounded below by how long a fetch may wait on an
             // idle partition; lifecycle topics are low-volume, so poll briskly.
             .set("fetch.wait.max.ms", "10");
+        // Static membership: a restarted member with the same id gets its
+        // partitions back at once instead of after the session timeout.
+        // "dynamic" opts out (several nodes on a broker whose coordinator
+        // mishandles more than two static members).
+        if kafka.instance_id != "dynamic" {
+            cfg.set("group.instance.id", &kafka.instance_id);
+        }
         // The operator's properties win over keywarden's choices.
         for (k, v) in &kafka.properties {
             cfg.set(k, v);
         }
         let consumer: StreamConsumer<IntakeContext> =
-            cfg.create_with_context(IntakeContext { store, fence: fence.clone(), health: health.clone() }).map_err(IntakeError::Consumer)?;
+            cfg.create_with_context(IntakeContext { store: store.clone(), fence: fence.clone(), health: health.clone(), takeovers: replica.as_ref().map(|_| takeover_tx.clone()) }).map_err(IntakeError::Consumer)?;
         consumer
             .subscribe(&[&kafka.events_topic])
             .map_err(|source| IntakeError::Subscribe { topic: kafka.events_topic.clone(), source })?;
@@ -239,7 +268,23 @@ impl Intake {
             .set("message.timeout.ms", "30000")
             .create()
             .map_err(IntakeError::Consumer)?;
-        Ok(Intake { consumer: Arc::new(consumer), dlq, kafka: kafka.clone(), writer, metrics, fence, health, kms, verifier })
+        Ok(Intake {
+            consumer: Arc::new(consumer),
+            dlq,
+            kafka: kafka.clone(),
+            writer,
+            metrics,
+            fence,
+            health,
+            kms,
+            verifier,
+            replica,
+            taken_over: Default::default(),
+            takeover_rx: std::sync::Mutex::new(Some(takeover_rx)),
+            advertise_url: advertise_url.to_string(),
+            rejoin_after,
+            store,
+        })
     }
 
     /// Consumes until `shutdown`, then drains acknowledgements and commits offsets.
@@ -248,9 +293,39 @@ impl Intake {
         let acker = tokio::spawn(acknowledge(self.consumer.clone(), ack_rx, self.metrics.clone(), shutdown.clone()));
         let probe = tokio::spawn(probe_broker(self.consumer.clone(), self.kafka.events_topic.clone(), self.health.clone(), shutdown.clone()));
         let lag = tokio::spawn(lag::sample(self.consumer.clone(), self.metrics.clone(), shutdown.clone()));
-        let result = self.consume(&ack_tx, &shutdown).await;
+        let orphans = self.replica.as_ref().map(|replica| {
+            let watch = orphans::Watch {
+                consumer: self.consumer.clone(),
+                store: self.store.clone(),
+                fence: self.fence.clone(),
+                topic: self.kafka.events_topic.clone(),
+                partitions: replica.partitions().to_vec(),
+                me: self.advertise_url.clone(),
+                rejoin_after: self.rejoin_after,
+            };
+            tokio::spawn(watch.run(shutdown.clone()))
+        });
+        let mut takeover_rx = self.takeover_rx.lock().expect("intake lock").take();
+        let takeovers = async {
+            match takeover_rx.as_mut() {
+                Some(rx) => {
+                    while let Some((partition, generation)) = rx.recv().await {
+                        self.take_over(partition, generation).await;
+                    }
+                    std::future::pending::<()>().await
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let result = tokio::select! {
+            r = self.consume(&ack_tx, &shutdown) => r,
+            _ = takeovers => Ok(()),
+        };
         // Not joined: a sample can sit in a broker timeout, and lag is not worth a slower stop.
         lag.abort();
+        if let Some(watch) = orphans {
+            watch.abort();
+        }
         drop(ack_tx);
         // Whatever is not durable within the drain timeout stays unacknowledged and
         // is read again by the next owner; that is safe, only slower.
@@ -291,6 +366,10 @@ impl Intake {
                 // Fetched before a revocation: the partition's next owner reads it.
                 continue;
             };
+            if !self.take_over(partition, generation).await {
+                // Not applied and not acknowledged: the partition's next reader gets it.
+                return Err(IntakeError::Writer);
+            }
             let consumed = Consumed { topic: topic.clone(), partition, next: offset + 1, generation };
             let headers = headers_of(&msg);
             let upstream = crate::telemetry::received(&headers);
@@ -341,6 +420,45 @@ impl Intake {
             let pending = self.writer.enqueue(input, Some(consumed)).await.map_err(|_| IntakeError::Writer)?;
             if ack_tx.send(Ack { pending, topic, partition, offset, kind, occurred_at, span, commit }).await.is_err() {
                 return Err(IntakeError::Writer);
+            }
+        }
+    }
+
+    /// The first message of a newly assigned partition waits until the replica
+    /// holds what the previous owner wrote (so that its events are recognised
+    /// as applied), then tells the other nodes who owns the partition now. Not
+    /// done in the rebalance callback: blocking there stalls the whole group.
+    async fn take_over(&self, partition: i32, generation: u64) -> bool {
+        let Some(replica) = &self.replica else { return true };
+        if self.taken_over.lock().expect("intake lock").contains(&(partition, generation)) {
+            return true;
+        }
+        let (r, store, url) = (replica.clone(), self.store.clone(), self.advertise_url.clone());
+        let partitions = replica.partitions().len() as i32;
+        let done = tokio::task::spawn_blocking(move || {
+            if let Err(e) = r.wait_caught_up(Some(&[partition]), Duration::from_secs(20)) {
+                tracing::error!(partition, error = %e, "taking the partition over without a caught-up replica");
+            }
+            store.announce_owner(partition, &url)?;
+            // A previous owner may have died between a KMS change and publishing
+            // its event; the event is published again (a duplicate is recognised).
+            let pending = store.unapplied_emissions(|key_id| crate::cluster::partition_of(key_id, partitions) == partition)?;
+            if !pending.is_empty() {
+                tracing::warn!(partition, events = pending.len(), "publishing lifecycle events the previous owner emitted but did not see applied");
+                store.commit(&pending.into_iter().map(crate::engine::Record::Outbox).collect::<Vec<_>>(), true)?;
+            }
+            Ok::<_, crate::store::StoreError>(())
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {
+                tracing::info!(partition, "partition taken over: replica caught up, ownership announced");
+                self.taken_over.lock().expect("intake lock").insert((partition, generation));
+                true
+            }
+            _ => {
+                tracing::error!(partition, "cannot announce this node as the partition's owner; retrying");
+                false
             }
         }
     }

@@ -45,6 +45,12 @@ struct LoadedKey {
     /// Unsealed root-key material by version; zeroed when the entry is dropped.
     material: HashMap<String, Zeroizing<[u8; 32]>>,
     latest: String,
+    /// The stored (sealed) record this was loaded from.
+    record: Vec<u8>,
+}
+
+fn parse_file(key_id: &str, bytes: &[u8]) -> Result<KeyFile, KmsError> {
+    serde_json::from_slice(bytes).map_err(|e| KmsError::Setup(format!("root key {key_id} record is corrupt: {e}")))
 }
 
 pub struct LocalKms {
@@ -96,14 +102,20 @@ impl LocalKms {
 
     fn read_file(&self, key_id: &str) -> Result<KeyFile, KmsError> {
         let bytes = self.store.kms_get(key_id).ok_or_else(|| KmsError::UnknownKey(key_id.to_string()))?;
-        serde_json::from_slice(&bytes).map_err(|e| KmsError::Setup(format!("root key {key_id} record is corrupt: {e}")))
+        parse_file(key_id, &bytes)
     }
 
+    /// The key as the store has it now. The unsealed copy is reused while the
+    /// stored record is unchanged; comparing costs a read, and catches a change
+    /// this process did not make (another node's, through the changelog).
     fn load(&self, key_id: &str) -> Result<Arc<LoadedKey>, KmsError> {
+        let bytes = self.store.kms_get(key_id).ok_or_else(|| KmsError::UnknownKey(key_id.to_string()))?;
         if let Some(k) = self.cache.read().expect("kms cache lock").get(key_id) {
-            return Ok(k.clone());
+            if k.record == bytes {
+                return Ok(k.clone());
+            }
         }
-        let file = self.read_file(key_id)?;
+        let file = parse_file(key_id, &bytes)?;
         let mut material = HashMap::new();
         for v in &file.versions {
             material.insert(v.version.clone(), self.unseal(key_id, v)?);
@@ -113,6 +125,7 @@ impl LocalKms {
             deleted_at: file.deleted_at,
             material,
             latest: file.versions.last().map(|v| v.version.clone()).unwrap_or_default(),
+            record: bytes,
         });
         self.cache.write().expect("kms cache lock").insert(key_id.to_string(), loaded.clone());
         Ok(loaded)
@@ -165,7 +178,6 @@ impl LocalKms {
             payload: serde_json::to_string(e).expect("events serialize"),
         });
         self.store.kms_put(&file.key_id, serde_json::to_vec(file).expect("key files serialize"), effect)?;
-        self.cache.write().expect("kms cache lock").remove(&file.key_id);
         Ok(())
     }
 
@@ -369,6 +381,21 @@ mod tests {
         assert!(matches!(kms.unwrap(&key, &w, b"a").await, Err(KmsError::KeyDisabled(_))));
         assert_eq!(kms.store.outbox_len(), 1);
         assert!(matches!(kms.operate(&key, EventType::Disable), Err(KmsError::Conflict(_))));
+    }
+
+    #[tokio::test]
+    async fn a_change_another_node_wrote_to_the_store_is_seen_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = kms(dir.path());
+        let (key, _) = here.create_key(None).unwrap();
+        let w = here.wrap(&key, &Dek::generate(), b"a", None).await.unwrap();
+        here.unwrap(&key, &w, b"a").await.unwrap();
+        // The other node's KMS shares the store (as the replica shares its records).
+        let there = LocalKms::open(here.store.clone(), &dir.path().join("master.key"), Duration::from_secs(60)).unwrap();
+        there.operate(&key, EventType::Disable).unwrap();
+        assert!(matches!(here.unwrap(&key, &w, b"a").await, Err(KmsError::KeyDisabled(_))));
+        there.operate(&key, EventType::Enable).unwrap();
+        here.unwrap(&key, &w, b"a").await.unwrap();
     }
 
     #[tokio::test]

@@ -13,7 +13,7 @@ use crate::engine::{Input, KeyStatus};
 use crate::store::Store;
 use crate::writer::Writer;
 
-pub async fn purge_loop(store: Store, writer: Writer, schedule: String, purge_after: Duration, shutdown: CancellationToken) {
+pub async fn purge_loop(store: Store, writer: Writer, ownership: crate::cluster::Ownership, schedule: String, purge_after: Duration, shutdown: CancellationToken) {
     // validate() already parsed it; a failure here would be a bug, so say so loudly.
     let Ok(schedule) = cron::Schedule::from_str(&schedule) else {
         tracing::error!(%schedule, "purge schedule does not parse; purging is off");
@@ -28,7 +28,8 @@ pub async fn purge_loop(store: Store, writer: Writer, schedule: String, purge_af
         }
         let now = Utc::now();
         let window = chrono::Duration::from_std(purge_after).unwrap_or(chrono::Duration::MAX);
-        for key in store.keys() {
+        // Each node purges the keys it owns; together they purge all.
+        for key in store.keys().into_iter().filter(|k| ownership.owns_key(&k.key_id)) {
             let due = key.status == KeyStatus::Deleted && key.purged_at.is_none() && key.deleted_at.is_some_and(|d| d + window <= now);
             if !due {
                 continue;

@@ -67,14 +67,15 @@ pub struct Reconciler {
     kms: Arc<dyn Kms>,
     config: ReconcileConfig,
     running: AtomicBool,
+    ownership: crate::cluster::Ownership,
 }
 
 const DRIFT: &str = "KeywardenDrift";
 const HELD: &str = "KeywardenReconcileAwaitsConfirmation";
 
 impl Reconciler {
-    pub fn new(store: Store, writer: Writer, kms: Arc<dyn Kms>, config: ReconcileConfig) -> Reconciler {
-        Reconciler { store, writer, kms, config, running: AtomicBool::new(false) }
+    pub fn new(store: Store, writer: Writer, kms: Arc<dyn Kms>, config: ReconcileConfig, ownership: crate::cluster::Ownership) -> Reconciler {
+        Reconciler { store, writer, kms, config, running: AtomicBool::new(false), ownership }
     }
 
     /// Runs on the configured schedule until shutdown.
@@ -116,7 +117,7 @@ impl Reconciler {
     }
 
     async fn pass(&self, confirmed: bool) -> Result<Report, ReconcileError> {
-        let keys: Vec<KeyRecord> = self.store.keys().into_iter().filter(|k| k.purged_at.is_none()).collect();
+        let keys: Vec<KeyRecord> = self.store.keys().into_iter().filter(|k| k.purged_at.is_none() && self.ownership.owns_key(&k.key_id)).collect();
         let mut report = Report { keys_checked: 0, unreachable: vec![], corrections: vec![], awaiting_confirmation: false };
         for key in &keys {
             let instances = self.store.instance_ids_of(&key.key_id).len();

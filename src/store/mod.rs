@@ -20,6 +20,8 @@ pub enum StoreError {
     Open { path: String, source: sled::Error },
     #[error("store write failed: {0}; check disk space and permissions")]
     Write(#[from] sled::Error),
+    #[error("cannot write to the changelog: {0}; nothing was applied")]
+    Changelog(String),
 }
 
 impl StoreError {
@@ -44,6 +46,46 @@ const AUDIT: &[u8] = b"a/";
 const FIRING: &[u8] = b"l/";
 /// Alerts waiting for their sinks: a sink that is down must not hold up commands.
 const ALERTS: &[u8] = b"q/";
+/// How far this node's replica has read each changelog partition.
+const REPLICA: &[u8] = b"r/";
+/// Which node (its API URL) owns each partition, as the owner announced it.
+const OWNER: &[u8] = b"w/";
+/// Lifecycle events the embedded KMS emitted, by event id, replicated until
+/// their key's owner has recorded them: a node that dies between a KMS change
+/// and publishing its event leaves the event to the partition's next owner.
+const EMITTED: &[u8] = b"v/";
+
+/// One state change as it goes to the changelog: the store's own key and value,
+/// and what decides its partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub route: Route,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// One changelog entry as the replica read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replicated {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+fn replica_key(partition: i32) -> Vec<u8> {
+    let mut key = REPLICA.to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
+/// A change belongs to its key's partition; a partition offset to its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Key(String),
+    Partition(i32),
+}
+
 
 fn k(prefix: &[u8], id: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(prefix.len() + id.len());
@@ -110,9 +152,21 @@ pub struct Store {
     /// Seq and hash of the newest audit entry. Held while a batch with audit
     /// facts is sealed and applied, so that the chain stays one line.
     audit_chain: std::sync::Arc<std::sync::Mutex<Option<(u64, String)>>>,
+    /// With several nodes: writes each batch's state changes to the changelog
+    /// topic, and returns only once the broker has them, before the batch is
+    /// applied here. The changelog is the write-ahead log: a node that dies
+    /// after publishing loses nothing the others (or it, restarted) cannot read.
+    publisher: std::sync::Arc<std::sync::OnceLock<Publisher>>,
+    /// Held from publishing a batch until it is applied, and while replicated
+    /// entries are applied: the replica's position check and this node's own
+    /// writes never interleave, so an older entry never overwrites a newer one.
+    changelog: std::sync::Arc<std::sync::Mutex<()>>,
     /// Which keys' KMS reads notices; set once by the daemon. Unset: all are kept.
     wants_notices: std::sync::Arc<std::sync::OnceLock<NoticeFilter>>,
 }
+
+/// Publishes changes and returns, per partition, the offset after the last one.
+pub type Publisher = Box<dyn Fn(&[Change]) -> Result<Vec<(i32, i64)>, String> + Send + Sync>;
 
 pub type NoticeFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -136,7 +190,14 @@ impl Store {
             let e: audit::AuditEntry = decode(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1);
             (e.seq, e.hash)
         });
-        Ok(Store { db, tree, audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)), wants_notices: Default::default() })
+        Ok(Store {
+            db,
+            tree,
+            audit_chain: std::sync::Arc::new(std::sync::Mutex::new(last)),
+            publisher: Default::default(),
+            changelog: Default::default(),
+            wants_notices: Default::default(),
+        })
     }
 
     /// Notices for keys whose KMS ignores them are dropped instead of queued.
@@ -146,7 +207,8 @@ impl Store {
 
     /// Applies the records atomically; with `flush`, returns only once they are durable.
     pub fn commit(&self, records: &[Record], flush: bool) -> Result<(), StoreError> {
-        let mut batch = self.batch(records)?;
+        let (mut batch, changes) = self.batch(records)?;
+        let _published = self.publish(&changes, &mut batch)?;
         let facts: Vec<_> = records.iter().filter_map(|r| if let Record::Audit(f) = r { Some(f.clone()) } else { None }).collect();
         if facts.is_empty() {
             self.tree.apply_batch(batch)?;
@@ -167,17 +229,44 @@ impl Store {
         Ok(())
     }
 
-    fn batch(&self, records: &[Record]) -> Result<sled::Batch, StoreError> {
+    /// Turns the changelog on (once).
+    pub fn set_publisher(&self, publisher: Publisher) {
+        let _ = self.publisher.set(publisher);
+    }
+
+    /// Writes the changes to the changelog (with one configured) and adds to
+    /// the batch the replica positions they moved, so this node's replica
+    /// skips its own entries. The guard must be held until the batch is applied.
+    fn publish(&self, changes: &[Change], batch: &mut sled::Batch) -> Result<Option<std::sync::MutexGuard<'_, ()>>, StoreError> {
+        let Some(publish) = self.publisher.get() else { return Ok(None) };
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        let guard = self.changelog.lock().expect("changelog lock");
+        for (partition, next) in publish(changes).map_err(StoreError::Changelog)? {
+            if self.replica_position(partition).is_none_or(|at| next > at) {
+                batch.insert(replica_key(partition), &next.to_be_bytes()[..]);
+            }
+        }
+        Ok(Some(guard))
+    }
+
+    fn batch(&self, records: &[Record]) -> Result<(sled::Batch, Vec<Change>), StoreError> {
         let mut batch = sled::Batch::default();
+        let mut changes = Vec::new();
+        let mut put = |batch: &mut sled::Batch, route: Route, key: Vec<u8>, value: Vec<u8>| {
+            batch.insert(key.clone(), value.clone());
+            changes.push(Change { route, key, value });
+        };
         for r in records {
             match r {
-                Record::Key(key) => batch.insert(k(KEY, &key.key_id), encode(key)),
+                Record::Key(key) => put(&mut batch, Route::Key(key.key_id.clone()), k(KEY, &key.key_id), encode(key)),
                 Record::Instance(inst) => {
-                    batch.insert(index_key(&inst.key_id, &inst.instance_id), &[][..]);
-                    batch.insert(k(INSTANCE, &inst.instance_id), encode(inst));
+                    put(&mut batch, Route::Key(inst.key_id.clone()), index_key(&inst.key_id, &inst.instance_id), vec![]);
+                    put(&mut batch, Route::Key(inst.key_id.clone()), k(INSTANCE, &inst.instance_id), encode(inst));
                 }
-                Record::Event(e) => batch.insert(k(EVENT, &e.event_id), encode(e)),
-                Record::Job(j) => batch.insert(k(JOB, &j.key_id), encode(j)),
+                Record::Event(e) => put(&mut batch, Route::Key(e.key_id.clone()), k(EVENT, &e.event_id), encode(e)),
+                Record::Job(j) => put(&mut batch, Route::Key(j.key_id.clone()), k(JOB, &j.key_id), encode(j)),
                 Record::Outbox(Effect::Alert(alert)) => {
                     match alert.ends_at {
                         None => batch.insert(k(FIRING, &alert.fingerprint()), encode(alert)),
@@ -196,13 +285,70 @@ impl Store {
                     key.extend_from_slice(&id.to_be_bytes());
                     batch.insert(key, encode(effect));
                 }
-                Record::Offset { topic, partition, next } => batch.insert(offset_key(topic, *partition), &next.to_be_bytes()[..]),
-                // Sealed by `commit`, which holds the chain.
+                Record::Offset { topic, partition, next } => {
+                    put(&mut batch, Route::Partition(*partition), offset_key(topic, *partition), next.to_be_bytes().to_vec())
+                }
+                // Sealed by `commit`, which holds the chain; each node's trail is its own.
                 Record::Audit(_) => {}
             }
         }
-        Ok(batch)
+        Ok((batch, changes))
     }
+
+    /// Applies changelog entries, in their partition's order, that are not
+    /// already here (an entry below the partition's position was written by this
+    /// node, or applied before), and moves the positions past them, in one
+    /// batch. Returns the entries applied.
+    pub fn apply_replicated<'a>(&self, entries: &'a [Replicated], flush: bool) -> Result<Vec<&'a Replicated>, StoreError> {
+        let _guard = self.changelog.lock().expect("changelog lock");
+        let mut positions: HashMap<i32, Option<i64>> = HashMap::new();
+        let mut batch = sled::Batch::default();
+        let mut applied = Vec::new();
+        for e in entries {
+            let at = positions.entry(e.partition).or_insert_with(|| self.replica_position(e.partition));
+            if at.is_some_and(|at| e.offset < at) {
+                continue;
+            }
+            batch.insert(e.key.clone(), e.value.clone());
+            *at = Some(e.offset + 1);
+            applied.push(e);
+        }
+        for (partition, at) in positions {
+            if let Some(next) = at {
+                batch.insert(replica_key(partition), &next.to_be_bytes()[..]);
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        if flush {
+            self.tree.flush()?;
+        }
+        Ok(applied)
+    }
+
+    /// Tells every node, through the changelog, that this node now writes the
+    /// keys of `partition` and takes their writes at `url`.
+    pub fn announce_owner(&self, partition: i32, url: &str) -> Result<(), StoreError> {
+        let mut key = OWNER.to_vec();
+        key.extend_from_slice(&partition.to_be_bytes());
+        let change = Change { route: Route::Partition(partition), key: key.clone(), value: url.as_bytes().to_vec() };
+        let mut batch = sled::Batch::default();
+        let _published = self.publish(std::slice::from_ref(&change), &mut batch)?;
+        batch.insert(key, url.as_bytes());
+        self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
+        Ok(())
+    }
+
+    pub fn owner_url(&self, partition: i32) -> Option<String> {
+        let mut key = OWNER.to_vec();
+        key.extend_from_slice(&partition.to_be_bytes());
+        read(self.tree.get(key)).map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    pub fn replica_position(&self, partition: i32) -> Option<i64> {
+        read(self.tree.get(replica_key(partition))).map(|v| i64::from_be_bytes(v.as_ref().try_into().expect("position is 8 bytes")))
+    }
+
 
     pub fn flush(&self) -> Result<(), StoreError> {
         self.tree.flush()?;
@@ -365,11 +511,41 @@ impl Store {
     /// Writes KMS material and the lifecycle event it implies in one durable batch,
     /// so that a key change is never made without its event being published.
     pub fn kms_put(&self, key_id: &str, material: Vec<u8>, event: Option<Effect>) -> Result<(), StoreError> {
-        let mut batch = self.batch(event.map(Record::Outbox).as_slice())?;
+        let (mut batch, _) = self.batch(event.iter().cloned().map(Record::Outbox).collect::<Vec<_>>().as_slice())?;
+        // Other nodes unwrap with the same material (sealed under the shared master key).
+        let mut changes = vec![Change { route: Route::Key(key_id.to_string()), key: k(KMS, key_id), value: material.clone() }];
+        if let Some(effect @ Effect::LifecycleEvent { payload, .. }) = &event {
+            let event_id = serde_json::from_str::<serde_json::Value>(payload).ok().and_then(|v| v["event_id"].as_str().map(str::to_owned)).unwrap_or_default();
+            let change = Change { route: Route::Key(key_id.to_string()), key: k(EMITTED, &event_id), value: encode(effect) };
+            batch.insert(change.key.clone(), change.value.clone());
+            changes.push(change);
+        }
+        let _published = self.publish(&changes, &mut batch)?;
         batch.insert(k(KMS, key_id), material);
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;
         Ok(())
+    }
+
+    /// Lifecycle events the embedded KMS emitted for keys `mine` selects that
+    /// no event record shows applied; those that are applied are forgotten here.
+    pub fn unapplied_emissions(&self, mine: impl Fn(&str) -> bool) -> Result<Vec<Effect>, StoreError> {
+        let mut pending = Vec::new();
+        let mut done = sled::Batch::default();
+        for kv in self.tree.scan_prefix(EMITTED) {
+            let (key, value) = kv?;
+            let event_id = String::from_utf8_lossy(&key[EMITTED.len()..]).into_owned();
+            if self.tree.contains_key(k(EVENT, &event_id))? {
+                done.remove(key);
+                continue;
+            }
+            let effect: Effect = decode(&value);
+            if matches!(&effect, Effect::LifecycleEvent { key_id, .. } if mine(key_id)) {
+                pending.push(effect);
+            }
+        }
+        self.tree.apply_batch(done)?;
+        Ok(pending)
     }
 
     pub fn kms_keys(&self) -> Vec<String> {
@@ -470,6 +646,82 @@ mod tests {
         assert_eq!(s.instance_ids_of("k"), vec!["a".to_string(), "b".to_string()]);
         assert_eq!(s.offset("t", 2), Some(41));
         assert_eq!(s.offset("t", 1), None);
+    }
+
+    /// A fake changelog: one partition, entries appended in order.
+    fn changelog(s: &Store) -> std::sync::Arc<std::sync::Mutex<Vec<Replicated>>> {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Replicated>::new()));
+        let writer = log.clone();
+        s.set_publisher(Box::new(move |changes| {
+            let mut log = writer.lock().unwrap();
+            for c in changes {
+                let offset = log.len() as i64;
+                log.push(Replicated { partition: 0, offset, key: c.key.clone(), value: c.value.clone() });
+            }
+            Ok(vec![(0, log.len() as i64)])
+        }));
+        log
+    }
+
+    #[test]
+    fn replica_skips_its_own_entries_and_applies_the_next_owners() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let log = changelog(&s);
+        s.commit(&[Record::Key(KeyRecord::new("k", Utc::now()))], true).unwrap();
+        let mut disabled = KeyRecord::new("k", Utc::now());
+        disabled.status = KeyStatus::Disabled;
+        s.commit(&[Record::Key(disabled.clone())], true).unwrap();
+        // This node's own entries, read back late, never undo its newer change.
+        let own = log.lock().unwrap().clone();
+        assert!(s.apply_replicated(&own, true).unwrap().is_empty());
+        assert_eq!(s.key("k").unwrap().status, KeyStatus::Disabled);
+        // Another owner's later entry is applied, whoever this node thinks owns the key.
+        let enabled = Replicated { partition: 0, offset: own.len() as i64, key: k(KEY, "k"), value: encode(&KeyRecord::new("k", Utc::now())) };
+        assert_eq!(s.apply_replicated(std::slice::from_ref(&enabled), true).unwrap().len(), 1);
+        assert_eq!(s.key("k").unwrap().status, KeyStatus::Active);
+        assert_eq!(s.replica_position(0), Some(own.len() as i64 + 1));
+    }
+
+    #[test]
+    fn an_entry_published_but_not_applied_before_a_crash_is_applied_from_the_changelog() {
+        let dir = tempfile::tempdir().unwrap();
+        let published = {
+            let s = Store::open(dir.path()).unwrap();
+            let log = changelog(&s);
+            s.commit(&[Record::Key(KeyRecord::new("k", Utc::now()))], true).unwrap();
+            let entries = log.lock().unwrap().clone();
+            entries
+        };
+        // The same store before that commit: the write-ahead entry is all there is.
+        let fresh = tempfile::tempdir().unwrap();
+        let s = Store::open(fresh.path()).unwrap();
+        assert!(s.key("k").is_none());
+        assert_eq!(s.apply_replicated(&published, true).unwrap().len(), published.len());
+        assert_eq!(s.key("k").unwrap().status, KeyStatus::Active);
+    }
+
+    #[test]
+    fn an_emitted_event_stays_pending_until_an_event_record_shows_it_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let emit = |id: &str, key: &str| Effect::LifecycleEvent { key_id: key.into(), payload: format!(r#"{{"event_id":"{id}"}}"#) };
+        s.kms_put("a", b"{}".to_vec(), Some(emit("e1", "a"))).unwrap();
+        s.kms_put("b", b"{}".to_vec(), Some(emit("e2", "b"))).unwrap();
+        assert_eq!(s.unapplied_emissions(|k| k == "a").unwrap(), vec![emit("e1", "a")]);
+        let applied = EventRecord {
+            event_id: "e1".into(),
+            key_id: "a".into(),
+            kind: crate::engine::EventType::Disable,
+            occurred_at: Utc::now(),
+            applied_at: Utc::now(),
+            outcome: crate::engine::Outcome::Applied,
+            detail: String::new(),
+            correlation_id: None,
+        };
+        s.commit(&[Record::Event(applied)], true).unwrap();
+        assert!(s.unapplied_emissions(|k| k == "a").unwrap().is_empty());
+        assert_eq!(s.unapplied_emissions(|_| true).unwrap(), vec![emit("e2", "b")]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! delays them; after a restart they are sent again with the same ids.
 
 pub mod alerts;
+pub mod changelog;
 pub mod monitor;
 
 use std::sync::Arc;
@@ -109,6 +110,8 @@ impl Relay {
         let producer = crate::broker::client_config(kafka, bootstrap)
             .set("message.timeout.ms", "30000")
             .set("linger.ms", "2")
+            // The embedded KMS's events land where the key's owner reads them.
+            .set("partitioner", crate::cluster::PARTITIONER)
             .create()
             .map_err(TellError::Producer)?;
         Ok(Relay { store, kms, producer, kafka: kafka.clone(), notify, metrics, signer })

@@ -38,6 +38,7 @@ pub struct Monitor {
     pub health: Arc<Health>,
     pub kms: Arc<KmsRouter>,
     pub config: AlertsConfig,
+    pub ownership: crate::cluster::Ownership,
 }
 
 #[derive(Default)]
@@ -147,7 +148,7 @@ impl Monitor {
         }
 
         let slow = chrono::Duration::from_std(c.rotation_slow_after.0).unwrap_or(chrono::Duration::MAX);
-        for job in self.store.jobs() {
+        for job in self.store.jobs().into_iter().filter(|j| self.ownership.owns_key(&j.key_id)) {
             if job.finished_at.is_none() && job.started_at + slow <= now {
                 out.push(Alert::new(
                     "KeywardenRotationSlow",

@@ -205,9 +205,13 @@ impl Daemon {
             assert!(started.elapsed() < Duration::from_secs(90), "keywarden not ready after 90s; log:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
-        let read = |name: &str| std::fs::read_to_string(self.dir.path().join(name)).unwrap().trim().to_string();
-        self.admin_token = read("admin.token");
-        self.dek_token = read("dek.token");
+        // A test may give several nodes the same token files.
+        let file = |var: &str, name: &str| {
+            self.env.iter().find(|(k, _)| k == var).map(|(_, v)| PathBuf::from(v)).unwrap_or_else(|| self.dir.path().join(name))
+        };
+        let read = |path: PathBuf| std::fs::read_to_string(path).unwrap().trim().to_string();
+        self.admin_token = read(file("KEYWARDEN_API_ADMIN_TOKEN_FILE", "admin.token"));
+        self.dek_token = read(file("KEYWARDEN_API_DEK_TOKEN_FILE", "dek.token"));
     }
 
     /// The last 300 lines of the daemon's log, for failure messages.
@@ -357,7 +361,7 @@ fn decode(r: reqwest::blocking::Response) -> (u16, Value) {
 }
 
 pub fn producer(bootstrap: &str) -> BaseProducer {
-    ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "0").create().unwrap()
+    ClientConfig::new().set("bootstrap.servers", bootstrap).set("linger.ms", "0").set("partitioner", "murmur2_random").create().unwrap()
 }
 
 /// The HMAC secret every test daemon is given (signatures.hmac_key_file).

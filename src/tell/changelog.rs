@@ -1,0 +1,98 @@
+//! The changelog publisher: every batch of state changes goes to the compacted
+//! changelog topic before it is applied to the store, keyed by the store key
+//! (compaction keeps each record's newest value) and sent to its key's
+//! partition (the events topic's partitioner), so that a key's changelog
+//! partition and events partition are the same.
+//!
+//! It is the write-ahead log of a node, written idempotently (an idempotent
+//! producer, one writer per partition, fenced by the consumer group: a node
+//! that loses a partition finishes its batch before the partition moves), not
+//! in a Kafka transaction: the broker this project runs on does not offer
+//! transactions, and the publish-then-apply order gives what matters without
+//! them: nothing a node applied is missing from the changelog, so a new owner
+//! never applies an event twice.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::cluster::partition_of;
+use crate::config::KafkaConfig;
+use crate::store::{Change, Route};
+
+pub struct ChangelogPublisher {
+    producer: FutureProducer,
+    topic: String,
+    partitions: i32,
+    /// Set at shutdown: a publish waiting for the broker gives up, and the
+    /// batch is not applied (its inputs are read again after a restart).
+    pub stop: Arc<AtomicBool>,
+}
+
+impl ChangelogPublisher {
+    pub fn new(kafka: &KafkaConfig, bootstrap: &str, topic: &str, partitions: i32) -> Result<ChangelogPublisher, rdkafka::error::KafkaError> {
+        let producer: FutureProducer = crate::broker::client_config(kafka, bootstrap)
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", "10000")
+            .create()?;
+        Ok(ChangelogPublisher { producer, topic: topic.to_string(), partitions, stop: Arc::new(AtomicBool::new(false)) })
+    }
+
+    /// Blocks until the broker has every change, in order; retries while it is
+    /// away. Returns, per partition written, the offset after the last change:
+    /// the store records it with the batch, so this node's replica knows the
+    /// entries below it are already applied here.
+    pub fn publish(&self, changes: &[Change]) -> Result<Vec<(i32, i64)>, String> {
+        let mut written: HashMap<i32, i64> = HashMap::new();
+        let mut backoff = Duration::from_millis(100);
+        let mut rest = changes;
+        while !rest.is_empty() {
+            let sends: Vec<_> = rest
+                .iter()
+                .map(|c| {
+                    let partition = match &c.route {
+                        Route::Key(k) => partition_of(k, self.partitions),
+                        Route::Partition(p) => *p,
+                    };
+                    self.producer.send_result(FutureRecord::to(&self.topic).partition(partition).key(&c.key).payload(&c.value))
+                })
+                .collect();
+            // Changes up to the first failure are in; only the rest is sent again,
+            // so a retry never writes an older value after a newer one.
+            let mut done = 0;
+            let mut failure = None;
+            for send in sends {
+                let delivered = match send {
+                    Err((e, _)) => Err(e.to_string()),
+                    Ok(delivery) => match futures::executor::block_on(delivery) {
+                        Ok(Ok((partition, offset))) => Ok((partition, offset)),
+                        Ok(Err((e, _))) => Err(e.to_string()),
+                        Err(_) => Err("the producer was dropped".to_string()),
+                    },
+                };
+                match delivered {
+                    Ok((partition, offset)) if failure.is_none() => {
+                        let next = written.entry(partition).or_insert(0);
+                        *next = (*next).max(offset + 1);
+                        done += 1;
+                    }
+                    Ok(_) => {}
+                    Err(e) => failure = failure.or(Some(e)),
+                }
+            }
+            rest = &rest[done..];
+            let Some(e) = failure else { break };
+            if self.stop.load(Ordering::SeqCst) {
+                return Err(format!("{e} (shutting down)"));
+            }
+            tracing::warn!(error = %e, topic = %self.topic, "cannot write to the changelog; retrying (state changes wait)");
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        Ok(written.into_iter().collect())
+    }
+}
