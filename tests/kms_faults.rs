@@ -143,6 +143,7 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
         notify,
         config: RotationConfig { concurrency: 8, batch: 32, max_attempts: 4 },
         metrics: Arc::new(Metrics::new()),
+        ownership: keywarden::cluster::Ownership::single(),
     };
     let worker = tokio::spawn(rotator.run(shutdown.clone()));
 
@@ -266,6 +267,7 @@ async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
         notify,
         config: RotationConfig { concurrency: 64, batch: 512, max_attempts: 8 },
         metrics: Arc::new(Metrics::new()),
+        ownership: keywarden::cluster::Ownership::single(),
     };
     let worker = tokio::spawn(rotator.run(shutdown.clone()));
     local.operate(&key, EventType::Rotate).unwrap();
