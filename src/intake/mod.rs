@@ -302,6 +302,7 @@ impl Intake {
                 partitions: replica.partitions().to_vec(),
                 me: self.advertise_url.clone(),
                 rejoin_after: self.rejoin_after,
+                health: self.health.clone(),
             };
             tokio::spawn(watch.run(shutdown.clone()))
         });

@@ -20,7 +20,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 
 use super::fence::Fence;
-use super::IntakeContext;
+use super::{Health, IntakeContext};
 use crate::store::Store;
 
 pub struct Watch {
@@ -33,6 +33,7 @@ pub struct Watch {
     /// it no longer owns is as good as no owner.
     pub me: String,
     pub rejoin_after: Duration,
+    pub health: Arc<Health>,
 }
 
 impl Watch {
@@ -44,6 +45,11 @@ impl Watch {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+            // Without the broker no owner can be assigned anyway; rejoining would only churn.
+            if !self.health.broker_ok.load(std::sync::atomic::Ordering::SeqCst) {
+                orphaned_since.clear();
+                continue;
             }
             let mut alive: HashMap<String, bool> = HashMap::new();
             for p in &self.partitions {

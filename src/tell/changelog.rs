@@ -4,10 +4,10 @@
 //! partition (the events topic's partitioner), so that a key's changelog
 //! partition and events partition are the same.
 //!
-//! It is the write-ahead log of a node, written idempotently (an idempotent
-//! producer, one writer per partition, fenced by the consumer group: a node
-//! that loses a partition finishes its batch before the partition moves), not
-//! in a Kafka transaction: the broker this project runs on does not offer
+//! It is the write-ahead log of a node, written idempotently (in order, one
+//! writer per partition, fenced by the consumer group: a node that loses a
+//! partition finishes its batch before the partition moves; a repeated entry
+//! only writes the same value again), not in a Kafka transaction: the broker this project runs on does not offer
 //! transactions, and the publish-then-apply order gives what matters without
 //! them: nothing a node applied is missing from the changelog, so a new owner
 //! never applies an event twice.
@@ -35,7 +35,13 @@ pub struct ChangelogPublisher {
 impl ChangelogPublisher {
     pub fn new(kafka: &KafkaConfig, bootstrap: &str, topic: &str, partitions: i32) -> Result<ChangelogPublisher, rdkafka::error::KafkaError> {
         let producer: FutureProducer = crate::broker::client_config(kafka, bootstrap)
-            .set("enable.idempotence", "true")
+            // In order, one request in flight: a retry is re-sent before anything
+            // newer, so a duplicate can only repeat the latest value. Not the
+            // idempotent producer: tansu 0.6 keeps refusing its produce requests
+            // (an unknown error) after a restart of the broker.
+            .set("enable.idempotence", "false")
+            .set("max.in.flight.requests.per.connection", "1")
+            .set("acks", "all")
             .set("linger.ms", "0")
             .set("message.timeout.ms", "10000")
             .create()?;
