@@ -161,7 +161,7 @@ impl Follower {
                             partition: m.partition(),
                             offset: m.offset(),
                             key: m.key().unwrap_or_default().to_vec(),
-                            value: m.payload().unwrap_or_default().to_vec(),
+                            value: m.payload().map(<[u8]>::to_vec),
                         }),
                         Err(e) => tracing::warn!(error = %e, topic = %self.topic, "changelog read failed; retrying"),
                     }

@@ -235,6 +235,15 @@ fn three_nodes_share_the_work_survive_a_kill_a_fresh_node_and_a_clean_stop() {
         assert_eq!(applied, 1, "event {id} was applied {applied} times");
     }
     println!("CLUSTER: {} events, each applied exactly once across 4 nodes' audit trails", events.len());
+
+    // The data plane was told: every instance of a disabled or deleted key got
+    // its command, including those whose key's owner was killed or stopped.
+    let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
+    let told = |seen: &[Read], cause: &str| seen.iter().filter(|m| m.json()["cause_event_id"] == cause).map(|m| m.json()["instance_id"].as_str().unwrap().to_string()).collect::<std::collections::HashSet<_>>().len();
+    for (n, cause) in events[10..].iter().enumerate() {
+        commands.read_until(&format!("commands for every instance of {}", key(10 + n)), Duration::from_secs(60), |seen| told(seen, cause) == PER_KEY);
+    }
+    println!("CLUSTER: every instance of the 20 disabled or deleted keys got its command ({} commands read)", commands.seen.len());
 }
 
 #[test]

@@ -448,6 +448,11 @@ impl Intake {
                 tracing::warn!(partition, events = pending.len(), "publishing lifecycle events the previous owner emitted but did not see applied");
                 store.commit(&pending.into_iter().map(crate::engine::Record::Outbox).collect::<Vec<_>>(), true)?;
             }
+            // And data-plane commands it queued but never confirmed sent.
+            let adopted = store.adopt_commands(|key_id| crate::cluster::partition_of(key_id, partitions) == partition)?;
+            if adopted > 0 {
+                tracing::warn!(partition, commands = adopted, "sending data-plane commands the previous owner queued but did not confirm sent");
+            }
             Ok::<_, crate::store::StoreError>(())
         })
         .await;

@@ -54,6 +54,21 @@ const OWNER: &[u8] = b"w/";
 /// their key's owner has recorded them: a node that dies between a KMS change
 /// and publishing its event leaves the event to the partition's next owner.
 const EMITTED: &[u8] = b"v/";
+/// Data-plane commands another node queued, replicated until that node has
+/// sent them (it then writes a tombstone): a partition's next owner sends
+/// what a dead owner left unsent. A node's own queue is its outbox.
+const COMMANDS: &[u8] = b"c/";
+
+/// The replicated name of a queued command: the same on every node, derived
+/// from what the command is (the relay's command ids are derived alike).
+fn command_key(effect: &Effect) -> Option<(String, Vec<u8>)> {
+    let (key_id, name) = match effect {
+        Effect::KeyCommands { key_id, action, cause_event_id, .. } => (key_id, format!("{cause_event_id}/{action:?}/key")),
+        Effect::InstanceCommand { key_id, instance_id, action, cause_event_id, .. } => (key_id, format!("{cause_event_id}/{action:?}/{instance_id}")),
+        _ => return None,
+    };
+    Some((key_id.clone(), k(COMMANDS, &name)))
+}
 
 /// One state change as it goes to the changelog: the store's own key and value,
 /// and what decides its partition.
@@ -61,7 +76,8 @@ const EMITTED: &[u8] = b"v/";
 pub struct Change {
     pub route: Route,
     pub key: Vec<u8>,
-    pub value: Vec<u8>,
+    /// None deletes the record (a tombstone, which compaction also removes).
+    pub value: Option<Vec<u8>>,
 }
 
 /// One changelog entry as the replica read it.
@@ -70,7 +86,8 @@ pub struct Replicated {
     pub partition: i32,
     pub offset: i64,
     pub key: Vec<u8>,
-    pub value: Vec<u8>,
+    /// None: a tombstone.
+    pub value: Option<Vec<u8>>,
 }
 
 fn replica_key(partition: i32) -> Vec<u8> {
@@ -254,9 +271,11 @@ impl Store {
     fn batch(&self, records: &[Record]) -> Result<(sled::Batch, Vec<Change>), StoreError> {
         let mut batch = sled::Batch::default();
         let mut changes = Vec::new();
+        // Queued commands are replicated, not stored here: this node's copy is its outbox entry.
+        let mut commands = Vec::new();
         let mut put = |batch: &mut sled::Batch, route: Route, key: Vec<u8>, value: Vec<u8>| {
             batch.insert(key.clone(), value.clone());
-            changes.push(Change { route, key, value });
+            changes.push(Change { route, key, value: Some(value) });
         };
         for r in records {
             match r {
@@ -278,6 +297,9 @@ impl Store {
                 }
                 Record::Outbox(Effect::KmsNotice { key_id, .. }) if self.wants_notices.get().is_some_and(|wants| !wants(key_id)) => {}
                 Record::Outbox(effect) => {
+                    if let Some((key_id, name)) = command_key(effect) {
+                        commands.push(Change { route: Route::Key(key_id), key: name, value: Some(encode(effect)) });
+                    }
                     // generate_id is monotonic across restarts, so the outbox keeps commit order.
                     let id = self.db.generate_id()?;
                     let prefix = if matches!(effect, Effect::KmsNotice { .. }) { NOTICES } else { OUTBOX };
@@ -292,6 +314,7 @@ impl Store {
                 Record::Audit(_) => {}
             }
         }
+        changes.extend(commands);
         Ok((batch, changes))
     }
 
@@ -309,7 +332,10 @@ impl Store {
             if at.is_some_and(|at| e.offset < at) {
                 continue;
             }
-            batch.insert(e.key.clone(), e.value.clone());
+            match &e.value {
+                Some(value) => batch.insert(e.key.clone(), value.clone()),
+                None => batch.remove(e.key.clone()),
+            }
             *at = Some(e.offset + 1);
             applied.push(e);
         }
@@ -330,7 +356,7 @@ impl Store {
     pub fn announce_owner(&self, partition: i32, url: &str) -> Result<(), StoreError> {
         let mut key = OWNER.to_vec();
         key.extend_from_slice(&partition.to_be_bytes());
-        let change = Change { route: Route::Partition(partition), key: key.clone(), value: url.as_bytes().to_vec() };
+        let change = Change { route: Route::Partition(partition), key: key.clone(), value: Some(url.as_bytes().to_vec()) };
         let mut batch = sled::Batch::default();
         let _published = self.publish(std::slice::from_ref(&change), &mut batch)?;
         batch.insert(key, url.as_bytes());
@@ -446,7 +472,53 @@ impl Store {
     /// Not flushed: an effect published twice after a crash is deduplicated by its
     /// stable id downstream, and one flush per relay round is enough.
     pub fn outbox_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
-        self.queue_remove(OUTBOX, ids)
+        if self.publisher.get().is_none() {
+            return self.queue_remove(OUTBOX, ids);
+        }
+        // Sent: the other nodes forget their copies.
+        let mut batch = sled::Batch::default();
+        let mut tombstones = Vec::new();
+        for id in ids {
+            let mut key = OUTBOX.to_vec();
+            key.extend_from_slice(&id.to_be_bytes());
+            if let Some(value) = read(self.tree.get(&key)) {
+                if let Some((key_id, name)) = command_key(&decode(&value)) {
+                    tombstones.push(Change { route: Route::Key(key_id), key: name, value: None });
+                }
+            }
+            batch.remove(key);
+        }
+        let _published = self.publish(&tombstones, &mut batch)?;
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Commands another node queued for keys `mine` selects and never confirmed
+    /// sent: moved into this node's outbox (sent again with the same command
+    /// ids, so the data plane can deduplicate them).
+    pub fn adopt_commands(&self, mine: impl Fn(&str) -> bool) -> Result<usize, StoreError> {
+        let mut adopted = Vec::new();
+        let mut names = Vec::new();
+        for kv in self.tree.scan_prefix(COMMANDS) {
+            let (name, value) = kv?;
+            let effect: Effect = decode(&value);
+            if command_key(&effect).is_some_and(|(key_id, _)| mine(&key_id)) {
+                names.push(name.to_vec());
+                adopted.push(Record::Outbox(effect));
+            }
+        }
+        if adopted.is_empty() {
+            return Ok(0);
+        }
+        // Each is queued here under the same name, which replaces the copy.
+        let (mut batch, changes) = self.batch(&adopted)?;
+        for name in names {
+            batch.remove(name);
+        }
+        let _published = self.publish(&changes, &mut batch)?;
+        self.tree.apply_batch(batch)?;
+        self.tree.flush()?;
+        Ok(adopted.len())
     }
 
     pub fn notices_remove(&self, ids: &[u64]) -> Result<(), StoreError> {
@@ -513,12 +585,12 @@ impl Store {
     pub fn kms_put(&self, key_id: &str, material: Vec<u8>, event: Option<Effect>) -> Result<(), StoreError> {
         let (mut batch, _) = self.batch(event.iter().cloned().map(Record::Outbox).collect::<Vec<_>>().as_slice())?;
         // Other nodes unwrap with the same material (sealed under the shared master key).
-        let mut changes = vec![Change { route: Route::Key(key_id.to_string()), key: k(KMS, key_id), value: material.clone() }];
+        let mut changes = vec![Change { route: Route::Key(key_id.to_string()), key: k(KMS, key_id), value: Some(material.clone()) }];
         if let Some(effect @ Effect::LifecycleEvent { payload, .. }) = &event {
             let event_id = serde_json::from_str::<serde_json::Value>(payload).ok().and_then(|v| v["event_id"].as_str().map(str::to_owned)).unwrap_or_default();
-            let change = Change { route: Route::Key(key_id.to_string()), key: k(EMITTED, &event_id), value: encode(effect) };
-            batch.insert(change.key.clone(), change.value.clone());
-            changes.push(change);
+            let value = encode(effect);
+            batch.insert(k(EMITTED, &event_id), value.clone());
+            changes.push(Change { route: Route::Key(key_id.to_string()), key: k(EMITTED, &event_id), value: Some(value) });
         }
         let _published = self.publish(&changes, &mut batch)?;
         batch.insert(k(KMS, key_id), material);
@@ -677,7 +749,7 @@ mod tests {
         assert!(s.apply_replicated(&own, true).unwrap().is_empty());
         assert_eq!(s.key("k").unwrap().status, KeyStatus::Disabled);
         // Another owner's later entry is applied, whoever this node thinks owns the key.
-        let enabled = Replicated { partition: 0, offset: own.len() as i64, key: k(KEY, "k"), value: encode(&KeyRecord::new("k", Utc::now())) };
+        let enabled = Replicated { partition: 0, offset: own.len() as i64, key: k(KEY, "k"), value: Some(encode(&KeyRecord::new("k", Utc::now()))) };
         assert_eq!(s.apply_replicated(std::slice::from_ref(&enabled), true).unwrap().len(), 1);
         assert_eq!(s.key("k").unwrap().status, KeyStatus::Active);
         assert_eq!(s.replica_position(0), Some(own.len() as i64 + 1));
@@ -722,6 +794,33 @@ mod tests {
         s.commit(&[Record::Event(applied)], true).unwrap();
         assert!(s.unapplied_emissions(|k| k == "a").unwrap().is_empty());
         assert_eq!(s.unapplied_emissions(|_| true).unwrap(), vec![emit("e2", "b")]);
+    }
+
+    #[test]
+    fn commands_a_dead_owner_left_unsent_are_adopted_by_the_next_and_forgotten_once_sent() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (owner, next) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
+        let log = changelog(&owner);
+        let at = Utc::now();
+        let revoke = |key: &str| Effect::KeyCommands {
+            key_id: key.into(),
+            action: CommandAction::Revoke,
+            key_version: None,
+            cause_event_id: format!("ev-{key}"),
+            issued_at: at,
+            correlation_id: None,
+            traceparent: None,
+        };
+        owner.commit(&[Record::Outbox(revoke("a")), Record::Outbox(revoke("b"))], true).unwrap();
+        // "b" was sent before the owner died; "a" was not.
+        let b = owner.outbox(10).into_iter().find(|(_, e)| *e == revoke("b")).unwrap().0;
+        owner.outbox_remove(&[b]).unwrap();
+        let entries = log.lock().unwrap().clone();
+        next.apply_replicated(&entries, true).unwrap();
+        assert_eq!(next.outbox_len(), 0, "a copy is not sent by a node that does not own the key");
+        assert_eq!(next.adopt_commands(|_| true).unwrap(), 1);
+        assert_eq!(next.outbox(10).into_iter().map(|(_, e)| e).collect::<Vec<_>>(), vec![revoke("a")]);
+        assert_eq!(next.adopt_commands(|_| true).unwrap(), 0, "adopted once");
     }
 
     #[test]

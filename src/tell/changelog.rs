@@ -64,7 +64,12 @@ impl ChangelogPublisher {
                         Route::Key(k) => partition_of(k, self.partitions),
                         Route::Partition(p) => *p,
                     };
-                    self.producer.send_result(FutureRecord::to(&self.topic).partition(partition).key(&c.key).payload(&c.value))
+                    let record = FutureRecord::to(&self.topic).partition(partition).key(&c.key);
+                    // No payload is a tombstone.
+                    self.producer.send_result(match &c.value {
+                        Some(value) => record.payload(value),
+                        None => record,
+                    })
                 })
                 .collect();
             // Changes up to the first failure are in; only the rest is sent again,
