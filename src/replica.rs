@@ -172,7 +172,10 @@ impl Follower {
             }
             let read_some = !entries.is_empty();
             if read_some {
-                match self.store.apply_replicated(&entries, true) {
+                // Not flushed: a replica that loses its last batches in a crash
+                // loses their positions with them (one sled batch) and reads them
+                // again; a flush per batch only delayed revocations reaching the API.
+                match self.store.apply_replicated(&entries, false) {
                     Ok(applied) => self.forget_cached(&applied),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot apply replicated changes; retrying from the stored position");
