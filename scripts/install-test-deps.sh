@@ -12,12 +12,14 @@ else
   cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql
 fi
 
-# confluent-kafka: an independent third-party Kafka client; moto[server]: a real
-# AWS KMS API implementation (moto_server) for the AWS provider's tests.
-if python3 -c 'import confluent_kafka, moto.server, boto3, flask_cors' 2>/dev/null; then
+# confluent-kafka and kafka-python: independent third-party Kafka clients
+# (kafka-python is its own implementation, and writes header names as raw
+# bytes); moto[server]: a real AWS KMS API implementation (moto_server) for the
+# AWS provider's tests.
+if python3 -c 'import confluent_kafka, kafka, moto.server, boto3, flask_cors' 2>/dev/null; then
   echo "python test tools: present"
 else
-  python3 -m pip install --quiet confluent-kafka "moto[server]" boto3
+  python3 -m pip install --quiet confluent-kafka kafka-python "moto[server]" boto3
 fi
 
 # systemd-analyze checks the unit; Prometheus scrapes the daemon and

@@ -62,10 +62,7 @@ impl EmbeddedBroker {
                 }
             })
             .map_err(|e| BrokerError::Embedded(e.to_string()))?;
-        let bootstrap = addr_rx
-            .recv()
-            .map_err(|e| BrokerError::Embedded(e.to_string()))?
-            .map_err(BrokerError::Embedded)?;
+        let bootstrap = addr_rx.recv().map_err(|e| BrokerError::Embedded(e.to_string()))?.map_err(BrokerError::Embedded)?;
         Ok(EmbeddedBroker { bootstrap, stop: Some(stop_tx), thread: Some(thread) })
     }
 }
@@ -108,7 +105,10 @@ pub async fn ensure_topics(kafka: &KafkaConfig, bootstrap: &str, changelog: Opti
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
-    let results = admin.create_topics(&new, &opts).await.map_err(|source| BrokerError::CreateTopic { topic: topics.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(","), source })?;
+    let results = admin
+        .create_topics(&new, &opts)
+        .await
+        .map_err(|source| BrokerError::CreateTopic { topic: topics.iter().map(|t| t.as_str()).collect::<Vec<_>>().join(","), source })?;
     for r in results {
         match r {
             Ok(topic) => tracing::info!(%topic, partitions = kafka.partitions, "created topic"),

@@ -140,6 +140,10 @@ pub struct ApiConfig {
     /// Bearer token that only fetches DEKs, for data-plane nodes.
     pub dek_token_file: PathBuf,
     pub tls: TlsConfig,
+    /// How long a write (keys, instances) waits for the broker to confirm it
+    /// in the changelog before it is answered 503, unapplied. Too long and a
+    /// hung broker hangs every client; too short and a slow broker refuses writes.
+    pub write_timeout: HumanDuration,
 }
 
 /// TLS on the API listener; all empty means plain HTTP.
@@ -168,6 +172,7 @@ impl Default for ApiConfig {
             admin_token_file: PathBuf::from("keywarden-data/admin.token"),
             dek_token_file: PathBuf::from("keywarden-data/dek.token"),
             tls: TlsConfig::default(),
+            write_timeout: HumanDuration(Duration::from_secs(5)),
         }
     }
 }
@@ -567,10 +572,7 @@ impl Config {
 
     pub fn load_with_env(path: Option<&Path>, vars: &[(String, String)]) -> Result<Config, ConfigError> {
         let (text, shown) = match path {
-            Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?,
-                p.to_path_buf(),
-            ),
+            Some(p) => (std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?, p.to_path_buf()),
             None => (String::new(), PathBuf::from("<defaults>")),
         };
         let parse_err = |message: String| ConfigError::Parse { path: shown.clone(), message };
@@ -601,11 +603,7 @@ impl Config {
         if k.group_id.trim().is_empty() {
             return Err(invalid("kafka.group_id", &k.group_id, "a non-empty consumer group id"));
         }
-        for (field, topic) in [
-            ("kafka.events_topic", &k.events_topic),
-            ("kafka.commands_topic", &k.commands_topic),
-            ("kafka.dlq_topic", &k.dlq_topic),
-        ] {
+        for (field, topic) in [("kafka.events_topic", &k.events_topic), ("kafka.commands_topic", &k.commands_topic), ("kafka.dlq_topic", &k.dlq_topic)] {
             if !valid_topic(topic) {
                 return Err(invalid(field, topic, "a Kafka topic name: 1-249 characters of a-z A-Z 0-9 . _ -"));
             }
@@ -663,7 +661,9 @@ impl Config {
             return Err(invalid("reconcile.schedule", &self.reconcile.schedule, "a cron expression with seconds, e.g. \"0 */5 * * * *\", or empty for off"));
         }
         let c = &self.cluster;
-        if !c.changelog_topic.is_empty() && (!valid_topic(&c.changelog_topic) || [&k.events_topic, &k.commands_topic, &k.dlq_topic].contains(&&c.changelog_topic)) {
+        if !c.changelog_topic.is_empty()
+            && (!valid_topic(&c.changelog_topic) || [&k.events_topic, &k.commands_topic, &k.dlq_topic].contains(&&c.changelog_topic))
+        {
             return Err(invalid("cluster.changelog_topic", &c.changelog_topic, "a Kafka topic name of its own, or empty for off"));
         }
         if !c.advertise_url.is_empty() && !(c.advertise_url.starts_with("http://") || c.advertise_url.starts_with("https://")) {
@@ -695,6 +695,9 @@ impl Config {
         if SocketAddr::from_str(&self.api.listen).is_err() {
             return Err(invalid("api.listen", &self.api.listen, "an address like 127.0.0.1:8420"));
         }
+        if self.api.write_timeout.0 < Duration::from_millis(100) || self.api.write_timeout.0 > Duration::from_secs(120) {
+            return Err(invalid("api.write_timeout", &format!("{:?}", self.api.write_timeout.0), "between 100ms and 120s"));
+        }
         let tls = &self.api.tls;
         if tls.enabled() != !tls.key_file.as_os_str().is_empty() {
             return Err(invalid("api.tls.key_file", &tls.key_file.display(), "set together with api.tls.cert_file, or both empty"));
@@ -719,11 +722,9 @@ impl Config {
         if self.uses("keyprotect") && self.kms.keyprotect.api_key_file.as_os_str().is_empty() {
             return Err(invalid("kms.keyprotect.api_key_file", &"", "the path of a file holding an IBM Cloud API key"));
         }
-        for (field, l) in [
-            ("kms.aws.limits", &self.kms.aws.limits),
-            ("kms.vault.limits", &self.kms.vault.limits),
-            ("kms.keyprotect.limits", &self.kms.keyprotect.limits),
-        ] {
+        for (field, l) in
+            [("kms.aws.limits", &self.kms.aws.limits), ("kms.vault.limits", &self.kms.vault.limits), ("kms.keyprotect.limits", &self.kms.keyprotect.limits)]
+        {
             if !(l.rate_limit >= 0.0 && l.rate_limit.is_finite()) || l.max_concurrency == 0 || l.timeout.0.is_zero() || l.breaker_threshold == 0 {
                 return Err(invalid(field, &format!("{l:?}"), "rate_limit >= 0, max_concurrency >= 1, timeout > 0, breaker_threshold >= 1"));
             }
@@ -744,11 +745,7 @@ impl Config {
             return Err(invalid("policy.dek_cache_size", &self.policy.dek_cache_size, "a whole number from 1 to 10000000"));
         }
         if cron::Schedule::from_str(&self.policy.purge_schedule).is_err() {
-            return Err(invalid(
-                "policy.purge_schedule",
-                &self.policy.purge_schedule,
-                "a cron expression with seconds, such as \"0 * * * * *\"",
-            ));
+            return Err(invalid("policy.purge_schedule", &self.policy.purge_schedule, "a cron expression with seconds, such as \"0 * * * * *\""));
         }
         let r = &self.rotation;
         if !(1..=1024).contains(&r.concurrency) {
@@ -1032,11 +1029,9 @@ mod tests {
     fn traces_are_off_by_default_and_turned_on_by_the_environment() {
         let c = Config::load_with_env(None, &[]).unwrap();
         assert!(c.telemetry.otlp_endpoint.is_empty());
-        let c = Config::load_with_env(
-            None,
-            &env(&[("KEYWARDEN_TELEMETRY_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("KEYWARDEN_TELEMETRY_SAMPLE_RATIO", "0.25")]),
-        )
-        .unwrap();
+        let c =
+            Config::load_with_env(None, &env(&[("KEYWARDEN_TELEMETRY_OTLP_ENDPOINT", "http://127.0.0.1:4318"), ("KEYWARDEN_TELEMETRY_SAMPLE_RATIO", "0.25")]))
+                .unwrap();
         assert_eq!(c.telemetry.otlp_endpoint, "http://127.0.0.1:4318");
         assert_eq!(c.telemetry.sample_ratio, 0.25);
         let err = Config::load_with_env(None, &env(&[("KEYWARDEN_TELEMETRY_OTLP_ENDPOINT", "127.0.0.1:4318")])).unwrap_err();

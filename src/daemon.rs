@@ -19,22 +19,23 @@ use crate::engine::{KeyStatus, Record};
 use crate::intake::fence::Fence;
 use crate::intake::signature::{SignatureError, Signer, Verifier};
 use crate::intake::{Health, Intake, IntakeError};
-use crate::kms::cache::DekCache;
 use crate::kms::aws::AwsKms;
+use crate::kms::cache::DekCache;
 use crate::kms::governor::{Governed, Limits};
 use crate::kms::keyprotect::KeyProtect;
 use crate::kms::local::LocalKms;
-use crate::kms::vault::VaultKms;
 use crate::kms::router::{KmsRouter, Route};
+use crate::kms::vault::VaultKms;
 use crate::kms::{Kms, KmsError};
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError, Watched};
-use crate::store::{Store, StoreError};
-use crate::tell::alerts::{self, Context as AlertContext, Sinks};
 use crate::replica::Replica;
 use crate::schedule::reconcile::Reconciler;
-use crate::tell::monitor::Monitor;
+use crate::store::{Store, StoreError};
+use crate::supervise::Supervisor;
+use crate::tell::alerts::{self, Context as AlertContext, Sinks};
 use crate::tell::changelog::ChangelogPublisher;
+use crate::tell::monitor::Monitor;
 use crate::tell::{Relay, TellError};
 use crate::writer::Writer;
 
@@ -64,6 +65,8 @@ pub enum DaemonError {
     Notify(#[from] NotifyError),
     #[error("the store writer stopped unexpectedly; see the log above")]
     WriterDied,
+    #[error("{0}; see the log above (systemd restarts keywarden)")]
+    TaskFailed(String),
     #[error(transparent)]
     Replica(#[from] crate::replica::ReplicaError),
 }
@@ -82,11 +85,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     notifier.send("STATUS=starting: opening the store");
     let secrets = config.kafka.read_secrets()?;
     config.kafka.properties.extend(secrets);
-    std::fs::create_dir_all(&config.store.path).map_err(|e| {
-        StoreError::Open { path: config.store.path.display().to_string(), source: sled::Error::Io(e) }
-    })?;
-    let store = Store::open(&config.store.path)?;
-
+    // Declared before everything else so that it is dropped last: every client
+    // (the changelog producer lives as long as the store) disconnects first,
+    // and none logs a failed connection to a broker that went away.
     let embedded = if config.embedded_broker() {
         let k = &config.kafka;
         let topics = [&k.events_topic, &k.commands_topic, &k.dlq_topic, &config.cluster.changelog_topic]
@@ -99,6 +100,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         None
     };
     let bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone()).unwrap_or_else(|| config.kafka.brokers.clone());
+    std::fs::create_dir_all(&config.store.path).map_err(|e| StoreError::Open { path: config.store.path.display().to_string(), source: sled::Error::Io(e) })?;
+    let store = Store::open(&config.store.path)?;
     if let Some(e) = &embedded {
         tracing::warn!(bootstrap = %e.bootstrap, "using the embedded in-memory mock broker: for trying keywarden out only, all events are lost on exit; set kafka.brokers for production");
     }
@@ -106,6 +109,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         create_topics_with_retry(&config, &bootstrap, &shutdown).await?;
     }
 
+    let tasks = CancellationToken::new();
+    let failure = Arc::new(crate::supervise::Failure::default());
+    let mut supervisor = Supervisor::new(shutdown.clone(), tasks.clone(), failure.clone());
     let metrics = Arc::new(Metrics::new());
     let cache = Arc::new(DekCache::new(config.policy.max_dek_cache_age.0, config.policy.dek_cache_size));
     let fence = Arc::new(Fence::default());
@@ -118,12 +124,20 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     } else {
         notifier.send("STATUS=starting: catching up with the changelog");
         let topic = &config.cluster.changelog_topic;
-        let replica = Replica::start(store.clone(), &config.kafka, &bootstrap, topic, cache.clone())?;
+        let replica = Replica::start(store.clone(), &config.kafka, &bootstrap, topic, cache.clone(), &mut supervisor)?;
         let waiting = replica.clone();
-        tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120))).await.map_err(|_| DaemonError::WriterDied)??;
+        let caught_up = tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120)));
+        tokio::select! {
+            r = caught_up => r.map_err(|_| DaemonError::WriterDied)??,
+            // The replica's own loops are supervised from here on.
+            reason = supervisor.failed() => {
+                replica.stop();
+                return Err(DaemonError::TaskFailed(reason));
+            }
+        }
         let publisher = ChangelogPublisher::new(&config.kafka, &bootstrap, topic, replica.partitions().len() as i32).map_err(TellError::Producer)?;
         changelog_stop = Some(publisher.stop.clone());
-        store.set_publisher(Box::new(move |changes| publisher.publish(changes)));
+        store.set_publisher(Box::new(move |changes, deadline| publisher.publish(changes, deadline)));
         tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");
         Some(replica)
     };
@@ -131,7 +145,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         Some(r) => crate::cluster::Ownership::shared(fence.clone(), &config.kafka.events_topic, r.partitions().len() as i32),
         None => crate::cluster::Ownership::single(),
     };
-    let local = Arc::new(LocalKms::open(store.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?);
+    let local =
+        Arc::new(LocalKms::open(store.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?.with_write_timeout(config.api.write_timeout.0));
     let kms_router = Arc::new(build_router(&config, local.clone())?);
     let kms: Arc<dyn Kms> = kms_router.clone();
     let wants = kms_router.clone();
@@ -165,13 +180,26 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     };
     let (writer, writer_thread) = Writer::start_timed(store.clone(), fence.clone(), config.kafka.max_batch, on_commit, metrics.commit_seconds.clone());
 
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health { failure, ..Health::default() });
     let scheme = if config.api.tls.enabled() { "https" } else { "http" };
     let advertise = if config.cluster.advertise_url.is_empty() { format!("{scheme}://{}", config.api.listen) } else { config.cluster.advertise_url.clone() };
     let verifier = Arc::new(Verifier::load(&config.signatures)?);
     let signer = Signer::from_config(&config.signatures)?.map(Arc::new);
     let watched = Watched { health: health.clone(), fence: fence.clone(), store: store.clone() };
-    let intake = Intake::new(&config.kafka, &bootstrap, store.clone(), writer.clone(), fence, health.clone(), metrics.clone(), kms.clone(), verifier, replica.clone(), &advertise, config.cluster.rejoin_after.0)?;
+    let intake = Intake::new(
+        &config.kafka,
+        &bootstrap,
+        store.clone(),
+        writer.clone(),
+        fence,
+        health.clone(),
+        metrics.clone(),
+        kms.clone(),
+        verifier,
+        replica.clone(),
+        &advertise,
+        config.cluster.rejoin_after.0,
+    )?;
     let relay = Relay::new(store.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?;
     let rotator = Rotator {
         store: store.clone(),
@@ -198,13 +226,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         reconciler: reconciler.clone(),
         replica: replica.clone().map(|r| (r, config.cluster.max_replica_lag.0)),
         ownership: ownership.clone(),
+        write_timeout: config.api.write_timeout.0,
     };
     let tls = &config.api.tls;
     let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
-    let tokens = Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?.with_client_certs_for_dek(!tls.client_ca_file.as_os_str().is_empty()));
-    let listener = tokio::net::TcpListener::bind(&config.api.listen)
-        .await
-        .map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
+    let tokens =
+        Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?.with_client_certs_for_dek(!tls.client_ca_file.as_os_str().is_empty()));
+    let listener = tokio::net::TcpListener::bind(&config.api.listen).await.map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
     let api_addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
     tracing::info!(api = %api_addr, tls = acceptor.is_some(), bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
 
@@ -218,37 +246,41 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         })),
         None => None,
     };
-    let tasks = CancellationToken::new();
-    let api_task = {
-        let stop = tasks.clone();
-        let app = router(state, tokens.clone(), forwarder);
-        tokio::spawn(async move {
+    {
+        let (stop, app) = (tasks.clone(), router(state, tokens.clone(), forwarder));
+        supervisor.spawn("api", async move {
             match acceptor {
                 Some(acceptor) => crate::api::tls::serve(listener, acceptor, app, stop).await,
                 None => {
-                    let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+                    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await {
+                        tracing::error!(error = %e, "the api server failed");
+                    }
                 }
             }
-        })
-    };
-    let relay_task = tokio::spawn(relay.run(tasks.clone()));
-    let rotation_task = tokio::spawn(rotator.run(tasks.clone()));
-    let purge_task = tokio::spawn(crate::schedule::purge_loop(
-        store.clone(),
-        writer.clone(),
-        ownership.clone(),
-        config.policy.purge_schedule.clone(),
-        config.policy.purge_after.0,
-        tasks.clone(),
-    ));
-    let notify_task = tokio::spawn(crate::notify::supervise(notifier, watched, shutdown.clone(), tasks.clone()));
+            // The server also returns when its listener fails: then keywarden must
+            // not go on consuming without an API; until shutdown that is a failure.
+        });
+    }
+    supervisor.spawn("relay", relay.run(tasks.clone()));
+    supervisor.spawn("rotation", rotator.run(tasks.clone()));
+    supervisor.spawn(
+        "purge",
+        crate::schedule::purge_loop(
+            store.clone(),
+            writer.clone(),
+            ownership.clone(),
+            config.policy.purge_schedule.clone(),
+            config.policy.purge_after.0,
+            tasks.clone(),
+        ),
+    );
+    supervisor.spawn("notify", crate::notify::supervise(notifier, watched, shutdown.clone(), tasks.clone()));
     let sinks = Sinks::new(config.alerts.sinks.clone(), AlertContext { node: config.kafka.instance_id.clone(), api: format!("{scheme}://{api_addr}") });
-    let alert_task = tokio::spawn({
-        let (store, sinks, notify, stop, every) = (store.clone(), sinks.clone(), relay_notify.clone(), tasks.clone(), config.alerts.resend_every.0);
-        async move {
-            tokio::join!(alerts::deliver_loop(store.clone(), sinks.clone(), notify, stop.clone()), alerts::resend_loop(store, sinks, every, stop));
-        }
-    });
+    {
+        let (store, sinks, notify, stop) = (store.clone(), sinks.clone(), relay_notify.clone(), tasks.clone());
+        supervisor.spawn("alerts", alerts::deliver_loop(store, sinks, notify, stop));
+    }
+    supervisor.spawn("alert-resend", alerts::resend_loop(store.clone(), sinks.clone(), config.alerts.resend_every.0, tasks.clone()));
     let monitor = Monitor {
         store: store.clone(),
         writer: writer.clone(),
@@ -258,14 +290,32 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         config: config.alerts.clone(),
         ownership: ownership.clone(),
     };
-    let monitor_task = tokio::spawn(monitor.run(tasks.clone()));
+    supervisor.spawn("monitor", monitor.run(tasks.clone()));
     let reloader = crate::reload::Reloader { current: std::sync::Mutex::new(config.clone()), sinks: sinks.clone(), tokens: reload_tokens };
-    let reconcile_task = tokio::spawn(reconciler.run(tasks.clone()));
-    let reload_task = tokio::spawn(reloader.run(tasks.clone()));
+    supervisor.spawn("reconcile", reconciler.run(tasks.clone()));
+    supervisor.spawn("reload", reloader.run(tasks.clone()));
+    resolve_earlier_failure(&store, &writer).await;
     on_started(Started { api: api_addr, bootstrap: bootstrap.clone(), embedded: embedded.is_some() });
 
-    // The intake stops on shutdown, or on its own when the writer fails.
-    let intake_result = intake.run(shutdown.clone()).await;
+    // The intake stops on shutdown, on its own when the writer fails, or when
+    // the supervisor saw a critical task stop: the one shutdown path follows.
+    let stop = shutdown.child_token();
+    let intake_run = intake.run(stop.clone());
+    tokio::pin!(intake_run);
+    let mut failed = None;
+    let intake_result = loop {
+        tokio::select! {
+            r = &mut intake_run => break r,
+            reason = supervisor.failed(), if failed.is_none() => {
+                raise_failure(&writer, &reason).await;
+                failed = Some(reason);
+                // A moment with /readyz answering 503 and the reason, so that a
+                // load balancer or an operator sees why before the node goes.
+                tokio::time::sleep(FAILURE_GRACE.min(config.kafka.drain_timeout.0 / 2)).await;
+                stop.cancel();
+            }
+        }
+    };
     tracing::info!("shutting down: intake drained");
     tasks.cancel();
     if let Some(r) = &replica {
@@ -275,10 +325,12 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         // A batch still waiting for the broker gives up; it was not applied.
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     }
-    let _ = tokio::join!(api_task, relay_task, rotation_task, purge_task, notify_task, alert_task, monitor_task, reconcile_task, reload_task);
+    supervisor.join(config.kafka.drain_timeout.0).await;
     drop(writer);
     let writer_result = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    drop(embedded);
+    if let Some(reason) = failed {
+        return Err(DaemonError::TaskFailed(reason));
+    }
     intake_result?;
     match writer_result {
         Ok(Ok(Ok(()))) => {
@@ -287,6 +339,39 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         }
         Ok(Ok(Err(e))) => Err(e.into()),
         _ => Err(DaemonError::WriterDied),
+    }
+}
+
+const TASK_FAILED: &str = "KeywardenTaskFailed";
+const FAILURE_GRACE: Duration = Duration::from_secs(1);
+
+/// Tells the operator, durably: the alert is queued with the store's other
+/// alerts, so it is delivered even if the task that died was the alert sender
+/// (by the restarted daemon, which then resolves it).
+async fn raise_failure(writer: &Writer, reason: &str) {
+    let alert = crate::engine::Alert::new(
+        TASK_FAILED,
+        crate::engine::Severity::Critical,
+        &[],
+        "a critical keywarden task stopped; keywarden exits to be restarted".into(),
+        reason.to_string(),
+        chrono::Utc::now(),
+    );
+    if let Err(e) = writer.submit_within(crate::engine::Input::Alert(alert), Duration::from_secs(2)).await {
+        tracing::error!(error = %e, "cannot queue the task-failure alert");
+    }
+}
+
+/// A daemon that starts again has recovered from the failure that stopped it.
+async fn resolve_earlier_failure(store: &Store, writer: &Writer) {
+    let firing = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.firing_alerts()).await.unwrap_or_default()
+    };
+    for alert in firing.into_iter().filter(|a| a.name == TASK_FAILED) {
+        if let Err(e) = writer.submit(crate::engine::Input::Alert(alert.resolved(chrono::Utc::now()))).await {
+            tracing::warn!(error = %e, "cannot resolve the earlier task-failure alert");
+        }
     }
 }
 
@@ -318,16 +403,11 @@ fn build_router(config: &Config, local: Arc<LocalKms>) -> Result<KmsRouter, KmsE
 }
 
 fn limits(l: &RemoteLimits) -> Limits {
-    Limits {
-        rate: l.rate_limit,
-        max_concurrency: l.max_concurrency,
-        breaker_threshold: l.breaker_threshold,
-        breaker_cooldown: l.breaker_cooldown.0,
-    }
+    Limits { rate: l.rate_limit, max_concurrency: l.max_concurrency, breaker_threshold: l.breaker_threshold, breaker_cooldown: l.breaker_cooldown.0 }
 }
 
 async fn create_topics_with_retry(config: &Config, bootstrap: &str, shutdown: &CancellationToken) -> Result<(), BrokerError> {
-    let mut delay = Duration::from_millis(200);
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut tries = 0;
     loop {
         let changelog = Some(config.cluster.changelog_topic.as_str()).filter(|t| !t.is_empty());
@@ -335,8 +415,7 @@ async fn create_topics_with_retry(config: &Config, bootstrap: &str, shutdown: &C
             Ok(()) => return Ok(()),
             Err(e) if e.retryable() && tries < 30 && !shutdown.is_cancelled() => {
                 tracing::warn!(error = %e, "topic creation failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next_delay()).await;
                 tries += 1;
             }
             Err(e) => return Err(e),

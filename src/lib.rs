@@ -5,9 +5,10 @@
 
 pub mod act;
 pub mod api;
+pub mod backoff;
 pub mod broker;
-pub mod cluster;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod engine;
@@ -19,7 +20,8 @@ pub mod reload;
 pub mod replica;
 pub mod schedule;
 pub mod store;
-pub mod tell;
+pub mod supervise;
 pub mod telemetry;
+pub mod tell;
 pub mod text;
 pub mod writer;

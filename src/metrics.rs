@@ -71,11 +71,7 @@ impl Metrics {
             vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0],
         );
         let dead_letters = counter("keywarden_dead_letters_total", "Messages sent to the dead-letter topic, by reason class", &["reason"]);
-        let security_events = counter(
-            "keywarden_security_events_total",
-            "Messages refused for a missing, unknown or forged signature, by reason",
-            &["reason"],
-        );
+        let security_events = counter("keywarden_security_events_total", "Messages refused for a missing, unknown or forged signature, by reason", &["reason"]);
         let commands = counter("keywarden_commands_published_total", "Data-plane commands published, by action", &["action"]);
         let rewraps = counter("keywarden_rewraps_total", "DEK rewraps, by provider and result", &["provider", "result"]);
         let rewrap_seconds = histogram(
@@ -84,11 +80,8 @@ impl Metrics {
             &["provider"],
             vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
         );
-        let rewrap_errors = counter(
-            "keywarden_rewrap_errors_total",
-            "Failed KMS rewrap calls (each attempt), by provider and error class",
-            &["provider", "class"],
-        );
+        let rewrap_errors =
+            counter("keywarden_rewrap_errors_total", "Failed KMS rewrap calls (each attempt), by provider and error class", &["provider", "class"]);
         let dek_requests = counter("keywarden_dek_requests_total", "DEK requests from the data plane, by result", &["result"]);
         let commit_seconds = Histogram::with_opts(
             HistogramOpts::new("keywarden_store_commit_seconds", "Time to apply and flush one batch to the store")
@@ -103,11 +96,8 @@ impl Metrics {
         .expect("metric");
         let rotations_active =
             IntGauge::new("keywarden_rotations_active", "Rotation jobs not finished (running, or waiting for the key or the KMS)").expect("metric");
-        let rotation_pending = IntGauge::new(
-            "keywarden_rotation_pending_instances",
-            "Instances that unfinished rotations still have to rewrap, across all keys",
-        )
-        .expect("metric");
+        let rotation_pending =
+            IntGauge::new("keywarden_rotation_pending_instances", "Instances that unfinished rotations still have to rewrap, across all keys").expect("metric");
         let instances = IntGaugeVec::new(Opts::new("keywarden_instances", "Instances by state"), &["state"]).expect("metric");
         let build_info = IntGaugeVec::new(Opts::new("keywarden_build_info", "Build information"), &["version"]).expect("metric");
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -242,11 +232,7 @@ mod tests {
             ("x".to_string(), Tally { with_dek: 4, destroyed: 5 }),
             ("unknown".to_string(), Tally { with_dek: 1, destroyed: 0 }),
         ]);
-        let statuses = HashMap::from([
-            ("a".to_string(), KeyStatus::Active),
-            ("d".to_string(), KeyStatus::Disabled),
-            ("x".to_string(), KeyStatus::Deleted),
-        ]);
+        let statuses = HashMap::from([("a".to_string(), KeyStatus::Active), ("d".to_string(), KeyStatus::Disabled), ("x".to_string(), KeyStatus::Deleted)]);
         assert_eq!(instances_by_state(&tally, &statuses), [("active", 4), ("revoked", 2), ("erased", 4), ("destroyed", 6)]);
     }
 

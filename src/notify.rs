@@ -157,16 +157,17 @@ pub struct Watched {
 /// watchdog pings while the intake's heartbeat is fresh. Sends `STOPPING=1` as
 /// soon as `shutdown` is cancelled, then stays quiet until `done`.
 pub async fn supervise(notifier: Notifier, watched: Watched, shutdown: CancellationToken, done: CancellationToken) {
-    let watchdog = watchdog_interval(
-        std::env::var("WATCHDOG_USEC").ok().as_deref(),
-        std::env::var("WATCHDOG_PID").ok().as_deref(),
-        std::process::id(),
-    );
+    let watchdog = watchdog_interval(std::env::var("WATCHDOG_USEC").ok().as_deref(), std::env::var("WATCHDOG_PID").ok().as_deref(), std::process::id());
     report(notifier, watched, watchdog, shutdown, done).await
 }
 
 async fn report(notifier: Notifier, watched: Watched, watchdog: Option<Duration>, shutdown: CancellationToken, done: CancellationToken) {
     if !notifier.enabled() {
+        // Not under systemd: idle until shutdown (a supervised task that ends has failed).
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = done.cancelled() => {}
+        }
         return;
     }
     // Pinging at half the interval leaves one ping of slack; a heartbeat older

@@ -42,6 +42,7 @@ impl Reloader {
     pub async fn run(self, shutdown: CancellationToken) {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
             tracing::warn!("cannot listen for SIGHUP; config reload is off");
+            shutdown.cancelled().await;
             return;
         };
         loop {

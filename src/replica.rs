@@ -59,14 +59,17 @@ impl Replica {
         bootstrap: &str,
         topic: &str,
         cache: Arc<DekCache>,
+        supervisor: &mut crate::supervise::Supervisor,
     ) -> Result<Arc<Replica>, ReplicaError> {
-        let consumer: Arc<BaseConsumer> = Arc::new(crate::broker::client_config(kafka, bootstrap)
-            .set("group.id", format!("{}-replica-{}", kafka.group_id, kafka.instance_id))
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .map_err(ReplicaError::Consumer)?);
+        let consumer: Arc<BaseConsumer> = Arc::new(
+            crate::broker::client_config(kafka, bootstrap)
+                .set("group.id", format!("{}-replica-{}", kafka.group_id, kafka.instance_id))
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "false")
+                .set("fetch.wait.max.ms", "10")
+                .create()
+                .map_err(ReplicaError::Consumer)?,
+        );
         let meta = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(ReplicaError::Consumer)?;
         let partitions: Vec<i32> = meta.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
         if partitions.is_empty() {
@@ -80,9 +83,11 @@ impl Replica {
         consumer.assign(&tpl).map_err(ReplicaError::Consumer)?;
         let replica = Arc::new(Replica { progress: Mutex::new(Progress::default()), changed: Condvar::new(), partitions, stop: AtomicBool::new(false) });
         let follower = Follower { store, consumer: consumer.clone(), topic: topic.to_string(), cache, replica: replica.clone() };
-        std::thread::Builder::new().name("replica".into()).spawn(move || follower.run()).expect("spawn the replica thread");
+        // Blocking loops (librdkafka polls and sled writes), supervised like
+        // every task: a replica that stopped would serve stale DEKs.
+        supervisor.spawn_blocking("replica", move || follower.run());
         let (asking, topic) = (replica.clone(), topic.to_string());
-        std::thread::Builder::new().name("replica-watermarks".into()).spawn(move || asking.ask_watermarks(&consumer, &topic)).expect("spawn the replica thread");
+        supervisor.spawn_blocking("replica-watermarks", move || asking.ask_watermarks(&consumer, &topic));
         Ok(replica)
     }
 

@@ -4,6 +4,7 @@
 //! answers. One writer means no read-modify-write races and a serializable log.
 
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use prometheus::Histogram;
 use tokio::sync::{mpsc, oneshot};
@@ -22,11 +23,13 @@ pub enum WriterError {
     Commit(String),
     #[error("partition {topic}/{partition} was revoked before this input was committed; its next owner reads it again")]
     Fenced { topic: String, partition: i32 },
+    #[error("not written: {0}; nothing was applied, retry")]
+    Unavailable(String),
 }
 
 impl WriterError {
     pub fn retryable(&self) -> bool {
-        false
+        matches!(self, WriterError::Unavailable(_) | WriterError::Fenced { .. })
     }
 }
 
@@ -43,6 +46,12 @@ pub struct Consumed {
 struct Job {
     input: Option<Input>,
     consumed: Option<Consumed>,
+    /// A caller that must answer in bounded time (the API) gives up at this
+    /// moment: a job still queued then is dropped undecided, and a batch of
+    /// such jobs whose changelog write the broker has not confirmed by then is
+    /// abandoned unapplied. Jobs without one (consumed events, the workers)
+    /// wait for the broker however long it takes: they are never lost.
+    deadline: Option<Instant>,
     reply: oneshot::Sender<Result<Reply, WriterError>>,
 }
 
@@ -92,13 +101,33 @@ impl Writer {
 
     /// Queues an input; the returned receiver answers once it is durable.
     pub async fn enqueue(&self, input: Option<Input>, consumed: Option<Consumed>) -> Result<Pending, WriterError> {
+        self.send(Job { input, consumed, deadline: None, reply: oneshot::channel().0 }).await
+    }
+
+    async fn send(&self, mut job: Job) -> Result<Pending, WriterError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { input, consumed, reply }).await.map_err(|_| WriterError::Stopped)?;
+        job.reply = reply;
+        self.tx.send(job).await.map_err(|_| WriterError::Stopped)?;
         Ok(rx)
     }
 
     pub async fn submit(&self, input: Input) -> Result<Reply, WriterError> {
         self.enqueue(Some(input), None).await?.await.map_err(|_| WriterError::Stopped)?
+    }
+
+    /// As `submit`, but answers `Unavailable` once `timeout` has passed
+    /// without the input being durable; it is then not applied (see `Job::deadline`).
+    pub async fn submit_within(&self, input: Input, timeout: Duration) -> Result<Reply, WriterError> {
+        let deadline = Instant::now() + timeout;
+        let job = Job { input: Some(input), consumed: None, deadline: Some(deadline), reply: oneshot::channel().0 };
+        let waited = async { self.send(job).await?.await.map_err(|_| WriterError::Stopped)? };
+        // The writer answers at the deadline itself; this only covers a writer
+        // busy with a batch that waits on the broker (a job still queued then
+        // is dropped when the writer reaches it).
+        match tokio::time::timeout(timeout + Duration::from_millis(250), waited).await {
+            Ok(answer) => answer,
+            Err(_) => Err(WriterError::Unavailable(format!("the store writer did not get to it within {timeout:?}; the broker may be unreachable"))),
+        }
     }
 }
 
@@ -111,14 +140,32 @@ fn writer_loop(
     commit_seconds: Option<Histogram>,
 ) -> Result<(), StoreError> {
     let mut jobs = Vec::with_capacity(max_batch);
-    while let Some(first) = rx.blocking_recv() {
+    // A job that would have mixed jobs with and without a deadline in one
+    // batch: it starts the next one.
+    let mut carried: Option<Job> = None;
+    while let Some(first) = carried.take().or_else(|| rx.blocking_recv()) {
+        let timed = first.deadline.is_some();
         jobs.push(first);
         while jobs.len() < max_batch {
             match rx.try_recv() {
-                Ok(job) => jobs.push(job),
+                Ok(job) if job.deadline.is_some() == timed => jobs.push(job),
+                Ok(job) => {
+                    carried = Some(job);
+                    break;
+                }
                 Err(_) => break,
             }
         }
+        let now = Instant::now();
+        let (expired, live): (Vec<Job>, Vec<Job>) = jobs.drain(..).partition(|j| j.deadline.is_some_and(|d| d <= now));
+        for job in expired {
+            let _ = job.reply.send(Err(WriterError::Unavailable("it waited past its deadline behind writes the broker had not confirmed".into())));
+        }
+        jobs = live;
+        if jobs.is_empty() {
+            continue;
+        }
+        let deadline = jobs.iter().filter_map(|j| j.deadline).min();
         let mut records = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
         // Held until the batch is durable: a revocation waits for it, and no input
@@ -149,9 +196,18 @@ fn writer_loop(
             }
         }
         let started = std::time::Instant::now();
-        let committed = store.commit(&records, true);
+        let committed = store.commit_until(&records, true, deadline);
         if let Some(h) = &commit_seconds {
             h.observe(started.elapsed().as_secs_f64());
+        }
+        if let Err(StoreError::Unavailable(why)) = &committed {
+            // Nothing of the batch was written anywhere: the callers are told,
+            // and the writer goes on.
+            tracing::warn!(reason = %why, inputs = replies.len(), "writes abandoned unapplied: the changelog did not confirm them in time");
+            for (tx, _) in replies {
+                let _ = tx.send(Err(WriterError::Unavailable(why.clone())));
+            }
+            continue;
         }
         if let Err(e) = committed {
             tracing::error!(error = %e, "store commit failed; stopping so that nothing is acknowledged that is not durable");
@@ -226,20 +282,29 @@ mod tests {
             material_destroyed: false,
         };
         let first = w
-            .enqueue(Some(Input::Event { event: event("e1"), at: Utc::now(), kms: None }), Some(Consumed { topic: "t".into(), partition: 3, next: 1, generation: old }))
+            .enqueue(
+                Some(Input::Event { event: event("e1"), at: Utc::now(), kms: None }),
+                Some(Consumed { topic: "t".into(), partition: 3, next: 1, generation: old }),
+            )
             .await
             .unwrap();
         assert!(first.await.unwrap().is_ok());
         // Revoked (and even re-assigned to this member): inputs read before are fenced off.
         fence.revoke(std::slice::from_ref(&part));
         let late = w
-            .enqueue(Some(Input::Event { event: event("e2"), at: Utc::now(), kms: None }), Some(Consumed { topic: "t".into(), partition: 3, next: 2, generation: old }))
+            .enqueue(
+                Some(Input::Event { event: event("e2"), at: Utc::now(), kms: None }),
+                Some(Consumed { topic: "t".into(), partition: 3, next: 2, generation: old }),
+            )
             .await
             .unwrap();
         assert!(matches!(late.await.unwrap(), Err(WriterError::Fenced { partition: 3, .. })));
         fence.assign(std::slice::from_ref(&part));
         let stale_gen = w
-            .enqueue(Some(Input::Event { event: event("e3"), at: Utc::now(), kms: None }), Some(Consumed { topic: "t".into(), partition: 3, next: 3, generation: old }))
+            .enqueue(
+                Some(Input::Event { event: event("e3"), at: Utc::now(), kms: None }),
+                Some(Consumed { topic: "t".into(), partition: 3, next: 3, generation: old }),
+            )
             .await
             .unwrap();
         assert!(matches!(stale_gen.await.unwrap(), Err(WriterError::Fenced { .. })));

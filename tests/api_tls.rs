@@ -17,13 +17,67 @@ fn openssl(dir: &Path, args: &[&str]) {
 /// that CA; plus a client certificate from a CA keywarden does not trust.
 fn make_pki(dir: &Path) {
     for ca in ["ca", "rogue-ca"] {
-        openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", &format!("/CN={ca}"), "-keyout", &format!("{ca}.key"), "-out", &format!("{ca}.pem")]);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN={ca}"),
+                "-keyout",
+                &format!("{ca}.key"),
+                "-out",
+                &format!("{ca}.pem"),
+            ],
+        );
     }
     std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n").unwrap();
     std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
     for (name, ca, ext) in [("server", "ca", "server.ext"), ("client", "ca", "client.ext"), ("rogue", "rogue-ca", "client.ext")] {
-        openssl(dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", &format!("/CN={name}"), "-keyout", &format!("{name}.key"), "-out", &format!("{name}.csr")]);
-        openssl(dir, &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", &format!("{ca}.pem"), "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-days", "2", "-extfile", ext, "-out", &format!("{name}.pem")]);
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                &format!("/CN={name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                ext,
+                "-out",
+                &format!("{name}.pem"),
+            ],
+        );
         // reqwest and the CLI take the certificate and its key in one PEM file.
         let both = [std::fs::read(dir.join(format!("{name}.pem"))).unwrap(), std::fs::read(dir.join(format!("{name}.key"))).unwrap()].concat();
         std::fs::write(dir.join(format!("{name}-identity.pem")), both).unwrap();
@@ -45,12 +99,15 @@ fn the_api_speaks_tls_and_the_dek_endpoint_wants_a_client_certificate_from_the_c
     make_pki(dir);
     let path = |f: &str| dir.join(f).to_str().unwrap().to_string();
     let broker = Broker::start();
-    let d = Daemon::start(&broker.bootstrap, &[
-        ("KEYWARDEN_API_TLS_CERT_FILE", &path("server.pem")),
-        ("KEYWARDEN_API_TLS_KEY_FILE", &path("server.key")),
-        ("KEYWARDEN_API_TLS_CLIENT_CA_FILE", &path("ca.pem")),
-        ("KEYWARDEN_API_CA_CERT", &path("ca.pem")),
-    ]);
+    let d = Daemon::start(
+        &broker.bootstrap,
+        &[
+            ("KEYWARDEN_API_TLS_CERT_FILE", &path("server.pem")),
+            ("KEYWARDEN_API_TLS_KEY_FILE", &path("server.key")),
+            ("KEYWARDEN_API_TLS_CLIENT_CA_FILE", &path("ca.pem")),
+            ("KEYWARDEN_API_CA_CERT", &path("ca.pem")),
+        ],
+    );
     assert!(d.api.starts_with("https://"));
     // Admin calls need only the token, over TLS.
     d.create_key("tls-key");
@@ -72,11 +129,7 @@ fn the_api_speaks_tls_and_the_dek_endpoint_wants_a_client_certificate_from_the_c
 
     // The CLI, as an operator or a data-plane node would use it.
     let cli = |args: &[&str], token: &str| {
-        Command::new(env!("CARGO_BIN_EXE_keywarden"))
-            .args(["--api", &d.api, "--token", token, "--ca-cert", &path("ca.pem")])
-            .args(args)
-            .output()
-            .unwrap()
+        Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", &d.api, "--token", token, "--ca-cert", &path("ca.pem")]).args(args).output().unwrap()
     };
     let shown = cli(&["instance", "show", "tls-db"], &d.admin_token);
     assert!(shown.status.success(), "{}", String::from_utf8_lossy(&shown.stderr));
@@ -88,11 +141,7 @@ fn the_api_speaks_tls_and_the_dek_endpoint_wants_a_client_certificate_from_the_c
 
 #[test]
 fn a_half_configured_tls_section_is_refused_with_the_field_named() {
-    let out = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .arg("check-config")
-        .env("KEYWARDEN_API_TLS_CERT_FILE", "/etc/keywarden/api.pem")
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keywarden")).arg("check-config").env("KEYWARDEN_API_TLS_CERT_FILE", "/etc/keywarden/api.pem").output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("api.tls.key_file"), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -70,11 +70,7 @@ fn aws_key_lifecycle_through_moto_and_the_broker() {
     .unwrap();
     let d = Daemon::start(
         &broker.bootstrap,
-        &[
-            ("KEYWARDEN_CONFIG", config.to_str().unwrap()),
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ],
+        &[("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")],
     );
     let enc = |s: &str| s.replace(':', "%3A").replace('/', "%2F");
     let ids = ["aws-a", "aws-b", "aws-c"];
@@ -184,10 +180,7 @@ fn reconciliation_applies_what_events_missed_and_asks_before_revoking_many() {
     }
     let (_, plan) = d.post("/v1/reconcile", None);
     assert_eq!(plan["awaiting_confirmation"], true, "{plan}");
-    let confirm = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .args(["--api", &d.api, "--token", &d.admin_token, "reconcile", "--confirm"])
-        .output()
-        .unwrap();
+    let confirm = Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", &d.api, "--token", &d.admin_token, "reconcile", "--confirm"]).output().unwrap();
     assert!(confirm.status.success(), "{}", String::from_utf8_lossy(&confirm.stderr));
     for i in 0..3 {
         d.wait_state(&format!("rc-large-{i}"), "revoked");

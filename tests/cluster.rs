@@ -180,7 +180,12 @@ fn three_nodes_share_the_work_survive_a_kill_a_fresh_node_and_a_clean_stop() {
             let list = list["instances"].as_array().cloned().unwrap_or_default();
             let by_id: HashMap<String, (String, String)> = list
                 .iter()
-                .map(|v| (v["instance_id"].as_str().unwrap().to_string(), (v["state"].as_str().unwrap().to_string(), v["key_version"].as_str().unwrap_or("").to_string())))
+                .map(|v| {
+                    (
+                        v["instance_id"].as_str().unwrap().to_string(),
+                        (v["state"].as_str().unwrap().to_string(), v["key_version"].as_str().unwrap_or("").to_string()),
+                    )
+                })
                 .collect();
             // (key, what it should be, what it is) for every instance that is not there yet.
             let mut wrong: HashMap<(usize, String), usize> = HashMap::new();
@@ -239,7 +244,13 @@ fn three_nodes_share_the_work_survive_a_kill_a_fresh_node_and_a_clean_stop() {
     // The data plane was told: every instance of a disabled or deleted key got
     // its command, including those whose key's owner was killed or stopped.
     let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
-    let told = |seen: &[Read], cause: &str| seen.iter().filter(|m| m.json()["cause_event_id"] == cause).map(|m| m.json()["instance_id"].as_str().unwrap().to_string()).collect::<std::collections::HashSet<_>>().len();
+    let told = |seen: &[Read], cause: &str| {
+        seen.iter()
+            .filter(|m| m.json()["cause_event_id"] == cause)
+            .map(|m| m.json()["instance_id"].as_str().unwrap().to_string())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
     for (n, cause) in events[10..].iter().enumerate() {
         commands.read_until(&format!("commands for every instance of {}", key(10 + n)), Duration::from_secs(60), |seen| told(seen, cause) == PER_KEY);
     }
@@ -310,5 +321,8 @@ fn a_revocation_on_the_owner_is_visible_on_every_node_quickly() {
         let refused = answers.iter().filter(|(s, v)| *s == 503 && v["error"].as_str().unwrap_or("").contains("behind the changelog")).count();
         (refused == 2 && answers.iter().any(|(s, _)| *s == 200)).then_some(())
     });
-    println!("CLUSTER: broker stopped; the 2 replicas refused the DEK after {:.1}s (cluster.max_replica_lag = 2s), the owner kept serving it", started.elapsed().as_secs_f64());
+    println!(
+        "CLUSTER: broker stopped; the 2 replicas refused the DEK after {:.1}s (cluster.max_replica_lag = 2s), the owner kept serving it",
+        started.elapsed().as_secs_f64()
+    );
 }

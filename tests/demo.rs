@@ -6,11 +6,7 @@ use std::process::Command;
 #[test]
 fn demo_walks_the_whole_lifecycle_on_the_embedded_broker() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let out = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .args(["demo", "--exit"])
-        .env("KEYWARDEN_API_LISTEN", format!("127.0.0.1:{port}"))
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["demo", "--exit"]).env("KEYWARDEN_API_LISTEN", format!("127.0.0.1:{port}")).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     for expected in [
@@ -32,11 +28,8 @@ fn check_config_accepts_the_shipped_file_and_names_a_bad_field() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/keywarden.toml");
     let ok = Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["check-config", "--config", shipped]).output().unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
-    let bad = Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .args(["check-config", "--config", shipped])
-        .env("KEYWARDEN_ROTATION_CONCURRENCY", "0")
-        .output()
-        .unwrap();
+    let bad =
+        Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["check-config", "--config", shipped]).env("KEYWARDEN_ROTATION_CONCURRENCY", "0").output().unwrap();
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("rotation.concurrency") && err.contains("1 to 1024"), "{err}");

@@ -10,7 +10,8 @@ use common::*;
 use serde_json::{json, Value};
 
 const MIN: Duration = Duration::from_secs(60);
-const CRN: &str = "crn:v1:bluemix:public:kms:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:12e8c9c2-a162-472d-b7d6-8b9a86b815a6:key:2e4f5b0d-f8e3-4b4b-9d1c-3f2a7f4d2e1a";
+const CRN: &str =
+    "crn:v1:bluemix:public:kms:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:12e8c9c2-a162-472d-b7d6-8b9a86b815a6:key:2e4f5b0d-f8e3-4b4b-9d1c-3f2a7f4d2e1a";
 const ARN: &str = "arn:aws:kms:us-west-2:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab";
 
 fn at_event(id: &str, action: &str, correlation: &str, time: &str) -> Vec<u8> {
@@ -38,10 +39,15 @@ fn eventbridge(id: &str, detail_type: &str, time: &str, detail: Value) -> Vec<u8
 }
 
 fn cloudtrail(id: &str, name: &str, time: &str) -> Vec<u8> {
-    eventbridge(id, "AWS API Call via CloudTrail", time, json!({
-        "eventSource": "kms.amazonaws.com", "eventName": name, "awsRegion": "us-west-2",
-        "requestParameters": {"keyId": ARN}, "requestID": format!("req-{id}"), "eventID": format!("ct-{id}")
-    }))
+    eventbridge(
+        id,
+        "AWS API Call via CloudTrail",
+        time,
+        json!({
+            "eventSource": "kms.amazonaws.com", "eventName": name, "awsRegion": "us-west-2",
+            "requestParameters": {"keyId": ARN}, "requestID": format!("req-{id}"), "eventID": format!("ct-{id}")
+        }),
+    )
 }
 
 fn unsigned(p: &rdkafka::producer::BaseProducer, key: &str, payload: &[u8]) {
@@ -93,7 +99,11 @@ fn eventbridge_events_revoke_and_a_kms_deletion_erases_for_good() {
         // Cancelling leaves the key disabled, as AWS does.
         ("eb-4", cloudtrail("eb-4", "CancelKeyDeletion", "2030-01-01T00:00:04Z"), "revoked"),
         ("eb-5", cloudtrail("eb-5", "EnableKey", "2030-01-01T00:00:05Z"), "active"),
-        ("eb-6", eventbridge("eb-6", "KMS Imported Key Material Expiration", "2030-01-01T00:00:06Z", json!({"key-id": "1234abcd-12ab-34cd-56ef-1234567890ab"})), "revoked"),
+        (
+            "eb-6",
+            eventbridge("eb-6", "KMS Imported Key Material Expiration", "2030-01-01T00:00:06Z", json!({"key-id": "1234abcd-12ab-34cd-56ef-1234567890ab"})),
+            "revoked",
+        ),
         ("eb-7", cloudtrail("eb-7", "EnableKey", "2030-01-01T00:00:07Z"), "active"),
     ];
     for (id, payload, want) in steps {
@@ -134,10 +144,13 @@ fn cloudevents_in_both_modes_are_applied_when_signed() {
 
     let body = serde_json::to_vec(&native("ev-ce-2", "enable", "2030-01-01T00:00:02Z")).unwrap();
     let sig = keywarden::intake::signature::Signer::hmac("local", TEST_EVENT_SECRET.as_bytes()).sign(&body);
-    produce_with_headers(&p, "key-lifecycle", Some("ce-key"), &body, &[
-        ("ce_specversion", "1.0"), ("ce_id", "ce-2"), ("ce_source", "/kms/eu-de"), ("ce_type", "com.example.kms.key.enabled"),
-        ("keywarden-signature", &sig),
-    ]);
+    produce_with_headers(
+        &p,
+        "key-lifecycle",
+        Some("ce-key"),
+        &body,
+        &[("ce_specversion", "1.0"), ("ce_id", "ce-2"), ("ce_source", "/kms/eu-de"), ("ce_type", "com.example.kms.key.enabled"), ("keywarden-signature", &sig)],
+    );
     d.wait_state("ce-db", "active");
 }
 
@@ -188,11 +201,8 @@ fn unsigned_forged_and_unknown_messages_are_dead_lettered_never_applied_and_coun
 fn event_emit_produces_signed_events_the_daemon_accepts_including_ed25519() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
-    let keygen = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden"))
-        .args(["event", "keygen", "--out"])
-        .arg(dir.path().join("partner"))
-        .output()
-        .unwrap();
+    let keygen =
+        std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["event", "keygen", "--out"]).arg(dir.path().join("partner")).output().unwrap();
     assert!(keygen.status.success(), "{}", String::from_utf8_lossy(&keygen.stderr));
     let config = dir.path().join("keywarden.toml");
     std::fs::write(

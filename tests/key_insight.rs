@@ -92,14 +92,14 @@ fn key_impact_predicts_the_revokes_a_disable_then_sends() {
     d.wait_event(&cause);
     commands.read_until("the revoke commands", MIN, |r| r.iter().filter(|m| m.json()["cause_event_id"] == cause.as_str()).count() >= 3);
     commands.drain(Duration::from_secs(1));
-    let mut revoked: Vec<String> = commands
-        .commands("revoke", &cause)
-        .iter()
-        .map(|c| c["instance_id"].as_str().unwrap().to_string())
-        .collect();
+    let mut revoked: Vec<String> = commands.commands("revoke", &cause).iter().map(|c| c["instance_id"].as_str().unwrap().to_string()).collect();
     revoked.sort();
     assert_eq!(revoked, ["im-0", "im-1", "im-2"]);
-    assert!(commands.seen.iter().filter(|m| m.json()["cause_event_id"] == cause.as_str()).all(|m| m.key == Some(m.json()["instance_id"].as_str().unwrap().to_string())));
+    assert!(commands
+        .seen
+        .iter()
+        .filter(|m| m.json()["cause_event_id"] == cause.as_str())
+        .all(|m| m.key == Some(m.json()["instance_id"].as_str().unwrap().to_string())));
 
     let out = run(cli(&d, &["key", "impact", "ik", "--output", "json"]), MIN);
     let after: Value = serde_json::from_slice(&out.stdout).unwrap();

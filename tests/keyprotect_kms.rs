@@ -115,7 +115,11 @@ async fn action(State(kp): S, headers: HeaderMap, Path((id, action)): Path<(Stri
     let Ok(b) = serde_json::from_slice::<Value>(&body) else { return kp_error(StatusCode::BAD_REQUEST, "BAD_BODY_ERR", "Bad Request") };
     let keys = kp.keys.lock().unwrap();
     let Some(key) = keys.get(&id) else {
-        return kp_error(StatusCode::NOT_FOUND, "KEY_NOT_FOUND_ERR", "Not Found: Key could not be retrieved: Please see 'reasons' for more details (KEY_NOT_FOUND_ERR)");
+        return kp_error(
+            StatusCode::NOT_FOUND,
+            "KEY_NOT_FOUND_ERR",
+            "Not Found: Key could not be retrieved: Please see 'reasons' for more details (KEY_NOT_FOUND_ERR)",
+        );
     };
     if key.state == 5 {
         return kp_error(StatusCode::GONE, "KEY_DELETED_ERR", "Gone: Key has already been deleted: Please delete references to this key");
@@ -130,11 +134,13 @@ async fn action(State(kp): S, headers: HeaderMap, Path((id, action)): Path<(Stri
         let (vid, rest) = raw.split_at(36);
         let vid = String::from_utf8(vid.to_vec()).ok()?;
         let (_, material) = key.versions.iter().find(|(v, _)| *v == vid)?;
-        let plain = Aes256Gcm::new_from_slice(material).ok()?.decrypt(Nonce::from_slice(&rest[..12]), Payload { msg: &rest[12..], aad: aad.as_bytes() }).ok()?;
+        let plain =
+            Aes256Gcm::new_from_slice(material).ok()?.decrypt(Nonce::from_slice(&rest[..12]), Payload { msg: &rest[12..], aad: aad.as_bytes() }).ok()?;
         Some((vid, plain))
     };
     let wrap = |plain: &[u8]| STANDARD.encode([latest_id.as_bytes().to_vec(), seal(latest, plain, &aad)].concat());
-    let unprocessable = || kp_error(StatusCode::UNPROCESSABLE_ENTITY, "UNPROCESSABLE_CIPHERTEXT_ERR", "Unprocessable Entity: The provided ciphertext is invalid or corrupted");
+    let unprocessable =
+        || kp_error(StatusCode::UNPROCESSABLE_ENTITY, "UNPROCESSABLE_CIPHERTEXT_ERR", "Unprocessable Entity: The provided ciphertext is invalid or corrupted");
     match action.as_str() {
         "wrap" => {
             let Some(plain) = b["plaintext"].as_str().and_then(|p| STANDARD.decode(p).ok()) else {
@@ -217,7 +223,11 @@ async fn event_ack(State(kp): S, headers: HeaderMap, Json(b): Json<Value>) -> Re
         || r["timestamp"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).is_none()
         || (r["adopterKeyState"] == "DEK_ENABLED" && r["keyStateData"]["rewrappedKeyVersion"].as_str().is_none())
     {
-        return kp_error(StatusCode::BAD_REQUEST, "BAD_BODY_ERR", "Bad Request: eventId, adopterKeyState, timestamp and, for DEK_ENABLED, keyStateData are required");
+        return kp_error(
+            StatusCode::BAD_REQUEST,
+            "BAD_BODY_ERR",
+            "Bad Request: eventId, adopterKeyState, timestamp and, for DEK_ENABLED, keyStateData are required",
+        );
     }
     kp.acks.lock().unwrap().push(r.clone());
     StatusCode::NO_CONTENT.into_response()
@@ -339,7 +349,8 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     let (s, _) = d.delete("/v1/instances/kp-29");
     assert_eq!(s, 204);
     wait_until("the deleted instance deregistered", Duration::from_secs(30), || (kp.registrations.lock().unwrap().len() == ids.len() - 1).then_some(()));
-    let ack_of = |id: &str| wait_until(&format!("ack of {id}"), Duration::from_secs(30), || kp.acks.lock().unwrap().iter().find(|a| a["eventId"] == id).cloned());
+    let ack_of =
+        |id: &str| wait_until(&format!("ack of {id}"), Duration::from_secs(30), || kp.acks.lock().unwrap().iter().find(|a| a["eventId"] == id).cloned());
     let rotated = ack_of("kp-1");
     assert_eq!(rotated["adopterKeyState"], "DEK_ENABLED");
     assert_eq!(rotated["keyStateData"]["rewrappedKeyVersion"], v2.as_str(), "{rotated}");
@@ -354,7 +365,8 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     assert!(v["error"].as_str().unwrap().contains("once an hour"), "{v}");
 
     // Errors name the provider and what to check.
-    let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "kp-x", "key_id": format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:missing")})));
+    let (s, v) =
+        d.post("/v1/instances", Some(json!({"instance_id": "kp-x", "key_id": format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:missing")})));
     assert_eq!(s, 404, "{v}");
     std::fs::write(&api_key, "revoked-key\n").unwrap();
     kp.tokens.lock().unwrap().clear();

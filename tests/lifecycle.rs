@@ -87,7 +87,12 @@ fn every_event_type_rewraps_revokes_erases_and_restores_end_to_end() {
 }
 
 fn commands_for(read: &[Read], action: &str, cause: &str) -> usize {
-    read.iter().map(Read::json).filter(|c| c["action"] == action && c["cause_event_id"] == cause).map(|c| c["instance_id"].to_string()).collect::<HashSet<_>>().len()
+    read.iter()
+        .map(Read::json)
+        .filter(|c| c["action"] == action && c["cause_event_id"] == cause)
+        .map(|c| c["instance_id"].to_string())
+        .collect::<HashSet<_>>()
+        .len()
 }
 
 #[test]
@@ -206,10 +211,7 @@ fn events_for_a_key_without_instances_shape_instances_created_later() {
 #[test]
 fn restore_after_the_purge_leaves_instances_destroyed_and_says_why() {
     let broker = Broker::start();
-    let d = Daemon::start(
-        &broker.bootstrap,
-        &[("KEYWARDEN_POLICY_PURGE_AFTER", "2s"), ("KEYWARDEN_POLICY_PURGE_SCHEDULE", "* * * * * *")],
-    );
+    let d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_POLICY_PURGE_AFTER", "2s"), ("KEYWARDEN_POLICY_PURGE_SCHEDULE", "* * * * * *")]);
     d.create_key("k5");
     d.create_instance("i5", "k5");
     d.act("k5", "delete");
@@ -302,7 +304,8 @@ fn cli_speaks_to_the_api_and_fails_with_a_one_line_reason() {
     assert!(err.contains("revoked") && err.contains("423"), "{err}");
     let out = cli(&["instance", "list", "--key", "cli-key"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("cli-db\trevoked"));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", "http://127.0.0.1:1", "--token", "t", "key", "show", "x"]).output().unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", "http://127.0.0.1:1", "--token", "t", "key", "show", "x"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
@@ -325,11 +328,7 @@ left = p.flush(30)
 sys.exit(1 if left else 0)
 "#;
     let out = std::process::Command::new("python3").args(["-c", script, &broker.bootstrap, TEST_EVENT_SECRET]).output().expect("python3");
-    assert!(
-        out.status.success(),
-        "confluent-kafka producer failed (pip install confluent-kafka): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "confluent-kafka producer failed (pip install confluent-kafka): {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.wait_event("py-1")["outcome"], "applied");
     d.wait_state("py-db", "revoked");
 }

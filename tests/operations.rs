@@ -146,9 +146,10 @@ fn alerts_reach_a_real_alertmanager_with_their_labels_and_resolve() {
     d.wait_event(enable["event_id"].as_str().unwrap());
     wait_until("the disable alert to resolve", MIN, || {
         let now = chrono::Utc::now();
-        let open = am.alerts("KeywardenKeyDisabled").into_iter().any(|a| {
-            a["endsAt"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).is_none_or(|t| t > now)
-        });
+        let open = am
+            .alerts("KeywardenKeyDisabled")
+            .into_iter()
+            .any(|a| a["endsAt"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).is_none_or(|t| t > now));
         (!open).then_some(())
     });
 
@@ -180,10 +181,7 @@ fn alerts_reach_a_real_alertmanager_with_their_labels_and_resolve() {
 #[test]
 fn the_audit_trail_exports_verifies_and_catches_tampering_and_purges_leave_proof() {
     let broker = Broker::start();
-    let mut d = Daemon::start(
-        &broker.bootstrap,
-        &[("KEYWARDEN_POLICY_PURGE_AFTER", "1s"), ("KEYWARDEN_POLICY_PURGE_SCHEDULE", "* * * * * *")],
-    );
+    let mut d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_POLICY_PURGE_AFTER", "1s"), ("KEYWARDEN_POLICY_PURGE_SCHEDULE", "* * * * * *")]);
     let started = chrono::Utc::now();
     d.create_key("au-key");
     d.create_instance("au-1", "au-key");

@@ -188,3 +188,77 @@ fn sigterm_drains_and_a_second_signal_exits_at_once_losing_nothing() {
         assert_eq!(d.get(&format!("/v1/keys/{key}")).1["state"], if *kind == "disable" { "disabled" } else { "active" });
     }
 }
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The data plane never waits on the broker: with the broker hung (SIGSTOP,
+/// its connections open, nothing answered) for 30 s while writes are in
+/// flight, DEKs keep being served, and every write is refused in bounded time.
+#[test]
+fn a_hung_broker_never_stalls_dek_requests_and_writes_fail_fast() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("hung");
+    for i in 0..5 {
+        d.create_instance(&format!("h-{i}"), "hung");
+    }
+    let dek = d.dek("h-0").1["dek"].clone();
+    assert!(dek.is_string());
+
+    broker.signal("STOP");
+    let hung_for = Duration::from_secs(30);
+    let hung_at = Instant::now();
+    let (samples, writes) = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let mut writes = Vec::new();
+            let mut n = 0;
+            while hung_at.elapsed() + Duration::from_secs(7) < hung_for {
+                let started = Instant::now();
+                let (status, body) = d.post("/v1/instances", Some(serde_json::json!({"instance_id": format!("hw-{n}"), "key_id": "hung"})));
+                writes.push((status, started.elapsed(), body));
+                n += 1;
+            }
+            writes
+        });
+        let mut samples = Vec::new();
+        while hung_at.elapsed() < hung_for {
+            let started = Instant::now();
+            let (status, body) = d.dek(&format!("h-{}", samples.len() % 5));
+            samples.push(started.elapsed());
+            assert_eq!(status, 200, "DEK refused while the broker is hung: {body}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let writes = writer.join().unwrap();
+        // Still hung: none of the refused writes was applied.
+        for n in 0..writes.len() {
+            assert_eq!(d.get(&format!("/v1/instances/hw-{n}")).0, 404, "hw-{n} was refused, so it must not exist");
+        }
+        (samples, writes)
+    });
+    broker.signal("CONT");
+
+    let mut sorted = samples.clone();
+    sorted.sort();
+    println!(
+        "DEK fetch with the broker hung: n={} p50={:?} p99={:?} max={:?}",
+        sorted.len(),
+        percentile(&sorted, 0.5),
+        percentile(&sorted, 0.99),
+        sorted[sorted.len() - 1]
+    );
+    assert!(sorted.len() >= 200, "only {} samples", sorted.len());
+    assert!(writes.len() >= 3, "writes in flight during the hang: {}", writes.len());
+    for (status, took, body) in &writes {
+        println!("write during the hang: {status} after {took:?}");
+        assert_eq!(*status, 503, "a write while the broker is hung is refused: {body}");
+        assert!(*took < Duration::from_millis(6500), "refused within api.write_timeout (5s) and a margin: {took:?}");
+        assert!(body["error"].as_str().unwrap_or_default().contains("retry"), "{body}");
+    }
+    // The broker back: writes go through again, and the DEK is the same.
+    wait_until("a write to succeed after the broker resumes", Duration::from_secs(60), || {
+        (d.post("/v1/instances", Some(serde_json::json!({"instance_id": "after-hang", "key_id": "hung"}))).0 == 201).then_some(())
+    });
+    assert_eq!(d.dek("h-0").1["dek"], dek);
+}

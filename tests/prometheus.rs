@@ -55,9 +55,7 @@ impl Prometheus {
             .spawn()
             .expect("start prometheus");
         let p = Prometheus { child, dir, url: format!("http://127.0.0.1:{port}"), http: reqwest::blocking::Client::new() };
-        wait_until("prometheus to be ready", MIN, || {
-            p.http.get(format!("{}/-/ready", p.url)).send().ok().filter(|r| r.status() == 200)
-        });
+        wait_until("prometheus to be ready", MIN, || p.http.get(format!("{}/-/ready", p.url)).send().ok().filter(|r| r.status() == 200));
         p
     }
 

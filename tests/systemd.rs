@@ -68,11 +68,7 @@ fn daemon_reports_ready_status_watchdog_and_stopping_to_systemd() {
     std::fs::set_permissions(&master, std::fs::Permissions::from_mode(0o400)).unwrap();
     let mut d = Daemon::start(
         &broker.bootstrap,
-        &[
-            ("NOTIFY_SOCKET", notify.path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "2000000"),
-            ("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", master.to_str().unwrap()),
-        ],
+        &[("NOTIFY_SOCKET", notify.path.to_str().unwrap()), ("WATCHDOG_USEC", "2000000"), ("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", master.to_str().unwrap())],
     );
     assert!(d.is_ready());
 

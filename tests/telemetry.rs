@@ -131,7 +131,8 @@ fn an_events_trace_continues_its_traceparent_through_kms_commit_and_into_its_com
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let producer_span = "00f067aa0ba902b7";
     let traceparent = format!("00-{trace_id}-{producer_span}-01");
-    let event = json!({"event_id": "otel-delete-1", "type": "delete", "key_id": "k1", "occurred_at": chrono::Utc::now().to_rfc3339(), "correlation_id": "corr-otel-1"});
+    let event =
+        json!({"event_id": "otel-delete-1", "type": "delete", "key_id": "k1", "occurred_at": chrono::Utc::now().to_rfc3339(), "correlation_id": "corr-otel-1"});
     produce_signed(&broker.bootstrap, "k1", &event, &[("traceparent", &traceparent)]);
     d.wait_state("db-1", "erased");
 

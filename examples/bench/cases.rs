@@ -127,17 +127,15 @@ pub fn b1_rotation(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     let (kw, bl) = (rate(n, took), rate(n, base));
     eprintln!("bench: B1 baseline runs {base_before:.2?} and {base_after:.2?}");
     let scaled = took.as_secs_f64() * 100_000.0 / n as f64;
-    Ok(vec![
-        row(
-            "B1",
-            &format!("rotation, embedded KMS: {n} DEKs, rotate event → last rewrap committed"),
-            format!("{} ({kw:.0}/s)", ms(took)),
-            format!("{} ({bl:.0}/s)", ms(base)),
-            format!("{:.2}×", kw / bl),
-            "≥ 0.5×; 100k in ≤ 10 s",
-            Some(kw / bl >= 0.5 && scaled <= 10.0),
-        ),
-    ])
+    Ok(vec![row(
+        "B1",
+        &format!("rotation, embedded KMS: {n} DEKs, rotate event → last rewrap committed"),
+        format!("{} ({kw:.0}/s)", ms(took)),
+        format!("{} ({bl:.0}/s)", ms(base)),
+        format!("{:.2}×", kw / bl),
+        "≥ 0.5×; 100k in ≤ 10 s",
+        Some(kw / bl >= 0.5 && scaled <= 10.0),
+    )])
 }
 
 // ---------------------------------------------------------------- B2
@@ -209,9 +207,8 @@ pub fn b2_revocation(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     let watch = CommandWatch::start(&broker.bootstrap, "instance-commands")?;
     let producer = EventProducer::new(&broker.bootstrap, "key-lifecycle", 0)?;
     let dek = reqwest::blocking::Client::new();
-    let dek_status = |id: &str| -> u16 {
-        dek.post(format!("{}/v1/instances/{id}/dek", d.api)).bearer_auth(&d.dek_token).send().map(|r| r.status().as_u16()).unwrap_or(0)
-    };
+    let dek_status =
+        |id: &str| -> u16 { dek.post(format!("{}/v1/instances/{id}/dek", d.api)).bearer_auth(&d.dek_token).send().map(|r| r.status().as_u16()).unwrap_or(0) };
     let mut results = Vec::new();
     for (key, count) in [("r1", 1usize), ("rbig", big)] {
         let probe = format!("{key}-0000000");
@@ -420,7 +417,11 @@ pub fn b4_remote_quota(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     let share_429 = throttled as f64 / (ok + throttled).max(1) as f64;
     Ok(vec![row(
         "B4",
-        &format!("remote KMS at quota (20 ms, 2,000 req/s hard): {n} rewraps; {done} done, {failed} failed; {throttled} × 429 ({:.2}%); total {}", share_429 * 100.0, ms(took)),
+        &format!(
+            "remote KMS at quota (20 ms, 2,000 req/s hard): {n} rewraps; {done} done, {failed} failed; {throttled} × 429 ({:.2}%); total {}",
+            share_429 * 100.0,
+            ms(took)
+        ),
         format!("{sustained:.0} req/s sustained"),
         format!("quota {QUOTA} req/s"),
         format!("{:.2}×", sustained / QUOTA as f64),

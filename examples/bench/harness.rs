@@ -399,8 +399,8 @@ impl EventProducer {
     /// Queues one event; `flush` afterwards to wait for the broker.
     pub fn send(&self, key_id: &str, payload: &[u8]) -> Res<()> {
         let sig = self.signer.sign(payload);
-        let headers = rdkafka::message::OwnedHeaders::new()
-            .insert(rdkafka::message::Header { key: keywarden::intake::signature::HEADER, value: Some(sig.as_str()) });
+        let headers =
+            rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header { key: keywarden::intake::signature::HEADER, value: Some(sig.as_str()) });
         let mut record = BaseRecord::<str, [u8]>::to(&self.topic).payload(payload).key(key_id).headers(headers);
         loop {
             match self.producer.send(record) {

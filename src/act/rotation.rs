@@ -131,18 +131,10 @@ impl Rotator {
             .store
             .instance_ids_of(&job.key_id)
             .into_iter()
-            .filter(|id| {
-                self.store
-                    .instance(id)
-                    .and_then(|i| i.wrapped)
-                    .map(|w| w.key_version != target)
-                    .unwrap_or(false)
-            })
+            .filter(|id| self.store.instance(id).and_then(|i| i.wrapped).map(|w| w.key_version != target).unwrap_or(false))
             .collect();
         if job.total.is_none() {
-            self.writer
-                .submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total: todo.len() as u64 })
-                .await?;
+            self.writer.submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total: todo.len() as u64 }).await?;
         }
         tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = todo.len(), "rotation pass");
         let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &target)).buffer_unordered(self.config.concurrency);
@@ -218,7 +210,7 @@ impl Rotator {
         let inst = self.store.instance(&instance_id)?;
         let wrapped = inst.wrapped?;
         let provider = self.kms.provider_for(&inst.key_id);
-        let mut delay = Duration::from_millis(50);
+        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut attempt = 1;
         loop {
             let started = std::time::Instant::now();
@@ -231,12 +223,7 @@ impl Rotator {
             match result {
                 Ok(new) => {
                     self.metrics.rewraps.with_label_values(&[provider, "ok"]).inc();
-                    return Some(Attempt::Done(Input::Rewrapped {
-                        instance_id,
-                        from_version: wrapped.key_version,
-                        wrapped: new,
-                        at: Utc::now(),
-                    }));
+                    return Some(Attempt::Done(Input::Rewrapped { instance_id, from_version: wrapped.key_version, wrapped: new, at: Utc::now() }));
                 }
                 Err(e) if e.key_unusable() => return Some(Attempt::KeyUnusable),
                 Err(e) if e.retryable() && attempt >= self.config.max_attempts => {
@@ -247,20 +234,15 @@ impl Rotator {
                 Err(e) if e.retryable() => {
                     self.metrics.rewraps.with_label_values(&[provider, "retry"]).inc();
                     tracing::debug!(%instance_id, error = %e, attempt, "rewrap failed transiently; retrying");
+                    let delay = backoff.next_delay();
                     let jitter = rand::thread_rng().gen_range(0..=delay.as_millis() as u64 / 2);
                     tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                     attempt += 1;
                 }
                 Err(e) => {
                     self.metrics.rewraps.with_label_values(&[provider, "failed"]).inc();
                     tracing::warn!(%instance_id, key_id = %inst.key_id, error = %e, "rewrap failed");
-                    return Some(Attempt::Done(Input::RewrapFailed {
-                        instance_id,
-                        from_version: wrapped.key_version,
-                        reason: e.to_string(),
-                        at: Utc::now(),
-                    }));
+                    return Some(Attempt::Done(Input::RewrapFailed { instance_id, from_version: wrapped.key_version, reason: e.to_string(), at: Utc::now() }));
                 }
             }
         }

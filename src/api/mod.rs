@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
-use crate::engine::{instance_state, EventType, InstanceRecord, InstanceState, Input, KeyStatus, Record, Reply, View};
+use crate::engine::{instance_state, EventType, Input, InstanceRecord, InstanceState, KeyStatus, Record, Reply, View};
 use crate::intake::format::valid_id;
 use crate::intake::Health;
 use crate::kms::cache::DekCache;
@@ -55,6 +55,9 @@ pub struct AppState {
     /// the replica of their partition is this far behind.
     pub replica: Option<(Arc<crate::replica::Replica>, std::time::Duration)>,
     pub ownership: crate::cluster::Ownership,
+    /// How long a write may wait for the broker before it is answered 503
+    /// unapplied (`api.write_timeout`).
+    pub write_timeout: std::time::Duration,
 }
 
 #[derive(Debug)]
@@ -89,9 +92,8 @@ impl From<KmsError> for ApiError {
             KmsError::KeyDeleted(_) => StatusCode::GONE,
             KmsError::Conflict(_) => StatusCode::CONFLICT,
             KmsError::Refused(_) => StatusCode::BAD_GATEWAY,
-            KmsError::UnknownVersion { .. } | KmsError::Integrity(_) | KmsError::Setup(_) | KmsError::Store(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            KmsError::Store(e) if e.retryable() => StatusCode::SERVICE_UNAVAILABLE,
+            KmsError::UnknownVersion { .. } | KmsError::Integrity(_) | KmsError::Setup(_) | KmsError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
             KmsError::Unavailable(_) | KmsError::Throttled(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
         ApiError::new(status, e.to_string())
@@ -212,6 +214,8 @@ async fn verify_audit(State(s): State<AppState>) -> ApiResult {
 async fn readyz(State(s): State<AppState>) -> Response {
     if s.health.ready() {
         Json(json!({"status": "ready"})).into_response()
+    } else if let Some(reason) = s.health.failure.get() {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}; keywarden is exiting so that it is restarted")).into_response()
     } else if !s.health.broker_ok.load(Ordering::SeqCst) {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not ready: kafka is unreachable; state is kept and intake resumes when it is back").into_response()
     } else {
@@ -244,10 +248,7 @@ struct CreateKey {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, KmsError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}")))?
-        .map_err(ApiError::from)
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}")))?.map_err(ApiError::from)
 }
 
 async fn create_key(State(s): State<AppState>, body: Bytes) -> ApiResult {
@@ -258,7 +259,7 @@ async fn create_key(State(s): State<AppState>, body: Bytes) -> ApiResult {
     }
     let local = s.local.clone();
     let (key_id, version) = blocking(move || local.create_key(key_id)).await?;
-    s.writer.submit(Input::RegisterKey { key_id: key_id.clone(), version: version.clone(), at: Utc::now() }).await?;
+    s.writer.submit_within(Input::RegisterKey { key_id: key_id.clone(), version: version.clone(), at: Utc::now() }, s.write_timeout).await?;
     Ok((StatusCode::CREATED, Json(json!({"key_id": key_id, "version": version, "state": "active"}))).into_response())
 }
 
@@ -272,7 +273,9 @@ async fn operate_key(State(s): State<AppState>, Path((key_id, action)): Path<(St
         "retry" => return retry_failed(&s, &key_id).await,
         "sync" => {
             s.kms.sync(&key_id).await?;
-            return Ok((StatusCode::ACCEPTED, Json(json!({"key_id": key_id, "type": "sync", "detail": "the kms will re-send the key's last event"}))).into_response());
+            return Ok(
+                (StatusCode::ACCEPTED, Json(json!({"key_id": key_id, "type": "sync", "detail": "the kms will re-send the key's last event"}))).into_response()
+            );
         }
         other => {
             return Err(ApiError::new(
@@ -303,7 +306,7 @@ async fn operate_key(State(s): State<AppState>, Path((key_id, action)): Path<(St
 async fn retry_failed(s: &AppState, key_id: &str) -> ApiResult {
     let event_id = format!("retry-{}", uuid::Uuid::new_v4());
     let input = Input::RetryRewraps { key_id: key_id.to_string(), request_id: event_id.clone(), at: Utc::now() };
-    match s.writer.submit(input).await? {
+    match s.writer.submit_within(input, s.write_timeout).await? {
         Reply::NotFound(m) => return Err(ApiError::new(StatusCode::NOT_FOUND, m)),
         Reply::Conflict(m) => return Err(ApiError::new(StatusCode::CONFLICT, m)),
         _ => {}
@@ -321,10 +324,7 @@ async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiR
     let live: Vec<&InstanceRecord> = instances.iter().filter(|i| i.wrapped.is_some()).collect();
     let version = record.as_ref().and_then(|k| k.version.clone()).or_else(|| kms_state.as_ref().map(|k| k.1.clone()));
     let pending = live.iter().filter(|i| Some(&i.key_version) != version.as_ref()).count();
-    let failures: Vec<Value> = live
-        .iter()
-        .filter_map(|i| i.rewrap_error.as_ref().map(|e| json!({"instance_id": i.instance_id, "error": e})))
-        .collect();
+    let failures: Vec<Value> = live.iter().filter_map(|i| i.rewrap_error.as_ref().map(|e| json!({"instance_id": i.instance_id, "error": e}))).collect();
     let status = record.as_ref().map(|k| k.status).or(kms_state.as_ref().map(|k| k.0)).unwrap_or(KeyStatus::Active);
     let job = s.store.job(&key_id);
     let (provider, governor) = s.router.describe(&key_id);
@@ -391,19 +391,18 @@ async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
     let label = s.store.key(&req.key_id).and_then(|k| k.version);
     let wrapped = match s.kms.wrap(&req.key_id, &dek, req.instance_id.as_bytes(), label.as_deref()).await {
         Ok(w) => w,
-        Err(KmsError::KeyDisabled(k)) => return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is disabled; enable it before creating instances under it"))),
+        Err(KmsError::KeyDisabled(k)) => {
+            return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is disabled; enable it before creating instances under it")))
+        }
         Err(KmsError::KeyDeleted(k)) => return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is deleted; restore it or choose another key"))),
         Err(e) => return Err(e.into()),
     };
     let reply = s
         .writer
-        .submit(Input::CreateInstance {
-            instance_id: req.instance_id.clone(),
-            key_id: req.key_id,
-            wrapped,
-            fingerprint: dek.fingerprint(),
-            at: Utc::now(),
-        })
+        .submit_within(
+            Input::CreateInstance { instance_id: req.instance_id.clone(), key_id: req.key_id, wrapped, fingerprint: dek.fingerprint(), at: Utc::now() },
+            s.write_timeout,
+        )
         .await?;
     match reply {
         Reply::Created(inst) => Ok((StatusCode::CREATED, Json(instance_json(&s, &inst))).into_response()),
@@ -436,7 +435,10 @@ async fn show_instance(State(s): State<AppState>, Path(id): Path<String>) -> Api
 async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     let reply = s
         .writer
-        .submit(Input::DeleteInstance { instance_id: id.clone(), request_id: format!("api-delete-{}", uuid::Uuid::new_v4()), at: Utc::now() })
+        .submit_within(
+            Input::DeleteInstance { instance_id: id.clone(), request_id: format!("api-delete-{}", uuid::Uuid::new_v4()), at: Utc::now() },
+            s.write_timeout,
+        )
         .await?;
     match reply {
         Reply::NotFound(m) => Err(ApiError::new(StatusCode::NOT_FOUND, m)),
@@ -456,7 +458,10 @@ async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResu
             s.metrics.dek_requests.with_label_values(&["replica_behind"]).inc();
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("this node's replica is {}ms behind the changelog (more than cluster.max_replica_lag); ask another node", lag.as_millis().min(u64::MAX as u128)),
+                format!(
+                    "this node's replica is {}ms behind the changelog (more than cluster.max_replica_lag); ask another node",
+                    lag.as_millis().min(u64::MAX as u128)
+                ),
             ));
         }
     }
@@ -481,12 +486,8 @@ async fn serve_dek(s: &AppState, id: &str) -> ApiResult {
     let key = s.store.key(&inst.key_id);
     match instance_state(&inst, key.as_ref()) {
         InstanceState::Active => {}
-        InstanceState::Revoked => {
-            return Err(ApiError::new(StatusCode::LOCKED, format!("instance {id} is revoked: key {} is disabled", inst.key_id)))
-        }
-        InstanceState::Erased => {
-            return Err(ApiError::new(StatusCode::GONE, format!("instance {id} is erased: key {} is deleted", inst.key_id)))
-        }
+        InstanceState::Revoked => return Err(ApiError::new(StatusCode::LOCKED, format!("instance {id} is revoked: key {} is disabled", inst.key_id))),
+        InstanceState::Erased => return Err(ApiError::new(StatusCode::GONE, format!("instance {id} is erased: key {} is deleted", inst.key_id))),
         InstanceState::Destroyed => {
             return Err(ApiError::new(
                 StatusCode::GONE,

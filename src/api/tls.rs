@@ -37,9 +37,8 @@ pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = read_certs("certificate", &config.cert_file)?;
     let key = PrivateKeyDer::from_pem_file(&config.key_file).map_err(|e| read_error("private key", &config.key_file, e))?;
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    let builder =
+        rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions().map_err(|e| TlsError::Setup(e.to_string()))?;
     let builder = if config.client_ca_file.as_os_str().is_empty() {
         builder.with_no_client_auth()
     } else {
@@ -64,10 +63,8 @@ fn read_error(what: &'static str, path: &Path, e: impl std::fmt::Display) -> Tls
 }
 
 fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| read_error(what, path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| read_error(what, path, e))?;
+    let certs =
+        CertificateDer::pem_file_iter(path).map_err(|e| read_error(what, path, e))?.collect::<Result<Vec<_>, _>>().map_err(|e| read_error(what, path, e))?;
     if certs.is_empty() {
         return Err(read_error(what, path, "no certificate in it"));
     }

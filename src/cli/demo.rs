@@ -16,6 +16,8 @@ pub fn run(mut config: Config, exit: bool) -> anyhow::Result<ExitCode> {
     config.kms.local.master_key_file = dir.join("master.key");
     config.api.admin_token_file = dir.join("admin.token");
     config.api.dek_token_file = dir.join("dek.token");
+    // Everything the demo creates stays in its temporary directory.
+    config.signatures.hmac_key_file = dir.join("event-hmac.key");
     if std::net::TcpListener::bind(&config.api.listen).is_err() {
         config.api.listen = "127.0.0.1:0".into();
     }
@@ -176,13 +178,7 @@ impl Walk {
 
         let ev = self.act("rotate").await?;
         let version = ev["key_version"].as_str().unwrap_or_default().to_string();
-        let (_, took) = self
-            .wait_for(
-                "the rotation",
-                |k| k["pending_rewraps"] == 0 && k["version"] == version.as_str(),
-                &format!("/v1/keys/{KEY}"),
-            )
-            .await?;
+        let (_, took) = self.wait_for("the rotation", |k| k["pending_rewraps"] == 0 && k["version"] == version.as_str(), &format!("/v1/keys/{KEY}")).await?;
         self.table(&format!("rotated: every DEK rewrapped under version {version} in {took:.1?}")).await?;
         if self.deks().await? != original {
             bail!("a DEK changed across rotation");

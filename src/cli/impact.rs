@@ -15,13 +15,7 @@ fn render(v: &Value) -> String {
     };
     let inst = &v["instances"];
     let by = &inst["by_state"];
-    let mut out = format!(
-        "key {} ({}, version {}, kms {})\n",
-        s(&v["key_id"]),
-        s(&v["state"]),
-        s(&v["version"]),
-        s(&v["kms_provider"])
-    );
+    let mut out = format!("key {} ({}, version {}, kms {})\n", s(&v["key_id"]), s(&v["state"]), s(&v["version"]), s(&v["kms_provider"]));
     out += &format!(
         "instances: {} (active {}, revoked {}, erased {}, destroyed {})\n",
         s(&inst["total"]),
@@ -30,12 +24,7 @@ fn render(v: &Value) -> String {
         s(&by["erased"]),
         s(&by["destroyed"])
     );
-    out += &format!(
-        "wrapped DEKs: {}  pending rewraps: {}  rewrap failures: {}\n",
-        s(&v["wrapped_deks"]),
-        s(&v["pending_rewraps"]),
-        s(&v["rewrap_failures"])
-    );
+    out += &format!("wrapped DEKs: {}  pending rewraps: {}  rewrap failures: {}\n", s(&v["wrapped_deks"]), s(&v["pending_rewraps"]), s(&v["rewrap_failures"]));
     if let Some(r) = v["rotation"].as_object() {
         out += &format!(
             "rotation to version {}: {} {}% ({} of {} done, {} failed)\n",

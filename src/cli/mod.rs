@@ -124,7 +124,9 @@ pub enum EventCommand {
 #[derive(Subcommand, Debug)]
 pub enum KeyCommand {
     /// Create a root key (a random id unless given).
-    Create { key_id: Option<String> },
+    Create {
+        key_id: Option<String>,
+    },
     Show {
         key_id: String,
         /// Follow the key's rotation with a progress bar until it finishes
@@ -139,15 +141,29 @@ pub enum KeyCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
-    Rotate { key_id: String },
-    Disable { key_id: String },
-    Enable { key_id: String },
-    Delete { key_id: String },
-    Restore { key_id: String },
+    Rotate {
+        key_id: String,
+    },
+    Disable {
+        key_id: String,
+    },
+    Enable {
+        key_id: String,
+    },
+    Delete {
+        key_id: String,
+    },
+    Restore {
+        key_id: String,
+    },
     /// Retry the rewrap of instances whose rotation failed.
-    Retry { key_id: String },
+    Retry {
+        key_id: String,
+    },
     /// Ask the key's KMS to re-send its last lifecycle event (Key Protect).
-    Sync { key_id: String },
+    Sync {
+        key_id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,14 +173,20 @@ pub enum InstanceCommand {
         #[arg(long)]
         key: String,
     },
-    Show { instance_id: String },
+    Show {
+        instance_id: String,
+    },
     List {
         #[arg(long)]
         key: Option<String>,
     },
-    Delete { instance_id: String },
+    Delete {
+        instance_id: String,
+    },
     /// Fetch the instance's plaintext DEK (base64).
-    Dek { instance_id: String },
+    Dek {
+        instance_id: String,
+    },
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -185,14 +207,18 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
             // last spans are flushed once the daemon is done, outside async code.
             let _traces = init_tracing(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async {
+            let result = rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 spawn_signal_handler(shutdown.clone());
                 crate::daemon::run(config, shutdown, |s| {
                     tracing::info!(api = %s.api, bootstrap = %s.bootstrap, "ready to serve");
                 })
                 .await
-            })?;
+            });
+            // A blocking call still stuck on the broker (the daemon gave up on
+            // it) must not keep a failed daemon from exiting to be restarted.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+            result?;
             Ok(ExitCode::SUCCESS)
         }
         Command::CheckConfig => {

@@ -27,21 +27,65 @@ pub trait View {
 #[derive(Debug, Clone)]
 pub enum Input {
     /// `kms` is the key's state as its KMS reported it just before, when asked.
-    Event { event: LifecycleEvent, at: DateTime<Utc>, kms: Option<KeyStatus> },
+    Event {
+        event: LifecycleEvent,
+        at: DateTime<Utc>,
+        kms: Option<KeyStatus>,
+    },
     /// The embedded KMS created a key: keywarden knows it before any event.
-    RegisterKey { key_id: String, version: String, at: DateTime<Utc> },
-    CreateInstance { instance_id: String, key_id: String, wrapped: WrappedDek, fingerprint: String, at: DateTime<Utc> },
-    DeleteInstance { instance_id: String, request_id: String, at: DateTime<Utc> },
-    JobPlanned { key_id: String, target_version: String, total: u64 },
-    Rewrapped { instance_id: String, from_version: String, wrapped: WrappedDek, at: DateTime<Utc> },
-    RewrapFailed { instance_id: String, from_version: String, reason: String, at: DateTime<Utc> },
-    JobFinished { key_id: String, target_version: String, at: DateTime<Utc> },
-    Purge { key_id: String, purge_after: Duration, at: DateTime<Utc> },
+    RegisterKey {
+        key_id: String,
+        version: String,
+        at: DateTime<Utc>,
+    },
+    CreateInstance {
+        instance_id: String,
+        key_id: String,
+        wrapped: WrappedDek,
+        fingerprint: String,
+        at: DateTime<Utc>,
+    },
+    DeleteInstance {
+        instance_id: String,
+        request_id: String,
+        at: DateTime<Utc>,
+    },
+    JobPlanned {
+        key_id: String,
+        target_version: String,
+        total: u64,
+    },
+    Rewrapped {
+        instance_id: String,
+        from_version: String,
+        wrapped: WrappedDek,
+        at: DateTime<Utc>,
+    },
+    RewrapFailed {
+        instance_id: String,
+        from_version: String,
+        reason: String,
+        at: DateTime<Utc>,
+    },
+    JobFinished {
+        key_id: String,
+        target_version: String,
+        at: DateTime<Utc>,
+    },
+    Purge {
+        key_id: String,
+        purge_after: Duration,
+        at: DateTime<Utc>,
+    },
     /// A condition the monitor or the reconciliation found, or its end.
     Alert(Alert),
     /// An operator asks for another rotation pass over the key's instances
     /// whose rewrap failed (after fixing what the KMS refused).
-    RetryRewraps { key_id: String, request_id: String, at: DateTime<Utc> },
+    RetryRewraps {
+        key_id: String,
+        request_id: String,
+        at: DateTime<Utc>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,10 +154,10 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 destroyed_reason: None,
                 rewrap_error: None,
             };
-            records.push(Record::Outbox(notice(&inst.key_id, Notice::Registered {
-                instance_id: inst.instance_id.clone(),
-                key_version: inst.key_version.clone(),
-            })));
+            records.push(Record::Outbox(notice(
+                &inst.key_id,
+                Notice::Registered { instance_id: inst.instance_id.clone(), key_version: inst.key_version.clone() },
+            )));
             records.push(Record::Audit(AuditFact {
                 who: "api".into(),
                 what: "instance created".into(),
@@ -251,13 +295,16 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
                 });
                 // A rotation is acknowledged once every DEK is rewrapped.
                 let ack = job.acknowledge.then(|| {
-                    Record::Outbox(notice(&key_id, Notice::Acknowledge {
-                        event_id: job.cause_event_id.clone(),
-                        state: AdopterState::Enabled,
-                        key_version: Some(target_version),
-                        at,
-                        correlation_id: job.correlation_id.clone(),
-                    }))
+                    Record::Outbox(notice(
+                        &key_id,
+                        Notice::Acknowledge {
+                            event_id: job.cause_event_id.clone(),
+                            state: AdopterState::Enabled,
+                            key_version: Some(target_version),
+                            at,
+                            correlation_id: job.correlation_id.clone(),
+                        },
+                    ))
                 });
                 let mut records = vec![Record::Job(job), fact];
                 records.extend(ack);
@@ -304,9 +351,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
         Input::Purge { key_id, purge_after, at } => {
             let Some(mut key) = view.key(&key_id) else { return decision(vec![], Reply::Done) };
             let due = match (key.status, key.deleted_at, key.purged_at) {
-                (KeyStatus::Deleted, Some(deleted), None) => {
-                    deleted + chrono::Duration::from_std(purge_after).unwrap_or(chrono::Duration::MAX) <= at
-                }
+                (KeyStatus::Deleted, Some(deleted), None) => deleted + chrono::Duration::from_std(purge_after).unwrap_or(chrono::Duration::MAX) <= at,
                 _ => false,
             };
             if !due {
@@ -344,11 +389,9 @@ fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>, kms:
         ),
         // Crypto-erasure only when the KMS agrees the key is gone (the Key
         // Protect adopter rule): a delete it contradicts changes nothing.
-        _ if event.kind == EventType::Delete && kms == Some(KeyStatus::Active) => (
-            Outcome::Ignored,
-            "the kms reports the key active; a delete it does not confirm is not applied".to_string(),
-            vec![],
-        ),
+        _ if event.kind == EventType::Delete && kms == Some(KeyStatus::Active) => {
+            (Outcome::Ignored, "the kms reports the key active; a delete it does not confirm is not applied".to_string(), vec![])
+        }
         _ => transition(view, &mut key, &event, at),
     };
     // An ignored event was still the newest word on this key: anything older is stale.
@@ -367,13 +410,16 @@ fn decide_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>, kms:
             (_, KeyStatus::Deleted) => Some(AdopterState::Deleted),
         };
         if let Some(state) = state {
-            records.push(Record::Outbox(notice(&event.key_id, Notice::Acknowledge {
-                event_id: event.event_id.clone(),
-                state,
-                key_version: key.version.clone(),
-                at,
-                correlation_id: event.correlation_id.clone(),
-            })));
+            records.push(Record::Outbox(notice(
+                &event.key_id,
+                Notice::Acknowledge {
+                    event_id: event.event_id.clone(),
+                    state,
+                    key_version: key.version.clone(),
+                    at,
+                    correlation_id: event.correlation_id.clone(),
+                },
+            )));
         }
     }
     if outcome != Outcome::Stale || view.key(&event.key_id).is_none() {
@@ -530,7 +576,11 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
                     vec![clear(EventType::Delete)],
                 )
             } else {
-                (Outcome::Applied, "key restored; DEKs served again".into(), vec![key_commands(CommandAction::Restore, key.version.clone()), clear(EventType::Delete)])
+                (
+                    Outcome::Applied,
+                    "key restored; DEKs served again".into(),
+                    vec![key_commands(CommandAction::Restore, key.version.clone()), clear(EventType::Delete)],
+                )
             }
         }
         (EventType::Restore, _) => ignored("key is not deleted; restore changes nothing"),

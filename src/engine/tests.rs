@@ -384,7 +384,6 @@ mod ordering {
     }
 }
 
-
 #[test]
 fn destroyed_key_material_purges_at_once_and_nothing_restores_it() {
     let mut m = Mem::default();

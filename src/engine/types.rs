@@ -366,9 +366,17 @@ impl Alert {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "notice", rename_all = "snake_case")]
 pub enum Notice {
-    Registered { instance_id: String, key_version: String },
-    Rewrapped { instance_id: String, key_version: String },
-    Deregistered { instance_id: String },
+    Registered {
+        instance_id: String,
+        key_version: String,
+    },
+    Rewrapped {
+        instance_id: String,
+        key_version: String,
+    },
+    Deregistered {
+        instance_id: String,
+    },
     Acknowledge {
         event_id: String,
         state: AdopterState,
@@ -424,7 +432,11 @@ pub enum Record {
     Event(EventRecord),
     Job(RotationJob),
     Outbox(Effect),
-    Offset { topic: String, partition: i32, next: i64 },
+    Offset {
+        topic: String,
+        partition: i32,
+        next: i64,
+    },
     /// Placed in the hash-chained audit trail by the store, in the same batch.
     Audit(AuditFact),
 }

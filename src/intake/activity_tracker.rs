@@ -68,7 +68,9 @@ fn decode(msg: &Incoming<'_>) -> Result<LifecycleEvent, DecodeError> {
     let event_id = match (optional("id", w.id, 128)?, &correlation_id) {
         (Some(id), _) => id,
         (None, Some(c)) => format!("{c}:{action}"),
-        (None, None) => return Err(DecodeError::Field { field: "correlationId", problem: "is missing, and so is id; one is needed to recognise redeliveries".into() }),
+        (None, None) => {
+            return Err(DecodeError::Field { field: "correlationId", problem: "is missing, and so is id; one is needed to recognise redeliveries".into() })
+        }
     };
     let key_version = match kind {
         EventType::Rotate => Some(
@@ -90,7 +92,8 @@ mod tests {
     use super::*;
     use crate::intake::format::decode as detect_and_decode;
 
-    const CRN: &str = "crn:v1:bluemix:public:kms:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:12e8c9c2-a162-472d-b7d6-8b9a86b815a6:key:2e4f5b0d-f8e3-4b4b-9d1c-3f2a7f4d2e1a";
+    const CRN: &str =
+        "crn:v1:bluemix:public:kms:us-south:a/f047b55a3362ac06afad8a3f2f5586ea:12e8c9c2-a162-472d-b7d6-8b9a86b815a6:key:2e4f5b0d-f8e3-4b4b-9d1c-3f2a7f4d2e1a";
 
     /// Shaped like the Activity Tracker samples in the Key Protect docs.
     fn at_event(action: &str) -> serde_json::Value {
@@ -142,11 +145,7 @@ mod tests {
         failed["outcome"] = "failure".into();
         let mut not_a_key = at_event("kms.secrets.delete");
         not_a_key["target"]["id"] = "crn:v1:bluemix:public:kms:us-south:a/x:y::".into();
-        for (v, expected) in [
-            (failed, "did not happen"),
-            (at_event("kms.secrets.wrap"), "not a lifecycle action"),
-            (not_a_key, "not a Key Protect key CRN"),
-        ] {
+        for (v, expected) in [(failed, "did not happen"), (at_event("kms.secrets.wrap"), "not a lifecycle action"), (not_a_key, "not a Key Protect key CRN")] {
             let err = decode_json(v).unwrap_err();
             assert!(err.contains(expected) && err.contains("activity-tracker"), "{err} should contain {expected}");
         }

@@ -6,57 +6,83 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
 
 pub type Partition = (String, i32);
 
+type Owned = HashMap<Partition, u64>;
+
+/// Readers (every message consumed, every DEK request, every forwarded write)
+/// load a snapshot and never wait: the writer holds `changing` across a whole
+/// commit, which with a changelog includes a broker round trip, and nothing on
+/// the data plane may wait on the broker. Only ownership changes take it.
 #[derive(Default)]
 pub struct Fence {
-    owned: Mutex<HashMap<Partition, u64>>,
+    owned: ArcSwap<Owned>,
+    /// Serialises ownership changes with the writer's commits: a revocation
+    /// waits for a batch that passed the check to be durable.
+    changing: Mutex<()>,
     next: AtomicU64,
 }
 
 /// Held by the writer from its ownership check until its batch is durable.
-pub struct Held<'a>(MutexGuard<'a, HashMap<Partition, u64>>);
+pub struct Held<'a> {
+    _changing: MutexGuard<'a, ()>,
+    owned: Arc<Owned>,
+}
 
 impl Held<'_> {
     pub fn owns(&self, topic: &str, partition: i32, generation: u64) -> bool {
-        self.0.get(&(topic.to_string(), partition)) == Some(&generation)
+        self.owned.get(&(topic.to_string(), partition)) == Some(&generation)
     }
 }
 
 impl Fence {
+    fn change(&self, f: impl FnOnce(&mut Owned)) {
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut owned = Owned::clone(&self.owned.load());
+        f(&mut owned);
+        self.owned.store(Arc::new(owned));
+    }
+
     pub fn assign(&self, partitions: &[Partition]) {
-        let mut owned = self.owned.lock().expect("fence lock");
-        for p in partitions {
-            let generation = self.next.fetch_add(1, Ordering::SeqCst) + 1;
-            owned.insert(p.clone(), generation);
-        }
+        self.change(|owned| {
+            for p in partitions {
+                let generation = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+                owned.insert(p.clone(), generation);
+            }
+        })
     }
 
     /// Blocks while the writer is committing, so that a batch that passed the
     /// check finishes before the partition changes hands.
     pub fn revoke(&self, partitions: &[Partition]) {
-        let mut owned = self.owned.lock().expect("fence lock");
-        for p in partitions {
-            owned.remove(p);
-        }
+        self.change(|owned| {
+            for p in partitions {
+                owned.remove(p);
+            }
+        })
     }
 
     pub fn revoke_all(&self) {
-        self.owned.lock().expect("fence lock").clear();
+        self.change(HashMap::clear)
     }
 
+    /// Lock-free.
     pub fn generation(&self, topic: &str, partition: i32) -> Option<u64> {
-        self.owned.lock().expect("fence lock").get(&(topic.to_string(), partition)).copied()
+        self.owned.load().get(&(topic.to_string(), partition)).copied()
     }
 
+    /// Lock-free.
     pub fn owned_count(&self) -> usize {
-        self.owned.lock().expect("fence lock").len()
+        self.owned.load().len()
     }
 
     pub fn hold(&self) -> Held<'_> {
-        Held(self.owned.lock().expect("fence lock"))
+        let changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        Held { _changing: changing, owned: self.owned.load_full() }
     }
 }
 

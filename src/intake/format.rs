@@ -237,10 +237,8 @@ mod tests {
 
     #[test]
     fn duplicate_top_level_fields_are_refused_before_any_format_decides() {
-        let err = decode(&msg(br#"{"event_id":"a","event_id":"b","type":"disable","key_id":"k","occurred_at":"2026-01-01T00:00:00Z"}"#))
-            .err()
-            .unwrap()
-            .to_string();
+        let err =
+            decode(&msg(br#"{"event_id":"a","event_id":"b","type":"disable","key_id":"k","occurred_at":"2026-01-01T00:00:00Z"}"#)).err().unwrap().to_string();
         assert!(err.contains("duplicate field"), "{err}");
     }
 
@@ -267,10 +265,24 @@ mod hostile {
         r#"{"action":"kms.secrets.disable","outcome":"success","eventTime":"2026-03-01T10:15:30.12+0000","correlationId":"c","target":{"id":"crn:v1:bluemix:public:kms:us-south:a/x:y:key:z"}}"#,
     ];
 
-    fn headers(rng: &mut StdRng) -> Vec<(&'static str, Vec<u8>)> {
-        let names = ["ce_specversion", "ce_id", "ce_source", "ce_type", "ce_correlationid", "keywarden-signature"];
-        let values: [&[u8]; 6] = [b"1.0", b"", b"\xff\xfe", b"0.3", b"kid=local;sig=AAAA", b"x"];
-        (0..rng.gen_range(0..4)).map(|_| (names[rng.gen_range(0..names.len())], values[rng.gen_range(0..values.len())].to_vec())).collect()
+    /// Header names and values as bytes on the wire: some names are not UTF-8
+    /// (one is a real name with a bad byte in front), some values are missing.
+    fn headers(rng: &mut StdRng) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let names: [&[u8]; 10] = [
+            b"ce_specversion",
+            b"ce_id",
+            b"ce_source",
+            b"ce_type",
+            b"ce_correlationid",
+            b"keywarden-signature",
+            b"\xff\xfe",
+            b"\xc3(",
+            b"\x80keywarden-signature",
+            b"traceparent",
+        ];
+        let values: [Option<&[u8]>; 8] =
+            [Some(b"1.0"), Some(b""), Some(b"\xff\xfe"), Some(b"0.3"), Some(b"kid=local;sig=AAAA"), Some(b"x"), None, Some(b"00-\xff-01")];
+        (0..rng.gen_range(0..5)).map(|_| (names[rng.gen_range(0..names.len())].to_vec(), values[rng.gen_range(0..values.len())].map(<[u8]>::to_vec))).collect()
     }
 
     fn payload(rng: &mut StdRng, n: usize) -> Vec<u8> {
@@ -299,7 +311,9 @@ mod hostile {
             4 => {
                 let len = rng.gen_range(0..400);
                 let id: String = (0..len).map(|_| char::from_u32(rng.gen_range(0..0x2FFFF)).unwrap_or('\u{fffd}')).collect();
-                let text = String::from_utf8_lossy(sample).replace("\"k\"", &serde_json::to_string(&id).unwrap()).replace("\"c\"", &serde_json::to_string(&id).unwrap());
+                let text = String::from_utf8_lossy(sample)
+                    .replace("\"k\"", &serde_json::to_string(&id).unwrap())
+                    .replace("\"c\"", &serde_json::to_string(&id).unwrap());
                 text.into_bytes()
             }
             5 => {
@@ -317,7 +331,8 @@ mod hostile {
                 v
             }
             7 => {
-                let times = ["2026-13-01T00:00:00Z", "0000-00-00", "2026-01-01T00:00:00+25:00", "9999-12-31T23:59:59Z", "2026-01-01T00:00:00.1234567891234+0000"];
+                let times =
+                    ["2026-13-01T00:00:00Z", "0000-00-00", "2026-01-01T00:00:00+25:00", "9999-12-31T23:59:59Z", "2026-01-01T00:00:00.1234567891234+0000"];
                 let t = times[rng.gen_range(0..times.len())];
                 String::from_utf8_lossy(sample)
                     .replace("2026-01-01T00:00:00Z", t)
@@ -335,12 +350,17 @@ mod hostile {
     #[test]
     fn hostile_inputs_never_panic_and_always_get_a_reason() {
         let mut rng = StdRng::seed_from_u64(0x6b77);
-        let (mut rejected, mut decoded) = (0, 0);
+        let (mut rejected, mut decoded, mut bad_names) = (0, 0, 0);
         for n in 0..120_000 {
             let payload = payload(&mut rng, n);
             let headers = headers(&mut rng);
-            let msg = Incoming { key: None, payload: &payload, headers: headers.iter().map(|(k, v)| (*k, v.as_slice())).collect() };
-            match std::panic::catch_unwind(|| decode(&msg).map(|d| d.format.name)) {
+            bad_names += usize::from(headers.iter().any(|(name, _)| std::str::from_utf8(name).is_err()));
+            let raw: Vec<_> = headers.iter().map(|(name, value)| crate::intake::headers::RawHeader { name, value: value.as_deref() }).collect();
+            let read = || {
+                let msg = Incoming { key: None, payload: &payload, headers: crate::intake::headers::checked(&raw)? };
+                decode(&msg).map(|d| d.format.name)
+            };
+            match std::panic::catch_unwind(read) {
                 Ok(Ok(_)) => decoded += 1,
                 Ok(Err(reason)) => {
                     assert!(!reason.to_string().is_empty() && !reason.class().is_empty());
@@ -350,6 +370,7 @@ mod hostile {
             }
         }
         assert!(rejected > 60_000 && decoded > 1_000, "rejected {rejected}, decoded {decoded}");
+        assert!(bad_names > 10_000, "only {bad_names} inputs had a header name that is not UTF-8");
         // A 10 MB string is refused by size before any parsing.
         let huge = format!(r#"{{"event_id":"{}"}}"#, "x".repeat(10 << 20));
         assert!(matches!(decode(&Incoming { key: None, payload: huge.as_bytes(), headers: vec![] }), Err(DecodeError::TooLarge(_))));

@@ -8,6 +8,7 @@ pub mod cloudevents;
 pub mod eventbridge;
 pub mod fence;
 pub mod format;
+pub mod headers;
 mod lag;
 pub mod native;
 mod orphans;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -55,10 +56,14 @@ pub enum DecodeError {
     Unsupported(String),
     #[error("{format} event: {source}")]
     InFormat { format: &'static str, source: Box<DecodeError> },
-    #[error("message key {message_key:?} is not the event's key_id {key_id:?}; produce with the key id as the message key so that a key's events stay ordered")]
+    #[error(
+        "message key {message_key:?} is not the event's key_id {key_id:?}; produce with the key id as the message key so that a key's events stay ordered"
+    )]
     KeyMismatch { message_key: String, key_id: String },
     #[error(transparent)]
     Signature(#[from] signature::SignatureError),
+    #[error("header {index}: {problem}")]
+    Header { index: usize, problem: String },
 }
 
 impl DecodeError {
@@ -74,6 +79,7 @@ impl DecodeError {
             DecodeError::InFormat { source, .. } => source.class(),
             DecodeError::KeyMismatch { .. } => "key_mismatch",
             DecodeError::Signature(e) => e.class(),
+            DecodeError::Header { .. } => "invalid_header",
         }
     }
 
@@ -105,11 +111,13 @@ pub struct Health {
     pub assigned: AtomicBool,
     pub broker_ok: AtomicBool,
     pub progress: crate::notify::Heartbeat,
+    /// Set by the supervisor when a critical task stopped: never ready again.
+    pub failure: Arc<crate::supervise::Failure>,
 }
 
 impl Health {
     pub fn ready(&self) -> bool {
-        self.assigned.load(Ordering::SeqCst) && self.broker_ok.load(Ordering::SeqCst)
+        self.failure.get().is_none() && self.assigned.load(Ordering::SeqCst) && self.broker_ok.load(Ordering::SeqCst)
     }
 }
 
@@ -259,15 +267,16 @@ impl Intake {
         for (k, v) in &kafka.properties {
             cfg.set(k, v);
         }
-        let consumer: StreamConsumer<IntakeContext> =
-            cfg.create_with_context(IntakeContext { store: store.clone(), fence: fence.clone(), health: health.clone(), takeovers: replica.as_ref().map(|_| takeover_tx.clone()) }).map_err(IntakeError::Consumer)?;
-        consumer
-            .subscribe(&[&kafka.events_topic])
-            .map_err(|source| IntakeError::Subscribe { topic: kafka.events_topic.clone(), source })?;
-        let dlq: FutureProducer = crate::broker::client_config(kafka, bootstrap)
-            .set("message.timeout.ms", "30000")
-            .create()
+        let consumer: StreamConsumer<IntakeContext> = cfg
+            .create_with_context(IntakeContext {
+                store: store.clone(),
+                fence: fence.clone(),
+                health: health.clone(),
+                takeovers: replica.as_ref().map(|_| takeover_tx.clone()),
+            })
             .map_err(IntakeError::Consumer)?;
+        consumer.subscribe(&[&kafka.events_topic]).map_err(|source| IntakeError::Subscribe { topic: kafka.events_topic.clone(), source })?;
+        let dlq: FutureProducer = crate::broker::client_config(kafka, bootstrap).set("message.timeout.ms", "30000").create().map_err(IntakeError::Consumer)?;
         Ok(Intake {
             consumer: Arc::new(consumer),
             dlq,
@@ -372,8 +381,9 @@ impl Intake {
                 return Err(IntakeError::Writer);
             }
             let consumed = Consumed { topic: topic.clone(), partition, next: offset + 1, generation };
-            let headers = headers_of(&msg);
-            let upstream = crate::telemetry::received(&headers);
+            let raw = headers::raw(&msg);
+            let headers = headers::checked(&raw);
+            let upstream = crate::telemetry::received(headers.as_deref().unwrap_or_default());
             // Every line logged while handling the message carries these fields.
             let span = info_span!(
                 "event",
@@ -388,7 +398,7 @@ impl Intake {
                 format = Empty
             );
             crate::telemetry::continue_trace(&span, upstream.clone());
-            let decoded = info_span!(parent: &span, "decode").in_scope(|| decode_message(&msg, &headers, &self.verifier));
+            let decoded = info_span!(parent: &span, "decode").in_scope(|| decode_message(&msg, headers, &self.verifier));
             let (input, meta) = match decoded {
                 Ok(Decoded { mut event, format }) => {
                     span.record("event_id", event.event_id.as_str());
@@ -494,17 +504,19 @@ impl Intake {
         let reason_text = reason.to_string();
         let partition = msg.partition().to_string();
         let offset = msg.offset().to_string();
-        let mut headers = OwnedHeaders::new()
-            .insert(Header { key: "keywarden.reason", value: Some(reason_text.as_str()) })
-            .insert(Header { key: "keywarden.source.topic", value: Some(msg.topic()) })
-            .insert(Header { key: "keywarden.source.partition", value: Some(partition.as_str()) })
-            .insert(Header { key: "keywarden.source.offset", value: Some(offset.as_str()) });
-        if let Some(original) = msg.headers() {
-            for h in original.iter() {
-                headers = headers.insert(Header { key: h.key, value: h.value });
-            }
-        }
-        let mut backoff = Duration::from_millis(100);
+        // The original headers are copied as librdkafka holds them, byte for
+        // byte, never iterated (see `headers`): a name that is not UTF-8 is
+        // kept for whoever inspects the dead letter.
+        let original = msg.headers().map(|h| h.detach()).unwrap_or_default();
+        let headers = [
+            ("keywarden.reason", reason_text.as_str()),
+            ("keywarden.source.topic", msg.topic()),
+            ("keywarden.source.partition", partition.as_str()),
+            ("keywarden.source.offset", offset.as_str()),
+        ]
+        .into_iter()
+        .fold(original, |h, (key, value)| h.insert(Header { key, value: Some(value) }));
+        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let mut record = FutureRecord::to(&self.kafka.dlq_topic).headers(headers.clone());
             if let Some(p) = msg.payload() {
@@ -527,9 +539,8 @@ impl Intake {
                     self.health.progress.beat();
                     tokio::select! {
                         _ = shutdown.cancelled() => return false,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(backoff.next_delay()) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -538,8 +549,8 @@ impl Intake {
 
 /// Detects the format, checks the signature before believing anything in the
 /// payload, then decodes.
-fn decode_message(msg: &BorrowedMessage<'_>, headers: &[(&str, &[u8])], verifier: &Verifier) -> Result<Decoded, DecodeError> {
-    let incoming = Incoming { key: msg.key(), payload: msg.payload().unwrap_or_default(), headers: headers.to_vec() };
+fn decode_message(msg: &BorrowedMessage<'_>, headers: Result<Vec<(&str, &[u8])>, DecodeError>, verifier: &Verifier) -> Result<Decoded, DecodeError> {
+    let incoming = Incoming { key: msg.key(), payload: msg.payload().unwrap_or_default(), headers: headers? };
     let format = format::detect(&incoming)?;
     verifier.check(msg.topic(), &incoming, format.name, format.signed)?;
     let event = (format.decode)(&incoming).map_err(|e| e.in_format(format.name))?;
@@ -550,10 +561,6 @@ fn decode_message(msg: &BorrowedMessage<'_>, headers: &[(&str, &[u8])], verifier
         }
     }
     Ok(Decoded { event, format })
-}
-
-fn headers_of<'a>(msg: &'a BorrowedMessage<'_>) -> Vec<(&'a str, &'a [u8])> {
-    msg.headers().map(|h| h.iter().map(|h| (h.key, h.value.unwrap_or_default())).collect()).unwrap_or_default()
 }
 
 /// Waits for each input to be durable, in order, then stores its offset for the

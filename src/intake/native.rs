@@ -11,13 +11,8 @@ use crate::engine::{EventType, LifecycleEvent};
 
 pub use super::format::MAX_EVENT_BYTES;
 
-pub static FORMAT: Format = Format {
-    name: "native",
-    expects: "event_id, type, key_id, key_version for rotate, occurred_at",
-    signed: true,
-    detect,
-    decode: |m| decode(m.payload),
-};
+pub static FORMAT: Format =
+    Format { name: "native", expects: "event_id, type, key_id, key_version for rotate, occurred_at", signed: true, detect, decode: |m| decode(m.payload) };
 
 fn detect(_: &Incoming<'_>, probe: Option<&Probe>) -> bool {
     probe.is_some_and(|p| p.has("event_id") || p.has("key_id"))
@@ -41,12 +36,7 @@ pub fn kind(text: &str) -> Result<EventType, DecodeError> {
         "enable" => EventType::Enable,
         "delete" => EventType::Delete,
         "restore" => EventType::Restore,
-        other => {
-            return Err(DecodeError::Field {
-                field: "type",
-                problem: format!("{other:?} is not one of rotate, disable, enable, delete, restore"),
-            })
-        }
+        other => return Err(DecodeError::Field { field: "type", problem: format!("{other:?} is not one of rotate, disable, enable, delete, restore") }),
     })
 }
 
@@ -73,8 +63,7 @@ mod tests {
 
     #[test]
     fn valid_event_with_unknown_fields_decodes() {
-        let e = decode(br#"{"event_id":"e1","type":"rotate","key_id":"k","key_version":"2","occurred_at":"2026-01-01T00:00:00+01:00","extra":[1]}"#)
-            .unwrap();
+        let e = decode(br#"{"event_id":"e1","type":"rotate","key_id":"k","key_version":"2","occurred_at":"2026-01-01T00:00:00+01:00","extra":[1]}"#).unwrap();
         assert_eq!(e.kind, EventType::Rotate);
         assert_eq!(e.key_version.as_deref(), Some("2"));
         assert_eq!(e.occurred_at.to_rfc3339(), "2025-12-31T23:00:00+00:00");

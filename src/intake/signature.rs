@@ -105,9 +105,7 @@ impl Verifier {
                 mac.update(msg.payload);
                 mac.verify_slice(&sig).is_ok()
             }
-            Material::Ed25519(public) => {
-                ed25519_dalek::Signature::from_slice(&sig).is_ok_and(|s| public.verify(msg.payload, &s).is_ok())
-            }
+            Material::Ed25519(public) => ed25519_dalek::Signature::from_slice(&sig).is_ok_and(|s| public.verify(msg.payload, &s).is_ok()),
         };
         if valid {
             Ok(())
@@ -128,7 +126,9 @@ fn parse_header(value: &[u8]) -> Result<(String, Vec<u8>), SignatureError> {
         }
     }
     let kid = kid.filter(|k| !k.is_empty() && k.len() <= 128).ok_or_else(|| SignatureError::Malformed("no kid".into()))?;
-    let sig = STANDARD.decode(sig.ok_or_else(|| SignatureError::Malformed("no sig".into()))?).map_err(|e| SignatureError::Malformed(format!("sig is not base64: {e}")))?;
+    let sig = STANDARD
+        .decode(sig.ok_or_else(|| SignatureError::Malformed("no sig".into()))?)
+        .map_err(|e| SignatureError::Malformed(format!("sig is not base64: {e}")))?;
     Ok((kid, sig))
 }
 

@@ -96,9 +96,7 @@ fn map_error(status: u16, kind: &str, message: &str, action: &str, key_id: &str)
         | "ExpiredTokenException"
         | "InvalidClientTokenId"
         | "MissingAuthenticationToken"
-        | "IncompleteSignature" => KmsError::Refused(format!(
-            "{what}; check the AWS credentials (AWS_ACCESS_KEY_ID or kms.aws.profile) and the key policy"
-        )),
+        | "IncompleteSignature" => KmsError::Refused(format!("{what}; check the AWS credentials (AWS_ACCESS_KEY_ID or kms.aws.profile) and the key policy")),
         "DependencyTimeoutException" | "KMSInternalException" | "KeyUnavailableException" | "ServiceUnavailable" | "InternalFailure" => {
             KmsError::Unavailable(what)
         }
@@ -109,10 +107,7 @@ fn map_error(status: u16, kind: &str, message: &str, action: &str, key_id: &str)
 }
 
 fn decode_b64(v: &Value, field: &str, action: &str) -> Result<Vec<u8>, KmsError> {
-    v[field]
-        .as_str()
-        .and_then(|s| STANDARD.decode(s).ok())
-        .ok_or_else(|| KmsError::Unavailable(format!("aws kms {action} answered without {field}")))
+    v[field].as_str().and_then(|s| STANDARD.decode(s).ok()).ok_or_else(|| KmsError::Unavailable(format!("aws kms {action} answered without {field}")))
 }
 
 fn context(aad: &[u8]) -> Value {
@@ -127,19 +122,13 @@ impl Kms for AwsKms {
 
     async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
         let plaintext = zeroize::Zeroizing::new(STANDARD.encode(dek.expose()));
-        let v = self
-            .call("Encrypt", key_id, json!({"KeyId": key_id, "Plaintext": plaintext.as_str(), "EncryptionContext": context(aad)}))
-            .await?;
+        let v = self.call("Encrypt", key_id, json!({"KeyId": key_id, "Plaintext": plaintext.as_str(), "EncryptionContext": context(aad)})).await?;
         Ok(WrappedDek { key_version: label.unwrap_or(FIRST_LABEL).to_string(), ciphertext: decode_b64(&v, "CiphertextBlob", "Encrypt")? })
     }
 
     async fn unwrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError> {
         let v = self
-            .call(
-                "Decrypt",
-                key_id,
-                json!({"KeyId": key_id, "CiphertextBlob": STANDARD.encode(&wrapped.ciphertext), "EncryptionContext": context(aad)}),
-            )
+            .call("Decrypt", key_id, json!({"KeyId": key_id, "CiphertextBlob": STANDARD.encode(&wrapped.ciphertext), "EncryptionContext": context(aad)}))
             .await?;
         let plain = zeroize::Zeroizing::new(decode_b64(&v, "Plaintext", "Decrypt")?);
         Dek::from_slice(&plain).ok_or_else(|| KmsError::Integrity(key_id.to_string()))
@@ -159,10 +148,7 @@ impl Kms for AwsKms {
                 }),
             )
             .await?;
-        Ok(WrappedDek {
-            key_version: label.unwrap_or(&wrapped.key_version).to_string(),
-            ciphertext: decode_b64(&v, "CiphertextBlob", "ReEncrypt")?,
-        })
+        Ok(WrappedDek { key_version: label.unwrap_or(&wrapped.key_version).to_string(), ciphertext: decode_b64(&v, "CiphertextBlob", "ReEncrypt")? })
     }
 
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
@@ -187,10 +173,7 @@ fn load_credentials(profile: &str) -> Result<Credentials, KmsError> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".aws/credentials"));
     let text = std::fs::read_to_string(&path).map_err(|e| {
-        KmsError::Setup(format!(
-            "no aws credentials: AWS_ACCESS_KEY_ID is not set and {} cannot be read ({e}); set one of them",
-            path.display()
-        ))
+        KmsError::Setup(format!("no aws credentials: AWS_ACCESS_KEY_ID is not set and {} cannot be read ({e}); set one of them", path.display()))
     })?;
     let mut in_profile = false;
     let (mut ak, mut sk, mut token) = (None, None, None);

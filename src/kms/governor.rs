@@ -68,10 +68,7 @@ impl<K: Kms> Governed<K> {
 
     pub fn state(&self) -> GovernorState {
         let g = self.gate.lock().expect("governor lock");
-        GovernorState {
-            concurrency_limit: g.limit as usize,
-            breaker_open: g.open_until.is_some_and(|t| t > Instant::now()),
-        }
+        GovernorState { concurrency_limit: g.limit as usize, breaker_open: g.open_until.is_some_and(|t| t > Instant::now()) }
     }
 
     async fn admit(&self) -> Result<(), KmsError> {

@@ -250,9 +250,7 @@ impl Kms for KeyProtect {
             let crn = format!("{}{instance_id}", self.resource_crn_prefix);
             format!("/keys/{key}/registrations/{}", percent_encode(&crn))
         };
-        let input = |resource: Value| {
-            json!({"metadata": {"collectionType": "application/vnd.ibm.kms.registration_input+json", "collectionTotal": 1}, "resources": [resource]})
-        };
+        let input = |resource: Value| json!({"metadata": {"collectionType": "application/vnd.ibm.kms.registration_input+json", "collectionTotal": 1}, "resources": [resource]});
         let result = match notice {
             Notice::Registered { instance_id, .. } => {
                 let body = input(json!({"description": format!("keywarden instance {instance_id}"), "preventKeyDeletion": self.prevent_key_deletion}));
@@ -274,7 +272,8 @@ impl Kms for KeyProtect {
                 if let (AdopterState::Enabled, Some(v)) = (state, key_version) {
                     resource["keyStateData"] = json!({"rewrappedKeyVersion": v});
                 }
-                let body = json!({"metadata": {"collectionType": "application/vnd.ibm.kms.event_acknowledge+json", "collectionTotal": 1}, "resources": [resource]});
+                let body =
+                    json!({"metadata": {"collectionType": "application/vnd.ibm.kms.event_acknowledge+json", "collectionTotal": 1}, "resources": [resource]});
                 self.request(reqwest::Method::POST, key_id, "/event_ack", "event_ack", Some(body), "application/json", correlation_id.as_deref()).await
             }
         };

@@ -58,6 +58,9 @@ pub struct LocalKms {
     master: Zeroizing<[u8; 32]>,
     cache: RwLock<HashMap<String, Arc<LoadedKey>>>,
     purge_after: Duration,
+    /// A key change is refused once the changelog has not confirmed it for
+    /// this long (the API's write timeout), instead of hanging its caller.
+    write_timeout: Option<Duration>,
 }
 
 /// What an operation on a key did: the event it emitted, for the API's answer.
@@ -69,7 +72,12 @@ pub struct Emitted {
 impl LocalKms {
     pub fn open(store: Store, master_key_file: &Path, purge_after: Duration) -> Result<LocalKms, KmsError> {
         let master = load_or_create_master(master_key_file)?;
-        Ok(LocalKms { store, master, cache: RwLock::new(HashMap::new()), purge_after })
+        Ok(LocalKms { store, master, cache: RwLock::new(HashMap::new()), purge_after, write_timeout: None })
+    }
+
+    pub fn with_write_timeout(mut self, timeout: Duration) -> LocalKms {
+        self.write_timeout = Some(timeout);
+        self
     }
 
     fn seal(&self, key_id: &str, version: &str, material: &[u8; 32]) -> String {
@@ -77,9 +85,7 @@ impl LocalKms {
         let mut nonce = [0u8; NONCE];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let aad = format!("keywarden root key {key_id} version {version}");
-        let ct = cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: material, aad: aad.as_bytes() })
-            .expect("aes-gcm encryption does not fail");
+        let ct = cipher.encrypt(Nonce::from_slice(&nonce), Payload { msg: material, aad: aad.as_bytes() }).expect("aes-gcm encryption does not fail");
         let mut out = nonce.to_vec();
         out.extend_from_slice(&ct);
         STANDARD.encode(out)
@@ -93,9 +99,7 @@ impl LocalKms {
         }
         let cipher = Aes256Gcm::new_from_slice(self.master.as_ref()).expect("32-byte key");
         let aad = format!("keywarden root key {key_id} version {}", v.version);
-        let plain = Zeroizing::new(
-            cipher.decrypt(Nonce::from_slice(&raw[..NONCE]), Payload { msg: &raw[NONCE..], aad: aad.as_bytes() }).map_err(|_| bad())?,
-        );
+        let plain = Zeroizing::new(cipher.decrypt(Nonce::from_slice(&raw[..NONCE]), Payload { msg: &raw[NONCE..], aad: aad.as_bytes() }).map_err(|_| bad())?);
         let arr: [u8; 32] = plain.as_slice().try_into().map_err(|_| bad())?;
         Ok(Zeroizing::new(arr))
     }
@@ -144,40 +148,34 @@ impl LocalKms {
         let cipher = Aes256Gcm::new_from_slice(key.material[&key.latest].as_ref()).expect("32-byte key");
         let mut nonce = [0u8; NONCE];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let ct = cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: dek.expose(), aad: &aad_for(key_id, aad) })
-            .expect("aes-gcm encryption does not fail");
+        let ct =
+            cipher.encrypt(Nonce::from_slice(&nonce), Payload { msg: dek.expose(), aad: &aad_for(key_id, aad) }).expect("aes-gcm encryption does not fail");
         let mut ciphertext = nonce.to_vec();
         ciphertext.extend_from_slice(&ct);
         WrappedDek { key_version: key.latest.clone(), ciphertext }
     }
 
     fn unwrap_with(key_id: &str, key: &LoadedKey, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError> {
-        let material = key.material.get(&wrapped.key_version).ok_or_else(|| KmsError::UnknownVersion {
-            key_id: key_id.to_string(),
-            version: wrapped.key_version.clone(),
-        })?;
+        let material = key
+            .material
+            .get(&wrapped.key_version)
+            .ok_or_else(|| KmsError::UnknownVersion { key_id: key_id.to_string(), version: wrapped.key_version.clone() })?;
         if wrapped.ciphertext.len() < NONCE {
             return Err(KmsError::Integrity(key_id.to_string()));
         }
         let cipher = Aes256Gcm::new_from_slice(material.as_ref()).expect("32-byte key");
         let plain = Zeroizing::new(
             cipher
-                .decrypt(
-                    Nonce::from_slice(&wrapped.ciphertext[..NONCE]),
-                    Payload { msg: &wrapped.ciphertext[NONCE..], aad: &aad_for(key_id, aad) },
-                )
+                .decrypt(Nonce::from_slice(&wrapped.ciphertext[..NONCE]), Payload { msg: &wrapped.ciphertext[NONCE..], aad: &aad_for(key_id, aad) })
                 .map_err(|_| KmsError::Integrity(key_id.to_string()))?,
         );
         Dek::from_slice(&plain).ok_or_else(|| KmsError::Integrity(key_id.to_string()))
     }
 
     fn save(&self, file: &KeyFile, event: Option<&LifecycleEvent>) -> Result<(), KmsError> {
-        let effect = event.map(|e| Effect::LifecycleEvent {
-            key_id: e.key_id.clone(),
-            payload: serde_json::to_string(e).expect("events serialize"),
-        });
-        self.store.kms_put(&file.key_id, serde_json::to_vec(file).expect("key files serialize"), effect)?;
+        let effect = event.map(|e| Effect::LifecycleEvent { key_id: e.key_id.clone(), payload: serde_json::to_string(e).expect("events serialize") });
+        let deadline = self.write_timeout.map(|t| std::time::Instant::now() + t);
+        self.store.kms_put(&file.key_id, serde_json::to_vec(file).expect("key files serialize"), effect, deadline)?;
         Ok(())
     }
 
@@ -325,14 +323,9 @@ fn load_or_create_master(path: &Path) -> Result<Zeroizing<[u8; 32]>, KmsError> {
     if meta.permissions().mode() & 0o077 != 0 {
         tracing::warn!(path = %path.display(), "master key file is readable by group or others; chmod 600 it");
     }
-    let text = Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|e| KmsError::Setup(format!("cannot read master key file {}: {e}", path.display())))?,
-    );
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| KmsError::Setup(format!("cannot read master key file {}: {e}", path.display())))?);
     let raw = Zeroizing::new(STANDARD.decode(text.trim()).unwrap_or_default());
-    let arr: [u8; 32] = raw
-        .as_slice()
-        .try_into()
-        .map_err(|_| KmsError::Setup(format!("master key file {} must hold 32 bytes in base64", path.display())))?;
+    let arr: [u8; 32] = raw.as_slice().try_into().map_err(|_| KmsError::Setup(format!("master key file {} must hold 32 bytes in base64", path.display())))?;
     Ok(Zeroizing::new(arr))
 }
 

@@ -106,9 +106,7 @@ fn map_error(status: u16, message: &str, path: &str, key: &str) -> KmsError {
         403 => KmsError::Refused(format!("{what}; check the token in kms.vault.token_file and its policy")),
         404 => KmsError::UnknownKey(key.to_string()),
         400 if message.contains("not found") => KmsError::UnknownKey(key.to_string()),
-        400 if message.contains("cipher: message authentication failed") || message.contains("invalid ciphertext") => {
-            KmsError::Integrity(key.to_string())
-        }
+        400 if message.contains("cipher: message authentication failed") || message.contains("invalid ciphertext") => KmsError::Integrity(key.to_string()),
         412 | 429 => KmsError::Throttled(what),
         s if s >= 500 => KmsError::Unavailable(what),
         _ => KmsError::Refused(what),

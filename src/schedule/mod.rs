@@ -13,7 +13,14 @@ use crate::engine::{Input, KeyStatus};
 use crate::store::Store;
 use crate::writer::Writer;
 
-pub async fn purge_loop(store: Store, writer: Writer, ownership: crate::cluster::Ownership, schedule: String, purge_after: Duration, shutdown: CancellationToken) {
+pub async fn purge_loop(
+    store: Store,
+    writer: Writer,
+    ownership: crate::cluster::Ownership,
+    schedule: String,
+    purge_after: Duration,
+    shutdown: CancellationToken,
+) {
     // validate() already parsed it; a failure here would be a bug, so say so loudly.
     let Ok(schedule) = cron::Schedule::from_str(&schedule) else {
         tracing::error!(%schedule, "purge schedule does not parse; purging is off");

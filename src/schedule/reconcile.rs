@@ -81,6 +81,8 @@ impl Reconciler {
     /// Runs on the configured schedule until shutdown.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         if self.config.schedule.is_empty() {
+            // Off: idle until shutdown, since a supervised task that ends has failed.
+            shutdown.cancelled().await;
             return;
         }
         let Ok(schedule) = cron::Schedule::from_str(&self.config.schedule) else {

@@ -103,7 +103,18 @@ mod tests {
         }
         let store = Store::open(dir.path()).unwrap();
         // A restart continues the same chain.
-        store.commit(&[Record::Audit(AuditFact { who: "kms-event".into(), what: "event disable".into(), outcome: "applied".into(), key_id: Some("k".into()), ..Default::default() })], true).unwrap();
+        store
+            .commit(
+                &[Record::Audit(AuditFact {
+                    who: "kms-event".into(),
+                    what: "event disable".into(),
+                    outcome: "applied".into(),
+                    key_id: Some("k".into()),
+                    ..Default::default()
+                })],
+                true,
+            )
+            .unwrap();
         let entries = store.audit_since(None, usize::MAX);
         assert_eq!(entries.len(), 6);
         verify(&entries, true).unwrap();

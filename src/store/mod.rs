@@ -22,12 +22,16 @@ pub enum StoreError {
     Write(#[from] sled::Error),
     #[error("cannot write to the changelog: {0}; nothing was applied")]
     Changelog(String),
+    /// The changelog did not confirm the batch by its deadline and none of it
+    /// was written: the batch is not applied, and the caller may retry.
+    #[error("the broker did not confirm the changelog write in time ({0})")]
+    Unavailable(String),
 }
 
 impl StoreError {
     /// Disk-level failures rarely heal by retrying the same write at once.
     pub fn retryable(&self) -> bool {
-        false
+        matches!(self, StoreError::Unavailable(_))
     }
 }
 
@@ -102,7 +106,6 @@ pub enum Route {
     Key(String),
     Partition(i32),
 }
-
 
 fn k(prefix: &[u8], id: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(prefix.len() + id.len());
@@ -182,8 +185,19 @@ pub struct Store {
     wants_notices: std::sync::Arc<std::sync::OnceLock<NoticeFilter>>,
 }
 
-/// Publishes changes and returns, per partition, the offset after the last one.
-pub type Publisher = Box<dyn Fn(&[Change]) -> Result<Vec<(i32, i64)>, String> + Send + Sync>;
+/// Publishes changes and returns, per partition, the offset after the last
+/// one. Past the deadline, if the broker has confirmed none of them, gives up.
+pub type Publisher = Box<dyn Fn(&[Change], Option<std::time::Instant>) -> Result<Vec<(i32, i64)>, PublishError> + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// None of the changes was confirmed by the deadline; those not yet sent
+    /// were withdrawn.
+    #[error("{0}")]
+    Unconfirmed(String),
+    #[error("{0}")]
+    Failed(String),
+}
 
 pub type NoticeFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -224,8 +238,15 @@ impl Store {
 
     /// Applies the records atomically; with `flush`, returns only once they are durable.
     pub fn commit(&self, records: &[Record], flush: bool) -> Result<(), StoreError> {
+        self.commit_until(records, flush, None)
+    }
+
+    /// As `commit`; with a deadline, gives up with `Unavailable` (nothing
+    /// applied, nothing written) if the changelog has confirmed none of the
+    /// batch by then.
+    pub fn commit_until(&self, records: &[Record], flush: bool, deadline: Option<std::time::Instant>) -> Result<(), StoreError> {
         let (mut batch, changes) = self.batch(records)?;
-        let _published = self.publish(&changes, &mut batch)?;
+        let _published = self.publish(&changes, &mut batch, deadline)?;
         let facts: Vec<_> = records.iter().filter_map(|r| if let Record::Audit(f) = r { Some(f.clone()) } else { None }).collect();
         if facts.is_empty() {
             self.tree.apply_batch(batch)?;
@@ -254,13 +275,22 @@ impl Store {
     /// Writes the changes to the changelog (with one configured) and adds to
     /// the batch the replica positions they moved, so this node's replica
     /// skips its own entries. The guard must be held until the batch is applied.
-    fn publish(&self, changes: &[Change], batch: &mut sled::Batch) -> Result<Option<std::sync::MutexGuard<'_, ()>>, StoreError> {
+    fn publish(
+        &self,
+        changes: &[Change],
+        batch: &mut sled::Batch,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Option<std::sync::MutexGuard<'_, ()>>, StoreError> {
         let Some(publish) = self.publisher.get() else { return Ok(None) };
         if changes.is_empty() {
             return Ok(None);
         }
         let guard = self.changelog.lock().expect("changelog lock");
-        for (partition, next) in publish(changes).map_err(StoreError::Changelog)? {
+        let written = publish(changes, deadline).map_err(|e| match e {
+            PublishError::Unconfirmed(why) => StoreError::Unavailable(why),
+            PublishError::Failed(why) => StoreError::Changelog(why),
+        })?;
+        for (partition, next) in written {
             if self.replica_position(partition).is_none_or(|at| next > at) {
                 batch.insert(replica_key(partition), &next.to_be_bytes()[..]);
             }
@@ -358,7 +388,7 @@ impl Store {
         key.extend_from_slice(&partition.to_be_bytes());
         let change = Change { route: Route::Partition(partition), key: key.clone(), value: Some(url.as_bytes().to_vec()) };
         let mut batch = sled::Batch::default();
-        let _published = self.publish(std::slice::from_ref(&change), &mut batch)?;
+        let _published = self.publish(std::slice::from_ref(&change), &mut batch, None)?;
         batch.insert(key, url.as_bytes());
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;
@@ -375,7 +405,6 @@ impl Store {
         read(self.tree.get(replica_key(partition))).map(|v| i64::from_be_bytes(v.as_ref().try_into().expect("position is 8 bytes")))
     }
 
-
     pub fn flush(&self) -> Result<(), StoreError> {
         self.tree.flush()?;
         Ok(())
@@ -390,10 +419,7 @@ impl Store {
     }
 
     fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Vec<T> {
-        self.tree
-            .scan_prefix(prefix)
-            .map(|kv| decode(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1))
-            .collect()
+        self.tree.scan_prefix(prefix).map(|kv| decode(&kv.unwrap_or_else(|e| panic!("store read failed ({e}); check the disk")).1)).collect()
     }
 
     pub fn keys(&self) -> Vec<KeyRecord> {
@@ -488,7 +514,7 @@ impl Store {
             }
             batch.remove(key);
         }
-        let _published = self.publish(&tombstones, &mut batch)?;
+        let _published = self.publish(&tombstones, &mut batch, None)?;
         self.tree.apply_batch(batch)?;
         Ok(())
     }
@@ -515,7 +541,7 @@ impl Store {
         for name in names {
             batch.remove(name);
         }
-        let _published = self.publish(&changes, &mut batch)?;
+        let _published = self.publish(&changes, &mut batch, None)?;
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;
         Ok(adopted.len())
@@ -582,7 +608,7 @@ impl Store {
 
     /// Writes KMS material and the lifecycle event it implies in one durable batch,
     /// so that a key change is never made without its event being published.
-    pub fn kms_put(&self, key_id: &str, material: Vec<u8>, event: Option<Effect>) -> Result<(), StoreError> {
+    pub fn kms_put(&self, key_id: &str, material: Vec<u8>, event: Option<Effect>, deadline: Option<std::time::Instant>) -> Result<(), StoreError> {
         let (mut batch, _) = self.batch(event.iter().cloned().map(Record::Outbox).collect::<Vec<_>>().as_slice())?;
         // Other nodes unwrap with the same material (sealed under the shared master key).
         let mut changes = vec![Change { route: Route::Key(key_id.to_string()), key: k(KMS, key_id), value: Some(material.clone()) }];
@@ -592,7 +618,7 @@ impl Store {
             batch.insert(k(EMITTED, &event_id), value.clone());
             changes.push(Change { route: Route::Key(key_id.to_string()), key: k(EMITTED, &event_id), value: Some(value) });
         }
-        let _published = self.publish(&changes, &mut batch)?;
+        let _published = self.publish(&changes, &mut batch, deadline)?;
         batch.insert(k(KMS, key_id), material);
         self.tree.apply_batch(batch)?;
         self.tree.flush()?;
@@ -724,7 +750,7 @@ mod tests {
     fn changelog(s: &Store) -> std::sync::Arc<std::sync::Mutex<Vec<Replicated>>> {
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Replicated>::new()));
         let writer = log.clone();
-        s.set_publisher(Box::new(move |changes| {
+        s.set_publisher(Box::new(move |changes, _deadline| {
             let mut log = writer.lock().unwrap();
             for c in changes {
                 let offset = log.len() as i64;
@@ -778,8 +804,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let emit = |id: &str, key: &str| Effect::LifecycleEvent { key_id: key.into(), payload: format!(r#"{{"event_id":"{id}"}}"#) };
-        s.kms_put("a", b"{}".to_vec(), Some(emit("e1", "a"))).unwrap();
-        s.kms_put("b", b"{}".to_vec(), Some(emit("e2", "b"))).unwrap();
+        s.kms_put("a", b"{}".to_vec(), Some(emit("e1", "a")), None).unwrap();
+        s.kms_put("b", b"{}".to_vec(), Some(emit("e2", "b")), None).unwrap();
         assert_eq!(s.unapplied_emissions(|k| k == "a").unwrap(), vec![emit("e1", "a")]);
         let applied = EventRecord {
             event_id: "e1".into(),
@@ -839,7 +865,13 @@ mod tests {
         s.commit(&[Record::Outbox(effect("a")), Record::Outbox(effect("b"))], true).unwrap();
         s.commit(&[Record::Outbox(effect("c"))], true).unwrap();
         let out = s.outbox(10);
-        let names: Vec<_> = out.iter().map(|(_, e)| match e { Effect::KeyCommands { key_id, .. } => key_id.clone(), _ => unreachable!() }).collect();
+        let names: Vec<_> = out
+            .iter()
+            .map(|(_, e)| match e {
+                Effect::KeyCommands { key_id, .. } => key_id.clone(),
+                _ => unreachable!(),
+            })
+            .collect();
         assert_eq!(names, ["a", "b", "c"]);
         s.outbox_remove(&[out[0].0]).unwrap();
         assert_eq!(s.outbox_len(), 2);

@@ -89,7 +89,7 @@ impl Sinks {
 /// Delivers queued alerts in commit order; a sink that fails is retried with
 /// backoff and the alert stays queued (and durable) until every sink took it.
 pub async fn deliver_loop(store: Store, sinks: Sinks, notify: Arc<Notify>, shutdown: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let notified = notify.notified();
         let batch = store.alert_queue(32);
@@ -123,17 +123,17 @@ pub async fn deliver_loop(store: Store, sinks: Sinks, notify: Arc<Notify>, shutd
                 }
             }
         }
-        if let Err(e) = store.alert_queue_remove(&done) {
-            tracing::error!(error = %e, "cannot remove delivered alerts; they will be sent again");
+        let queue = store.clone();
+        if !matches!(tokio::task::spawn_blocking(move || queue.alert_queue_remove(&done)).await, Ok(Ok(()))) {
+            tracing::error!("cannot remove delivered alerts; they will be sent again");
         }
         if let Some(e) = failed {
             tracing::warn!(error = %e, "alert delivery failed");
-            if !super::pause(&shutdown, tokio::time::sleep(backoff)).await {
+            if !super::pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
                 return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
         } else {
-            backoff = Duration::from_millis(200);
+            backoff.reset();
         }
     }
 }

@@ -13,15 +13,18 @@
 //! never applies an event twice.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 
+use crate::backoff::Backoff;
 use crate::cluster::partition_of;
 use crate::config::KafkaConfig;
-use crate::store::{Change, Route};
+use crate::store::{Change, PublishError, Route};
 
 pub struct ChangelogPublisher {
     producer: FutureProducer,
@@ -52,9 +55,17 @@ impl ChangelogPublisher {
     /// away. Returns, per partition written, the offset after the last change:
     /// the store records it with the batch, so this node's replica knows the
     /// entries below it are already applied here.
-    pub fn publish(&self, changes: &[Change]) -> Result<Vec<(i32, i64)>, String> {
+    ///
+    /// With a deadline, gives up once it passes if the broker has confirmed
+    /// none of the changes, withdrawing those not yet sent, so the caller can
+    /// answer in bounded time. Once one change is confirmed the batch is in
+    /// the changelog in part, other nodes may apply it, and so it is finished
+    /// whatever the deadline. (A request already on the wire to a hung broker
+    /// cannot be withdrawn; should the broker wake and take it, replicas apply
+    /// it late. The README says so.)
+    pub fn publish(&self, changes: &[Change], deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, PublishError> {
         let mut written: HashMap<i32, i64> = HashMap::new();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut rest = changes;
         while !rest.is_empty() {
             let sends: Vec<_> = rest
@@ -79,10 +90,15 @@ impl ChangelogPublisher {
             for send in sends {
                 let delivered = match send {
                     Err((e, _)) => Err(e.to_string()),
-                    Ok(delivery) => match futures::executor::block_on(delivery) {
-                        Ok(Ok((partition, offset))) => Ok((partition, offset)),
-                        Ok(Err((e, _))) => Err(e.to_string()),
-                        Err(_) => Err("the producer was dropped".to_string()),
+                    Ok(delivery) => match wait_until(delivery, deadline.filter(|_| written.is_empty())) {
+                        None => {
+                            // Past the deadline with nothing confirmed: withdraw what waits to be sent.
+                            self.producer.purge(PurgeConfig::default().queue());
+                            return Err(PublishError::Unconfirmed(format!("changelog {} did not answer in time", self.topic)));
+                        }
+                        Some(Ok(Ok((partition, offset)))) => Ok((partition, offset)),
+                        Some(Ok(Err((e, _)))) => Err(e.to_string()),
+                        Some(Err(_)) => Err("the producer was dropped".to_string()),
                     },
                 };
                 match delivered {
@@ -98,12 +114,56 @@ impl ChangelogPublisher {
             rest = &rest[done..];
             let Some(e) = failure else { break };
             if self.stop.load(Ordering::SeqCst) {
-                return Err(format!("{e} (shutting down)"));
+                return Err(PublishError::Failed(format!("{e} (shutting down)")));
+            }
+            if written.is_empty() && deadline.is_some_and(|d| Instant::now() + backoff.peek() >= d) {
+                return Err(PublishError::Unconfirmed(format!("{e}; changelog {} refused it until the deadline", self.topic)));
             }
             tracing::warn!(error = %e, topic = %self.topic, "cannot write to the changelog; retrying (state changes wait)");
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            std::thread::sleep(backoff.next_delay());
         }
         Ok(written.into_iter().collect())
+    }
+}
+
+/// Drives `fut` on this (non-async) thread until it is ready, or until
+/// `deadline` passes (None: however long it takes).
+fn wait_until<F: Future>(fut: F, deadline: Option<Instant>) -> Option<F::Output> {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
+        match deadline {
+            None => std::thread::park(),
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    return None;
+                }
+                std::thread::park_timeout(d - now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_gives_up_at_the_deadline_and_not_before_a_ready_future() {
+        assert_eq!(wait_until(std::future::ready(7), Some(Instant::now())), Some(7));
+        let started = Instant::now();
+        assert_eq!(wait_until(std::future::pending::<()>(), Some(started + Duration::from_millis(50))), None);
+        assert!(started.elapsed() >= Duration::from_millis(50));
     }
 }

@@ -12,6 +12,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
+
+use crate::backoff::Backoff;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -19,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::KafkaConfig;
-use crate::intake::signature::{Signer, HEADER as SIGNATURE_HEADER};
 use crate::engine::{CommandAction, Effect};
+use crate::intake::signature::{Signer, HEADER as SIGNATURE_HEADER};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -126,7 +128,7 @@ impl Relay {
     /// before its update); a permanent one is logged and dropped, so that one
     /// bad notice cannot stall the rest.
     async fn notice_loop(&self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
             let notified = self.notify.notified();
             let batch = self.store.notices(32);
@@ -156,22 +158,22 @@ impl Relay {
                     }
                 }
             }
-            if let Err(e) = self.store.notices_remove(&done) {
-                tracing::error!(error = %e, "cannot remove delivered notices; they will be sent again");
+            let store = self.store.clone();
+            if !matches!(tokio::task::spawn_blocking(move || store.notices_remove(&done)).await, Ok(Ok(()))) {
+                tracing::error!("cannot remove delivered notices; they will be sent again");
             }
             if stalled {
-                if !pause(&shutdown, tokio::time::sleep(backoff)).await {
+                if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             } else {
-                backoff = Duration::from_millis(200);
+                backoff.reset();
             }
         }
     }
 
     async fn publish_loop(&self, shutdown: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut depth_at: Option<std::time::Instant> = None;
         loop {
             let notified = self.notify.notified();
@@ -199,17 +201,21 @@ impl Relay {
                     }
                 }
             }
-            if let Err(e) = self.store.outbox_remove(&sent) {
-                tracing::error!(error = %e, "cannot remove published effects from the outbox; they will be sent again");
+            // With a changelog, removing also publishes tombstones (the other
+            // nodes forget their copies): a broker call, so off the runtime.
+            let store = self.store.clone();
+            match tokio::task::spawn_blocking(move || store.outbox_remove(&sent)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot remove published effects from the outbox; they will be sent again"),
+                Err(e) => tracing::error!(error = %e, "cannot remove published effects from the outbox; they will be sent again"),
             }
             if let Some(e) = failed {
                 tracing::warn!(error = %e, "publishing failed");
-                if !pause(&shutdown, tokio::time::sleep(backoff)).await {
+                if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
                     return;
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             } else {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
             }
         }
     }
@@ -240,10 +246,7 @@ impl Relay {
                 if let Some(sig) = &signature {
                     record = record.headers(OwnedHeaders::new().insert(Header { key: SIGNATURE_HEADER, value: Some(sig.as_str()) }));
                 }
-                self.producer
-                    .send(record, Duration::from_secs(10))
-                    .await
-                    .map_err(|(source, _)| TellError::Publish { topic: topic.clone(), source })?;
+                self.producer.send(record, Duration::from_secs(10)).await.map_err(|(source, _)| TellError::Publish { topic: topic.clone(), source })?;
                 tracing::info!(%key_id, "lifecycle event published");
                 Ok(())
             }

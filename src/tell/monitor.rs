@@ -165,7 +165,10 @@ impl Monitor {
                     Severity::Warning,
                     &[("key_id", &job.key_id)],
                     format!("{} instance(s) of key {} could not be rewrapped", job.failed, job.key_id),
-                    format!("the KMS refused their rewrap to version {}; see GET /v1/keys/{}, fix the cause and run `keywarden key retry`", job.target_version, job.key_id),
+                    format!(
+                        "the KMS refused their rewrap to version {}; see GET /v1/keys/{}, fix the cause and run `keywarden key retry`",
+                        job.target_version, job.key_id
+                    ),
                     now,
                 ));
             }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::{json, Value};
 
@@ -77,6 +77,13 @@ impl Broker {
         }
     }
 
+    /// SIGSTOP or SIGCONT: a broker that hangs with its connections open.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([&format!("-{name}"), &pid]).status().unwrap();
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
     pub fn restart(&mut self) {
         assert!(self.child.is_none());
         let url = format!("tcp://127.0.0.1:{}", self.port);
@@ -115,6 +122,13 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(bootstrap: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon::start_unready(bootstrap, env);
+        d.wait_ready();
+        d
+    }
+
+    /// Starts the process without waiting for it to be ready.
+    pub fn start_unready(bootstrap: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         // A test that turns TLS on names the CA to trust the way the CLI takes it.
@@ -125,19 +139,8 @@ impl Daemon {
             None => reqwest::blocking::Client::new(),
         };
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut d = Daemon {
-            child: None,
-            api,
-            dir,
-            http,
-            bootstrap: bootstrap.to_string(),
-            port,
-            env,
-            admin_token: String::new(),
-            dek_token: String::new(),
-        };
+        let mut d = Daemon { child: None, api, dir, http, bootstrap: bootstrap.to_string(), port, env, admin_token: String::new(), dek_token: String::new() };
         d.spawn();
-        d.wait_ready();
         d
     }
 
@@ -206,9 +209,7 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(50));
         }
         // A test may give several nodes the same token files.
-        let file = |var: &str, name: &str| {
-            self.env.iter().find(|(k, _)| k == var).map(|(_, v)| PathBuf::from(v)).unwrap_or_else(|| self.dir.path().join(name))
-        };
+        let file = |var: &str, name: &str| self.env.iter().find(|(k, _)| k == var).map(|(_, v)| PathBuf::from(v)).unwrap_or_else(|| self.dir.path().join(name));
         let read = |path: PathBuf| std::fs::read_to_string(path).unwrap().trim().to_string();
         self.admin_token = read(file("KEYWARDEN_API_ADMIN_TOKEN_FILE", "admin.token"));
         self.dek_token = read(file("KEYWARDEN_API_DEK_TOKEN_FILE", "dek.token"));
@@ -245,13 +246,7 @@ impl Daemon {
 
     pub fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
         decode(
-            self.http
-                .post(format!("{}{path}", self.api))
-                .bearer_auth(self.token(path))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .unwrap(),
+            self.http.post(format!("{}{path}", self.api)).bearer_auth(self.token(path)).header("content-type", "application/json").body(body).send().unwrap(),
         )
     }
 
@@ -325,6 +320,22 @@ impl Daemon {
         std::thread::sleep(Duration::from_millis(20));
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         self.terminate()
+    }
+
+    /// Waits for the process to exit by itself; its exit code (None: by a signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let mut c = self.child.take().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status.code();
+            }
+            if start.elapsed() > timeout {
+                let _ = c.kill();
+                panic!("keywarden did not exit by itself within {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGTERM, then wait for a clean exit; returns the exit code.
@@ -452,14 +463,12 @@ impl TopicReader {
     fn poll_one(&mut self, wait: Duration) -> bool {
         {
             if let Some(Ok(m)) = self.consumer.poll(wait) {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                // As bytes: rdkafka's own header iterator panics on a name that
+                // is not UTF-8, and a dead letter keeps such a name.
+                let headers = keywarden::intake::headers::raw(&m)
+                    .iter()
+                    .map(|h| (String::from_utf8_lossy(h.name).into_owned(), h.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default()))
+                    .collect();
                 self.seen.push(Read {
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
                     payload: m.payload().unwrap_or_default().to_vec(),
