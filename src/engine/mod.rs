@@ -4,6 +4,7 @@
 //! that must be correct — duplicates, stale events, state transitions, what to
 //! publish — is decided here and can be tested without a broker or a store.
 
+mod instances;
 mod types;
 
 use std::collections::{HashMap, HashSet};
@@ -113,97 +114,11 @@ fn decision(records: Vec<Record>, reply: Reply) -> Decision {
 pub fn decide(view: &impl View, input: Input) -> Decision {
     match input {
         Input::Event { event, at, kms } => decide_event(view, event, at, kms),
-        Input::RegisterKey { key_id, version, at } => match view.key(&key_id) {
-            Some(_) => decision(vec![], Reply::Done),
-            None => {
-                let mut key = KeyRecord::new(&key_id, at);
-                key.version = Some(version);
-                decision(vec![Record::Key(key)], Reply::Done)
-            }
-        },
+        Input::RegisterKey { key_id, version, at } => instances::on_register_key(view, key_id, version, at),
         Input::CreateInstance { instance_id, key_id, wrapped, fingerprint, at } => {
-            if view.instance(&instance_id).is_some() {
-                return decision(vec![], Reply::Conflict(format!("instance {instance_id} already exists; pick another id or delete it first")));
-            }
-            let mut records = Vec::new();
-            match view.key(&key_id) {
-                Some(k) if k.status == KeyStatus::Deleted => {
-                    return decision(vec![], Reply::Conflict(format!("key {key_id} is deleted; restore it or choose another key")));
-                }
-                Some(k) if k.version.is_none() => {
-                    let mut k = k.clone();
-                    k.version = Some(wrapped.key_version.clone());
-                    records.push(Record::Key(k));
-                }
-                Some(_) => {}
-                None => {
-                    let mut k = KeyRecord::new(&key_id, at);
-                    k.version = Some(wrapped.key_version.clone());
-                    records.push(Record::Key(k));
-                }
-            }
-            let inst = InstanceRecord {
-                instance_id,
-                key_id,
-                key_version: wrapped.key_version.clone(),
-                wrapped: Some(wrapped),
-                dek_fingerprint: fingerprint,
-                created_at: at,
-                updated_at: at,
-                destroyed_at: None,
-                destroyed_reason: None,
-                rewrap_error: None,
-            };
-            records.push(Record::Outbox(notice(
-                &inst.key_id,
-                Notice::Registered { instance_id: inst.instance_id.clone(), key_version: inst.key_version.clone() },
-            )));
-            records.push(Record::Audit(AuditFact {
-                who: "api".into(),
-                what: "instance created".into(),
-                outcome: "created".into(),
-                key_id: Some(inst.key_id.clone()),
-                instance_id: Some(inst.instance_id.clone()),
-                key_version: Some(inst.key_version.clone()),
-                ..Default::default()
-            }));
-            records.push(Record::Instance(inst.clone()));
-            decision(records, Reply::Created(Box::new(inst)))
+            instances::on_create_instance(view, instance_id, key_id, wrapped, fingerprint, at)
         }
-        Input::DeleteInstance { instance_id, request_id, at } => {
-            let Some(mut inst) = view.instance(&instance_id) else {
-                return decision(vec![], Reply::NotFound(format!("instance {instance_id} does not exist")));
-            };
-            let Some(wrapped) = inst.wrapped.take() else {
-                return decision(vec![], Reply::Done);
-            };
-            let digest: String = sha2::Sha256::digest(&wrapped.ciphertext).iter().map(|b| format!("{b:02x}")).collect();
-            let proof = Record::Audit(AuditFact {
-                who: "api".into(),
-                what: "instance deleted".into(),
-                outcome: "destroyed".into(),
-                key_id: Some(inst.key_id.clone()),
-                instance_id: Some(inst.instance_id.clone()),
-                key_version: Some(wrapped.key_version.clone()),
-                detail: Some(format!("sha256 of the destroyed wrapped DEK: {digest}")),
-                ..Default::default()
-            });
-            inst.destroyed_at = Some(at);
-            inst.destroyed_reason = Some("instance deleted through the API".into());
-            inst.updated_at = at;
-            let effect = Effect::InstanceCommand {
-                instance_id: inst.instance_id.clone(),
-                key_id: inst.key_id.clone(),
-                action: CommandAction::Erase,
-                key_version: Some(inst.key_version.clone()),
-                cause_event_id: request_id,
-                issued_at: at,
-                correlation_id: None,
-                traceparent: None,
-            };
-            let deregister = notice(&inst.key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() });
-            decision(vec![Record::Instance(inst), Record::Outbox(effect), Record::Outbox(deregister), proof], Reply::Done)
-        }
+        Input::DeleteInstance { instance_id, request_id, at } => instances::on_delete_instance(view, instance_id, request_id, at),
         Input::JobPlanned { key_id, target_version, total } => match view.job(&key_id) {
             Some(mut job) if job.target_version == target_version && job.total.is_none() => {
                 job.total = Some(total);
