@@ -5,6 +5,7 @@
 //! publish — is decided here and can be tested without a broker or a store.
 
 mod instances;
+mod rotation;
 mod types;
 
 use std::collections::{HashMap, HashSet};
@@ -119,150 +120,12 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
             instances::on_create_instance(view, instance_id, key_id, wrapped, fingerprint, at)
         }
         Input::DeleteInstance { instance_id, request_id, at } => instances::on_delete_instance(view, instance_id, request_id, at),
-        Input::JobPlanned { key_id, target_version, total } => match view.job(&key_id) {
-            Some(mut job) if job.target_version == target_version && job.total.is_none() => {
-                job.total = Some(total);
-                decision(vec![Record::Job(job)], Reply::Done)
-            }
-            _ => decision(vec![], Reply::Done),
-        },
-        Input::Rewrapped { instance_id, from_version, wrapped, at } => {
-            let Some(mut inst) = view.instance(&instance_id) else { return decision(vec![], Reply::Done) };
-            // Only the DEK that was read may be replaced: a concurrent delete or an
-            // earlier rewrap wins, and this result is dropped.
-            if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {
-                return decision(vec![], Reply::Done);
-            }
-            let version = wrapped.key_version.clone();
-            let had_failed = inst.rewrap_error.take().is_some();
-            inst.wrapped = Some(wrapped);
-            inst.key_version = version.clone();
-            inst.updated_at = at;
-            let mut records = Vec::new();
-            let mut cause = String::new();
-            let mut correlation_id = None;
-            let mut traceparent = None;
-            if let Some(mut job) = view.job(&inst.key_id) {
-                job.done += 1;
-                if had_failed {
-                    job.failed = job.failed.saturating_sub(1);
-                }
-                cause = job.cause_event_id.clone();
-                correlation_id = job.correlation_id.clone();
-                traceparent = job.traceparent.clone();
-                records.push(Record::Job(job));
-            }
-            records.push(Record::Outbox(Effect::InstanceCommand {
-                instance_id: inst.instance_id.clone(),
-                key_id: inst.key_id.clone(),
-                action: CommandAction::Rewrapped,
-                key_version: Some(version.clone()),
-                cause_event_id: cause,
-                issued_at: at,
-                correlation_id,
-                traceparent,
-            }));
-            records.push(Record::Outbox(notice(&inst.key_id, Notice::Rewrapped { instance_id: inst.instance_id.clone(), key_version: version })));
-            records.push(Record::Instance(inst));
-            decision(records, Reply::Done)
-        }
-        Input::RewrapFailed { instance_id, from_version, reason, at } => {
-            let Some(mut inst) = view.instance(&instance_id) else { return decision(vec![], Reply::Done) };
-            if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {
-                return decision(vec![], Reply::Done);
-            }
-            let newly_failed = inst.rewrap_error.is_none();
-            let fact = Record::Audit(AuditFact {
-                who: "rotation".into(),
-                what: "rewrap".into(),
-                outcome: "failed".into(),
-                key_id: Some(inst.key_id.clone()),
-                instance_id: Some(inst.instance_id.clone()),
-                key_version: Some(from_version.clone()),
-                detail: Some(reason.clone()),
-                ..Default::default()
-            });
-            inst.rewrap_error = Some(reason);
-            inst.updated_at = at;
-            let mut records = vec![fact];
-            // `failed` counts instances currently failed, not attempts: a later
-            // pass that fails the same instance again does not count it twice.
-            if let (true, Some(mut job)) = (newly_failed, view.job(&inst.key_id)) {
-                job.failed += 1;
-                records.push(Record::Job(job));
-            }
-            records.push(Record::Instance(inst));
-            decision(records, Reply::Done)
-        }
-        Input::JobFinished { key_id, target_version, at } => match view.job(&key_id) {
-            Some(mut job) if job.target_version == target_version && job.finished_at.is_none() => {
-                job.finished_at = Some(at);
-                let fact = Record::Audit(AuditFact {
-                    who: "rotation".into(),
-                    what: "rotation finished".into(),
-                    outcome: if job.failed > 0 { "partial".into() } else { "complete".into() },
-                    event_id: Some(job.cause_event_id.clone()),
-                    key_id: Some(key_id.clone()),
-                    key_version: Some(target_version.clone()),
-                    correlation_id: job.correlation_id.clone(),
-                    detail: Some(format!("{} rewrapped, {} failed", job.done, job.failed)),
-                    ..Default::default()
-                });
-                // A rotation is acknowledged once every DEK is rewrapped.
-                let ack = job.acknowledge.then(|| {
-                    Record::Outbox(notice(
-                        &key_id,
-                        Notice::Acknowledge {
-                            event_id: job.cause_event_id.clone(),
-                            state: AdopterState::Enabled,
-                            key_version: Some(target_version),
-                            at,
-                            correlation_id: job.correlation_id.clone(),
-                        },
-                    ))
-                });
-                let mut records = vec![Record::Job(job), fact];
-                records.extend(ack);
-                decision(records, Reply::Done)
-            }
-            _ => decision(vec![], Reply::Done),
-        },
+        Input::JobPlanned { key_id, target_version, total } => rotation::on_job_planned(view, key_id, target_version, total),
+        Input::Rewrapped { instance_id, from_version, wrapped, at } => rotation::on_rewrapped(view, instance_id, from_version, wrapped, at),
+        Input::RewrapFailed { instance_id, from_version, reason, at } => rotation::on_rewrap_failed(view, instance_id, from_version, reason, at),
+        Input::JobFinished { key_id, target_version, at } => rotation::on_job_finished(view, key_id, target_version, at),
         Input::Alert(alert) => decision(vec![Record::Outbox(Effect::Alert(alert))], Reply::Done),
-        Input::RetryRewraps { key_id, request_id, at } => {
-            let Some(key) = view.key(&key_id) else {
-                return decision(vec![], Reply::NotFound(format!("key {key_id} is unknown to keywarden")));
-            };
-            let Some(version) = key.version.clone() else {
-                return decision(vec![], Reply::Conflict(format!("key {key_id} has no version to rewrap to")));
-            };
-            if key.status != KeyStatus::Active {
-                return decision(vec![], Reply::Conflict(format!("key {key_id} is {:?}; enable or restore it before retrying", key.status).to_lowercase()));
-            }
-            let previous = view.job(&key_id);
-            let job = RotationJob {
-                key_id: key_id.clone(),
-                target_version: version.clone(),
-                cause_event_id: request_id.clone(),
-                acknowledge: false,
-                correlation_id: previous.as_ref().and_then(|j| j.correlation_id.clone()),
-                traceparent: None,
-                started_at: at,
-                total: None,
-                done: 0,
-                failed: 0,
-                finished_at: None,
-            };
-            let fact = Record::Audit(AuditFact {
-                who: "api".into(),
-                what: "rotation retry".into(),
-                outcome: "started".into(),
-                event_id: Some(request_id),
-                key_id: Some(key_id),
-                key_version: Some(version),
-                ..Default::default()
-            });
-            decision(vec![Record::Job(job), fact], Reply::Done)
-        }
+        Input::RetryRewraps { key_id, request_id, at } => rotation::on_retry_rewraps(view, key_id, request_id, at),
         Input::Purge { key_id, purge_after, at } => {
             let Some(mut key) = view.key(&key_id) else { return decision(vec![], Reply::Done) };
             let due = match (key.status, key.deleted_at, key.purged_at) {

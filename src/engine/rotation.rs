@@ -1,0 +1,202 @@
+//! A rotation's progress: the job a rotate event (or an operator's retry)
+//! started, the rewrap result of each instance, and the job's end.
+//!
+//! The rotation worker reads a wrapped DEK, asks the KMS to rewrap it and
+//! reports back; every report may be late, repeated, or overtaken by a delete,
+//! so each one is checked against the current state before it changes anything.
+
+use chrono::{DateTime, Utc};
+
+use super::{decision, notice, Decision, Reply, View};
+use super::{AdopterState, AuditFact, CommandAction, Effect, KeyStatus, Notice, Record, RotationJob, WrappedDek};
+
+/// Records how many instances the job for `target_version` has to rewrap.
+///
+/// Only the first plan of the key's current job counts: a plan for an older
+/// target (a rotation that was superseded) or a second plan for the same job
+/// (every pass plans while the job has no total) leaves the job as it is, so
+/// progress is measured against one total, that of the first pass.
+pub(super) fn on_job_planned(view: &impl View, key_id: String, target_version: String, total: u64) -> Decision {
+    match view.job(&key_id) {
+        Some(mut job) if job.target_version == target_version && job.total.is_none() => {
+            job.total = Some(total);
+            decision(vec![Record::Job(job)], Reply::Done)
+        }
+        _ => decision(vec![], Reply::Done),
+    }
+}
+
+/// Replaces an instance's wrapped DEK with its rewrap.
+///
+/// Only the DEK that was read may be replaced: if the instance is gone, or its
+/// wrapped DEK is no longer the `from_version` the worker read (a concurrent
+/// delete or an earlier rewrap won), the result is dropped.
+///
+/// Otherwise the key's job counts one more done (and one fewer failed if this
+/// instance had failed before); the outbox tells the instance its DEK was
+/// rewrapped, under the job's cause, correlation id and trace, and tells the
+/// KMS the new version.
+pub(super) fn on_rewrapped(view: &impl View, instance_id: String, from_version: String, wrapped: WrappedDek, at: DateTime<Utc>) -> Decision {
+    let Some(mut inst) = view.instance(&instance_id) else { return decision(vec![], Reply::Done) };
+    if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {
+        return decision(vec![], Reply::Done);
+    }
+    let version = wrapped.key_version.clone();
+    let had_failed = inst.rewrap_error.take().is_some();
+    inst.wrapped = Some(wrapped);
+    inst.key_version = version.clone();
+    inst.updated_at = at;
+    let mut records = Vec::new();
+    let mut cause = String::new();
+    let mut correlation_id = None;
+    let mut traceparent = None;
+    if let Some(mut job) = view.job(&inst.key_id) {
+        job.done += 1;
+        if had_failed {
+            job.failed = job.failed.saturating_sub(1);
+        }
+        cause = job.cause_event_id.clone();
+        correlation_id = job.correlation_id.clone();
+        traceparent = job.traceparent.clone();
+        records.push(Record::Job(job));
+    }
+    records.push(Record::Outbox(Effect::InstanceCommand {
+        instance_id: inst.instance_id.clone(),
+        key_id: inst.key_id.clone(),
+        action: CommandAction::Rewrapped,
+        key_version: Some(version.clone()),
+        cause_event_id: cause,
+        issued_at: at,
+        correlation_id,
+        traceparent,
+    }));
+    records.push(Record::Outbox(notice(&inst.key_id, Notice::Rewrapped { instance_id: inst.instance_id.clone(), key_version: version })));
+    records.push(Record::Instance(inst));
+    decision(records, Reply::Done)
+}
+
+/// Records that the KMS refused to rewrap an instance's DEK, and why.
+///
+/// As with a success, a report about a DEK that changed since it was read is
+/// dropped. Otherwise the instance keeps its DEK (still usable under the old
+/// version) and carries the reason until a later rewrap succeeds; the failure
+/// is audited. Nothing goes to the outbox: the instance's data is unaffected.
+pub(super) fn on_rewrap_failed(view: &impl View, instance_id: String, from_version: String, reason: String, at: DateTime<Utc>) -> Decision {
+    let Some(mut inst) = view.instance(&instance_id) else { return decision(vec![], Reply::Done) };
+    if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {
+        return decision(vec![], Reply::Done);
+    }
+    let newly_failed = inst.rewrap_error.is_none();
+    let fact = Record::Audit(AuditFact {
+        who: "rotation".into(),
+        what: "rewrap".into(),
+        outcome: "failed".into(),
+        key_id: Some(inst.key_id.clone()),
+        instance_id: Some(inst.instance_id.clone()),
+        key_version: Some(from_version.clone()),
+        detail: Some(reason.clone()),
+        ..Default::default()
+    });
+    inst.rewrap_error = Some(reason);
+    inst.updated_at = at;
+    let mut records = vec![fact];
+    // `failed` counts instances currently failed, not attempts: a later
+    // pass that fails the same instance again does not count it twice.
+    if let (true, Some(mut job)) = (newly_failed, view.job(&inst.key_id)) {
+        job.failed += 1;
+        records.push(Record::Job(job));
+    }
+    records.push(Record::Instance(inst));
+    decision(records, Reply::Done)
+}
+
+/// Closes the key's job for `target_version` once the worker went through every
+/// instance.
+///
+/// A job that already finished, or a report for a target that is no longer the
+/// key's job (a newer rotation replaced it), changes nothing: the end is
+/// recorded, audited and acknowledged exactly once. The audit says whether the
+/// rotation was complete or partial (some rewraps failed). If the job came from
+/// a rotate event, the KMS gets that event's acknowledgement now, not when the
+/// event arrived: the rotation is only done once the DEKs are rewrapped.
+pub(super) fn on_job_finished(view: &impl View, key_id: String, target_version: String, at: DateTime<Utc>) -> Decision {
+    match view.job(&key_id) {
+        Some(mut job) if job.target_version == target_version && job.finished_at.is_none() => {
+            job.finished_at = Some(at);
+            let fact = Record::Audit(AuditFact {
+                who: "rotation".into(),
+                what: "rotation finished".into(),
+                outcome: if job.failed > 0 { "partial".into() } else { "complete".into() },
+                event_id: Some(job.cause_event_id.clone()),
+                key_id: Some(key_id.clone()),
+                key_version: Some(target_version.clone()),
+                correlation_id: job.correlation_id.clone(),
+                detail: Some(format!("{} rewrapped, {} failed", job.done, job.failed)),
+                ..Default::default()
+            });
+            // A rotation is acknowledged once every DEK is rewrapped.
+            let ack = job.acknowledge.then(|| {
+                Record::Outbox(notice(
+                    &key_id,
+                    Notice::Acknowledge {
+                        event_id: job.cause_event_id.clone(),
+                        state: AdopterState::Enabled,
+                        key_version: Some(target_version),
+                        at,
+                        correlation_id: job.correlation_id.clone(),
+                    },
+                ))
+            });
+            let mut records = vec![Record::Job(job), fact];
+            records.extend(ack);
+            decision(records, Reply::Done)
+        }
+        _ => decision(vec![], Reply::Done),
+    }
+}
+
+/// Starts another rotation pass towards the key's current version, at an
+/// operator's request, typically after fixing what made rewraps fail.
+///
+/// - An unknown key is `NotFound`; a key without a version has nothing to
+///   rewrap to, and a key that is not active must not have its DEKs rewrapped
+///   (it is disabled or deleted): both are conflicts that say what to do.
+///
+/// The new job replaces the previous one with fresh counts and keeps its
+/// correlation id, so that the retry can be followed with the original request.
+/// It acknowledges nothing: the KMS sent no event for it. The retry is audited.
+pub(super) fn on_retry_rewraps(view: &impl View, key_id: String, request_id: String, at: DateTime<Utc>) -> Decision {
+    let Some(key) = view.key(&key_id) else {
+        return decision(vec![], Reply::NotFound(format!("key {key_id} is unknown to keywarden")));
+    };
+    let Some(version) = key.version.clone() else {
+        return decision(vec![], Reply::Conflict(format!("key {key_id} has no version to rewrap to")));
+    };
+    if key.status != KeyStatus::Active {
+        return decision(vec![], Reply::Conflict(format!("key {key_id} is {:?}; enable or restore it before retrying", key.status).to_lowercase()));
+    }
+    let previous = view.job(&key_id);
+    let job = RotationJob {
+        key_id: key_id.clone(),
+        target_version: version.clone(),
+        cause_event_id: request_id.clone(),
+        acknowledge: false,
+        correlation_id: previous.as_ref().and_then(|j| j.correlation_id.clone()),
+        traceparent: None,
+        started_at: at,
+        total: None,
+        done: 0,
+        failed: 0,
+        finished_at: None,
+    };
+    let fact = Record::Audit(AuditFact {
+        who: "api".into(),
+        what: "rotation retry".into(),
+        outcome: "started".into(),
+        event_id: Some(request_id),
+        key_id: Some(key_id),
+        key_version: Some(version),
+        ..Default::default()
+    });
+    decision(vec![Record::Job(job), fact], Reply::Done)
+}
