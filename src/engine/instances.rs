@@ -2,8 +2,8 @@
 //! KMS), rather than learned from lifecycle events.
 
 use chrono::{DateTime, Utc};
-use sha2::Digest;
 
+use super::purge::sha256_hex;
 use super::{decision, notice, Decision, Reply, View};
 use super::{AuditFact, CommandAction, Effect, InstanceRecord, KeyRecord, KeyStatus, Notice, Record, WrappedDek};
 
@@ -106,7 +106,7 @@ pub(super) fn on_delete_instance(view: &impl View, instance_id: String, request_
     let Some(wrapped) = inst.wrapped.take() else {
         return decision(vec![], Reply::Done);
     };
-    let digest: String = sha2::Sha256::digest(&wrapped.ciphertext).iter().map(|b| format!("{b:02x}")).collect();
+    let digest = sha256_hex(&wrapped.ciphertext);
     let proof = Record::Audit(AuditFact {
         who: "api".into(),
         what: "instance deleted".into(),

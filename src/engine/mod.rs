@@ -5,6 +5,7 @@
 //! publish — is decided here and can be tested without a broker or a store.
 
 mod instances;
+mod purge;
 mod rotation;
 mod types;
 
@@ -12,7 +13,6 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sha2::Digest;
 
 pub use types::*;
 
@@ -126,26 +126,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
         Input::JobFinished { key_id, target_version, at } => rotation::on_job_finished(view, key_id, target_version, at),
         Input::Alert(alert) => decision(vec![Record::Outbox(Effect::Alert(alert))], Reply::Done),
         Input::RetryRewraps { key_id, request_id, at } => rotation::on_retry_rewraps(view, key_id, request_id, at),
-        Input::Purge { key_id, purge_after, at } => {
-            let Some(mut key) = view.key(&key_id) else { return decision(vec![], Reply::Done) };
-            let due = match (key.status, key.deleted_at, key.purged_at) {
-                (KeyStatus::Deleted, Some(deleted), None) => deleted + chrono::Duration::from_std(purge_after).unwrap_or(chrono::Duration::MAX) <= at,
-                _ => false,
-            };
-            if !due {
-                return decision(vec![], Reply::Done);
-            }
-            let reason = format!(
-                "purged: key {} was deleted at {} and not restored within the restore window",
-                key.key_id,
-                key.deleted_at.map(|d| d.to_rfc3339()).unwrap_or_default()
-            );
-            let mut records = purge(view, &key_id, &reason, "schedule:purge", at);
-            key.purged_at = Some(at);
-            key.updated_at = at;
-            records.push(Record::Key(key));
-            decision(records, Reply::Done)
-        }
+        Input::Purge { key_id, purge_after, at } => purge::on_purge(view, key_id, purge_after, at),
     }
 }
 
@@ -326,7 +307,7 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
             let reason = format!("purged: the kms destroyed the material of key {} at {}", key.key_id, event.occurred_at.to_rfc3339());
             let mut records = erase;
             records.push(raise(EventType::Delete));
-            records.extend(purge(view, &key.key_id, &reason, "kms-event", at));
+            records.extend(purge::purge_instances(view, &key.key_id, &reason, "kms-event", at));
             (Outcome::Applied, "the kms destroyed the key material; wrapped DEKs purged, nothing can restore them".into(), records)
         }
         (EventType::Delete, KeyStatus::Deleted) => (Outcome::Applied, "key was already deleted".into(), vec![]),
@@ -363,35 +344,6 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
         }
         (EventType::Restore, _) => ignored("key is not deleted; restore changes nothing"),
     }
-}
-
-/// Destroys the wrapped DEKs of a key's instances: afterwards nothing, not even
-/// the KMS, can bring their data back.
-fn purge(view: &impl View, key_id: &str, reason: &str, who: &str, at: DateTime<Utc>) -> Vec<Record> {
-    let mut records = Vec::new();
-    for mut inst in view.instances_of(key_id) {
-        if let Some(wrapped) = inst.wrapped.take() {
-            // The proof of erasure names exactly which ciphertext was destroyed,
-            // without keeping anything that could be unwrapped.
-            let digest: String = sha2::Sha256::digest(&wrapped.ciphertext).iter().map(|b| format!("{b:02x}")).collect();
-            records.push(Record::Audit(AuditFact {
-                who: who.into(),
-                what: "purge".into(),
-                outcome: "destroyed".into(),
-                key_id: Some(key_id.into()),
-                instance_id: Some(inst.instance_id.clone()),
-                key_version: Some(wrapped.key_version.clone()),
-                detail: Some(format!("{reason}; sha256 of the destroyed wrapped DEK: {digest}")),
-                ..Default::default()
-            }));
-            inst.destroyed_at = Some(at);
-            inst.destroyed_reason = Some(reason.to_string());
-            inst.updated_at = at;
-            records.push(Record::Outbox(notice(key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() })));
-            records.push(Record::Instance(inst));
-        }
-    }
-    records
 }
 
 /// The records of a batch that is not committed yet, layered over a base view so
