@@ -113,6 +113,14 @@ fn decision(records: Vec<Record>, reply: Reply) -> Decision {
     Decision { records, reply }
 }
 
+/// Decides what one input changes, given the current state in `view`: the
+/// records to commit (state, outbox, audit) and the reply to whoever submitted
+/// it.
+///
+/// Only a dispatch: each kind of input has its own function, which says what
+/// it decides and why — lifecycle events in `events`, instances made through
+/// the API in `instances`, a rotation's progress in `rotation`, the purge in
+/// `purge`.
 pub fn decide(view: &impl View, input: Input) -> Decision {
     match input {
         Input::Event { event, at, kms } => events::on_event(view, event, at, kms),
@@ -125,10 +133,17 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
         Input::Rewrapped { instance_id, from_version, wrapped, at } => rotation::on_rewrapped(view, instance_id, from_version, wrapped, at),
         Input::RewrapFailed { instance_id, from_version, reason, at } => rotation::on_rewrap_failed(view, instance_id, from_version, reason, at),
         Input::JobFinished { key_id, target_version, at } => rotation::on_job_finished(view, key_id, target_version, at),
-        Input::Alert(alert) => decision(vec![Record::Outbox(Effect::Alert(alert))], Reply::Done),
+        Input::Alert(alert) => on_alert(alert),
         Input::RetryRewraps { key_id, request_id, at } => rotation::on_retry_rewraps(view, key_id, request_id, at),
         Input::Purge { key_id, purge_after, at } => purge::on_purge(view, key_id, purge_after, at),
     }
+}
+
+/// An alert raised or resolved by the monitor or the reconciliation goes to the
+/// outbox as it is: there is nothing to decide about it, and going through the
+/// engine publishes it like every other effect, from the outbox.
+fn on_alert(alert: Alert) -> Decision {
+    decision(vec![Record::Outbox(Effect::Alert(alert))], Reply::Done)
 }
 
 /// The records of a batch that is not committed yet, layered over a base view so
