@@ -146,6 +146,33 @@ fn on_alert(alert: Alert) -> Decision {
     decision(vec![Record::Outbox(Effect::Alert(alert))], Reply::Done)
 }
 
+impl Input {
+    /// The key this input is about, so that the writer can check once per input
+    /// that this node owns the key before deciding anything.
+    ///
+    /// Read from the input where it names the key (an event's key, and every
+    /// variant with a `key_id`). Inputs that name only an instance (a delete
+    /// and the rewrap results) are about that instance's key, looked up through
+    /// `view`. `None` for an alert, which belongs to no one key, and for an
+    /// instance `view` does not know: such an input changes no key's state
+    /// (the delete is `NotFound`, a rewrap result is dropped).
+    pub fn key_id(&self, view: &impl View) -> Option<String> {
+        match self {
+            Input::Event { event, .. } => Some(event.key_id.clone()),
+            Input::RegisterKey { key_id, .. }
+            | Input::CreateInstance { key_id, .. }
+            | Input::JobPlanned { key_id, .. }
+            | Input::JobFinished { key_id, .. }
+            | Input::Purge { key_id, .. }
+            | Input::RetryRewraps { key_id, .. } => Some(key_id.clone()),
+            Input::DeleteInstance { instance_id, .. } | Input::Rewrapped { instance_id, .. } | Input::RewrapFailed { instance_id, .. } => {
+                view.instance(instance_id).map(|i| i.key_id)
+            }
+            Input::Alert(_) => None,
+        }
+    }
+}
+
 /// The records of a batch that is not committed yet, layered over a base view so
 /// that each input of the batch sees the ones before it.
 pub struct Overlay<'a, V: View> {
@@ -208,5 +235,7 @@ impl<V: View> View for Overlay<'_, V> {
     }
 }
 
+#[cfg(test)]
+mod key_id_tests;
 #[cfg(test)]
 mod tests;
