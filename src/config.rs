@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::kms::governor::RemoteLimits;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
@@ -20,6 +22,14 @@ pub enum ConfigError {
     Env { var: String, value: String, field: String, message: String },
     #[error("config field {field} = {value:?} is not valid: {expected}")]
     Invalid { field: &'static str, value: String, expected: String },
+}
+
+impl ConfigError {
+    /// The error `validate()` gives for one field: each provider's config
+    /// section (in `kms/`) validates itself and must name the field the same way.
+    pub fn invalid(field: &'static str, value: impl fmt::Display, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { field, value: value.to_string(), expected: expected.into() }
+    }
 }
 
 /// A duration written the human way in config ("30d", "250ms", "4h").
@@ -392,34 +402,6 @@ impl Default for KeyProtectConfig {
     }
 }
 
-/// How hard keywarden may press on a remote KMS.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RemoteLimits {
-    /// Requests per second at most (the customer's KMS quota); 0 means unlimited.
-    pub rate_limit: f64,
-    /// Requests in flight at most; halved on throttling, regrown one at a time.
-    pub max_concurrency: usize,
-    /// Timeout of one KMS call.
-    pub timeout: HumanDuration,
-    /// Consecutive transient failures that open the breaker.
-    pub breaker_threshold: u32,
-    /// How long an open breaker refuses calls before trying again.
-    pub breaker_cooldown: HumanDuration,
-}
-
-impl Default for RemoteLimits {
-    fn default() -> Self {
-        Self {
-            rate_limit: 0.0,
-            max_concurrency: 32,
-            timeout: HumanDuration(Duration::from_secs(10)),
-            breaker_threshold: 20,
-            breaker_cooldown: HumanDuration(Duration::from_secs(10)),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AwsKmsConfig {
@@ -725,9 +707,7 @@ impl Config {
         for (field, l) in
             [("kms.aws.limits", &self.kms.aws.limits), ("kms.vault.limits", &self.kms.vault.limits), ("kms.keyprotect.limits", &self.kms.keyprotect.limits)]
         {
-            if !(l.rate_limit >= 0.0 && l.rate_limit.is_finite()) || l.max_concurrency == 0 || l.timeout.0.is_zero() || l.breaker_threshold == 0 {
-                return Err(invalid(field, &format!("{l:?}"), "rate_limit >= 0, max_concurrency >= 1, timeout > 0, breaker_threshold >= 1"));
-            }
+            l.validate(field)?;
         }
         if self.api.admin_token_file.as_os_str().is_empty() || self.api.admin_token_file == self.api.dek_token_file {
             return Err(invalid("api.admin_token_file", &self.api.admin_token_file.display(), "a file path, different from api.dek_token_file"));
