@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::kms::governor::RemoteLimits;
+use crate::kms::aws::AwsKmsConfig;
+use crate::kms::keyprotect::KeyProtectConfig;
+use crate::kms::local::LocalKmsConfig;
+use crate::kms::vault::VaultKmsConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -367,102 +370,6 @@ pub const PROVIDERS: [&str; 4] = ["local", "aws", "vault", "keyprotect"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct KeyProtectConfig {
-    /// Regional endpoint, https://<region>.kms.cloud.ibm.com.
-    pub endpoint: String,
-    /// IBM Cloud IAM, where the API key is exchanged for tokens.
-    pub iam_endpoint: String,
-    /// Key Protect instance GUID (bluemix-instance) for keys given by bare id;
-    /// a key given by CRN carries its own.
-    pub instance_id: String,
-    /// File holding the IBM Cloud API key of keywarden's service ID.
-    pub api_key_file: PathBuf,
-    /// Key ring (x-kms-key-ring); empty searches all rings.
-    pub key_ring: String,
-    /// Registrations ask Key Protect to refuse deleting a key that still protects instances.
-    pub prevent_key_deletion: bool,
-    /// Prepended to an instance id to form the resource CRN of its registration
-    /// (empty when instance ids are CRNs already).
-    pub resource_crn_prefix: String,
-    pub limits: RemoteLimits,
-}
-
-impl Default for KeyProtectConfig {
-    fn default() -> Self {
-        Self {
-            endpoint: "https://us-south.kms.cloud.ibm.com".into(),
-            iam_endpoint: "https://iam.cloud.ibm.com".into(),
-            instance_id: String::new(),
-            api_key_file: PathBuf::new(),
-            key_ring: String::new(),
-            prevent_key_deletion: false,
-            resource_crn_prefix: String::new(),
-            limits: RemoteLimits::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AwsKmsConfig {
-    pub region: String,
-    /// Empty: https://kms.<region>.amazonaws.com.
-    pub endpoint: String,
-    /// Credentials profile in ~/.aws/credentials, used when AWS_ACCESS_KEY_ID is not set.
-    pub profile: String,
-    pub limits: RemoteLimits,
-}
-
-impl Default for AwsKmsConfig {
-    fn default() -> Self {
-        Self { region: "us-east-1".into(), endpoint: String::new(), profile: "default".into(), limits: RemoteLimits::default() }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct VaultKmsConfig {
-    pub address: String,
-    /// File holding the Vault token (X-Vault-Token).
-    pub token_file: PathBuf,
-    /// Mount path of the transit secrets engine.
-    pub mount: String,
-    /// Rewraps sent in one batch_input request.
-    pub batch: usize,
-    /// The transit keys are derived keys: send the instance id as `context`,
-    /// binding each DEK to its instance.
-    pub derived: bool,
-    pub limits: RemoteLimits,
-}
-
-impl Default for VaultKmsConfig {
-    fn default() -> Self {
-        Self {
-            address: "http://127.0.0.1:8200".into(),
-            token_file: PathBuf::new(),
-            mount: "transit".into(),
-            batch: 64,
-            derived: false,
-            limits: RemoteLimits::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LocalKmsConfig {
-    /// File holding the 32-byte master key that encrypts root-key material at rest.
-    pub master_key_file: PathBuf,
-}
-
-impl Default for LocalKmsConfig {
-    fn default() -> Self {
-        Self { master_key_file: PathBuf::from("keywarden-data/master.key") }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// How long a deleted key's wrapped DEKs are kept so that a restore can bring data back.
     pub purge_after: HumanDuration,
@@ -695,26 +602,13 @@ impl Config {
         if self.kms.routes.iter().any(|r| r.prefix.is_empty()) {
             return Err(invalid("kms.routes.prefix", &"", "a non-empty key-id prefix such as \"arn:aws:kms:\""));
         }
-        if self.uses("vault") && self.kms.vault.token_file.as_os_str().is_empty() {
-            return Err(invalid("kms.vault.token_file", &"", "the path of a file holding a Vault token"));
-        }
-        if !(1..=1000).contains(&self.kms.vault.batch) {
-            return Err(invalid("kms.vault.batch", &self.kms.vault.batch, "a whole number from 1 to 1000"));
-        }
-        if self.uses("keyprotect") && self.kms.keyprotect.api_key_file.as_os_str().is_empty() {
-            return Err(invalid("kms.keyprotect.api_key_file", &"", "the path of a file holding an IBM Cloud API key"));
-        }
-        for (field, l) in
-            [("kms.aws.limits", &self.kms.aws.limits), ("kms.vault.limits", &self.kms.vault.limits), ("kms.keyprotect.limits", &self.kms.keyprotect.limits)]
-        {
-            l.validate(field)?;
-        }
+        self.kms.aws.validate()?;
+        self.kms.vault.validate(self.uses("vault"))?;
+        self.kms.keyprotect.validate(self.uses("keyprotect"))?;
         if self.api.admin_token_file.as_os_str().is_empty() || self.api.admin_token_file == self.api.dek_token_file {
             return Err(invalid("api.admin_token_file", &self.api.admin_token_file.display(), "a file path, different from api.dek_token_file"));
         }
-        if self.kms.local.master_key_file.as_os_str().is_empty() {
-            return Err(invalid("kms.local.master_key_file", &"", "a file path"));
-        }
+        self.kms.local.validate()?;
         if self.policy.purge_after.0.is_zero() {
             return Err(invalid("policy.purge_after", &"0s", "a positive duration such as \"30d\""));
         }

@@ -10,11 +10,39 @@ use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
 use aws_sigv4::sign::v4;
 use base64::{engine::general_purpose::STANDARD, Engine};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::governor::RemoteLimits;
 use super::{Dek, Kms, KmsError, KmsKeyState};
-use crate::config::AwsKmsConfig;
+use crate::config::ConfigError;
 use crate::engine::{KeyStatus, WrappedDek};
+
+/// The `[kms.aws]` section of the config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsKmsConfig {
+    pub region: String,
+    /// Empty: https://kms.<region>.amazonaws.com.
+    pub endpoint: String,
+    /// Credentials profile in ~/.aws/credentials, used when AWS_ACCESS_KEY_ID is not set.
+    pub profile: String,
+    pub limits: RemoteLimits,
+}
+
+impl Default for AwsKmsConfig {
+    fn default() -> Self {
+        Self { region: "us-east-1".into(), endpoint: String::new(), profile: "default".into(), limits: RemoteLimits::default() }
+    }
+}
+
+impl AwsKmsConfig {
+    /// Only the limits: the region, endpoint and credentials are AWS's to
+    /// judge, and a wrong one is reported by the first call with AWS's reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits.validate("kms.aws.limits")
+    }
+}
 
 /// The encryption-context entry that binds a DEK to its instance.
 const CONTEXT_KEY: &str = "keywarden:instance";
