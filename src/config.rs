@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::kms::aws::AwsKmsConfig;
-use crate::kms::keyprotect::KeyProtectConfig;
-use crate::kms::local::LocalKmsConfig;
-use crate::kms::vault::VaultKmsConfig;
+/// Where they were before the `[kms]` section moved to `kms/`, beside the
+/// provider table it is checked against.
+pub use crate::kms::{KmsConfig, KmsRoute};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -332,44 +331,6 @@ pub enum SignatureAlgorithm {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct KmsConfig {
-    /// Provider for keys that match no route: "local", "aws" or "vault".
-    pub default: String,
-    /// Key-id prefixes routed to a provider, first match wins.
-    pub routes: Vec<KmsRoute>,
-    pub local: LocalKmsConfig,
-    pub aws: AwsKmsConfig,
-    pub vault: VaultKmsConfig,
-    pub keyprotect: KeyProtectConfig,
-}
-
-impl Default for KmsConfig {
-    fn default() -> Self {
-        Self {
-            default: "local".into(),
-            routes: Vec::new(),
-            local: LocalKmsConfig::default(),
-            aws: AwsKmsConfig::default(),
-            vault: VaultKmsConfig::default(),
-            keyprotect: KeyProtectConfig::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KmsRoute {
-    pub prefix: String,
-    pub provider: String,
-    /// Give the provider the key id without the prefix ("vault:orders" → "orders").
-    #[serde(default)]
-    pub strip_prefix: bool,
-}
-
-pub const PROVIDERS: [&str; 4] = ["local", "aws", "vault", "keyprotect"];
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// How long a deleted key's wrapped DEKs are kept so that a restore can bring data back.
     pub purge_after: HumanDuration,
@@ -594,20 +555,12 @@ impl Config {
         if !tls.enabled() && !tls.client_ca_file.as_os_str().is_empty() {
             return Err(invalid("api.tls.client_ca_file", &tls.client_ca_file.display(), "used only with api.tls.cert_file and key_file set"));
         }
-        for (field, name) in std::iter::once(("kms.default", &self.kms.default)).chain(self.kms.routes.iter().map(|r| ("kms.routes.provider", &r.provider))) {
-            if !PROVIDERS.contains(&name.as_str()) {
-                return Err(invalid(field, name, "one of local, aws, vault, keyprotect"));
-            }
-        }
-        if self.kms.routes.iter().any(|r| r.prefix.is_empty()) {
-            return Err(invalid("kms.routes.prefix", &"", "a non-empty key-id prefix such as \"arn:aws:kms:\""));
-        }
-        self.kms.aws.validate()?;
-        self.kms.vault.validate(self.uses("vault"))?;
-        self.kms.keyprotect.validate(self.uses("keyprotect"))?;
+        self.kms.validate()?;
         if self.api.admin_token_file.as_os_str().is_empty() || self.api.admin_token_file == self.api.dek_token_file {
             return Err(invalid("api.admin_token_file", &self.api.admin_token_file.display(), "a file path, different from api.dek_token_file"));
         }
+        // Not in `kms.validate()`: the embedded provider's section has always
+        // been checked here, after the API's, and the first error reported stays the same.
         self.kms.local.validate()?;
         if self.policy.purge_after.0.is_zero() {
             return Err(invalid("policy.purge_after", &"0s", "a positive duration such as \"30d\""));
@@ -655,7 +608,7 @@ impl Config {
 
     /// Whether a provider serves any key: the default or a route names it.
     pub fn uses(&self, provider: &str) -> bool {
-        self.kms.default == provider || self.kms.routes.iter().any(|r| r.provider == provider)
+        self.kms.uses(provider)
     }
 
     pub fn embedded_broker(&self) -> bool {

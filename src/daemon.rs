@@ -19,14 +19,10 @@ use crate::engine::{KeyStatus, Record};
 use crate::intake::fence::Fence;
 use crate::intake::signature::{SignatureError, Signer, Verifier};
 use crate::intake::{Health, Intake, IntakeError};
-use crate::kms::aws::AwsKms;
 use crate::kms::cache::DekCache;
-use crate::kms::governor::Governed;
-use crate::kms::keyprotect::KeyProtect;
 use crate::kms::local::LocalKms;
 use crate::kms::router::{KmsRouter, Route};
-use crate::kms::vault::VaultKms;
-use crate::kms::{Kms, KmsError};
+use crate::kms::{Kms, KmsError, PROVIDERS};
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError, Watched};
 use crate::replica::Replica;
@@ -379,18 +375,9 @@ async fn resolve_earlier_failure(store: &Store, writer: &Writer) {
 /// slow or throttling KMS never holds up another.
 fn build_router(config: &Config, local: Arc<LocalKms>) -> Result<KmsRouter, KmsError> {
     let mut providers: HashMap<&str, Arc<dyn Kms>> = HashMap::new();
-    providers.insert("local", local);
-    if config.uses("aws") {
-        let c = &config.kms.aws;
-        providers.insert("aws", Arc::new(Governed::new(AwsKms::new(c)?, c.limits.governor())));
-    }
-    if config.uses("keyprotect") {
-        let c = &config.kms.keyprotect;
-        providers.insert("keyprotect", Arc::new(Governed::new(KeyProtect::new(c)?, c.limits.governor())));
-    }
-    if config.uses("vault") {
-        let c = &config.kms.vault;
-        providers.insert("vault", Arc::new(Governed::new(VaultKms::new(c)?, c.limits.governor())));
+    providers.insert(crate::kms::local::NAME, local);
+    for provider in PROVIDERS.iter().filter(|p| config.uses(p.name)) {
+        providers.insert(provider.name, (provider.build)(&config.kms)?);
     }
     let pick = |name: &str| providers.get(name).cloned().ok_or_else(|| KmsError::Setup(format!("kms provider {name} is not configured")));
     let routes = config

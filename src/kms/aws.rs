@@ -4,6 +4,7 @@
 //! instance id. AWS rotates key material inside the key and names no versions,
 //! so a wrapping is labelled with keywarden's version for the key.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
@@ -13,8 +14,8 @@ use base64::{engine::general_purpose::STANDARD, Engine};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::governor::RemoteLimits;
-use super::{Dek, Kms, KmsError, KmsKeyState};
+use super::governor::{Governed, RemoteLimits};
+use super::{Dek, Kms, KmsError, KmsKeyState, Provider};
 use crate::config::ConfigError;
 use crate::engine::{KeyStatus, WrappedDek};
 
@@ -34,6 +35,17 @@ impl Default for AwsKmsConfig {
     fn default() -> Self {
         Self { region: "us-east-1".into(), endpoint: String::new(), profile: "default".into(), limits: RemoteLimits::default() }
     }
+}
+
+/// What `kms.default` and routes call this provider.
+pub const NAME: &str = "aws";
+
+/// This provider's line in the table of `kms/mod.rs`.
+pub static PROVIDER: Provider = Provider { name: NAME, validate: |k| k.aws.validate(), build: |k| build(&k.aws) };
+
+/// Behind its own governor, so that a throttling or failing AWS never holds up another KMS.
+pub fn build(config: &AwsKmsConfig) -> Result<Arc<dyn Kms>, KmsError> {
+    Ok(Arc::new(Governed::new(AwsKms::new(config)?, config.limits.governor())))
 }
 
 impl AwsKmsConfig {
@@ -145,7 +157,7 @@ fn context(aad: &[u8]) -> Value {
 #[async_trait::async_trait]
 impl Kms for AwsKms {
     fn provider(&self) -> &'static str {
-        "aws"
+        NAME
     }
 
     async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {

@@ -5,6 +5,7 @@
 //! bare key UUID (with `kms.keyprotect.instance_id`) or the key's CRN.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::{engine::general_purpose::STANDARD, Engine};
@@ -13,8 +14,8 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
-use super::governor::RemoteLimits;
-use super::{Dek, Kms, KmsError, KmsKeyState};
+use super::governor::{Governed, RemoteLimits};
+use super::{Dek, Kms, KmsError, KmsKeyState, Provider};
 use crate::config::ConfigError;
 use crate::engine::{AdopterState, KeyStatus, Notice, WrappedDek};
 use crate::text::percent_encode;
@@ -55,6 +56,17 @@ impl Default for KeyProtectConfig {
             limits: RemoteLimits::default(),
         }
     }
+}
+
+/// What `kms.default` and routes call this provider.
+pub const NAME: &str = "keyprotect";
+
+/// This provider's line in the table of `kms/mod.rs`.
+pub static PROVIDER: Provider = Provider { name: NAME, validate: |k| k.keyprotect.validate(k.uses(NAME)), build: |k| build(&k.keyprotect) };
+
+/// Behind its own governor, so that a throttling or failing Key Protect never holds up another KMS.
+pub fn build(config: &KeyProtectConfig) -> Result<Arc<dyn Kms>, KmsError> {
+    Ok(Arc::new(Governed::new(KeyProtect::new(config)?, config.limits.governor())))
 }
 
 impl KeyProtectConfig {
@@ -263,7 +275,7 @@ fn field_b64(v: &Value, field: &str, key_id: &str) -> Result<Vec<u8>, KmsError> 
 #[async_trait::async_trait]
 impl Kms for KeyProtect {
     fn provider(&self) -> &'static str {
-        "keyprotect"
+        NAME
     }
 
     async fn wrap(&self, key_id: &str, dek: &Dek, data: &[u8], _label: Option<&str>) -> Result<WrappedDek, KmsError> {

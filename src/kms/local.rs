@@ -36,6 +36,10 @@ impl Default for LocalKmsConfig {
     }
 }
 
+/// What `kms.default` and routes call the embedded provider; not in the
+/// provider table, because the daemon opens it with the store.
+pub const NAME: &str = "local";
+
 impl LocalKmsConfig {
     /// The master key file is created on first run, so only a path is needed;
     /// an empty one could never be created or read.

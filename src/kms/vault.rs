@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::governor::RemoteLimits;
-use super::{Dek, Kms, KmsError, KmsKeyState};
+use super::governor::{Governed, RemoteLimits};
+use super::{Dek, Kms, KmsError, KmsKeyState, Provider};
 use crate::config::ConfigError;
 use crate::engine::{KeyStatus, WrappedDek};
 
@@ -45,6 +45,17 @@ impl Default for VaultKmsConfig {
             limits: RemoteLimits::default(),
         }
     }
+}
+
+/// What `kms.default` and routes call this provider.
+pub const NAME: &str = "vault";
+
+/// This provider's line in the table of `kms/mod.rs`.
+pub static PROVIDER: Provider = Provider { name: NAME, validate: |k| k.vault.validate(k.uses(NAME)), build: |k| build(&k.vault) };
+
+/// Behind its own governor, so that a throttling or sealed Vault never holds up another KMS. Starts the rewrap batcher, so it must be called inside the runtime.
+pub fn build(config: &VaultKmsConfig) -> Result<Arc<dyn Kms>, KmsError> {
+    Ok(Arc::new(Governed::new(VaultKms::new(config)?, config.limits.governor())))
 }
 
 impl VaultKmsConfig {
@@ -250,7 +261,7 @@ async fn send_batch(client: &Client, key: &str, items: Vec<RewrapItem>) {
 #[async_trait::async_trait]
 impl Kms for VaultKms {
     fn provider(&self) -> &'static str {
-        "vault"
+        NAME
     }
 
     async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], _label: Option<&str>) -> Result<WrappedDek, KmsError> {
