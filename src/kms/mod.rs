@@ -300,6 +300,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_provider_in_the_table_has_its_own_section_and_a_unique_name() {
+        let sections = toml::Value::try_from(KmsConfig::default()).unwrap();
+        let names: Vec<&str> = provider_names().collect();
+        for (i, name) in names.iter().enumerate() {
+            assert!(sections.get(name).is_some_and(toml::Value::is_table), "[kms.{name}] is a section of KmsConfig");
+            assert!(!names[..i].contains(name), "{name} is in the table once");
+        }
+    }
+
+    #[test]
+    fn each_provider_checks_its_own_section() {
+        for p in PROVIDERS {
+            let broken: KmsConfig = toml::from_str(&format!("[{}.limits]\nmax_concurrency = 0\n", p.name)).unwrap();
+            let err = (p.validate)(&broken).unwrap_err().to_string();
+            assert!(err.contains(&format!("kms.{}.limits", p.name)), "{err}");
+            (p.validate)(&KmsConfig::default()).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_unknown_provider_is_refused_with_the_names_of_the_known_ones() {
+        let k = KmsConfig { default: "gcp".into(), ..KmsConfig::default() };
+        let err = k.validate().unwrap_err().to_string();
+        assert!(err.contains("kms.default") && err.contains("one of local, aws, vault, keyprotect"), "{err}");
+        let k: KmsConfig = toml::from_str("routes = [{ prefix = \"x:\", provider = \"gcp\" }]").unwrap();
+        assert!(k.validate().unwrap_err().to_string().contains("kms.routes.provider"));
+    }
+
+    #[test]
+    fn the_embedded_provider_answers_to_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("db")).unwrap();
+        let kms = local::LocalKms::open(store, &dir.path().join("master.key"), std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(kms.provider(), local::NAME);
+    }
+
+    #[test]
     fn notices_for_a_kms_that_ignores_them_are_not_queued() {
         use crate::engine::{Effect, Record};
         let dir = tempfile::tempdir().unwrap();
