@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// Where they were before the `[kms]` section moved to `kms/`, beside the
+/// provider table it is checked against.
+pub use crate::kms::{KmsConfig, KmsRoute};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}; pass an existing file with --config")]
@@ -20,6 +24,14 @@ pub enum ConfigError {
     Env { var: String, value: String, field: String, message: String },
     #[error("config field {field} = {value:?} is not valid: {expected}")]
     Invalid { field: &'static str, value: String, expected: String },
+}
+
+impl ConfigError {
+    /// The error `validate()` gives for one field: each provider's config
+    /// section (in `kms/`) validates itself and must name the field the same way.
+    pub fn invalid(field: &'static str, value: impl fmt::Display, expected: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { field, value: value.to_string(), expected: expected.into() }
+    }
 }
 
 /// A duration written the human way in config ("30d", "250ms", "4h").
@@ -319,168 +331,6 @@ pub enum SignatureAlgorithm {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct KmsConfig {
-    /// Provider for keys that match no route: "local", "aws" or "vault".
-    pub default: String,
-    /// Key-id prefixes routed to a provider, first match wins.
-    pub routes: Vec<KmsRoute>,
-    pub local: LocalKmsConfig,
-    pub aws: AwsKmsConfig,
-    pub vault: VaultKmsConfig,
-    pub keyprotect: KeyProtectConfig,
-}
-
-impl Default for KmsConfig {
-    fn default() -> Self {
-        Self {
-            default: "local".into(),
-            routes: Vec::new(),
-            local: LocalKmsConfig::default(),
-            aws: AwsKmsConfig::default(),
-            vault: VaultKmsConfig::default(),
-            keyprotect: KeyProtectConfig::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KmsRoute {
-    pub prefix: String,
-    pub provider: String,
-    /// Give the provider the key id without the prefix ("vault:orders" → "orders").
-    #[serde(default)]
-    pub strip_prefix: bool,
-}
-
-pub const PROVIDERS: [&str; 4] = ["local", "aws", "vault", "keyprotect"];
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KeyProtectConfig {
-    /// Regional endpoint, https://<region>.kms.cloud.ibm.com.
-    pub endpoint: String,
-    /// IBM Cloud IAM, where the API key is exchanged for tokens.
-    pub iam_endpoint: String,
-    /// Key Protect instance GUID (bluemix-instance) for keys given by bare id;
-    /// a key given by CRN carries its own.
-    pub instance_id: String,
-    /// File holding the IBM Cloud API key of keywarden's service ID.
-    pub api_key_file: PathBuf,
-    /// Key ring (x-kms-key-ring); empty searches all rings.
-    pub key_ring: String,
-    /// Registrations ask Key Protect to refuse deleting a key that still protects instances.
-    pub prevent_key_deletion: bool,
-    /// Prepended to an instance id to form the resource CRN of its registration
-    /// (empty when instance ids are CRNs already).
-    pub resource_crn_prefix: String,
-    pub limits: RemoteLimits,
-}
-
-impl Default for KeyProtectConfig {
-    fn default() -> Self {
-        Self {
-            endpoint: "https://us-south.kms.cloud.ibm.com".into(),
-            iam_endpoint: "https://iam.cloud.ibm.com".into(),
-            instance_id: String::new(),
-            api_key_file: PathBuf::new(),
-            key_ring: String::new(),
-            prevent_key_deletion: false,
-            resource_crn_prefix: String::new(),
-            limits: RemoteLimits::default(),
-        }
-    }
-}
-
-/// How hard keywarden may press on a remote KMS.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RemoteLimits {
-    /// Requests per second at most (the customer's KMS quota); 0 means unlimited.
-    pub rate_limit: f64,
-    /// Requests in flight at most; halved on throttling, regrown one at a time.
-    pub max_concurrency: usize,
-    /// Timeout of one KMS call.
-    pub timeout: HumanDuration,
-    /// Consecutive transient failures that open the breaker.
-    pub breaker_threshold: u32,
-    /// How long an open breaker refuses calls before trying again.
-    pub breaker_cooldown: HumanDuration,
-}
-
-impl Default for RemoteLimits {
-    fn default() -> Self {
-        Self {
-            rate_limit: 0.0,
-            max_concurrency: 32,
-            timeout: HumanDuration(Duration::from_secs(10)),
-            breaker_threshold: 20,
-            breaker_cooldown: HumanDuration(Duration::from_secs(10)),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AwsKmsConfig {
-    pub region: String,
-    /// Empty: https://kms.<region>.amazonaws.com.
-    pub endpoint: String,
-    /// Credentials profile in ~/.aws/credentials, used when AWS_ACCESS_KEY_ID is not set.
-    pub profile: String,
-    pub limits: RemoteLimits,
-}
-
-impl Default for AwsKmsConfig {
-    fn default() -> Self {
-        Self { region: "us-east-1".into(), endpoint: String::new(), profile: "default".into(), limits: RemoteLimits::default() }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct VaultKmsConfig {
-    pub address: String,
-    /// File holding the Vault token (X-Vault-Token).
-    pub token_file: PathBuf,
-    /// Mount path of the transit secrets engine.
-    pub mount: String,
-    /// Rewraps sent in one batch_input request.
-    pub batch: usize,
-    /// The transit keys are derived keys: send the instance id as `context`,
-    /// binding each DEK to its instance.
-    pub derived: bool,
-    pub limits: RemoteLimits,
-}
-
-impl Default for VaultKmsConfig {
-    fn default() -> Self {
-        Self {
-            address: "http://127.0.0.1:8200".into(),
-            token_file: PathBuf::new(),
-            mount: "transit".into(),
-            batch: 64,
-            derived: false,
-            limits: RemoteLimits::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LocalKmsConfig {
-    /// File holding the 32-byte master key that encrypts root-key material at rest.
-    pub master_key_file: PathBuf,
-}
-
-impl Default for LocalKmsConfig {
-    fn default() -> Self {
-        Self { master_key_file: PathBuf::from("keywarden-data/master.key") }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
 pub struct PolicyConfig {
     /// How long a deleted key's wrapped DEKs are kept so that a restore can bring data back.
     pub purge_after: HumanDuration,
@@ -705,36 +555,13 @@ impl Config {
         if !tls.enabled() && !tls.client_ca_file.as_os_str().is_empty() {
             return Err(invalid("api.tls.client_ca_file", &tls.client_ca_file.display(), "used only with api.tls.cert_file and key_file set"));
         }
-        for (field, name) in std::iter::once(("kms.default", &self.kms.default)).chain(self.kms.routes.iter().map(|r| ("kms.routes.provider", &r.provider))) {
-            if !PROVIDERS.contains(&name.as_str()) {
-                return Err(invalid(field, name, "one of local, aws, vault, keyprotect"));
-            }
-        }
-        if self.kms.routes.iter().any(|r| r.prefix.is_empty()) {
-            return Err(invalid("kms.routes.prefix", &"", "a non-empty key-id prefix such as \"arn:aws:kms:\""));
-        }
-        if self.uses("vault") && self.kms.vault.token_file.as_os_str().is_empty() {
-            return Err(invalid("kms.vault.token_file", &"", "the path of a file holding a Vault token"));
-        }
-        if !(1..=1000).contains(&self.kms.vault.batch) {
-            return Err(invalid("kms.vault.batch", &self.kms.vault.batch, "a whole number from 1 to 1000"));
-        }
-        if self.uses("keyprotect") && self.kms.keyprotect.api_key_file.as_os_str().is_empty() {
-            return Err(invalid("kms.keyprotect.api_key_file", &"", "the path of a file holding an IBM Cloud API key"));
-        }
-        for (field, l) in
-            [("kms.aws.limits", &self.kms.aws.limits), ("kms.vault.limits", &self.kms.vault.limits), ("kms.keyprotect.limits", &self.kms.keyprotect.limits)]
-        {
-            if !(l.rate_limit >= 0.0 && l.rate_limit.is_finite()) || l.max_concurrency == 0 || l.timeout.0.is_zero() || l.breaker_threshold == 0 {
-                return Err(invalid(field, &format!("{l:?}"), "rate_limit >= 0, max_concurrency >= 1, timeout > 0, breaker_threshold >= 1"));
-            }
-        }
+        self.kms.validate()?;
         if self.api.admin_token_file.as_os_str().is_empty() || self.api.admin_token_file == self.api.dek_token_file {
             return Err(invalid("api.admin_token_file", &self.api.admin_token_file.display(), "a file path, different from api.dek_token_file"));
         }
-        if self.kms.local.master_key_file.as_os_str().is_empty() {
-            return Err(invalid("kms.local.master_key_file", &"", "a file path"));
-        }
+        // Not in `kms.validate()`: the embedded provider's section has always
+        // been checked here, after the API's, and the first error reported stays the same.
+        self.kms.local.validate()?;
         if self.policy.purge_after.0.is_zero() {
             return Err(invalid("policy.purge_after", &"0s", "a positive duration such as \"30d\""));
         }
@@ -781,7 +608,7 @@ impl Config {
 
     /// Whether a provider serves any key: the default or a route names it.
     pub fn uses(&self, provider: &str) -> bool {
-        self.kms.default == provider || self.kms.routes.iter().any(|r| r.provider == provider)
+        self.kms.uses(provider)
     }
 
     pub fn embedded_broker(&self) -> bool {

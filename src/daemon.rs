@@ -14,19 +14,15 @@ use crate::act::rotation::Rotator;
 use crate::api::auth::{AuthError, Tokens};
 use crate::api::{router, AppState};
 use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
-use crate::config::{Config, RemoteLimits};
+use crate::config::Config;
 use crate::engine::{KeyStatus, Record};
 use crate::intake::fence::Fence;
 use crate::intake::signature::{SignatureError, Signer, Verifier};
 use crate::intake::{Health, Intake, IntakeError};
-use crate::kms::aws::AwsKms;
 use crate::kms::cache::DekCache;
-use crate::kms::governor::{Governed, Limits};
-use crate::kms::keyprotect::KeyProtect;
 use crate::kms::local::LocalKms;
 use crate::kms::router::{KmsRouter, Route};
-use crate::kms::vault::VaultKms;
-use crate::kms::{Kms, KmsError};
+use crate::kms::{Kms, KmsError, PROVIDERS};
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError, Watched};
 use crate::replica::Replica;
@@ -379,18 +375,9 @@ async fn resolve_earlier_failure(store: &Store, writer: &Writer) {
 /// slow or throttling KMS never holds up another.
 fn build_router(config: &Config, local: Arc<LocalKms>) -> Result<KmsRouter, KmsError> {
     let mut providers: HashMap<&str, Arc<dyn Kms>> = HashMap::new();
-    providers.insert("local", local);
-    if config.uses("aws") {
-        let c = &config.kms.aws;
-        providers.insert("aws", Arc::new(Governed::new(AwsKms::new(c)?, limits(&c.limits))));
-    }
-    if config.uses("keyprotect") {
-        let c = &config.kms.keyprotect;
-        providers.insert("keyprotect", Arc::new(Governed::new(KeyProtect::new(c)?, limits(&c.limits))));
-    }
-    if config.uses("vault") {
-        let c = &config.kms.vault;
-        providers.insert("vault", Arc::new(Governed::new(VaultKms::new(c)?, limits(&c.limits))));
+    providers.insert(crate::kms::local::NAME, local);
+    for provider in PROVIDERS.iter().filter(|p| config.uses(p.name)) {
+        providers.insert(provider.name, (provider.build)(&config.kms)?);
     }
     let pick = |name: &str| providers.get(name).cloned().ok_or_else(|| KmsError::Setup(format!("kms provider {name} is not configured")));
     let routes = config
@@ -400,10 +387,6 @@ fn build_router(config: &Config, local: Arc<LocalKms>) -> Result<KmsRouter, KmsE
         .map(|r| Ok(Route { prefix: r.prefix.clone(), strip: r.strip_prefix, kms: pick(&r.provider)? }))
         .collect::<Result<Vec<_>, KmsError>>()?;
     Ok(KmsRouter::new(routes, pick(&config.kms.default)?))
-}
-
-fn limits(l: &RemoteLimits) -> Limits {
-    Limits { rate: l.rate_limit, max_concurrency: l.max_concurrency, breaker_threshold: l.breaker_threshold, breaker_cooldown: l.breaker_cooldown.0 }
 }
 
 async fn create_topics_with_retry(config: &Config, bootstrap: &str, shutdown: &CancellationToken) -> Result<(), BrokerError> {

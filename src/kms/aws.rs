@@ -4,17 +4,57 @@
 //! instance id. AWS rotates key material inside the key and names no versions,
 //! so a wrapping is labelled with keywarden's version for the key.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
 use aws_sigv4::sign::v4;
 use base64::{engine::general_purpose::STANDARD, Engine};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::{Dek, Kms, KmsError, KmsKeyState};
-use crate::config::AwsKmsConfig;
+use super::governor::{Governed, RemoteLimits};
+use super::{Dek, Kms, KmsError, KmsKeyState, Provider};
+use crate::config::ConfigError;
 use crate::engine::{KeyStatus, WrappedDek};
+
+/// The `[kms.aws]` section of the config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AwsKmsConfig {
+    pub region: String,
+    /// Empty: https://kms.<region>.amazonaws.com.
+    pub endpoint: String,
+    /// Credentials profile in ~/.aws/credentials, used when AWS_ACCESS_KEY_ID is not set.
+    pub profile: String,
+    pub limits: RemoteLimits,
+}
+
+impl Default for AwsKmsConfig {
+    fn default() -> Self {
+        Self { region: "us-east-1".into(), endpoint: String::new(), profile: "default".into(), limits: RemoteLimits::default() }
+    }
+}
+
+/// What `kms.default` and routes call this provider.
+pub const NAME: &str = "aws";
+
+/// This provider's line in the table of `kms/mod.rs`.
+pub static PROVIDER: Provider = Provider { name: NAME, validate: |k| k.aws.validate(), build: |k| build(&k.aws) };
+
+/// Behind its own governor, so that a throttling or failing AWS never holds up another KMS.
+pub fn build(config: &AwsKmsConfig) -> Result<Arc<dyn Kms>, KmsError> {
+    Ok(Arc::new(Governed::new(AwsKms::new(config)?, config.limits.governor())))
+}
+
+impl AwsKmsConfig {
+    /// Only the limits: the region, endpoint and credentials are AWS's to
+    /// judge, and a wrong one is reported by the first call with AWS's reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.limits.validate("kms.aws.limits")
+    }
+}
 
 /// The encryption-context entry that binds a DEK to its instance.
 const CONTEXT_KEY: &str = "keywarden:instance";
@@ -117,7 +157,7 @@ fn context(aad: &[u8]) -> Value {
 #[async_trait::async_trait]
 impl Kms for AwsKms {
     fn provider(&self) -> &'static str {
-        "aws"
+        NAME
     }
 
     async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {

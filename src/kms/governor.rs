@@ -7,11 +7,13 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use tokio::sync::Notify;
 
 use super::{Dek, Kms, KmsError, KmsKeyState};
+use crate::config::{ConfigError, HumanDuration};
 use crate::engine::{Notice, WrappedDek};
 
 #[derive(Debug, Clone, Copy)]
@@ -22,6 +24,58 @@ pub struct Limits {
     /// Consecutive transient failures that open the breaker.
     pub breaker_threshold: u32,
     pub breaker_cooldown: Duration,
+}
+
+/// How hard keywarden may press on a remote KMS.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemoteLimits {
+    /// Requests per second at most (the customer's KMS quota); 0 means unlimited.
+    pub rate_limit: f64,
+    /// Requests in flight at most; halved on throttling, regrown one at a time.
+    pub max_concurrency: usize,
+    /// Timeout of one KMS call.
+    pub timeout: HumanDuration,
+    /// Consecutive transient failures that open the breaker.
+    pub breaker_threshold: u32,
+    /// How long an open breaker refuses calls before trying again.
+    pub breaker_cooldown: HumanDuration,
+}
+
+impl Default for RemoteLimits {
+    fn default() -> Self {
+        Self {
+            rate_limit: 0.0,
+            max_concurrency: 32,
+            timeout: HumanDuration(Duration::from_secs(10)),
+            breaker_threshold: 20,
+            breaker_cooldown: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl RemoteLimits {
+    /// Refuses limits under which no call could ever be made (no concurrency,
+    /// a zero timeout) or the breaker would open at once; `field` names the
+    /// provider's table, such as "kms.aws.limits".
+    pub fn validate(&self, field: &'static str) -> Result<(), ConfigError> {
+        let l = self;
+        if !(l.rate_limit >= 0.0 && l.rate_limit.is_finite()) || l.max_concurrency == 0 || l.timeout.0.is_zero() || l.breaker_threshold == 0 {
+            return Err(ConfigError::invalid(field, format!("{l:?}"), "rate_limit >= 0, max_concurrency >= 1, timeout > 0, breaker_threshold >= 1"));
+        }
+        Ok(())
+    }
+
+    /// What the governor enforces; the timeout is not among them because each
+    /// provider's HTTP client applies it to its own requests.
+    pub fn governor(&self) -> Limits {
+        Limits {
+            rate: self.rate_limit,
+            max_concurrency: self.max_concurrency,
+            breaker_threshold: self.breaker_threshold,
+            breaker_cooldown: self.breaker_cooldown.0,
+        }
+    }
 }
 
 struct Gate {

@@ -5,17 +5,80 @@
 //! bare key UUID (with `kms.keyprotect.instance_id`) or the key's CRN.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::{engine::general_purpose::STANDARD, Engine};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
-use super::{Dek, Kms, KmsError, KmsKeyState};
-use crate::config::KeyProtectConfig;
+use super::governor::{Governed, RemoteLimits};
+use super::{Dek, Kms, KmsError, KmsKeyState, Provider};
+use crate::config::ConfigError;
 use crate::engine::{AdopterState, KeyStatus, Notice, WrappedDek};
 use crate::text::percent_encode;
+
+/// The `[kms.keyprotect]` section of the config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeyProtectConfig {
+    /// Regional endpoint, https://<region>.kms.cloud.ibm.com.
+    pub endpoint: String,
+    /// IBM Cloud IAM, where the API key is exchanged for tokens.
+    pub iam_endpoint: String,
+    /// Key Protect instance GUID (bluemix-instance) for keys given by bare id;
+    /// a key given by CRN carries its own.
+    pub instance_id: String,
+    /// File holding the IBM Cloud API key of keywarden's service ID.
+    pub api_key_file: PathBuf,
+    /// Key ring (x-kms-key-ring); empty searches all rings.
+    pub key_ring: String,
+    /// Registrations ask Key Protect to refuse deleting a key that still protects instances.
+    pub prevent_key_deletion: bool,
+    /// Prepended to an instance id to form the resource CRN of its registration
+    /// (empty when instance ids are CRNs already).
+    pub resource_crn_prefix: String,
+    pub limits: RemoteLimits,
+}
+
+impl Default for KeyProtectConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: "https://us-south.kms.cloud.ibm.com".into(),
+            iam_endpoint: "https://iam.cloud.ibm.com".into(),
+            instance_id: String::new(),
+            api_key_file: PathBuf::new(),
+            key_ring: String::new(),
+            prevent_key_deletion: false,
+            resource_crn_prefix: String::new(),
+            limits: RemoteLimits::default(),
+        }
+    }
+}
+
+/// What `kms.default` and routes call this provider.
+pub const NAME: &str = "keyprotect";
+
+/// This provider's line in the table of `kms/mod.rs`.
+pub static PROVIDER: Provider = Provider { name: NAME, validate: |k| k.keyprotect.validate(k.uses(NAME)), build: |k| build(&k.keyprotect) };
+
+/// Behind its own governor, so that a throttling or failing Key Protect never holds up another KMS.
+pub fn build(config: &KeyProtectConfig) -> Result<Arc<dyn Kms>, KmsError> {
+    Ok(Arc::new(Governed::new(KeyProtect::new(config)?, config.limits.governor())))
+}
+
+impl KeyProtectConfig {
+    /// `used`: a route or `kms.default` names keyprotect. Only then is an API
+    /// key required, so that a config that leaves Key Protect unused needs none.
+    pub fn validate(&self, used: bool) -> Result<(), ConfigError> {
+        if used && self.api_key_file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("kms.keyprotect.api_key_file", "", "the path of a file holding an IBM Cloud API key"));
+        }
+        self.limits.validate("kms.keyprotect.limits")
+    }
+}
 
 const KEY_ACTION: &str = "application/vnd.ibm.kms.key_action+json";
 
@@ -212,7 +275,7 @@ fn field_b64(v: &Value, field: &str, key_id: &str) -> Result<Vec<u8>, KmsError> 
 #[async_trait::async_trait]
 impl Kms for KeyProtect {
     fn provider(&self) -> &'static str {
-        "keyprotect"
+        NAME
     }
 
     async fn wrap(&self, key_id: &str, dek: &Dek, data: &[u8], _label: Option<&str>) -> Result<WrappedDek, KmsError> {

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,8 +18,38 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::{Dek, Kms, KmsError, KmsKeyState};
+use crate::config::ConfigError;
 use crate::engine::{Effect, EventType, KeyStatus, LifecycleEvent, WrappedDek};
 use crate::store::Store;
+
+/// The `[kms.local]` section of the config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LocalKmsConfig {
+    /// File holding the 32-byte master key that encrypts root-key material at rest.
+    pub master_key_file: PathBuf,
+}
+
+impl Default for LocalKmsConfig {
+    fn default() -> Self {
+        Self { master_key_file: PathBuf::from("keywarden-data/master.key") }
+    }
+}
+
+/// What `kms.default` and routes call the embedded provider; not in the
+/// provider table, because the daemon opens it with the store.
+pub const NAME: &str = "local";
+
+impl LocalKmsConfig {
+    /// The master key file is created on first run, so only a path is needed;
+    /// an empty one could never be created or read.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.master_key_file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("kms.local.master_key_file", "", "a file path"));
+        }
+        Ok(())
+    }
+}
 
 const NONCE: usize = 12;
 

@@ -1,5 +1,22 @@
 //! act: the KMS seam. The engine never talks to a KMS; the rotation worker and the
-//! API do, through this trait, so a new provider is one new file beside `local.rs`.
+//! API do, through the [`Kms`] trait.
+//!
+//! A provider is one file beside `local.rs` that owns everything about it: its
+//! `[kms.<name>]` config section (a serde struct, `deny_unknown_fields`, with
+//! documented defaults), that section's `validate()`, and a `build` that makes
+//! the `Arc<dyn Kms>`, behind its own [`governor::Governed`] for a remote KMS.
+//! Adding a provider touches, besides its own file exporting a
+//! `pub static PROVIDER: Provider`:
+//!
+//! 1. one line in [`PROVIDERS`], the table `Config::validate` and the daemon's
+//!    router iterate (and whose names are the ones `kms.default` and a route's
+//!    `provider` may use), so that neither names a provider itself;
+//! 2. one field in [`KmsConfig`] for its section, named like the provider (and
+//!    its line in `KmsConfig::default`), so that the `[kms]` TOML layout stays
+//!    one struct that serde checks whole.
+//!
+//! The embedded `local` provider is the exception: it needs the store, so the
+//! daemon opens it itself and it is not in the table; its section is still its own.
 
 pub mod aws;
 pub mod cache;
@@ -10,13 +27,101 @@ pub mod router;
 pub mod vault;
 
 use std::fmt;
+use std::sync::Arc;
 
 use rand::RngCore;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use self::aws::AwsKmsConfig;
+use self::keyprotect::KeyProtectConfig;
+use self::local::LocalKmsConfig;
+use self::vault::VaultKmsConfig;
+use crate::config::ConfigError;
 use crate::engine::{KeyStatus, Notice, WrappedDek};
 use crate::store::StoreError;
+
+/// A remote KMS provider, as `Config::validate` and the daemon see it.
+pub struct Provider {
+    /// What `kms.default` and a route's `provider` call it; also the name of its
+    /// `[kms.<name>]` section and what its [`Kms::provider`] answers.
+    pub name: &'static str,
+    /// Checks the provider's section, whether or not the provider is used, so
+    /// that a bad value fails at start rather than when a route first names it.
+    pub validate: fn(&KmsConfig) -> Result<(), ConfigError>,
+    /// Makes the provider, behind its own governor; called only when it is used.
+    pub build: fn(&KmsConfig) -> Result<Arc<dyn Kms>, KmsError>,
+}
+
+/// Every remote provider. The order is the order their sections are checked
+/// in and the order they are named in errors.
+pub const PROVIDERS: &[&Provider] = &[&aws::PROVIDER, &vault::PROVIDER, &keyprotect::PROVIDER];
+
+/// The names `kms.default` and routes may use: the embedded provider's, then the table's.
+pub fn provider_names() -> impl Iterator<Item = &'static str> {
+    std::iter::once(local::NAME).chain(PROVIDERS.iter().map(|p| p.name))
+}
+
+/// The `[kms]` section: routing, and one field per provider holding that
+/// provider's own section (defined in its file), named like the provider.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KmsConfig {
+    /// Provider for keys that match no route: "local", "aws" or "vault".
+    pub default: String,
+    /// Key-id prefixes routed to a provider, first match wins.
+    pub routes: Vec<KmsRoute>,
+    pub local: LocalKmsConfig,
+    pub aws: AwsKmsConfig,
+    pub vault: VaultKmsConfig,
+    pub keyprotect: KeyProtectConfig,
+}
+
+impl Default for KmsConfig {
+    fn default() -> Self {
+        Self {
+            default: local::NAME.into(),
+            routes: Vec::new(),
+            local: LocalKmsConfig::default(),
+            aws: AwsKmsConfig::default(),
+            vault: VaultKmsConfig::default(),
+            keyprotect: KeyProtectConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsRoute {
+    pub prefix: String,
+    pub provider: String,
+    /// Give the provider the key id without the prefix ("vault:orders" → "orders").
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+impl KmsConfig {
+    /// Whether a provider serves any key: the default or a route names it.
+    pub fn uses(&self, provider: &str) -> bool {
+        self.default == provider || self.routes.iter().any(|r| r.provider == provider)
+    }
+
+    /// Routing, then each remote provider's section; `[kms.local]` is checked by
+    /// `Config::validate` itself, where it always was.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let names: Vec<&str> = provider_names().collect();
+        for (field, name) in std::iter::once(("kms.default", &self.default)).chain(self.routes.iter().map(|r| ("kms.routes.provider", &r.provider))) {
+            if !names.contains(&name.as_str()) {
+                return Err(ConfigError::invalid(field, name, format!("one of {}", names.join(", "))));
+            }
+        }
+        if self.routes.iter().any(|r| r.prefix.is_empty()) {
+            return Err(ConfigError::invalid("kms.routes.prefix", "", "a non-empty key-id prefix such as \"arn:aws:kms:\""));
+        }
+        PROVIDERS.iter().try_for_each(|p| (p.validate)(self))
+    }
+}
 
 /// A plaintext data-encryption key. Zeroed on drop; never printed.
 #[derive(Clone)]
@@ -193,6 +298,43 @@ impl<K: Kms + ?Sized> Kms for std::sync::Arc<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_provider_in_the_table_has_its_own_section_and_a_unique_name() {
+        let sections = toml::Value::try_from(KmsConfig::default()).unwrap();
+        let names: Vec<&str> = provider_names().collect();
+        for (i, name) in names.iter().enumerate() {
+            assert!(sections.get(name).is_some_and(toml::Value::is_table), "[kms.{name}] is a section of KmsConfig");
+            assert!(!names[..i].contains(name), "{name} is in the table once");
+        }
+    }
+
+    #[test]
+    fn each_provider_checks_its_own_section() {
+        for p in PROVIDERS {
+            let broken: KmsConfig = toml::from_str(&format!("[{}.limits]\nmax_concurrency = 0\n", p.name)).unwrap();
+            let err = (p.validate)(&broken).unwrap_err().to_string();
+            assert!(err.contains(&format!("kms.{}.limits", p.name)), "{err}");
+            (p.validate)(&KmsConfig::default()).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_unknown_provider_is_refused_with_the_names_of_the_known_ones() {
+        let k = KmsConfig { default: "gcp".into(), ..KmsConfig::default() };
+        let err = k.validate().unwrap_err().to_string();
+        assert!(err.contains("kms.default") && err.contains("one of local, aws, vault, keyprotect"), "{err}");
+        let k: KmsConfig = toml::from_str("routes = [{ prefix = \"x:\", provider = \"gcp\" }]").unwrap();
+        assert!(k.validate().unwrap_err().to_string().contains("kms.routes.provider"));
+    }
+
+    #[test]
+    fn the_embedded_provider_answers_to_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("db")).unwrap();
+        let kms = local::LocalKms::open(store, &dir.path().join("master.key"), std::time::Duration::from_secs(60)).unwrap();
+        assert_eq!(kms.provider(), local::NAME);
+    }
 
     #[test]
     fn notices_for_a_kms_that_ignores_them_are_not_queued() {

@@ -8,12 +8,69 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::{engine::general_purpose::STANDARD, Engine};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Dek, Kms, KmsError, KmsKeyState};
-use crate::config::VaultKmsConfig;
+use super::governor::{Governed, RemoteLimits};
+use super::{Dek, Kms, KmsError, KmsKeyState, Provider};
+use crate::config::ConfigError;
 use crate::engine::{KeyStatus, WrappedDek};
+
+/// The `[kms.vault]` section of the config file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaultKmsConfig {
+    pub address: String,
+    /// File holding the Vault token (X-Vault-Token).
+    pub token_file: PathBuf,
+    /// Mount path of the transit secrets engine.
+    pub mount: String,
+    /// Rewraps sent in one batch_input request.
+    pub batch: usize,
+    /// The transit keys are derived keys: send the instance id as `context`,
+    /// binding each DEK to its instance.
+    pub derived: bool,
+    pub limits: RemoteLimits,
+}
+
+impl Default for VaultKmsConfig {
+    fn default() -> Self {
+        Self {
+            address: "http://127.0.0.1:8200".into(),
+            token_file: PathBuf::new(),
+            mount: "transit".into(),
+            batch: 64,
+            derived: false,
+            limits: RemoteLimits::default(),
+        }
+    }
+}
+
+/// What `kms.default` and routes call this provider.
+pub const NAME: &str = "vault";
+
+/// This provider's line in the table of `kms/mod.rs`.
+pub static PROVIDER: Provider = Provider { name: NAME, validate: |k| k.vault.validate(k.uses(NAME)), build: |k| build(&k.vault) };
+
+/// Behind its own governor, so that a throttling or sealed Vault never holds up another KMS. Starts the rewrap batcher, so it must be called inside the runtime.
+pub fn build(config: &VaultKmsConfig) -> Result<Arc<dyn Kms>, KmsError> {
+    Ok(Arc::new(Governed::new(VaultKms::new(config)?, config.limits.governor())))
+}
+
+impl VaultKmsConfig {
+    /// `used`: a route or `kms.default` names vault. Only then is a token
+    /// required, so that a config that leaves vault unused needs no token file.
+    pub fn validate(&self, used: bool) -> Result<(), ConfigError> {
+        if used && self.token_file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("kms.vault.token_file", "", "the path of a file holding a Vault token"));
+        }
+        if !(1..=1000).contains(&self.batch) {
+            return Err(ConfigError::invalid("kms.vault.batch", self.batch, "a whole number from 1 to 1000"));
+        }
+        self.limits.validate("kms.vault.limits")
+    }
+}
 
 struct Client {
     http: reqwest::Client,
@@ -204,7 +261,7 @@ async fn send_batch(client: &Client, key: &str, items: Vec<RewrapItem>) {
 #[async_trait::async_trait]
 impl Kms for VaultKms {
     fn provider(&self) -> &'static str {
-        "vault"
+        NAME
     }
 
     async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], _label: Option<&str>) -> Result<WrappedDek, KmsError> {
