@@ -14,9 +14,11 @@ use crate::act::rotation::Rotator;
 use crate::api::auth::{AuthError, Tokens};
 use crate::api::{router, AppState};
 use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
+use crate::cluster::changelog::ChangelogPublisher;
+use crate::cluster::replica::Replica;
+use crate::cluster::{Fence, Ownership};
 use crate::config::Config;
 use crate::engine::{KeyStatus, Record};
-use crate::intake::fence::Fence;
 use crate::intake::signature::{SignatureError, Signer, Verifier};
 use crate::intake::{Health, Intake, IntakeError};
 use crate::kms::cache::DekCache;
@@ -25,15 +27,13 @@ use crate::kms::router::{KmsRouter, Route};
 use crate::kms::{Kms, KmsError, PROVIDERS};
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, NotifyError, Watched};
-use crate::replica::Replica;
 use crate::schedule::reconcile::Reconciler;
-use crate::store::{Store, StoreError};
+use crate::store::writer::{Committed, Writer};
+use crate::store::{Store, StoreError, Touched};
 use crate::supervise::Supervisor;
 use crate::tell::alerts::{self, Context as AlertContext, Sinks};
-use crate::tell::changelog::ChangelogPublisher;
 use crate::tell::monitor::Monitor;
 use crate::tell::{Relay, TellError};
-use crate::writer::Writer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -64,7 +64,9 @@ pub enum DaemonError {
     #[error("{0}; see the log above (systemd restarts keywarden)")]
     TaskFailed(String),
     #[error(transparent)]
-    Replica(#[from] crate::replica::ReplicaError),
+    Replica(#[from] crate::cluster::replica::ReplicaError),
+    #[error(transparent)]
+    Forward(#[from] crate::cluster::forward::ForwardError),
 }
 
 /// Facts a caller (the CLI's demo, tests) may want once the daemon is up.
@@ -111,52 +113,27 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let metrics = Arc::new(Metrics::new());
     let cache = Arc::new(DekCache::new(config.policy.max_dek_cache_age.0, config.policy.dek_cache_size));
     let fence = Arc::new(Fence::default());
-    // Before anything reads the store: other nodes' changes (and, on a fresh
-    // node, everything) come from the changelog first; then this node's own
-    // changes that had not been published yet go back on top, being newer.
-    let mut changelog_stop = None;
-    let replica = if config.cluster.changelog_topic.is_empty() {
-        None
-    } else {
-        notifier.send("STATUS=starting: catching up with the changelog");
-        let topic = &config.cluster.changelog_topic;
-        let replica = Replica::start(store.clone(), &config.kafka, &bootstrap, topic, cache.clone(), &mut supervisor)?;
-        let waiting = replica.clone();
-        let caught_up = tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120)));
-        tokio::select! {
-            r = caught_up => r.map_err(|_| DaemonError::WriterDied)??,
-            // The replica's own loops are supervised from here on.
-            reason = supervisor.failed() => {
-                replica.stop();
-                return Err(DaemonError::TaskFailed(reason));
-            }
-        }
-        let publisher = ChangelogPublisher::new(&config.kafka, &bootstrap, topic, replica.partitions().len() as i32).map_err(TellError::Producer)?;
-        changelog_stop = Some(publisher.stop.clone());
-        store.set_publisher(Box::new(move |changes, deadline| publisher.publish(changes, deadline)));
-        tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");
-        Some(replica)
+    // With a changelog, the key's partition decides which node writes it; the
+    // changelog has as many partitions as the events topic.
+    let changelog_topic = Some(config.cluster.changelog_topic.as_str()).filter(|t| !t.is_empty());
+    let connected = match changelog_topic {
+        Some(topic) => Some(Replica::connect(&store, &config.kafka, &bootstrap, topic)?),
+        None => None,
     };
-    let ownership = match &replica {
-        Some(r) => crate::cluster::Ownership::shared(fence.clone(), &config.kafka.events_topic, r.partitions().len() as i32),
-        None => crate::cluster::Ownership::single(),
+    let ownership = match &connected {
+        Some(c) => Ownership::shared(fence.clone(), &config.kafka.events_topic, c.partitions().len() as i32),
+        None => Ownership::single(fence.clone()),
     };
-    let local =
-        Arc::new(LocalKms::open(store.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?.with_write_timeout(config.api.write_timeout.0));
-    let kms_router = Arc::new(build_router(&config, local.clone())?);
-    let kms: Arc<dyn Kms> = kms_router.clone();
-    let wants = kms_router.clone();
-    store.keep_notices_only_for(Box::new(move |key_id| wants.wants_notices(key_id)));
     let relay_notify = Arc::new(Notify::new());
     let rotation_notify = Arc::new(Notify::new());
     let on_commit = {
         let cache = cache.clone();
         let relay = relay_notify.clone();
         let rotation = rotation_notify.clone();
-        Box::new(move |records: &[Record]| {
+        Box::new(move |committed: &Committed| {
             let mut wake_relay = false;
             let mut wake_rotation = false;
-            for r in records {
+            for r in committed.records {
                 match r {
                     Record::Key(k) if k.status != KeyStatus::Active => cache.forget_key(&k.key_id),
                     Record::Key(_) => wake_rotation = true,
@@ -164,6 +141,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
                     Record::Job(_) => wake_rotation = true,
                     Record::Outbox(_) => wake_relay = true,
                     Record::Event(_) | Record::Offset { .. } | Record::Audit(_) => {}
+                }
+            }
+            // Another node changed these: the plaintext cached here may be stale.
+            for t in committed.replicated {
+                match t {
+                    Touched::Key(key_id) => cache.forget_key(key_id),
+                    Touched::Instance(instance_id) => cache.forget(instance_id),
                 }
             }
             if wake_relay {
@@ -174,7 +158,41 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
             }
         })
     };
-    let (writer, writer_thread) = Writer::start_timed(store.clone(), fence.clone(), config.kafka.max_batch, on_commit, metrics.commit_seconds.clone());
+    let (writer, writer_thread) = Writer::start_timed(store.clone(), ownership.clone(), config.kafka.max_batch, on_commit, metrics.commit_seconds.clone());
+    // Before anything reads the store: other nodes' changes (and, on a fresh
+    // node, everything) come from the changelog first; then this node's own
+    // changes that had not been published yet go back on top, being newer.
+    let mut changelog_stop = None;
+    let replica = match (connected, changelog_topic) {
+        (Some(connected), Some(topic)) => {
+            notifier.send("STATUS=starting: catching up with the changelog");
+            let replica = connected.follow(store.clone(), writer.clone(), &mut supervisor);
+            let waiting = replica.clone();
+            let caught_up = tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120)));
+            tokio::select! {
+                r = caught_up => r.map_err(|_| DaemonError::WriterDied)??,
+                // The replica's own loops are supervised from here on.
+                reason = supervisor.failed() => {
+                    replica.stop();
+                    return Err(DaemonError::TaskFailed(reason));
+                }
+            }
+            let publisher = ChangelogPublisher::new(&config.kafka, &bootstrap, topic, replica.partitions().len() as i32).map_err(TellError::Producer)?;
+            changelog_stop = Some(publisher.stop.clone());
+            store.set_changelog(Arc::new(publisher));
+            tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");
+            Some(replica)
+        }
+        _ => None,
+    };
+    let local = Arc::new(
+        LocalKms::open(store.clone(), writer.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?
+            .with_write_timeout(config.api.write_timeout.0),
+    );
+    let kms_router = Arc::new(build_router(&config, local.clone())?);
+    let kms: Arc<dyn Kms> = kms_router.clone();
+    let wants = kms_router.clone();
+    store.keep_notices_only_for(Box::new(move |key_id| wants.wants_notices(key_id)));
 
     let health = Arc::new(Health { failure, ..Health::default() });
     let scheme = if config.api.tls.enabled() { "https" } else { "http" };
@@ -187,7 +205,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         &bootstrap,
         store.clone(),
         writer.clone(),
-        fence,
+        fence.clone(),
         health.clone(),
         metrics.clone(),
         kms.clone(),
@@ -196,7 +214,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         &advertise,
         config.cluster.rejoin_after.0,
     )?;
-    let relay = Relay::new(store.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?;
+    let relay = Relay::new(store.clone(), writer.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?;
     let rotator = Rotator {
         store: store.clone(),
         kms: kms.clone(),
@@ -234,12 +252,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
 
     let reload_tokens = tokens.clone();
     let forwarder = match &replica {
-        Some(_) => Some(Arc::new(crate::api::forward::Forwarder {
-            ownership: ownership.clone(),
-            store: store.clone(),
-            me: advertise.clone(),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client builds"),
-        })),
+        Some(_) => Some(Arc::new(crate::cluster::forward::Forwarder::new(ownership.clone(), store.clone(), advertise.clone())?)),
         None => None,
     };
     {
@@ -273,8 +286,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     supervisor.spawn("notify", crate::notify::supervise(notifier, watched, shutdown.clone(), tasks.clone()));
     let sinks = Sinks::new(config.alerts.sinks.clone(), AlertContext { node: config.kafka.instance_id.clone(), api: format!("{scheme}://{api_addr}") });
     {
-        let (store, sinks, notify, stop) = (store.clone(), sinks.clone(), relay_notify.clone(), tasks.clone());
-        supervisor.spawn("alerts", alerts::deliver_loop(store, sinks, notify, stop));
+        let (store, writer, sinks, notify, stop) = (store.clone(), writer.clone(), sinks.clone(), relay_notify.clone(), tasks.clone());
+        supervisor.spawn("alerts", alerts::deliver_loop(store, writer, sinks, notify, stop));
     }
     supervisor.spawn("alert-resend", alerts::resend_loop(store.clone(), sinks.clone(), config.alerts.resend_every.0, tasks.clone()));
     let monitor = Monitor {
@@ -362,7 +375,13 @@ async fn raise_failure(writer: &Writer, reason: &str) {
 async fn resolve_earlier_failure(store: &Store, writer: &Writer) {
     let firing = {
         let store = store.clone();
-        tokio::task::spawn_blocking(move || store.firing_alerts()).await.unwrap_or_default()
+        match tokio::task::spawn_blocking(move || store.firing_alerts()).await {
+            Ok(Ok(firing)) => firing,
+            _ => {
+                tracing::warn!("cannot read the firing alerts; an earlier task-failure alert stays firing");
+                Vec::new()
+            }
+        }
     };
     for alert in firing.into_iter().filter(|a| a.name == TASK_FAILED) {
         if let Err(e) = writer.submit(crate::engine::Input::Alert(alert.resolved(chrono::Utc::now()))).await {

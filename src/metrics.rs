@@ -150,11 +150,20 @@ impl Metrics {
             }
             *at = Some(Instant::now());
         }
-        let (active, pending) = rotation_backlog(&store.jobs());
+        // Gauges that cannot be read keep their last values; the log says why.
+        let read = || -> Result<_, crate::store::StoreError> { Ok((store.jobs()?, store.keys()?, store.instance_tally()?)) };
+        let (jobs, keys, tally) = match read() {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the store for its gauges");
+                return;
+            }
+        };
+        let (active, pending) = rotation_backlog(&jobs);
         self.rotations_active.set(active);
         self.rotation_pending.set(pending);
-        let statuses: HashMap<String, KeyStatus> = store.keys().into_iter().map(|k| (k.key_id, k.status)).collect();
-        for (state, n) in instances_by_state(&store.instance_tally(), &statuses) {
+        let statuses: HashMap<String, KeyStatus> = keys.into_iter().map(|k| (k.key_id, k.status)).collect();
+        for (state, n) in instances_by_state(&tally, &statuses) {
             self.instances.with_label_values(&[state]).set(n);
         }
     }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::intake::fence::Fence;
+use crate::cluster::fence::Fence;
 use crate::intake::Health;
 use crate::store::{Census, Store};
 

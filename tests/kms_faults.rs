@@ -12,14 +12,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use keywarden::act::rotation::Rotator;
+use keywarden::cluster::Ownership;
 use keywarden::config::RotationConfig;
-use keywarden::engine::{EventType, Input, LifecycleEvent, Reply, View, WrappedDek};
-use keywarden::intake::fence::Fence;
+use keywarden::engine::{EventType, Input, LifecycleEvent, Reply, WrappedDek};
 use keywarden::kms::local::LocalKms;
 use keywarden::kms::{Dek, Kms, KmsError, KmsKeyState};
 use keywarden::metrics::Metrics;
+use keywarden::store::writer::Writer;
 use keywarden::store::Store;
-use keywarden::writer::Writer;
 
 struct FaultyKms {
     inner: Arc<LocalKms>,
@@ -75,7 +75,7 @@ impl Kms for FaultyKms {
 
 async fn wait_job_finished(store: &Store, key: &str, event_id: &str) -> keywarden::engine::RotationJob {
     for _ in 0..3000 {
-        if let Some(job) = store.job(key) {
+        if let Some(job) = store.job(key).unwrap() {
             if job.cause_event_id == event_id && job.finished_at.is_some() {
                 return job;
             }
@@ -106,7 +106,10 @@ fn rotate_event(id: &str, key: &str, version: &str) -> Input {
 async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
-    let local = Arc::new(LocalKms::open(store.clone(), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap());
+    let notify = Arc::new(Notify::new());
+    let wake = notify.clone();
+    let (writer, _thread) = Writer::start(store.clone(), Ownership::single(Default::default()), 256, Box::new(move |_| wake.notify_one()));
+    let local = Arc::new(LocalKms::open(store.clone(), writer.clone(), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap());
     let seed: u64 = rand::thread_rng().gen();
     println!("fault seed {seed}");
     let kms = Arc::new(FaultyKms {
@@ -115,11 +118,8 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
         poisoned: Mutex::new(HashSet::new()),
         calls: Mutex::new(HashMap::new()),
     });
-    let notify = Arc::new(Notify::new());
-    let wake = notify.clone();
-    let (writer, _thread) = Writer::start(store.clone(), Arc::new(Fence::default()), 256, Box::new(move |_| wake.notify_one()));
 
-    let (key, _) = local.create_key(Some("fk".into())).unwrap();
+    let (key, _) = local.create_key(Some("fk".into())).await.unwrap();
     let mut originals = HashMap::new();
     for i in 0..400 {
         let id = format!("inst-{i}");
@@ -143,18 +143,18 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
         notify,
         config: RotationConfig { concurrency: 8, batch: 32, max_attempts: 4 },
         metrics: Arc::new(Metrics::new()),
-        ownership: keywarden::cluster::Ownership::single(),
+        ownership: Ownership::single(Default::default()),
     };
     let worker = tokio::spawn(rotator.run(shutdown.clone()));
 
-    local.operate(&key, EventType::Rotate).unwrap();
+    local.operate(&key, EventType::Rotate).await.unwrap();
     writer.submit(rotate_event("rot-2", &key, "2")).await.unwrap();
     let job = wait_job_finished(&store, &key, "rot-2").await;
     assert_eq!(job.failed, poisoned.len() as u64, "{job:?}");
     assert_eq!(job.total, Some(400));
 
     for (id, dek) in &originals {
-        let inst = store.instance(id).unwrap();
+        let inst = store.instance(id).unwrap().unwrap();
         let wrapped = inst.wrapped.as_ref().unwrap();
         if poisoned.contains(id) {
             assert_eq!(inst.key_version, "1", "a refused instance keeps its old, valid wrapped DEK");
@@ -176,7 +176,7 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
     let job = wait_job_finished(&store, &key, "retry-1").await;
     assert_eq!(job.failed, 0);
     for id in &poisoned {
-        let inst = store.instance(id).unwrap();
+        let inst = store.instance(id).unwrap().unwrap();
         assert_eq!(inst.key_version, "2");
         assert!(inst.rewrap_error.is_none());
     }
@@ -232,11 +232,11 @@ async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
     const QUOTA: usize = 5_000;
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
-    let local = Arc::new(LocalKms::open(store.clone(), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap());
     let notify = Arc::new(Notify::new());
     let wake = notify.clone();
-    let (writer, _thread) = Writer::start(store.clone(), Arc::new(Fence::default()), 1024, Box::new(move |_| wake.notify_one()));
-    let (key, _) = local.create_key(Some("big".into())).unwrap();
+    let (writer, _thread) = Writer::start(store.clone(), Ownership::single(Default::default()), 1024, Box::new(move |_| wake.notify_one()));
+    let local = Arc::new(LocalKms::open(store.clone(), writer.clone(), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap());
+    let (key, _) = local.create_key(Some("big".into())).await.unwrap();
     let setup = std::time::Instant::now();
     let mut last = None;
     for i in 0..N {
@@ -246,7 +246,7 @@ async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
         let input = Input::CreateInstance { instance_id: id, key_id: key.clone(), wrapped, fingerprint: dek.fingerprint(), at: Utc::now() };
         last = Some(writer.enqueue(Some(input), None).await.unwrap());
     }
-    last.unwrap().await.unwrap().unwrap();
+    last.unwrap().await.unwrap();
     println!("QUOTA: set up {N} instances in {:.1?}", setup.elapsed());
 
     let quota = Arc::new(QuotaKms {
@@ -267,10 +267,10 @@ async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
         notify,
         config: RotationConfig { concurrency: 64, batch: 512, max_attempts: 8 },
         metrics: Arc::new(Metrics::new()),
-        ownership: keywarden::cluster::Ownership::single(),
+        ownership: Ownership::single(Default::default()),
     };
     let worker = tokio::spawn(rotator.run(shutdown.clone()));
-    local.operate(&key, EventType::Rotate).unwrap();
+    local.operate(&key, EventType::Rotate).await.unwrap();
     let started = std::time::Instant::now();
     writer.submit(rotate_event("big-rot", &key, "2")).await.unwrap();
     let job = wait_job_finished_within(&store, &key, "big-rot", Duration::from_secs(300)).await;
@@ -285,7 +285,7 @@ async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
     );
     assert_eq!(job.failed, 0, "{job:?}");
     assert_eq!(job.done, N as u64, "{job:?}");
-    let stragglers = store.instances_of(&key).iter().filter(|i| i.key_version != "2").count();
+    let stragglers = store.instances_of(&key).unwrap().iter().filter(|i| i.key_version != "2").count();
     assert_eq!(stragglers, 0);
     shutdown.cancel();
     worker.await.unwrap();
@@ -294,7 +294,7 @@ async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
 async fn wait_job_finished_within(store: &Store, key: &str, event_id: &str, limit: Duration) -> keywarden::engine::RotationJob {
     let start = std::time::Instant::now();
     while start.elapsed() < limit {
-        if let Some(job) = store.job(key) {
+        if let Some(job) = store.job(key).unwrap() {
             if job.cause_event_id == event_id && job.finished_at.is_some() {
                 return job;
             }

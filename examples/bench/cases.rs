@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use chrono::Utc;
-use keywarden::engine::{InstanceRecord, View, WrappedDek};
+use keywarden::engine::{InstanceRecord, WrappedDek};
 use keywarden::store::Store;
 use rand::RngCore;
 use rdkafka::config::ClientConfig;
@@ -118,7 +118,7 @@ pub fn b1_rotation(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     let base_after = b1_baseline(n, 256)?;
     // Every DEK must really be on the new version.
     let store = Store::open(&d.store_path())?;
-    let moved = store.instances_of("rot").iter().filter(|i| i.key_version == "2" && i.rewrap_error.is_none()).count();
+    let moved = store.instances_of("rot")?.iter().filter(|i| i.key_version == "2" && i.rewrap_error.is_none()).count();
     drop(store);
     if moved != n {
         return Err(format!("only {moved} of {n} instances were rewrapped").into());
@@ -406,7 +406,7 @@ pub fn b4_remote_quota(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     let took = t0.elapsed();
     d.stop()?;
     let store = Store::open(&d.store_path())?;
-    let insts = store.instances_of(key);
+    let insts = store.instances_of(key)?;
     let done = insts.iter().filter(|i| i.key_version == "2" && i.rewrap_error.is_none()).count();
     let failed = insts.iter().filter(|i| i.rewrap_error.is_some()).count();
     drop(store);
@@ -562,7 +562,7 @@ pub fn b6_scale(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     eprintln!("bench: B6 seeded {n} instances in {seeded:.1?}; store {} on disk", mib(bytes));
     // What one instance is worth logically: its record and its two keys.
     let store = Store::open(&d.store_path())?;
-    let sample = store.instance(&format!("{}-0000000", names[0])).ok_or("seeded instance missing")?;
+    let sample = store.instance(&format!("{}-0000000", names[0]))?.ok_or("seeded instance missing")?;
     drop(store);
     let logical = serde_json::to_vec(&sample)?.len() + 2 * (2 + sample.instance_id.len()) + sample.key_id.len() + 1;
     let (ready, rss) = measure_start(&mut d, s.b6_settle)?;

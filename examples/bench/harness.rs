@@ -8,9 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use keywarden::cluster::Ownership;
 use keywarden::engine::{InstanceRecord, KeyRecord, Record, WrappedDek};
 use keywarden::kms::local::LocalKms;
 use keywarden::kms::{Dek, Kms};
+use keywarden::store::writer::Writer;
 use keywarden::store::Store;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -321,12 +323,13 @@ pub fn seed(store_path: &Path, master_key: &Path, keys: &[(&str, usize)], kms: S
     let started = Instant::now();
     std::fs::create_dir_all(store_path)?;
     let store = Store::open(store_path)?;
-    let local = LocalKms::open(store.clone(), master_key, Duration::from_secs(30 * 86400))?;
+    let (writer, thread) = Writer::start(store.clone(), Ownership::single(Default::default()), 4, Box::new(|_| {}));
+    let local = LocalKms::open(store.clone(), writer.clone(), master_key, Duration::from_secs(30 * 86400))?;
     let now = Utc::now();
     let mut batch = Vec::with_capacity(8192);
     for (key_id, count) in keys {
         let version = match kms {
-            SeedKms::Local => local.create_key(Some(key_id.to_string()))?.1,
+            SeedKms::Local => futures::executor::block_on(local.create_key(Some(key_id.to_string())))?.1,
             SeedKms::Remote => "1".to_string(),
         };
         let mut key = KeyRecord::new(key_id, now);
@@ -352,13 +355,14 @@ pub fn seed(store_path: &Path, master_key: &Path, keys: &[(&str, usize)], kms: S
                 rewrap_error: None,
             }));
             if batch.len() >= 8192 {
-                store.commit(&batch, false)?;
-                batch.clear();
+                futures::executor::block_on(writer.import(std::mem::take(&mut batch)))?;
             }
         }
     }
-    store.commit(&batch, true)?;
+    futures::executor::block_on(writer.import(batch))?;
     drop(local);
+    drop(writer);
+    thread.join().map_err(|_| "the store writer panicked")??;
     drop(store);
     Ok(started.elapsed())
 }

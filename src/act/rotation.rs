@@ -15,11 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
 use crate::config::RotationConfig;
-use crate::engine::{Input, KeyStatus, RotationJob, View};
+use crate::engine::{Input, KeyStatus, RotationJob};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
+use crate::store::writer::{Pending, Writer, WriterError};
 use crate::store::Store;
-use crate::writer::{Pending, Writer, WriterError};
 
 pub struct Rotator {
     pub store: Store,
@@ -50,7 +50,14 @@ impl Rotator {
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             let notified = self.notify.notified();
-            for job in self.store.jobs().into_iter().filter(|j| j.finished_at.is_none() && self.ownership.owns_key(&j.key_id)) {
+            let jobs = match self.store.jobs() {
+                Ok(jobs) => self.ownership.mine(jobs, |j| &j.key_id),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the rotation jobs; rotations wait");
+                    Vec::new()
+                }
+            };
+            for job in jobs.into_iter().filter(|j| j.finished_at.is_none()) {
                 if shutdown.is_cancelled() {
                     return;
                 }
@@ -85,8 +92,9 @@ impl Rotator {
     }
 
     fn current(&self, job: &RotationJob) -> bool {
-        let key_active = self.store.key(&job.key_id).map(|k| k.status == KeyStatus::Active).unwrap_or(false);
-        let same_job = self.store.job(&job.key_id).map(|j| j.target_version == job.target_version).unwrap_or(false);
+        // A store that cannot be read stops the pass; the next one reads again.
+        let key_active = self.store.key(&job.key_id).ok().flatten().is_some_and(|k| k.status == KeyStatus::Active);
+        let same_job = self.store.job(&job.key_id).ok().flatten().is_some_and(|j| j.target_version == job.target_version);
         key_active && same_job
     }
 
@@ -127,12 +135,14 @@ impl Rotator {
             }
             _ => {}
         }
-        let todo: Vec<String> = self
-            .store
-            .instance_ids_of(&job.key_id)
-            .into_iter()
-            .filter(|id| self.store.instance(id).and_then(|i| i.wrapped).map(|w| w.key_version != target).unwrap_or(false))
-            .collect();
+        let instances = match self.store.instances_of(&job.key_id) {
+            Ok(instances) => instances,
+            Err(e) => {
+                tracing::error!(key_id = %job.key_id, error = %e, "cannot read the key's instances; rotation waits");
+                return Ok(Pass::Interrupted);
+            }
+        };
+        let todo: Vec<String> = instances.into_iter().filter(|i| i.wrapped.as_ref().is_some_and(|w| w.key_version != target)).map(|i| i.instance_id).collect();
         if job.total.is_none() {
             self.writer.submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total: todo.len() as u64 }).await?;
         }
@@ -150,7 +160,7 @@ impl Rotator {
             tokio::select! {
                 durable = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                     in_flight = None;
-                    durable.map_err(|_| WriterError::Stopped)??;
+                    durable?;
                     if !self.current(job) {
                         return Ok(Pass::Interrupted);
                     }
@@ -201,13 +211,13 @@ impl Rotator {
     /// so the last answer covers the whole chunk.
     async fn settle(&self, in_flight: &mut Option<Pending>) -> Result<(), WriterError> {
         if let Some(pending) = in_flight.take() {
-            pending.await.map_err(|_| WriterError::Stopped)??;
+            pending.await?;
         }
         Ok(())
     }
 
     async fn rewrap_one(&self, instance_id: String, target: &str) -> Option<Attempt> {
-        let inst = self.store.instance(&instance_id)?;
+        let inst = self.store.instance(&instance_id).ok().flatten()?;
         let wrapped = inst.wrapped?;
         let provider = self.kms.provider_for(&inst.key_id);
         let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{ApiError, ApiResult, AppState};
-use crate::engine::{instance_state, InstanceRecord, KeyRecord, KeyStatus, View};
+use crate::engine::{instance_state, InstanceRecord, KeyRecord, KeyStatus};
 
 /// Enough ids to act on by hand; the counts cover the rest.
 const DEFAULT_LIMIT: usize = 100;
@@ -29,15 +29,15 @@ pub(super) async fn show_impact(State(s): State<AppState>, Path(key_id): Path<St
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
     // Reads every instance of the key: off the runtime.
     let view = tokio::task::spawn_blocking(move || {
-        let record = s.store.key(&key_id);
+        let record = s.store.key(&key_id)?;
         let kms_state = s.local.state(&key_id).ok();
         if record.is_none() && kms_state.is_none() {
             return Err(ApiError::new(StatusCode::NOT_FOUND, format!("key {key_id} is unknown; create it with POST /v1/keys")));
         }
         let status = record.as_ref().map(|k| k.status).or(kms_state.as_ref().map(|k| k.0)).unwrap_or(KeyStatus::Active);
         let version = record.as_ref().and_then(|k| k.version.clone()).or_else(|| kms_state.map(|k| k.1));
-        let instances = s.store.instances_of(&key_id);
-        let rotation = s.store.job(&key_id).map(|j| super::progress::rotation_view(&j, status, Utc::now()));
+        let instances = s.store.instances_of(&key_id)?;
+        let rotation = s.store.job(&key_id)?.map(|j| super::progress::rotation_view(&j, status, Utc::now()));
         let (provider, _) = s.router.describe(&key_id);
         Ok(impact(&key_id, status, version, record.as_ref(), &instances, rotation, provider, &s.commands_topic, limit))
     })

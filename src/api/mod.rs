@@ -2,7 +2,6 @@
 //! every change goes through the single writer, so the API never races the intake.
 
 pub mod auth;
-pub mod forward;
 mod impact;
 mod progress;
 pub mod tls;
@@ -14,7 +13,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Json, Router};
 use base64::{engine::general_purpose::STANDARD, Engine};
 use chrono::Utc;
@@ -22,7 +21,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
-use crate::engine::{instance_state, EventType, Input, InstanceRecord, InstanceState, KeyStatus, Record, Reply, View};
+use crate::cluster::forward::{self, Forwarder, KeyFrom};
+use crate::engine::{instance_state, EventType, Input, InstanceRecord, InstanceState, KeyStatus, Reply};
 use crate::intake::format::valid_id;
 use crate::intake::Health;
 use crate::kms::cache::DekCache;
@@ -31,8 +31,8 @@ use crate::kms::router::KmsRouter;
 use crate::kms::{Dek, Kms, KmsError};
 use crate::metrics::Metrics;
 use crate::store::audit::AuditFact;
+use crate::store::writer::{Writer, WriterError};
 use crate::store::Store;
-use crate::writer::{Writer, WriterError};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -53,7 +53,7 @@ pub struct AppState {
     pub reconciler: Arc<crate::schedule::reconcile::Reconciler>,
     /// With several nodes: DEKs of keys another node writes are refused while
     /// the replica of their partition is this far behind.
-    pub replica: Option<(Arc<crate::replica::Replica>, std::time::Duration)>,
+    pub replica: Option<(Arc<crate::cluster::replica::Replica>, std::time::Duration)>,
     pub ownership: crate::cluster::Ownership,
     /// How long a write may wait for the broker before it is answered 503
     /// unapplied (`api.write_timeout`).
@@ -84,6 +84,14 @@ impl From<WriterError> for ApiError {
     }
 }
 
+/// A store that cannot be read answers 500, naming the record, and nothing is decided.
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        tracing::error!(error = %e, "a request could not read the store");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
+}
+
 impl From<KmsError> for ApiError {
     fn from(e: KmsError) -> Self {
         let status = match &e {
@@ -102,40 +110,65 @@ impl From<KmsError> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-pub fn router(state: AppState, tokens: Arc<auth::Tokens>, forwarder: Option<Arc<forward::Forwarder>>) -> Router {
-    let store = state.store.clone();
-    let router = Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/keys", post(create_key))
-        .route("/v1/keys/{key_id}", get(show_key))
-        .route("/v1/keys/{key_id}/impact", get(impact::show_impact))
-        .route("/v1/keys/{key_id}/{action}", post(operate_key))
-        .route("/v1/events/{event_id}", get(show_event))
-        .route("/v1/reconcile", post(reconcile))
-        .route("/v1/audit", get(show_audit))
-        .route("/v1/audit/export", get(export_audit))
-        .route("/v1/audit/verify", get(verify_audit))
-        .route("/v1/instances", post(create_instance).get(list_instances))
-        .route("/v1/instances/{id}", get(show_instance).delete(delete_instance))
-        .route("/v1/instances/{id}/dek", post(fetch_dek))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README for the API") })
-        .with_state(state);
-    let router = match forwarder {
-        Some(f) => router.layer(axum::middleware::from_fn_with_state(f, forward::forward)),
-        None => router,
-    };
+/// Where a route is answered. Every route names it, so a write route added to
+/// the table is forwarded to its key's owner without a second edit.
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    /// Any node answers: reads (from its replica), DEK fetches, node-local actions.
+    Here,
+    /// A write about one key: decided by the node that owns the key.
+    Owner(KeyFrom),
+}
+
+/// The API: every route, its method and where it is answered.
+fn routes() -> Vec<(&'static str, MethodRouter<AppState>, Placement)> {
+    use Placement::*;
+    vec![
+        ("/healthz", get(|| async { Json(json!({"status": "ok"})) }), Here),
+        ("/readyz", get(readyz), Here),
+        ("/metrics", get(metrics), Here),
+        ("/v1/keys", post(create_key), Owner(KeyFrom::Body { mint: true })),
+        ("/v1/keys/{key_id}", get(show_key), Here),
+        ("/v1/keys/{key_id}/impact", get(impact::show_impact), Here),
+        ("/v1/keys/{key_id}/{action}", post(operate_key), Owner(KeyFrom::Path("key_id"))),
+        ("/v1/events/{event_id}", get(show_event), Here),
+        // Each node reconciles the keys it owns.
+        ("/v1/reconcile", post(reconcile), Here),
+        ("/v1/audit", get(show_audit), Here),
+        ("/v1/audit/export", get(export_audit), Here),
+        ("/v1/audit/verify", get(verify_audit), Here),
+        ("/v1/instances", post(create_instance), Owner(KeyFrom::Body { mint: false })),
+        ("/v1/instances", get(list_instances), Here),
+        ("/v1/instances/{id}", get(show_instance), Here),
+        ("/v1/instances/{id}", delete(delete_instance), Owner(KeyFrom::InstancePath("id"))),
+        // A read of the data plane: answered from this node's replica.
+        ("/v1/instances/{id}/dek", post(fetch_dek), Here),
+    ]
+}
+
+pub fn router(state: AppState, tokens: Arc<auth::Tokens>, forwarder: Option<Arc<Forwarder>>) -> Router {
+    let writer = state.writer.clone();
+    let write_timeout = state.write_timeout;
+    let mut router = Router::new();
+    for (path, route, placement) in routes() {
+        let route = match (placement, &forwarder) {
+            (Placement::Owner(from), Some(f)) => route.layer(axum::middleware::from_fn_with_state((f.clone(), from), forward::forward)),
+            _ => route,
+        };
+        router = router.route(path, route);
+    }
     router
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README for the API") })
+        .with_state(state)
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
         // Outside the token check, so that refused writes are audited too.
-        .layer(axum::middleware::from_fn_with_state(store, record_writes))
+        .layer(axum::middleware::from_fn_with_state((writer, write_timeout), record_writes))
 }
 
 /// Every write through the API lands in the hash-chained audit trail: which
 /// token, what, and the status answered. DEK fetches are reads and stay out, so
 /// that the data plane's hot path costs no flush.
-async fn record_writes(State(store): State<Store>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn record_writes(State((writer, timeout)): State<(Writer, std::time::Duration)>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let response = next.run(req).await;
@@ -147,9 +180,8 @@ async fn record_writes(State(store): State<Store>, req: axum::extract::Request, 
     let is_write = matches!(method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE") && !path.ends_with("/dek");
     if is_write {
         let fact = AuditFact { who: who.into(), what: format!("{method} {path}"), outcome: response.status().as_u16().to_string(), ..Default::default() };
-        let result = tokio::task::spawn_blocking(move || store.commit(&[Record::Audit(fact)], true)).await;
-        if !matches!(result, Ok(Ok(_))) {
-            tracing::error!(%path, "cannot write the audit trail; check the store");
+        if let Err(e) = writer.audit(fact, timeout).await {
+            tracing::error!(%path, error = %e, "cannot write the audit trail; check the store");
         }
     }
     response
@@ -179,7 +211,7 @@ struct AuditQuery {
 }
 
 async fn show_audit(State(s): State<AppState>, Query(q): Query<AuditQuery>) -> ApiResult {
-    let entries = s.store.audit(q.limit.unwrap_or(100).min(10_000));
+    let entries = s.store.audit(q.limit.unwrap_or(100).min(10_000))?;
     let verified = crate::store::audit::verify(&entries, false);
     Ok(Json(json!({"entries": entries, "chain": match verified { Ok(()) => "intact".to_string(), Err(e) => e }})).into_response())
 }
@@ -189,7 +221,7 @@ async fn export_audit(State(s): State<AppState>, Query(q): Query<AuditQuery>) ->
     let store = s.store.clone();
     let entries = tokio::task::spawn_blocking(move || store.audit_since(q.since, q.limit.unwrap_or(usize::MAX)))
         .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit export failed; see the log"))?;
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit export failed; see the log"))??;
     let mut body = String::new();
     for e in &entries {
         body.push_str(&serde_json::to_string(e).expect("audit entries serialize"));
@@ -203,7 +235,7 @@ async fn verify_audit(State(s): State<AppState>) -> ApiResult {
     let store = s.store.clone();
     let entries = tokio::task::spawn_blocking(move || store.audit_since(None, usize::MAX))
         .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit verification failed; see the log"))?;
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit verification failed; see the log"))??;
     let last = entries.last().map(|e| e.hash.clone());
     Ok(match crate::store::audit::verify(&entries, true) {
         Ok(()) => Json(json!({"chain": "intact", "entries": entries.len(), "last_hash": last})).into_response(),
@@ -247,10 +279,6 @@ struct CreateKey {
     key_id: Option<String>,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, KmsError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}")))?.map_err(ApiError::from)
-}
-
 async fn create_key(State(s): State<AppState>, body: Bytes) -> ApiResult {
     let req: Option<CreateKey> = parse_body(&body, true)?;
     let key_id = req.and_then(|r| r.key_id);
@@ -258,7 +286,7 @@ async fn create_key(State(s): State<AppState>, body: Bytes) -> ApiResult {
         check_id("key_id", id, 256)?;
     }
     let local = s.local.clone();
-    let (key_id, version) = blocking(move || local.create_key(key_id)).await?;
+    let (key_id, version) = local.create_key(key_id).await?;
     s.writer.submit_within(Input::RegisterKey { key_id: key_id.clone(), version: version.clone(), at: Utc::now() }, s.write_timeout).await?;
     Ok((StatusCode::CREATED, Json(json!({"key_id": key_id, "version": version, "state": "active"}))).into_response())
 }
@@ -286,7 +314,7 @@ async fn operate_key(State(s): State<AppState>, Path((key_id, action)): Path<(St
     };
     let local = s.local.clone();
     let id = key_id.clone();
-    let emitted = blocking(move || local.operate(&id, kind)).await?;
+    let emitted = local.operate(&id, kind).await?;
     s.relay.notify_waiters();
     let e = emitted.event;
     Ok((
@@ -315,18 +343,18 @@ async fn retry_failed(s: &AppState, key_id: &str) -> ApiResult {
 }
 
 async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiResult {
-    let record = s.store.key(&key_id);
+    let record = s.store.key(&key_id)?;
     let kms_state = s.local.state(&key_id).ok();
     if record.is_none() && kms_state.is_none() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("key {key_id} is unknown; create it with POST /v1/keys")));
     }
-    let instances = s.store.instances_of(&key_id);
+    let instances = s.store.instances_of(&key_id)?;
     let live: Vec<&InstanceRecord> = instances.iter().filter(|i| i.wrapped.is_some()).collect();
     let version = record.as_ref().and_then(|k| k.version.clone()).or_else(|| kms_state.as_ref().map(|k| k.1.clone()));
     let pending = live.iter().filter(|i| Some(&i.key_version) != version.as_ref()).count();
     let failures: Vec<Value> = live.iter().filter_map(|i| i.rewrap_error.as_ref().map(|e| json!({"instance_id": i.instance_id, "error": e}))).collect();
     let status = record.as_ref().map(|k| k.status).or(kms_state.as_ref().map(|k| k.0)).unwrap_or(KeyStatus::Active);
-    let job = s.store.job(&key_id);
+    let job = s.store.job(&key_id)?;
     let (provider, governor) = s.router.describe(&key_id);
     Ok(Json(json!({
         "key_id": key_id,
@@ -347,15 +375,15 @@ async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiR
 }
 
 async fn show_event(State(s): State<AppState>, Path(event_id): Path<String>) -> ApiResult {
-    match s.store.event(&event_id) {
+    match s.store.event(&event_id)? {
         Some(e) => Ok(Json(e).into_response()),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("event {event_id} has not been consumed (yet)"))),
     }
 }
 
-fn instance_json(s: &AppState, inst: &InstanceRecord) -> Value {
-    let key = s.store.key(&inst.key_id);
-    json!({
+fn instance_json(s: &AppState, inst: &InstanceRecord) -> Result<Value, ApiError> {
+    let key = s.store.key(&inst.key_id)?;
+    Ok(json!({
         "instance_id": inst.instance_id,
         "key_id": inst.key_id,
         "key_version": inst.key_version,
@@ -370,7 +398,7 @@ fn instance_json(s: &AppState, inst: &InstanceRecord) -> Value {
             _ => "ok",
         },
         "rewrap_error": inst.rewrap_error,
-    })
+    }))
 }
 
 #[derive(Deserialize)]
@@ -384,11 +412,11 @@ async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
     let req: CreateInstance = parse_body(&body, false)?.expect("body required");
     check_id("instance_id", &req.instance_id, 256)?;
     check_id("key_id", &req.key_id, 256)?;
-    if s.store.instance(&req.instance_id).is_some() {
+    if s.store.instance(&req.instance_id)?.is_some() {
         return Err(ApiError::new(StatusCode::CONFLICT, format!("instance {} already exists; pick another id or delete it first", req.instance_id)));
     }
     let dek = Dek::generate();
-    let label = s.store.key(&req.key_id).and_then(|k| k.version);
+    let label = s.store.key(&req.key_id)?.and_then(|k| k.version);
     let wrapped = match s.kms.wrap(&req.key_id, &dek, req.instance_id.as_bytes(), label.as_deref()).await {
         Ok(w) => w,
         Err(KmsError::KeyDisabled(k)) => {
@@ -405,7 +433,7 @@ async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
         )
         .await?;
     match reply {
-        Reply::Created(inst) => Ok((StatusCode::CREATED, Json(instance_json(&s, &inst))).into_response()),
+        Reply::Created(inst) => Ok((StatusCode::CREATED, Json(instance_json(&s, &inst)?)).into_response()),
         Reply::Conflict(m) => Err(ApiError::new(StatusCode::CONFLICT, m)),
         other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected engine reply {other:?}"))),
     }
@@ -418,16 +446,16 @@ struct ListQuery {
 
 async fn list_instances(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
     let list = match &q.key_id {
-        Some(k) => s.store.instances_of(k),
-        None => s.store.instances(),
+        Some(k) => s.store.instances_of(k)?,
+        None => s.store.instances()?,
     };
-    let items: Vec<Value> = list.iter().map(|i| instance_json(&s, i)).collect();
+    let items = list.iter().map(|i| instance_json(&s, i)).collect::<Result<Vec<Value>, ApiError>>()?;
     Ok(Json(json!({ "instances": items })).into_response())
 }
 
 async fn show_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    match s.store.instance(&id) {
-        Some(inst) => Ok(Json(instance_json(&s, &inst)).into_response()),
+    match s.store.instance(&id)? {
+        Some(inst) => Ok(Json(instance_json(&s, &inst)?).into_response()),
         None => Err(ApiError::new(StatusCode::NOT_FOUND, format!("instance {id} does not exist"))),
     }
 }
@@ -450,7 +478,7 @@ async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> A
 }
 
 async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    let partition = s.store.instance(&id).filter(|i| !s.ownership.owns_key(&i.key_id)).and_then(|i| s.ownership.partition(&i.key_id));
+    let partition = s.store.instance(&id)?.filter(|i| !s.ownership.owns_key(&i.key_id)).and_then(|i| s.ownership.partition(&i.key_id));
     if let (Some((replica, max)), Some(partition)) = (&s.replica, partition) {
         // A key this node writes itself is never behind here.
         let lag = replica.lag(partition);
@@ -478,12 +506,12 @@ async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResu
 }
 
 async fn serve_dek(s: &AppState, id: &str) -> ApiResult {
-    let Some(inst) = s.store.instance(id) else {
+    let Some(inst) = s.store.instance(id)? else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("instance {id} does not exist")));
     };
     // The state check comes first and reads the committed key record, so a
     // revocation is in force the moment its batch is durable.
-    let key = s.store.key(&inst.key_id);
+    let key = s.store.key(&inst.key_id)?;
     match instance_state(&inst, key.as_ref()) {
         InstanceState::Active => {}
         InstanceState::Revoked => return Err(ApiError::new(StatusCode::LOCKED, format!("instance {id} is revoked: key {} is disabled", inst.key_id))),

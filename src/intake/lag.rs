@@ -51,7 +51,7 @@ fn measure(consumer: &StreamConsumer<IntakeContext>) -> (HashSet<i32>, Vec<(i32,
     for e in assignment.elements() {
         assigned.insert(e.partition());
         match consumer.fetch_watermarks(e.topic(), e.partition(), BROKER_TIMEOUT) {
-            Ok((low, high)) => measured.push((e.partition(), lag(low, high, consumer.context().store.offset(e.topic(), e.partition())))),
+            Ok((low, high)) => measured.push((e.partition(), lag(low, high, consumer.context().store.offset(e.topic(), e.partition()).ok().flatten()))),
             Err(err) => tracing::debug!(error = %err, partition = e.partition(), "cannot read the watermarks; lag not updated"),
         }
     }

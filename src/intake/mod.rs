@@ -6,12 +6,10 @@
 pub mod activity_tracker;
 pub mod cloudevents;
 pub mod eventbridge;
-pub mod fence;
 pub mod format;
 pub mod headers;
 mod lag;
 pub mod native;
-mod orphans;
 pub mod signature;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,13 +28,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::{info_span, Instrument, Span};
 
+use crate::cluster::fence::{Fence, Partition};
+use crate::cluster::orphans;
 use crate::config::KafkaConfig;
 use crate::engine::{EventType, Input, KeyStatus, Outcome, Reply};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
+use crate::store::writer::{Consumed, Pending, Writer, WriterError};
 use crate::store::Store;
-use crate::writer::{Consumed, Pending, Writer, WriterError};
-use fence::{Fence, Partition};
 use format::{Decoded, Incoming};
 use signature::Verifier;
 
@@ -146,7 +145,12 @@ impl ConsumerContext for IntakeContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 for (topic, partition) in &parts {
-                    if let Some(next) = self.store.offset(topic, *partition) {
+                    let stored = self.store.offset(topic, *partition).unwrap_or_else(|e| {
+                        // Kafka's committed offset is never past the store's: events read again are recognised.
+                        tracing::error!(error = %e, %topic, partition, "cannot read the stored offset; resuming from the group's committed offset");
+                        None
+                    });
+                    if let Some(next) = stored {
                         if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(next)) {
                             tracing::error!(error = %e, %topic, partition, "cannot seek to the stored offset");
                         }
@@ -166,7 +170,7 @@ impl ConsumerContext for IntakeContext {
                 }
                 let resumed: Vec<String> = parts
                     .iter()
-                    .map(|(t, p)| format!("{t}/{p}@{}", self.store.offset(t, *p).map(|o| o.to_string()).unwrap_or_else(|| "start".into())))
+                    .map(|(t, p)| format!("{t}/{p}@{}", self.store.offset(t, *p).ok().flatten().map(|o| o.to_string()).unwrap_or_else(|| "start".into())))
                     .collect();
                 tracing::info!(partitions = ?resumed, "partitions assigned; resuming from the store's offsets");
             }
@@ -201,7 +205,7 @@ pub struct Intake {
     /// With several nodes: a partition's events are applied only once this
     /// node's replica holds everything its previous owner wrote; the
     /// partitions (and generations) for which that is done.
-    replica: Option<Arc<crate::replica::Replica>>,
+    replica: Option<Arc<crate::cluster::replica::Replica>>,
     taken_over: std::sync::Mutex<std::collections::HashSet<(i32, u64)>>,
     takeover_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(i32, u64)>>>,
     /// This node's API, announced to the others for each partition it takes.
@@ -242,7 +246,7 @@ impl Intake {
         metrics: Arc<Metrics>,
         kms: Arc<dyn Kms>,
         verifier: Arc<Verifier>,
-        replica: Option<Arc<crate::replica::Replica>>,
+        replica: Option<Arc<crate::cluster::replica::Replica>>,
         advertise_url: &str,
         rejoin_after: Duration,
     ) -> Result<Intake, IntakeError> {
@@ -444,36 +448,15 @@ impl Intake {
         if self.taken_over.lock().expect("intake lock").contains(&(partition, generation)) {
             return true;
         }
-        let (r, store, url) = (replica.clone(), self.store.clone(), self.advertise_url.clone());
-        let partitions = replica.partitions().len() as i32;
-        let done = tokio::task::spawn_blocking(move || {
-            if let Err(e) = r.wait_caught_up(Some(&[partition]), Duration::from_secs(20)) {
-                tracing::error!(partition, error = %e, "taking the partition over without a caught-up replica");
-            }
-            store.announce_owner(partition, &url)?;
-            // A previous owner may have died between a KMS change and publishing
-            // its event; the event is published again (a duplicate is recognised).
-            let pending = store.unapplied_emissions(|key_id| crate::cluster::partition_of(key_id, partitions) == partition)?;
-            if !pending.is_empty() {
-                tracing::warn!(partition, events = pending.len(), "publishing lifecycle events the previous owner emitted but did not see applied");
-                store.commit(&pending.into_iter().map(crate::engine::Record::Outbox).collect::<Vec<_>>(), true)?;
-            }
-            // And data-plane commands it queued but never confirmed sent.
-            let adopted = store.adopt_commands(|key_id| crate::cluster::partition_of(key_id, partitions) == partition)?;
-            if adopted > 0 {
-                tracing::warn!(partition, commands = adopted, "sending data-plane commands the previous owner queued but did not confirm sent");
-            }
-            Ok::<_, crate::store::StoreError>(())
-        })
-        .await;
+        let done = crate::cluster::takeover::take_over(replica, &self.writer, &self.kafka.events_topic, partition, generation, &self.advertise_url).await;
         match done {
-            Ok(Ok(())) => {
+            Ok(()) => {
                 tracing::info!(partition, "partition taken over: replica caught up, ownership announced");
                 self.taken_over.lock().expect("intake lock").insert((partition, generation));
                 true
             }
-            _ => {
-                tracing::error!(partition, "cannot announce this node as the partition's owner; retrying");
+            Err(e) => {
+                tracing::error!(partition, error = %e, "cannot announce this node as the partition's owner; retrying");
                 false
             }
         }
@@ -575,8 +558,8 @@ async fn acknowledge(
         let result = ack.pending.await;
         drop(ack.commit);
         let reply = match result {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(WriterError::Fenced { topic, partition })) => {
+            Ok(reply) => reply,
+            Err(WriterError::Fenced { topic, partition }) => {
                 tracing::debug!(%topic, partition, offset = ack.offset, "input fenced off after a revocation");
                 continue;
             }

@@ -20,7 +20,8 @@ use zeroize::Zeroizing;
 use super::{Dek, Kms, KmsError, KmsKeyState};
 use crate::config::ConfigError;
 use crate::engine::{Effect, EventType, KeyStatus, LifecycleEvent, WrappedDek};
-use crate::store::Store;
+use crate::store::writer::{Writer, WriterError};
+use crate::store::{Emission, KmsChange, Store, StoreError};
 
 /// The `[kms.local]` section of the config file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +86,9 @@ fn parse_file(key_id: &str, bytes: &[u8]) -> Result<KeyFile, KmsError> {
 
 pub struct LocalKms {
     store: Store,
+    /// Key changes are committed by the writer, as a compare-and-swap on the
+    /// stored record, so two changes to one key never overwrite each other.
+    writer: Writer,
     master: Zeroizing<[u8; 32]>,
     cache: RwLock<HashMap<String, Arc<LoadedKey>>>,
     purge_after: Duration,
@@ -100,9 +104,9 @@ pub struct Emitted {
 }
 
 impl LocalKms {
-    pub fn open(store: Store, master_key_file: &Path, purge_after: Duration) -> Result<LocalKms, KmsError> {
+    pub fn open(store: Store, writer: Writer, master_key_file: &Path, purge_after: Duration) -> Result<LocalKms, KmsError> {
         let master = load_or_create_master(master_key_file)?;
-        Ok(LocalKms { store, master, cache: RwLock::new(HashMap::new()), purge_after, write_timeout: None })
+        Ok(LocalKms { store, writer, master, cache: RwLock::new(HashMap::new()), purge_after, write_timeout: None })
     }
 
     pub fn with_write_timeout(mut self, timeout: Duration) -> LocalKms {
@@ -134,16 +138,18 @@ impl LocalKms {
         Ok(Zeroizing::new(arr))
     }
 
-    fn read_file(&self, key_id: &str) -> Result<KeyFile, KmsError> {
-        let bytes = self.store.kms_get(key_id).ok_or_else(|| KmsError::UnknownKey(key_id.to_string()))?;
-        parse_file(key_id, &bytes)
+    /// The stored record and what it says.
+    fn read_file(&self, key_id: &str) -> Result<(Vec<u8>, KeyFile), KmsError> {
+        let bytes = self.store.kms_get(key_id)?.ok_or_else(|| KmsError::UnknownKey(key_id.to_string()))?;
+        let file = parse_file(key_id, &bytes)?;
+        Ok((bytes, file))
     }
 
     /// The key as the store has it now. The unsealed copy is reused while the
     /// stored record is unchanged; comparing costs a read, and catches a change
     /// this process did not make (another node's, through the changelog).
     fn load(&self, key_id: &str) -> Result<Arc<LoadedKey>, KmsError> {
-        let bytes = self.store.kms_get(key_id).ok_or_else(|| KmsError::UnknownKey(key_id.to_string()))?;
+        let bytes = self.store.kms_get(key_id)?.ok_or_else(|| KmsError::UnknownKey(key_id.to_string()))?;
         if let Some(k) = self.cache.read().expect("kms cache lock").get(key_id) {
             if k.record == bytes {
                 return Ok(k.clone());
@@ -202,19 +208,33 @@ impl LocalKms {
         Dek::from_slice(&plain).ok_or_else(|| KmsError::Integrity(key_id.to_string()))
     }
 
-    fn save(&self, file: &KeyFile, event: Option<&LifecycleEvent>) -> Result<(), KmsError> {
-        let effect = event.map(|e| Effect::LifecycleEvent { key_id: e.key_id.clone(), payload: serde_json::to_string(e).expect("events serialize") });
-        let deadline = self.write_timeout.map(|t| std::time::Instant::now() + t);
-        self.store.kms_put(&file.key_id, serde_json::to_vec(file).expect("key files serialize"), effect, deadline)?;
-        Ok(())
+    /// Commits the record if the stored one is still `expected`. False: it
+    /// changed since it was read.
+    async fn save(&self, expected: Option<Vec<u8>>, file: &KeyFile, event: Option<&LifecycleEvent>) -> Result<bool, KmsError> {
+        let emits = match event {
+            Some(e) => {
+                let payload = serde_json::to_string(e).map_err(|e| KmsError::Setup(format!("cannot encode the lifecycle event: {e}")))?;
+                Some(Emission { event_id: e.event_id.clone(), effect: Effect::LifecycleEvent { key_id: e.key_id.clone(), payload } })
+            }
+            None => None,
+        };
+        let material = serde_json::to_vec(file).map_err(|e| KmsError::Setup(format!("cannot encode root key {}: {e}", file.key_id)))?;
+        let change = KmsChange { key_id: file.key_id.clone(), expected, material, emits };
+        self.writer.change_kms(change, self.write_timeout).await.map_err(|e| match e {
+            // As the store's own refusal: 503 and retry.
+            e if e.retryable() => KmsError::Store(StoreError::Unavailable(e.to_string())),
+            WriterError::Store(e) => KmsError::Store(e),
+            e => KmsError::Store(StoreError::Changelog(e.to_string())),
+        })
     }
 
     /// Creates a root key with its first version. Emits no lifecycle event: none of
     /// the five event types means "created".
-    pub fn create_key(&self, key_id: Option<String>) -> Result<(String, String), KmsError> {
+    pub async fn create_key(&self, key_id: Option<String>) -> Result<(String, String), KmsError> {
         let key_id = key_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        if self.store.kms_get(&key_id).is_some() {
-            return Err(KmsError::Conflict(format!("key {key_id} already exists; choose another id")));
+        let exists = || KmsError::Conflict(format!("key {key_id} already exists; choose another id"));
+        if self.store.kms_get(&key_id)?.is_some() {
+            return Err(exists());
         }
         let version = "1".to_string();
         let mut material = Zeroizing::new([0u8; 32]);
@@ -226,13 +246,29 @@ impl LocalKms {
             created_at: Utc::now(),
             versions: vec![SealedVersion { version: version.clone(), sealed: self.seal(&key_id, &version, &material) }],
         };
-        self.save(&file, None)?;
+        // Created by someone else in the meantime: the same answer as before.
+        if !self.save(None, &file, None).await? {
+            return Err(exists());
+        }
         Ok((key_id, version))
     }
 
-    /// Applies an operator's action to a key and emits the matching lifecycle event.
-    pub fn operate(&self, key_id: &str, action: EventType) -> Result<Emitted, KmsError> {
-        let mut file = self.read_file(key_id)?;
+    /// Applies an operator's action to a key and emits the matching lifecycle
+    /// event. A concurrent change to the same key makes it decide again on
+    /// what that change left.
+    pub async fn operate(&self, key_id: &str, action: EventType) -> Result<Emitted, KmsError> {
+        for _ in 0..8 {
+            let (stored, mut file) = self.read_file(key_id)?;
+            let event = self.apply(key_id, action, &mut file)?;
+            if self.save(Some(stored), &file, Some(&event)).await? {
+                return Ok(Emitted { event });
+            }
+        }
+        Err(KmsError::Store(StoreError::Unavailable(format!("key {key_id} kept changing while this {} was applied", action.as_str()))))
+    }
+
+    /// The action's effect on the record, and the event it emits.
+    fn apply(&self, key_id: &str, action: EventType, file: &mut KeyFile) -> Result<LifecycleEvent, KmsError> {
         let now = Utc::now();
         let conflict = |what: &str| Err(KmsError::Conflict(format!("key {key_id} is {what}")));
         let mut key_version = None;
@@ -281,8 +317,7 @@ impl LocalKms {
             traceparent: None,
             material_destroyed: false,
         };
-        self.save(&file, Some(&event))?;
-        Ok(Emitted { event })
+        Ok(event)
     }
 
     pub fn state(&self, key_id: &str) -> Result<(KeyStatus, String, Option<DateTime<Utc>>), KmsError> {
@@ -363,20 +398,25 @@ fn load_or_create_master(path: &Path) -> Result<Zeroizing<[u8; 32]>, KmsError> {
 mod tests {
     use super::*;
 
+    fn writer(store: &Store) -> Writer {
+        let ownership = crate::cluster::Ownership::single(Default::default());
+        Writer::start(store.clone(), ownership, 16, Box::new(|_| {})).0
+    }
+
     fn kms(dir: &Path) -> LocalKms {
         let store = Store::open(&dir.join("db")).unwrap();
-        LocalKms::open(store, &dir.join("master.key"), Duration::from_secs(3600)).unwrap()
+        LocalKms::open(store.clone(), writer(&store), &dir.join("master.key"), Duration::from_secs(3600)).unwrap()
     }
 
     #[tokio::test]
     async fn rewrap_moves_to_the_new_version_and_keeps_the_dek() {
         let dir = tempfile::tempdir().unwrap();
         let kms = kms(dir.path());
-        let (key, v1) = kms.create_key(Some("k".into())).unwrap();
+        let (key, v1) = kms.create_key(Some("k".into())).await.unwrap();
         let dek = Dek::generate();
         let w1 = kms.wrap(&key, &dek, b"inst-1", None).await.unwrap();
         assert_eq!(w1.key_version, v1);
-        let emitted = kms.operate(&key, EventType::Rotate).unwrap();
+        let emitted = kms.operate(&key, EventType::Rotate).await.unwrap();
         assert_eq!(emitted.event.key_version.as_deref(), Some("2"));
         let w2 = kms.rewrap(&key, &w1, b"inst-1", None).await.unwrap();
         assert_eq!(w2.key_version, "2");
@@ -389,7 +429,7 @@ mod tests {
     async fn wrapped_dek_is_bound_to_its_instance() {
         let dir = tempfile::tempdir().unwrap();
         let kms = kms(dir.path());
-        let (key, _) = kms.create_key(None).unwrap();
+        let (key, _) = kms.create_key(None).await.unwrap();
         let w = kms.wrap(&key, &Dek::generate(), b"a", None).await.unwrap();
         assert!(matches!(kms.unwrap(&key, &w, b"b").await, Err(KmsError::Integrity(_))));
     }
@@ -398,27 +438,50 @@ mod tests {
     async fn disabled_key_refuses_and_emits_an_event_through_the_outbox() {
         let dir = tempfile::tempdir().unwrap();
         let kms = kms(dir.path());
-        let (key, _) = kms.create_key(None).unwrap();
+        let (key, _) = kms.create_key(None).await.unwrap();
         let w = kms.wrap(&key, &Dek::generate(), b"a", None).await.unwrap();
-        kms.operate(&key, EventType::Disable).unwrap();
+        kms.operate(&key, EventType::Disable).await.unwrap();
         assert!(matches!(kms.unwrap(&key, &w, b"a").await, Err(KmsError::KeyDisabled(_))));
         assert_eq!(kms.store.outbox_len(), 1);
-        assert!(matches!(kms.operate(&key, EventType::Disable), Err(KmsError::Conflict(_))));
+        assert!(matches!(kms.operate(&key, EventType::Disable).await, Err(KmsError::Conflict(_))));
     }
 
     #[tokio::test]
     async fn a_change_another_node_wrote_to_the_store_is_seen_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let here = kms(dir.path());
-        let (key, _) = here.create_key(None).unwrap();
+        let (key, _) = here.create_key(None).await.unwrap();
         let w = here.wrap(&key, &Dek::generate(), b"a", None).await.unwrap();
         here.unwrap(&key, &w, b"a").await.unwrap();
         // The other node's KMS shares the store (as the replica shares its records).
-        let there = LocalKms::open(here.store.clone(), &dir.path().join("master.key"), Duration::from_secs(60)).unwrap();
-        there.operate(&key, EventType::Disable).unwrap();
+        let there = LocalKms::open(here.store.clone(), here.writer.clone(), &dir.path().join("master.key"), Duration::from_secs(60)).unwrap();
+        there.operate(&key, EventType::Disable).await.unwrap();
         assert!(matches!(here.unwrap(&key, &w, b"a").await, Err(KmsError::KeyDisabled(_))));
-        there.operate(&key, EventType::Enable).unwrap();
+        there.operate(&key, EventType::Enable).await.unwrap();
         here.unwrap(&key, &w, b"a").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn concurrent_changes_to_one_key_are_each_applied_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let kms = Arc::new(kms(dir.path()));
+        let (key, _) = kms.create_key(None).await.unwrap();
+        // Eight rotations at once: each reads the record, and only one of
+        // those that read the same record may commit on it.
+        let rotations: Vec<_> = (0..8)
+            .map(|_| {
+                let (kms, key) = (kms.clone(), key.clone());
+                tokio::spawn(async move { kms.operate(&key, EventType::Rotate).await })
+            })
+            .collect();
+        let mut versions = Vec::new();
+        for r in rotations {
+            versions.push(r.await.unwrap().unwrap().event.key_version.unwrap());
+        }
+        versions.sort_by_key(|v| v.parse::<u32>().unwrap());
+        assert_eq!(versions, (2..=9).map(|v| v.to_string()).collect::<Vec<_>>(), "no rotation overwrote another");
+        assert_eq!(kms.state(&key).unwrap().1, "9");
+        assert_eq!(kms.store.outbox_len(), 8, "one event per rotation");
     }
 
     #[tokio::test]
@@ -427,7 +490,7 @@ mod tests {
         let dek = Dek::generate();
         let w = {
             let kms = kms(dir.path());
-            kms.create_key(Some("k".into())).unwrap();
+            kms.create_key(Some("k".into())).await.unwrap();
             kms.wrap("k", &dek, b"a", None).await.unwrap()
         };
         let mode = std::fs::metadata(dir.path().join("master.key")).unwrap().permissions().mode();

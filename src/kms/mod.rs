@@ -332,7 +332,9 @@ mod tests {
     fn the_embedded_provider_answers_to_its_name() {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::Store::open(&dir.path().join("db")).unwrap();
-        let kms = local::LocalKms::open(store, &dir.path().join("master.key"), std::time::Duration::from_secs(60)).unwrap();
+        let ownership = crate::cluster::Ownership::single(Default::default());
+        let (writer, _) = crate::store::writer::Writer::start(store.clone(), ownership, 1, Box::new(|_| {}));
+        let kms = local::LocalKms::open(store, writer, &dir.path().join("master.key"), std::time::Duration::from_secs(60)).unwrap();
         assert_eq!(kms.provider(), local::NAME);
     }
 
@@ -344,7 +346,7 @@ mod tests {
         store.keep_notices_only_for(Box::new(|key_id| key_id == "kp"));
         let notice = |key: &str| Record::Outbox(Effect::KmsNotice { key_id: key.into(), notice: Notice::Deregistered { instance_id: "i".into() } });
         store.commit(&[notice("kp"), notice("local-key")], true).unwrap();
-        let queued = store.notices(10);
+        let queued = store.notices(10).unwrap();
         assert_eq!(queued.len(), 1);
         assert!(matches!(&queued[0].1, Effect::KmsNotice { key_id, .. } if key_id == "kp"));
     }

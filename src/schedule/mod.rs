@@ -10,8 +10,8 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{Input, KeyStatus};
+use crate::store::writer::Writer;
 use crate::store::Store;
-use crate::writer::Writer;
 
 pub async fn purge_loop(
     store: Store,
@@ -36,8 +36,18 @@ pub async fn purge_loop(
         let now = Utc::now();
         let window = chrono::Duration::from_std(purge_after).unwrap_or(chrono::Duration::MAX);
         // Each node purges the keys it owns; together they purge all.
-        for key in store.keys().into_iter().filter(|k| ownership.owns_key(&k.key_id)) {
-            let due = key.status == KeyStatus::Deleted && key.purged_at.is_none() && key.deleted_at.is_some_and(|d| d + window <= now);
+        let keys = match store.keys() {
+            Ok(keys) => ownership.mine(keys, |k| &k.key_id),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the keys; this purge round is skipped");
+                continue;
+            }
+        };
+        for key in keys {
+            // A window too long to add never passes (and never overflows).
+            let due = key.status == KeyStatus::Deleted
+                && key.purged_at.is_none()
+                && key.deleted_at.and_then(|d| d.checked_add_signed(window)).is_some_and(|end| end <= now);
             if !due {
                 continue;
             }

@@ -18,17 +18,19 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ReconcileConfig;
-use crate::engine::{Alert, EventType, Input, KeyRecord, KeyStatus, LifecycleEvent, Severity, View};
+use crate::engine::{Alert, EventType, Input, KeyRecord, KeyStatus, LifecycleEvent, Severity};
 use crate::kms::Kms;
+use crate::store::writer::{Writer, WriterError};
 use crate::store::Store;
-use crate::writer::{Writer, WriterError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error("a reconciliation is already running; wait for it to finish")]
     Busy,
-    #[error("the store writer stopped; the daemon is shutting down")]
+    #[error("the store writer refused: {0}")]
     Writer(#[from] WriterError),
+    #[error("cannot read the store: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// One key whose KMS disagrees with keywarden, and the event that fixes it.
@@ -119,10 +121,10 @@ impl Reconciler {
     }
 
     async fn pass(&self, confirmed: bool) -> Result<Report, ReconcileError> {
-        let keys: Vec<KeyRecord> = self.store.keys().into_iter().filter(|k| k.purged_at.is_none() && self.ownership.owns_key(&k.key_id)).collect();
+        let keys: Vec<KeyRecord> = self.ownership.mine(self.store.keys()?, |k| &k.key_id).into_iter().filter(|k| k.purged_at.is_none()).collect();
         let mut report = Report { keys_checked: 0, unreachable: vec![], corrections: vec![], awaiting_confirmation: false };
         for key in &keys {
-            let instances = self.store.instance_ids_of(&key.key_id).len();
+            let instances = self.store.instance_ids_of(&key.key_id)?.len();
             if instances == 0 {
                 continue;
             }
@@ -139,7 +141,7 @@ impl Reconciler {
                     continue;
                 }
             };
-            let rotating = self.store.job(&key.key_id).is_some_and(|j| j.finished_at.is_none());
+            let rotating = self.store.job(&key.key_id)?.is_some_and(|j| j.finished_at.is_none());
             let kind = match (key.status, state.status) {
                 (KeyStatus::Active, KeyStatus::Disabled) => Some(EventType::Disable),
                 (KeyStatus::Active | KeyStatus::Disabled, KeyStatus::Deleted) => Some(EventType::Delete),
@@ -161,7 +163,7 @@ impl Reconciler {
         let now = Utc::now();
         if revoking as u64 > self.config.confirm_above && !confirmed {
             report.awaiting_confirmation = true;
-            if self.store.firing_alerts().iter().any(|a| a.name == HELD) {
+            if self.store.firing_alerts()?.iter().any(|a| a.name == HELD) {
                 return Ok(report);
             }
             let keys: Vec<&str> = report.corrections.iter().filter(|c| c.revokes()).map(|c| c.key_id.as_str()).collect();
@@ -184,7 +186,7 @@ impl Reconciler {
         self.resolve_held(now).await?;
         let run = uuid::Uuid::new_v4();
         for c in &report.corrections {
-            let key = self.store.key(&c.key_id);
+            let key = self.store.key(&c.key_id)?;
             // What the KMS says now is newer than anything keywarden applied.
             let last = key.as_ref().and_then(|k| k.last_event_at).unwrap_or(now);
             let occurred_at = now.max(last + chrono::Duration::microseconds(1));
@@ -204,7 +206,7 @@ impl Reconciler {
             self.writer.submit(Input::Alert(alert)).await?;
         }
         // Keys that agree again end their drift alerts.
-        for firing in self.store.firing_alerts().into_iter().filter(|a| a.name == DRIFT) {
+        for firing in self.store.firing_alerts()?.into_iter().filter(|a| a.name == DRIFT) {
             let key = firing.labels.get("key_id").cloned().unwrap_or_default();
             if !report.corrections.iter().any(|c| c.key_id == key) && !report.unreachable.contains(&key) {
                 self.writer.submit(Input::Alert(firing.resolved(now))).await?;
@@ -214,7 +216,7 @@ impl Reconciler {
     }
 
     async fn resolve_held(&self, now: chrono::DateTime<Utc>) -> Result<(), ReconcileError> {
-        for held in self.store.firing_alerts().into_iter().filter(|a| a.name == HELD) {
+        for held in self.store.firing_alerts()?.into_iter().filter(|a| a.name == HELD) {
             self.writer.submit(Input::Alert(held.resolved(now))).await?;
         }
         Ok(())

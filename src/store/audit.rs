@@ -115,7 +115,7 @@ mod tests {
                 true,
             )
             .unwrap();
-        let entries = store.audit_since(None, usize::MAX);
+        let entries = store.audit_since(None, usize::MAX).unwrap();
         assert_eq!(entries.len(), 6);
         verify(&entries, true).unwrap();
         let mut edited = entries.clone();

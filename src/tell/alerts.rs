@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AlertSink;
 use crate::engine::{Alert, Effect};
-use crate::store::Store;
+use crate::store::writer::Writer;
+use crate::store::{Queue, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
@@ -88,11 +89,20 @@ impl Sinks {
 
 /// Delivers queued alerts in commit order; a sink that fails is retried with
 /// backoff and the alert stays queued (and durable) until every sink took it.
-pub async fn deliver_loop(store: Store, sinks: Sinks, notify: Arc<Notify>, shutdown: CancellationToken) {
+pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let notified = notify.notified();
-        let batch = store.alert_queue(32);
+        let batch = match store.alert_queue(32) {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the alert queue; retrying");
+                if !super::pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
+                    return;
+                }
+                continue;
+            }
+        };
         if batch.is_empty() {
             if !super::idle(&shutdown, notified).await {
                 return;
@@ -106,7 +116,7 @@ pub async fn deliver_loop(store: Store, sinks: Sinks, notify: Arc<Notify>, shutd
                 done.push(id);
                 continue;
             };
-            let instances = alert.count_instances_of.as_deref().map(|k| store.instance_ids_of(k).len());
+            let instances = alert.count_instances_of.as_deref().and_then(|k| store.instance_ids_of(k).ok()).map(|ids| ids.len());
             if sinks.is_empty() {
                 tracing::warn!(alert = %alert.name, labels = ?alert.labels, resolved = alert.ends_at.is_some(), summary = %alert.summary, "alert (no alerts.sinks configured)");
                 done.push(id);
@@ -123,9 +133,8 @@ pub async fn deliver_loop(store: Store, sinks: Sinks, notify: Arc<Notify>, shutd
                 }
             }
         }
-        let queue = store.clone();
-        if !matches!(tokio::task::spawn_blocking(move || queue.alert_queue_remove(&done)).await, Ok(Ok(()))) {
-            tracing::error!("cannot remove delivered alerts; they will be sent again");
+        if let Err(e) = writer.sent(Queue::Alerts, done).await {
+            tracing::error!(error = %e, "cannot remove delivered alerts; they will be sent again");
         }
         if let Some(e) = failed {
             tracing::warn!(error = %e, "alert delivery failed");
@@ -142,8 +151,15 @@ pub async fn deliver_loop(store: Store, sinks: Sinks, notify: Arc<Notify>, shutd
 /// that is not repeated within its resolve_timeout.
 pub async fn resend_loop(store: Store, sinks: Sinks, every: Duration, shutdown: CancellationToken) {
     while super::pause(&shutdown, tokio::time::sleep(every)).await {
-        for alert in store.firing_alerts() {
-            let instances = alert.count_instances_of.as_deref().map(|k| store.instance_ids_of(k).len());
+        let firing = match store.firing_alerts() {
+            Ok(firing) => firing,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the firing alerts; the next round tries again");
+                continue;
+            }
+        };
+        for alert in firing {
+            let instances = alert.count_instances_of.as_deref().and_then(|k| store.instance_ids_of(k).ok()).map(|ids| ids.len());
             if let Err(e) = sinks.send(&alert, instances).await {
                 tracing::debug!(error = %e, "alert re-send failed; the next round tries again");
             }

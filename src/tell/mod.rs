@@ -3,7 +3,6 @@
 //! delays them; after a restart they are sent again with the same ids.
 
 pub mod alerts;
-pub mod changelog;
 pub mod monitor;
 
 use std::sync::Arc;
@@ -25,7 +24,8 @@ use crate::engine::{CommandAction, Effect};
 use crate::intake::signature::{Signer, HEADER as SIGNATURE_HEADER};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::store::writer::Writer;
+use crate::store::{Queue, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TellError {
@@ -33,6 +33,8 @@ pub enum TellError {
     Publish { topic: String, source: KafkaError },
     #[error("cannot create the kafka producer: {0}; check kafka.brokers and kafka.properties")]
     Producer(KafkaError),
+    #[error("cannot read what to send: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 impl TellError {
@@ -86,6 +88,8 @@ impl Command {
 
 pub struct Relay {
     store: Store,
+    /// Told what was sent, so that the queues shrink through the one writer.
+    writer: Writer,
     kms: Arc<dyn Kms>,
     producer: FutureProducer,
     kafka: KafkaConfig,
@@ -100,8 +104,10 @@ pub struct Relay {
 const ROUND: usize = 64;
 
 impl Relay {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Store,
+        writer: Writer,
         kms: Arc<dyn Kms>,
         kafka: &KafkaConfig,
         bootstrap: &str,
@@ -116,7 +122,7 @@ impl Relay {
             .set("partitioner", crate::cluster::PARTITIONER)
             .create()
             .map_err(TellError::Producer)?;
-        Ok(Relay { store, kms, producer, kafka: kafka.clone(), notify, metrics, signer })
+        Ok(Relay { store, writer, kms, producer, kafka: kafka.clone(), notify, metrics, signer })
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -131,7 +137,16 @@ impl Relay {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         loop {
             let notified = self.notify.notified();
-            let batch = self.store.notices(32);
+            let batch = match self.store.notices(32) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the kms notices; retrying");
+                    if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
             if batch.is_empty() {
                 if !idle(&shutdown, notified).await {
                     return;
@@ -158,9 +173,8 @@ impl Relay {
                     }
                 }
             }
-            let store = self.store.clone();
-            if !matches!(tokio::task::spawn_blocking(move || store.notices_remove(&done)).await, Ok(Ok(()))) {
-                tracing::error!("cannot remove delivered notices; they will be sent again");
+            if let Err(e) = self.writer.sent(Queue::Notices, done).await {
+                tracing::error!(error = %e, "cannot remove delivered notices; they will be sent again");
             }
             if stalled {
                 if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
@@ -177,7 +191,16 @@ impl Relay {
         let mut depth_at: Option<std::time::Instant> = None;
         loop {
             let notified = self.notify.notified();
-            let batch = self.store.outbox(ROUND);
+            let batch = match self.store.outbox(ROUND) {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the outbox; retrying");
+                    if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
             // Counting the outbox walks all of it: once per round made a 100,000-DEK
             // rotation quadratic. A short round is an exact count, and cheap.
             if batch.len() < ROUND || depth_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -202,12 +225,9 @@ impl Relay {
                 }
             }
             // With a changelog, removing also publishes tombstones (the other
-            // nodes forget their copies): a broker call, so off the runtime.
-            let store = self.store.clone();
-            match tokio::task::spawn_blocking(move || store.outbox_remove(&sent)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot remove published effects from the outbox; they will be sent again"),
-                Err(e) => tracing::error!(error = %e, "cannot remove published effects from the outbox; they will be sent again"),
+            // nodes forget their copies), on the writer's thread.
+            if let Err(e) = self.writer.sent(Queue::Outbox, sent).await {
+                tracing::error!(error = %e, "cannot remove published effects from the outbox; they will be sent again");
             }
             if let Some(e) = failed {
                 tracing::warn!(error = %e, "publishing failed");
@@ -227,9 +247,8 @@ impl Relay {
                 // created after the event: they all share the key's fate.
                 let commands: Vec<Command> = self
                     .store
-                    .instance_ids_of(key_id)
+                    .instances_of(key_id)?
                     .into_iter()
-                    .filter_map(|id| crate::engine::View::instance(&self.store, &id))
                     .filter(|inst| inst.wrapped.is_some())
                     .map(|inst| Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
                     .collect();

@@ -17,8 +17,8 @@ use crate::engine::{Alert, Input, Severity};
 use crate::intake::Health;
 use crate::kms::router::KmsRouter;
 use crate::metrics::Metrics;
+use crate::store::writer::Writer;
 use crate::store::Store;
-use crate::writer::Writer;
 
 /// The alerts this monitor owns; others (key state, drift) are raised and
 /// resolved where their condition is decided.
@@ -56,11 +56,19 @@ fn total(counter: &IntCounterVec) -> u64 {
 impl Monitor {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut firing: HashMap<String, Alert> =
-            self.store.firing_alerts().into_iter().filter(|a| OWNED.contains(&a.name.as_str())).map(|a| (a.fingerprint(), a)).collect();
+            self.store.firing_alerts().unwrap_or_default().into_iter().filter(|a| OWNED.contains(&a.name.as_str())).map(|a| (a.fingerprint(), a)).collect();
         let mut memory = Memory { forged_seen: total(&self.metrics.security_events), ..Default::default() };
         while crate::tell::pause(&shutdown, tokio::time::sleep(self.config.check_every.0)).await {
             let now = Utc::now();
-            let wanted: HashMap<String, Alert> = self.conditions(&mut memory).into_iter().map(|a| (a.fingerprint(), a)).collect();
+            // A round that cannot read the store neither raises nor clears.
+            let conditions = match self.conditions(&mut memory) {
+                Ok(conditions) => conditions,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the store; alert conditions are checked again next round");
+                    continue;
+                }
+            };
+            let wanted: HashMap<String, Alert> = conditions.into_iter().map(|a| (a.fingerprint(), a)).collect();
             let raised: Vec<Alert> = wanted.iter().filter(|(fp, _)| !firing.contains_key(*fp)).map(|(_, a)| a.clone()).collect();
             let cleared: Vec<Alert> = firing.iter().filter(|(fp, _)| !wanted.contains_key(*fp)).map(|(_, a)| a.clone().resolved(now)).collect();
             for alert in raised.into_iter().chain(cleared) {
@@ -79,7 +87,7 @@ impl Monitor {
         }
     }
 
-    fn conditions(&self, memory: &mut Memory) -> Vec<Alert> {
+    fn conditions(&self, memory: &mut Memory) -> Result<Vec<Alert>, crate::store::StoreError> {
         let now = Utc::now();
         let c = &self.config;
         let mut out = Vec::new();
@@ -148,7 +156,7 @@ impl Monitor {
         }
 
         let slow = chrono::Duration::from_std(c.rotation_slow_after.0).unwrap_or(chrono::Duration::MAX);
-        for job in self.store.jobs().into_iter().filter(|j| self.ownership.owns_key(&j.key_id)) {
+        for job in self.ownership.mine(self.store.jobs()?, |j| &j.key_id) {
             if job.finished_at.is_none() && job.started_at + slow <= now {
                 out.push(Alert::new(
                     "KeywardenRotationSlow",
@@ -173,6 +181,6 @@ impl Monitor {
                 ));
             }
         }
-        out
+        Ok(out)
     }
 }

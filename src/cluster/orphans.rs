@@ -20,7 +20,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use tokio_util::sync::CancellationToken;
 
 use super::fence::Fence;
-use super::{Health, IntakeContext};
+use crate::intake::{Health, IntakeContext};
 use crate::store::Store;
 
 pub struct Watch {
@@ -38,7 +38,13 @@ pub struct Watch {
 
 impl Watch {
     pub async fn run(self, shutdown: CancellationToken) {
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().expect("http client");
+        let http = match reqwest::Client::builder().timeout(Duration::from_secs(1)).build() {
+            Ok(http) => http,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the http client that asks owners whether they live; orphaned partitions are not watched");
+                return shutdown.cancelled().await;
+            }
+        };
         let mut orphaned_since: HashMap<i32, Instant> = HashMap::new();
         let mut last_rejoin = Instant::now();
         loop {
@@ -57,7 +63,7 @@ impl Watch {
                     orphaned_since.remove(p);
                     continue;
                 }
-                let owner = self.store.owner_url(*p).filter(|url| *url != self.me);
+                let owner = self.store.owner_url(*p).ok().flatten().filter(|url| *url != self.me);
                 let live = match owner {
                     None => false,
                     Some(url) => match alive.get(&url) {

@@ -37,6 +37,11 @@ impl Held<'_> {
     pub fn owns(&self, topic: &str, partition: i32, generation: u64) -> bool {
         self.owned.get(&(topic.to_string(), partition)) == Some(&generation)
     }
+
+    /// Owned now, under whatever generation.
+    pub fn owns_partition(&self, topic: &str, partition: i32) -> bool {
+        self.owned.contains_key(&(topic.to_string(), partition))
+    }
 }
 
 impl Fence {

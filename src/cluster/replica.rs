@@ -21,8 +21,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
-use crate::kms::cache::DekCache;
-use crate::store::{Replicated, Store};
+use crate::store::writer::Writer;
+use crate::store::{Replicated, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -32,6 +32,15 @@ pub enum ReplicaError {
     NoTopic { topic: String },
     #[error("the replica did not catch up with the changelog within {0:?}; is the broker reachable?")]
     Timeout(Duration),
+    #[error("cannot read the replica's positions: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// A changelog consumer that knows the topic's partitions, not yet following.
+pub struct Connected {
+    consumer: Arc<BaseConsumer>,
+    topic: String,
+    partitions: Vec<i32>,
 }
 
 #[derive(Default)]
@@ -52,15 +61,9 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Starts following all partitions of `topic` on a thread of its own.
-    pub fn start(
-        store: Store,
-        kafka: &KafkaConfig,
-        bootstrap: &str,
-        topic: &str,
-        cache: Arc<DekCache>,
-        supervisor: &mut crate::supervise::Supervisor,
-    ) -> Result<Arc<Replica>, ReplicaError> {
+    /// Connects to the changelog and learns its partitions (the events
+    /// topic's too: the ownership of keys is derived from their number).
+    pub fn connect(store: &Store, kafka: &KafkaConfig, bootstrap: &str, topic: &str) -> Result<Connected, ReplicaError> {
         let consumer: Arc<BaseConsumer> = Arc::new(
             crate::broker::client_config(kafka, bootstrap)
                 .set("group.id", format!("{}-replica-{}", kafka.group_id, kafka.instance_id))
@@ -77,20 +80,35 @@ impl Replica {
         }
         let mut tpl = TopicPartitionList::new();
         for p in &partitions {
-            let from = store.replica_position(*p).map_or(Offset::Beginning, Offset::Offset);
+            let from = store.replica_position(*p)?.map_or(Offset::Beginning, Offset::Offset);
             tpl.add_partition_offset(topic, *p, from).map_err(ReplicaError::Consumer)?;
         }
         consumer.assign(&tpl).map_err(ReplicaError::Consumer)?;
-        let replica = Arc::new(Replica { progress: Mutex::new(Progress::default()), changed: Condvar::new(), partitions, stop: AtomicBool::new(false) });
-        let follower = Follower { store, consumer: consumer.clone(), topic: topic.to_string(), cache, replica: replica.clone() };
-        // Blocking loops (librdkafka polls and sled writes), supervised like
-        // every task: a replica that stopped would serve stale DEKs.
-        supervisor.spawn_blocking("replica", move || follower.run());
-        let (asking, topic) = (replica.clone(), topic.to_string());
-        supervisor.spawn_blocking("replica-watermarks", move || asking.ask_watermarks(&consumer, &topic));
-        Ok(replica)
+        Ok(Connected { consumer, topic: topic.to_string(), partitions })
+    }
+}
+
+impl Connected {
+    pub fn partitions(&self) -> &[i32] {
+        &self.partitions
     }
 
+    /// Starts following all partitions on threads of their own; what they
+    /// read is applied through the writer.
+    pub fn follow(self, store: Store, writer: Writer, supervisor: &mut crate::supervise::Supervisor) -> Arc<Replica> {
+        let Connected { consumer, topic, partitions } = self;
+        let replica = Arc::new(Replica { progress: Mutex::new(Progress::default()), changed: Condvar::new(), partitions, stop: AtomicBool::new(false) });
+        let follower = Follower { store, writer, consumer: consumer.clone(), topic: topic.clone(), replica: replica.clone() };
+        // Blocking loops (librdkafka polls), supervised like every task: a
+        // replica that stopped would serve stale DEKs.
+        supervisor.spawn_blocking("replica", move || follower.run());
+        let asking = replica.clone();
+        supervisor.spawn_blocking("replica-watermarks", move || asking.ask_watermarks(&consumer, &topic));
+        replica
+    }
+}
+
+impl Replica {
     pub fn partitions(&self) -> &[i32] {
         &self.partitions
     }
@@ -146,9 +164,9 @@ impl Replica {
 
 struct Follower {
     store: Store,
+    writer: Writer,
     consumer: Arc<BaseConsumer>,
     topic: String,
-    cache: Arc<DekCache>,
     replica: Arc<Replica>,
 }
 
@@ -180,8 +198,9 @@ impl Follower {
                 // Not flushed: a replica that loses its last batches in a crash
                 // loses their positions with them (one sled batch) and reads them
                 // again; a flush per batch only delayed revocations reaching the API.
-                match self.store.apply_replicated(&entries, false) {
-                    Ok(applied) => self.forget_cached(&applied),
+                // Through the writer (the cache forgets what they change there).
+                match self.writer.replicate_blocking(entries) {
+                    Ok(_) => {}
                     Err(e) => {
                         tracing::error!(error = %e, "cannot apply replicated changes; retrying from the stored position");
                         std::thread::sleep(Duration::from_millis(500));
@@ -196,7 +215,7 @@ impl Follower {
                 let mut progress = self.replica.progress.lock().expect("replica lock");
                 let highs: Vec<(i32, i64, Instant)> = progress.high.iter().map(|(p, (h, at))| (*p, *h, *at)).collect();
                 for (p, high, asked) in highs {
-                    if self.store.replica_position(p).unwrap_or(0) >= high {
+                    if self.store.replica_position(p).ok().flatten().unwrap_or(0) >= high {
                         let at = progress.caught_up_at.entry(p).or_insert(asked);
                         *at = (*at).max(asked);
                     }
@@ -210,20 +229,15 @@ impl Follower {
     /// After a failed write, reads again from the stored positions.
     fn rewind(&self) {
         for p in &self.replica.partitions {
-            let from = self.store.replica_position(*p).map_or(Offset::Beginning, Offset::Offset);
+            let from = match self.store.replica_position(*p) {
+                Ok(at) => at.map_or(Offset::Beginning, Offset::Offset),
+                Err(e) => {
+                    tracing::error!(error = %e, partition = p, "cannot read the replica position; reading the partition from its start");
+                    Offset::Beginning
+                }
+            };
             if let Err(e) = self.consumer.seek(&self.topic, *p, from, Duration::from_secs(5)) {
                 tracing::warn!(error = %e, partition = p, "cannot rewind the changelog reader");
-            }
-        }
-    }
-
-    /// A replicated key or instance change drops the plaintext this node cached.
-    fn forget_cached(&self, applied: &[&Replicated]) {
-        for e in applied {
-            if let Some(id) = e.key.strip_prefix(b"k/") {
-                self.cache.forget_key(&String::from_utf8_lossy(id));
-            } else if let Some(id) = e.key.strip_prefix(b"i/") {
-                self.cache.forget(&String::from_utf8_lossy(id));
             }
         }
     }

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 
+use super::{partition_of, Changelog, ChangelogError};
 use crate::backoff::Backoff;
-use crate::cluster::partition_of;
 use crate::config::KafkaConfig;
-use crate::store::{Change, PublishError, Route};
+use crate::store::{Change, Route};
 
 pub struct ChangelogPublisher {
     producer: FutureProducer,
@@ -63,7 +63,7 @@ impl ChangelogPublisher {
     /// whatever the deadline. (A request already on the wire to a hung broker
     /// cannot be withdrawn; should the broker wake and take it, replicas apply
     /// it late. The README says so.)
-    pub fn publish(&self, changes: &[Change], deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, PublishError> {
+    fn publish_all(&self, changes: &[Change], deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, ChangelogError> {
         let mut written: HashMap<i32, i64> = HashMap::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut rest = changes;
@@ -94,7 +94,7 @@ impl ChangelogPublisher {
                         None => {
                             // Past the deadline with nothing confirmed: withdraw what waits to be sent.
                             self.producer.purge(PurgeConfig::default().queue());
-                            return Err(PublishError::Unconfirmed(format!("changelog {} did not answer in time", self.topic)));
+                            return Err(ChangelogError::Unconfirmed { topic: self.topic.clone(), reason: "the broker did not answer".into() });
                         }
                         Some(Ok(Ok((partition, offset)))) => Ok((partition, offset)),
                         Some(Ok(Err((e, _)))) => Err(e.to_string()),
@@ -114,15 +114,21 @@ impl ChangelogPublisher {
             rest = &rest[done..];
             let Some(e) = failure else { break };
             if self.stop.load(Ordering::SeqCst) {
-                return Err(PublishError::Failed(format!("{e} (shutting down)")));
+                return Err(ChangelogError::Failed { topic: self.topic.clone(), reason: format!("{e} (shutting down)") });
             }
             if written.is_empty() && deadline.is_some_and(|d| Instant::now() + backoff.peek() >= d) {
-                return Err(PublishError::Unconfirmed(format!("{e}; changelog {} refused it until the deadline", self.topic)));
+                return Err(ChangelogError::Unconfirmed { topic: self.topic.clone(), reason: format!("{e}, until the deadline") });
             }
             tracing::warn!(error = %e, topic = %self.topic, "cannot write to the changelog; retrying (state changes wait)");
             std::thread::sleep(backoff.next_delay());
         }
         Ok(written.into_iter().collect())
+    }
+}
+
+impl Changelog for ChangelogPublisher {
+    fn publish(&self, changes: &[Change], deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, ChangelogError> {
+        self.publish_all(changes, deadline)
     }
 }
 

@@ -1,4 +1,4 @@
-//! Several nodes, one Kafka: which partition a key belongs to. A key's events,
+//! Which partition a key belongs to. A key's events,
 //! its state changes in the changelog and its writes all go to the partition
 //! Kafka's default partitioner (murmur2, as in the Java client and librdkafka's
 //! `murmur2_random`) picks for the key id, so the node that consumes that
@@ -38,7 +38,7 @@ pub fn murmur2(data: &[u8]) -> i32 {
 
 /// The partition of `partitions` that a key id belongs to.
 pub fn partition_of(key_id: &str, partitions: i32) -> i32 {
-    ((murmur2(key_id.as_bytes()) & 0x7fff_ffff) % partitions.max(1)) as i32
+    (murmur2(key_id.as_bytes()) & 0x7fff_ffff) % partitions.max(1)
 }
 
 /// librdkafka's name for the same partitioner: every keywarden producer of
@@ -64,37 +64,5 @@ mod tests {
             assert_eq!(murmur2(input), *want, "{}", String::from_utf8_lossy(input));
         }
         assert!((0..1000).all(|i| (0..12).contains(&partition_of(&format!("key-{i}"), 12))));
-    }
-}
-
-use std::sync::Arc;
-
-use crate::intake::fence::Fence;
-
-/// Which keys this node writes: those whose partition of the events topic it
-/// consumes now. Without a changelog there is one node, and it writes all.
-#[derive(Clone)]
-pub struct Ownership {
-    shared: Option<(Arc<Fence>, String, i32)>,
-}
-
-impl Ownership {
-    pub fn single() -> Ownership {
-        Ownership { shared: None }
-    }
-
-    pub fn shared(fence: Arc<Fence>, events_topic: &str, partitions: i32) -> Ownership {
-        Ownership { shared: Some((fence, events_topic.to_string(), partitions)) }
-    }
-
-    pub fn partition(&self, key_id: &str) -> Option<i32> {
-        self.shared.as_ref().map(|(_, _, n)| partition_of(key_id, *n))
-    }
-
-    pub fn owns_key(&self, key_id: &str) -> bool {
-        match &self.shared {
-            None => true,
-            Some((fence, topic, n)) => fence.generation(topic, partition_of(key_id, *n)).is_some(),
-        }
     }
 }

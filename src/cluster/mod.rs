@@ -1,0 +1,117 @@
+//! Everything multi-node, behind one seam. Several keywarden nodes share one
+//! Kafka: each key belongs to one partition of the events topic, and the node
+//! that consumes that partition is the one node that writes the key.
+//!
+//! - `partition`: which partition a key belongs to (Kafka's own partitioner).
+//! - `fence`: which partitions this node owns now, by generation.
+//! - `Ownership` (here): the one ownership check; the writer applies it to every
+//!   input, and the workers take their work lists from it.
+//! - `changelog`: the write-ahead log every node's state changes go to first
+//!   (`trait Changelog`).
+//! - `replica`: follows every node's changelog into this node's store, through
+//!   the writer.
+//! - `takeover`: what a node does when a partition becomes its own.
+//! - `orphans`: the tansu workaround for partitions a dead node left behind.
+//! - `forward`: writes for keys another node owns go to that node.
+//!
+//! A single node runs the same code with `Ownership::single`: it owns every key,
+//! publishes no changelog and runs no replica.
+
+pub mod changelog;
+pub mod fence;
+pub mod forward;
+pub mod orphans;
+pub mod partition;
+pub mod replica;
+pub mod takeover;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use fence::Fence;
+pub use partition::{murmur2, partition_of, PARTITIONER};
+
+use crate::store::Change;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChangelogError {
+    /// None of the batch was confirmed by the deadline; what was not yet sent
+    /// was withdrawn, so nothing of it is applied anywhere.
+    #[error("changelog {topic} confirmed none of the batch in time ({reason}); nothing was applied, retry")]
+    Unconfirmed { topic: String, reason: String },
+    #[error("cannot write to changelog {topic}: {reason}; check the broker")]
+    Failed { topic: String, reason: String },
+}
+
+impl ChangelogError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, ChangelogError::Unconfirmed { .. })
+    }
+}
+
+/// The write-ahead log of the cluster. The store publishes each batch's
+/// changes here, and applies the batch only once this returns.
+pub trait Changelog: Send + Sync {
+    /// Publishes the changes in order and returns, per partition written, the
+    /// offset after the last one. With a deadline, gives up (`Unconfirmed`)
+    /// once it passes if the broker has confirmed none of them.
+    fn publish(&self, changes: &[Change], deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, ChangelogError>;
+}
+
+/// Which keys this node writes: those whose partition of the events topic it
+/// consumes now. Without a changelog there is one node, and it writes all.
+#[derive(Clone)]
+pub struct Ownership {
+    fence: Arc<Fence>,
+    /// The events topic and its partition count, with several nodes.
+    shared: Option<(String, i32)>,
+}
+
+impl Ownership {
+    /// One node: it owns every key (the fence still fences its own consumer
+    /// across rebalances).
+    pub fn single(fence: Arc<Fence>) -> Ownership {
+        Ownership { fence, shared: None }
+    }
+
+    pub fn shared(fence: Arc<Fence>, events_topic: &str, partitions: i32) -> Ownership {
+        Ownership { fence, shared: Some((events_topic.to_string(), partitions)) }
+    }
+
+    pub fn fence(&self) -> &Arc<Fence> {
+        &self.fence
+    }
+
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    pub fn partition(&self, key_id: &str) -> Option<i32> {
+        self.shared.as_ref().map(|(_, n)| partition_of(key_id, *n))
+    }
+
+    /// Lock-free (the fence's snapshot): the data plane asks it.
+    pub fn owns_key(&self, key_id: &str) -> bool {
+        match &self.shared {
+            None => true,
+            Some((topic, n)) => self.fence.generation(topic, partition_of(key_id, *n)).is_some(),
+        }
+    }
+
+    /// As `owns_key`, in the snapshot the writer holds for its batch.
+    pub fn owns_key_held(&self, held: &fence::Held<'_>, key_id: &str) -> bool {
+        match &self.shared {
+            None => true,
+            Some((topic, n)) => held.owns_partition(topic, partition_of(key_id, *n)),
+        }
+    }
+
+    /// The items about keys this node owns: every worker takes its work list
+    /// from here, so that no two nodes work on the same key.
+    pub fn mine<T>(&self, items: Vec<T>, key_of: impl Fn(&T) -> &str) -> Vec<T> {
+        if self.shared.is_none() {
+            return items;
+        }
+        items.into_iter().filter(|item| self.owns_key(key_of(item))).collect()
+    }
+}

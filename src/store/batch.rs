@@ -1,0 +1,125 @@
+//! A batch the writer is building: every change of every job it commits
+//! together, applied with one `apply_batch` and made durable by one flush.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::schema::*;
+use super::{audit, Change, Route, Store, StoreError, Touched};
+use crate::cluster::ChangelogError;
+use crate::engine::{AuditFact, Effect, Record};
+
+/// Built by one writer batch; nothing is written until `Store::commit_staged`.
+#[derive(Default)]
+pub struct Staged {
+    pub(super) batch: sled::Batch,
+    /// What goes to the changelog, in order, before the batch is applied.
+    pub(super) changes: Vec<Change>,
+    pub(super) facts: Vec<AuditFact>,
+    /// Embedded-KMS material as this batch leaves it, for the next job's
+    /// compare-and-swap.
+    pub(super) kms: HashMap<String, Vec<u8>>,
+    /// Replica positions as this batch leaves them.
+    pub(super) positions: HashMap<i32, Option<i64>>,
+    /// Key and instance records this batch changes, for caches.
+    pub touched: Vec<Touched>,
+    /// The batch must be durable before anyone is answered.
+    pub flush: bool,
+}
+
+impl Staged {
+    pub(super) fn put(&mut self, route: Route, key: Vec<u8>, value: Vec<u8>) {
+        self.batch.insert(key.clone(), value.clone());
+        self.changes.push(Change { route, key, value: Some(value) });
+    }
+}
+
+impl Store {
+    /// Adds the engine's records to the batch.
+    pub fn stage_records(&self, staged: &mut Staged, records: &[Record]) -> Result<(), StoreError> {
+        // Queued commands are replicated, not stored here: this node's copy is its outbox entry.
+        let mut commands = Vec::new();
+        for r in records {
+            match r {
+                Record::Key(key) => {
+                    staged.put(Route::Key(key.key_id.clone()), k(KEY, &key.key_id), encode(key));
+                    staged.touched.push(Touched::Key(key.key_id.clone()));
+                }
+                Record::Instance(inst) => {
+                    staged.put(Route::Key(inst.key_id.clone()), index_key(&inst.key_id, &inst.instance_id), vec![]);
+                    staged.put(Route::Key(inst.key_id.clone()), k(INSTANCE, &inst.instance_id), encode(inst));
+                    staged.touched.push(Touched::Instance(inst.instance_id.clone()));
+                }
+                Record::Event(e) => staged.put(Route::Key(e.key_id.clone()), k(EVENT, &e.event_id), encode(e)),
+                Record::Job(j) => staged.put(Route::Key(j.key_id.clone()), k(JOB, &j.key_id), encode(j)),
+                Record::Outbox(Effect::Alert(alert)) => {
+                    match alert.ends_at {
+                        None => staged.batch.insert(k(FIRING, &alert.fingerprint()), encode(alert)),
+                        Some(_) => staged.batch.remove(k(FIRING, &alert.fingerprint())),
+                    }
+                    let id = self.db.generate_id()?;
+                    staged.batch.insert(queue_key(ALERTS, id), encode(&Effect::Alert(alert.clone())));
+                }
+                Record::Outbox(Effect::KmsNotice { key_id, .. }) if self.wants_notices.get().is_some_and(|wants| !wants(key_id)) => {}
+                Record::Outbox(effect) => {
+                    if let Some((key_id, name)) = command_key(effect) {
+                        commands.push(Change { route: Route::Key(key_id), key: name, value: Some(encode(effect)) });
+                    }
+                    // generate_id is monotonic across restarts, so the outbox keeps commit order.
+                    let id = self.db.generate_id()?;
+                    let prefix = if matches!(effect, Effect::KmsNotice { .. }) { NOTICES } else { OUTBOX };
+                    staged.batch.insert(queue_key(prefix, id), encode(effect));
+                }
+                Record::Offset { topic, partition, next } => {
+                    staged.put(Route::Partition(*partition), offset_key(topic, *partition), next.to_be_bytes().to_vec())
+                }
+                // Sealed at commit, in the order staged; each node's trail is its own.
+                Record::Audit(fact) => staged.facts.push(fact.clone()),
+            }
+        }
+        staged.changes.extend(commands);
+        Ok(())
+    }
+
+    /// Publishes the batch's changes to the changelog (with one configured),
+    /// then applies the batch and, if asked, flushes it. With a deadline,
+    /// gives up with `Unavailable` (nothing applied, nothing written) if the
+    /// changelog confirmed none of it by then.
+    pub fn commit_staged(&self, mut staged: Staged, deadline: Option<Instant>) -> Result<(), StoreError> {
+        if let (Some(changelog), false) = (self.changelog.get(), staged.changes.is_empty()) {
+            let written = changelog.publish(&staged.changes, deadline).map_err(|e| match e {
+                ChangelogError::Unconfirmed { .. } => StoreError::Unavailable(e.to_string()),
+                ChangelogError::Failed { .. } => StoreError::Changelog(e.to_string()),
+            })?;
+            // This node's replica skips its own entries.
+            for (partition, next) in written {
+                if self.replica_position(partition)?.is_none_or(|at| next > at) {
+                    staged.batch.insert(partition_key(REPLICA, partition), &next.to_be_bytes()[..]);
+                }
+            }
+        }
+        if staged.facts.is_empty() {
+            self.tree.apply_batch(staged.batch)?;
+        } else {
+            let mut chain = self.audit_chain.lock().unwrap_or_else(|e| e.into_inner());
+            let entries = audit::seal(chain.as_ref(), std::mem::take(&mut staged.facts), chrono::Utc::now());
+            for e in &entries {
+                staged.batch.insert(queue_key(AUDIT, e.seq), encode(e));
+            }
+            self.tree.apply_batch(staged.batch)?;
+            *chain = entries.last().map(|e| (e.seq, e.hash.clone()));
+        }
+        if staged.flush {
+            self.tree.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Commits records outside a writer: for tests of the readers only.
+    #[cfg(test)]
+    pub fn commit(&self, records: &[Record], flush: bool) -> Result<(), StoreError> {
+        let mut staged = Staged { flush, ..Staged::default() };
+        self.stage_records(&mut staged, records)?;
+        self.commit_staged(staged, None)
+    }
+}

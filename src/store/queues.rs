@@ -1,0 +1,97 @@
+//! The three queues effects wait in after their commit: the outbox (data-plane
+//! commands and embedded-KMS events), KMS notices, and alerts. Each is read
+//! oldest first by its relay, which tells the writer what it sent.
+
+use super::schema::*;
+use super::{Change, Route, Staged, Store, StoreError};
+use crate::engine::{Effect, Record};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Outbox,
+    Notices,
+    Alerts,
+}
+
+impl Queue {
+    fn prefix(self) -> &'static [u8] {
+        match self {
+            Queue::Outbox => OUTBOX,
+            Queue::Notices => NOTICES,
+            Queue::Alerts => ALERTS,
+        }
+    }
+}
+
+impl Store {
+    /// The oldest `limit` entries of a queue, with their ids.
+    pub fn queued(&self, queue: Queue, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+        let prefix = queue.prefix();
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(prefix).take(limit) {
+            let (key, value) = kv.map_err(StoreError::Read)?;
+            let id = number(&key, &key[prefix.len()..])? as u64;
+            out.push((id, decode(&key, &value)?));
+        }
+        Ok(out)
+    }
+
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+        self.queued(Queue::Outbox, limit)
+    }
+
+    pub fn notices(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+        self.queued(Queue::Notices, limit)
+    }
+
+    pub fn alert_queue(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+        self.queued(Queue::Alerts, limit)
+    }
+
+    pub fn outbox_len(&self) -> usize {
+        self.tree.scan_prefix(OUTBOX).count()
+    }
+
+    /// Removes what a relay sent. A sent command's replicated copy is
+    /// tombstoned, so that the other nodes forget it. Not flushed for the
+    /// outbox: an effect published twice after a crash is deduplicated by its
+    /// stable id downstream; alerts are, as a sink may page someone twice.
+    pub fn stage_sent(&self, staged: &mut Staged, queue: Queue, ids: &[u64]) -> Result<(), StoreError> {
+        let prefix = queue.prefix();
+        for id in ids {
+            let key = queue_key(prefix, *id);
+            if queue == Queue::Outbox && self.changelog.get().is_some() {
+                if let Some(value) = self.get(&key)? {
+                    if let Some((key_id, name)) = command_key(&decode(&key, &value)?) {
+                        staged.changes.push(Change { route: Route::Key(key_id), key: name, value: None });
+                    }
+                }
+            }
+            staged.batch.remove(key);
+        }
+        staged.flush |= queue == Queue::Alerts;
+        Ok(())
+    }
+
+    /// Commands another node queued for keys `mine` selects and never confirmed
+    /// sent: moved into this node's outbox (sent again with the same command
+    /// ids, so the data plane can deduplicate them). Returns how many.
+    pub fn stage_adopted_commands(&self, staged: &mut Staged, mine: impl Fn(&str) -> bool) -> Result<usize, StoreError> {
+        let mut adopted = Vec::new();
+        let mut names = Vec::new();
+        for kv in self.tree.scan_prefix(COMMANDS) {
+            let (name, value) = kv.map_err(StoreError::Read)?;
+            let effect: Effect = decode(&name, &value)?;
+            if command_key(&effect).is_some_and(|(key_id, _)| mine(&key_id)) {
+                names.push(name.to_vec());
+                adopted.push(Record::Outbox(effect));
+            }
+        }
+        // Each is queued here under the same name, which replaces the copy.
+        self.stage_records(staged, &adopted)?;
+        for name in names {
+            staged.batch.remove(name);
+        }
+        Ok(adopted.len())
+    }
+}

@@ -1,0 +1,285 @@
+//! The store's behaviour through its one writer: what it keeps, what it
+//! replicates, and what a partition's next owner finds.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::Utc;
+
+use super::writer::Writer;
+use super::*;
+use crate::cluster::{Changelog, ChangelogError, Fence, Ownership};
+use crate::engine::{CommandAction, Effect, EventRecord, InstanceRecord, KeyRecord, KeyStatus, Record, WrappedDek};
+
+fn inst(id: &str, key: &str) -> InstanceRecord {
+    InstanceRecord {
+        instance_id: id.into(),
+        key_id: key.into(),
+        wrapped: Some(WrappedDek { key_version: "1".into(), ciphertext: vec![1] }),
+        key_version: "1".into(),
+        dek_fingerprint: "f".into(),
+        created_at: Utc::now(),
+        updated_at: Utc::now(),
+        destroyed_at: None,
+        destroyed_reason: None,
+        rewrap_error: None,
+    }
+}
+
+/// A fake changelog: one partition, entries appended in order.
+#[derive(Default)]
+struct Log(Mutex<Vec<Replicated>>);
+
+impl Changelog for Log {
+    fn publish(&self, changes: &[Change], _deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, ChangelogError> {
+        let mut log = self.0.lock().unwrap();
+        for c in changes {
+            let offset = log.len() as i64;
+            log.push(Replicated { partition: 0, offset, key: c.key.clone(), value: c.value.clone() });
+        }
+        Ok(vec![(0, log.len() as i64)])
+    }
+}
+
+fn with_changelog(s: &Store) -> Arc<Log> {
+    let log = Arc::new(Log::default());
+    s.set_changelog(log.clone());
+    log
+}
+
+/// A writer for one node that owns every partition of a one-partition topic.
+fn writer(s: &Store) -> Writer {
+    let fence = Arc::new(Fence::default());
+    fence.assign(&[("events".to_string(), 0)]);
+    Writer::start(s.clone(), Ownership::shared(fence, "events", 1), 16, Box::new(|_| {})).0
+}
+
+fn revoke(key: &str) -> Effect {
+    Effect::KeyCommands {
+        key_id: key.into(),
+        action: CommandAction::Revoke,
+        key_version: None,
+        cause_event_id: format!("ev-{key}"),
+        issued_at: chrono::DateTime::UNIX_EPOCH,
+        correlation_id: None,
+        traceparent: None,
+    }
+}
+
+#[test]
+fn census_counts_keys_and_instances_but_not_their_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.commit(&[Record::Key(KeyRecord::new("k", Utc::now())), Record::Instance(inst("a", "k")), Record::Instance(inst("b", "k"))], false).unwrap();
+    assert_eq!(s.census(), Census { keys: 1, instances: 2, outbox: 0 });
+}
+
+#[test]
+fn tally_counts_dek_holders_and_destroyed_instances_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let mut gone = inst("c", "k");
+    gone.wrapped = None;
+    s.commit(&[Record::Instance(inst("a", "k")), Record::Instance(inst("b", "j")), Record::Instance(gone)], false).unwrap();
+    let t = s.instance_tally().unwrap();
+    assert_eq!(t["k"], Tally { with_dek: 1, destroyed: 1 });
+    assert_eq!(t["j"], Tally { with_dek: 1, destroyed: 0 });
+}
+
+#[test]
+fn committed_batch_survives_reopen_with_its_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let s = Store::open(dir.path()).unwrap();
+        let mut key = KeyRecord::new("k", Utc::now());
+        key.status = KeyStatus::Disabled;
+        s.commit(
+            &[
+                Record::Key(key),
+                Record::Instance(inst("a", "k")),
+                Record::Instance(inst("b", "k")),
+                Record::Offset { topic: "t".into(), partition: 2, next: 41 },
+            ],
+            true,
+        )
+        .unwrap();
+    }
+    let s = Store::open(dir.path()).unwrap();
+    assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
+    assert_eq!(s.instance_ids_of("k").unwrap(), vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(s.offset("t", 2).unwrap(), Some(41));
+    assert_eq!(s.offset("t", 1).unwrap(), None);
+}
+
+#[test]
+fn a_corrupt_record_is_refused_by_name_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.tree.insert(schema::k(schema::KEY, "k"), &b"{not json"[..]).unwrap();
+    let err = s.key("k").unwrap_err();
+    assert!(matches!(&err, StoreError::Corrupt { key, .. } if key == "k/k"), "{err}");
+    assert!(s.keys().is_err());
+    // The engine's view keeps the error for the writer, which refuses the decision.
+    let reading = s.reading();
+    assert!(crate::engine::View::key(&reading, "k").is_none());
+    assert!(matches!(reading.take_error(), Some(StoreError::Corrupt { .. })));
+}
+
+#[tokio::test]
+async fn a_decision_over_a_corrupt_record_is_refused_and_the_writer_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.tree.insert(schema::k(schema::KEY, "bad"), &b"\xff"[..]).unwrap();
+    let w = writer(&s);
+    let purge = |key: &str| crate::engine::Input::Purge { key_id: key.into(), purge_after: std::time::Duration::ZERO, at: Utc::now() };
+    let refused = w.submit(purge("bad")).await;
+    assert!(matches!(refused, Err(writer::WriterError::Store(StoreError::Corrupt { .. }))), "{refused:?}");
+    let created = w.submit(crate::engine::Input::RegisterKey { key_id: "good".into(), version: "1".into(), at: Utc::now() }).await;
+    assert!(created.is_ok(), "{created:?}");
+    assert!(s.key("good").unwrap().is_some());
+}
+
+#[tokio::test]
+async fn replica_skips_its_own_entries_and_applies_the_next_owners() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let log = with_changelog(&s);
+    let w = writer(&s);
+    w.import(vec![Record::Key(KeyRecord::new("k", Utc::now()))]).await.unwrap();
+    let mut disabled = KeyRecord::new("k", Utc::now());
+    disabled.status = KeyStatus::Disabled;
+    w.import(vec![Record::Key(disabled)]).await.unwrap();
+    // This node's own entries, read back late, never undo its newer change.
+    let own = log.0.lock().unwrap().clone();
+    let writer2 = w.clone();
+    let replayed = own.clone();
+    assert_eq!(tokio::task::spawn_blocking(move || writer2.replicate_blocking(replayed)).await.unwrap().unwrap(), 0);
+    assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
+    // Another owner's later entry is applied, whoever this node thinks owns the key.
+    let enabled =
+        Replicated { partition: 0, offset: own.len() as i64, key: schema::k(schema::KEY, "k"), value: Some(schema::encode(&KeyRecord::new("k", Utc::now()))) };
+    let writer2 = w.clone();
+    assert_eq!(tokio::task::spawn_blocking(move || writer2.replicate_blocking(vec![enabled])).await.unwrap().unwrap(), 1);
+    assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Active);
+    assert_eq!(s.replica_position(0).unwrap(), Some(own.len() as i64 + 1));
+}
+
+#[tokio::test]
+async fn an_entry_published_but_not_applied_before_a_crash_is_applied_from_the_changelog() {
+    let dir = tempfile::tempdir().unwrap();
+    let published = {
+        let s = Store::open(dir.path()).unwrap();
+        let log = with_changelog(&s);
+        writer(&s).import(vec![Record::Key(KeyRecord::new("k", Utc::now()))]).await.unwrap();
+        let entries = log.0.lock().unwrap().clone();
+        entries
+    };
+    // The same store before that commit: the write-ahead entry is all there is.
+    let fresh = tempfile::tempdir().unwrap();
+    let s = Store::open(fresh.path()).unwrap();
+    assert!(s.key("k").unwrap().is_none());
+    let w = writer(&s);
+    let n = published.len();
+    assert_eq!(tokio::task::spawn_blocking(move || w.replicate_blocking(published)).await.unwrap().unwrap(), n);
+    assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Active);
+}
+
+#[tokio::test]
+async fn an_emitted_event_another_node_left_is_queued_at_take_over_until_an_event_record_shows_it_applied() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (owner, next) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
+    let log = with_changelog(&owner);
+    let w = writer(&owner);
+    let emit = |id: &str, key: &str| Emission {
+        event_id: id.into(),
+        effect: Effect::LifecycleEvent { key_id: key.into(), payload: format!(r#"{{"event_id":"{id}"}}"#) },
+    };
+    for (key, id) in [("a", "e1"), ("b", "e2")] {
+        let change = KmsChange { key_id: key.into(), expected: None, material: b"{}".to_vec(), emits: Some(emit(id, key)) };
+        assert!(w.change_kms(change, None).await.unwrap());
+    }
+    // A second change that read the same (now stale) record is refused.
+    let stale = KmsChange { key_id: "a".into(), expected: None, material: b"{}".to_vec(), emits: None };
+    assert!(!w.change_kms(stale, None).await.unwrap(), "compare-and-swap");
+    let entries = log.0.lock().unwrap().clone();
+    let nw = writer(&next);
+    let replicate = nw.clone();
+    tokio::task::spawn_blocking(move || replicate.replicate_blocking(entries)).await.unwrap().unwrap();
+    // e1 was applied by the owner before it died; e2 was not.
+    let applied = EventRecord {
+        event_id: "e1".into(),
+        key_id: "a".into(),
+        kind: crate::engine::EventType::Disable,
+        occurred_at: Utc::now(),
+        applied_at: Utc::now(),
+        outcome: crate::engine::Outcome::Applied,
+        detail: String::new(),
+        correlation_id: None,
+    };
+    nw.import(vec![Record::Event(applied)]).await.unwrap();
+    assert_eq!(next.outbox_len(), 0);
+    let (emitted, _) = nw.take_over("events", 0, 1, "http://next").await.unwrap();
+    assert_eq!(emitted, 1);
+    assert_eq!(next.outbox(10).unwrap().into_iter().map(|(_, e)| e).collect::<Vec<_>>(), vec![emit("e2", "b").effect]);
+    assert_eq!(next.owner_url(0).unwrap().as_deref(), Some("http://next"));
+    // The emitting node's own take-over queues nothing again: its copy is its outbox.
+    let (own, _) = w.take_over("events", 0, 1, "http://owner").await.unwrap();
+    assert_eq!(own, 0);
+}
+
+#[tokio::test]
+async fn commands_a_dead_owner_left_unsent_are_adopted_by_the_next_and_forgotten_once_sent() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (owner, next) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
+    let log = with_changelog(&owner);
+    let w = writer(&owner);
+    w.import(vec![Record::Outbox(revoke("a")), Record::Outbox(revoke("b"))]).await.unwrap();
+    // "b" was sent before the owner died; "a" was not.
+    let b = owner.outbox(10).unwrap().into_iter().find(|(_, e)| *e == revoke("b")).unwrap().0;
+    w.sent(Queue::Outbox, vec![b]).await.unwrap();
+    let entries = log.0.lock().unwrap().clone();
+    let nw = writer(&next);
+    let replicate = nw.clone();
+    tokio::task::spawn_blocking(move || replicate.replicate_blocking(entries)).await.unwrap().unwrap();
+    assert_eq!(next.outbox_len(), 0, "a copy is not sent by a node that does not own the key");
+    assert_eq!(nw.take_over("events", 0, 1, "http://next").await.unwrap().1, 1);
+    assert_eq!(next.outbox(10).unwrap().into_iter().map(|(_, e)| e).collect::<Vec<_>>(), vec![revoke("a")]);
+    assert_eq!(nw.take_over("events", 0, 1, "http://next").await.unwrap().1, 0, "adopted once");
+}
+
+#[tokio::test]
+async fn outbox_keeps_commit_order_and_forgets_what_was_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let w = writer(&s);
+    w.import(vec![Record::Outbox(revoke("a")), Record::Outbox(revoke("b"))]).await.unwrap();
+    w.import(vec![Record::Outbox(revoke("c"))]).await.unwrap();
+    let out = s.outbox(10).unwrap();
+    let names: Vec<_> = out.iter().map(|(_, e)| e.clone()).collect();
+    assert_eq!(names, [revoke("a"), revoke("b"), revoke("c")]);
+    w.sent(Queue::Outbox, vec![out[0].0]).await.unwrap();
+    assert_eq!(s.outbox_len(), 2);
+}
+
+#[tokio::test]
+async fn a_key_another_node_owns_is_refused_by_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    // Owns partition 0 of a two-partition topic only.
+    let fence = Arc::new(Fence::default());
+    fence.assign(&[("events".to_string(), 0)]);
+    let (w, _) = Writer::start(s.clone(), Ownership::shared(fence, "events", 2), 16, Box::new(|_| {}));
+    let (mine, theirs) = {
+        let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
+        let mine = keys.iter().find(|k| crate::cluster::partition_of(k, 2) == 0).unwrap().clone();
+        let theirs = keys.iter().find(|k| crate::cluster::partition_of(k, 2) == 1).unwrap().clone();
+        (mine, theirs)
+    };
+    let register = |key: &str| crate::engine::Input::RegisterKey { key_id: key.into(), version: "1".into(), at: Utc::now() };
+    assert!(w.submit(register(&mine)).await.is_ok());
+    let refused = w.submit(register(&theirs)).await;
+    assert!(matches!(&refused, Err(writer::WriterError::NotOwner { key_id }) if *key_id == theirs), "{refused:?}");
+    assert!(s.key(&theirs).unwrap().is_none());
+    let change = KmsChange { key_id: theirs.clone(), expected: None, material: b"{}".to_vec(), emits: None };
+    assert!(matches!(w.change_kms(change, None).await, Err(writer::WriterError::NotOwner { .. })));
+}

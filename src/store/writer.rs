@@ -1,0 +1,563 @@
+//! record: the single writer. Every state change passes through one thread that
+//! runs the engine over a batch of inputs, commits the records together with the
+//! partition offsets that caused them, flushes once (group commit) and only then
+//! answers. Not only the engine's inputs: what the relays sent, embedded-KMS key
+//! changes, partition take-overs and replicated changelog entries are committed
+//! here too, so nothing else writes the store, and there are no
+//! read-modify-write races. Every input is checked here, once, against this
+//! node's ownership of its key.
+
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prometheus::Histogram;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{KmsChange, Queue, Replicated, Staged, Store, StoreError, Touched};
+use crate::cluster::fence::Held;
+use crate::cluster::Ownership;
+use crate::engine::{decide, AuditFact, Input, Overlay, Record, Reply};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error("the store writer has stopped; keywarden is shutting down or its store failed")]
+    Stopped,
+    #[error("commit failed: {0}")]
+    Commit(String),
+    #[error("partition {topic}/{partition} was revoked before this input was committed; its next owner reads it again")]
+    Fenced { topic: String, partition: i32 },
+    #[error("not written: {0}; nothing was applied, retry")]
+    Unavailable(String),
+    /// Another node owns the key now (its partition moved): that node writes it.
+    #[error("key {key_id} belongs to another node now (its partition moved); retry, and the write goes to its owner")]
+    NotOwner { key_id: String },
+    #[error("not written: {0}")]
+    Store(StoreError),
+}
+
+impl WriterError {
+    pub fn retryable(&self) -> bool {
+        matches!(self, WriterError::Unavailable(_) | WriterError::Fenced { .. } | WriterError::NotOwner { .. })
+    }
+}
+
+/// A consumed partition offset: the next offset to read once this input is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub next: i64,
+    /// The partition's fence generation when the message was read.
+    pub generation: u64,
+}
+
+/// What the writer is asked to commit.
+#[derive(Debug)]
+pub enum Op {
+    /// Decided by the engine. None: only the offset moves (a dead-lettered message).
+    Decide(Option<Input>),
+    /// A relay sent these entries of its queue.
+    Sent { queue: Queue, ids: Vec<u64> },
+    /// An embedded-KMS key change (compare-and-swap on its material).
+    Kms(KmsChange),
+    /// This node took a partition over: it announces itself as the owner,
+    /// queues again what the previous owner emitted and did not see applied,
+    /// and adopts the commands it queued and did not confirm sent.
+    TakeOver { topic: String, partition: i32, generation: u64, url: String },
+    /// Changelog entries other nodes wrote.
+    Replicated(Vec<Replicated>),
+    /// An entry of the audit trail that no engine input carries (an API request).
+    Audit(AuditFact),
+    /// Records committed as they are, not decided: seeding a stopped
+    /// daemon's store (the benchmarks) or restoring one. Not reachable from
+    /// any input.
+    Import(Vec<Record>),
+}
+
+impl Op {
+    /// Batches never mix these: replicated entries are applied in their own
+    /// batches (unflushed; and this node's own writes move the positions they
+    /// are checked against), and jobs with a deadline never wait behind jobs
+    /// that wait for the broker however long it takes.
+    fn class(&self, timed: bool) -> u8 {
+        match (self, timed) {
+            (Op::Replicated(_), _) => 2,
+            (_, true) => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// What a committed op did.
+#[derive(Debug)]
+pub enum Done {
+    Decided(Reply),
+    Written,
+    /// False: the key changed since the KMS read it; nothing was written.
+    Kms {
+        applied: bool,
+    },
+    TakenOver {
+        emitted: usize,
+        adopted: usize,
+    },
+    Replicated {
+        applied: usize,
+    },
+}
+
+struct Job {
+    op: Op,
+    consumed: Option<Consumed>,
+    /// A caller that must answer in bounded time (the API) gives up at this
+    /// moment: a job still queued then is dropped undecided, and a batch of
+    /// such jobs whose changelog write the broker has not confirmed by then is
+    /// abandoned unapplied. Jobs without one (consumed events, the workers)
+    /// wait for the broker however long it takes: they are never lost.
+    deadline: Option<Instant>,
+    reply: oneshot::Sender<Result<Done, WriterError>>,
+}
+
+/// What one durable commit changed, handed to `OnCommit` before anyone is answered.
+pub struct Committed<'a> {
+    pub records: &'a [Record],
+    /// Key and instance records replicated entries changed.
+    pub replicated: &'a [Touched],
+}
+
+pub type OnCommit = Box<dyn Fn(&Committed) + Send>;
+
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+}
+
+/// An input queued with `enqueue`: answers once it is durable.
+pub struct Pending(oneshot::Receiver<Result<Done, WriterError>>);
+
+impl std::future::Future for Pending {
+    type Output = Result<Reply, WriterError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| decided(r.map_err(|_| WriterError::Stopped)?))
+    }
+}
+
+fn decided(done: Result<Done, WriterError>) -> Result<Reply, WriterError> {
+    match done? {
+        Done::Decided(reply) => Ok(reply),
+        _ => Ok(Reply::Done),
+    }
+}
+
+impl Writer {
+    /// Starts the writer thread. It ends when every `Writer` clone is dropped,
+    /// after committing what it was given.
+    pub fn start(store: Store, ownership: Ownership, max_batch: usize, on_commit: OnCommit) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+        Self::spawn(store, ownership, max_batch, on_commit, None)
+    }
+
+    /// As `start`, and observes each commit's apply-and-flush time: the flush is
+    /// what bounds throughput, so its latency is the first thing to look at.
+    pub fn start_timed(
+        store: Store,
+        ownership: Ownership,
+        max_batch: usize,
+        on_commit: OnCommit,
+        commit_seconds: Histogram,
+    ) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+        Self::spawn(store, ownership, max_batch, on_commit, Some(commit_seconds))
+    }
+
+    fn spawn(
+        store: Store,
+        ownership: Ownership,
+        max_batch: usize,
+        on_commit: OnCommit,
+        commit_seconds: Option<Histogram>,
+    ) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+        let (tx, rx) = mpsc::channel(max_batch * 4);
+        let state = Loop { store, ownership, max_batch, on_commit, commit_seconds };
+        let handle = std::thread::Builder::new().name("keywarden-writer".into()).spawn(move || state.run(rx));
+        // Without its writer thread keywarden can do nothing; the OS refusing a
+        // thread at start-up is not an input, and the daemon cannot go on.
+        let handle = handle.unwrap_or_else(|e| panic!("cannot start the store writer thread: {e}"));
+        (Writer { tx }, handle)
+    }
+
+    fn job(op: Op, consumed: Option<Consumed>, deadline: Option<Instant>) -> (Job, oneshot::Receiver<Result<Done, WriterError>>) {
+        let (reply, rx) = oneshot::channel();
+        (Job { op, consumed, deadline, reply }, rx)
+    }
+
+    async fn run(&self, op: Op, deadline: Option<Instant>) -> Result<Done, WriterError> {
+        let (job, rx) = Self::job(op, None, deadline);
+        self.tx.send(job).await.map_err(|_| WriterError::Stopped)?;
+        rx.await.map_err(|_| WriterError::Stopped)?
+    }
+
+    /// Queues an input; the returned `Pending` answers once it is durable.
+    pub async fn enqueue(&self, input: Option<Input>, consumed: Option<Consumed>) -> Result<Pending, WriterError> {
+        let (job, rx) = Self::job(Op::Decide(input), consumed, None);
+        self.tx.send(job).await.map_err(|_| WriterError::Stopped)?;
+        Ok(Pending(rx))
+    }
+
+    pub async fn submit(&self, input: Input) -> Result<Reply, WriterError> {
+        decided(self.run(Op::Decide(Some(input)), None).await)
+    }
+
+    /// As `submit`, but answers `Unavailable` once `timeout` has passed
+    /// without the input being durable; it is then not applied (see `Job::deadline`).
+    pub async fn submit_within(&self, input: Input, timeout: Duration) -> Result<Reply, WriterError> {
+        decided(self.run_within(Op::Decide(Some(input)), timeout).await)
+    }
+
+    async fn run_within(&self, op: Op, timeout: Duration) -> Result<Done, WriterError> {
+        // The writer answers at the deadline itself; this only covers a writer
+        // busy with a batch that waits on the broker (a job still queued then
+        // is dropped when the writer reaches it).
+        match tokio::time::timeout(timeout + Duration::from_millis(250), self.run(op, Some(Instant::now() + timeout))).await {
+            Ok(answer) => answer,
+            Err(_) => Err(WriterError::Unavailable(format!("the store writer did not get to it within {timeout:?}; the broker may be unreachable"))),
+        }
+    }
+
+    /// Appends to the audit trail within `timeout`.
+    pub async fn audit(&self, fact: AuditFact, timeout: Duration) -> Result<(), WriterError> {
+        self.run_within(Op::Audit(fact), timeout).await.map(|_| ())
+    }
+
+    /// Commits records as they are (see `Op::Import`).
+    pub async fn import(&self, records: Vec<Record>) -> Result<(), WriterError> {
+        self.run(Op::Import(records), None).await.map(|_| ())
+    }
+
+    /// Removes what a relay sent from its queue.
+    pub async fn sent(&self, queue: Queue, ids: Vec<u64>) -> Result<(), WriterError> {
+        self.run(Op::Sent { queue, ids }, None).await.map(|_| ())
+    }
+
+    /// Commits an embedded-KMS key change within `timeout`. Ok(false): the
+    /// key changed since it was read; read it again and retry.
+    pub async fn change_kms(&self, change: KmsChange, timeout: Option<Duration>) -> Result<bool, WriterError> {
+        let done = match timeout {
+            Some(t) => self.run_within(Op::Kms(change), t).await?,
+            None => self.run(Op::Kms(change), None).await?,
+        };
+        Ok(matches!(done, Done::Kms { applied: true }))
+    }
+
+    /// Returns how many emitted events were queued again and how many commands adopted.
+    pub async fn take_over(&self, topic: &str, partition: i32, generation: u64, url: &str) -> Result<(usize, usize), WriterError> {
+        match self.run(Op::TakeOver { topic: topic.to_string(), partition, generation, url: url.to_string() }, None).await? {
+            Done::TakenOver { emitted, adopted } => Ok((emitted, adopted)),
+            _ => Ok((0, 0)),
+        }
+    }
+
+    /// For the replica's thread (not async): blocks until the entries are
+    /// applied, and returns how many were new here.
+    pub fn replicate_blocking(&self, entries: Vec<Replicated>) -> Result<usize, WriterError> {
+        let (job, rx) = Self::job(Op::Replicated(entries), None, None);
+        self.tx.blocking_send(job).map_err(|_| WriterError::Stopped)?;
+        match rx.blocking_recv().map_err(|_| WriterError::Stopped)?? {
+            Done::Replicated { applied } => Ok(applied),
+            _ => Ok(0),
+        }
+    }
+}
+
+struct Loop {
+    store: Store,
+    ownership: Ownership,
+    max_batch: usize,
+    on_commit: OnCommit,
+    commit_seconds: Option<Histogram>,
+}
+
+impl Loop {
+    fn run(self, mut rx: mpsc::Receiver<Job>) -> Result<(), StoreError> {
+        let mut jobs = Vec::with_capacity(self.max_batch);
+        // A job of another class than the batch it came after: it starts the next one.
+        let mut carried: Option<Job> = None;
+        while let Some(first) = carried.take().or_else(|| rx.blocking_recv()) {
+            let class = first.op.class(first.deadline.is_some());
+            jobs.push(first);
+            while jobs.len() < self.max_batch {
+                match rx.try_recv() {
+                    Ok(job) if job.op.class(job.deadline.is_some()) == class => jobs.push(job),
+                    Ok(job) => {
+                        carried = Some(job);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let now = Instant::now();
+            let (expired, live): (Vec<Job>, Vec<Job>) = jobs.drain(..).partition(|j| j.deadline.is_some_and(|d| d <= now));
+            for job in expired {
+                answer(job.reply, Err(WriterError::Unavailable("it waited past its deadline behind writes the broker had not confirmed".into())));
+            }
+            if !live.is_empty() {
+                self.batch(live)?;
+            }
+        }
+        self.store.flush()
+    }
+
+    /// Decides, stages and commits one batch. Errs only when the store itself
+    /// failed to commit: then nothing more may be acknowledged.
+    fn batch(&self, jobs: Vec<Job>) -> Result<(), StoreError> {
+        let deadline = jobs.iter().filter_map(|j| j.deadline).min();
+        let replicated = matches!(jobs.first().map(|j| &j.op), Some(Op::Replicated(_)));
+        let mut staged = Staged { flush: !replicated, ..Staged::default() };
+        let mut records = Vec::new();
+        let mut replies = Vec::with_capacity(jobs.len());
+        // Held until the batch is durable: a revocation waits for it, and no input
+        // read under an older generation gets in. Replicated entries are not
+        // this node's writes, whoever owns their keys.
+        let owned = if replicated { None } else { Some(self.ownership.fence().hold()) };
+        let reading = self.store.reading();
+        let mut overlay = Overlay::new(&reading);
+        for job in jobs {
+            let outcome = self.stage(job.op, job.consumed, owned.as_ref(), &reading, &mut overlay, &mut staged, &mut records);
+            match outcome {
+                Ok(done) => replies.push((job.reply, done)),
+                Err(Failure::Job(e)) => answer(job.reply, Err(e)),
+                Err(Failure::Batch(e)) => {
+                    // A read failed half-way through staging: nothing of the
+                    // batch is written, every caller is told, the writer goes on.
+                    tracing::error!(error = %e, "a batch was not written: the store could not be read");
+                    let why = e.to_string();
+                    answer(job.reply, Err(WriterError::Store(e)));
+                    for (tx, _) in replies {
+                        answer(tx, Err(WriterError::Unavailable(why.clone())));
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        drop(overlay);
+        let started = Instant::now();
+        let touched = std::mem::take(&mut staged.touched);
+        let committed = self.store.commit_staged(staged, deadline);
+        if let Some(h) = &self.commit_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
+        match committed {
+            Err(StoreError::Unavailable(why)) => {
+                // Nothing of the batch was written anywhere: the callers are told,
+                // and the writer goes on.
+                tracing::warn!(reason = %why, inputs = replies.len(), "writes abandoned unapplied: the changelog did not confirm them in time");
+                for (tx, _) in replies {
+                    answer(tx, Err(WriterError::Unavailable(why.clone())));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; stopping so that nothing is acknowledged that is not durable");
+                for (tx, _) in replies {
+                    answer(tx, Err(WriterError::Commit(e.to_string())));
+                }
+                Err(e)
+            }
+            Ok(()) => {
+                drop(owned);
+                let replicated: Vec<Touched> = if replicated { touched } else { Vec::new() };
+                (self.on_commit)(&Committed { records: &records, replicated: &replicated });
+                for (tx, done) in replies {
+                    answer(tx, Ok(done));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn stage(
+        &self,
+        op: Op,
+        consumed: Option<Consumed>,
+        owned: Option<&Held<'_>>,
+        reading: &super::Reading<'_>,
+        overlay: &mut Overlay<'_, super::Reading<'_>>,
+        staged: &mut Staged,
+        records: &mut Vec<Record>,
+    ) -> Result<Done, Failure> {
+        if let (Some(c), Some(owned)) = (&consumed, owned) {
+            if !owned.owns(&c.topic, c.partition, c.generation) {
+                return Err(Failure::Job(WriterError::Fenced { topic: c.topic.clone(), partition: c.partition }));
+            }
+        }
+        let mine = |key_id: &str| owned.is_none_or(|held| self.ownership.owns_key_held(held, key_id));
+        let done = match op {
+            Op::Decide(input) => {
+                let reply = match input {
+                    Some(input) => {
+                        // A consumed input's key is in its partition, fenced above.
+                        if consumed.is_none() {
+                            if let Some(key_id) = input.key_id(&*overlay).filter(|k| !mine(k)) {
+                                return Err(Failure::Job(WriterError::NotOwner { key_id }));
+                            }
+                        }
+                        let d = decide(&*overlay, input);
+                        if let Some(e) = reading.take_error() {
+                            return Err(Failure::Job(WriterError::Store(e)));
+                        }
+                        overlay.absorb(&d.records);
+                        self.store.stage_records(staged, &d.records).map_err(Failure::Batch)?;
+                        records.extend(d.records);
+                        d.reply
+                    }
+                    None => Reply::Done,
+                };
+                Done::Decided(reply)
+            }
+            Op::Sent { queue, ids } => {
+                self.store.stage_sent(staged, queue, &ids).map_err(Failure::Batch)?;
+                Done::Written
+            }
+            Op::Kms(change) => {
+                if !mine(&change.key_id) {
+                    return Err(Failure::Job(WriterError::NotOwner { key_id: change.key_id }));
+                }
+                Done::Kms { applied: self.store.stage_kms(staged, change).map_err(Failure::Batch)? }
+            }
+            Op::TakeOver { topic, partition, generation, url } => {
+                if !owned.is_some_and(|held| held.owns(&topic, partition, generation)) {
+                    return Err(Failure::Job(WriterError::Fenced { topic, partition }));
+                }
+                let in_partition = |key_id: &str| self.ownership.partition(key_id) == Some(partition);
+                self.store.stage_owner(staged, partition, &url);
+                let emitted = self.store.stage_unapplied_emissions(staged, in_partition).map_err(Failure::Batch)?;
+                let adopted = self.store.stage_adopted_commands(staged, in_partition).map_err(Failure::Batch)?;
+                Done::TakenOver { emitted, adopted }
+            }
+            Op::Import(imported) => {
+                overlay.absorb(&imported);
+                self.store.stage_records(staged, &imported).map_err(Failure::Batch)?;
+                records.extend(imported);
+                Done::Written
+            }
+            Op::Audit(fact) => {
+                self.store.stage_records(staged, &[Record::Audit(fact)]).map_err(Failure::Batch)?;
+                Done::Written
+            }
+            Op::Replicated(entries) => Done::Replicated { applied: self.store.stage_replicated(staged, &entries).map_err(Failure::Batch)? },
+        };
+        if let Some(c) = consumed {
+            let offset = Record::Offset { topic: c.topic, partition: c.partition, next: c.next };
+            self.store.stage_records(staged, std::slice::from_ref(&offset)).map_err(Failure::Batch)?;
+            records.push(offset);
+        }
+        Ok(done)
+    }
+}
+
+enum Failure {
+    /// This job is refused; the rest of the batch goes on.
+    Job(WriterError),
+    /// The batch cannot be staged; none of it is written.
+    Batch(StoreError),
+}
+
+/// A caller that stopped waiting (its request timed out) no longer needs the answer.
+fn answer(tx: oneshot::Sender<Result<Done, WriterError>>, result: Result<Done, WriterError>) {
+    if tx.send(result).is_err() {
+        tracing::debug!("a writer's caller stopped waiting before its answer");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    use crate::cluster::Fence;
+    use crate::engine::{EventType, LifecycleEvent, Outcome};
+    use chrono::Utc;
+
+    #[tokio::test]
+    async fn offset_is_committed_with_the_state_it_caused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fence = Arc::new(Fence::default());
+        let ownership = Ownership::single(fence.clone());
+        fence.assign(&[("t".to_string(), 0)]);
+        let generation = fence.generation("t", 0).unwrap();
+        let timer = prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("t", "t")).unwrap();
+        let (w, handle) = Writer::start_timed(store.clone(), ownership, 16, Box::new(|_| {}), timer.clone());
+        let event = LifecycleEvent {
+            event_id: "e1".into(),
+            kind: EventType::Disable,
+            key_id: "k".into(),
+            key_version: None,
+            occurred_at: Utc::now(),
+            correlation_id: None,
+            traceparent: None,
+            material_destroyed: false,
+        };
+        let consumed = Consumed { topic: "t".into(), partition: 0, next: 8, generation };
+        let pending = w.enqueue(Some(Input::Event { event: event.clone(), at: Utc::now(), kms: None }), Some(consumed)).await.unwrap();
+        assert!(matches!(pending.await.unwrap(), Reply::Event { outcome: Outcome::Applied, .. }));
+        assert_eq!(store.offset("t", 0).unwrap(), Some(8));
+        assert!(store.event_seen("e1").unwrap());
+        assert_eq!(timer.get_sample_count(), 1, "the commit is timed");
+        let again = w.submit(Input::Event { event, at: Utc::now(), kms: None }).await.unwrap();
+        assert!(matches!(again, Reply::Event { outcome: Outcome::Duplicate, .. }));
+        drop(w);
+        handle.join().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_revoked_partition_writes_nothing_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fence = Arc::new(Fence::default());
+        let ownership = Ownership::single(fence.clone());
+        let part = ("t".to_string(), 3);
+        fence.assign(std::slice::from_ref(&part));
+        let old = fence.generation("t", 3).unwrap();
+        let (w, _handle) = Writer::start(store.clone(), ownership, 16, Box::new(|_| {}));
+        let event = |id: &str| LifecycleEvent {
+            event_id: id.into(),
+            kind: EventType::Disable,
+            key_id: "k".into(),
+            key_version: None,
+            occurred_at: Utc::now(),
+            correlation_id: None,
+            traceparent: None,
+            material_destroyed: false,
+        };
+        let first = w
+            .enqueue(
+                Some(Input::Event { event: event("e1"), at: Utc::now(), kms: None }),
+                Some(Consumed { topic: "t".into(), partition: 3, next: 1, generation: old }),
+            )
+            .await
+            .unwrap();
+        assert!(first.await.is_ok());
+        // Revoked (and even re-assigned to this member): inputs read before are fenced off.
+        fence.revoke(std::slice::from_ref(&part));
+        let late = w
+            .enqueue(
+                Some(Input::Event { event: event("e2"), at: Utc::now(), kms: None }),
+                Some(Consumed { topic: "t".into(), partition: 3, next: 2, generation: old }),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(late.await, Err(WriterError::Fenced { partition: 3, .. })));
+        fence.assign(std::slice::from_ref(&part));
+        let stale_gen = w
+            .enqueue(
+                Some(Input::Event { event: event("e3"), at: Utc::now(), kms: None }),
+                Some(Consumed { topic: "t".into(), partition: 3, next: 3, generation: old }),
+            )
+            .await
+            .unwrap();
+        assert!(matches!(stale_gen.await, Err(WriterError::Fenced { .. })));
+        assert_eq!(store.offset("t", 3).unwrap(), Some(1), "the stored offset never passes what this owner applied");
+        assert!(!store.event_seen("e2").unwrap() && !store.event_seen("e3").unwrap());
+    }
+}
