@@ -516,7 +516,7 @@ impl Config {
         {
             return Err(invalid("cluster.changelog_topic", &c.changelog_topic, "a Kafka topic name of its own, or empty for off"));
         }
-        if !c.advertise_url.is_empty() && !(c.advertise_url.starts_with("http://") || c.advertise_url.starts_with("https://")) {
+        if !(c.advertise_url.is_empty() || c.advertise_url.starts_with("http://") || c.advertise_url.starts_with("https://")) {
             return Err(invalid("cluster.advertise_url", &c.advertise_url, "an http:// or https:// URL, or empty to derive it"));
         }
         if c.rejoin_after.0 < Duration::from_secs(2) {
@@ -549,7 +549,8 @@ impl Config {
             return Err(invalid("api.write_timeout", &format!("{:?}", self.api.write_timeout.0), "between 100ms and 120s"));
         }
         let tls = &self.api.tls;
-        if tls.enabled() != !tls.key_file.as_os_str().is_empty() {
+        // Both set or both empty.
+        if tls.enabled() == tls.key_file.as_os_str().is_empty() {
             return Err(invalid("api.tls.key_file", &tls.key_file.display(), "set together with api.tls.cert_file, or both empty"));
         }
         if !tls.enabled() && !tls.client_ca_file.as_os_str().is_empty() {

@@ -86,23 +86,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     // Declared before everything else so that it is dropped last: every client
     // (the changelog producer lives as long as the store) disconnects first,
     // and none logs a failed connection to a broker that went away.
-    let embedded = if config.embedded_broker() {
-        let k = &config.kafka;
-        let topics = [&k.events_topic, &k.commands_topic, &k.dlq_topic, &config.cluster.changelog_topic]
-            .iter()
-            .filter(|t| !t.is_empty())
-            .map(|t| (t.to_string(), k.partitions))
-            .collect();
-        Some(EmbeddedBroker::start(topics)?)
-    } else {
-        None
-    };
+    let embedded = start_embedded_broker(&config)?;
     let bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone()).unwrap_or_else(|| config.kafka.brokers.clone());
-    std::fs::create_dir_all(&config.store.path).map_err(|e| StoreError::Open { path: config.store.path.display().to_string(), source: sled::Error::Io(e) })?;
-    let store = Store::open(&config.store.path)?;
-    if let Some(e) = &embedded {
-        tracing::warn!(bootstrap = %e.bootstrap, "using the embedded in-memory mock broker: for trying keywarden out only, all events are lost on exit; set kafka.brokers for production");
-    }
+    let store = open_store(&config)?;
     if config.kafka.create_topics && embedded.is_none() {
         create_topics_with_retry(&config, &bootstrap, &shutdown).await?;
     }
@@ -115,8 +101,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let fence = Arc::new(Fence::default());
     // With a changelog, the key's partition decides which node writes it; the
     // changelog has as many partitions as the events topic.
-    let changelog_topic = Some(config.cluster.changelog_topic.as_str()).filter(|t| !t.is_empty());
-    let connected = match changelog_topic {
+    let connected = match Some(config.cluster.changelog_topic.as_str()).filter(|t| !t.is_empty()) {
         Some(topic) => Some(Replica::connect(&store, &config.kafka, &bootstrap, topic)?),
         None => None,
     };
@@ -126,64 +111,18 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     };
     let relay_notify = Arc::new(Notify::new());
     let rotation_notify = Arc::new(Notify::new());
-    let on_commit = {
-        let cache = cache.clone();
-        let relay = relay_notify.clone();
-        let rotation = rotation_notify.clone();
-        Box::new(move |committed: &Committed| {
-            let mut wake_relay = false;
-            let mut wake_rotation = false;
-            for r in committed.records {
-                match r {
-                    Record::Key(k) if k.status != KeyStatus::Active => cache.forget_key(&k.key_id),
-                    Record::Key(_) => wake_rotation = true,
-                    Record::Instance(i) => cache.forget(&i.instance_id),
-                    Record::Job(_) => wake_rotation = true,
-                    Record::Outbox(_) => wake_relay = true,
-                    Record::Event(_) | Record::Offset { .. } | Record::Audit(_) => {}
-                }
-            }
-            // Another node changed these: the plaintext cached here may be stale.
-            for t in committed.replicated {
-                match t {
-                    Touched::Key(key_id) => cache.forget_key(key_id),
-                    Touched::Instance(instance_id) => cache.forget(instance_id),
-                }
-            }
-            if wake_relay {
-                relay.notify_waiters();
-            }
-            if wake_rotation {
-                rotation.notify_one();
-            }
-        })
-    };
+    let on_commit = wake_on_commit(cache.clone(), relay_notify.clone(), rotation_notify.clone());
     let (writer, writer_thread) = Writer::start_timed(store.clone(), ownership.clone(), config.kafka.max_batch, on_commit, metrics.commit_seconds.clone());
     // Before anything reads the store: other nodes' changes (and, on a fresh
     // node, everything) come from the changelog first; then this node's own
     // changes that had not been published yet go back on top, being newer.
-    let mut changelog_stop = None;
-    let replica = match (connected, changelog_topic) {
-        (Some(connected), Some(topic)) => {
+    let (replica, changelog_stop) = match connected {
+        Some(connected) => {
             notifier.send("STATUS=starting: catching up with the changelog");
-            let replica = connected.follow(store.clone(), writer.clone(), &mut supervisor);
-            let waiting = replica.clone();
-            let caught_up = tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120)));
-            tokio::select! {
-                r = caught_up => r.map_err(|_| DaemonError::WriterDied)??,
-                // The replica's own loops are supervised from here on.
-                reason = supervisor.failed() => {
-                    replica.stop();
-                    return Err(DaemonError::TaskFailed(reason));
-                }
-            }
-            let publisher = ChangelogPublisher::new(&config.kafka, &bootstrap, topic, replica.partitions().len() as i32).map_err(TellError::Producer)?;
-            changelog_stop = Some(publisher.stop.clone());
-            store.set_changelog(Arc::new(publisher));
-            tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");
-            Some(replica)
+            let (replica, stop) = catch_up(connected, &config, &bootstrap, &store, &writer, &mut supervisor).await?;
+            (Some(replica), Some(stop))
         }
-        _ => None,
+        None => (None, None),
     };
     let local = Arc::new(
         LocalKms::open(store.clone(), writer.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?
@@ -242,34 +181,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         ownership: ownership.clone(),
         write_timeout: config.api.write_timeout.0,
     };
-    let tls = &config.api.tls;
-    let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
-    let tokens =
-        Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?.with_client_certs_for_dek(!tls.client_ca_file.as_os_str().is_empty()));
-    let listener = tokio::net::TcpListener::bind(&config.api.listen).await.map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
-    let api_addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
-    tracing::info!(api = %api_addr, tls = acceptor.is_some(), bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
-
-    let reload_tokens = tokens.clone();
     let forwarder = match &replica {
         Some(_) => Some(Arc::new(crate::cluster::forward::Forwarder::new(ownership.clone(), store.clone(), advertise.clone())?)),
         None => None,
     };
-    {
-        let (stop, app) = (tasks.clone(), router(state, tokens.clone(), forwarder));
-        supervisor.spawn("api", async move {
-            match acceptor {
-                Some(acceptor) => crate::api::tls::serve(listener, acceptor, app, stop).await,
-                None => {
-                    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await {
-                        tracing::error!(error = %e, "the api server failed");
-                    }
-                }
-            }
-            // The server also returns when its listener fails: then keywarden must
-            // not go on consuming without an API; until shutdown that is a failure.
-        });
-    }
+    let (api_addr, tokens) = serve_api(&config, state, forwarder, &mut supervisor, &tasks).await?;
+    tracing::info!(api = %api_addr, bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
+    intake.spawn_watchers(&mut supervisor, tasks.clone());
     supervisor.spawn("relay", relay.run(tasks.clone()));
     supervisor.spawn("rotation", rotator.run(tasks.clone()));
     supervisor.spawn(
@@ -300,31 +218,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         ownership: ownership.clone(),
     };
     supervisor.spawn("monitor", monitor.run(tasks.clone()));
-    let reloader = crate::reload::Reloader { current: std::sync::Mutex::new(config.clone()), sinks: sinks.clone(), tokens: reload_tokens };
+    let reloader = crate::reload::Reloader { current: std::sync::Mutex::new(config.clone()), sinks: sinks.clone(), tokens };
     supervisor.spawn("reconcile", reconciler.run(tasks.clone()));
     supervisor.spawn("reload", reloader.run(tasks.clone()));
     resolve_earlier_failure(&store, &writer).await;
     on_started(Started { api: api_addr, bootstrap: bootstrap.clone(), embedded: embedded.is_some() });
 
-    // The intake stops on shutdown, on its own when the writer fails, or when
-    // the supervisor saw a critical task stop: the one shutdown path follows.
-    let stop = shutdown.child_token();
-    let intake_run = intake.run(stop.clone());
-    tokio::pin!(intake_run);
-    let mut failed = None;
-    let intake_result = loop {
-        tokio::select! {
-            r = &mut intake_run => break r,
-            reason = supervisor.failed(), if failed.is_none() => {
-                raise_failure(&writer, &reason).await;
-                failed = Some(reason);
-                // A moment with /readyz answering 503 and the reason, so that a
-                // load balancer or an operator sees why before the node goes.
-                tokio::time::sleep(FAILURE_GRACE.min(config.kafka.drain_timeout.0 / 2)).await;
-                stop.cancel();
-            }
-        }
-    };
+    let (intake_result, failed) = consume(intake, &mut supervisor, &writer, &shutdown, config.kafka.drain_timeout.0).await;
     tracing::info!("shutting down: intake drained");
     tasks.cancel();
     if let Some(r) = &replica {
@@ -336,19 +236,165 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     }
     supervisor.join(config.kafka.drain_timeout.0).await;
     drop(writer);
-    let writer_result = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    let writer_result = tokio::task::spawn_blocking(move || writer_thread.close()).await;
     if let Some(reason) = failed {
         return Err(DaemonError::TaskFailed(reason));
     }
     intake_result?;
     match writer_result {
-        Ok(Ok(Ok(()))) => {
+        Ok(Ok(())) => {
             tracing::info!("store flushed; bye");
             Ok(())
         }
-        Ok(Ok(Err(e))) => Err(e.into()),
-        _ => Err(DaemonError::WriterDied),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(DaemonError::WriterDied),
     }
+}
+
+/// The in-memory mock broker, when no brokers are configured.
+fn start_embedded_broker(config: &Config) -> Result<Option<EmbeddedBroker>, DaemonError> {
+    if !config.embedded_broker() {
+        return Ok(None);
+    }
+    let k = &config.kafka;
+    let topics = [&k.events_topic, &k.commands_topic, &k.dlq_topic, &config.cluster.changelog_topic]
+        .iter()
+        .filter(|t| !t.is_empty())
+        .map(|t| (t.to_string(), k.partitions))
+        .collect();
+    let broker = EmbeddedBroker::start(topics)?;
+    tracing::warn!(bootstrap = %broker.bootstrap, "using the embedded in-memory mock broker: for trying keywarden out only, all events are lost on exit; set kafka.brokers for production");
+    Ok(Some(broker))
+}
+
+fn open_store(config: &Config) -> Result<Store, StoreError> {
+    let path = &config.store.path;
+    std::fs::create_dir_all(path).map_err(|e| StoreError::Open { path: path.display().to_string(), source: sled::Error::Io(e) })?;
+    Store::open(path)
+}
+
+/// After each commit: caches forget what changed, the relay and the rotation
+/// worker wake for what is theirs.
+fn wake_on_commit(cache: Arc<DekCache>, relay: Arc<Notify>, rotation: Arc<Notify>) -> crate::store::writer::OnCommit {
+    Box::new(move |committed: &Committed| {
+        let mut wake_relay = false;
+        let mut wake_rotation = false;
+        for r in committed.records {
+            match r {
+                Record::Key(k) if k.status != KeyStatus::Active => cache.forget_key(&k.key_id),
+                Record::Key(_) => wake_rotation = true,
+                Record::Instance(i) => cache.forget(&i.instance_id),
+                Record::Job(_) => wake_rotation = true,
+                Record::Outbox(_) => wake_relay = true,
+                Record::Event(_) | Record::Offset { .. } | Record::Audit(_) => {}
+            }
+        }
+        // Another node changed these: the plaintext cached here may be stale.
+        for t in committed.replicated {
+            match t {
+                Touched::Key(key_id) => cache.forget_key(key_id),
+                Touched::Instance(instance_id) => cache.forget(instance_id),
+            }
+        }
+        if wake_relay {
+            relay.notify_waiters();
+        }
+        if wake_rotation {
+            rotation.notify_one();
+        }
+    })
+}
+
+/// Follows the changelog until the replica holds everything, then turns the
+/// changelog on for this node's own writes. Returns the replica and the flag
+/// that makes a publish waiting for the broker give up at shutdown.
+async fn catch_up(
+    connected: crate::cluster::replica::Connected,
+    config: &Config,
+    bootstrap: &str,
+    store: &Store,
+    writer: &Writer,
+    supervisor: &mut Supervisor,
+) -> Result<(Arc<Replica>, Arc<std::sync::atomic::AtomicBool>), DaemonError> {
+    let topic = &config.cluster.changelog_topic;
+    let replica = connected.follow(store.clone(), writer.clone(), supervisor);
+    let waiting = replica.clone();
+    let caught_up = tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120)));
+    tokio::select! {
+        r = caught_up => r.map_err(|_| DaemonError::WriterDied)??,
+        // The replica's own loops are supervised from here on.
+        reason = supervisor.failed() => {
+            replica.stop();
+            return Err(DaemonError::TaskFailed(reason));
+        }
+    }
+    let publisher = ChangelogPublisher::new(&config.kafka, bootstrap, topic, replica.partitions().len() as i32).map_err(TellError::Producer)?;
+    let stop = publisher.stop.clone();
+    store.set_changelog(Arc::new(publisher));
+    tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");
+    Ok((replica, stop))
+}
+
+/// Binds the API and serves it under the supervisor. Returns its address and
+/// the tokens (reloaded on SIGHUP).
+async fn serve_api(
+    config: &Config,
+    state: AppState,
+    forwarder: Option<Arc<crate::cluster::forward::Forwarder>>,
+    supervisor: &mut Supervisor,
+    tasks: &CancellationToken,
+) -> Result<(SocketAddr, Arc<Tokens>), DaemonError> {
+    let tls = &config.api.tls;
+    let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
+    let tokens =
+        Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?.with_client_certs_for_dek(!tls.client_ca_file.as_os_str().is_empty()));
+    let listener = tokio::net::TcpListener::bind(&config.api.listen).await.map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
+    let api_addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
+    tracing::info!(api = %api_addr, tls = acceptor.is_some(), "api listening");
+    let (stop, app) = (tasks.clone(), router(state, tokens.clone(), forwarder));
+    supervisor.spawn("api", async move {
+        match acceptor {
+            Some(acceptor) => crate::api::tls::serve(listener, acceptor, app, stop).await,
+            None => {
+                if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await {
+                    tracing::error!(error = %e, "the api server failed");
+                }
+            }
+        }
+        // The server also returns when its listener fails: then keywarden must
+        // not go on consuming without an API; until shutdown that is a failure.
+    });
+    Ok((api_addr, tokens))
+}
+
+/// Consumes until shutdown, until the intake stops on its own (the writer
+/// failed), or until the supervisor saw a critical task stop: the one
+/// shutdown path follows. Returns the intake's result and the failure, if any.
+async fn consume(
+    intake: Intake,
+    supervisor: &mut Supervisor,
+    writer: &Writer,
+    shutdown: &CancellationToken,
+    drain_timeout: Duration,
+) -> (Result<(), IntakeError>, Option<String>) {
+    let stop = shutdown.child_token();
+    let intake_run = intake.run(stop.clone());
+    tokio::pin!(intake_run);
+    let mut failed = None;
+    let result = loop {
+        tokio::select! {
+            r = &mut intake_run => break r,
+            reason = supervisor.failed(), if failed.is_none() => {
+                raise_failure(writer, &reason).await;
+                failed = Some(reason);
+                // A moment with /readyz answering 503 and the reason, so that a
+                // load balancer or an operator sees why before the node goes.
+                tokio::time::sleep(FAILURE_GRACE.min(drain_timeout / 2)).await;
+                stop.cancel();
+            }
+        }
+    };
+    (result, failed)
 }
 
 const TASK_FAILED: &str = "KeywardenTaskFailed";

@@ -100,7 +100,7 @@ fn key(i: usize) -> String {
 
 fn audit_of_stopped(store: &Path) -> Vec<Value> {
     let s = keywarden::store::Store::open(store).unwrap();
-    s.audit_since(None, usize::MAX).into_iter().map(|e| serde_json::to_value(e).unwrap()).collect()
+    s.audit_since(None, usize::MAX).unwrap().into_iter().map(|e| serde_json::to_value(e).unwrap()).collect()
 }
 
 fn audit_of_running(d: &Daemon) -> Vec<Value> {

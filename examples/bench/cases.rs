@@ -316,7 +316,7 @@ pub fn b3_intake(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
             producer.send(key, payload)?;
         } else {
             let key = format!("b3k-{:04}", unique % keys);
-            let kind = if (unique / keys) % 2 == 0 { "disable" } else { "enable" };
+            let kind = if (unique / keys).is_multiple_of(2) { "disable" } else { "enable" };
             let payload = event(&format!("b3-{unique}"), kind, &key, None, base + chrono::Duration::milliseconds(unique as i64));
             producer.send(&key, &payload)?;
             sent.push((key, payload));

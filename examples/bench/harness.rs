@@ -362,7 +362,7 @@ pub fn seed(store_path: &Path, master_key: &Path, keys: &[(&str, usize)], kms: S
     futures::executor::block_on(writer.import(batch))?;
     drop(local);
     drop(writer);
-    thread.join().map_err(|_| "the store writer panicked")??;
+    thread.close()?;
     drop(store);
     Ok(started.elapsed())
 }

@@ -77,10 +77,12 @@ impl ChangelogPublisher {
                     };
                     let record = FutureRecord::to(&self.topic).partition(partition).key(&c.key);
                     // No payload is a tombstone.
-                    self.producer.send_result(match &c.value {
-                        Some(value) => record.payload(value),
-                        None => record,
-                    })
+                    self.producer
+                        .send_result(match &c.value {
+                            Some(value) => record.payload(value),
+                            None => record,
+                        })
+                        .map_err(|(e, _)| e.to_string())
                 })
                 .collect();
             // Changes up to the first failure are in; only the rest is sent again,
@@ -89,7 +91,7 @@ impl ChangelogPublisher {
             let mut failure = None;
             for send in sends {
                 let delivered = match send {
-                    Err((e, _)) => Err(e.to_string()),
+                    Err(e) => Err(e),
                     Ok(delivery) => match wait_until(delivery, deadline.filter(|_| written.is_empty())) {
                         None => {
                             // Past the deadline with nothing confirmed: withdraw what waits to be sent.

@@ -300,13 +300,13 @@ impl Intake {
         })
     }
 
-    /// Consumes until `shutdown`, then drains acknowledgements and commits offsets.
-    pub async fn run(self, shutdown: CancellationToken) -> Result<(), IntakeError> {
-        let (ack_tx, ack_rx) = mpsc::channel::<Ack>(self.kafka.max_batch * 4);
-        let acker = tokio::spawn(acknowledge(self.consumer.clone(), ack_rx, self.metrics.clone(), shutdown.clone()));
-        let probe = tokio::spawn(probe_broker(self.consumer.clone(), self.kafka.events_topic.clone(), self.health.clone(), shutdown.clone()));
-        let lag = tokio::spawn(lag::sample(self.consumer.clone(), self.metrics.clone(), shutdown.clone()));
-        let orphans = self.replica.as_ref().map(|replica| {
+    /// Starts the intake's watchers under the supervisor: the broker probe
+    /// (readiness), the lag sampler and, with several nodes, the watch over
+    /// partitions nobody owns. They stop with `stop`.
+    pub fn spawn_watchers(&self, supervisor: &mut crate::supervise::Supervisor, stop: CancellationToken) {
+        supervisor.spawn("intake-probe", probe_broker(self.consumer.clone(), self.kafka.events_topic.clone(), self.health.clone(), stop.clone()));
+        supervisor.spawn("intake-lag", lag::sample(self.consumer.clone(), self.metrics.clone(), stop.clone()));
+        if let Some(replica) = &self.replica {
             let watch = orphans::Watch {
                 consumer: self.consumer.clone(),
                 store: self.store.clone(),
@@ -317,8 +317,14 @@ impl Intake {
                 rejoin_after: self.rejoin_after,
                 health: self.health.clone(),
             };
-            tokio::spawn(watch.run(shutdown.clone()))
-        });
+            supervisor.spawn("intake-orphans", watch.run(stop));
+        }
+    }
+
+    /// Consumes until `shutdown`, then drains acknowledgements and commits offsets.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), IntakeError> {
+        let (ack_tx, ack_rx) = mpsc::channel::<Ack>(self.kafka.max_batch * 4);
+        let acker = tokio::spawn(acknowledge(self.consumer.clone(), ack_rx, self.metrics.clone(), shutdown.clone()));
         let mut takeover_rx = self.takeover_rx.lock().expect("intake lock").take();
         let takeovers = async {
             match takeover_rx.as_mut() {
@@ -335,11 +341,6 @@ impl Intake {
             r = self.consume(&ack_tx, &shutdown) => r,
             _ = takeovers => Ok(()),
         };
-        // Not joined: a sample can sit in a broker timeout, and lag is not worth a slower stop.
-        lag.abort();
-        if let Some(watch) = orphans {
-            watch.abort();
-        }
         drop(ack_tx);
         // Whatever is not durable within the drain timeout stays unacknowledged and
         // is read again by the next owner; that is safe, only slower.
@@ -350,7 +351,6 @@ impl Intake {
                 Ok(())
             }
         };
-        let _ = probe.await;
         // Commit what is durable, so that a restart does not re-read it (it would be
         // harmless: duplicates are recognised, but slower).
         if let Err(e) = self.consumer.commit_consumer_state(CommitMode::Sync) {

@@ -193,6 +193,7 @@ impl KeyProtect {
     }
 
     /// Any call on the key's instance: `api_path` follows `/api/v2`.
+    #[allow(clippy::too_many_arguments)]
     async fn request(
         &self,
         method: reqwest::Method,

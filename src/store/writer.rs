@@ -129,7 +129,34 @@ pub type OnCommit = Box<dyn Fn(&Committed) + Send>;
 
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<Job>,
+    tx: mpsc::Sender<Msg>,
+}
+
+enum Msg {
+    Job(Box<Job>),
+    /// Commit what is queued, refuse what comes after, and end.
+    Close,
+}
+
+/// The writer thread. It ends on `close` (or when every `Writer` is dropped),
+/// after committing what it was given: components that hold a `Writer` (the
+/// embedded KMS, reachable from the store's own notice filter) need not all be
+/// dropped first.
+pub struct Thread {
+    handle: JoinHandle<Result<(), StoreError>>,
+    tx: mpsc::Sender<Msg>,
+}
+
+impl Thread {
+    /// Blocks until everything queued before is committed and the store flushed.
+    pub fn close(self) -> Result<(), StoreError> {
+        // Already gone: the join below says how it ended.
+        if self.tx.blocking_send(Msg::Close).is_err() {
+            tracing::debug!("the store writer had already stopped");
+        }
+        drop(self.tx);
+        self.handle.join().unwrap_or_else(|_| Err(StoreError::Changelog("the store writer thread panicked".into())))
+    }
 }
 
 /// An input queued with `enqueue`: answers once it is durable.
@@ -153,36 +180,24 @@ fn decided(done: Result<Done, WriterError>) -> Result<Reply, WriterError> {
 impl Writer {
     /// Starts the writer thread. It ends when every `Writer` clone is dropped,
     /// after committing what it was given.
-    pub fn start(store: Store, ownership: Ownership, max_batch: usize, on_commit: OnCommit) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+    pub fn start(store: Store, ownership: Ownership, max_batch: usize, on_commit: OnCommit) -> (Writer, Thread) {
         Self::spawn(store, ownership, max_batch, on_commit, None)
     }
 
     /// As `start`, and observes each commit's apply-and-flush time: the flush is
     /// what bounds throughput, so its latency is the first thing to look at.
-    pub fn start_timed(
-        store: Store,
-        ownership: Ownership,
-        max_batch: usize,
-        on_commit: OnCommit,
-        commit_seconds: Histogram,
-    ) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+    pub fn start_timed(store: Store, ownership: Ownership, max_batch: usize, on_commit: OnCommit, commit_seconds: Histogram) -> (Writer, Thread) {
         Self::spawn(store, ownership, max_batch, on_commit, Some(commit_seconds))
     }
 
-    fn spawn(
-        store: Store,
-        ownership: Ownership,
-        max_batch: usize,
-        on_commit: OnCommit,
-        commit_seconds: Option<Histogram>,
-    ) -> (Writer, JoinHandle<Result<(), StoreError>>) {
+    fn spawn(store: Store, ownership: Ownership, max_batch: usize, on_commit: OnCommit, commit_seconds: Option<Histogram>) -> (Writer, Thread) {
         let (tx, rx) = mpsc::channel(max_batch * 4);
         let state = Loop { store, ownership, max_batch, on_commit, commit_seconds };
         let handle = std::thread::Builder::new().name("keywarden-writer".into()).spawn(move || state.run(rx));
         // Without its writer thread keywarden can do nothing; the OS refusing a
         // thread at start-up is not an input, and the daemon cannot go on.
         let handle = handle.unwrap_or_else(|e| panic!("cannot start the store writer thread: {e}"));
-        (Writer { tx }, handle)
+        (Writer { tx: tx.clone() }, Thread { handle, tx })
     }
 
     fn job(op: Op, consumed: Option<Consumed>, deadline: Option<Instant>) -> (Job, oneshot::Receiver<Result<Done, WriterError>>) {
@@ -192,14 +207,14 @@ impl Writer {
 
     async fn run(&self, op: Op, deadline: Option<Instant>) -> Result<Done, WriterError> {
         let (job, rx) = Self::job(op, None, deadline);
-        self.tx.send(job).await.map_err(|_| WriterError::Stopped)?;
+        self.tx.send(Msg::Job(Box::new(job))).await.map_err(|_| WriterError::Stopped)?;
         rx.await.map_err(|_| WriterError::Stopped)?
     }
 
     /// Queues an input; the returned `Pending` answers once it is durable.
     pub async fn enqueue(&self, input: Option<Input>, consumed: Option<Consumed>) -> Result<Pending, WriterError> {
         let (job, rx) = Self::job(Op::Decide(input), consumed, None);
-        self.tx.send(job).await.map_err(|_| WriterError::Stopped)?;
+        self.tx.send(Msg::Job(Box::new(job))).await.map_err(|_| WriterError::Stopped)?;
         Ok(Pending(rx))
     }
 
@@ -260,7 +275,7 @@ impl Writer {
     /// applied, and returns how many were new here.
     pub fn replicate_blocking(&self, entries: Vec<Replicated>) -> Result<usize, WriterError> {
         let (job, rx) = Self::job(Op::Replicated(entries), None, None);
-        self.tx.blocking_send(job).map_err(|_| WriterError::Stopped)?;
+        self.tx.blocking_send(Msg::Job(Box::new(job))).map_err(|_| WriterError::Stopped)?;
         match rx.blocking_recv().map_err(|_| WriterError::Stopped)?? {
             Done::Replicated { applied } => Ok(applied),
             _ => Ok(0),
@@ -277,18 +292,31 @@ struct Loop {
 }
 
 impl Loop {
-    fn run(self, mut rx: mpsc::Receiver<Job>) -> Result<(), StoreError> {
+    fn run(self, mut rx: mpsc::Receiver<Msg>) -> Result<(), StoreError> {
         let mut jobs = Vec::with_capacity(self.max_batch);
         // A job of another class than the batch it came after: it starts the next one.
-        let mut carried: Option<Job> = None;
-        while let Some(first) = carried.take().or_else(|| rx.blocking_recv()) {
+        let mut carried: Option<Box<Job>> = None;
+        loop {
+            let first = match carried.take().map(Msg::Job).or_else(|| rx.blocking_recv()) {
+                None => break,
+                Some(Msg::Job(job)) => *job,
+                Some(Msg::Close) => {
+                    // What is queued already is still committed; nothing after.
+                    rx.close();
+                    continue;
+                }
+            };
             let class = first.op.class(first.deadline.is_some());
             jobs.push(first);
             while jobs.len() < self.max_batch {
                 match rx.try_recv() {
-                    Ok(job) if job.op.class(job.deadline.is_some()) == class => jobs.push(job),
-                    Ok(job) => {
+                    Ok(Msg::Job(job)) if job.op.class(job.deadline.is_some()) == class => jobs.push(*job),
+                    Ok(Msg::Job(job)) => {
                         carried = Some(job);
+                        break;
+                    }
+                    Ok(Msg::Close) => {
+                        rx.close();
                         break;
                     }
                     Err(_) => break,
@@ -507,7 +535,7 @@ mod tests {
         let again = w.submit(Input::Event { event, at: Utc::now(), kms: None }).await.unwrap();
         assert!(matches!(again, Reply::Event { outcome: Outcome::Duplicate, .. }));
         drop(w);
-        handle.join().unwrap().unwrap();
+        handle.close().unwrap();
     }
 
     #[tokio::test]
