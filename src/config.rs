@@ -252,8 +252,14 @@ pub struct ClusterConfig {
     pub advertise_url: String,
     /// A partition of the events topic whose announced owner has not answered
     /// for this long makes a node rejoin the consumer group, so that the broker
-    /// assigns it again (see `intake::orphans`). Keep it above the session timeout.
+    /// assigns it again (see `cluster::orphans`). Keep it above the session timeout.
     pub rejoin_after: HumanDuration,
+    /// The secret every changelog record is authenticated under (HMAC-SHA256,
+    /// at least 32 characters; a systemd credential of the same file name
+    /// wins). Every node of a deployment needs the same one; whoever can
+    /// produce to the changelog topic without it changes nothing. Empty:
+    /// `cluster.key` in the store directory, created on first start.
+    pub secret_file: PathBuf,
 }
 
 impl Default for ClusterConfig {
@@ -263,6 +269,7 @@ impl Default for ClusterConfig {
             max_replica_lag: HumanDuration(Duration::from_secs(2)),
             advertise_url: String::new(),
             rejoin_after: HumanDuration(Duration::from_secs(20)),
+            secret_file: PathBuf::new(),
         }
     }
 }
@@ -614,6 +621,15 @@ impl Config {
 
     pub fn embedded_broker(&self) -> bool {
         self.kafka.brokers == "embedded"
+    }
+
+    /// `cluster.secret_file`, or its default beside the store.
+    pub fn cluster_secret_file(&self) -> PathBuf {
+        if self.cluster.secret_file.as_os_str().is_empty() {
+            self.store.path.join("cluster.key")
+        } else {
+            self.cluster.secret_file.clone()
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use crate::act::rotation::Rotator;
 use crate::api::auth::{AuthError, Tokens};
 use crate::api::{router, AppState};
 use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
-use crate::cluster::changelog::ChangelogPublisher;
+use crate::cluster::changelog::{ChangelogKey, ChangelogPublisher};
 use crate::cluster::replica::Replica;
 use crate::cluster::{Fence, Ownership};
 use crate::config::Config;
@@ -119,7 +119,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let (replica, changelog_stop) = match connected {
         Some(connected) => {
             notifier.send("STATUS=starting: catching up with the changelog");
-            let (replica, stop) = catch_up(connected, &config, &bootstrap, &store, &writer, &mut supervisor).await?;
+            let (replica, stop) = catch_up(connected, &config, &bootstrap, &store, &writer, &metrics, &mut supervisor).await?;
             (Some(replica), Some(stop))
         }
         None => (None, None),
@@ -314,10 +314,17 @@ async fn catch_up(
     bootstrap: &str,
     store: &Store,
     writer: &Writer,
+    metrics: &Arc<Metrics>,
     supervisor: &mut Supervisor,
 ) -> Result<(Arc<Replica>, Arc<std::sync::atomic::AtomicBool>), DaemonError> {
     let topic = &config.cluster.changelog_topic;
-    let replica = connected.follow(store.clone(), writer.clone(), supervisor);
+    let secret = crate::intake::signature::load_or_create_secret(
+        "cluster",
+        &config.cluster_secret_file(),
+        "created the cluster secret (mode 0600): every node of this deployment needs the same file as its cluster.secret_file",
+    )?;
+    let key = Arc::new(ChangelogKey::new(secret));
+    let replica = connected.follow(store.clone(), writer.clone(), key.clone(), metrics.clone(), supervisor);
     let waiting = replica.clone();
     let caught_up = tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120)));
     tokio::select! {
@@ -328,7 +335,7 @@ async fn catch_up(
             return Err(DaemonError::TaskFailed(reason));
         }
     }
-    let publisher = ChangelogPublisher::new(&config.kafka, bootstrap, topic, replica.partitions().len() as i32).map_err(TellError::Producer)?;
+    let publisher = ChangelogPublisher::new(&config.kafka, bootstrap, topic, replica.partitions().len() as i32, key).map_err(TellError::Producer)?;
     let stop = publisher.stop.clone();
     store.set_changelog(Arc::new(publisher));
     tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");

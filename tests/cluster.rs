@@ -31,7 +31,8 @@ struct Shared {
 
 impl Shared {
     /// What every node of one deployment shares: the master key that seals the
-    /// embedded KMS's material, and the API tokens (writes are forwarded).
+    /// embedded KMS's material, the API tokens (writes are forwarded) and the
+    /// cluster secret the changelog is authenticated under.
     fn new() -> Shared {
         let dir = tempfile::tempdir().unwrap();
         let secret = |name: &str, text: &str| {
@@ -42,6 +43,7 @@ impl Shared {
         secret("master.key", &base64::engine::general_purpose::STANDARD.encode([7u8; 32]));
         secret("admin.token", "cluster-admin-token-0123456789abcdef");
         secret("dek.token", "cluster-dek-token-0123456789abcdef");
+        secret("cluster.key", "the-cluster-secret-every-node-holds-0123456789");
         Shared { dir }
     }
 
@@ -50,7 +52,7 @@ impl Shared {
     }
 
     fn node(&self, bootstrap: &str) -> Daemon {
-        let (master, admin, dek) = (self.path("master.key"), self.path("admin.token"), self.path("dek.token"));
+        let (master, admin, dek, cluster) = (self.path("master.key"), self.path("admin.token"), self.path("dek.token"), self.path("cluster.key"));
         let d = Daemon::start(
             bootstrap,
             &[
@@ -60,6 +62,7 @@ impl Shared {
                 ("KEYWARDEN_KMS_LOCAL_MASTER_KEY_FILE", &master),
                 ("KEYWARDEN_API_ADMIN_TOKEN_FILE", &admin),
                 ("KEYWARDEN_API_DEK_TOKEN_FILE", &dek),
+                ("KEYWARDEN_CLUSTER_SECRET_FILE", &cluster),
                 // A killed node's partitions move after this long.
                 ("KEYWARDEN_KAFKA_PROPERTIES_SESSION_TIMEOUT_MS", "8000"),
                 ("KEYWARDEN_KAFKA_DRAIN_TIMEOUT", "3s"),

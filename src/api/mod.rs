@@ -162,13 +162,28 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>, forwarder: Option<Arc<
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(tokens, auth::require))
         // Outside the token check, so that refused writes are audited too.
-        .layer(axum::middleware::from_fn_with_state((writer, write_timeout), record_writes))
+        .layer(axum::middleware::from_fn_with_state(
+            Audit { writer, timeout: write_timeout, in_flight: Arc::new(tokio::sync::Semaphore::new(AUDITS_IN_FLIGHT)) },
+            record_writes,
+        ))
+}
+
+/// How many audit entries may wait for the writer at once; more wait for a place.
+const AUDITS_IN_FLIGHT: usize = 1024;
+/// How long an answer waits for its audit entry to be committed.
+const AUDIT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+#[derive(Clone)]
+struct Audit {
+    writer: Writer,
+    timeout: std::time::Duration,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// Every write through the API lands in the hash-chained audit trail: which
 /// token, what, and the status answered. DEK fetches are reads and stay out, so
 /// that the data plane's hot path costs no flush.
-async fn record_writes(State((writer, timeout)): State<(Writer, std::time::Duration)>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn record_writes(State(audit): State<Audit>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let response = next.run(req).await;
@@ -180,8 +195,25 @@ async fn record_writes(State((writer, timeout)): State<(Writer, std::time::Durat
     let is_write = matches!(method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE") && !path.ends_with("/dek");
     if is_write {
         let fact = AuditFact { who: who.into(), what: format!("{method} {path}"), outcome: response.status().as_u16().to_string(), ..Default::default() };
-        if let Err(e) = writer.audit(fact, timeout).await {
-            tracing::error!(%path, error = %e, "cannot write the audit trail; check the store");
+        // Usually committed before the answer goes (a later read of the trail
+        // sees it), but never held for long: the writer may be busy with a
+        // batch that waits for the broker, and the caller's answer (a 503
+        // within api.write_timeout) must not wait for that too. Then it is
+        // committed behind the answer. Bounded: past AUDITS_IN_FLIGHT, a
+        // write waits here for a place.
+        match audit.in_flight.clone().acquire_owned().await {
+            Ok(place) => {
+                let mut committed = tokio::spawn(async move {
+                    if let Err(e) = audit.writer.audit(fact, audit.timeout).await {
+                        tracing::error!(%path, error = %e, "cannot write the audit trail; check the store");
+                    }
+                    drop(place);
+                });
+                if tokio::time::timeout(AUDIT_WAIT, &mut committed).await.is_err() {
+                    tracing::debug!("the audit entry is committed behind the answer");
+                }
+            }
+            Err(_) => tracing::error!(%path, "cannot write the audit trail: the api is shutting down"),
         }
     }
     response

@@ -11,6 +11,14 @@
 //! transactions, and the publish-then-apply order gives what matters without
 //! them: nothing a node applied is missing from the changelog, so a new owner
 //! never applies an event twice.
+//!
+//! Every record is authenticated: an HMAC-SHA256 under the cluster secret
+//! (`cluster.secret_file`) over the partition, the store key, the value (or
+//! its absence) and a version, carried in two headers. The version is
+//! monotonic per partition (the previous version plus one, or the clock in
+//! microseconds if that is more), and every node refuses a record whose
+//! version is not above the last one it accepted for the partition: a forged
+//! record fails the MAC, a replayed old one the version.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,13 +29,61 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer, PurgeConfig};
 
-use super::{partition_of, Changelog, ChangelogError};
+use hmac::{Hmac, Mac};
+use rdkafka::message::{Header, OwnedHeaders};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::{partition_of, Changelog, ChangelogError, Written};
 use crate::backoff::Backoff;
 use crate::config::KafkaConfig;
 use crate::store::{Change, Route};
 
+/// Header names of a record's version (8 bytes, big-endian) and MAC (32 bytes).
+pub const VERSION_HEADER: &str = "keywarden.changelog.version";
+pub const MAC_HEADER: &str = "keywarden.changelog.mac";
+
+/// The cluster secret: only nodes that hold it can write a record the others apply.
+pub struct ChangelogKey(Zeroizing<Vec<u8>>);
+
+impl ChangelogKey {
+    pub fn new(secret: Zeroizing<Vec<u8>>) -> ChangelogKey {
+        ChangelogKey(secret)
+    }
+
+    fn hmac(&self, partition: i32, key: &[u8], value: Option<&[u8]>, version: i64) -> Hmac<Sha256> {
+        // HMAC accepts a key of any length; the secret is never empty (checked when loaded).
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).unwrap_or_else(|_| unreachable!("hmac takes any key length"));
+        mac.update(b"keywarden changelog v1\0");
+        mac.update(&partition.to_be_bytes());
+        mac.update(&(key.len() as u64).to_be_bytes());
+        mac.update(key);
+        // A tombstone and an empty value differ.
+        match value {
+            None => mac.update(&[0]),
+            Some(v) => {
+                mac.update(&[1]);
+                mac.update(&(v.len() as u64).to_be_bytes());
+                mac.update(v);
+            }
+        }
+        mac.update(&version.to_be_bytes());
+        mac
+    }
+
+    pub fn sign(&self, partition: i32, key: &[u8], value: Option<&[u8]>, version: i64) -> [u8; 32] {
+        self.hmac(partition, key, value, version).finalize().into_bytes().into()
+    }
+
+    /// In constant time.
+    pub fn verify(&self, partition: i32, key: &[u8], value: Option<&[u8]>, version: i64, mac: &[u8]) -> bool {
+        self.hmac(partition, key, value, version).verify_slice(mac).is_ok()
+    }
+}
+
 pub struct ChangelogPublisher {
     producer: FutureProducer,
+    key: Arc<ChangelogKey>,
     topic: String,
     partitions: i32,
     /// Set at shutdown: a publish waiting for the broker gives up, and the
@@ -36,7 +92,13 @@ pub struct ChangelogPublisher {
 }
 
 impl ChangelogPublisher {
-    pub fn new(kafka: &KafkaConfig, bootstrap: &str, topic: &str, partitions: i32) -> Result<ChangelogPublisher, rdkafka::error::KafkaError> {
+    pub fn new(
+        kafka: &KafkaConfig,
+        bootstrap: &str,
+        topic: &str,
+        partitions: i32,
+        key: Arc<ChangelogKey>,
+    ) -> Result<ChangelogPublisher, rdkafka::error::KafkaError> {
         let producer: FutureProducer = crate::broker::client_config(kafka, bootstrap)
             // In order, one request in flight: a retry is re-sent before anything
             // newer, so a duplicate can only repeat the latest value. Not the
@@ -48,7 +110,7 @@ impl ChangelogPublisher {
             .set("linger.ms", "0")
             .set("message.timeout.ms", "10000")
             .create()?;
-        Ok(ChangelogPublisher { producer, topic: topic.to_string(), partitions, stop: Arc::new(AtomicBool::new(false)) })
+        Ok(ChangelogPublisher { producer, key, topic: topic.to_string(), partitions, stop: Arc::new(AtomicBool::new(false)) })
     }
 
     /// Blocks until the broker has every change, in order; retries while it is
@@ -63,19 +125,39 @@ impl ChangelogPublisher {
     /// whatever the deadline. (A request already on the wire to a hung broker
     /// cannot be withdrawn; should the broker wake and take it, replicas apply
     /// it late. The README says so.)
-    fn publish_all(&self, changes: &[Change], deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, ChangelogError> {
+    fn publish_all(&self, changes: &[Change], deadline: Option<Instant>, last: &dyn Fn(i32) -> i64) -> Result<Vec<Written>, ChangelogError> {
+        let partition_of_change = |c: &Change| match &c.route {
+            Route::Key(k) => partition_of(k, self.partitions),
+            Route::Partition(p) => *p,
+        };
+        // Each change's version, fixed before the first send so that a retry
+        // sends the same bytes.
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut versions: HashMap<i32, i64> = HashMap::new();
+        let versioned: Vec<(i32, i64)> = changes
+            .iter()
+            .map(|c| {
+                let p = partition_of_change(c);
+                let v = versions.entry(p).or_insert_with(|| last(p));
+                *v = (*v + 1).max(now);
+                (p, *v)
+            })
+            .collect();
         let mut written: HashMap<i32, i64> = HashMap::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut rest = changes;
         while !rest.is_empty() {
+            let first = changes.len() - rest.len();
             let sends: Vec<_> = rest
                 .iter()
-                .map(|c| {
-                    let partition = match &c.route {
-                        Route::Key(k) => partition_of(k, self.partitions),
-                        Route::Partition(p) => *p,
-                    };
-                    let record = FutureRecord::to(&self.topic).partition(partition).key(&c.key);
+                .zip(&versioned[first..])
+                .map(|(c, (partition, version))| {
+                    let mac = self.key.sign(*partition, &c.key, c.value.as_deref(), *version);
+                    let version_bytes = version.to_be_bytes();
+                    let headers = OwnedHeaders::new()
+                        .insert(Header { key: VERSION_HEADER, value: Some(&version_bytes[..]) })
+                        .insert(Header { key: MAC_HEADER, value: Some(&mac[..]) });
+                    let record = FutureRecord::to(&self.topic).partition(*partition).key(&c.key).headers(headers);
                     // No payload is a tombstone.
                     self.producer
                         .send_result(match &c.value {
@@ -124,13 +206,13 @@ impl ChangelogPublisher {
             tracing::warn!(error = %e, topic = %self.topic, "cannot write to the changelog; retrying (state changes wait)");
             std::thread::sleep(backoff.next_delay());
         }
-        Ok(written.into_iter().collect())
+        Ok(written.into_iter().map(|(partition, next)| Written { partition, next, version: versions.get(&partition).copied().unwrap_or(0) }).collect())
     }
 }
 
 impl Changelog for ChangelogPublisher {
-    fn publish(&self, changes: &[Change], deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, ChangelogError> {
-        self.publish_all(changes, deadline)
+    fn publish(&self, changes: &[Change], deadline: Option<Instant>, last: &dyn Fn(i32) -> i64) -> Result<Vec<Written>, ChangelogError> {
+        self.publish_all(changes, deadline, last)
     }
 }
 
@@ -166,6 +248,22 @@ fn wait_until<F: Future>(fut: F, deadline: Option<Instant>) -> Option<F::Output>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_mac_covers_partition_key_value_and_version() {
+        let key = ChangelogKey::new(Zeroizing::new(b"0123456789abcdef0123456789abcdef".to_vec()));
+        let mac = key.sign(3, b"k/a", Some(b"v"), 7);
+        assert!(key.verify(3, b"k/a", Some(b"v"), 7, &mac));
+        assert!(!key.verify(4, b"k/a", Some(b"v"), 7, &mac), "partition");
+        assert!(!key.verify(3, b"k/b", Some(b"v"), 7, &mac), "key");
+        assert!(!key.verify(3, b"k/a", Some(b"w"), 7, &mac), "value");
+        assert!(!key.verify(3, b"k/a", None, 7, &mac), "a tombstone is not the value");
+        assert!(!key.verify(3, b"k/a", Some(b""), 7, &mac), "nor an empty one");
+        assert!(!key.verify(3, b"k/a", Some(b"v"), 8, &mac), "version");
+        let other = ChangelogKey::new(Zeroizing::new(b"another secret of thirty-two bytes".to_vec()));
+        assert!(!other.verify(3, b"k/a", Some(b"v"), 7, &mac), "another cluster's secret");
+        assert!(!key.verify(3, b"k/a", Some(b"v"), 7, &mac[..31]), "a truncated mac");
+    }
 
     #[test]
     fn waiting_gives_up_at_the_deadline_and_not_before_a_ready_future() {

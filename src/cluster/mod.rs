@@ -49,13 +49,24 @@ impl ChangelogError {
     }
 }
 
+/// What a publish wrote to one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    pub partition: i32,
+    /// The offset after the last change written.
+    pub next: i64,
+    /// The version of the last change written (see `changelog`).
+    pub version: i64,
+}
+
 /// The write-ahead log of the cluster. The store publishes each batch's
 /// changes here, and applies the batch only once this returns.
 pub trait Changelog: Send + Sync {
-    /// Publishes the changes in order and returns, per partition written, the
-    /// offset after the last one. With a deadline, gives up (`Unconfirmed`)
-    /// once it passes if the broker has confirmed none of them.
-    fn publish(&self, changes: &[Change], deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, ChangelogError>;
+    /// Publishes the changes in order, each under a version above `last(p)`
+    /// (the last version accepted for its partition), and returns what it
+    /// wrote per partition. With a deadline, gives up (`Unconfirmed`) once it
+    /// passes if the broker has confirmed none of them.
+    fn publish(&self, changes: &[Change], deadline: Option<Instant>, last: &dyn Fn(i32) -> i64) -> Result<Vec<Written>, ChangelogError>;
 }
 
 /// Which keys this node writes: those whose partition of the events topic it

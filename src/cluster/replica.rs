@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use super::changelog::{ChangelogKey, MAC_HEADER, VERSION_HEADER};
 use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
 use crate::store::writer::Writer;
 use crate::store::{Replicated, Store, StoreError};
 
@@ -95,10 +97,17 @@ impl Connected {
 
     /// Starts following all partitions on threads of their own; what they
     /// read is applied through the writer.
-    pub fn follow(self, store: Store, writer: Writer, supervisor: &mut crate::supervise::Supervisor) -> Arc<Replica> {
+    pub fn follow(
+        self,
+        store: Store,
+        writer: Writer,
+        key: Arc<ChangelogKey>,
+        metrics: Arc<Metrics>,
+        supervisor: &mut crate::supervise::Supervisor,
+    ) -> Arc<Replica> {
         let Connected { consumer, topic, partitions } = self;
         let replica = Arc::new(Replica { progress: Mutex::new(Progress::default()), changed: Condvar::new(), partitions, stop: AtomicBool::new(false) });
-        let follower = Follower { store, writer, consumer: consumer.clone(), topic: topic.clone(), replica: replica.clone() };
+        let follower = Follower { store, writer, key, metrics, consumer: consumer.clone(), topic: topic.clone(), replica: replica.clone() };
         // Blocking loops (librdkafka polls), supervised like every task: a
         // replica that stopped would serve stale DEKs.
         supervisor.spawn_blocking("replica", move || follower.run());
@@ -165,6 +174,8 @@ impl Replica {
 struct Follower {
     store: Store,
     writer: Writer,
+    key: Arc<ChangelogKey>,
+    metrics: Arc<Metrics>,
     consumer: Arc<BaseConsumer>,
     topic: String,
     replica: Arc<Replica>,
@@ -180,12 +191,7 @@ impl Follower {
                 let mut next = Some(first);
                 while let Some(result) = next.take() {
                     match result {
-                        Ok(m) => entries.push(Replicated {
-                            partition: m.partition(),
-                            offset: m.offset(),
-                            key: m.key().unwrap_or_default().to_vec(),
-                            value: m.payload().map(<[u8]>::to_vec),
-                        }),
+                        Ok(m) => entries.push(self.read(&m)),
                         Err(e) => tracing::warn!(error = %e, topic = %self.topic, "changelog read failed; retrying"),
                     }
                     if entries.len() < 5000 {
@@ -200,7 +206,7 @@ impl Follower {
                 // again; a flush per batch only delayed revocations reaching the API.
                 // Through the writer (the cache forgets what they change there).
                 match self.writer.replicate_blocking(entries) {
-                    Ok(_) => {}
+                    Ok((_, refused)) => self.report(&refused),
                     Err(e) => {
                         tracing::error!(error = %e, "cannot apply replicated changes; retrying from the stored position");
                         std::thread::sleep(Duration::from_millis(500));
@@ -223,6 +229,36 @@ impl Follower {
                 drop(progress);
                 self.replica.changed.notify_all();
             }
+        }
+    }
+
+    /// The record with its MAC checked: `authentic` holds its version only if
+    /// the MAC under the cluster secret covers it.
+    fn read(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Replicated {
+        let (partition, key, value) = (m.partition(), m.key().unwrap_or_default(), m.payload());
+        let headers = crate::intake::headers::raw(m);
+        let header = |name: &str| headers.iter().find(|h| h.name == name.as_bytes()).and_then(|h| h.value);
+        let version = header(VERSION_HEADER).and_then(|v| <[u8; 8]>::try_from(v).ok()).map(i64::from_be_bytes);
+        let authentic = match (version, header(MAC_HEADER)) {
+            (Some(version), Some(mac)) if self.key.verify(partition, key, value, version, mac) => Some(version),
+            _ => None,
+        };
+        Replicated { partition, offset: m.offset(), key: key.to_vec(), value: value.map(<[u8]>::to_vec), authentic }
+    }
+
+    /// Refused records are a security event: counted, logged and (through the
+    /// monitor's watch on the counter) alerted. The replica goes on.
+    fn report(&self, refused: &[crate::store::Refused]) {
+        for r in refused {
+            self.metrics.security_events.with_label_values(&[r.reason]).inc();
+            tracing::error!(
+                topic = %self.topic,
+                partition = r.partition,
+                offset = r.offset,
+                key = %r.key.escape_debug(),
+                reason = r.reason,
+                "refused a changelog record: it is never applied (forged or replayed without the cluster secret, or not what replication carries)"
+            );
         }
     }
 

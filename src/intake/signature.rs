@@ -218,6 +218,13 @@ fn read_hmac(id: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>, SignatureError
 }
 
 fn load_or_create_hmac(id: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>, SignatureError> {
+    load_or_create_secret(id, path, "created an event signing secret (mode 0600); give it to the producers of the events topic")
+}
+
+/// A secret of at least 32 characters from the file (or the systemd credential
+/// of its name); a missing file is created with a random one, and `created`
+/// is logged to say who needs a copy.
+pub fn load_or_create_secret(id: &str, path: &Path, created: &str) -> Result<Zeroizing<Vec<u8>>, SignatureError> {
     if credential_or(path).exists() {
         return read_hmac(id, path);
     }
@@ -229,7 +236,7 @@ fn load_or_create_hmac(id: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>, Sign
     let secret = Zeroizing::new(STANDARD.encode(raw.as_ref()));
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| key_error(id, path, e.to_string()))?;
     f.write_all(format!("{}\n", secret.as_str()).as_bytes()).map_err(|e| key_error(id, path, e.to_string()))?;
-    tracing::warn!(path = %path.display(), key_id = id, "created an event signing secret (mode 0600); give it to the producers of the events topic");
+    tracing::warn!(path = %path.display(), key_id = id, "{created}");
     Ok(Zeroizing::new(secret.as_bytes().to_vec()))
 }
 

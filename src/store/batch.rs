@@ -21,6 +21,8 @@ pub struct Staged {
     pub(super) kms: HashMap<String, Vec<u8>>,
     /// Replica positions as this batch leaves them.
     pub(super) positions: HashMap<i32, Option<i64>>,
+    /// The last changelog version accepted per partition, as this batch leaves them.
+    pub(super) versions: HashMap<i32, i64>,
     /// Key and instance records this batch changes, for caches.
     pub touched: Vec<Touched>,
     /// The batch must be durable before anyone is answered.
@@ -87,15 +89,19 @@ impl Store {
     /// changelog confirmed none of it by then.
     pub fn commit_staged(&self, mut staged: Staged, deadline: Option<Instant>) -> Result<(), StoreError> {
         if let (Some(changelog), false) = (self.changelog.get(), staged.changes.is_empty()) {
-            let written = changelog.publish(&staged.changes, deadline).map_err(|e| match e {
+            // A version this node cannot read is taken as none: the clock then
+            // sets the next one, and the other nodes refuse it if it is old.
+            let last = |partition: i32| self.changelog_version(partition).unwrap_or(0);
+            let written = changelog.publish(&staged.changes, deadline, &last).map_err(|e| match e {
                 ChangelogError::Unconfirmed { .. } => StoreError::Unavailable(e.to_string()),
                 ChangelogError::Failed { .. } => StoreError::Changelog(e.to_string()),
             })?;
-            // This node's replica skips its own entries.
-            for (partition, next) in written {
-                if self.replica_position(partition)?.is_none_or(|at| next > at) {
-                    staged.batch.insert(partition_key(REPLICA, partition), &next.to_be_bytes()[..]);
+            for w in written {
+                // This node's replica skips its own entries.
+                if self.replica_position(w.partition)?.is_none_or(|at| w.next > at) {
+                    staged.batch.insert(partition_key(REPLICA, w.partition), &w.next.to_be_bytes()[..]);
                 }
+                staged.batch.insert(partition_key(VERSION, w.partition), &w.version.to_be_bytes()[..]);
             }
         }
         if staged.facts.is_empty() {

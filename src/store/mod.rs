@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 pub use batch::Staged;
 pub use kms_material::{Emission, KmsChange};
 pub use queues::Queue;
-pub use replication::{Change, Replicated, Route};
+pub use replication::{Change, Refused, Replicated, Route};
 pub use schema::Touched;
 
 use crate::cluster::Changelog;

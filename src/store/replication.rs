@@ -30,6 +30,21 @@ pub struct Replicated {
     pub key: Vec<u8>,
     /// None: a tombstone.
     pub value: Option<Vec<u8>>,
+    /// The record's version, if its MAC under the cluster secret checked out
+    /// (None: missing or forged, and the record is refused).
+    pub authentic: Option<i64>,
+}
+
+/// A changelog record refused: never applied, its offset passed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub partition: i32,
+    pub offset: i64,
+    /// The store key, printable.
+    pub key: String,
+    /// A fixed label: `changelog_forged`, `changelog_replayed`,
+    /// `changelog_prefix` or `changelog_corrupt`.
+    pub reason: &'static str,
 }
 
 impl Store {
@@ -43,12 +58,22 @@ impl Store {
         Ok(self.get(&partition_key(OWNER, partition))?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
+    /// The last changelog version accepted or written for the partition (0: none).
+    pub fn changelog_version(&self, partition: i32) -> Result<i64, StoreError> {
+        let key = partition_key(VERSION, partition);
+        Ok(self.get(&key)?.map(|v| number(&key, &v)).transpose()?.unwrap_or(0))
+    }
+
     /// Changelog entries, in their partition's order, that are not already
     /// here (an entry below the partition's position was written by this node,
-    /// or applied before), and the positions moved past them. Returns how many
-    /// were staged.
-    pub fn stage_replicated(&self, staged: &mut Staged, entries: &[Replicated]) -> Result<usize, StoreError> {
+    /// or applied before), and the positions moved past them. An entry that
+    /// is not authentic, not newer than the last one accepted for its
+    /// partition, of a prefix replication does not carry, or whose value does
+    /// not decode, is refused and passed. Returns how many were applied, and
+    /// the refused.
+    pub fn stage_replicated(&self, staged: &mut Staged, entries: &[Replicated]) -> Result<(usize, Vec<Refused>), StoreError> {
         let mut applied = 0;
+        let mut refused = Vec::new();
         for e in entries {
             let at = match staged.positions.get(&e.partition) {
                 Some(at) => *at,
@@ -57,12 +82,28 @@ impl Store {
             if at.is_some_and(|at| e.offset < at) {
                 continue;
             }
+            staged.positions.insert(e.partition, Some(e.offset + 1));
+            let last = match staged.versions.get(&e.partition) {
+                Some(v) => *v,
+                None => self.changelog_version(e.partition)?,
+            };
+            let verdict = match e.authentic {
+                None => Err("changelog_forged"),
+                Some(version) if version <= last => Err("changelog_replayed"),
+                Some(_) => replicable(&e.key, e.value.as_deref()),
+            };
+            if let Err(reason) = verdict {
+                refused.push(Refused { partition: e.partition, offset: e.offset, key: String::from_utf8_lossy(&e.key).into_owned(), reason });
+                continue;
+            }
+            if let Some(version) = e.authentic {
+                staged.versions.insert(e.partition, version);
+            }
             match &e.value {
                 Some(value) => staged.batch.insert(e.key.clone(), value.clone()),
                 None => staged.batch.remove(e.key.clone()),
             }
             staged.touched.extend(touched(&e.key));
-            staged.positions.insert(e.partition, Some(e.offset + 1));
             applied += 1;
         }
         for (partition, at) in &staged.positions {
@@ -70,7 +111,10 @@ impl Store {
                 staged.batch.insert(partition_key(REPLICA, *partition), &next.to_be_bytes()[..]);
             }
         }
-        Ok(applied)
+        for (partition, version) in &staged.versions {
+            staged.batch.insert(partition_key(VERSION, *partition), &version.to_be_bytes()[..]);
+        }
+        Ok((applied, refused))
     }
 
     /// Tells every node, through the changelog, that this node now writes the

@@ -28,6 +28,9 @@ pub(super) const FIRING: &[u8] = b"l/";
 pub(super) const ALERTS: &[u8] = b"q/";
 /// How far this node's replica has read each changelog partition.
 pub(super) const REPLICA: &[u8] = b"r/";
+/// The last changelog version this node accepted (or wrote) per partition: a
+/// record at or below it is a replay.
+pub(super) const VERSION: &[u8] = b"s/";
 /// Which node (its API URL) owns each partition, as the owner announced it.
 pub(super) const OWNER: &[u8] = b"w/";
 /// Lifecycle events the embedded KMS emitted, by event id, replicated until
@@ -38,6 +41,35 @@ pub(super) const EMITTED: &[u8] = b"v/";
 /// sent them (it then writes a tombstone): a partition's next owner sends
 /// what a dead owner left unsent. A node's own queue is its outbox.
 pub(super) const COMMANDS: &[u8] = b"c/";
+
+/// What replication carries, and nothing else: a record of another prefix
+/// from the changelog (an outbox entry the relay would sign and send, an
+/// audit entry, a replica position) is refused. Each value must decode as
+/// what its prefix holds.
+pub(super) fn replicable(key: &[u8], value: Option<&[u8]>) -> Result<(), &'static str> {
+    use crate::engine::{EventRecord, InstanceRecord, KeyRecord, RotationJob};
+    let Some(prefix) = [KEY, INSTANCE, INDEX, EVENT, JOB, OFFSET, KMS, OWNER, EMITTED, COMMANDS].into_iter().find(|p| key.starts_with(p)) else {
+        return Err("changelog_prefix");
+    };
+    let Some(value) = value else { return Ok(()) };
+    let decodes = match prefix {
+        KEY => decode::<KeyRecord>(key, value).is_ok(),
+        INSTANCE => decode::<InstanceRecord>(key, value).is_ok(),
+        EVENT => decode::<EventRecord>(key, value).is_ok(),
+        JOB => decode::<RotationJob>(key, value).is_ok(),
+        EMITTED | COMMANDS => decode::<Effect>(key, value).is_ok(),
+        INDEX => value.is_empty(),
+        OFFSET => value.len() == 8 && key.len() > OFFSET.len() + 4,
+        OWNER => key.len() == OWNER.len() + 4 && std::str::from_utf8(value).is_ok_and(|u| u.starts_with("http://") || u.starts_with("https://")),
+        // Sealed material: the embedded KMS authenticates it when it unseals.
+        _ => true,
+    };
+    if decodes {
+        Ok(())
+    } else {
+        Err("changelog_corrupt")
+    }
+}
 
 pub(super) fn k(prefix: &[u8], id: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(prefix.len() + id.len());

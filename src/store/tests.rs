@@ -8,7 +8,7 @@ use chrono::Utc;
 
 use super::writer::Writer;
 use super::*;
-use crate::cluster::{Changelog, ChangelogError, Fence, Ownership};
+use crate::cluster::{Changelog, ChangelogError, Fence, Ownership, Written};
 use crate::engine::{CommandAction, Effect, EventRecord, InstanceRecord, KeyRecord, KeyStatus, Record, WrappedDek};
 
 fn inst(id: &str, key: &str) -> InstanceRecord {
@@ -31,14 +31,22 @@ fn inst(id: &str, key: &str) -> InstanceRecord {
 struct Log(Mutex<Vec<Replicated>>);
 
 impl Changelog for Log {
-    fn publish(&self, changes: &[Change], _deadline: Option<Instant>) -> Result<Vec<(i32, i64)>, ChangelogError> {
+    fn publish(&self, changes: &[Change], _deadline: Option<Instant>, last: &dyn Fn(i32) -> i64) -> Result<Vec<Written>, ChangelogError> {
         let mut log = self.0.lock().unwrap();
+        let mut version = last(0);
         for c in changes {
             let offset = log.len() as i64;
-            log.push(Replicated { partition: 0, offset, key: c.key.clone(), value: c.value.clone() });
+            version += 1;
+            log.push(Replicated { partition: 0, offset, key: c.key.clone(), value: c.value.clone(), authentic: Some(version) });
         }
-        Ok(vec![(0, log.len() as i64)])
+        Ok(vec![Written { partition: 0, next: log.len() as i64, version }])
     }
+}
+
+/// Applies entries through the writer, as the replica does.
+async fn replicate(w: &Writer, entries: Vec<Replicated>) -> (usize, Vec<Refused>) {
+    let w = w.clone();
+    tokio::task::spawn_blocking(move || w.replicate_blocking(entries)).await.unwrap().unwrap()
 }
 
 fn with_changelog(s: &Store) -> Arc<Log> {
@@ -151,15 +159,17 @@ async fn replica_skips_its_own_entries_and_applies_the_next_owners() {
     w.import(vec![Record::Key(disabled)]).await.unwrap();
     // This node's own entries, read back late, never undo its newer change.
     let own = log.0.lock().unwrap().clone();
-    let writer2 = w.clone();
-    let replayed = own.clone();
-    assert_eq!(tokio::task::spawn_blocking(move || writer2.replicate_blocking(replayed)).await.unwrap().unwrap(), 0);
+    assert_eq!(replicate(&w, own.clone()).await.0, 0);
     assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
     // Another owner's later entry is applied, whoever this node thinks owns the key.
-    let enabled =
-        Replicated { partition: 0, offset: own.len() as i64, key: schema::k(schema::KEY, "k"), value: Some(schema::encode(&KeyRecord::new("k", Utc::now()))) };
-    let writer2 = w.clone();
-    assert_eq!(tokio::task::spawn_blocking(move || writer2.replicate_blocking(vec![enabled])).await.unwrap().unwrap(), 1);
+    let enabled = Replicated {
+        partition: 0,
+        offset: own.len() as i64,
+        key: schema::k(schema::KEY, "k"),
+        value: Some(schema::encode(&KeyRecord::new("k", Utc::now()))),
+        authentic: Some(1_000),
+    };
+    assert_eq!(replicate(&w, vec![enabled]).await.0, 1);
     assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Active);
     assert_eq!(s.replica_position(0).unwrap(), Some(own.len() as i64 + 1));
 }
@@ -180,7 +190,7 @@ async fn an_entry_published_but_not_applied_before_a_crash_is_applied_from_the_c
     assert!(s.key("k").unwrap().is_none());
     let w = writer(&s);
     let n = published.len();
-    assert_eq!(tokio::task::spawn_blocking(move || w.replicate_blocking(published)).await.unwrap().unwrap(), n);
+    assert_eq!(replicate(&w, published).await.0, n);
     assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Active);
 }
 
@@ -203,8 +213,7 @@ async fn an_emitted_event_another_node_left_is_queued_at_take_over_until_an_even
     assert!(!w.change_kms(stale, None).await.unwrap(), "compare-and-swap");
     let entries = log.0.lock().unwrap().clone();
     let nw = writer(&next);
-    let replicate = nw.clone();
-    tokio::task::spawn_blocking(move || replicate.replicate_blocking(entries)).await.unwrap().unwrap();
+    replicate(&nw, entries).await;
     // e1 was applied by the owner before it died; e2 was not.
     let applied = EventRecord {
         event_id: "e1".into(),
@@ -239,8 +248,7 @@ async fn commands_a_dead_owner_left_unsent_are_adopted_by_the_next_and_forgotten
     w.sent(Queue::Outbox, vec![b]).await.unwrap();
     let entries = log.0.lock().unwrap().clone();
     let nw = writer(&next);
-    let replicate = nw.clone();
-    tokio::task::spawn_blocking(move || replicate.replicate_blocking(entries)).await.unwrap().unwrap();
+    replicate(&nw, entries).await;
     assert_eq!(next.outbox_len(), 0, "a copy is not sent by a node that does not own the key");
     assert_eq!(nw.take_over("events", 0, 1, "http://next").await.unwrap().1, 1);
     assert_eq!(next.outbox(10).unwrap().into_iter().map(|(_, e)| e).collect::<Vec<_>>(), vec![revoke("a")]);
@@ -282,4 +290,53 @@ async fn a_key_another_node_owns_is_refused_by_the_writer() {
     assert!(s.key(&theirs).unwrap().is_none());
     let change = KmsChange { key_id: theirs.clone(), expected: None, material: b"{}".to_vec(), emits: None };
     assert!(matches!(w.change_kms(change, None).await, Err(writer::WriterError::NotOwner { .. })));
+}
+
+#[tokio::test]
+async fn a_forged_a_replayed_and_an_unreplicable_record_are_refused_and_the_replica_goes_on() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (owner, replica) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
+    let log = with_changelog(&owner);
+    let w = writer(&owner);
+    let mut disabled = KeyRecord::new("k", Utc::now());
+    disabled.status = KeyStatus::Disabled;
+    w.import(vec![Record::Key(KeyRecord::new("k", Utc::now()))]).await.unwrap();
+    let active = log.0.lock().unwrap().clone();
+    w.import(vec![Record::Key(disabled)]).await.unwrap();
+    let entries = log.0.lock().unwrap().clone();
+    let rw = writer(&replica);
+    assert_eq!(replicate(&rw, entries.clone()).await, (entries.len(), vec![]));
+    assert_eq!(replica.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
+    let mut next = entries.len() as i64;
+    let mut at = || {
+        next += 1;
+        next - 1
+    };
+    // The old, authentic "active" record, produced again: a replay.
+    let mut replay = active[0].clone();
+    replay.offset = at();
+    // Any record without a valid MAC.
+    let forged = Replicated { offset: at(), authentic: None, ..replay.clone() };
+    // Authentic but of a prefix replication never carries (an outbox entry the relay would sign).
+    let outbox = Replicated {
+        offset: at(),
+        key: schema::queue_key(schema::OUTBOX, 1),
+        value: Some(schema::encode(&revoke("k"))),
+        authentic: Some(i64::MAX - 1),
+        ..replay.clone()
+    };
+    // Authentic, the right prefix, a value that does not decode.
+    let corrupt = Replicated { offset: at(), key: schema::k(schema::KEY, "k"), value: Some(b"{".to_vec()), authentic: Some(i64::MAX), ..replay.clone() };
+    let (applied, refused) = replicate(&rw, vec![replay, forged, outbox, corrupt]).await;
+    assert_eq!(applied, 0);
+    assert_eq!(refused.iter().map(|r| r.reason).collect::<Vec<_>>(), ["changelog_replayed", "changelog_forged", "changelog_prefix", "changelog_corrupt"]);
+    assert_eq!(replica.key("k").unwrap().unwrap().status, KeyStatus::Disabled, "still revoked");
+    assert_eq!(replica.outbox_len(), 0, "nothing for the relay to send");
+    assert_eq!(replica.replica_position(0).unwrap(), Some(next), "the replica passed them");
+    // And goes on: the owner's next real change is applied.
+    w.import(vec![Record::Key(KeyRecord::new("k", Utc::now()))]).await.unwrap();
+    let newest = log.0.lock().unwrap().last().cloned().unwrap();
+    let newest = Replicated { offset: next, ..newest };
+    assert_eq!(replicate(&rw, vec![newest]).await.0, 1);
+    assert_eq!(replica.key("k").unwrap().unwrap().status, KeyStatus::Active);
 }

@@ -82,6 +82,9 @@ impl Op {
     fn class(&self, timed: bool) -> u8 {
         match (self, timed) {
             (Op::Replicated(_), _) => 2,
+            // Nothing of it goes to the changelog: it never waits for the broker
+            // with a batch that does.
+            (Op::Audit(_), _) => 3,
             (_, true) => 1,
             _ => 0,
         }
@@ -103,6 +106,7 @@ pub enum Done {
     },
     Replicated {
         applied: usize,
+        refused: Vec<super::Refused>,
     },
 }
 
@@ -148,7 +152,8 @@ pub struct Thread {
 }
 
 impl Thread {
-    /// Blocks until everything queued before is committed and the store flushed.
+    /// Blocks until everything queued before is committed and the store
+    /// flushed: call it off the async runtime.
     pub fn close(self) -> Result<(), StoreError> {
         // Already gone: the join below says how it ended.
         if self.tx.blocking_send(Msg::Close).is_err() {
@@ -272,13 +277,13 @@ impl Writer {
     }
 
     /// For the replica's thread (not async): blocks until the entries are
-    /// applied, and returns how many were new here.
-    pub fn replicate_blocking(&self, entries: Vec<Replicated>) -> Result<usize, WriterError> {
+    /// applied, and returns how many were new here, and those refused.
+    pub fn replicate_blocking(&self, entries: Vec<Replicated>) -> Result<(usize, Vec<super::Refused>), WriterError> {
         let (job, rx) = Self::job(Op::Replicated(entries), None, None);
         self.tx.blocking_send(Msg::Job(Box::new(job))).map_err(|_| WriterError::Stopped)?;
         match rx.blocking_recv().map_err(|_| WriterError::Stopped)?? {
-            Done::Replicated { applied } => Ok(applied),
-            _ => Ok(0),
+            Done::Replicated { applied, refused } => Ok((applied, refused)),
+            _ => Ok((0, Vec::new())),
         }
     }
 }
@@ -472,7 +477,10 @@ impl Loop {
                 self.store.stage_records(staged, &[Record::Audit(fact)]).map_err(Failure::Batch)?;
                 Done::Written
             }
-            Op::Replicated(entries) => Done::Replicated { applied: self.store.stage_replicated(staged, &entries).map_err(Failure::Batch)? },
+            Op::Replicated(entries) => {
+                let (applied, refused) = self.store.stage_replicated(staged, &entries).map_err(Failure::Batch)?;
+                Done::Replicated { applied, refused }
+            }
         };
         if let Some(c) = consumed {
             let offset = Record::Offset { topic: c.topic, partition: c.partition, next: c.next };
@@ -535,7 +543,7 @@ mod tests {
         let again = w.submit(Input::Event { event, at: Utc::now(), kms: None }).await.unwrap();
         assert!(matches!(again, Reply::Event { outcome: Outcome::Duplicate, .. }));
         drop(w);
-        handle.close().unwrap();
+        tokio::task::spawn_blocking(move || handle.close()).await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -46,6 +46,8 @@ struct Memory {
     dead_letters: VecDeque<(Instant, u64)>,
     forged_seen: u64,
     last_forged: Option<Instant>,
+    changelog_seen: u64,
+    last_changelog: Option<Instant>,
     kafka_down_since: Option<Instant>,
 }
 
@@ -53,11 +55,30 @@ fn total(counter: &IntCounterVec) -> u64 {
     counter.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
 }
 
+/// The sum over the series whose `reason` label `keep` selects.
+fn total_where(counter: &IntCounterVec, keep: impl Fn(&str) -> bool) -> u64 {
+    counter
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .filter(|m| m.get_label().iter().any(|l| l.get_name() == "reason" && keep(l.get_value())))
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+/// Refused changelog records are counted under reasons of this prefix.
+const CHANGELOG: &str = "changelog_";
+
 impl Monitor {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut firing: HashMap<String, Alert> =
             self.store.firing_alerts().unwrap_or_default().into_iter().filter(|a| OWNED.contains(&a.name.as_str())).map(|a| (a.fingerprint(), a)).collect();
-        let mut memory = Memory { forged_seen: total(&self.metrics.security_events), ..Default::default() };
+        let events = &self.metrics.security_events;
+        let mut memory = Memory {
+            forged_seen: total_where(events, |r| !r.starts_with(CHANGELOG)),
+            changelog_seen: total_where(events, |r| r.starts_with(CHANGELOG)),
+            ..Default::default()
+        };
         while crate::tell::pause(&shutdown, tokio::time::sleep(self.config.check_every.0)).await {
             let now = Utc::now();
             // A round that cannot read the store neither raises nor clears.
@@ -110,7 +131,7 @@ impl Monitor {
             ));
         }
 
-        let forged = total(&self.metrics.security_events);
+        let forged = total_where(&self.metrics.security_events, |r| !r.starts_with(CHANGELOG));
         if forged > memory.forged_seen {
             memory.forged_seen = forged;
             memory.last_forged = Some(Instant::now());
@@ -122,6 +143,21 @@ impl Monitor {
                 &[],
                 "unsigned or forged lifecycle events were refused".into(),
                 "someone produced events without a valid signature to the events topic; they were dead-lettered and not applied. Check who can write to the topic".into(),
+                now,
+            ));
+        }
+        let changelog = total_where(&self.metrics.security_events, |r| r.starts_with(CHANGELOG));
+        if changelog > memory.changelog_seen {
+            memory.changelog_seen = changelog;
+            memory.last_changelog = Some(Instant::now());
+        }
+        if memory.last_changelog.is_some_and(|t| t.elapsed() < c.forged_quiet_after.0) {
+            out.push(Alert::new(
+                "KeywardenChangelogRefused",
+                Severity::Critical,
+                &[],
+                "forged, replayed or foreign changelog records were refused".into(),
+                "someone without the cluster secret produced to the changelog topic, or a node's secret differs; nothing was applied (see keywarden_security_events_total and the log for partition and offset). Check who can write to the topic and that every node has the same cluster.secret_file".into(),
                 now,
             ));
         }
