@@ -33,10 +33,14 @@ type Transition = (Outcome, String, Vec<Record>);
 /// - Applied: the transition's records, and an acknowledgement to the KMS
 ///   (see [`acknowledgement`]).
 ///
-/// Applied and ignored events become the key's last event, so that anything
-/// older is stale. The key is recorded even when nothing else changed, so that
-/// an instance created later under it starts in the state the events imply.
-/// Every event that is not a duplicate is audited and recorded as seen.
+/// Only an applied event becomes the key's last event, so that anything older
+/// is stale. An ignored, vetoed or stale event leaves it where it was: its
+/// `occurred_at` is the producer's claim, and a claim that changed nothing must
+/// not decide which later events count (one dated in the future would make
+/// every real event after it stale). The key is recorded even when nothing else
+/// changed, so that an instance created later under it starts in the state the
+/// events imply. Every event that is not a duplicate is audited and recorded as
+/// seen.
 pub(super) fn on_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>, kms: Option<KeyStatus>) -> Decision {
     if view.event_seen(&event.event_id) {
         return decision(vec![], Reply::Event { outcome: Outcome::Duplicate, detail: "event already applied".into() });
@@ -60,13 +64,11 @@ pub(super) fn on_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc
         }
         _ => transition(view, &mut key, &event, at),
     };
-    // An ignored event was still the newest word on this key: anything older is stale.
-    if matches!(outcome, Outcome::Applied | Outcome::Ignored) {
+    // Only what was applied is the key's newest word: anything older is stale.
+    if outcome == Outcome::Applied {
         key.last_event_at = Some(event.occurred_at);
         key.last_event_id = Some(event.event_id.clone());
         key.updated_at = at;
-    }
-    if outcome == Outcome::Applied {
         records.extend(acknowledgement(&event, &key, at));
     }
     // The key is recorded even when nothing else changed, so that an instance
@@ -318,8 +320,8 @@ fn on_restore(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
     }
 }
 
-/// An event that does not apply to the key's state: nothing changes but the
-/// key's last event, and `why` is the detail.
+/// An event that does not apply to the key's state: nothing changes, not even
+/// the key's last event, and `why` is the detail.
 fn ignored(why: &str) -> Transition {
     (Outcome::Ignored, why.to_string(), vec![])
 }

@@ -80,7 +80,8 @@ pub struct KeyRecord {
     pub status: KeyStatus,
     /// Newest root-key version known; DEKs are rewrapped towards it.
     pub version: Option<String>,
-    /// `occurred_at` of the newest event applied: older events are stale.
+    /// `occurred_at` of the newest event applied: older events are stale. Only
+    /// an applied event moves it (never an ignored, vetoed or stale one).
     pub last_event_at: Option<DateTime<Utc>>,
     pub last_event_id: Option<String>,
     pub deleted_at: Option<DateTime<Utc>>,
