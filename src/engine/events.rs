@@ -221,10 +221,11 @@ fn on_enable(key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> 
 /// - If the KMS destroyed the key material itself, see [`on_material_destroyed`]
 ///   (unless the key was purged already: then nothing is left to destroy).
 /// - An already deleted key is applied without commands.
-/// - Otherwise the key becomes deleted as of the event's time (the restore
-///   window starts then), one key-wide erase command goes out, the key-deleted
-///   alert is raised and a key-disabled alert resolved (the delete supersedes
-///   it).
+/// - Otherwise the key becomes deleted as of `at`, when keywarden applied the
+///   delete, not the event's claimed time: the restore window starts then, so
+///   a back-dated delete cannot shorten it (or skip it at the next purge
+///   sweep). One key-wide erase command goes out, the key-deleted alert is
+///   raised and a key-disabled alert resolved (the delete supersedes it).
 fn on_delete(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> Transition {
     if event.material_destroyed && key.purged_at.is_none() {
         return on_material_destroyed(view, key, event, at);
@@ -233,7 +234,7 @@ fn on_delete(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: 
         KeyStatus::Deleted => (Outcome::Applied, "key was already deleted".into(), vec![]),
         KeyStatus::Active | KeyStatus::Disabled => {
             key.status = KeyStatus::Deleted;
-            key.deleted_at = Some(event.occurred_at);
+            key.deleted_at = Some(at);
             key.purged_at = None;
             (
                 Outcome::Applied,
@@ -256,7 +257,9 @@ fn on_delete(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: 
 /// still holds a wrapped DEK, not a key-wide one: the relay fans a key-wide
 /// command out to instances that still hold a wrapped DEK, and none will after
 /// this. A key already deleted had its erase then. The key keeps its first
-/// deletion time, is marked purged, and the key-deleted alert is raised.
+/// deletion time (or takes `at`, when keywarden applied this, for the same
+/// reason as in [`on_delete`]), is marked purged, and the key-deleted alert is
+/// raised.
 fn on_material_destroyed(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> Transition {
     let erase: Vec<Record> = if key.status == KeyStatus::Deleted {
         vec![]
@@ -279,7 +282,7 @@ fn on_material_destroyed(view: &impl View, key: &mut KeyRecord, event: &Lifecycl
             .collect()
     };
     key.status = KeyStatus::Deleted;
-    key.deleted_at = key.deleted_at.or(Some(event.occurred_at));
+    key.deleted_at = key.deleted_at.or(Some(at));
     key.purged_at = Some(at);
     let reason = format!("purged: the kms destroyed the material of key {} at {}", key.key_id, event.occurred_at.to_rfc3339());
     let mut records = erase;

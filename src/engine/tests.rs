@@ -546,3 +546,31 @@ fn a_vetoed_delete_does_not_move_the_last_event() {
     assert_eq!(outcome(m.run(ev("e", EventType::Enable, "k", 20))), Outcome::Applied);
     assert_eq!(m.state("a"), InstanceState::Active);
 }
+
+#[test]
+fn a_back_dated_delete_keeps_the_whole_restore_window() {
+    const DAY: i64 = 86400;
+    let window = Duration::from_secs(30 * DAY as u64);
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    let now = t(100 * DAY);
+    assert_eq!(outcome(m.run(claimed("x", EventType::Delete, "k", now - chrono::Duration::days(40), now, None))), Outcome::Applied);
+    assert_eq!(m.keys["k"].deleted_at, Some(now), "the window counts from when keywarden applied the delete");
+    m.run(Input::Purge { key_id: "k".into(), purge_after: window, at: now + chrono::Duration::days(1) });
+    assert_eq!(m.state("a"), InstanceState::Erased, "a restore can still bring the data back");
+    assert_eq!(m.keys["k"].purged_at, None);
+    m.run(Input::Purge { key_id: "k".into(), purge_after: window, at: now + chrono::Duration::days(30) });
+    assert_eq!(m.state("a"), InstanceState::Destroyed);
+}
+
+#[test]
+fn a_restore_window_too_long_to_add_never_passes() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("x", EventType::Delete, "k", 10));
+    // Too long for chrono at all, and representable but past the end of time.
+    for window in [Duration::MAX, Duration::from_secs(i64::MAX as u64 / 1000)] {
+        assert_eq!(m.run(Input::Purge { key_id: "k".into(), purge_after: window, at: t(100) }), Reply::Done);
+        assert_eq!(m.state("a"), InstanceState::Erased);
+    }
+}
