@@ -306,11 +306,24 @@ pub struct SignaturesConfig {
     /// More keys to accept: partners' Ed25519 public keys, or an old secret
     /// during a rollover.
     pub keys: Vec<SignatureKey>,
+    /// How far ahead of this daemon's clock an event's `occurred_at` may be
+    /// before the intake dead-letters it. A signature proves who sent an
+    /// event, not when: a future-dated event would otherwise be the newest
+    /// word on its key and make the real events after it stale. Too small and
+    /// events from producers with a slightly fast clock are refused; too large
+    /// and an event dated that far ahead still wins over the real ones.
+    pub max_clock_skew: HumanDuration,
 }
 
 impl Default for SignaturesConfig {
     fn default() -> Self {
-        Self { required: true, hmac_key_file: PathBuf::from("keywarden-data/event-hmac.key"), hmac_key_id: "local".into(), keys: Vec::new() }
+        Self {
+            required: true,
+            hmac_key_file: PathBuf::from("keywarden-data/event-hmac.key"),
+            hmac_key_id: "local".into(),
+            keys: Vec::new(),
+            max_clock_skew: HumanDuration(Duration::from_secs(5 * 60)),
+        }
     }
 }
 
@@ -548,6 +561,9 @@ impl Config {
         }
         if sig.required && sig.hmac_key_file.as_os_str().is_empty() && sig.keys.is_empty() {
             return Err(invalid("signatures.keys", &"[]", "at least one key when signatures.required is true"));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(24 * 3600)).contains(&sig.max_clock_skew.0) {
+            return Err(invalid("signatures.max_clock_skew", &format!("{:?}", sig.max_clock_skew), "between 1s and 24h, such as \"5m\""));
         }
         if SocketAddr::from_str(&self.api.listen).is_err() {
             return Err(invalid("api.listen", &self.api.listen, "an address like 127.0.0.1:8420"));
@@ -882,6 +898,18 @@ mod tests {
         assert!(err.to_string().contains("telemetry.otlp_endpoint"), "{err}");
         let err = Config::load_with_env(None, &env(&[("KEYWARDEN_TELEMETRY_SAMPLE_RATIO", "2")])).unwrap_err();
         assert!(err.to_string().contains("telemetry.sample_ratio"), "{err}");
+    }
+
+    #[test]
+    fn max_clock_skew_is_five_minutes_and_bounded() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert_eq!(c.signatures.max_clock_skew.0, Duration::from_secs(300));
+        let c = Config::load_with_env(None, &env(&[("KEYWARDEN_SIGNATURES_MAX_CLOCK_SKEW", "24h")])).unwrap();
+        assert_eq!(c.signatures.max_clock_skew.0, Duration::from_secs(24 * 3600));
+        for out_of_bounds in ["500ms", "25h"] {
+            let err = Config::load_with_env(None, &env(&[("KEYWARDEN_SIGNATURES_MAX_CLOCK_SKEW", out_of_bounds)])).unwrap_err();
+            assert!(err.to_string().contains("signatures.max_clock_skew"), "{err}");
+        }
     }
 
     #[test]

@@ -149,6 +149,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         metrics.clone(),
         kms.clone(),
         verifier,
+        config.signatures.max_clock_skew.0,
         replica.clone(),
         &advertise,
         config.cluster.rejoin_after.0,

@@ -87,7 +87,7 @@ fn aws_key_lifecycle_through_moto_and_the_broker() {
     let mut send = |kind: &str, version: Option<&str>| {
         t += 1;
         let id = format!("aws-ev-{t}");
-        produce(&p, "key-lifecycle", Some(&arn), &event(&id, kind, &arn, version, &format!("2030-01-01T00:00:{t:02}Z")));
+        produce(&p, "key-lifecycle", Some(&arn), &event(&id, kind, &arn, version, &soon(t)));
         id
     };
 

@@ -63,7 +63,7 @@ fn activity_tracker_events_drive_the_lifecycle_and_carry_their_correlation_id() 
     let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
     let p = producer(&broker.bootstrap);
     // Routed by Activity Tracker, not signed: accepted by format.
-    unsigned(&p, CRN, &at_event("at-1", "kms.secrets.disable", "corr-disable-1", "2030-01-01T00:00:01.00+0000"));
+    unsigned(&p, CRN, &at_event("at-1", "kms.secrets.disable", "corr-disable-1", &soon_at(1).format("%Y-%m-%dT%H:%M:%S%.2f%z").to_string()));
     d.wait_state("at-db", "revoked");
     let rec = d.wait_event("at-1");
     assert_eq!(rec["correlation_id"], "corr-disable-1", "{rec}");
@@ -71,13 +71,13 @@ fn activity_tracker_events_drive_the_lifecycle_and_carry_their_correlation_id() 
     assert_eq!(commands_with(&revoke, "revoke", "at-1")[0]["correlation_id"], "corr-disable-1");
     assert!(d.log().contains("corr-disable-1"), "the log lines carry the correlation id");
 
-    unsigned(&p, CRN, &at_event("at-2", "kms.secrets.enable", "corr-enable-2", "2030-01-01T00:00:02.00+0000"));
+    unsigned(&p, CRN, &at_event("at-2", "kms.secrets.enable", "corr-enable-2", &soon_at(2).format("%Y-%m-%dT%H:%M:%S%.2f%z").to_string()));
     d.wait_state("at-db", "active");
     // A failed request and a non-lifecycle action change nothing and say why.
-    let mut failed: Value = serde_json::from_slice(&at_event("at-3", "kms.secrets.delete", "c3", "2030-01-01T00:00:03Z")).unwrap();
+    let mut failed: Value = serde_json::from_slice(&at_event("at-3", "kms.secrets.delete", "c3", &soon(3))).unwrap();
     failed["outcome"] = "failure".into();
     unsigned(&p, CRN, &serde_json::to_vec(&failed).unwrap());
-    unsigned(&p, CRN, &at_event("at-4", "kms.secrets.wrap", "c4", "2030-01-01T00:00:04Z"));
+    unsigned(&p, CRN, &at_event("at-4", "kms.secrets.wrap", "c4", &soon(4)));
     let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");
     let read = dlq.read_until("two dead letters", MIN, |r| r.len() >= 2).to_vec();
     assert!(read[0].header("keywarden.reason").unwrap().contains("did not happen"), "{:?}", read[0].headers);
@@ -93,18 +93,14 @@ fn eventbridge_events_revoke_and_a_kms_deletion_erases_for_good() {
     d.create_instance("aws-db", ARN);
     let p = producer(&broker.bootstrap);
     let steps: &[(&str, Vec<u8>, &str)] = &[
-        ("eb-1", cloudtrail("eb-1", "DisableKey", "2030-01-01T00:00:01Z"), "revoked"),
-        ("eb-2", cloudtrail("eb-2", "EnableKey", "2030-01-01T00:00:02Z"), "active"),
-        ("eb-3", cloudtrail("eb-3", "ScheduleKeyDeletion", "2030-01-01T00:00:03Z"), "revoked"),
+        ("eb-1", cloudtrail("eb-1", "DisableKey", &soon(1)), "revoked"),
+        ("eb-2", cloudtrail("eb-2", "EnableKey", &soon(2)), "active"),
+        ("eb-3", cloudtrail("eb-3", "ScheduleKeyDeletion", &soon(3)), "revoked"),
         // Cancelling leaves the key disabled, as AWS does.
-        ("eb-4", cloudtrail("eb-4", "CancelKeyDeletion", "2030-01-01T00:00:04Z"), "revoked"),
-        ("eb-5", cloudtrail("eb-5", "EnableKey", "2030-01-01T00:00:05Z"), "active"),
-        (
-            "eb-6",
-            eventbridge("eb-6", "KMS Imported Key Material Expiration", "2030-01-01T00:00:06Z", json!({"key-id": "1234abcd-12ab-34cd-56ef-1234567890ab"})),
-            "revoked",
-        ),
-        ("eb-7", cloudtrail("eb-7", "EnableKey", "2030-01-01T00:00:07Z"), "active"),
+        ("eb-4", cloudtrail("eb-4", "CancelKeyDeletion", &soon(4)), "revoked"),
+        ("eb-5", cloudtrail("eb-5", "EnableKey", &soon(5)), "active"),
+        ("eb-6", eventbridge("eb-6", "KMS Imported Key Material Expiration", &soon(6), json!({"key-id": "1234abcd-12ab-34cd-56ef-1234567890ab"})), "revoked"),
+        ("eb-7", cloudtrail("eb-7", "EnableKey", &soon(7)), "active"),
     ];
     for (id, payload, want) in steps {
         unsigned(&p, ARN, payload);
@@ -119,7 +115,7 @@ fn eventbridge_events_revoke_and_a_kms_deletion_erases_for_good() {
     d.wait_event(v["event_id"].as_str().unwrap());
     // The key material is gone: the wrapped DEK is purged at once, and a
     // restore cannot bring it back.
-    unsigned(&p, ARN, &eventbridge("eb-8", "KMS CMK Deletion", "2030-01-01T00:00:08Z", json!({"key-id": "1234abcd-12ab-34cd-56ef-1234567890ab"})));
+    unsigned(&p, ARN, &eventbridge("eb-8", "KMS CMK Deletion", &soon(8), json!({"key-id": "1234abcd-12ab-34cd-56ef-1234567890ab"})));
     d.wait_state("aws-db", "destroyed");
     let (s, _) = d.dek("aws-db");
     assert_eq!(s, 410);
@@ -135,14 +131,14 @@ fn cloudevents_in_both_modes_are_applied_when_signed() {
     let native = |id: &str, kind: &str, at: &str| json!({"event_id": id, "type": kind, "key_id": "ce-key", "occurred_at": at});
     let structured = serde_json::to_vec(&json!({
         "specversion": "1.0", "id": "ce-1", "source": "/kms/eu-de", "type": "com.example.kms.key.disabled",
-        "datacontenttype": "application/json", "correlationid": "corr-ce-1", "data": native("ev-ce-1", "disable", "2030-01-01T00:00:01Z")
+        "datacontenttype": "application/json", "correlationid": "corr-ce-1", "data": native("ev-ce-1", "disable", &soon(1))
     }))
     .unwrap();
     produce(&p, "key-lifecycle", Some("ce-key"), &structured);
     d.wait_state("ce-db", "revoked");
     assert_eq!(d.wait_event("ev-ce-1")["correlation_id"], "corr-ce-1");
 
-    let body = serde_json::to_vec(&native("ev-ce-2", "enable", "2030-01-01T00:00:02Z")).unwrap();
+    let body = serde_json::to_vec(&native("ev-ce-2", "enable", &soon(2))).unwrap();
     let sig = keywarden::intake::signature::Signer::hmac("local", TEST_EVENT_SECRET.as_bytes()).sign(&body);
     produce_with_headers(
         &p,
@@ -161,7 +157,7 @@ fn unsigned_forged_and_unknown_messages_are_dead_lettered_never_applied_and_coun
     d.create_key("sk");
     d.create_instance("s-db", "sk");
     let p = producer(&broker.bootstrap);
-    let delete = event("evil-1", "delete", "sk", None, "2030-01-01T00:00:01Z");
+    let delete = event("evil-1", "delete", "sk", None, &soon(1));
     unsigned(&p, "sk", &delete);
     let forged = keywarden::intake::signature::Signer::hmac("local", b"not-the-secret-but-long-enough-to-use-0000").sign(&delete);
     let mut again = delete.clone();
@@ -169,11 +165,11 @@ fn unsigned_forged_and_unknown_messages_are_dead_lettered_never_applied_and_coun
     produce_with_headers(&p, "key-lifecycle", Some("sk"), &again, &[("keywarden-signature", &forged)]);
     // A valid signature over different bytes: the payload was altered.
     let good_sig = keywarden::intake::signature::Signer::hmac("local", TEST_EVENT_SECRET.as_bytes()).sign(&delete);
-    let altered = event("evil-2", "delete", "sk", None, "2030-01-01T00:00:02Z");
+    let altered = event("evil-2", "delete", "sk", None, &soon(2));
     produce_with_headers(&p, "key-lifecycle", Some("sk"), &altered, &[("keywarden-signature", &good_sig)]);
     produce(&p, "key-lifecycle", Some("sk"), br#"{"hello":"world"}"#);
     // A signed, valid event after them all is applied: nothing stopped the intake.
-    produce(&p, "key-lifecycle", Some("sk"), &event("ok-1", "disable", "sk", None, "2030-01-01T00:00:05Z"));
+    produce(&p, "key-lifecycle", Some("sk"), &event("ok-1", "disable", "sk", None, &soon(5)));
     d.wait_state("s-db", "revoked");
 
     let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");

@@ -298,7 +298,7 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     kp.throttle_next.store(5, Ordering::SeqCst);
     kp.fail_next.store(5, Ordering::SeqCst);
     let p = producer(&broker.bootstrap);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-1", "rotate", &crn, Some(&v2), "2030-01-01T00:00:01Z"));
+    produce(&p, "key-lifecycle", Some(&crn), &event("kp-1", "rotate", &crn, Some(&v2), &soon(1)));
     let k = d.wait_rotated(&enc, &v2);
     assert_eq!(k["kms"]["provider"], "keyprotect", "{k}");
     for (i, id) in ids.iter().enumerate() {
@@ -313,7 +313,7 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     set_state(&kp, key, 2);
     let v3 = new_version(&kp, key);
     let before = kp.rewraps.load(Ordering::SeqCst);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-2", "rotate", &crn, Some(&v3), "2030-01-01T00:00:02Z"));
+    produce(&p, "key-lifecycle", Some(&crn), &event("kp-2", "rotate", &crn, Some(&v3), &soon(2)));
     d.wait_event("kp-2");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(kp.rewraps.load(Ordering::SeqCst), before, "no rewrap against a suspended key");
@@ -328,19 +328,19 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
 
     // Disable, enable, delete and restore, with the KMS's state following the customer.
     set_state(&kp, key, 2);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-3", "disable", &crn, None, "2030-01-01T00:00:03Z"));
+    produce(&p, "key-lifecycle", Some(&crn), &event("kp-3", "disable", &crn, None, &soon(3)));
     d.wait_state("kp-0", "revoked");
     assert_eq!(d.dek("kp-0").0, 423);
     set_state(&kp, key, 1);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-4", "enable", &crn, None, "2030-01-01T00:00:04Z"));
+    produce(&p, "key-lifecycle", Some(&crn), &event("kp-4", "enable", &crn, None, &soon(4)));
     d.wait_state("kp-0", "active");
     assert_eq!(d.dek("kp-0").1["dek"].as_str().unwrap(), deks[0], "a real unwrap after the cache was dropped");
     set_state(&kp, key, 5);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-5", "delete", &crn, None, "2030-01-01T00:00:05Z"));
+    produce(&p, "key-lifecycle", Some(&crn), &event("kp-5", "delete", &crn, None, &soon(5)));
     d.wait_state("kp-1", "erased");
     assert_eq!(d.dek("kp-1").0, 410);
     set_state(&kp, key, 1);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-6", "restore", &crn, None, "2030-01-01T00:00:06Z"));
+    produce(&p, "key-lifecycle", Some(&crn), &event("kp-6", "restore", &crn, None, &soon(6)));
     d.wait_state("kp-1", "active");
     assert_eq!(d.dek("kp-1").1["dek"].as_str().unwrap(), deks[1]);
 

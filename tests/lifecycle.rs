@@ -104,9 +104,9 @@ fn malformed_messages_go_to_the_dead_letter_topic_and_intake_goes_on() {
     let p = producer(&broker.bootstrap);
     let garbage: &[u8] = b"\x00\x01 definitely not json";
     produce(&p, "key-lifecycle", Some("k2"), garbage);
-    let no_version = event("bad-rotate", "rotate", "k2", None, "2030-01-01T00:00:00Z");
+    let no_version = event("bad-rotate", "rotate", "k2", None, &soon(0));
     produce(&p, "key-lifecycle", Some("k2"), &no_version);
-    produce(&p, "key-lifecycle", Some("k2"), &event("good", "disable", "k2", None, "2030-01-01T00:00:01Z"));
+    produce(&p, "key-lifecycle", Some("k2"), &event("good", "disable", "k2", None, &soon(1)));
 
     // The valid event after the bad ones is applied: nothing stopped the intake.
     d.wait_state("i2", "revoked");
@@ -136,10 +136,10 @@ fn duplicate_and_stale_events_change_nothing() {
     let p = producer(&broker.bootstrap);
 
     // A disable, delivered twice, then an enable that happened before it.
-    let disable = event("d-1", "disable", "k3", None, "2030-01-01T00:00:10Z");
+    let disable = event("d-1", "disable", "k3", None, &soon(10));
     produce(&p, "key-lifecycle", Some("k3"), &disable);
     produce(&p, "key-lifecycle", Some("k3"), &disable);
-    produce(&p, "key-lifecycle", Some("k3"), &event("e-0", "enable", "k3", None, "2030-01-01T00:00:05Z"));
+    produce(&p, "key-lifecycle", Some("k3"), &event("e-0", "enable", "k3", None, &soon(5)));
     let stale = d.wait_event("e-0");
     assert_eq!(stale["outcome"], "stale", "{stale}");
     assert_eq!(d.wait_event("d-1")["outcome"], "applied");
@@ -161,7 +161,7 @@ fn duplicate_and_stale_events_change_nothing() {
     assert_eq!(d.wait_event(del["event_id"].as_str().unwrap())["outcome"], "applied");
     let deleted_at = chrono::DateTime::parse_from_rfc3339(del["occurred_at"].as_str().unwrap()).unwrap();
     let before = (deleted_at - chrono::Duration::hours(1)).to_rfc3339();
-    let after = (deleted_at + chrono::Duration::hours(1)).to_rfc3339();
+    let after = (deleted_at + chrono::Duration::minutes(1)).to_rfc3339();
     produce(&p, "key-lifecycle", Some("k3b"), &event("rot-late", "rotate", "k3b", Some("9"), &before));
     produce(&p, "key-lifecycle", Some("k3b"), &event("rot-after", "rotate", "k3b", Some("9"), &after));
     assert_eq!(d.wait_event("rot-late")["outcome"], "stale");
@@ -180,7 +180,7 @@ fn a_delete_the_kms_does_not_confirm_erases_nothing() {
     d.create_instance("i4", "k4");
     // A delete event for a key the embedded KMS still holds active.
     let p = producer(&broker.bootstrap);
-    produce(&p, "key-lifecycle", Some("k4"), &event("forged-del", "delete", "k4", None, "2030-01-01T00:00:00Z"));
+    produce(&p, "key-lifecycle", Some("k4"), &event("forged-del", "delete", "k4", None, &soon(0)));
     let rec = d.wait_event("forged-del");
     assert_eq!(rec["outcome"], "ignored", "{rec}");
     assert!(rec["detail"].as_str().unwrap().contains("kms reports the key active"), "{rec}");
@@ -193,7 +193,7 @@ fn events_for_a_key_without_instances_shape_instances_created_later() {
     let broker = Broker::start();
     let d = Daemon::start(&broker.bootstrap, &[]);
     let p = producer(&broker.bootstrap);
-    produce(&p, "key-lifecycle", Some("ext-key"), &event("x-1", "disable", "ext-key", None, "2030-01-01T00:00:00Z"));
+    produce(&p, "key-lifecycle", Some("ext-key"), &event("x-1", "disable", "ext-key", None, &soon(0)));
     assert_eq!(d.wait_event("x-1")["outcome"], "applied");
     let (s, key) = d.get("/v1/keys/ext-key");
     assert_eq!(s, 200, "{key}");
@@ -228,7 +228,7 @@ fn restore_after_the_purge_leaves_instances_destroyed_and_says_why() {
 
     // A restore from elsewhere (a remote KMS) is recorded; the instance stays destroyed.
     let p = producer(&broker.bootstrap);
-    produce(&p, "key-lifecycle", Some("k5"), &event("late-restore", "restore", "k5", None, "2099-01-01T00:00:00Z"));
+    produce(&p, "key-lifecycle", Some("k5"), &event("late-restore", "restore", "k5", None, &soon(0)));
     let rec = d.wait_event("late-restore");
     assert!(rec["detail"].as_str().unwrap().contains("stay destroyed"), "{rec}");
     assert_eq!(d.state("i5"), "destroyed");
@@ -320,14 +320,14 @@ fn an_event_from_a_third_party_kafka_client_is_applied() {
 import base64, hashlib, hmac, json, sys
 from confluent_kafka import Producer
 p = Producer({"bootstrap.servers": sys.argv[1]})
-ev = {"event_id": "py-1", "type": "disable", "key_id": "py-key", "occurred_at": "2030-01-01T00:00:00Z", "source": "confluent-kafka"}
+ev = {"event_id": "py-1", "type": "disable", "key_id": "py-key", "occurred_at": sys.argv[3], "source": "confluent-kafka"}
 body = json.dumps(ev).encode()
 sig = base64.b64encode(hmac.new(sys.argv[2].encode(), body, hashlib.sha256).digest()).decode()
 p.produce("key-lifecycle", key="py-key", value=body, headers=[("keywarden-signature", "kid=local;sig=" + sig)])
 left = p.flush(30)
 sys.exit(1 if left else 0)
 "#;
-    let out = std::process::Command::new("python3").args(["-c", script, &broker.bootstrap, TEST_EVENT_SECRET]).output().expect("python3");
+    let out = std::process::Command::new("python3").args(["-c", script, &broker.bootstrap, TEST_EVENT_SECRET, &soon(0)]).output().expect("python3");
     assert!(out.status.success(), "confluent-kafka producer failed (pip install confluent-kafka): {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(d.wait_event("py-1")["outcome"], "applied");
     d.wait_state("py-db", "revoked");

@@ -165,7 +165,7 @@ fn alerts_reach_a_real_alertmanager_with_their_labels_and_resolve() {
 
     // A forged event raises a security alert.
     let p = producer(&broker.bootstrap);
-    let forged = event("forged-1", "delete", "al-key", None, "2030-01-01T00:00:00Z");
+    let forged = event("forged-1", "delete", "al-key", None, &soon(0));
     produce_with_headers(&p, "key-lifecycle", Some("al-key"), &forged, &[("keywarden-signature", "kid=local;sig=AAAA")]);
     let security = wait_until("the forged-event alert", MIN, || am.alerts("KeywardenForgedEvents").into_iter().next());
     assert_eq!(security["labels"]["severity"], "critical");

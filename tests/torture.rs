@@ -81,7 +81,7 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
         // A probe event for another key, produced while the daemon is down: the
         // time until it is applied is the restart-to-processing time.
         let probe = format!("probe-{i}");
-        produce(&events, "key-lifecycle", Some("probe-key"), &event(&probe, "disable", "probe-key", None, "2030-01-01T00:00:00Z"));
+        produce(&events, "key-lifecycle", Some("probe-key"), &event(&probe, "disable", "probe-key", None, &soon(0)));
         let restarted = Instant::now();
         d.respawn();
         wait_until("the probe event after restart", Duration::from_secs(90), || {

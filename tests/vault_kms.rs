@@ -213,7 +213,7 @@ fn vault_transit_lifecycle_with_batched_rewrap_throttling_outage_and_token_renew
     transit.throttle_next.store(3, Ordering::SeqCst);
     transit.fail_next.store(4, Ordering::SeqCst);
     let p = producer(&broker.bootstrap);
-    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-1", "rotate", "vault:orders", Some("2"), "2030-01-01T00:00:01Z"));
+    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-1", "rotate", "vault:orders", Some("2"), &soon(1)));
     d.wait_rotated("vault:orders", "2");
     for (i, id) in ids.iter().enumerate() {
         let (s, v) = d.dek(id);
@@ -228,10 +228,10 @@ fn vault_transit_lifecycle_with_batched_rewrap_throttling_outage_and_token_renew
     // The token is renewed by an agent: the file changes and the old one stops working.
     *transit.token.lock().unwrap() = "s.second-token".into();
     std::fs::write(&token_file, "s.second-token\n").unwrap();
-    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-2", "disable", "vault:orders", None, "2030-01-01T00:00:02Z"));
+    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-2", "disable", "vault:orders", None, &soon(2)));
     d.wait_state("v-0", "revoked");
     assert_eq!(d.dek("v-0").0, 423);
-    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-3", "enable", "vault:orders", None, "2030-01-01T00:00:03Z"));
+    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-3", "enable", "vault:orders", None, &soon(3)));
     d.wait_state("v-0", "active");
     // The cache was dropped at the disable: this decrypt uses the renewed token.
     assert_eq!(d.dek("v-0").1["dek"].as_str().unwrap(), deks[0]);
@@ -240,11 +240,11 @@ fn vault_transit_lifecycle_with_batched_rewrap_throttling_outage_and_token_renew
     // The key is deleted in Vault (keywarden erases only what the KMS confirms),
     // and later restored from a backup.
     let backup = transit.keys.lock().unwrap().remove("orders").unwrap();
-    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-4", "delete", "vault:orders", None, "2030-01-01T00:00:04Z"));
+    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-4", "delete", "vault:orders", None, &soon(4)));
     d.wait_state("v-1", "erased");
     assert_eq!(d.dek("v-1").0, 410);
     transit.keys.lock().unwrap().insert("orders".into(), backup);
-    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-5", "restore", "vault:orders", None, "2030-01-01T00:00:05Z"));
+    produce(&p, "key-lifecycle", Some("vault:orders"), &event("vr-5", "restore", "vault:orders", None, &soon(5)));
     d.wait_state("v-1", "active");
     assert_eq!(d.dek("v-1").1["dek"].as_str().unwrap(), deks[1]);
 

@@ -33,10 +33,14 @@ type Transition = (Outcome, String, Vec<Record>);
 /// - Applied: the transition's records, and an acknowledgement to the KMS
 ///   (see [`acknowledgement`]).
 ///
-/// Applied and ignored events become the key's last event, so that anything
-/// older is stale. The key is recorded even when nothing else changed, so that
-/// an instance created later under it starts in the state the events imply.
-/// Every event that is not a duplicate is audited and recorded as seen.
+/// Only an applied event becomes the key's last event, so that anything older
+/// is stale. An ignored, vetoed or stale event leaves it where it was: its
+/// `occurred_at` is the producer's claim, and a claim that changed nothing must
+/// not decide which later events count (one dated in the future would make
+/// every real event after it stale). The key is recorded even when nothing else
+/// changed, so that an instance created later under it starts in the state the
+/// events imply. Every event that is not a duplicate is audited and recorded as
+/// seen.
 pub(super) fn on_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc>, kms: Option<KeyStatus>) -> Decision {
     if view.event_seen(&event.event_id) {
         return decision(vec![], Reply::Event { outcome: Outcome::Duplicate, detail: "event already applied".into() });
@@ -60,13 +64,11 @@ pub(super) fn on_event(view: &impl View, event: LifecycleEvent, at: DateTime<Utc
         }
         _ => transition(view, &mut key, &event, at),
     };
-    // An ignored event was still the newest word on this key: anything older is stale.
-    if matches!(outcome, Outcome::Applied | Outcome::Ignored) {
+    // Only what was applied is the key's newest word: anything older is stale.
+    if outcome == Outcome::Applied {
         key.last_event_at = Some(event.occurred_at);
         key.last_event_id = Some(event.event_id.clone());
         key.updated_at = at;
-    }
-    if outcome == Outcome::Applied {
         records.extend(acknowledgement(&event, &key, at));
     }
     // The key is recorded even when nothing else changed, so that an instance
@@ -219,10 +221,11 @@ fn on_enable(key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> 
 /// - If the KMS destroyed the key material itself, see [`on_material_destroyed`]
 ///   (unless the key was purged already: then nothing is left to destroy).
 /// - An already deleted key is applied without commands.
-/// - Otherwise the key becomes deleted as of the event's time (the restore
-///   window starts then), one key-wide erase command goes out, the key-deleted
-///   alert is raised and a key-disabled alert resolved (the delete supersedes
-///   it).
+/// - Otherwise the key becomes deleted as of `at`, when keywarden applied the
+///   delete, not the event's claimed time: the restore window starts then, so
+///   a back-dated delete cannot shorten it (or skip it at the next purge
+///   sweep). One key-wide erase command goes out, the key-deleted alert is
+///   raised and a key-disabled alert resolved (the delete supersedes it).
 fn on_delete(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> Transition {
     if event.material_destroyed && key.purged_at.is_none() {
         return on_material_destroyed(view, key, event, at);
@@ -231,7 +234,7 @@ fn on_delete(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: 
         KeyStatus::Deleted => (Outcome::Applied, "key was already deleted".into(), vec![]),
         KeyStatus::Active | KeyStatus::Disabled => {
             key.status = KeyStatus::Deleted;
-            key.deleted_at = Some(event.occurred_at);
+            key.deleted_at = Some(at);
             key.purged_at = None;
             (
                 Outcome::Applied,
@@ -254,7 +257,9 @@ fn on_delete(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: 
 /// still holds a wrapped DEK, not a key-wide one: the relay fans a key-wide
 /// command out to instances that still hold a wrapped DEK, and none will after
 /// this. A key already deleted had its erase then. The key keeps its first
-/// deletion time, is marked purged, and the key-deleted alert is raised.
+/// deletion time (or takes `at`, when keywarden applied this, for the same
+/// reason as in [`on_delete`]), is marked purged, and the key-deleted alert is
+/// raised.
 fn on_material_destroyed(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> Transition {
     let erase: Vec<Record> = if key.status == KeyStatus::Deleted {
         vec![]
@@ -277,7 +282,7 @@ fn on_material_destroyed(view: &impl View, key: &mut KeyRecord, event: &Lifecycl
             .collect()
     };
     key.status = KeyStatus::Deleted;
-    key.deleted_at = key.deleted_at.or(Some(event.occurred_at));
+    key.deleted_at = key.deleted_at.or(Some(at));
     key.purged_at = Some(at);
     let reason = format!("purged: the kms destroyed the material of key {} at {}", key.key_id, event.occurred_at.to_rfc3339());
     let mut records = erase;
@@ -318,8 +323,8 @@ fn on_restore(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
     }
 }
 
-/// An event that does not apply to the key's state: nothing changes but the
-/// key's last event, and `why` is the detail.
+/// An event that does not apply to the key's state: nothing changes, not even
+/// the key's last event, and `why` is the detail.
 fn ignored(why: &str) -> Transition {
     (Outcome::Ignored, why.to_string(), vec![])
 }

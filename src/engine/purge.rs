@@ -10,7 +10,8 @@ use super::{decision, notice, Decision, Reply, View};
 use super::{AuditFact, KeyStatus, Notice, Record};
 
 /// Purges a deleted key once `purge_after` (the restore window) has passed
-/// since its deletion, as the purge schedule asks.
+/// since its deletion (when keywarden applied the delete, see
+/// `events::on_delete`), as the purge schedule asks.
 ///
 /// The schedule asks for keys its read of the store showed due, but the state
 /// may have moved since (a restore or an earlier purge was applied meanwhile),
@@ -22,7 +23,10 @@ use super::{AuditFact, KeyStatus, Notice, Record};
 pub(super) fn on_purge(view: &impl View, key_id: String, purge_after: Duration, at: DateTime<Utc>) -> Decision {
     let Some(mut key) = view.key(&key_id) else { return decision(vec![], Reply::Done) };
     let due = match (key.status, key.deleted_at, key.purged_at) {
-        (KeyStatus::Deleted, Some(deleted), None) => deleted + chrono::Duration::from_std(purge_after).unwrap_or(chrono::Duration::MAX) <= at,
+        // A window too long to add never passes (and never overflows).
+        (KeyStatus::Deleted, Some(deleted), None) => {
+            chrono::Duration::from_std(purge_after).ok().and_then(|window| deleted.checked_add_signed(window)).is_some_and(|end| end <= at)
+        }
         _ => false,
     };
     if !due {

@@ -512,3 +512,65 @@ fn an_operator_retry_starts_a_new_pass_that_acknowledges_nothing() {
     m.run(ev("d", EventType::Disable, "k", 30));
     assert!(matches!(m.run(Input::RetryRewraps { key_id: "k".into(), request_id: "y".into(), at: t(31) }), Reply::Conflict(_)));
 }
+
+/// An event whose producer claims it occurred at `occurred`, applied by
+/// keywarden at `at` with the KMS's answer `kms`: the two times differ when a
+/// producer's clock is off or an event is back-dated.
+fn claimed(id: &str, kind: EventType, key: &str, occurred: DateTime<Utc>, at: DateTime<Utc>, kms: Option<KeyStatus>) -> Input {
+    let Input::Event { mut event, .. } = ev(id, kind, key, 0) else { unreachable!() };
+    event.occurred_at = occurred;
+    Input::Event { event, at, kms }
+}
+
+#[test]
+fn an_ignored_future_dated_event_does_not_make_later_events_stale() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    // A restore of a key that is not deleted is ignored; dated a year ahead.
+    let future = claimed("f", EventType::Restore, "k", t(365 * 86400), t(5), None);
+    assert_eq!(outcome(m.run(future)), Outcome::Ignored);
+    assert_eq!(m.keys["k"].last_event_at, None, "an ignored event is no one's last word");
+    assert_eq!(outcome(m.run(ev("d", EventType::Disable, "k", 10))), Outcome::Applied);
+    assert_eq!(m.state("a"), InstanceState::Revoked);
+    assert_eq!((m.keys["k"].last_event_at, m.keys["k"].last_event_id.as_deref()), (Some(t(10)), Some("d")));
+}
+
+#[test]
+fn a_vetoed_delete_does_not_move_the_last_event() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("d", EventType::Disable, "k", 10));
+    let vetoed = claimed("x", EventType::Delete, "k", t(86400), t(11), Some(KeyStatus::Active));
+    assert_eq!(outcome(m.run(vetoed)), Outcome::Ignored);
+    assert_eq!((m.keys["k"].last_event_at, m.keys["k"].last_event_id.as_deref()), (Some(t(10)), Some("d")));
+    assert_eq!(outcome(m.run(ev("e", EventType::Enable, "k", 20))), Outcome::Applied);
+    assert_eq!(m.state("a"), InstanceState::Active);
+}
+
+#[test]
+fn a_back_dated_delete_keeps_the_whole_restore_window() {
+    const DAY: i64 = 86400;
+    let window = Duration::from_secs(30 * DAY as u64);
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    let now = t(100 * DAY);
+    assert_eq!(outcome(m.run(claimed("x", EventType::Delete, "k", now - chrono::Duration::days(40), now, None))), Outcome::Applied);
+    assert_eq!(m.keys["k"].deleted_at, Some(now), "the window counts from when keywarden applied the delete");
+    m.run(Input::Purge { key_id: "k".into(), purge_after: window, at: now + chrono::Duration::days(1) });
+    assert_eq!(m.state("a"), InstanceState::Erased, "a restore can still bring the data back");
+    assert_eq!(m.keys["k"].purged_at, None);
+    m.run(Input::Purge { key_id: "k".into(), purge_after: window, at: now + chrono::Duration::days(30) });
+    assert_eq!(m.state("a"), InstanceState::Destroyed);
+}
+
+#[test]
+fn a_restore_window_too_long_to_add_never_passes() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("x", EventType::Delete, "k", 10));
+    // Too long for chrono at all, and representable but past the end of time.
+    for window in [Duration::MAX, Duration::from_secs(i64::MAX as u64 / 1000)] {
+        assert_eq!(m.run(Input::Purge { key_id: "k".into(), purge_after: window, at: t(100) }), Reply::Done);
+        assert_eq!(m.state("a"), InstanceState::Erased);
+    }
+}

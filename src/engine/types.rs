@@ -80,9 +80,12 @@ pub struct KeyRecord {
     pub status: KeyStatus,
     /// Newest root-key version known; DEKs are rewrapped towards it.
     pub version: Option<String>,
-    /// `occurred_at` of the newest event applied: older events are stale.
+    /// `occurred_at` of the newest event applied: older events are stale. Only
+    /// an applied event moves it (never an ignored, vetoed or stale one).
     pub last_event_at: Option<DateTime<Utc>>,
     pub last_event_id: Option<String>,
+    /// When keywarden applied the delete (not the event's claimed time): the
+    /// restore window counts from here, so a back-dated delete cannot cut it short.
     pub deleted_at: Option<DateTime<Utc>>,
     /// Set once the restore window passed and the wrapped DEKs were destroyed.
     pub purged_at: Option<DateTime<Utc>>,

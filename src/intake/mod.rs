@@ -31,7 +31,7 @@ use tracing::{info_span, Instrument, Span};
 use crate::cluster::fence::{Fence, Partition};
 use crate::cluster::orphans;
 use crate::config::KafkaConfig;
-use crate::engine::{EventType, Input, KeyStatus, Outcome, Reply};
+use crate::engine::{EventType, Input, KeyStatus, LifecycleEvent, Outcome, Reply};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::writer::{Consumed, Pending, Writer, WriterError};
@@ -63,6 +63,13 @@ pub enum DecodeError {
     Signature(#[from] signature::SignatureError),
     #[error("header {index}: {problem}")]
     Header { index: usize, problem: String },
+    #[error(
+        "event {event_id} is dated {}, more than signatures.max_clock_skew ({}) ahead of this daemon's clock ({}); fix the producer's clock (or this host's) and produce the event again",
+        .occurred_at.to_rfc3339(),
+        humantime::format_duration(*.max_clock_skew),
+        .now.to_rfc3339()
+    )]
+    FutureDated { event_id: String, occurred_at: DateTime<Utc>, now: DateTime<Utc>, max_clock_skew: Duration },
 }
 
 impl DecodeError {
@@ -79,6 +86,7 @@ impl DecodeError {
             DecodeError::KeyMismatch { .. } => "key_mismatch",
             DecodeError::Signature(e) => e.class(),
             DecodeError::Header { .. } => "invalid_header",
+            DecodeError::FutureDated { .. } => "future_dated",
         }
     }
 
@@ -202,6 +210,8 @@ pub struct Intake {
     health: Arc<Health>,
     kms: Arc<dyn Kms>,
     verifier: Arc<Verifier>,
+    /// `signatures.max_clock_skew`: see [`check_freshness`].
+    max_clock_skew: Duration,
     /// With several nodes: a partition's events are applied only once this
     /// node's replica holds everything its previous owner wrote; the
     /// partitions (and generations) for which that is done.
@@ -246,6 +256,7 @@ impl Intake {
         metrics: Arc<Metrics>,
         kms: Arc<dyn Kms>,
         verifier: Arc<Verifier>,
+        max_clock_skew: Duration,
         replica: Option<Arc<crate::cluster::replica::Replica>>,
         advertise_url: &str,
         rejoin_after: Duration,
@@ -291,6 +302,7 @@ impl Intake {
             health,
             kms,
             verifier,
+            max_clock_skew,
             replica,
             taken_over: Default::default(),
             takeover_rx: std::sync::Mutex::new(Some(takeover_rx)),
@@ -402,7 +414,9 @@ impl Intake {
                 format = Empty
             );
             crate::telemetry::continue_trace(&span, upstream.clone());
-            let decoded = info_span!(parent: &span, "decode").in_scope(|| decode_message(&msg, headers, &self.verifier));
+            let now = Utc::now();
+            let decoded = info_span!(parent: &span, "decode")
+                .in_scope(|| decode_message(&msg, headers, &self.verifier).and_then(|d| check_freshness(&d.event, now, self.max_clock_skew).map(|()| d)));
             let (input, meta) = match decoded {
                 Ok(Decoded { mut event, format }) => {
                     span.record("event_id", event.event_id.as_str());
@@ -546,6 +560,22 @@ fn decode_message(msg: &BorrowedMessage<'_>, headers: Result<Vec<(&str, &[u8])>,
     Ok(Decoded { event, format })
 }
 
+/// Refuses an event dated more than `max_clock_skew` ahead of `now`, before it
+/// becomes an input: a signature says who sent an event, not when, and the
+/// engine orders a key's events by their `occurred_at`, so one dated in the
+/// future would win over every real event until that time came. A past date
+/// is no refusal (late events are the engine's to call stale). A skew too
+/// large to add to `now` refuses nothing.
+fn check_freshness(event: &LifecycleEvent, now: DateTime<Utc>, max_clock_skew: Duration) -> Result<(), DecodeError> {
+    let limit = chrono::Duration::from_std(max_clock_skew).ok().and_then(|skew| now.checked_add_signed(skew));
+    match limit {
+        Some(limit) if event.occurred_at > limit => {
+            Err(DecodeError::FutureDated { event_id: event.event_id.clone(), occurred_at: event.occurred_at, now, max_clock_skew })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Waits for each input to be durable, in order, then stores its offset for the
 /// next auto-commit. Stored offsets never pass what the store holds.
 async fn acknowledge(
@@ -613,5 +643,52 @@ async fn probe_broker(consumer: Arc<StreamConsumer<IntakeContext>>, topic: Strin
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn event_at(occurred_at: DateTime<Utc>) -> LifecycleEvent {
+        LifecycleEvent {
+            event_id: "e-1".into(),
+            kind: EventType::Disable,
+            key_id: "k".into(),
+            key_version: None,
+            occurred_at,
+            correlation_id: None,
+            traceparent: None,
+            material_destroyed: false,
+        }
+    }
+
+    const SKEW: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn events_up_to_the_clock_skew_ahead_and_any_age_behind_are_accepted() {
+        let now = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+        for occurred in [now, now + chrono::Duration::seconds(300), now - chrono::Duration::days(400)] {
+            check_freshness(&event_at(occurred), now, SKEW).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_event_dated_beyond_the_clock_skew_is_refused_with_the_reason() {
+        let now = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+        let err = check_freshness(&event_at(now + chrono::Duration::seconds(301)), now, SKEW).unwrap_err();
+        assert_eq!(err.class(), "future_dated");
+        let reason = err.to_string();
+        for part in ["event e-1", "2027-01-15T08:05:01+00:00", "signatures.max_clock_skew (5m)", "2027-01-15T08:00:00+00:00", "fix the producer's clock"] {
+            assert!(reason.contains(part), "{part:?} not in {reason}");
+        }
+    }
+
+    #[test]
+    fn a_clock_skew_too_large_to_add_refuses_nothing() {
+        let end_of_time = event_at(DateTime::<Utc>::MAX_UTC);
+        check_freshness(&end_of_time, Utc.timestamp_opt(1_800_000_000, 0).unwrap(), Duration::MAX).unwrap();
+        check_freshness(&end_of_time, DateTime::<Utc>::MAX_UTC - chrono::Duration::seconds(1), SKEW).unwrap();
     }
 }

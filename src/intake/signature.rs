@@ -273,6 +273,7 @@ mod tests {
                 SignatureKey { id: "old".into(), algorithm: SignatureAlgorithm::HmacSha256, file: dir.join("old.hmac"), topics: vec![] },
                 SignatureKey { id: "partner".into(), algorithm: SignatureAlgorithm::Ed25519, file: dir.join("ed.pub"), topics: vec!["events".into()] },
             ],
+            ..SignaturesConfig::default()
         };
         let old = Signer::from_file("old", SignatureAlgorithm::HmacSha256, &dir.join("old.hmac")).unwrap();
         let partner = Signer::from_file("partner", SignatureAlgorithm::Ed25519, &dir.join("ed.key")).unwrap();

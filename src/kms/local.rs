@@ -293,8 +293,10 @@ impl LocalKms {
             }
             (EventType::Restore, KeyStatus::Deleted) => {
                 let deleted = file.deleted_at.unwrap_or(now);
-                let window = chrono::Duration::from_std(self.purge_after).unwrap_or(chrono::Duration::MAX);
-                if deleted + window <= now {
+                // A window too long to add never passes (and never overflows).
+                let passed =
+                    chrono::Duration::from_std(self.purge_after).ok().and_then(|window| deleted.checked_add_signed(window)).is_some_and(|end| end <= now);
+                if passed {
                     return Err(KmsError::Conflict(format!(
                         "key {key_id} was deleted at {} and its restore window of {} has passed; its DEKs are destroyed and cannot be restored",
                         deleted.to_rfc3339(),
@@ -482,6 +484,18 @@ mod tests {
         assert_eq!(versions, (2..=9).map(|v| v.to_string()).collect::<Vec<_>>(), "no rotation overwrote another");
         assert_eq!(kms.state(&key).unwrap().1, "9");
         assert_eq!(kms.store.outbox_len(), 8, "one event per rotation");
+    }
+
+    #[tokio::test]
+    async fn a_restore_window_too_long_to_add_never_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        for (i, window) in [Duration::MAX, Duration::from_secs(i64::MAX as u64 / 1000)].into_iter().enumerate() {
+            let kms = LocalKms::open(store.clone(), writer(&store), &dir.path().join("master.key"), window).unwrap();
+            let (key, _) = kms.create_key(Some(format!("k{i}"))).await.unwrap();
+            kms.operate(&key, EventType::Delete).await.unwrap();
+            kms.operate(&key, EventType::Restore).await.unwrap();
+        }
     }
 
     #[tokio::test]

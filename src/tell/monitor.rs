@@ -191,9 +191,11 @@ impl Monitor {
             }
         }
 
-        let slow = chrono::Duration::from_std(c.rotation_slow_after.0).unwrap_or(chrono::Duration::MAX);
+        let slow = chrono::Duration::from_std(c.rotation_slow_after.0).ok();
         for job in self.ownership.mine(self.store.jobs()?, |j| &j.key_id) {
-            if job.finished_at.is_none() && job.started_at + slow <= now {
+            // A threshold too long to add is never reached (and never overflows).
+            let slow_since = slow.and_then(|slow| job.started_at.checked_add_signed(slow));
+            if job.finished_at.is_none() && slow_since.is_some_and(|since| since <= now) {
                 out.push(Alert::new(
                     "KeywardenRotationSlow",
                     Severity::Warning,

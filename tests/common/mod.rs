@@ -397,6 +397,20 @@ pub fn produce_with_headers(p: &BaseProducer, topic: &str, key: Option<&str>, pa
     p.flush(Duration::from_secs(10)).unwrap();
 }
 
+/// An `occurred_at` `secs` seconds from now. keywarden dead-letters an event
+/// dated more than `signatures.max_clock_skew` (5 minutes) ahead of its
+/// clock, so test events are dated from now, not in a far future: dated when
+/// it is made, an event is newer than everything applied before it, and one
+/// made right after another with a smaller `secs` is older (stale).
+pub fn soon(secs: i64) -> String {
+    soon_at(secs).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// [`soon`] as a time, for formats that write it their own way.
+pub fn soon_at(secs: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() + chrono::Duration::seconds(secs)
+}
+
 pub fn event(id: &str, kind: &str, key: &str, version: Option<&str>, at: &str) -> Vec<u8> {
     let mut v = json!({"event_id": id, "type": kind, "key_id": key, "occurred_at": at});
     if let Some(ver) = version {
