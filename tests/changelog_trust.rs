@@ -94,7 +94,7 @@ fn a_replayed_a_forged_and_an_unreplicable_changelog_record_change_nothing() {
     });
     assert_eq!(d.dek("ct-db").0, 423, "the replayed 'active' record did not re-activate the key");
     assert_eq!(d.state("ct-db"), "revoked");
-    assert_eq!(d.get("/v1/keys/ct-key").1["status"], "disabled");
+    assert_eq!(d.get("/v1/keys/ct-key").1["state"], "disabled");
     let log = d.log();
     assert_eq!(log.matches("refused a changelog record").count(), 3, "log:\n{log}");
 

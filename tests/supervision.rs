@@ -9,8 +9,23 @@ use std::time::Duration;
 use common::*;
 
 /// Every long-running task of a single node with its changelog replica.
-const TASKS: &[&str] =
-    &["api", "relay", "rotation", "purge", "notify", "alerts", "alert-resend", "monitor", "reconcile", "reload", "replica", "replica-watermarks"];
+const TASKS: &[&str] = &[
+    "api",
+    "relay",
+    "rotation",
+    "purge",
+    "notify",
+    "alerts",
+    "alert-resend",
+    "monitor",
+    "reconcile",
+    "reload",
+    "replica",
+    "replica-watermarks",
+    "intake-probe",
+    "intake-lag",
+    "intake-orphans",
+];
 
 #[test]
 fn each_critical_task_that_panics_or_ends_makes_the_daemon_exit_non_zero_naming_it() {

@@ -380,7 +380,9 @@ async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiR
     if record.is_none() && kms_state.is_none() {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("key {key_id} is unknown; create it with POST /v1/keys")));
     }
-    let instances = s.store.instances_of(&key_id)?;
+    let store = s.store.clone();
+    let id = key_id.clone();
+    let instances = off_runtime(move || Ok(store.instances_of(&id)?)).await?;
     let live: Vec<&InstanceRecord> = instances.iter().filter(|i| i.wrapped.is_some()).collect();
     let version = record.as_ref().and_then(|k| k.version.clone()).or_else(|| kms_state.as_ref().map(|k| k.1.clone()));
     let pending = live.iter().filter(|i| Some(&i.key_version) != version.as_ref()).count();
@@ -477,12 +479,22 @@ struct ListQuery {
 }
 
 async fn list_instances(State(s): State<AppState>, Query(q): Query<ListQuery>) -> ApiResult {
-    let list = match &q.key_id {
-        Some(k) => s.store.instances_of(k)?,
-        None => s.store.instances()?,
-    };
-    let items = list.iter().map(|i| instance_json(&s, i)).collect::<Result<Vec<Value>, ApiError>>()?;
-    Ok(Json(json!({ "instances": items })).into_response())
+    // A scan of every instance: off the runtime.
+    off_runtime(move || {
+        let list = match &q.key_id {
+            Some(k) => s.store.instances_of(k)?,
+            None => s.store.instances()?,
+        };
+        let items = list.iter().map(|i| instance_json(&s, i)).collect::<Result<Vec<Value>, ApiError>>()?;
+        Ok(Json(json!({ "instances": items })).into_response())
+    })
+    .await
+}
+
+/// Runs a read that scans the store on a blocking thread: a scan of a large
+/// store must not hold up an async worker (and the DEK requests it serves).
+async fn off_runtime<T: Send + 'static>(read: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(read).await.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("internal error: {e}")))?
 }
 
 async fn show_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
