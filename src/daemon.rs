@@ -15,6 +15,7 @@ use crate::api::auth::{AuthError, Tokens};
 use crate::api::{router, AppState};
 use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
 use crate::cluster::changelog::{ChangelogKey, ChangelogPublisher};
+use crate::cluster::forward::{Forwarder, NodeAuth};
 use crate::cluster::replica::Replica;
 use crate::cluster::{Fence, Ownership};
 use crate::config::Config;
@@ -116,13 +117,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     // Before anything reads the store: other nodes' changes (and, on a fresh
     // node, everything) come from the changelog first; then this node's own
     // changes that had not been published yet go back on top, being newer.
-    let (replica, changelog_stop) = match connected {
+    let (replica, changelog_stop, node_auth) = match connected {
         Some(connected) => {
             notifier.send("STATUS=starting: catching up with the changelog");
-            let (replica, stop) = catch_up(connected, &config, &bootstrap, &store, &writer, &metrics, &mut supervisor).await?;
-            (Some(replica), Some(stop))
+            let (replica, stop, key) = catch_up(connected, &config, &bootstrap, &store, &writer, &metrics, &mut supervisor).await?;
+            (Some(replica), Some(stop), Some(Arc::new(NodeAuth::new(key))))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let local = Arc::new(
         LocalKms::open(store.clone(), writer.clone(), &config.kms.local.master_key_file, config.policy.purge_after.0)?
@@ -182,11 +183,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         ownership: ownership.clone(),
         write_timeout: config.api.write_timeout.0,
     };
-    let forwarder = match &replica {
-        Some(_) => Some(Arc::new(crate::cluster::forward::Forwarder::new(ownership.clone(), store.clone(), advertise.clone())?)),
+    let forwarder = match &node_auth {
+        Some(auth) => Some(Arc::new(Forwarder::new(ownership.clone(), store.clone(), advertise.clone(), auth.clone())?)),
         None => None,
     };
-    let (api_addr, tokens) = serve_api(&config, state, forwarder, &mut supervisor, &tasks).await?;
+    let (api_addr, tokens) = serve_api(&config, state, forwarder, node_auth, &mut supervisor, &tasks).await?;
     tracing::info!(api = %api_addr, bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
     intake.spawn_watchers(&mut supervisor, tasks.clone());
     supervisor.spawn("relay", relay.run(tasks.clone()));
@@ -317,7 +318,7 @@ async fn catch_up(
     writer: &Writer,
     metrics: &Arc<Metrics>,
     supervisor: &mut Supervisor,
-) -> Result<(Arc<Replica>, Arc<std::sync::atomic::AtomicBool>), DaemonError> {
+) -> Result<(Arc<Replica>, Arc<std::sync::atomic::AtomicBool>, Arc<ChangelogKey>), DaemonError> {
     let topic = &config.cluster.changelog_topic;
     let secret = crate::intake::signature::load_or_create_secret(
         "cluster",
@@ -336,11 +337,11 @@ async fn catch_up(
             return Err(DaemonError::TaskFailed(reason));
         }
     }
-    let publisher = ChangelogPublisher::new(&config.kafka, bootstrap, topic, replica.partitions().len() as i32, key).map_err(TellError::Producer)?;
+    let publisher = ChangelogPublisher::new(&config.kafka, bootstrap, topic, replica.partitions().len() as i32, key.clone()).map_err(TellError::Producer)?;
     let stop = publisher.stop.clone();
     store.set_changelog(Arc::new(publisher));
     tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");
-    Ok((replica, stop))
+    Ok((replica, stop, key))
 }
 
 /// Binds the API and serves it under the supervisor. Returns its address and
@@ -348,14 +349,18 @@ async fn catch_up(
 async fn serve_api(
     config: &Config,
     state: AppState,
-    forwarder: Option<Arc<crate::cluster::forward::Forwarder>>,
+    forwarder: Option<Arc<Forwarder>>,
+    node_auth: Option<Arc<NodeAuth>>,
     supervisor: &mut Supervisor,
     tasks: &CancellationToken,
 ) -> Result<(SocketAddr, Arc<Tokens>), DaemonError> {
     let tls = &config.api.tls;
     let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
-    let tokens =
-        Arc::new(Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?.with_client_certs_for_dek(!tls.client_ca_file.as_os_str().is_empty()));
+    let tokens = Arc::new(
+        Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?
+            .with_client_certs_for_dek(!tls.client_ca_file.as_os_str().is_empty())
+            .with_node_auth(node_auth),
+    );
     let listener = tokio::net::TcpListener::bind(&config.api.listen).await.map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
     let api_addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
     tracing::info!(api = %api_addr, tls = acceptor.is_some(), "api listening");

@@ -243,6 +243,11 @@ fn three_nodes_share_the_work_survive_a_kill_a_fresh_node_and_a_clean_stop() {
         assert_eq!(applied, 1, "event {id} was applied {applied} times");
     }
     println!("CLUSTER: {} events, each applied exactly once across 4 nodes' audit trails", events.len());
+    // Writes sent to a node that does not own their key reached the owner
+    // signed by that node, not with the caller's token (audited as "node").
+    let forwarded = trails.iter().filter(|e| e["who"] == "node" && e["what"] == "POST /v1/instances" && e["outcome"] == "201").count();
+    assert!(forwarded > 0, "no forwarded instance creation was audited on an owner as who=node");
+    println!("CLUSTER: {forwarded} instance creations forwarded under a node signature");
 
     // The data plane was told: every instance of a disabled or deleted key got
     // its command, including those whose key's owner was killed or stopped.

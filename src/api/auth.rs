@@ -28,6 +28,8 @@ pub enum AuthError {
 pub enum Caller {
     Admin,
     DataPlane,
+    /// Another node of the cluster, forwarding a write it authenticated.
+    Node,
 }
 
 pub struct Tokens {
@@ -35,6 +37,9 @@ pub struct Tokens {
     digests: std::sync::RwLock<([u8; 32], [u8; 32])>,
     /// DEK requests must also come with a verified client certificate.
     dek_needs_client_cert: bool,
+    /// With several nodes: a write another node forwarded, signed under the
+    /// cluster secret, is taken without a token (the caller's stayed there).
+    node: Option<std::sync::Arc<crate::cluster::forward::NodeAuth>>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -49,7 +54,7 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 
 impl Tokens {
     pub fn load(admin_file: &Path, dek_file: &Path) -> Result<Tokens, AuthError> {
-        Ok(Tokens { digests: std::sync::RwLock::new(Self::read(admin_file, dek_file)?), dek_needs_client_cert: false })
+        Ok(Tokens { digests: std::sync::RwLock::new(Self::read(admin_file, dek_file)?), dek_needs_client_cert: false, node: None })
     }
 
     fn read(admin_file: &Path, dek_file: &Path) -> Result<([u8; 32], [u8; 32]), AuthError> {
@@ -65,6 +70,11 @@ impl Tokens {
 
     pub fn with_client_certs_for_dek(mut self, needed: bool) -> Tokens {
         self.dek_needs_client_cert = needed;
+        self
+    }
+
+    pub fn with_node_auth(mut self, node: Option<std::sync::Arc<crate::cluster::forward::NodeAuth>>) -> Tokens {
+        self.node = node;
         self
     }
 
@@ -122,6 +132,12 @@ pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, req: Request,
         return next.run(req).await;
     }
     let wants_dek = path.starts_with("/v1/instances/") && path.ends_with("/dek");
+    if crate::cluster::forward::NodeAuth::presented(req.headers()) {
+        return match &tokens.node {
+            Some(node) if !wants_dek && matches!(*req.method(), axum::http::Method::POST | axum::http::Method::DELETE) => forwarded(node, req, next).await,
+            _ => unauthorized(),
+        };
+    }
     let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let caller = presented.and_then(|t| tokens.caller(t));
     let cert_ok = !tokens.dek_needs_client_cert || req.extensions().get::<super::tls::ClientCert>().is_some_and(|c| c.0);
@@ -137,6 +153,20 @@ pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, req: Request,
         }
         _ => unauthorized(),
     }
+}
+
+/// A write another node forwarded: taken only if its node signature verifies.
+async fn forwarded(node: &crate::cluster::forward::NodeAuth, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else { return unauthorized() };
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    if let Err(why) = node.verify(parts.method.as_str(), &path, &parts.headers, &bytes) {
+        tracing::warn!(%path, reason = why, "refused a forwarded request");
+        return unauthorized();
+    }
+    let mut response = next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await;
+    response.extensions_mut().insert(Caller::Node);
+    response
 }
 
 #[cfg(test)]

@@ -190,6 +190,7 @@ async fn record_writes(State(audit): State<Audit>, req: axum::extract::Request, 
     let who = match response.extensions().get::<auth::Caller>() {
         Some(auth::Caller::Admin) => "admin",
         Some(auth::Caller::DataPlane) => "dek",
+        Some(auth::Caller::Node) => "node",
         None => "anonymous",
     };
     let is_write = matches!(method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE") && !path.ends_with("/dek");
