@@ -260,6 +260,13 @@ pub struct ClusterConfig {
     /// produce to the changelog topic without it changes nothing. Empty:
     /// `cluster.key` in the store directory, created on first start.
     pub secret_file: PathBuf,
+    /// The API base URLs of every node of the deployment (as each advertises
+    /// itself). A write is forwarded, and a partition's owner asked whether it
+    /// lives, only at a URL in this list: an owner announcement naming any
+    /// other URL is ignored (the partition counts as ownerless). Empty: no
+    /// node but this one, so a single node needs none and several nodes must
+    /// list each other.
+    pub peers: Vec<String>,
 }
 
 impl Default for ClusterConfig {
@@ -270,6 +277,7 @@ impl Default for ClusterConfig {
             advertise_url: String::new(),
             rejoin_after: HumanDuration(Duration::from_secs(20)),
             secret_file: PathBuf::new(),
+            peers: Vec::new(),
         }
     }
 }
@@ -539,6 +547,9 @@ impl Config {
         if !(c.advertise_url.is_empty() || c.advertise_url.starts_with("http://") || c.advertise_url.starts_with("https://")) {
             return Err(invalid("cluster.advertise_url", &c.advertise_url, "an http:// or https:// URL, or empty to derive it"));
         }
+        if let Some(bad) = c.peers.iter().find(|p| !(p.starts_with("http://") || p.starts_with("https://"))) {
+            return Err(invalid("cluster.peers", bad, "a list of http:// or https:// URLs, one per node"));
+        }
         if c.rejoin_after.0 < Duration::from_secs(2) {
             return Err(invalid("cluster.rejoin_after", &format!("{:?}", c.rejoin_after.0), "at least 2s, and above the consumer session timeout"));
         }
@@ -761,6 +772,10 @@ fn apply_env(value: &mut toml::Value, defaults: &toml::Value, vars: &[(String, S
                 field: field.clone(),
                 message: "expected true or false".into(),
             })?),
+            // A list of strings, comma-separated ("http://a:8420,http://b:8420").
+            toml::Value::Array(_) => {
+                toml::Value::Array(raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.to_string())).collect())
+            }
             _ => toml::Value::String(raw.clone()),
         };
         let parts: Vec<&str> = path.iter().map(String::as_str).collect();
@@ -778,7 +793,9 @@ fn collect_leaves(v: &toml::Value, prefix: &mut Vec<String>, out: &mut Vec<(Vec<
                 prefix.pop();
             }
         }
-        toml::Value::Table(_) | toml::Value::Array(_) => {}
+        toml::Value::Table(_) => {}
+        // A list (of strings: cluster.peers) is set whole, comma-separated; a
+        // list of tables (kms.routes) that way is refused when it is parsed.
         leaf => out.push((prefix.clone(), leaf.clone())),
     }
 }
@@ -809,6 +826,16 @@ fn set_path(root: &mut toml::Value, path: &[&str], leaf: toml::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_peer_list_is_set_from_the_environment_comma_separated() {
+        let vars = vec![("KEYWARDEN_CLUSTER_PEERS".to_string(), "http://a:8420, http://b:8420,".to_string())];
+        let mut value = toml::Value::try_from(Config::default()).unwrap();
+        let defaults = value.clone();
+        apply_env(&mut value, &defaults, &vars).unwrap();
+        let config: Config = value.try_into().unwrap();
+        assert_eq!(config.cluster.peers, ["http://a:8420", "http://b:8420"]);
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()

@@ -17,7 +17,7 @@ use crate::broker::{ensure_topics, BrokerError, EmbeddedBroker};
 use crate::cluster::changelog::{ChangelogKey, ChangelogPublisher};
 use crate::cluster::forward::{Forwarder, NodeAuth};
 use crate::cluster::replica::Replica;
-use crate::cluster::{Fence, Ownership};
+use crate::cluster::{Fence, Ownership, Peers};
 use crate::config::Config;
 use crate::engine::{KeyStatus, Record};
 use crate::intake::signature::{SignatureError, Signer, Verifier};
@@ -184,12 +184,12 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         write_timeout: config.api.write_timeout.0,
     };
     let forwarder = match &node_auth {
-        Some(auth) => Some(Arc::new(Forwarder::new(ownership.clone(), store.clone(), advertise.clone(), auth.clone())?)),
+        Some(auth) => Some(Arc::new(Forwarder::new(ownership.clone(), store.clone(), advertise.clone(), auth.clone(), Peers::new(&config.cluster.peers))?)),
         None => None,
     };
     let (api_addr, tokens) = serve_api(&config, state, forwarder, node_auth, &mut supervisor, &tasks).await?;
     tracing::info!(api = %api_addr, bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
-    intake.spawn_watchers(&mut supervisor, tasks.clone());
+    intake.spawn_watchers(&mut supervisor, tasks.clone(), Peers::new(&config.cluster.peers));
     supervisor.spawn("relay", relay.run(tasks.clone()));
     supervisor.spawn("rotation", rotator.run(tasks.clone()));
     supervisor.spawn(

@@ -24,9 +24,14 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// The nodes' directories, for their logs when a write keeps failing.
 static LOGS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
 const PER_KEY: usize = 100;
+/// The most nodes one test starts (three, then a fresh fourth).
+const NODES: usize = 4;
 
 struct Shared {
     dir: tempfile::TempDir,
+    /// The API ports of the nodes to come, so that each lists all as peers.
+    ports: Vec<u16>,
+    started: std::cell::Cell<usize>,
 }
 
 impl Shared {
@@ -44,7 +49,7 @@ impl Shared {
         secret("admin.token", "cluster-admin-token-0123456789abcdef");
         secret("dek.token", "cluster-dek-token-0123456789abcdef");
         secret("cluster.key", "the-cluster-secret-every-node-holds-0123456789");
-        Shared { dir }
+        Shared { dir, ports: (0..NODES).map(|_| free_port()).collect(), started: std::cell::Cell::new(0) }
     }
 
     fn path(&self, name: &str) -> String {
@@ -52,8 +57,12 @@ impl Shared {
     }
 
     fn node(&self, bootstrap: &str) -> Daemon {
+        let n = self.started.get();
+        self.started.set(n + 1);
+        let peers = self.ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
         let (master, admin, dek, cluster) = (self.path("master.key"), self.path("admin.token"), self.path("dek.token"), self.path("cluster.key"));
-        let d = Daemon::start(
+        let d = Daemon::start_on(
+            self.ports[n],
             bootstrap,
             &[
                 ("KEYWARDEN_KAFKA_PARTITIONS", "6"),
@@ -63,6 +72,7 @@ impl Shared {
                 ("KEYWARDEN_API_ADMIN_TOKEN_FILE", &admin),
                 ("KEYWARDEN_API_DEK_TOKEN_FILE", &dek),
                 ("KEYWARDEN_CLUSTER_SECRET_FILE", &cluster),
+                ("KEYWARDEN_CLUSTER_PEERS", &peers),
                 // A killed node's partitions move after this long.
                 ("KEYWARDEN_KAFKA_PROPERTIES_SESSION_TIMEOUT_MS", "8000"),
                 ("KEYWARDEN_KAFKA_DRAIN_TIMEOUT", "3s"),
@@ -333,4 +343,71 @@ fn a_revocation_on_the_owner_is_visible_on_every_node_quickly() {
         "CLUSTER: broker stopped; the 2 replicas refused the DEK after {:.1}s (cluster.max_replica_lag = 2s), the owner kept serving it",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Produces, with kafka-python, an owner announcement for a partition the
+/// first node does not own, naming a rogue URL, authentic under the cluster
+/// secret (as a node that holds it could). Prints the partition.
+const ROGUE_OWNER: &str = r#"
+import sys, hmac, hashlib, struct
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+bootstrap, topic, secret_file, me, rogue = sys.argv[1:6]
+secret = open(secret_file).read().strip().encode()
+c = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=5000)
+c.assign([TopicPartition(topic, p) for p in c.partitions_for_topic(topic)])
+c.seek_to_beginning()
+owners = {}
+for m in c:
+    if m.key and m.key.startswith(b"w/") and len(m.key) == 6:
+        owners[struct.unpack(">i", m.key[2:])[0]] = (m.value.decode(), m.partition)
+theirs = [(p, at) for p, (url, at) in sorted(owners.items()) if url != me]
+assert theirs, owners
+partition, at = theirs[0]
+key = b"w/" + struct.pack(">i", partition)
+value = rogue.encode()
+version = 1 << 61
+h = hmac.new(secret, b"keywarden changelog v1\0", hashlib.sha256)
+h.update(struct.pack(">i", at)); h.update(struct.pack(">Q", len(key))); h.update(key)
+h.update(b"\1"); h.update(struct.pack(">Q", len(value))); h.update(value)
+h.update(struct.pack(">q", version))
+p = KafkaProducer(bootstrap_servers=bootstrap)
+p.send(topic, key=key, value=value, partition=at,
+       headers=[("keywarden.changelog.version", struct.pack(">q", version)), ("keywarden.changelog.mac", h.digest())])
+p.flush(30)
+print(partition)
+"#;
+
+#[test]
+fn an_owner_announced_outside_the_peer_list_receives_nothing() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let broker = Broker::start();
+    let shared = Shared::new();
+    let nodes: Vec<Daemon> = (0..2).map(|_| shared.node(&broker.bootstrap)).collect();
+    // Both own some partitions and have announced themselves.
+    for i in 0..KEYS {
+        write(&nodes[i % 2], "/v1/keys", Some(json!({"key_id": key(i)})));
+    }
+    let rogue = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    rogue.set_nonblocking(true).unwrap();
+    let rogue_url = format!("http://{}", rogue.local_addr().unwrap());
+    let out = std::process::Command::new("python3")
+        .args(["-c", ROGUE_OWNER, &broker.bootstrap, "keywarden-state", &shared.path("cluster.key"), &nodes[0].api, &rogue_url])
+        .output()
+        .expect("python3");
+    assert!(out.status.success(), "kafka-python failed (pip install kafka-python): {}", String::from_utf8_lossy(&out.stderr));
+    let partition: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let target = (0..10_000).map(|i| format!("rogue-{i}")).find(|k| keywarden::cluster::partition_of(k, 6) == partition).unwrap();
+    // The first node, once its replica has the announcement, refuses to
+    // forward there: the positive marker that it was read and judged.
+    let refused = wait_until("the write refused for an owner outside cluster.peers", Duration::from_secs(30), || {
+        let (s, v) = nodes[0].post(&format!("/v1/keys/{target}/disable"), None);
+        (s == 503 && v["error"].as_str().unwrap_or_default().contains("not in cluster.peers")).then_some(v)
+    });
+    assert!(refused["error"].as_str().unwrap().contains(&rogue_url), "{refused}");
+    // Neither the write nor an owner health probe ever reached the rogue URL.
+    match rogue.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the rogue owner URL received a connection: {other:?}"),
+    }
 }

@@ -54,6 +54,12 @@ fn unsigned(p: &rdkafka::producer::BaseProducer, key: &str, payload: &[u8]) {
     produce_with_headers(p, "key-lifecycle", Some(key), payload, &[]);
 }
 
+/// A time as Activity Tracker writes it: hundredths and a `+0000` offset.
+fn activity_tracker_time(secs: i64) -> String {
+    let t = soon_at(secs);
+    format!("{}.{:02}{}", t.format("%Y-%m-%dT%H:%M:%S"), t.timestamp_subsec_millis() / 10, t.format("%z"))
+}
+
 #[test]
 fn activity_tracker_events_drive_the_lifecycle_and_carry_their_correlation_id() {
     let broker = Broker::start();
@@ -63,7 +69,7 @@ fn activity_tracker_events_drive_the_lifecycle_and_carry_their_correlation_id() 
     let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
     let p = producer(&broker.bootstrap);
     // Routed by Activity Tracker, not signed: accepted by format.
-    unsigned(&p, CRN, &at_event("at-1", "kms.secrets.disable", "corr-disable-1", &soon_at(1).format("%Y-%m-%dT%H:%M:%S%.2f%z").to_string()));
+    unsigned(&p, CRN, &at_event("at-1", "kms.secrets.disable", "corr-disable-1", &activity_tracker_time(1)));
     d.wait_state("at-db", "revoked");
     let rec = d.wait_event("at-1");
     assert_eq!(rec["correlation_id"], "corr-disable-1", "{rec}");
@@ -71,7 +77,7 @@ fn activity_tracker_events_drive_the_lifecycle_and_carry_their_correlation_id() 
     assert_eq!(commands_with(&revoke, "revoke", "at-1")[0]["correlation_id"], "corr-disable-1");
     assert!(d.log().contains("corr-disable-1"), "the log lines carry the correlation id");
 
-    unsigned(&p, CRN, &at_event("at-2", "kms.secrets.enable", "corr-enable-2", &soon_at(2).format("%Y-%m-%dT%H:%M:%S%.2f%z").to_string()));
+    unsigned(&p, CRN, &at_event("at-2", "kms.secrets.enable", "corr-enable-2", &activity_tracker_time(2)));
     d.wait_state("at-db", "active");
     // A failed request and a non-lifecycle action change nothing and say why.
     let mut failed: Value = serde_json::from_slice(&at_event("at-3", "kms.secrets.delete", "c3", &soon(3))).unwrap();

@@ -22,7 +22,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use super::changelog::ChangelogKey;
-use super::Ownership;
+use super::{Ownership, Peers};
 use crate::store::Store;
 
 const FORWARDED: &str = "x-keywarden-forwarded";
@@ -42,12 +42,13 @@ pub struct Forwarder {
     me: String,
     http: reqwest::Client,
     auth: Arc<NodeAuth>,
+    peers: Peers,
 }
 
 impl Forwarder {
-    pub fn new(ownership: Ownership, store: Store, me: String, auth: Arc<NodeAuth>) -> Result<Forwarder, ForwardError> {
+    pub fn new(ownership: Ownership, store: Store, me: String, auth: Arc<NodeAuth>, peers: Peers) -> Result<Forwarder, ForwardError> {
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().map_err(ForwardError::Client)?;
-        Ok(Forwarder { ownership, store, me, http, auth })
+        Ok(Forwarder { ownership, store, me, http, auth, peers })
     }
 }
 
@@ -175,8 +176,14 @@ pub async fn forward(State((f, from)): State<(Arc<Forwarder>, KeyFrom)>, params:
         return unavailable(format!("partition {partition} of key {key} changed owner while this request was forwarded; retry"));
     }
     // Owners announce themselves through the changelog when they take a partition.
-    let Some(owner) = f.store.owner_url(partition).ok().flatten().filter(|url| *url != f.me) else {
-        return unavailable(format!("no node owns partition {partition} of key {key} right now (the group is rebalancing); retry shortly"));
+    let announced = f.store.owner_url(partition).ok().flatten().filter(|url| *url != f.me);
+    let owner = match announced {
+        None => return unavailable(format!("no node owns partition {partition} of key {key} right now (the group is rebalancing); retry shortly")),
+        Some(url) if !f.peers.admits(&url) => {
+            tracing::warn!(partition, %url, "ignoring an owner announcement that names a URL not in cluster.peers");
+            return unavailable(format!("the owner announced for partition {partition} of key {key} ({url}) is not in cluster.peers; list every node there"));
+        }
+        Some(url) => url,
     };
     let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let url = format!("{}{}", owner.trim_end_matches('/'), path);

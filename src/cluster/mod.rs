@@ -69,6 +69,22 @@ pub trait Changelog: Send + Sync {
     fn publish(&self, changes: &[Change], deadline: Option<Instant>, last: &dyn Fn(i32) -> i64) -> Result<Vec<Written>, ChangelogError>;
 }
 
+/// The nodes of the deployment (`cluster.peers`): the only URLs a write is
+/// forwarded to, or an owner asked whether it lives, whatever the changelog
+/// announces.
+#[derive(Debug, Clone, Default)]
+pub struct Peers(Vec<String>);
+
+impl Peers {
+    pub fn new(urls: &[String]) -> Peers {
+        Peers(urls.iter().map(|u| u.trim_end_matches('/').to_string()).collect())
+    }
+
+    pub fn admits(&self, url: &str) -> bool {
+        self.0.iter().any(|p| p == url.trim_end_matches('/'))
+    }
+}
+
 /// Which keys this node writes: those whose partition of the events topic it
 /// consumes now. Without a changelog there is one node, and it writes all.
 #[derive(Clone)]

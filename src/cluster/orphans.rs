@@ -34,6 +34,8 @@ pub struct Watch {
     pub me: String,
     pub rejoin_after: Duration,
     pub health: Arc<Health>,
+    /// Only these are asked whether they live; another announced URL is no owner.
+    pub peers: super::Peers,
 }
 
 impl Watch {
@@ -63,7 +65,7 @@ impl Watch {
                     orphaned_since.remove(p);
                     continue;
                 }
-                let owner = self.store.owner_url(*p).ok().flatten().filter(|url| *url != self.me);
+                let owner = self.store.owner_url(*p).ok().flatten().filter(|url| *url != self.me && self.peers.admits(url));
                 let live = match owner {
                     None => false,
                     Some(url) => match alive.get(&url) {

@@ -315,7 +315,7 @@ impl Intake {
     /// Starts the intake's watchers under the supervisor: the broker probe
     /// (readiness), the lag sampler and, with several nodes, the watch over
     /// partitions nobody owns. They stop with `stop`.
-    pub fn spawn_watchers(&self, supervisor: &mut crate::supervise::Supervisor, stop: CancellationToken) {
+    pub fn spawn_watchers(&self, supervisor: &mut crate::supervise::Supervisor, stop: CancellationToken, peers: crate::cluster::Peers) {
         supervisor.spawn("intake-probe", probe_broker(self.consumer.clone(), self.kafka.events_topic.clone(), self.health.clone(), stop.clone()));
         supervisor.spawn("intake-lag", lag::sample(self.consumer.clone(), self.metrics.clone(), stop.clone()));
         if let Some(replica) = &self.replica {
@@ -328,6 +328,7 @@ impl Intake {
                 me: self.advertise_url.clone(),
                 rejoin_after: self.rejoin_after,
                 health: self.health.clone(),
+                peers,
             };
             supervisor.spawn("intake-orphans", watch.run(stop));
         }

@@ -129,8 +129,19 @@ impl Daemon {
 
     /// Starts the process without waiting for it to be ready.
     pub fn start_unready(bootstrap: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_unready_on(free_port(), bootstrap, env)
+    }
+
+    /// As `start`, with its API on `port` (chosen before, so that other
+    /// nodes can be told where it will be).
+    pub fn start_on(port: u16, bootstrap: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon::start_unready_on(port, bootstrap, env);
+        d.wait_ready();
+        d
+    }
+
+    fn start_unready_on(port: u16, bootstrap: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
         // A test that turns TLS on names the CA to trust the way the CLI takes it.
         let ca = env.iter().find(|(k, _)| *k == "KEYWARDEN_API_CA_CERT").map(|(_, v)| std::fs::read(v).unwrap());
         let api = format!("{}://127.0.0.1:{port}", if ca.is_some() { "https" } else { "http" });
