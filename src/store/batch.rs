@@ -41,6 +41,7 @@ impl Store {
     pub fn stage_records(&self, staged: &mut Staged, records: &[Record]) -> Result<(), StoreError> {
         // Queued commands are replicated, not stored here: this node's copy is its outbox entry.
         let mut commands = Vec::new();
+        let first = staged.changes.len();
         for r in records {
             match r {
                 Record::Key(key) => {
@@ -79,7 +80,11 @@ impl Store {
                 Record::Audit(fact) => staged.facts.push(fact.clone()),
             }
         }
-        staged.changes.extend(commands);
+        // Before the state they come with: a node killed half-way through
+        // publishing a batch leaves a prefix of it in the changelog. A command
+        // without its state is sent and, the state decided again, sent once
+        // more under the same id; state without its command would never send it.
+        staged.changes.splice(first..first, commands);
         Ok(())
     }
 
