@@ -207,6 +207,11 @@ fn credential_or(path: &Path) -> std::path::PathBuf {
     path.to_path_buf()
 }
 
+/// Whether `load_or_create_secret` would read the secret rather than create it.
+pub fn secret_exists(path: &Path) -> bool {
+    credential_or(path).exists()
+}
+
 /// The file's text, trimmed, is the secret; at least 32 bytes of it.
 fn read_hmac(id: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>, SignatureError> {
     let text = Zeroizing::new(std::fs::read_to_string(credential_or(path)).map_err(|e| key_error(id, path, e.to_string()))?);
