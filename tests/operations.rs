@@ -1,6 +1,7 @@
 //! Operating keywarden: alerts through a real Alertmanager (Debian's
 //! prometheus-alertmanager) and a webhook, the audit trail's export and its
-//! verification against tampering, and the purge's proof of erasure.
+//! verification against tampering (also with the chain recomputed, which the
+//! seals catch), and the purge's proof of erasure.
 
 mod common;
 
@@ -223,6 +224,108 @@ fn the_audit_trail_exports_verifies_and_catches_tampering_and_purges_leave_proof
     let tampered = cli(&["audit", "verify"]);
     assert!(!tampered.status.success());
     assert!(String::from_utf8_lossy(&tampered.stderr).contains("altered"), "{}", String::from_utf8_lossy(&tampered.stderr));
+
+    // The audit secret was created beside the store, not in it.
+    let store = d.dir.path().join("store");
+    let secret = d.dir.path().join("store-audit.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&secret).expect("the audit secret beside the store").permissions().mode() & 0o777, 0o600);
+    assert!(!std::fs::read_dir(&store).unwrap().any(|f| f.unwrap().file_name().to_string_lossy().contains("audit")));
+
+    // Whoever can write the store can also recompute the whole chain, as
+    // keywarden hashed it before the seals: the edited entry is still caught,
+    // by its seal, and named; the entries before it still verify.
+    assert_eq!(d.terminate(), Some(0));
+    let (edited, _) = rewrite_trail(&store, false);
+    d.restart();
+    let recomputed = cli(&["audit", "verify"]);
+    let err = String::from_utf8_lossy(&recomputed.stderr);
+    assert!(!recomputed.status.success(), "{}", String::from_utf8_lossy(&recomputed.stdout));
+    assert!(err.contains(&format!("audit entry {edited} does not match its seal: it was altered")), "{err}");
+
+    // Nor does writing the trail in the format from before the seals pass
+    // for an old trail: the audit secret is not new, so nothing anchors it.
+    assert_eq!(d.terminate(), Some(0));
+    rewrite_trail(&store, true);
+    d.restart();
+    let stripped = cli(&["audit", "verify"]);
+    let err = String::from_utf8_lossy(&stripped.stderr);
+    assert!(!stripped.status.success());
+    assert!(err.contains("carry no seal and no anchor vouches for them"), "{err}");
+
+    // A store from before the seals, on the start that creates the secret
+    // (an upgrade): its entries are anchored and verify as legacy. That is
+    // also why the secret belongs where the store's writers cannot reach it.
+    assert_eq!(d.terminate(), Some(0));
+    let (_, old_entries) = rewrite_trail(&store, true);
+    std::fs::remove_file(&secret).unwrap();
+    d.restart();
+    let upgraded = cli(&["audit", "verify"]);
+    let out = String::from_utf8_lossy(&upgraded.stdout);
+    assert!(upgraded.status.success(), "{}", String::from_utf8_lossy(&upgraded.stderr));
+    assert!(out.contains("chain: intact") && out.contains(&format!("legacy: {old_entries}")), "{out}");
+    let export = cli(&["audit", "export"]);
+    let lines: Vec<Value> = String::from_utf8(export.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let anchor = &lines[old_entries];
+    assert_eq!((anchor["who"].as_str(), anchor["what"].as_str()), (Some("keywarden"), Some("audit trail keyed")), "{anchor}");
+    assert!(lines[..old_entries].iter().all(|e| e.get("mac").is_none()) && lines[old_entries..].iter().all(|e| e["mac"].is_string()));
+}
+
+/// The hash keywarden chained audit entries with before they were sealed (and
+/// still chains them with, under the seal): plain SHA-256, which anyone can
+/// compute. A copy of the old `store::audit::hash_of`, on purpose.
+fn plain_hash(e: &keywarden::store::audit::AuditEntry) -> String {
+    use sha2::Digest;
+    let f = &e.fact;
+    let mut h = sha2::Sha256::new();
+    h.update(e.seq.to_be_bytes());
+    let at = e.at.to_rfc3339();
+    let fields = [Some(&at), Some(&f.who), Some(&f.what), Some(&f.outcome)]
+        .into_iter()
+        .chain([&f.event_id, &f.key_id, &f.instance_id, &f.key_version, &f.correlation_id, &f.detail].map(Option::as_ref))
+        .chain([Some(&e.prev)]);
+    for field in fields {
+        match field {
+            Some(s) => {
+                h.update([1]);
+                h.update((s.len() as u64).to_be_bytes());
+                h.update(s.as_bytes());
+            }
+            None => h.update([0]),
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Rewrites a stopped daemon's trail as someone with write access to its
+/// store but without the audit secret can: every entry hashed and linked again
+/// with plain SHA-256; with `strip_seals`, in the format from before the
+/// seals (no `mac`). Written to sled's files directly, as the existing edit
+/// above is: the store is written only by its writer, and this is exactly the
+/// write nobody should be able to hide. Returns the seq of the entry edited
+/// earlier and how many entries the trail holds.
+fn rewrite_trail(store: &std::path::Path, strip_seals: bool) -> (u64, usize) {
+    let db = sled::open(store).unwrap();
+    let tree = db.open_tree("state").unwrap();
+    let trail: Vec<(sled::IVec, keywarden::store::audit::AuditEntry)> =
+        tree.scan_prefix(b"a/").map(|kv| kv.unwrap()).map(|(k, v)| (k, serde_json::from_slice(&v).unwrap())).collect();
+    let mut prev = keywarden::store::audit::GENESIS.to_string();
+    let mut edited = None;
+    for (key, e) in &trail {
+        let mut e = e.clone();
+        e.prev = prev;
+        e.hash = plain_hash(&e);
+        if strip_seals {
+            e.mac = None;
+        }
+        if e.fact.outcome == "nothing to see here" {
+            edited = Some(e.seq);
+        }
+        prev = e.hash.clone();
+        tree.insert(key, serde_json::to_vec(&e).unwrap()).unwrap();
+    }
+    db.flush().unwrap();
+    (edited.expect("the entry edited earlier"), trail.len())
 }
 
 #[test]
