@@ -317,7 +317,9 @@ pub struct SignaturesConfig {
     /// Native and CloudEvents messages must carry a valid signature.
     pub required: bool,
     /// The HMAC-SHA256 secret this daemon signs its own events with (the
-    /// embedded KMS's) and also accepts; created on first run. Empty: none.
+    /// embedded KMS's) and also accepts, and signs every data-plane command
+    /// with, so that a consumer can tell a real one from a forged one;
+    /// created on first run. Empty: none, and commands go out unsigned.
     pub hmac_key_file: PathBuf,
     /// The key id that secret goes by in signature headers.
     pub hmac_key_id: String,
