@@ -328,6 +328,58 @@ fn rewrite_trail(store: &std::path::Path, strip_seals: bool) -> (u64, usize) {
     (edited.expect("the entry edited earlier"), trail.len())
 }
 
+/// `keywarden command verify`, as a consumer of the commands topic runs it.
+fn verify_command(payload: &[u8], signature: &str, args: &[&std::ffi::OsStr], env: &[(&str, &std::path::Path)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keywarden"));
+    cmd.args(["command", "verify", "--signature", signature]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(payload).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn commands_are_signed_and_a_forged_one_is_told_from_a_real_one() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
+    d.create_key("sig-key");
+    d.create_instance("sig-1", "sig-key");
+    d.create_instance("sig-2", "sig-key");
+    let disable = d.act("sig-key", "disable");
+    let cause = disable["event_id"].as_str().unwrap().to_string();
+    let of_cause = |m: &&common::Read| m.json()["cause_event_id"] == cause.as_str();
+    commands.read_until("both revoke commands", MIN, |r| r.iter().filter(of_cause).count() == 2);
+    let real: Vec<common::Read> = commands.seen.iter().filter(of_cause).cloned().collect();
+
+    // Each carries the events' signature header, under the daemon's
+    // signatures.hmac_key_file, and verifies with it (the config's key by default).
+    let key_file = d.dir.path().join("event-hmac.key");
+    for m in &real {
+        let signature = m.header("keywarden-signature").expect("every command is signed");
+        let (valid, out) = verify_command(&m.payload, signature, &[], &[("KEYWARDEN_SIGNATURES_HMAC_KEY_FILE", &key_file)]);
+        assert!(valid, "{out}");
+        assert!(out.starts_with("valid: command") && out.contains(m.json()["instance_id"].as_str().unwrap()), "{out}");
+    }
+
+    // Whoever can write the topic turns a revoke into a restore and keeps the
+    // real signature: read back from the topic, it is caught.
+    let signature = real[0].header("keywarden-signature").unwrap().to_string();
+    let forged = String::from_utf8(real[0].payload.clone()).unwrap().replace("\"revoke\"", "\"restore\"");
+    assert_ne!(forged.as_bytes(), real[0].payload.as_slice());
+    let p = producer(&broker.bootstrap);
+    produce_with_headers(&p, "instance-commands", real[0].key.as_deref(), forged.as_bytes(), &[("keywarden-signature", &signature)]);
+    commands.read_until("the forged command", MIN, |r| r.iter().any(|m| m.payload == forged.as_bytes()));
+    let read_back = commands.seen.iter().find(|m| m.payload == forged.as_bytes()).unwrap();
+    let key_args = ["--key-file".as_ref(), key_file.as_os_str(), "--key-id".as_ref(), "local".as_ref()];
+    let (valid, out) = verify_command(&read_back.payload, read_back.header("keywarden-signature").unwrap(), &key_args, &[]);
+    assert!(!valid, "{out}");
+    assert!(out.starts_with("invalid:") && out.contains("forged or altered"), "{out}");
+}
+
 #[test]
 fn sighup_reloads_tokens_sinks_and_log_level_and_refuses_what_needs_a_restart() {
     let broker = Broker::start();
