@@ -74,6 +74,7 @@ pub struct Config {
     pub log: LogConfig,
     pub telemetry: TelemetryConfig,
     pub cluster: ClusterConfig,
+    pub audit: AuditConfig,
     /// The file this was read from, for SIGHUP.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -282,6 +283,23 @@ impl Default for ClusterConfig {
     }
 }
 
+/// The audit trail's seal: see `store::audit`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The secret every audit entry is sealed under (HMAC-SHA256, at least 32
+    /// characters; a systemd credential of the same file name wins), created
+    /// (mode 0600) on first start. Whoever can write the store can recompute
+    /// its hash chain; only a seal he cannot make shows an entry edited
+    /// offline, so the secret must not be in the store. Empty:
+    /// `<store.path>-audit.key`, beside the store directory and not in it, so
+    /// that a copy, backup or restore of the store never carries it; where the
+    /// store's writers can also reach that directory, give it as a systemd
+    /// credential or a file on another volume. Losing or changing it makes
+    /// every entry sealed under it fail `audit verify`.
+    pub secret_file: PathBuf,
+}
+
 /// Reconciliation: polls each key's KMS and corrects what events missed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -307,7 +325,9 @@ pub struct SignaturesConfig {
     /// Native and CloudEvents messages must carry a valid signature.
     pub required: bool,
     /// The HMAC-SHA256 secret this daemon signs its own events with (the
-    /// embedded KMS's) and also accepts; created on first run. Empty: none.
+    /// embedded KMS's) and also accepts, and signs every data-plane command
+    /// with, so that a consumer can tell a real one from a forged one;
+    /// created on first run. Empty: none, and commands go out unsigned.
     pub hmac_key_file: PathBuf,
     /// The key id that secret goes by in signature headers.
     pub hmac_key_id: String,
@@ -658,6 +678,21 @@ impl Config {
             self.cluster.secret_file.clone()
         }
     }
+
+    /// `audit.secret_file`, or its default beside (not in) the store
+    /// directory: `keywarden-data` gives `keywarden-data-audit.key`.
+    pub fn audit_secret_file(&self) -> PathBuf {
+        if !self.audit.secret_file.as_os_str().is_empty() {
+            return self.audit.secret_file.clone();
+        }
+        // Resolved, so that `.` or `data/..` name the directory they mean.
+        let store = std::fs::canonicalize(&self.store.path).or_else(|_| std::path::absolute(&self.store.path)).unwrap_or_else(|_| self.store.path.clone());
+        match store.file_name() {
+            Some(name) => store.with_file_name(format!("{}-audit.key", name.to_string_lossy())),
+            // The root directory: nothing is beside it.
+            None => store.join("keywarden-audit.key"),
+        }
+    }
 }
 
 /// Property names whose values are credentials.
@@ -847,6 +882,22 @@ mod tests {
         assert!(c.embedded_broker());
         assert_eq!(c.api.listen, "127.0.0.1:8420");
         assert_eq!(c.policy.purge_after.0, Duration::from_secs(30 * 86400));
+    }
+
+    #[test]
+    fn the_audit_secret_defaults_to_beside_the_store_never_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("data");
+        let c = Config::load_with_env(None, &env(&[("KEYWARDEN_STORE_PATH", store.to_str().unwrap())])).unwrap();
+        let secret = c.audit_secret_file();
+        assert_eq!(secret.file_name().unwrap(), "data-audit.key");
+        assert!(!secret.starts_with(std::fs::canonicalize(dir.path()).unwrap().join("data")), "{}", secret.display());
+        // Also when the store's path ends in `..` or `.`.
+        std::fs::create_dir_all(store.join("sub")).unwrap();
+        let c = Config::load_with_env(None, &env(&[("KEYWARDEN_STORE_PATH", store.join("sub/..").to_str().unwrap())])).unwrap();
+        assert_eq!(c.audit_secret_file().file_name().unwrap(), "data-audit.key");
+        let c = Config::load_with_env(None, &env(&[("KEYWARDEN_AUDIT_SECRET_FILE", "/etc/keywarden/audit.key")])).unwrap();
+        assert_eq!(c.audit_secret_file(), PathBuf::from("/etc/keywarden/audit.key"));
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub enum DaemonError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Notify(#[from] NotifyError),
+    #[error("cannot anchor the audit trail: {0}; check the store, then remove the new audit secret (see audit.secret_file) before the next start so that it anchors again")]
+    AuditAnchor(crate::store::writer::WriterError),
     #[error("the store writer stopped unexpectedly; see the log above")]
     WriterDied,
     #[error("{0}; see the log above (systemd restarts keywarden)")]
@@ -114,6 +116,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let rotation_notify = Arc::new(Notify::new());
     let on_commit = wake_on_commit(cache.clone(), relay_notify.clone(), rotation_notify.clone());
     let (writer, writer_thread) = Writer::start_timed(store.clone(), ownership.clone(), config.kafka.max_batch, on_commit, metrics.commit_seconds.clone());
+    // Nothing is audited before this, and nothing that may fail on the broker
+    // comes between creating the secret and anchoring under it.
+    let created = load_audit_secret(&config, &store)?;
+    anchor_audit_trail(&store, &writer, created, config.api.write_timeout.0).await?;
     // Before anything reads the store: other nodes' changes (and, on a fresh
     // node, everything) come from the changelog first; then this node's own
     // changes that had not been published yet go back on top, being newer.
@@ -273,6 +279,46 @@ fn open_store(config: &Config) -> Result<Store, StoreError> {
     let path = &config.store.path;
     std::fs::create_dir_all(path).map_err(|e| StoreError::Open { path: path.display().to_string(), source: sled::Error::Io(e) })?;
     Store::open(path)
+}
+
+/// Hands the store its audit secret, from outside the store. Returns whether
+/// this start created it: only then may the trail's unsealed entries (from
+/// before it was keyed) be anchored, or stripping the seals off a trail would
+/// be a way to rewrite it.
+fn load_audit_secret(config: &Config, store: &Store) -> Result<bool, DaemonError> {
+    let path = config.audit_secret_file();
+    let created = !crate::intake::signature::secret_exists(&path);
+    let secret = crate::intake::signature::load_or_create_secret(
+        "audit",
+        &path,
+        "created the audit secret (mode 0600): every audit entry is sealed under it; keep it out of the store's reach and its backups, or `audit verify` proves nothing",
+    )?;
+    store.set_audit_key(crate::store::audit::AuditKey::new(secret), created)?;
+    Ok(created)
+}
+
+/// A trail that ends in unsealed entries is either from before the trail was
+/// keyed (the start that created the secret anchors it, through the writer)
+/// or had its seals stripped: that is said at once, and `audit verify` fails.
+async fn anchor_audit_trail(store: &Store, writer: &Writer, created: bool, timeout: Duration) -> Result<(), DaemonError> {
+    let Some(last) = store.audit_unsealed() else { return Ok(()) };
+    if !created {
+        tracing::error!(
+            last,
+            "the audit trail ends in entries without a seal, and the audit secret is not new: they were rewritten by someone without it, or the store is older than the secret; `keywarden audit verify` names them"
+        );
+        return Ok(());
+    }
+    let anchor = crate::store::audit::AuditFact {
+        who: "keywarden".into(),
+        what: "audit trail keyed".into(),
+        outcome: "anchored".into(),
+        detail: Some(format!("entries 1 to {last} were written before the trail was keyed: they verify by their hash chain, which this entry's seal fixes")),
+        ..Default::default()
+    };
+    writer.audit(anchor, timeout).await.map_err(DaemonError::AuditAnchor)?;
+    tracing::warn!(legacy = last, "the audit trail is keyed now; its older entries are vouched for by an anchor");
+    Ok(())
 }
 
 /// After each commit: caches forget what changed, the relay and the rotation

@@ -1,6 +1,7 @@
 //! Operating keywarden: alerts through a real Alertmanager (Debian's
 //! prometheus-alertmanager) and a webhook, the audit trail's export and its
-//! verification against tampering, and the purge's proof of erasure.
+//! verification against tampering (also with the chain recomputed, which the
+//! seals catch), and the purge's proof of erasure.
 
 mod common;
 
@@ -223,6 +224,160 @@ fn the_audit_trail_exports_verifies_and_catches_tampering_and_purges_leave_proof
     let tampered = cli(&["audit", "verify"]);
     assert!(!tampered.status.success());
     assert!(String::from_utf8_lossy(&tampered.stderr).contains("altered"), "{}", String::from_utf8_lossy(&tampered.stderr));
+
+    // The audit secret was created beside the store, not in it.
+    let store = d.dir.path().join("store");
+    let secret = d.dir.path().join("store-audit.key");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&secret).expect("the audit secret beside the store").permissions().mode() & 0o777, 0o600);
+    assert!(!std::fs::read_dir(&store).unwrap().any(|f| f.unwrap().file_name().to_string_lossy().contains("audit")));
+
+    // Whoever can write the store can also recompute the whole chain, as
+    // keywarden hashed it before the seals: the edited entry is still caught,
+    // by its seal, and named; the entries before it still verify.
+    assert_eq!(d.terminate(), Some(0));
+    let (edited, _) = rewrite_trail(&store, false);
+    d.restart();
+    let recomputed = cli(&["audit", "verify"]);
+    let err = String::from_utf8_lossy(&recomputed.stderr);
+    assert!(!recomputed.status.success(), "{}", String::from_utf8_lossy(&recomputed.stdout));
+    assert!(err.contains(&format!("audit entry {edited} does not match its seal: it was altered")), "{err}");
+
+    // Nor does writing the trail in the format from before the seals pass
+    // for an old trail: the audit secret is not new, so nothing anchors it.
+    assert_eq!(d.terminate(), Some(0));
+    rewrite_trail(&store, true);
+    d.restart();
+    let stripped = cli(&["audit", "verify"]);
+    let err = String::from_utf8_lossy(&stripped.stderr);
+    assert!(!stripped.status.success());
+    assert!(err.contains("carry no seal and no anchor vouches for them"), "{err}");
+
+    // A store from before the seals, on the start that creates the secret
+    // (an upgrade): its entries are anchored and verify as legacy. That is
+    // also why the secret belongs where the store's writers cannot reach it.
+    assert_eq!(d.terminate(), Some(0));
+    let (_, old_entries) = rewrite_trail(&store, true);
+    std::fs::remove_file(&secret).unwrap();
+    d.restart();
+    let upgraded = cli(&["audit", "verify"]);
+    let out = String::from_utf8_lossy(&upgraded.stdout);
+    assert!(upgraded.status.success(), "{}", String::from_utf8_lossy(&upgraded.stderr));
+    assert!(out.contains("chain: intact") && out.contains(&format!("legacy: {old_entries}")), "{out}");
+    let export = cli(&["audit", "export"]);
+    let lines: Vec<Value> = String::from_utf8(export.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let anchor = &lines[old_entries];
+    assert_eq!((anchor["who"].as_str(), anchor["what"].as_str()), (Some("keywarden"), Some("audit trail keyed")), "{anchor}");
+    assert!(lines[..old_entries].iter().all(|e| e.get("mac").is_none()) && lines[old_entries..].iter().all(|e| e["mac"].is_string()));
+}
+
+/// The hash keywarden chained audit entries with before they were sealed (and
+/// still chains them with, under the seal): plain SHA-256, which anyone can
+/// compute. A copy of the old `store::audit::hash_of`, on purpose.
+fn plain_hash(e: &keywarden::store::audit::AuditEntry) -> String {
+    use sha2::Digest;
+    let f = &e.fact;
+    let mut h = sha2::Sha256::new();
+    h.update(e.seq.to_be_bytes());
+    let at = e.at.to_rfc3339();
+    let fields = [Some(&at), Some(&f.who), Some(&f.what), Some(&f.outcome)]
+        .into_iter()
+        .chain([&f.event_id, &f.key_id, &f.instance_id, &f.key_version, &f.correlation_id, &f.detail].map(Option::as_ref))
+        .chain([Some(&e.prev)]);
+    for field in fields {
+        match field {
+            Some(s) => {
+                h.update([1]);
+                h.update((s.len() as u64).to_be_bytes());
+                h.update(s.as_bytes());
+            }
+            None => h.update([0]),
+        }
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Rewrites a stopped daemon's trail as someone with write access to its
+/// store but without the audit secret can: every entry hashed and linked again
+/// with plain SHA-256; with `strip_seals`, in the format from before the
+/// seals (no `mac`). Written to sled's files directly, as the existing edit
+/// above is: the store is written only by its writer, and this is exactly the
+/// write nobody should be able to hide. Returns the seq of the entry edited
+/// earlier and how many entries the trail holds.
+fn rewrite_trail(store: &std::path::Path, strip_seals: bool) -> (u64, usize) {
+    let db = sled::open(store).unwrap();
+    let tree = db.open_tree("state").unwrap();
+    let trail: Vec<(sled::IVec, keywarden::store::audit::AuditEntry)> =
+        tree.scan_prefix(b"a/").map(|kv| kv.unwrap()).map(|(k, v)| (k, serde_json::from_slice(&v).unwrap())).collect();
+    let mut prev = keywarden::store::audit::GENESIS.to_string();
+    let mut edited = None;
+    for (key, e) in &trail {
+        let mut e = e.clone();
+        e.prev = prev;
+        e.hash = plain_hash(&e);
+        if strip_seals {
+            e.mac = None;
+        }
+        if e.fact.outcome == "nothing to see here" {
+            edited = Some(e.seq);
+        }
+        prev = e.hash.clone();
+        tree.insert(key, serde_json::to_vec(&e).unwrap()).unwrap();
+    }
+    db.flush().unwrap();
+    (edited.expect("the entry edited earlier"), trail.len())
+}
+
+/// `keywarden command verify`, as a consumer of the commands topic runs it.
+fn verify_command(payload: &[u8], signature: &str, args: &[&std::ffi::OsStr], env: &[(&str, &std::path::Path)]) -> (bool, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keywarden"));
+    cmd.args(["command", "verify", "--signature", signature]).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(payload).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn commands_are_signed_and_a_forged_one_is_told_from_a_real_one() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
+    d.create_key("sig-key");
+    d.create_instance("sig-1", "sig-key");
+    d.create_instance("sig-2", "sig-key");
+    let disable = d.act("sig-key", "disable");
+    let cause = disable["event_id"].as_str().unwrap().to_string();
+    let of_cause = |m: &&common::Read| m.json()["cause_event_id"] == cause.as_str();
+    commands.read_until("both revoke commands", MIN, |r| r.iter().filter(of_cause).count() == 2);
+    let real: Vec<common::Read> = commands.seen.iter().filter(of_cause).cloned().collect();
+
+    // Each carries the events' signature header, under the daemon's
+    // signatures.hmac_key_file, and verifies with it (the config's key by default).
+    let key_file = d.dir.path().join("event-hmac.key");
+    for m in &real {
+        let signature = m.header("keywarden-signature").expect("every command is signed");
+        let (valid, out) = verify_command(&m.payload, signature, &[], &[("KEYWARDEN_SIGNATURES_HMAC_KEY_FILE", &key_file)]);
+        assert!(valid, "{out}");
+        assert!(out.starts_with("valid: command") && out.contains(m.json()["instance_id"].as_str().unwrap()), "{out}");
+    }
+
+    // Whoever can write the topic turns a revoke into a restore and keeps the
+    // real signature: read back from the topic, it is caught.
+    let signature = real[0].header("keywarden-signature").unwrap().to_string();
+    let forged = String::from_utf8(real[0].payload.clone()).unwrap().replace("\"revoke\"", "\"restore\"");
+    assert_ne!(forged.as_bytes(), real[0].payload.as_slice());
+    let p = producer(&broker.bootstrap);
+    produce_with_headers(&p, "instance-commands", real[0].key.as_deref(), forged.as_bytes(), &[("keywarden-signature", &signature)]);
+    commands.read_until("the forged command", MIN, |r| r.iter().any(|m| m.payload == forged.as_bytes()));
+    let read_back = commands.seen.iter().find(|m| m.payload == forged.as_bytes()).unwrap();
+    let key_args = ["--key-file".as_ref(), key_file.as_os_str(), "--key-id".as_ref(), "local".as_ref()];
+    let (valid, out) = verify_command(&read_back.payload, read_back.header("keywarden-signature").unwrap(), &key_args, &[]);
+    assert!(!valid, "{out}");
+    assert!(out.starts_with("invalid:") && out.contains("forged or altered"), "{out}");
 }
 
 #[test]

@@ -245,8 +245,8 @@ struct AuditQuery {
 
 async fn show_audit(State(s): State<AppState>, Query(q): Query<AuditQuery>) -> ApiResult {
     let entries = s.store.audit(q.limit.unwrap_or(100).min(10_000))?;
-    let verified = crate::store::audit::verify(&entries, false);
-    Ok(Json(json!({"entries": entries, "chain": match verified { Ok(()) => "intact".to_string(), Err(e) => e }})).into_response())
+    let verified = s.store.verify_audit(&entries, false);
+    Ok(Json(json!({"entries": entries, "chain": match verified { Ok(_) => "intact".to_string(), Err(e) => e }})).into_response())
 }
 
 /// JSON lines, oldest first: one entry per line, ready for a SIEM.
@@ -263,15 +263,23 @@ async fn export_audit(State(s): State<AppState>, Query(q): Query<AuditQuery>) ->
     Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
 
-/// Checks the whole chain, from the first entry ever written.
+/// Checks the whole chain, from the first entry ever written, and every seal
+/// under this daemon's audit secret (which only the daemon holds, so the CLI
+/// asks here rather than reading the store). `legacy` counts the entries from
+/// before the trail was keyed that its anchor vouches for.
 async fn verify_audit(State(s): State<AppState>) -> ApiResult {
     let store = s.store.clone();
-    let entries = tokio::task::spawn_blocking(move || store.audit_since(None, usize::MAX))
-        .await
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit verification failed; see the log"))??;
+    let (entries, verified) = tokio::task::spawn_blocking(move || {
+        store.audit_since(None, usize::MAX).map(|entries| {
+            let verified = store.verify_audit(&entries, true);
+            (entries, verified)
+        })
+    })
+    .await
+    .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "audit verification failed; see the log"))??;
     let last = entries.last().map(|e| e.hash.clone());
-    Ok(match crate::store::audit::verify(&entries, true) {
-        Ok(()) => Json(json!({"chain": "intact", "entries": entries.len(), "last_hash": last})).into_response(),
+    Ok(match verified {
+        Ok(v) => Json(json!({"chain": "intact", "entries": entries.len(), "legacy": v.legacy, "last_hash": last})).into_response(),
         Err(e) => (StatusCode::CONFLICT, Json(json!({"chain": "broken", "error": e, "entries": entries.len()}))).into_response(),
     })
 }

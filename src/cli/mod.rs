@@ -2,6 +2,7 @@
 //! is a client of the admin API.
 
 mod client;
+mod command;
 mod demo;
 mod event;
 mod impact;
@@ -75,6 +76,9 @@ pub enum Command {
     /// Show consumed events, and sign or emit test events.
     #[command(subcommand)]
     Event(EventCommand),
+    /// Check data-plane commands read from the commands topic.
+    #[command(subcommand, name = "command")]
+    DataPlane(DataPlaneCommand),
     /// Export or verify the hash-chained audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
@@ -99,6 +103,13 @@ pub enum AuditCommand {
     },
     /// Check the whole chain; exits non-zero if any entry was altered or removed.
     Verify,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataPlaneCommand {
+    /// Check one command's keywarden-signature header against a key; exits 1
+    /// (printing why) when it is not a command signed with that key.
+    Verify(command::VerifyArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -235,6 +246,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Event(EventCommand::Sign { file, key }) => event::sign(&Config::load(cli.config.as_deref())?, file, key),
         Command::Event(EventCommand::Emit(args)) => event::emit(&Config::load(cli.config.as_deref())?, args),
         Command::Event(EventCommand::Keygen { out }) => event::keygen(out),
+        Command::DataPlane(DataPlaneCommand::Verify(args)) => command::verify(&Config::load(cli.config.as_deref())?, args, cli.output),
         _ => {
             let config = Config::load(cli.config.as_deref())?;
             let base = match &cli.api {

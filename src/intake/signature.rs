@@ -87,6 +87,17 @@ impl Verifier {
         Ok(Verifier { required: config.required, keys })
     }
 
+    /// One key, read from its file (never created), that a signature must be
+    /// made with: for checking one message by hand (`keywarden command
+    /// verify`), with the same check the intake makes.
+    pub fn single(id: &str, algorithm: SignatureAlgorithm, path: &Path) -> Result<Verifier, SignatureError> {
+        let material = match algorithm {
+            SignatureAlgorithm::HmacSha256 => Material::Hmac(read_hmac(id, path)?),
+            SignatureAlgorithm::Ed25519 => Material::Ed25519(read_ed25519_public(id, path)?),
+        };
+        Ok(Verifier { required: true, keys: vec![Key { id: id.to_string(), material, topics: vec![] }] })
+    }
+
     /// Checks the message's signature. A format that can be signed must be when
     /// signatures are required; a signature that is present is always checked.
     pub fn check(&self, topic: &str, msg: &Incoming<'_>, format: &'static str, signable: bool) -> Result<(), SignatureError> {
@@ -132,8 +143,8 @@ fn parse_header(value: &[u8]) -> Result<(String, Vec<u8>), SignatureError> {
     Ok((kid, sig))
 }
 
-/// Signs payloads: the daemon its own events (the embedded KMS), and
-/// `keywarden event sign|emit` test events.
+/// Signs payloads: the daemon its own events (the embedded KMS) and its
+/// data-plane commands, and `keywarden event sign|emit` test events.
 pub struct Signer {
     id: String,
     key: SigningKey,
@@ -205,6 +216,11 @@ fn credential_or(path: &Path) -> std::path::PathBuf {
         }
     }
     path.to_path_buf()
+}
+
+/// Whether `load_or_create_secret` would read the secret rather than create it.
+pub fn secret_exists(path: &Path) -> bool {
+    credential_or(path).exists()
 }
 
 /// The file's text, trimmed, is the secret; at least 32 bytes of it.

@@ -113,12 +113,15 @@ impl Store {
             self.tree.apply_batch(staged.batch)?;
         } else {
             let mut chain = self.audit_chain.lock().unwrap_or_else(|e| e.into_inner());
-            let entries = audit::seal(chain.as_ref(), std::mem::take(&mut staged.facts), chrono::Utc::now());
+            let anchor = self.anchor_legacy.load(std::sync::atomic::Ordering::SeqCst);
+            let entries = audit::seal(self.audit_key(), chain.as_ref(), anchor, std::mem::take(&mut staged.facts), chrono::Utc::now());
             for e in &entries {
                 staged.batch.insert(queue_key(AUDIT, e.seq), encode(e));
             }
             self.tree.apply_batch(staged.batch)?;
-            *chain = entries.last().map(|e| (e.seq, e.hash.clone()));
+            // One anchor, for the unsealed entries there were at start.
+            self.anchor_legacy.store(false, std::sync::atomic::Ordering::SeqCst);
+            *chain = entries.last().map(audit::Head::of);
         }
         if staged.flush {
             self.tree.flush()?;

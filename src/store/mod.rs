@@ -10,7 +10,7 @@
 //! - `queues`: the outbox, the KMS notices and the alert queue.
 //! - `replication`: what goes to and comes from the changelog.
 //! - `kms_material`: the embedded KMS's sealed keys and the events they emit.
-//! - `audit`: the hash-chained audit trail.
+//! - `audit`: the hash-chained, sealed audit trail.
 //! - `writer`: the single writer thread.
 
 pub mod audit;
@@ -51,6 +51,8 @@ pub enum StoreError {
     Corrupt { key: String, reason: String },
     #[error("cannot write to the changelog: {0}; nothing was applied")]
     Changelog(String),
+    #[error("the audit secret was set twice, or after entries were sealed without it; set it once, before anything is audited")]
+    AuditKey,
     /// The changelog did not confirm the batch by its deadline and none of it
     /// was written: the batch is not applied, and the caller may retry.
     #[error("the broker did not confirm the changelog write in time ({0})")]
@@ -93,9 +95,15 @@ pub type NoticeFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
-    /// Seq and hash of the newest audit entry, moved by each commit that
-    /// carries audit facts, so that the chain stays one line.
-    audit_chain: Arc<std::sync::Mutex<Option<(u64, String)>>>,
+    /// The newest audit entry, moved by each commit that carries audit facts,
+    /// so that the chain stays one line.
+    audit_chain: Arc<std::sync::Mutex<Option<audit::Head>>>,
+    /// What audit entries are sealed and verified under; set once by the
+    /// daemon, from outside the store (see `audit`).
+    audit_key: Arc<std::sync::OnceLock<audit::AuditKey>>,
+    /// The next sealed entry may anchor the unsealed ones before it: only on
+    /// the start that created the audit secret.
+    anchor_legacy: Arc<std::sync::atomic::AtomicBool>,
     /// With several nodes: each batch's state changes go to the changelog
     /// first, and the batch is applied here only once the broker has them.
     /// The changelog is the write-ahead log: a node that dies after publishing
@@ -125,11 +133,56 @@ impl Store {
             Some(kv) => {
                 let (key, value) = kv.map_err(StoreError::Read)?;
                 let e: audit::AuditEntry = decode(&key, &value)?;
-                Some((e.seq, e.hash))
+                Some(audit::Head::of(&e))
             }
             None => None,
         };
-        Ok(Store { db, tree, audit_chain: Arc::new(std::sync::Mutex::new(last)), changelog: Default::default(), wants_notices: Default::default() })
+        Ok(Store {
+            db,
+            tree,
+            audit_chain: Arc::new(std::sync::Mutex::new(last)),
+            audit_key: Default::default(),
+            anchor_legacy: Default::default(),
+            changelog: Default::default(),
+            wants_notices: Default::default(),
+        })
+    }
+
+    /// Seals audit entries under `key` from now on; once, before anything is
+    /// audited. With `anchor_legacy`, the next entry is the anchor that vouches
+    /// for entries written before the trail was keyed: the daemon asks for it
+    /// only on the start that created the secret, so that a trail whose seals
+    /// were stripped is never vouched for.
+    pub fn set_audit_key(&self, key: audit::AuditKey, anchor_legacy: bool) -> Result<(), StoreError> {
+        self.audit_key.set(key).map_err(|_| StoreError::AuditKey)?;
+        self.anchor_legacy.store(anchor_legacy, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Before `set_audit_key` (tests, tools on the library): a fixed key in
+    /// unit tests, else a throwaway one whose seals fail after a restart.
+    fn audit_key(&self) -> &audit::AuditKey {
+        self.audit_key.get_or_init(|| {
+            #[cfg(test)]
+            return audit::AuditKey::for_tests();
+            #[cfg(not(test))]
+            {
+                tracing::warn!("no audit secret was set: audit entries are sealed under a throwaway key and fail `audit verify` after a restart");
+                audit::AuditKey::throwaway()
+            }
+        })
+    }
+
+    /// The seq of the newest audit entry when it carries no seal: the trail
+    /// was written before it was keyed, or its seals were stripped.
+    pub fn audit_unsealed(&self) -> Option<u64> {
+        let chain = self.audit_chain.lock().unwrap_or_else(|e| e.into_inner());
+        chain.as_ref().filter(|h| !h.sealed).map(|h| h.seq)
+    }
+
+    /// `audit::verify` under this store's audit key.
+    pub fn verify_audit(&self, entries: &[audit::AuditEntry], from_start: bool) -> Result<audit::Verified, String> {
+        audit::verify(self.audit_key(), entries, from_start)
     }
 
     /// Notices for keys whose KMS ignores them are dropped instead of queued.

@@ -96,7 +96,8 @@ pub struct Relay {
     notify: Arc<Notify>,
     metrics: Arc<Metrics>,
     /// Signs the embedded KMS's events, so that they pass the same check as
-    /// anyone else's.
+    /// anyone else's, and every data-plane command, so that a consumer can
+    /// tell a real `restore` from one produced by whoever can write the topic.
     signer: Option<Arc<Signer>>,
 }
 
@@ -282,18 +283,23 @@ impl Relay {
         let upstream = crate::telemetry::stored(traceparent);
         crate::telemetry::continue_trace(&span, upstream.clone());
         let header = crate::telemetry::traceparent(&span, &upstream);
-        let headers = header.as_deref().map(|tp| OwnedHeaders::new().insert(Header { key: crate::telemetry::TRACEPARENT, value: Some(tp) }));
         let payloads: Vec<String> = commands.iter().map(|c| serde_json::to_string(c).expect("commands serialize")).collect();
+        // The same header as a signed event's, over the exact payload bytes.
+        let signatures: Vec<Option<String>> = payloads.iter().map(|p| self.signer.as_ref().map(|s| s.sign(p.as_bytes()))).collect();
         // Queue them all, then wait: librdkafka batches the sends.
         let futures: Vec<_> = commands
             .iter()
             .zip(&payloads)
-            .map(|(c, p)| {
-                let mut record = FutureRecord::to(topic).key(&c.instance_id).payload(p);
-                if let Some(h) = &headers {
-                    record = record.headers(h.clone());
+            .zip(&signatures)
+            .map(|((c, p), signature)| {
+                let mut headers = OwnedHeaders::new();
+                if let Some(tp) = &header {
+                    headers = headers.insert(Header { key: crate::telemetry::TRACEPARENT, value: Some(tp.as_str()) });
                 }
-                self.producer.send(record, Duration::from_secs(10))
+                if let Some(sig) = signature {
+                    headers = headers.insert(Header { key: SIGNATURE_HEADER, value: Some(sig.as_str()) });
+                }
+                self.producer.send(FutureRecord::to(topic).key(&c.instance_id).payload(p).headers(headers), Duration::from_secs(10))
             })
             .collect();
         let results = futures::future::join_all(futures).instrument(span.clone()).await;
