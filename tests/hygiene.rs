@@ -64,12 +64,13 @@ fn no_dek_plaintext_reaches_logs_the_store_or_any_topic() {
     for f in files {
         haystacks.push((f.display().to_string(), std::fs::read(&f).unwrap()));
     }
-    for topic in ["key-lifecycle", "instance-commands", "key-lifecycle.dlq"] {
+    for topic in ["key-lifecycle", "instance-commands", "key-lifecycle.dlq", "keywarden-state"] {
         let mut r = TopicReader::new(&broker.bootstrap, topic);
         r.read_until(&format!("{topic} to have content"), Duration::from_secs(30), |m| !m.is_empty());
         r.drain(Duration::from_secs(1));
         let mut all = Vec::new();
         for m in &r.seen {
+            all.extend_from_slice(m.key.as_deref().unwrap_or_default().as_bytes());
             all.extend_from_slice(&m.payload);
             for (k, v) in &m.headers {
                 all.extend_from_slice(k.as_bytes());
@@ -84,11 +85,15 @@ fn no_dek_plaintext_reaches_logs_the_store_or_any_topic() {
     assert_eq!(unique.len(), ids.len(), "the DEKs never changed across the lifecycle");
     for dek in &unique {
         let b64 = STANDARD.encode(dek);
+        let b64_url = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(dek);
         let hex: String = dek.iter().map(|b| format!("{b:02x}")).collect();
+        let hex_upper = hex.to_uppercase();
         for (name, hay) in &haystacks {
             assert!(!contains(hay, dek), "raw DEK bytes found in {name}");
             assert!(!contains(hay, b64.as_bytes()), "base64 DEK found in {name}");
+            assert!(!contains(hay, b64_url.as_bytes()), "URL-safe unpadded base64 DEK found in {name}");
             assert!(!contains(hay, hex.as_bytes()), "hex DEK found in {name}");
+            assert!(!contains(hay, hex_upper.as_bytes()), "upper-case hex DEK found in {name}");
         }
     }
     println!("HYGIENE: {} DEKs searched in {} places ({} bytes of trace log): none found", unique.len(), haystacks.len(), log_size);
