@@ -23,6 +23,14 @@ fn every_event_type_rewraps_revokes_erases_and_restores_end_to_end() {
     }
     let original: Vec<String> = ids.iter().map(|id| d.dek(id).1["dek"].as_str().unwrap().to_string()).collect();
     let fingerprints: Vec<String> = ids.iter().map(|id| d.get(&format!("/v1/instances/{id}")).1["dek_fingerprint"].as_str().unwrap().to_string()).collect();
+    // A plaintext DEK must not be kept by any cache on its way, nor a refusal
+    // stand in for a later answer.
+    let no_store = |id: &str| {
+        let r = d.http.post(format!("{}/v1/instances/{id}/dek", d.api)).bearer_auth(&d.dek_token).send().unwrap();
+        (r.status().as_u16(), r.headers().get("cache-control").and_then(|v| v.to_str().ok()).map(str::to_string))
+    };
+    assert_eq!(no_store("db-a"), (200, Some("no-store".to_string())));
+    assert_eq!(no_store("no-such-instance"), (404, Some("no-store".to_string())));
 
     // Several rotations: the DEK never changes, the wrapping follows the newest version.
     for round in 2..=4 {

@@ -142,7 +142,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<AppState>, Placement)> {
         ("/v1/instances/{id}", get(show_instance), Here),
         ("/v1/instances/{id}", delete(delete_instance), Owner(KeyFrom::InstancePath("id"))),
         // A read of the data plane: answered from this node's replica.
-        ("/v1/instances/{id}/dek", post(fetch_dek), Here),
+        ("/v1/instances/{id}/dek", post(fetch_dek).layer(axum::middleware::map_response(no_store)), Here),
     ]
 }
 
@@ -507,6 +507,16 @@ async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> A
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }
+}
+
+/// Every answer of the DEK endpoint, a plaintext DEK or a refusal, tells
+/// browsers, proxies and HTTP client caches not to keep it: a cached copy of a
+/// DEK would outlive its revocation and its erasure.
+async fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    headers.insert(axum::http::header::PRAGMA, axum::http::HeaderValue::from_static("no-cache"));
+    response
 }
 
 async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
