@@ -148,8 +148,11 @@ impl Default for StoreConfig {
 pub struct ApiConfig {
     pub listen: String,
     /// Bearer token for managing keys and instances; created 0600 on first run.
+    /// A file (or credential) with fewer than 32 characters refuses to start:
+    /// an empty one would otherwise be the empty token.
     pub admin_token_file: PathBuf,
-    /// Bearer token that only fetches DEKs, for data-plane nodes.
+    /// Bearer token that only fetches DEKs, for data-plane nodes; at least 32
+    /// characters, as the admin token.
     pub dek_token_file: PathBuf,
     pub tls: TlsConfig,
     /// Serve plain HTTP on an address other hosts can reach. Off: keywarden
