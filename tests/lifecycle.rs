@@ -228,11 +228,24 @@ fn restore_after_the_purge_leaves_instances_destroyed_and_says_why() {
     let inst = d.get("/v1/instances/i5").1;
     assert!(inst["destroyed_reason"].as_str().unwrap().contains("restore window"), "{inst}");
     assert_eq!(d.dek("i5").0, 410);
+    // The embedded KMS destroyed the key's material after the purge: the proof
+    // that no surviving copy of i5's wrapped DEK can be unwrapped.
+    let key = wait_until("the key material destroyed", MIN, || {
+        let key = d.get("/v1/keys/k5").1;
+        key["kms_material_destroyed_at"].is_string().then_some(key)
+    });
+    assert_eq!(key["kms_state"], "deleted", "{key}");
+    // Audited just after the destruction is committed.
+    let proof = wait_until("the audit entry of the destruction", MIN, || {
+        d.get("/v1/audit?limit=1000").1["entries"].as_array().unwrap().iter().find(|e| e["what"] == "destroy key material" && e["key_id"] == "k5").cloned()
+    });
+    assert_eq!((proof["who"].as_str(), proof["outcome"].as_str()), (Some("schedule:purge"), Some("destroyed")), "{proof}");
 
     // The embedded KMS refuses, and says why.
     let (s, v) = d.post("/v1/keys/k5/restore", None);
     assert_eq!(s, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("restore window"), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("material was destroyed"), "{v}");
 
     // A restore from elsewhere (a remote KMS) is recorded; the instance stays destroyed.
     let p = producer(&broker.bootstrap);

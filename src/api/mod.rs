@@ -97,7 +97,7 @@ impl From<KmsError> for ApiError {
         let status = match &e {
             KmsError::UnknownKey(_) => StatusCode::NOT_FOUND,
             KmsError::KeyDisabled(_) => StatusCode::LOCKED,
-            KmsError::KeyDeleted(_) => StatusCode::GONE,
+            KmsError::KeyDeleted(_) | KmsError::MaterialDestroyed { .. } => StatusCode::GONE,
             KmsError::Conflict(_) => StatusCode::CONFLICT,
             KmsError::Refused(_) => StatusCode::BAD_GATEWAY,
             KmsError::Store(e) if e.retryable() => StatusCode::SERVICE_UNAVAILABLE,
@@ -401,6 +401,8 @@ async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiR
         "deleted_at": record.as_ref().and_then(|k| k.deleted_at),
         "purged_at": record.as_ref().and_then(|k| k.purged_at),
         "kms_state": kms_state.map(|k| k.0),
+        // Set once the embedded KMS destroyed the key's material (the proof of erasure).
+        "kms_material_destroyed_at": s.local.material_destroyed_at(&key_id).ok().flatten(),
         "kms": {"provider": provider, "limits": governor},
     }))
     .into_response())
@@ -455,6 +457,7 @@ async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
             return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is disabled; enable it before creating instances under it")))
         }
         Err(KmsError::KeyDeleted(k)) => return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is deleted; restore it or choose another key"))),
+        Err(e @ KmsError::MaterialDestroyed { .. }) => return Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
         Err(e) => return Err(e.into()),
     };
     let reply = s
