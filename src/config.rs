@@ -149,10 +149,19 @@ impl Default for StoreConfig {
 pub struct ApiConfig {
     pub listen: String,
     /// Bearer token for managing keys and instances; created 0600 on first run.
+    /// A file (or credential) with fewer than 32 characters refuses to start:
+    /// an empty one would otherwise be the empty token.
     pub admin_token_file: PathBuf,
-    /// Bearer token that only fetches DEKs, for data-plane nodes.
+    /// Bearer token that only fetches DEKs, for data-plane nodes; at least 32
+    /// characters, as the admin token.
     pub dek_token_file: PathBuf,
     pub tls: TlsConfig,
+    /// Serve plain HTTP on an address other hosts can reach. Off: keywarden
+    /// refuses to start with a non-loopback `listen` and no `tls`, because the
+    /// API carries bearer tokens and plaintext DEKs that anyone on the path
+    /// could read. Turn it on only behind something that encrypts the path
+    /// (a TLS-terminating proxy on the host, a service mesh, a VPN).
+    pub allow_plaintext: bool,
     /// How long a write (keys, instances) waits for the broker to confirm it
     /// in the changelog before it is answered 503, unapplied. Too long and a
     /// hung broker hangs every client; too short and a slow broker refuses writes.
@@ -185,6 +194,7 @@ impl Default for ApiConfig {
             admin_token_file: PathBuf::from("keywarden-data/admin.token"),
             dek_token_file: PathBuf::from("keywarden-data/dek.token"),
             tls: TlsConfig::default(),
+            allow_plaintext: false,
             write_timeout: HumanDuration(Duration::from_secs(5)),
         }
     }
@@ -610,6 +620,14 @@ impl Config {
         if !tls.enabled() && !tls.client_ca_file.as_os_str().is_empty() {
             return Err(invalid("api.tls.client_ca_file", &tls.client_ca_file.display(), "used only with api.tls.cert_file and key_file set"));
         }
+        if !tls.enabled() && !self.api.allow_plaintext && !is_loopback(&self.api.listen) {
+            return Err(invalid(
+                "api.listen",
+                &self.api.listen,
+                "a loopback address such as 127.0.0.1:8420 while the api speaks plain http (it carries tokens and plaintext DEKs); \
+                 enable api.tls (cert_file and key_file) or set api.allow_plaintext = true",
+            ));
+        }
         self.kms.validate()?;
         if self.api.admin_token_file.as_os_str().is_empty() || self.api.admin_token_file == self.api.dek_token_file {
             return Err(invalid("api.admin_token_file", &self.api.admin_token_file.display(), "a file path, different from api.dek_token_file"));
@@ -693,6 +711,16 @@ impl Config {
             None => store.join("keywarden-audit.key"),
         }
     }
+}
+
+/// Whether `api.listen` is an address only this host can reach: 127.0.0.0/8,
+/// ::1 (also written as ::ffff:127.x.y.z), or localhost. 0.0.0.0 and :: are
+/// every interface, so not loopback.
+fn is_loopback(listen: &str) -> bool {
+    if let Ok(addr) = SocketAddr::from_str(listen) {
+        return addr.ip().to_canonical().is_loopback();
+    }
+    listen.rsplit_once(':').is_some_and(|(host, port)| host.eq_ignore_ascii_case("localhost") && port.parse::<u16>().is_ok())
 }
 
 /// Property names whose values are credentials.
@@ -988,6 +1016,34 @@ mod tests {
             let err = Config::load_with_env(None, &env(&[("KEYWARDEN_SIGNATURES_MAX_CLOCK_SKEW", out_of_bounds)])).unwrap_err();
             assert!(err.to_string().contains("signatures.max_clock_skew"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_plaintext_api_off_loopback_refuses_to_start_unless_allowed() {
+        for listen in ["0.0.0.0:8420", "10.1.2.3:8420", "[::]:8420", "[2001:db8::1]:8420"] {
+            let err = Config::load_with_env(None, &env(&[("KEYWARDEN_API_LISTEN", listen)])).unwrap_err().to_string();
+            assert!(err.contains("api.listen") && err.contains(listen), "{err}");
+            assert!(err.contains("enable api.tls") && err.contains("api.allow_plaintext = true"), "{err}");
+            let allowed = Config::load_with_env(None, &env(&[("KEYWARDEN_API_LISTEN", listen), ("KEYWARDEN_API_ALLOW_PLAINTEXT", "true")])).unwrap();
+            assert!(allowed.api.allow_plaintext);
+            // With TLS the address may be any (validate does not read the files).
+            Config::load_with_env(
+                None,
+                &env(&[("KEYWARDEN_API_LISTEN", listen), ("KEYWARDEN_API_TLS_CERT_FILE", "/etc/k/cert.pem"), ("KEYWARDEN_API_TLS_KEY_FILE", "/etc/k/key.pem")]),
+            )
+            .unwrap();
+        }
+        for listen in ["127.0.0.1:8420", "127.9.9.9:1", "[::1]:8420", "[::ffff:127.0.0.1]:8420"] {
+            let c = Config::load_with_env(None, &env(&[("KEYWARDEN_API_LISTEN", listen)])).unwrap();
+            assert!(!c.api.allow_plaintext, "off by default");
+        }
+    }
+
+    #[test]
+    fn localhost_counts_as_loopback_and_every_interface_does_not() {
+        assert!(is_loopback("localhost:8420") && is_loopback("LOCALHOST:1"));
+        assert!(!is_loopback("localhost") && !is_loopback("localhost:port") && !is_loopback("localhost.example.com:8420"));
+        assert!(!is_loopback("0.0.0.0:8420") && !is_loopback("[::]:8420") && !is_loopback("[::ffff:10.0.0.1]:8420"));
     }
 
     #[test]

@@ -177,7 +177,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         store: store.clone(),
         kms,
         router: kms_router.clone(),
-        local,
+        local: local.clone(),
         writer: writer.clone(),
         cache,
         metrics: metrics.clone(),
@@ -206,6 +206,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
             ownership.clone(),
             config.policy.purge_schedule.clone(),
             config.policy.purge_after.0,
+            crate::schedule::Embedded { router: kms_router.clone(), local },
             tasks.clone(),
         ),
     );

@@ -23,6 +23,14 @@ fn every_event_type_rewraps_revokes_erases_and_restores_end_to_end() {
     }
     let original: Vec<String> = ids.iter().map(|id| d.dek(id).1["dek"].as_str().unwrap().to_string()).collect();
     let fingerprints: Vec<String> = ids.iter().map(|id| d.get(&format!("/v1/instances/{id}")).1["dek_fingerprint"].as_str().unwrap().to_string()).collect();
+    // A plaintext DEK must not be kept by any cache on its way, nor a refusal
+    // stand in for a later answer.
+    let no_store = |id: &str| {
+        let r = d.http.post(format!("{}/v1/instances/{id}/dek", d.api)).bearer_auth(&d.dek_token).send().unwrap();
+        (r.status().as_u16(), r.headers().get("cache-control").and_then(|v| v.to_str().ok()).map(str::to_string))
+    };
+    assert_eq!(no_store("db-a"), (200, Some("no-store".to_string())));
+    assert_eq!(no_store("no-such-instance"), (404, Some("no-store".to_string())));
 
     // Several rotations: the DEK never changes, the wrapping follows the newest version.
     for round in 2..=4 {
@@ -220,11 +228,24 @@ fn restore_after_the_purge_leaves_instances_destroyed_and_says_why() {
     let inst = d.get("/v1/instances/i5").1;
     assert!(inst["destroyed_reason"].as_str().unwrap().contains("restore window"), "{inst}");
     assert_eq!(d.dek("i5").0, 410);
+    // The embedded KMS destroyed the key's material after the purge: the proof
+    // that no surviving copy of i5's wrapped DEK can be unwrapped.
+    let key = wait_until("the key material destroyed", MIN, || {
+        let key = d.get("/v1/keys/k5").1;
+        key["kms_material_destroyed_at"].is_string().then_some(key)
+    });
+    assert_eq!(key["kms_state"], "deleted", "{key}");
+    // Audited just after the destruction is committed.
+    let proof = wait_until("the audit entry of the destruction", MIN, || {
+        d.get("/v1/audit?limit=1000").1["entries"].as_array().unwrap().iter().find(|e| e["what"] == "destroy key material" && e["key_id"] == "k5").cloned()
+    });
+    assert_eq!((proof["who"].as_str(), proof["outcome"].as_str()), (Some("schedule:purge"), Some("destroyed")), "{proof}");
 
     // The embedded KMS refuses, and says why.
     let (s, v) = d.post("/v1/keys/k5/restore", None);
     assert_eq!(s, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("restore window"), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("material was destroyed"), "{v}");
 
     // A restore from elsewhere (a remote KMS) is recorded; the instance stays destroyed.
     let p = producer(&broker.bootstrap);

@@ -1,7 +1,8 @@
 //! Bearer tokens for the API. The admin token manages keys and instances; the
 //! DEK token only fetches DEKs, so a data-plane node holding it cannot manage
 //! keys. Tokens come from files (created 0600 on first run) or from systemd
-//! credentials (`$CREDENTIALS_DIRECTORY/<file name>`). A wrong or missing token
+//! credentials (`$CREDENTIALS_DIRECTORY/<file name>`); one of fewer than 32
+//! characters is refused at start and at reload. A wrong or missing token
 //! gets 401 with no detail; tokens are compared in constant time.
 
 use std::io::Write;
@@ -21,7 +22,19 @@ use zeroize::Zeroizing;
 pub enum AuthError {
     #[error("cannot read or create the api token file {path}: {message}; check api.admin_token_file and api.dek_token_file")]
     TokenFile { path: String, message: String },
+    /// Said without the token: only its length and where it came from.
+    #[error(
+        "the api token in {path} is {} ({length} characters after trimming whitespace); a token must be at least {MIN_TOKEN_CHARS}: \
+         put a random one there (such as `openssl rand -hex 32`), or remove the file to have keywarden create one",
+        if *length == 0 { "empty" } else { "too short" }
+    )]
+    WeakToken { path: String, length: usize },
 }
+
+/// The fewest characters a token file or credential may hold: an empty
+/// credential would let an empty bearer token in, and a short one can be
+/// guessed. The tokens keywarden creates are 64 hex characters.
+pub const MIN_TOKEN_CHARS: usize = 32;
 
 /// Who a request was made by, for the log and the audit trail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,21 +105,24 @@ impl Tokens {
 }
 
 /// A systemd credential of the same file name wins; otherwise the file, which is
-/// created with a random token on first run.
+/// created with a random token on first run. A credential or file that exists
+/// but holds fewer than [`MIN_TOKEN_CHARS`] is refused, naming where it is.
 pub fn read_or_create(path: &Path) -> Result<Zeroizing<String>, AuthError> {
+    read_or_create_with(path, std::env::var_os("CREDENTIALS_DIRECTORY").as_deref().map(Path::new))
+}
+
+/// [`read_or_create`] with the credentials directory given, not read from the
+/// environment (which tests running in parallel must not change).
+fn read_or_create_with(path: &Path, credentials: Option<&Path>) -> Result<Zeroizing<String>, AuthError> {
     let err = |message: String| AuthError::TokenFile { path: path.display().to_string(), message };
-    if let (Ok(dir), Some(name)) = (std::env::var("CREDENTIALS_DIRECTORY"), path.file_name()) {
-        let cred = Path::new(&dir).join(name);
+    if let (Some(dir), Some(name)) = (credentials, path.file_name()) {
+        let cred = dir.join(name);
         if cred.exists() {
-            return std::fs::read_to_string(&cred).map(|t| Zeroizing::new(t.trim().to_string())).map_err(|e| err(e.to_string()));
+            return read_token(&cred);
         }
     }
     if path.exists() {
-        let token = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?.trim().to_string());
-        if token.len() < 16 {
-            return Err(err("the token must be at least 16 characters".into()));
-        }
-        return Ok(token);
+        return read_token(path);
     }
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| err(e.to_string()))?;
@@ -117,6 +133,17 @@ pub fn read_or_create(path: &Path) -> Result<Zeroizing<String>, AuthError> {
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| err(e.to_string()))?;
     f.write_all(format!("{}\n", token.as_str()).as_bytes()).map_err(|e| err(e.to_string()))?;
     tracing::info!(path = %path.display(), "created an api token file (mode 0600)");
+    Ok(token)
+}
+
+/// The file's text, trimmed, if it is long enough to be a token.
+fn read_token(path: &Path) -> Result<Zeroizing<String>, AuthError> {
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| AuthError::TokenFile { path: path.display().to_string(), message: e.to_string() })?);
+    let token = Zeroizing::new(text.trim().to_string());
+    let length = token.chars().count();
+    if length < MIN_TOKEN_CHARS {
+        return Err(AuthError::WeakToken { path: path.display().to_string(), length });
+    }
     Ok(token)
 }
 
@@ -176,13 +203,56 @@ mod tests {
     #[test]
     fn each_token_opens_only_its_own_door() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a"), "admin-token-0123456789\n").unwrap();
-        std::fs::write(dir.path().join("d"), "dek-token-0123456789\n").unwrap();
+        std::fs::write(dir.path().join("a"), "admin-token-0123456789abcdefghijklmn\n").unwrap();
+        std::fs::write(dir.path().join("d"), "dek-token-0123456789abcdefghijklmnop\n").unwrap();
         let t = Tokens::load(&dir.path().join("a"), &dir.path().join("d")).unwrap();
-        assert_eq!(t.caller("admin-token-0123456789"), Some(Caller::Admin));
-        assert_eq!(t.caller("dek-token-0123456789"), Some(Caller::DataPlane));
-        assert_eq!(t.caller("admin-token-012345678"), None);
+        assert_eq!(t.caller("admin-token-0123456789abcdefghijklmn"), Some(Caller::Admin));
+        assert_eq!(t.caller("dek-token-0123456789abcdefghijklmnop"), Some(Caller::DataPlane));
+        assert_eq!(t.caller("admin-token-0123456789abcdefghijklm"), None);
         assert_eq!(t.caller(""), None);
+    }
+
+    #[test]
+    fn an_empty_or_short_token_file_refuses_to_start_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, d) = (dir.path().join("admin.token"), dir.path().join("dek.token"));
+        std::fs::write(&d, "dek-token-0123456789abcdefghijklmnop\n").unwrap();
+        for (text, length, says) in [("", 0, "is empty"), ("  \n\t\n", 0, "is empty"), ("short-token-0123456789\n", 22, "too short")] {
+            std::fs::write(&a, text).unwrap();
+            let err = Tokens::load(&a, &d).err().expect("a weak admin token is refused");
+            assert!(matches!(&err, AuthError::WeakToken { length: l, .. } if *l == length), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains(&a.display().to_string()) && msg.contains(says) && msg.contains("at least 32"), "{msg}");
+            assert!(!msg.contains("short-token"), "the token itself is never said: {msg}");
+            // The file is left as it was, not replaced with a token of keywarden's.
+            assert_eq!(std::fs::read_to_string(&a).unwrap(), text);
+        }
+        // 31 characters are one too few; 32, with whitespace around, are enough.
+        std::fs::write(&a, format!("{}\n", "x".repeat(31))).unwrap();
+        assert!(matches!(Tokens::load(&a, &d), Err(AuthError::WeakToken { length: 31, .. })));
+        std::fs::write(&a, format!("  {}\n", "x".repeat(32))).unwrap();
+        let t = Tokens::load(&a, &d).unwrap();
+        assert_eq!(t.caller(&"x".repeat(32)), Some(Caller::Admin));
+        // A reload that finds a weak token fails, and the tokens in force stay.
+        std::fs::write(&d, "\n").unwrap();
+        assert!(matches!(t.reload(&a, &d), Err(AuthError::WeakToken { length: 0, .. })));
+        assert_eq!(t.caller("dek-token-0123456789abcdefghijklmnop"), Some(Caller::DataPlane));
+    }
+
+    #[test]
+    fn an_empty_systemd_credential_is_refused_not_taken_as_the_empty_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("credentials");
+        std::fs::create_dir(&creds).unwrap();
+        let file = dir.path().join("state/admin.token");
+        std::fs::write(creds.join("admin.token"), "").unwrap();
+        let err = read_or_create_with(&file, Some(&creds)).expect_err("an empty credential is refused");
+        let msg = err.to_string();
+        assert!(matches!(err, AuthError::WeakToken { length: 0, .. }), "{msg}");
+        assert!(msg.contains(&creds.join("admin.token").display().to_string()) && msg.contains("is empty"), "{msg}");
+        assert!(!file.exists(), "no token file is created beside a credential");
+        std::fs::write(creds.join("admin.token"), "credential-token-0123456789abcdef\n").unwrap();
+        assert_eq!(read_or_create_with(&file, Some(&creds)).unwrap().as_str(), "credential-token-0123456789abcdef");
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl From<KmsError> for ApiError {
         let status = match &e {
             KmsError::UnknownKey(_) => StatusCode::NOT_FOUND,
             KmsError::KeyDisabled(_) => StatusCode::LOCKED,
-            KmsError::KeyDeleted(_) => StatusCode::GONE,
+            KmsError::KeyDeleted(_) | KmsError::MaterialDestroyed { .. } => StatusCode::GONE,
             KmsError::Conflict(_) => StatusCode::CONFLICT,
             KmsError::Refused(_) => StatusCode::BAD_GATEWAY,
             KmsError::Store(e) if e.retryable() => StatusCode::SERVICE_UNAVAILABLE,
@@ -142,7 +142,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<AppState>, Placement)> {
         ("/v1/instances/{id}", get(show_instance), Here),
         ("/v1/instances/{id}", delete(delete_instance), Owner(KeyFrom::InstancePath("id"))),
         // A read of the data plane: answered from this node's replica.
-        ("/v1/instances/{id}/dek", post(fetch_dek), Here),
+        ("/v1/instances/{id}/dek", post(fetch_dek).layer(axum::middleware::map_response(no_store)), Here),
     ]
 }
 
@@ -412,6 +412,8 @@ async fn show_key(State(s): State<AppState>, Path(key_id): Path<String>) -> ApiR
         "deleted_at": record.as_ref().and_then(|k| k.deleted_at),
         "purged_at": record.as_ref().and_then(|k| k.purged_at),
         "kms_state": kms_state.map(|k| k.0),
+        // Set once the embedded KMS destroyed the key's material (the proof of erasure).
+        "kms_material_destroyed_at": s.local.material_destroyed_at(&key_id).ok().flatten(),
         "kms": {"provider": provider, "limits": governor},
     }))
     .into_response())
@@ -466,6 +468,7 @@ async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
             return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is disabled; enable it before creating instances under it")))
         }
         Err(KmsError::KeyDeleted(k)) => return Err(ApiError::new(StatusCode::CONFLICT, format!("key {k} is deleted; restore it or choose another key"))),
+        Err(e @ KmsError::MaterialDestroyed { .. }) => return Err(ApiError::new(StatusCode::CONFLICT, e.to_string())),
         Err(e) => return Err(e.into()),
     };
     let reply = s
@@ -528,6 +531,16 @@ async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> A
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }
+}
+
+/// Every answer of the DEK endpoint, a plaintext DEK or a refusal, tells
+/// browsers, proxies and HTTP client caches not to keep it: a cached copy of a
+/// DEK would outlive its revocation and its erasure.
+async fn no_store(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
+    headers.insert(axum::http::header::PRAGMA, axum::http::HeaderValue::from_static("no-cache"));
+    response
 }
 
 async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {

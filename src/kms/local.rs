@@ -1,6 +1,9 @@
 //! The embedded KMS: versioned AES-256-GCM root keys, sealed at rest under a master
 //! key from a file. It behaves like a real KMS: operating a key emits the matching
-//! lifecycle event (through the durable outbox) for the daemon to consume.
+//! lifecycle event (through the durable outbox) for the daemon to consume. When
+//! a deleted key's restore window ends, the purge has it destroy the key's
+//! material ([`LocalKms::destroy_material`]): nothing the key wrapped can be
+//! unwrapped after that.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -57,8 +60,11 @@ const NONCE: usize = 12;
 #[derive(Serialize, Deserialize)]
 struct SealedVersion {
     version: String,
-    /// nonce || AES-256-GCM(master, material, aad = key id and version)
-    sealed: String,
+    /// nonce || AES-256-GCM(master, material, aad = key id and version).
+    /// None once the material is destroyed: the version's name stays, so that
+    /// a wrapped DEK naming it is refused as destroyed, not as unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -68,11 +74,18 @@ struct KeyFile {
     deleted_at: Option<DateTime<Utc>>,
     created_at: DateTime<Utc>,
     versions: Vec<SealedVersion>,
+    /// When the sealed material of every version was destroyed, after the
+    /// restore window of its delete ended: from then on nothing it wrapped can
+    /// be unwrapped, by this or any node. Absent in records written before
+    /// keywarden destroyed material (and in every record whose key still has it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    material_destroyed_at: Option<DateTime<Utc>>,
 }
 
 struct LoadedKey {
     status: KeyStatus,
     deleted_at: Option<DateTime<Utc>>,
+    material_destroyed_at: Option<DateTime<Utc>>,
     /// Unsealed root-key material by version; zeroed when the entry is dropped.
     material: HashMap<String, Zeroizing<[u8; 32]>>,
     latest: String,
@@ -125,14 +138,14 @@ impl LocalKms {
         STANDARD.encode(out)
     }
 
-    fn unseal(&self, key_id: &str, v: &SealedVersion) -> Result<Zeroizing<[u8; 32]>, KmsError> {
-        let bad = || KmsError::Setup(format!("root key {key_id} version {} cannot be unsealed; is this the master key it was created with?", v.version));
-        let raw = STANDARD.decode(&v.sealed).map_err(|_| bad())?;
+    fn unseal(&self, key_id: &str, version: &str, sealed: &str) -> Result<Zeroizing<[u8; 32]>, KmsError> {
+        let bad = || KmsError::Setup(format!("root key {key_id} version {version} cannot be unsealed; is this the master key it was created with?"));
+        let raw = STANDARD.decode(sealed).map_err(|_| bad())?;
         if raw.len() < NONCE {
             return Err(bad());
         }
         let cipher = Aes256Gcm::new_from_slice(self.master.as_ref()).expect("32-byte key");
-        let aad = format!("keywarden root key {key_id} version {}", v.version);
+        let aad = format!("keywarden root key {key_id} version {version}");
         let plain = Zeroizing::new(cipher.decrypt(Nonce::from_slice(&raw[..NONCE]), Payload { msg: &raw[NONCE..], aad: aad.as_bytes() }).map_err(|_| bad())?);
         let arr: [u8; 32] = plain.as_slice().try_into().map_err(|_| bad())?;
         Ok(Zeroizing::new(arr))
@@ -157,12 +170,16 @@ impl LocalKms {
         }
         let file = parse_file(key_id, &bytes)?;
         let mut material = HashMap::new();
+        // A destroyed version has nothing to unseal.
         for v in &file.versions {
-            material.insert(v.version.clone(), self.unseal(key_id, v)?);
+            if let Some(sealed) = &v.sealed {
+                material.insert(v.version.clone(), self.unseal(key_id, &v.version, sealed)?);
+            }
         }
         let loaded = Arc::new(LoadedKey {
             status: file.status,
             deleted_at: file.deleted_at,
+            material_destroyed_at: file.material_destroyed_at,
             material,
             latest: file.versions.last().map(|v| v.version.clone()).unwrap_or_default(),
             record: bytes,
@@ -173,6 +190,9 @@ impl LocalKms {
 
     fn usable(&self, key_id: &str) -> Result<Arc<LoadedKey>, KmsError> {
         let key = self.load(key_id)?;
+        if let Some(at) = key.material_destroyed_at {
+            return Err(KmsError::MaterialDestroyed { key_id: key_id.to_string(), at });
+        }
         match key.status {
             KeyStatus::Active => Ok(key),
             KeyStatus::Disabled => Err(KmsError::KeyDisabled(key_id.to_string())),
@@ -244,7 +264,8 @@ impl LocalKms {
             status: KeyStatus::Active,
             deleted_at: None,
             created_at: Utc::now(),
-            versions: vec![SealedVersion { version: version.clone(), sealed: self.seal(&key_id, &version, &material) }],
+            versions: vec![SealedVersion { version: version.clone(), sealed: Some(self.seal(&key_id, &version, &material)) }],
+            material_destroyed_at: None,
         };
         // Created by someone else in the meantime: the same answer as before.
         if !self.save(None, &file, None).await? {
@@ -279,7 +300,7 @@ impl LocalKms {
                 let mut material = Zeroizing::new([0u8; 32]);
                 rand::rngs::OsRng.fill_bytes(material.as_mut());
                 let sealed = self.seal(key_id, &version, &material);
-                file.versions.push(SealedVersion { version: version.clone(), sealed });
+                file.versions.push(SealedVersion { version: version.clone(), sealed: Some(sealed) });
                 key_version = Some(version);
             }
             (EventType::Rotate, KeyStatus::Disabled) => return conflict("disabled; enable it before rotating"),
@@ -293,10 +314,17 @@ impl LocalKms {
             }
             (EventType::Restore, KeyStatus::Deleted) => {
                 let deleted = file.deleted_at.unwrap_or(now);
-                // A window too long to add never passes (and never overflows).
-                let passed =
-                    chrono::Duration::from_std(self.purge_after).ok().and_then(|window| deleted.checked_add_signed(window)).is_some_and(|end| end <= now);
-                if passed {
+                // Whatever the window is now (another node's, a changed
+                // config): nothing is left to restore.
+                if let Some(destroyed) = file.material_destroyed_at {
+                    return Err(KmsError::Conflict(format!(
+                        "key {key_id} was deleted at {} and its material was destroyed at {}, when its restore window ended; it cannot be restored, \
+                         and nothing it wrapped can be unwrapped: create a new key",
+                        deleted.to_rfc3339(),
+                        destroyed.to_rfc3339()
+                    )));
+                }
+                if self.window_passed(deleted, now) {
                     return Err(KmsError::Conflict(format!(
                         "key {key_id} was deleted at {} and its restore window of {} has passed; its DEKs are destroyed and cannot be restored",
                         deleted.to_rfc3339(),
@@ -307,6 +335,9 @@ impl LocalKms {
                 file.deleted_at = None;
             }
             (EventType::Restore, _) => return conflict("not deleted; there is nothing to restore"),
+            (_, KeyStatus::Deleted) if file.material_destroyed_at.is_some() => {
+                return conflict("deleted and its material destroyed; it can never be used again, create a new key")
+            }
             (_, KeyStatus::Deleted) => return conflict("deleted; restore it first"),
         }
         let event = LifecycleEvent {
@@ -320,6 +351,60 @@ impl LocalKms {
             material_destroyed: false,
         };
         Ok(event)
+    }
+
+    /// Whether a delete at `deleted` is past its restore window at `now`. A
+    /// window too long to add never passes (and never overflows).
+    fn window_passed(&self, deleted: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        chrono::Duration::from_std(self.purge_after).ok().and_then(|window| deleted.checked_add_signed(window)).is_some_and(|end| end <= now)
+    }
+
+    /// Destroys the sealed material of every version of a deleted key whose
+    /// restore window has ended, so that no surviving copy of a DEK it wrapped
+    /// (a store backup, an old changelog segment, a wrapped DEK a data plane
+    /// kept) can be unwrapped again: the embedded KMS's proof of erasure. The
+    /// record stays (deleted, the versions' names, when the material was
+    /// destroyed), committed by the writer as a compare-and-swap on the stored
+    /// record like [`LocalKms::operate`], and replicated to the other nodes.
+    ///
+    /// The key's own record decides, not the caller: a key that is not
+    /// deleted (restored meanwhile) or whose window is still open is refused
+    /// with `Conflict` and left as it is. Ok(true): destroyed now; Ok(false):
+    /// it was destroyed already, nothing changed.
+    pub async fn destroy_material(&self, key_id: &str) -> Result<bool, KmsError> {
+        for _ in 0..8 {
+            let (stored, mut file) = self.read_file(key_id)?;
+            if file.material_destroyed_at.is_some() {
+                return Ok(false);
+            }
+            if file.status != KeyStatus::Deleted {
+                return Err(KmsError::Conflict(format!(
+                    "key {key_id} is not deleted; only a deleted key's material is destroyed, once its restore window ends"
+                )));
+            }
+            let now = Utc::now();
+            if !file.deleted_at.is_some_and(|deleted| self.window_passed(deleted, now)) {
+                return Err(KmsError::Conflict(format!(
+                    "key {key_id} is still inside its restore window of {}; its material is destroyed when the window ends",
+                    humantime::format_duration(self.purge_after)
+                )));
+            }
+            for v in &mut file.versions {
+                v.sealed = None;
+            }
+            file.material_destroyed_at = Some(now);
+            if self.save(Some(stored), &file, None).await? {
+                // The unsealed copy goes too (zeroed when the last user drops it).
+                self.cache.write().expect("kms cache lock").remove(key_id);
+                return Ok(true);
+            }
+        }
+        Err(KmsError::Store(StoreError::Unavailable(format!("key {key_id} kept changing while its material was destroyed"))))
+    }
+
+    /// When the key's material was destroyed, if it was.
+    pub fn material_destroyed_at(&self, key_id: &str) -> Result<Option<DateTime<Utc>>, KmsError> {
+        Ok(self.load(key_id)?.material_destroyed_at)
     }
 
     pub fn state(&self, key_id: &str) -> Result<(KeyStatus, String, Option<DateTime<Utc>>), KmsError> {
@@ -408,6 +493,91 @@ mod tests {
     fn kms(dir: &Path) -> LocalKms {
         let store = Store::open(&dir.join("db")).unwrap();
         LocalKms::open(store.clone(), writer(&store), &dir.join("master.key"), Duration::from_secs(3600)).unwrap()
+    }
+
+    /// The stored record of a key, as JSON.
+    fn record(kms: &LocalKms, key_id: &str) -> serde_json::Value {
+        serde_json::from_slice(&kms.store.kms_get(key_id).unwrap().unwrap()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn destroyed_material_unwraps_nothing_refuses_a_restore_and_is_destroyed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        // A window of zero has ended as soon as the delete is applied.
+        let kms = LocalKms::open(store.clone(), writer(&store), &dir.path().join("master.key"), Duration::ZERO).unwrap();
+        let (key, _) = kms.create_key(Some("k".into())).await.unwrap();
+        let dek = Dek::generate();
+        let w1 = kms.wrap(&key, &dek, b"a", None).await.unwrap();
+        kms.operate(&key, EventType::Rotate).await.unwrap();
+        let w2 = kms.wrap(&key, &dek, b"b", None).await.unwrap();
+        kms.operate(&key, EventType::Delete).await.unwrap();
+        let events = kms.store.outbox_len();
+
+        assert!(kms.destroy_material(&key).await.unwrap(), "destroyed by this call");
+        let destroyed = |r: Result<_, KmsError>| matches!(r, Err(KmsError::MaterialDestroyed { key_id, .. }) if key_id == "k");
+        assert!(destroyed(kms.unwrap(&key, &w1, b"a").await.map(|_| ())));
+        assert!(destroyed(kms.unwrap(&key, &w2, b"b").await.map(|_| ())));
+        assert!(destroyed(kms.rewrap(&key, &w1, b"a", None).await.map(|_| ())));
+        assert!(destroyed(kms.wrap(&key, &dek, b"c", None).await.map(|_| ())));
+        let msg = kms.unwrap(&key, &w1, b"a").await.unwrap_err().to_string();
+        assert!(msg.contains("destroyed") && msg.contains("create a new key"), "{msg}");
+
+        // The record stays, deleted, naming its versions, with no material.
+        let r = record(&kms, &key);
+        assert_eq!(r["status"], "deleted", "{r}");
+        assert!(r["material_destroyed_at"].is_string(), "{r}");
+        let versions = r["versions"].as_array().unwrap();
+        assert_eq!(versions.iter().map(|v| v["version"].as_str().unwrap()).collect::<Vec<_>>(), ["1", "2"]);
+        assert!(versions.iter().all(|v| v.get("sealed").is_none()), "{r}");
+        assert_eq!(kms.state(&key).unwrap().0, KeyStatus::Deleted);
+        assert_eq!(kms.material_destroyed_at(&key).unwrap(), serde_json::from_value(r["material_destroyed_at"].clone()).unwrap());
+
+        let restore = kms.operate(&key, EventType::Restore).await.expect_err("a restore is refused").to_string();
+        assert!(restore.contains("material was destroyed") && restore.contains("cannot be restored"), "{restore}");
+        assert!(matches!(kms.operate(&key, EventType::Enable).await, Err(KmsError::Conflict(m)) if m.contains("material destroyed")));
+
+        // Again: nothing changes, and nothing is emitted, now or before.
+        let before = kms.store.kms_get(&key).unwrap();
+        assert!(!kms.destroy_material(&key).await.unwrap(), "already destroyed");
+        assert_eq!(kms.store.kms_get(&key).unwrap(), before);
+        assert_eq!(kms.store.outbox_len(), events, "destroying emits no lifecycle event");
+
+        // Not only this process's copy: a restarted KMS, even one whose window
+        // would still be open, finds nothing to unwrap or restore either.
+        drop(kms);
+        let there = LocalKms::open(store.clone(), writer(&store), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap();
+        assert!(destroyed(there.unwrap(&key, &w1, b"a").await.map(|_| ())));
+        assert!(matches!(there.operate(&key, EventType::Restore).await, Err(KmsError::Conflict(m)) if m.contains("material was destroyed")));
+    }
+
+    #[tokio::test]
+    async fn material_is_kept_until_the_restore_window_of_a_delete_has_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let kms = kms(dir.path());
+        let (key, _) = kms.create_key(None).await.unwrap();
+        let dek = Dek::generate();
+        let w = kms.wrap(&key, &dek, b"a", None).await.unwrap();
+        let refused = |r: Result<bool, KmsError>, says: &str| matches!(r, Err(KmsError::Conflict(m)) if m.contains(says));
+        assert!(refused(kms.destroy_material(&key).await, "is not deleted"));
+        kms.operate(&key, EventType::Delete).await.unwrap();
+        assert!(refused(kms.destroy_material(&key).await, "still inside its restore window"));
+        assert!(record(&kms, &key).get("material_destroyed_at").is_none());
+        // Nothing was lost: the restore inside the window brings the DEK back.
+        kms.operate(&key, EventType::Restore).await.unwrap();
+        assert_eq!(kms.unwrap(&key, &w, b"a").await.unwrap().expose(), dek.expose());
+        assert!(matches!(kms.destroy_material("no-such-key").await, Err(KmsError::UnknownKey(_))));
+    }
+
+    #[test]
+    fn a_key_record_written_before_material_was_destroyed_still_parses() {
+        let old = br#"{"key_id":"k","status":"deleted","deleted_at":"2024-01-01T00:00:00Z","created_at":"2023-01-01T00:00:00Z","versions":[{"version":"1","sealed":"AAAA"}]}"#;
+        let file = parse_file("k", old).unwrap();
+        assert!(file.material_destroyed_at.is_none());
+        assert_eq!(file.versions[0].sealed.as_deref(), Some("AAAA"));
+        // And a key that keeps its material is written as before.
+        let again: serde_json::Value = serde_json::to_value(&file).unwrap();
+        assert_eq!(again, serde_json::from_slice::<serde_json::Value>(old).unwrap());
     }
 
     #[tokio::test]

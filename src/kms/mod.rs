@@ -168,6 +168,13 @@ pub enum KmsError {
     KeyDisabled(String),
     #[error("key {0} is deleted in the KMS; restore it within the restore window to use its DEKs")]
     KeyDeleted(String),
+    /// The embedded KMS destroyed the key's material when its restore window
+    /// ended: not a state a restore or an enable can leave.
+    #[error(
+        "the material of key {key_id} was destroyed at {}, when its restore window ended; nothing it wrapped can be unwrapped again: create a new key for new data",
+        .at.to_rfc3339()
+    )]
+    MaterialDestroyed { key_id: String, at: chrono::DateTime<chrono::Utc> },
     #[error("key {key_id} has no version {version}; the wrapped DEK belongs to another key")]
     UnknownVersion { key_id: String, version: String },
     #[error("wrapped DEK does not authenticate under key {0}; it was altered or belongs to another instance")]
@@ -192,9 +199,11 @@ impl KmsError {
         matches!(self, KmsError::Unavailable(_) | KmsError::Throttled(_))
     }
 
-    /// The key is not usable right now, but may be again (enable, restore).
+    /// The key is not usable right now: it may be again (enable, restore),
+    /// except once its material is destroyed. Either way nothing is gained by
+    /// retrying a call now, nor is it a failure of one instance.
     pub fn key_unusable(&self) -> bool {
-        matches!(self, KmsError::KeyDisabled(_) | KmsError::KeyDeleted(_))
+        matches!(self, KmsError::KeyDisabled(_) | KmsError::KeyDeleted(_) | KmsError::MaterialDestroyed { .. })
     }
 
     /// A short, fixed label for metrics.
@@ -203,6 +212,7 @@ impl KmsError {
             KmsError::UnknownKey(_) => "unknown_key",
             KmsError::KeyDisabled(_) => "key_disabled",
             KmsError::KeyDeleted(_) => "key_deleted",
+            KmsError::MaterialDestroyed { .. } => "material_destroyed",
             KmsError::UnknownVersion { .. } => "unknown_version",
             KmsError::Integrity(_) => "integrity",
             KmsError::Conflict(_) => "conflict",

@@ -46,6 +46,15 @@ impl KmsRouter {
         seen
     }
 
+    /// The id the embedded KMS knows the key by, when the embedded KMS serves
+    /// it (as the default or through a route); None for a remote KMS's key. The
+    /// purge destroys only what keywarden itself holds: a remote KMS destroys
+    /// its own material on its own schedule.
+    pub fn embedded_id<'a>(&'a self, key_id: &'a str) -> Option<&'a str> {
+        let (k, id) = self.for_key(key_id);
+        (k.provider() == super::local::NAME).then_some(id)
+    }
+
     /// Which provider serves the key, and its limits and breaker, for `GET /v1/keys`.
     pub fn describe(&self, key_id: &str) -> (&'static str, Option<GovernorState>) {
         let (k, _) = self.for_key(key_id);
