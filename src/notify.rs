@@ -48,6 +48,9 @@ impl Notifier {
         let socket_err = |source| NotifyError::Socket { path: path.to_string(), source };
         let addr = socket_address(path)?.map_err(socket_err)?;
         let socket = UnixDatagram::unbound().map_err(socket_err)?;
+        // Sent from async tasks: a full socket queue (systemd not reading)
+        // drops the notification, logged, rather than block a runtime thread.
+        socket.set_nonblocking(true).map_err(socket_err)?;
         Ok(Notifier { target: Some((socket, addr, path.to_string())) })
     }
 
@@ -293,15 +296,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let server = UnixDatagram::bind(&path).unwrap();
-        server.set_nonblocking(true).unwrap();
+        // Read as systemd does, all along: the socket's queue holds only a
+        // few datagrams, and a full one drops notifications.
+        server.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let reader = {
+            let reading = reading.clone();
+            std::thread::spawn(move || {
+                let (mut got, mut buf) = (Vec::new(), [0u8; 512]);
+                loop {
+                    match server.recv(&mut buf) {
+                        Ok(n) => got.push(String::from_utf8_lossy(&buf[..n]).into_owned()),
+                        Err(_) if reading.load(std::sync::atomic::Ordering::SeqCst) => {}
+                        Err(_) => return got,
+                    }
+                }
+            })
+        };
         let (shutdown, done) = (CancellationToken::new(), CancellationToken::new());
         let task = tokio::spawn(report(Notifier::new(path.to_str()).unwrap(), watched, Some(watchdog), shutdown.clone(), done.clone()));
         during.await;
         shutdown.cancel();
         done.cancel();
         task.await.unwrap();
-        let mut buf = [0u8; 512];
-        std::iter::from_fn(|| server.recv(&mut buf).ok().map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())).collect()
+        reading.store(false, std::sync::atomic::Ordering::SeqCst);
+        reader.join().unwrap()
     }
 
     fn watched(dir: &std::path::Path) -> Watched {
