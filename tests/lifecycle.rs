@@ -133,6 +133,27 @@ fn malformed_messages_go_to_the_dead_letter_topic_and_intake_goes_on() {
     assert!(metrics.contains("keywarden_dead_letters_total"), "{metrics}");
 }
 
+/// An event dated ahead of the clock by more than signatures.max_clock_skew is
+/// refused before the engine; it would otherwise make every later real event
+/// of its key look stale.
+#[test]
+fn a_future_dated_event_is_dead_lettered_and_the_next_real_one_is_applied() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("fd-key");
+    d.create_instance("fd-db", "fd-key");
+    let p = producer(&broker.bootstrap);
+    // Signed, well-formed, and a day ahead: a disable from "tomorrow".
+    produce(&p, "key-lifecycle", Some("fd-key"), &event("fd-future", "disable", "fd-key", None, &soon(86_400)));
+    produce(&p, "key-lifecycle", Some("fd-key"), &event("fd-now", "disable", "fd-key", None, &soon(0)));
+    assert_eq!(d.wait_event("fd-now")["outcome"], "applied", "the real event after it is not stale");
+    assert_eq!(d.get("/v1/events/fd-future").0, 404, "the future-dated event was never applied");
+    let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");
+    let read = dlq.read_until("the future-dated event dead-lettered", MIN, |r| !r.is_empty()).to_vec();
+    let reason = read[0].header("keywarden.reason").unwrap_or_default();
+    assert!(reason.contains("fd-future") && reason.contains("max_clock_skew"), "{reason}");
+}
+
 #[test]
 fn duplicate_and_stale_events_change_nothing() {
     let broker = Broker::start();
