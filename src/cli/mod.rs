@@ -280,7 +280,7 @@ fn init_tracing(config: &Config) -> Result<Option<Traces>, TelemetryError> {
     let traces = Traces::start(&config.telemetry)?;
     // Traces get keywarden's spans whatever the log level: quieting the log
     // must not cut traces short.
-    let otel = traces.as_ref().map(|t| t.layer().with_filter(Targets::new().with_target("keywarden", tracing::Level::INFO)));
+    let otel = traces.as_ref().map(|t| t.layer().with_filter(Fresh(Targets::new().with_target("keywarden", tracing::Level::INFO))));
     tracing_subscriber::registry().with(log_layer(&config.log.format, &config.log.level)).with(otel).init();
     Ok(traces)
 }
@@ -305,9 +305,62 @@ where
     crate::reload::register_log_level(Box::new(move |level| handle.modify(|f| *f = EnvFilter::new(level)).map_err(|e| e.to_string())));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     if format == "json" {
-        fmt.json().flatten_event(true).with_current_span(true).with_span_list(true).with_filter(filter).boxed()
+        fmt.json().flatten_event(true).with_current_span(true).with_span_list(true).with_filter(Fresh(filter)).boxed()
     } else {
-        fmt.with_filter(filter).boxed()
+        fmt.with_filter(Fresh(filter)).boxed()
+    }
+}
+
+/// A per-layer filter that never lets a callsite's interest be cached as
+/// "always", so that its decision is made again at every event. Without it,
+/// tracing-subscriber 0.3 drops events (tokio-rs/tracing#2519): a `log`
+/// crate `log_enabled!` check (librdkafka's client does one through
+/// `tracing-log`) leaves a per-layer "disabled" mark that the next event of an
+/// "always" callsite, which skips the check, reads as its own, and it goes
+/// unlogged. That is how a start-up warning, and once the only log line of a
+/// failing start, were lost. The cost is one filter check per event.
+struct Fresh<F>(F);
+
+impl<S, F: tracing_subscriber::layer::Filter<S>> tracing_subscriber::layer::Filter<S> for Fresh<F> {
+    fn enabled(&self, meta: &tracing::Metadata<'_>, cx: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        self.0.enabled(meta, cx)
+    }
+
+    fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        let interest = self.0.callsite_enabled(meta);
+        if interest.is_always() {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            interest
+        }
+    }
+
+    fn event_enabled(&self, event: &tracing::Event<'_>, cx: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        self.0.event_enabled(event, cx)
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        self.0.max_level_hint()
+    }
+
+    fn on_new_span(&self, attrs: &tracing::span::Attributes<'_>, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_new_span(attrs, id, cx)
+    }
+
+    fn on_record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_record(id, values, cx)
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_enter(id, cx)
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_exit(id, cx)
+    }
+
+    fn on_close(&self, id: tracing::span::Id, cx: tracing_subscriber::layer::Context<'_, S>) {
+        self.0.on_close(id, cx)
     }
 }
 
@@ -330,4 +383,65 @@ pub fn spawn_signal_handler(shutdown: CancellationToken) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A `log_enabled!` as librdkafka's client makes it: dynamic metadata,
+    /// through the dispatcher's `enabled`, for a level the filter refuses.
+    fn dynamic_check() {
+        struct Cs;
+        impl tracing::callsite::Callsite for Cs {
+            fn set_interest(&self, _: tracing::subscriber::Interest) {}
+            fn metadata(&self) -> &tracing::Metadata<'_> {
+                &META
+            }
+        }
+        static CS: Cs = Cs;
+        static META: tracing::Metadata<'static> = tracing::Metadata::new(
+            "log event",
+            "librdkafka",
+            tracing::Level::DEBUG,
+            None,
+            None,
+            None,
+            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&CS)),
+            tracing::metadata::Kind::EVENT,
+        );
+        // With per-layer filters the dispatcher answers true and each filter
+        // notes its own refusal for the event that is to follow (none does).
+        tracing::dispatcher::get_default(|d| d.enabled(&META));
+    }
+
+    #[test]
+    fn an_event_after_a_refused_log_enabled_check_is_still_logged() {
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let layer = tracing_subscriber::fmt::layer().with_writer(move || writer.clone()).with_filter(Fresh(EnvFilter::new("info")));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            for n in 0..3 {
+                dynamic_check();
+                tracing::warn!(n, "the line after the check");
+            }
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("the line after the check").count(), 3, "{text}");
+    }
 }
