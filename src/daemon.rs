@@ -173,6 +173,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     };
 
     let reconciler = Arc::new(Reconciler::new(store.clone(), writer.clone(), kms.clone(), config.reconcile.clone(), ownership.clone()));
+    let (releases, audit_releases) = crate::api::releases::Releases::start(writer.clone(), metrics.clone(), tasks.clone());
+    supervisor.spawn("dek-audit", audit_releases);
     let state = AppState {
         store: store.clone(),
         kms,
@@ -188,6 +190,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         replica: replica.clone().map(|r| (r, config.cluster.max_replica_lag.0)),
         ownership: ownership.clone(),
         write_timeout: config.api.write_timeout.0,
+        releases,
     };
     let forwarder = match &node_auth {
         Some(auth) => Some(Arc::new(Forwarder::new(ownership.clone(), store.clone(), advertise.clone(), auth.clone(), Peers::new(&config.cluster.peers))?)),

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub rewrap_seconds: HistogramVec,
     pub rewrap_errors: IntCounterVec,
     pub dek_requests: IntCounterVec,
+    /// DEK releases whose audit entry was dropped (the audit queue was full).
+    pub dek_release_audits_dropped: prometheus::IntCounter,
     pub commit_seconds: Histogram,
     pub outbox_depth: IntGauge,
     pub consumer_lag: IntGaugeVec,
@@ -114,6 +116,12 @@ impl Metrics {
             registry.register(Box::new(g.clone())).expect("register");
         }
         registry.register(Box::new(commit_seconds.clone())).expect("register");
+        let dek_release_audits_dropped = prometheus::IntCounter::new(
+            "keywarden_dek_release_audits_dropped_total",
+            "DEK releases not audited because the audit queue was full (the store writer is behind)",
+        )
+        .expect("metric");
+        registry.register(Box::new(dek_release_audits_dropped.clone())).expect("register");
         for state in INSTANCE_STATES {
             instances.with_label_values(&[state]).set(0);
         }
@@ -129,6 +137,7 @@ impl Metrics {
             rewrap_seconds,
             rewrap_errors,
             dek_requests,
+            dek_release_audits_dropped,
             commit_seconds,
             outbox_depth,
             consumer_lag,

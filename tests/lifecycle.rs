@@ -444,4 +444,13 @@ fn the_api_takes_the_right_token_for_each_door_and_says_nothing_else() {
     let refused = find("POST /v1/keys/auth-key/disable").expect("refused write audited");
     assert_eq!(refused["outcome"], "401");
     assert_eq!(refused["who"], "anonymous");
+    // The DEK served above is in the trail too, committed behind its answer:
+    // which instance, under which key version, never the DEK.
+    let release = wait_until("the DEK release audited", Duration::from_secs(10), || {
+        let (_, audit) = d.get("/v1/audit?limit=1000");
+        audit["entries"].as_array()?.iter().find(|e| e["what"] == "release dek" && e["instance_id"] == "auth-db").cloned()
+    });
+    assert_eq!(release["who"], "dek");
+    assert_eq!(release["key_id"], "auth-key");
+    assert_eq!(release["key_version"], "1", "{release}");
 }

@@ -4,6 +4,7 @@
 pub mod auth;
 mod impact;
 mod progress;
+pub mod releases;
 pub mod tls;
 
 use std::sync::atomic::Ordering;
@@ -58,6 +59,8 @@ pub struct AppState {
     /// How long a write may wait for the broker before it is answered 503
     /// unapplied (`api.write_timeout`).
     pub write_timeout: std::time::Duration,
+    /// Where every DEK release is audited.
+    pub releases: releases::Releases,
 }
 
 #[derive(Debug)]
@@ -589,7 +592,9 @@ async fn serve_dek(s: &AppState, id: &str) -> ApiResult {
             ))
         }
     }
-    let wrapped = inst.wrapped.as_ref().expect("active instances have a wrapped DEK");
+    let Some(wrapped) = inst.wrapped.as_ref() else {
+        return Err(ApiError::new(StatusCode::GONE, format!("instance {id} has no wrapped DEK")));
+    };
     let dek = match s.cache.get(id, &wrapped.key_version) {
         Some(d) => d,
         None => {
@@ -598,5 +603,6 @@ async fn serve_dek(s: &AppState, id: &str) -> ApiResult {
             d
         }
     };
+    s.releases.record(id, &inst.key_id, &wrapped.key_version);
     Ok(Json(json!({"dek": STANDARD.encode(dek.expose()), "key_version": wrapped.key_version})).into_response())
 }

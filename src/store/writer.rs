@@ -67,7 +67,7 @@ pub enum Op {
     /// Changelog entries other nodes wrote.
     Replicated(Vec<Replicated>),
     /// An entry of the audit trail that no engine input carries (an API request).
-    Audit(AuditFact),
+    Audit(Vec<AuditFact>),
     /// Records committed as they are, not decided: seeding a stopped
     /// daemon's store (the benchmarks) or restoring one. Not reachable from
     /// any input.
@@ -245,7 +245,13 @@ impl Writer {
 
     /// Appends to the audit trail within `timeout`.
     pub async fn audit(&self, fact: AuditFact, timeout: Duration) -> Result<(), WriterError> {
-        self.run_within(Op::Audit(fact), timeout).await.map(|_| ())
+        self.run_within(Op::Audit(vec![fact]), timeout).await.map(|_| ())
+    }
+
+    /// Appends many entries to the audit trail, in one job, however long the
+    /// writer takes to get to it.
+    pub async fn audit_all(&self, facts: Vec<AuditFact>) -> Result<(), WriterError> {
+        self.run(Op::Audit(facts), None).await.map(|_| ())
     }
 
     /// Commits records as they are (see `Op::Import`).
@@ -473,8 +479,9 @@ impl Loop {
                 records.extend(imported);
                 Done::Written
             }
-            Op::Audit(fact) => {
-                self.store.stage_records(staged, &[Record::Audit(fact)]).map_err(Failure::Batch)?;
+            Op::Audit(facts) => {
+                let records: Vec<Record> = facts.into_iter().map(Record::Audit).collect();
+                self.store.stage_records(staged, &records).map_err(Failure::Batch)?;
                 Done::Written
             }
             Op::Replicated(entries) => {
