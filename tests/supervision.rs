@@ -25,6 +25,7 @@ const TASKS: &[&str] = &[
     "intake-probe",
     "intake-lag",
     "intake-orphans",
+    "dek-audit",
 ];
 
 #[test]
