@@ -53,16 +53,19 @@ impl Store {
     }
 
     /// Removes what a relay sent. A sent command's replicated copy is
-    /// tombstoned, so that the other nodes forget it. Not flushed for the
+    /// tombstoned, so that the other nodes forget it, but only for keys `mine`
+    /// selects: a partition has one writer to its changelog, and a command
+    /// sent just after its key moved stays on the other nodes, to be adopted
+    /// and sent once more under the same id. Not flushed for the
     /// outbox: an effect published twice after a crash is deduplicated by its
     /// stable id downstream; alerts are, as a sink may page someone twice.
-    pub fn stage_sent(&self, staged: &mut Staged, queue: Queue, ids: &[u64]) -> Result<(), StoreError> {
+    pub fn stage_sent(&self, staged: &mut Staged, queue: Queue, ids: &[u64], mine: impl Fn(&str) -> bool) -> Result<(), StoreError> {
         let prefix = queue.prefix();
         for id in ids {
             let key = queue_key(prefix, *id);
             if queue == Queue::Outbox && self.changelog.get().is_some() {
                 if let Some(value) = self.get(&key)? {
-                    if let Some((key_id, name)) = command_key(&decode(&key, &value)?) {
+                    if let Some((key_id, name)) = command_key(&decode(&key, &value)?).filter(|(key_id, _)| mine(key_id)) {
                         staged.changes.push(Change { route: Route::Key(key_id), key: name, value: None });
                     }
                 }

@@ -340,3 +340,27 @@ async fn a_forged_a_replayed_and_an_unreplicable_record_are_refused_and_the_repl
     assert_eq!(replicate(&rw, vec![newest]).await.0, 1);
     assert_eq!(replica.key("k").unwrap().unwrap().status, KeyStatus::Active);
 }
+
+#[tokio::test]
+async fn a_command_sent_after_its_key_moved_is_not_tombstoned_by_the_old_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let log = with_changelog(&s);
+    // Owns partition 0 of two only.
+    let fence = Arc::new(Fence::default());
+    fence.assign(&[("events".to_string(), 0)]);
+    let (w, _) = Writer::start(s.clone(), Ownership::shared(fence, "events", 2), 16, Box::new(|_| {}));
+    let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
+    let mine = keys.iter().find(|k| crate::cluster::partition_of(k, 2) == 0).unwrap();
+    let moved = keys.iter().find(|k| crate::cluster::partition_of(k, 2) == 1).unwrap();
+    // Queued while both were this node's (imports are not ownership-checked).
+    w.import(vec![Record::Outbox(revoke(mine)), Record::Outbox(revoke(moved))]).await.unwrap();
+    let ids: Vec<u64> = s.outbox(10).unwrap().into_iter().map(|(id, _)| id).collect();
+    let before = log.0.lock().unwrap().len();
+    w.sent(Queue::Outbox, ids).await.unwrap();
+    let tombstones: Vec<String> =
+        log.0.lock().unwrap()[before..].iter().filter(|e| e.value.is_none()).map(|e| String::from_utf8_lossy(&e.key).into_owned()).collect();
+    assert_eq!(tombstones.len(), 1, "{tombstones:?}");
+    assert!(tombstones[0].contains(&format!("ev-{mine}")), "only the owned key's copy is tombstoned: {tombstones:?}");
+    assert_eq!(s.outbox_len(), 0, "both are gone from this node's outbox");
+}

@@ -454,7 +454,7 @@ impl Loop {
                 Done::Decided(reply)
             }
             Op::Sent { queue, ids } => {
-                self.store.stage_sent(staged, queue, &ids).map_err(Failure::Batch)?;
+                self.store.stage_sent(staged, queue, &ids, mine).map_err(Failure::Batch)?;
                 Done::Written
             }
             Op::Kms(change) => {
