@@ -66,8 +66,10 @@ pub enum Op {
     TakeOver { topic: String, partition: i32, generation: u64, url: String },
     /// Changelog entries other nodes wrote.
     Replicated(Vec<Replicated>),
-    /// An entry of the audit trail that no engine input carries (an API request).
-    Audit(Vec<AuditFact>),
+    /// Entries of the audit trail that no engine input carries (API requests,
+    /// DEK releases). `durable`: flushed before the answer; DEK releases are
+    /// not (sled flushes within a second), so that reads never cost an fsync.
+    Audit { facts: Vec<AuditFact>, durable: bool },
     /// Records committed as they are, not decided: seeding a stopped
     /// daemon's store (the benchmarks) or restoring one. Not reachable from
     /// any input.
@@ -84,7 +86,7 @@ impl Op {
             (Op::Replicated(_), _) => 2,
             // Nothing of it goes to the changelog: it never waits for the broker
             // with a batch that does.
-            (Op::Audit(_), _) => 3,
+            (Op::Audit { .. }, _) => 3,
             (_, true) => 1,
             _ => 0,
         }
@@ -245,13 +247,13 @@ impl Writer {
 
     /// Appends to the audit trail within `timeout`.
     pub async fn audit(&self, fact: AuditFact, timeout: Duration) -> Result<(), WriterError> {
-        self.run_within(Op::Audit(vec![fact]), timeout).await.map(|_| ())
+        self.run_within(Op::Audit { facts: vec![fact], durable: true }, timeout).await.map(|_| ())
     }
 
     /// Appends many entries to the audit trail, in one job, however long the
-    /// writer takes to get to it.
+    /// writer takes to get to it; not flushed (see `Op::Audit`).
     pub async fn audit_all(&self, facts: Vec<AuditFact>) -> Result<(), WriterError> {
-        self.run(Op::Audit(facts), None).await.map(|_| ())
+        self.run(Op::Audit { facts, durable: false }, None).await.map(|_| ())
     }
 
     /// Commits records as they are (see `Op::Import`).
@@ -350,7 +352,9 @@ impl Loop {
     fn batch(&self, jobs: Vec<Job>) -> Result<(), StoreError> {
         let deadline = jobs.iter().filter_map(|j| j.deadline).min();
         let replicated = matches!(jobs.first().map(|j| &j.op), Some(Op::Replicated(_)));
-        let mut staged = Staged { flush: !replicated, ..Staged::default() };
+        // Audit batches flush only if one of their entries must be durable.
+        let audits = matches!(jobs.first().map(|j| &j.op), Some(Op::Audit { .. }));
+        let mut staged = Staged { flush: !replicated && !audits, ..Staged::default() };
         let mut records = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
         // Held until the batch is durable: a revocation waits for it, and no input
@@ -479,7 +483,8 @@ impl Loop {
                 records.extend(imported);
                 Done::Written
             }
-            Op::Audit(facts) => {
+            Op::Audit { facts, durable } => {
+                staged.flush |= durable;
                 let records: Vec<Record> = facts.into_iter().map(Record::Audit).collect();
                 self.store.stage_records(staged, &records).map_err(Failure::Batch)?;
                 Done::Written
