@@ -351,6 +351,11 @@ pub struct SignaturesConfig {
     /// events from producers with a slightly fast clock are refused; too large
     /// and an event dated that far ahead still wins over the real ones.
     pub max_clock_skew: HumanDuration,
+    /// Topics on which events in formats that cannot be signed (EventBridge,
+    /// CloudTrail, Activity Tracker) are accepted, as hints that the key's own
+    /// KMS must confirm before anything is applied. Empty: such events are
+    /// dead-lettered wherever they arrive.
+    pub hint_topics: Vec<String>,
 }
 
 impl Default for SignaturesConfig {
@@ -361,6 +366,7 @@ impl Default for SignaturesConfig {
             hmac_key_id: "local".into(),
             keys: Vec::new(),
             max_clock_skew: HumanDuration(Duration::from_secs(5 * 60)),
+            hint_topics: Vec::new(),
         }
     }
 }
@@ -599,6 +605,9 @@ impl Config {
             if let Some(t) = key.topics.iter().find(|t| **t != k.events_topic) {
                 return Err(invalid("signatures.keys.topics", t, &format!("a topic keywarden consumes ({})", k.events_topic)));
             }
+        }
+        if let Some(t) = sig.hint_topics.iter().find(|t| **t != k.events_topic) {
+            return Err(invalid("signatures.hint_topics", t, &format!("a topic keywarden consumes ({})", k.events_topic)));
         }
         if sig.required && sig.hmac_key_file.as_os_str().is_empty() && sig.keys.is_empty() {
             return Err(invalid("signatures.keys", &"[]", "at least one key when signatures.required is true"));
@@ -1016,6 +1025,15 @@ mod tests {
             let err = Config::load_with_env(None, &env(&[("KEYWARDEN_SIGNATURES_MAX_CLOCK_SKEW", out_of_bounds)])).unwrap_err();
             assert!(err.to_string().contains("signatures.max_clock_skew"), "{err}");
         }
+    }
+
+    #[test]
+    fn hint_topics_are_off_by_default_and_only_the_events_topic() {
+        assert!(Config::load_with_env(None, &[]).unwrap().signatures.hint_topics.is_empty());
+        let c = Config::load_with_env(None, &env(&[("KEYWARDEN_SIGNATURES_HINT_TOPICS", "key-lifecycle")])).unwrap();
+        assert_eq!(c.signatures.hint_topics, ["key-lifecycle"]);
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_SIGNATURES_HINT_TOPICS", "other-topic")])).unwrap_err().to_string();
+        assert!(err.contains("signatures.hint_topics") && err.contains("key-lifecycle"), "{err}");
     }
 
     #[test]

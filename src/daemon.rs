@@ -156,7 +156,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         metrics.clone(),
         kms.clone(),
         verifier,
-        config.signatures.max_clock_skew.0,
+        crate::intake::Admission {
+            max_clock_skew: config.signatures.max_clock_skew.0,
+            hint_topics: config.signatures.hint_topics.clone(),
+            confirm_above: config.reconcile.confirm_above,
+        },
         replica.clone(),
         &advertise,
         config.cluster.rejoin_after.0,

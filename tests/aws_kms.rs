@@ -41,8 +41,17 @@ impl Moto {
     }
 }
 
+impl Moto {
+    /// The KMS goes away: every call to it fails from now on.
+    fn stop(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
 impl Drop for Moto {
     fn drop(&mut self) {
+        // Already stopped, or stopping it now: either way it is gone.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -189,4 +198,115 @@ fn reconciliation_applies_what_events_missed_and_asks_before_revoking_many() {
     // Enabled again in AWS: reconciliation brings the small key back too.
     moto.boto(&format!("kms.enable_key(KeyId='{}')", bare(&small)));
     d.wait_state("rc-small", "active");
+}
+
+/// A CloudTrail record as an EventBridge rule routes it: unsigned.
+fn cloudtrail(id: &str, name: &str, arn: &str, at: &str) -> Vec<u8> {
+    let (region, account) = {
+        let parts: Vec<&str> = arn.split(':').collect();
+        (parts[3].to_string(), parts[4].to_string())
+    };
+    serde_json::to_vec(&json!({
+        "version": "0", "id": id, "detail-type": "AWS API Call via CloudTrail", "source": "aws.kms",
+        "account": account, "time": at, "region": region, "resources": [arn],
+        "detail": {"eventSource": "kms.amazonaws.com", "eventName": name, "requestParameters": {"keyId": arn}, "requestID": format!("req-{id}")}
+    }))
+    .unwrap()
+}
+
+/// EventBridge and CloudTrail events cannot be signed, so anyone who can
+/// produce to the topic could write one. Each is a hint that AWS (moto) must
+/// confirm: produced by kafka-python, a disable while the key is enabled in
+/// AWS changes nothing, and is applied once AWS reports the key disabled; an
+/// enable waits for AWS the same way. A "KMS CMK Deletion" while the key is
+/// only pending deletion erases with a restore window instead of purging. With
+/// AWS gone, a disable is still applied (the safe direction) unless it would
+/// revoke more than `reconcile.confirm_above` instances, and an enable waits.
+#[test]
+fn unsigned_aws_events_are_hints_that_aws_must_confirm() {
+    let broker = Broker::start();
+    let mut moto = Moto::start();
+    let create = "print(kms.create_key(Description='keywarden hints')['KeyMetadata']['Arn'])";
+    let (one, erased, many) = (moto.boto(create), moto.boto(create), moto.boto(create));
+    let bare = |arn: &str| arn.rsplit('/').next().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n[signatures]\nhint_topics = [\"key-lifecycle\"]\n[reconcile]\nconfirm_above = 1\n",
+            moto.url
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &broker.bootstrap,
+        &[("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")],
+    );
+    d.create_instance("hint-one", &one);
+    d.create_instance("hint-erased", &erased);
+    d.create_instance("hint-many-0", &many);
+    d.create_instance("hint-many-1", &many);
+    let dek = d.dek("hint-one").1["dek"].as_str().unwrap().to_string();
+    let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");
+    let send =
+        |id: &str, name: &str, arn: &str, secs: i64| produce_as_outsider(&broker.bootstrap, "key-lifecycle", arn, &cloudtrail(id, name, arn, &soon(secs)));
+
+    // The key is enabled in AWS: a disable that AWS does not confirm changes nothing.
+    send("h-1", "DisableKey", &one, 1);
+    let reason = wait_dead_letter(&mut dlq, "h-1");
+    assert!(reason.contains("claims the key disabled") && reason.contains("reports it active"), "{reason}");
+    assert_eq!(security_events(&d, "hint_contradicted"), 1);
+    assert_eq!(d.state("hint-one"), "active");
+    assert_eq!(d.dek("hint-one").0, 200);
+    assert_eq!(d.get("/v1/events/h-1").0, 404, "a contradicted hint is not even recorded as seen");
+
+    // Disabled in AWS: the same claim is now the truth.
+    moto.boto(&format!("kms.disable_key(KeyId='{}')", bare(&one)));
+    send("h-2", "DisableKey", &one, 2);
+    d.wait_state("hint-one", "revoked");
+    assert_eq!(d.dek("hint-one").0, 423);
+    assert_eq!(d.wait_event("h-2")["correlation_id"], "req-h-2");
+
+    // An enable while AWS still reports the key disabled waits for AWS.
+    send("h-3", "EnableKey", &one, 3);
+    let reason = wait_dead_letter(&mut dlq, "h-3");
+    assert!(reason.contains("claims the key enabled") && reason.contains("reports it disabled"), "{reason}");
+    assert_eq!(d.state("hint-one"), "revoked");
+    moto.boto(&format!("kms.enable_key(KeyId='{}')", bare(&one)));
+    send("h-4", "EnableKey", &one, 4);
+    d.wait_state("hint-one", "active");
+    assert_eq!(d.dek("hint-one").1["dek"].as_str().unwrap(), dek);
+
+    // "The material is destroyed", while AWS reports the key only pending
+    // deletion: erased, with the restore window, not purged.
+    moto.boto(&format!("kms.schedule_key_deletion(KeyId='{}', PendingWindowInDays=7)", bare(&erased)));
+    let deletion = serde_json::to_vec(&json!({
+        "version": "0", "id": "h-5", "detail-type": "KMS CMK Deletion", "source": "aws.kms", "account": erased.split(':').nth(4).unwrap(),
+        "time": soon(5), "region": "us-east-1", "resources": [erased], "detail": {"key-id": bare(&erased)}
+    }))
+    .unwrap();
+    produce_as_outsider(&broker.bootstrap, "key-lifecycle", &erased, &deletion);
+    d.wait_state("hint-erased", "erased");
+    assert_eq!(d.dek("hint-erased").0, 410);
+    assert_eq!(d.wait_event("h-5")["type"], "delete");
+    assert!(d.log().contains("erased with a restore window, not purged"), "the narrowing is logged");
+
+    // AWS is gone. A disable is applied all the same: refusing DEKs is safe.
+    moto.stop();
+    send("h-6", "DisableKey", &one, 6);
+    d.wait_state("hint-one", "revoked");
+    // Not for more instances than confirm_above (1), though: those wait.
+    send("h-7", "DisableKey", &many, 7);
+    let reason = wait_dead_letter(&mut dlq, "h-7");
+    assert!(reason.contains("would revoke 2 instances") && reason.contains("reconcile.confirm_above = 1"), "{reason}");
+    // And an enable waits for AWS to answer.
+    send("h-8", "EnableKey", &one, 8);
+    let reason = wait_dead_letter(&mut dlq, "h-8");
+    assert!(reason.contains("waits for the kms"), "{reason}");
+    assert_eq!(d.state("hint-one"), "revoked");
+    for id in ["hint-many-0", "hint-many-1"] {
+        assert_eq!(d.state(id), "active", "{id}");
+    }
+    assert_eq!(security_events(&d, "hint_contradicted"), 2, "the two contradicted hints, and nothing that was only unanswered");
 }

@@ -62,12 +62,6 @@ p.close()
 print("sent")
 "#;
 
-fn security_events(d: &Daemon, reason: &str) -> u64 {
-    let text = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
-    let series = format!("keywarden_security_events_total{{reason=\"{reason}\"}}");
-    text.lines().find(|l| l.starts_with(&series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
-}
-
 #[test]
 fn a_replayed_a_forged_and_an_unreplicable_changelog_record_change_nothing() {
     let broker = Broker::start();

@@ -1,6 +1,8 @@
 //! Real event sources and signatures, end to end: the real binary on a real
-//! tansu broker reads IBM Activity Tracker, AWS EventBridge and CloudEvents
-//! messages, refuses unsigned and forged ones, and carries correlation ids.
+//! tansu broker reads CloudEvents, refuses unsigned and forged ones, and takes
+//! IBM Activity Tracker and AWS EventBridge messages (which cannot be signed)
+//! only as hints on a configured topic, for keys their own KMS serves. Those
+//! hints against the KMS's word are in aws_kms.rs and keyprotect_kms.rs.
 
 mod common;
 
@@ -60,71 +62,59 @@ fn activity_tracker_time(secs: i64) -> String {
     format!("{}.{:02}{}", t.format("%Y-%m-%dT%H:%M:%S"), t.timestamp_subsec_millis() / 10, t.format("%z"))
 }
 
+/// EventBridge and Activity Tracker messages cannot be signed, so a daemon
+/// that was not told to take them as hints (`signatures.hint_topics`) takes
+/// none: each is dead-lettered with the reason and counted, whoever wrote it.
 #[test]
-fn activity_tracker_events_drive_the_lifecycle_and_carry_their_correlation_id() {
-    let broker = Broker::start();
-    let d = Daemon::start(&broker.bootstrap, &[]);
-    d.create_key(CRN);
-    d.create_instance("at-db", CRN);
-    let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
-    let p = producer(&broker.bootstrap);
-    // Routed by Activity Tracker, not signed: accepted by format.
-    unsigned(&p, CRN, &at_event("at-1", "kms.secrets.disable", "corr-disable-1", &activity_tracker_time(1)));
-    d.wait_state("at-db", "revoked");
-    let rec = d.wait_event("at-1");
-    assert_eq!(rec["correlation_id"], "corr-disable-1", "{rec}");
-    let revoke = commands.read_until("the revoke command", MIN, |r| !commands_with(r, "revoke", "at-1").is_empty()).to_vec();
-    assert_eq!(commands_with(&revoke, "revoke", "at-1")[0]["correlation_id"], "corr-disable-1");
-    assert!(d.log().contains("corr-disable-1"), "the log lines carry the correlation id");
-
-    unsigned(&p, CRN, &at_event("at-2", "kms.secrets.enable", "corr-enable-2", &activity_tracker_time(2)));
-    d.wait_state("at-db", "active");
-    // A failed request and a non-lifecycle action change nothing and say why.
-    let mut failed: Value = serde_json::from_slice(&at_event("at-3", "kms.secrets.delete", "c3", &soon(3))).unwrap();
-    failed["outcome"] = "failure".into();
-    unsigned(&p, CRN, &serde_json::to_vec(&failed).unwrap());
-    unsigned(&p, CRN, &at_event("at-4", "kms.secrets.wrap", "c4", &soon(4)));
-    let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");
-    let read = dlq.read_until("two dead letters", MIN, |r| r.len() >= 2).to_vec();
-    assert!(read[0].header("keywarden.reason").unwrap().contains("did not happen"), "{:?}", read[0].headers);
-    assert!(read[1].header("keywarden.reason").unwrap().contains("not a lifecycle action"), "{:?}", read[1].headers);
-    assert_eq!(d.state("at-db"), "active");
-}
-
-#[test]
-fn eventbridge_events_revoke_and_a_kms_deletion_erases_for_good() {
+fn unsigned_formats_are_refused_on_a_topic_not_configured_for_hints() {
     let broker = Broker::start();
     let d = Daemon::start(&broker.bootstrap, &[]);
     d.create_key(ARN);
     d.create_instance("aws-db", ARN);
-    let p = producer(&broker.bootstrap);
-    let steps: &[(&str, Vec<u8>, &str)] = &[
-        ("eb-1", cloudtrail("eb-1", "DisableKey", &soon(1)), "revoked"),
-        ("eb-2", cloudtrail("eb-2", "EnableKey", &soon(2)), "active"),
-        ("eb-3", cloudtrail("eb-3", "ScheduleKeyDeletion", &soon(3)), "revoked"),
-        // Cancelling leaves the key disabled, as AWS does.
-        ("eb-4", cloudtrail("eb-4", "CancelKeyDeletion", &soon(4)), "revoked"),
-        ("eb-5", cloudtrail("eb-5", "EnableKey", &soon(5)), "active"),
-        ("eb-6", eventbridge("eb-6", "KMS Imported Key Material Expiration", &soon(6), json!({"key-id": "1234abcd-12ab-34cd-56ef-1234567890ab"})), "revoked"),
-        ("eb-7", cloudtrail("eb-7", "EnableKey", &soon(7)), "active"),
-    ];
-    for (id, payload, want) in steps {
-        unsigned(&p, ARN, payload);
-        d.wait_event(id);
-        d.wait_state("aws-db", want);
+    d.create_key(CRN);
+    d.create_instance("at-db", CRN);
+    let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");
+    produce_as_outsider(&broker.bootstrap, "key-lifecycle", ARN, &cloudtrail("eb-1", "DisableKey", &soon(1)));
+    let reason = wait_dead_letter(&mut dlq, "eventbridge events cannot be signed");
+    assert!(reason.contains("topic key-lifecycle is not configured") && reason.contains("signatures.hint_topics"), "{reason}");
+    produce_as_outsider(&broker.bootstrap, "key-lifecycle", CRN, &at_event("at-1", "kms.secrets.delete", "corr-1", &activity_tracker_time(2)));
+    wait_dead_letter(&mut dlq, "activity-tracker events cannot be signed");
+    assert_eq!(security_events(&d, "hint_topic"), 2);
+    for (id, event) in [("aws-db", "eb-1"), ("at-db", "at-1")] {
+        assert_eq!(d.state(id), "active", "{id}");
+        assert_eq!(d.get(&format!("/v1/events/{event}")).0, 404);
     }
-    assert_eq!(d.wait_event("eb-1")["correlation_id"], "req-eb-1");
-    // Before erasing, keywarden asks the key's KMS (here the embedded one) and
-    // applies a delete only if that does not report the key active.
-    let (s, v) = d.post(&format!("/v1/keys/{}/disable", ARN.replace('/', "%2F")), None);
-    assert_eq!(s, 202, "{v}");
-    d.wait_event(v["event_id"].as_str().unwrap());
-    // The key material is gone: the wrapped DEK is purged at once, and a
-    // restore cannot bring it back.
-    unsigned(&p, ARN, &eventbridge("eb-8", "KMS CMK Deletion", &soon(8), json!({"key-id": "1234abcd-12ab-34cd-56ef-1234567890ab"})));
-    d.wait_state("aws-db", "destroyed");
-    let (s, _) = d.dek("aws-db");
-    assert_eq!(s, 410);
+}
+
+/// On a hint topic, an event is still only a hint its own KMS must confirm: an
+/// AWS or Key Protect event naming a key that the embedded KMS serves (the key
+/// is named by an ARN or a CRN, but nothing routes it there) cannot be
+/// confirmed, and is dead-lettered with the reason. Malformed records are
+/// refused as before.
+#[test]
+fn a_hint_for_a_key_its_kms_does_not_serve_is_refused() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_SIGNATURES_HINT_TOPICS", "key-lifecycle")]);
+    d.create_key(ARN);
+    d.create_instance("aws-db", ARN);
+    d.create_key(CRN);
+    d.create_instance("at-db", CRN);
+    let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");
+    produce_as_outsider(&broker.bootstrap, "key-lifecycle", ARN, &cloudtrail("eb-1", "DisableKey", &soon(1)));
+    let reason = wait_dead_letter(&mut dlq, &format!("names key {ARN}"));
+    assert!(reason.contains("which the local kms serves, so the aws kms cannot confirm it"), "{reason}");
+    produce_as_outsider(&broker.bootstrap, "key-lifecycle", CRN, &at_event("at-1", "kms.secrets.disable", "corr-1", &activity_tracker_time(2)));
+    let reason = wait_dead_letter(&mut dlq, &format!("names key {CRN}"));
+    assert!(reason.contains("the keyprotect kms cannot confirm it"), "{reason}");
+    assert_eq!(security_events(&d, "hint_unconfirmable"), 2);
+    // A failed request and a non-lifecycle action change nothing and say why.
+    let mut failed: Value = serde_json::from_slice(&at_event("at-3", "kms.secrets.delete", "c3", &soon(3))).unwrap();
+    failed["outcome"] = "failure".into();
+    produce_as_outsider(&broker.bootstrap, "key-lifecycle", CRN, &serde_json::to_vec(&failed).unwrap());
+    wait_dead_letter(&mut dlq, "did not happen");
+    produce_as_outsider(&broker.bootstrap, "key-lifecycle", CRN, &at_event("at-4", "kms.secrets.wrap", "c4", &soon(4)));
+    wait_dead_letter(&mut dlq, "not a lifecycle action");
+    assert_eq!((d.state("aws-db"), d.state("at-db")), ("active".to_string(), "active".to_string()));
 }
 
 #[test]
@@ -188,15 +178,7 @@ fn unsigned_forged_and_unknown_messages_are_dead_lettered_never_applied_and_coun
     for id in ["evil-1", "evil-2"] {
         assert_eq!(d.get(&format!("/v1/events/{id}")).0, 404, "{id} was never applied");
     }
-    let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
-    let count = |reason: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with("keywarden_security_events_total") && l.contains(&format!("reason=\"{reason}\"")))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    assert_eq!((count("unsigned"), count("forged")), (1, 2), "{metrics}");
+    assert_eq!((security_events(&d, "unsigned"), security_events(&d, "forged")), (1, 2));
 }
 
 #[test]
@@ -252,8 +234,4 @@ fn event_emit_produces_signed_events_the_daemon_accepts_including_ed25519() {
         .unwrap();
     let line = String::from_utf8(signed.stdout).unwrap();
     assert!(line.starts_with("keywarden-signature: kid=partner;sig="), "{line}");
-}
-
-fn commands_with(read: &[Read], action: &str, cause: &str) -> Vec<Value> {
-    read.iter().map(Read::json).filter(|c| c["action"] == action && c["cause_event_id"] == cause).collect()
 }

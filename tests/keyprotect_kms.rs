@@ -375,3 +375,97 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     assert!(v["error"].as_str().unwrap().contains("IAM API key rejected") && v["error"].as_str().unwrap().contains("kms.keyprotect.api_key_file"), "{v}");
     drop(rt);
 }
+
+/// An Activity Tracker record of a Key Protect call, as IBM Cloud routes it:
+/// CADF, unsigned.
+fn at_record(id: &str, action: &str, crn: &str, at: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": id, "action": action, "outcome": "success", "eventTime": at, "correlationId": format!("corr-{id}"),
+        "initiator": {"id": "IBMid-550006NJ23", "typeURI": "service/security/account/user"},
+        "target": {"id": crn, "typeURI": "kms/secrets"}, "observer": {"name": "ActivityTracker"}, "eventType": "activity"
+    }))
+    .unwrap()
+}
+
+/// Activity Tracker records cannot be signed, so anyone who can produce to the
+/// topic could write one. Each is a hint Key Protect must confirm: produced
+/// by kafka-python, a disable while the key is active changes nothing; once
+/// Key Protect reports the key suspended the same claim revokes. An enable, a
+/// delete and a restore each wait for the state they claim; a rotation goes to
+/// the version Key Protect reports, not to one the record names. While Key
+/// Protect answers 503, a disable still revokes and an enable waits.
+#[test]
+fn activity_tracker_records_are_hints_that_key_protect_must_confirm() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kp = Arc::new(KeyProtect::default());
+    *kp.token_lifetime.lock().unwrap() = Duration::from_secs(3600);
+    let key = "5c1f0e2a-hinted-key";
+    let v1 = new_version(&kp, key);
+    let url = start(&rt, kp.clone());
+    let crn = format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:{key}");
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().unwrap();
+    let api_key = dir.path().join("ibm-api-key");
+    std::fs::write(&api_key, format!("{API_KEY}\n")).unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kms]\nroutes = [{{ prefix = \"crn:v1:\", provider = \"keyprotect\" }}]\n[kms.keyprotect]\nendpoint = \"{url}\"\niam_endpoint = \"{url}\"\napi_key_file = \"{}\"\n[signatures]\nhint_topics = [\"key-lifecycle\"]\n",
+            api_key.display()
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_CONFIG", config.to_str().unwrap())]);
+    let enc = crn.replace('/', "%2F");
+    d.create_instance("at-db", &crn);
+    let dek = d.dek("at-db").1["dek"].as_str().unwrap().to_string();
+    let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");
+    let send = |id: &str, action: &str, secs: i64| produce_as_outsider(&broker.bootstrap, "key-lifecycle", &crn, &at_record(id, action, &crn, &soon(secs)));
+
+    send("at-1", "kms.secrets.disable", 1);
+    let reason = wait_dead_letter(&mut dlq, "at-1");
+    assert!(reason.contains("reports it active"), "{reason}");
+    assert_eq!(d.dek("at-db").0, 200, "a disable Key Protect does not confirm changes nothing");
+
+    set_state(&kp, key, 2);
+    send("at-2", "kms.secrets.disable", 2);
+    d.wait_state("at-db", "revoked");
+    assert_eq!(d.wait_event("at-2")["correlation_id"], "corr-at-2");
+    send("at-3", "kms.secrets.enable", 3);
+    assert!(wait_dead_letter(&mut dlq, "at-3").contains("reports it disabled"));
+    set_state(&kp, key, 1);
+    send("at-4", "kms.secrets.enable", 4);
+    d.wait_state("at-db", "active");
+
+    send("at-5", "kms.secrets.delete", 5);
+    assert!(wait_dead_letter(&mut dlq, "at-5").contains("claims the key deleted"));
+    set_state(&kp, key, 5);
+    send("at-6", "kms.secrets.delete", 6);
+    d.wait_state("at-db", "erased");
+    send("at-7", "kms.secrets.restore", 7);
+    assert!(wait_dead_letter(&mut dlq, "at-7").contains("claims the key restored"));
+    set_state(&kp, key, 1);
+    send("at-8", "kms.secrets.restore", 8);
+    d.wait_state("at-db", "active");
+    assert_eq!(d.dek("at-db").1["dek"].as_str().unwrap(), dek);
+
+    // A rotation record names no version that keywarden believes: it rotates
+    // to the one Key Protect reports. With none newer, it changes nothing.
+    send("at-9", "kms.secrets.rotate", 9);
+    assert!(wait_dead_letter(&mut dlq, "at-9").contains(&format!("at version {v1}, which keywarden already holds")));
+    let v2 = new_version(&kp, key);
+    send("at-10", "kms.secrets.rotate", 10);
+    d.wait_rotated(&enc, &v2);
+    assert_eq!(d.dek("at-db").1["key_version"], v2.as_str());
+
+    // Key Protect answers 503 to everything: a disable is applied, an enable waits.
+    kp.fail_next.store(usize::MAX / 2, Ordering::SeqCst);
+    send("at-11", "kms.secrets.disable", 11);
+    d.wait_state("at-db", "revoked");
+    send("at-12", "kms.secrets.enable", 12);
+    assert!(wait_dead_letter(&mut dlq, "at-12").contains("waits for the kms"));
+    assert_eq!(d.state("at-db"), "revoked");
+    assert_eq!(security_events(&d, "hint_contradicted"), 5, "at-1, at-3, at-5, at-7 and at-9; the unanswered at-12 is not one");
+    drop(rt);
+}

@@ -8,14 +8,14 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::format::{self, optional, string, timestamp, Format, Incoming, Probe};
+use super::format::{self, optional, string, timestamp, Format, Incoming, Probe, Trust};
 use super::DecodeError;
 use crate::engine::{EventType, LifecycleEvent};
 
 pub static FORMAT: Format = Format {
     name: "activity-tracker",
     expects: "CADF with action kms.secrets.*, target.id (a key CRN), eventTime, outcome",
-    signed: false,
+    trust: Trust::ConfirmedBy(crate::kms::keyprotect::NAME),
     detect: |_: &Incoming<'_>, probe: Option<&Probe>| probe.and_then(|p| p.str("action")).is_some_and(|a| a.starts_with("kms.")),
     decode,
 };

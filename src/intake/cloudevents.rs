@@ -9,14 +9,14 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Deserialize;
 
-use super::format::{self, optional, string, Format, Incoming, Probe};
+use super::format::{self, optional, string, Format, Incoming, Probe, Trust};
 use super::{native, DecodeError};
 use crate::engine::LifecycleEvent;
 
 pub static STRUCTURED: Format = Format {
     name: "cloudevents-structured",
     expects: "specversion 1.0, id, source, type and data holding a native event",
-    signed: true,
+    trust: Trust::Signed,
     detect: |_, probe| probe.is_some_and(|p| p.has("specversion")),
     decode: structured,
 };
@@ -24,7 +24,7 @@ pub static STRUCTURED: Format = Format {
 pub static BINARY: Format = Format {
     name: "cloudevents-binary",
     expects: "ce_specversion, ce_id, ce_source and ce_type headers and a native event as payload",
-    signed: true,
+    trust: Trust::Signed,
     detect: |m: &Incoming<'_>, _: Option<&Probe>| m.header("ce_specversion").is_some(),
     decode: binary,
 };

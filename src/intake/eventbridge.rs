@@ -9,14 +9,14 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::format::{self, optional, string, timestamp, valid_id, Format, Incoming, Probe};
+use super::format::{self, optional, string, timestamp, valid_id, Format, Incoming, Probe, Trust};
 use super::DecodeError;
 use crate::engine::{EventType, LifecycleEvent};
 
 pub static FORMAT: Format = Format {
     name: "eventbridge",
     expects: "detail-type, source aws.kms, id, time, resources or detail naming the key",
-    signed: false,
+    trust: Trust::ConfirmedBy(crate::kms::aws::NAME),
     detect: |_: &Incoming<'_>, probe: Option<&Probe>| probe.is_some_and(|p| p.has("detail-type") && p.has("source")),
     decode,
 };

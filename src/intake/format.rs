@@ -33,14 +33,23 @@ pub struct Format {
     /// What a message of this format looks like, for the dead-letter reason
     /// when no format claims a message.
     pub expects: &'static str,
-    /// Whether producers of this format can sign (keywarden's own formats). A
-    /// cloud router (EventBridge, Activity Tracker) cannot; those topics are
-    /// protected by the broker's ACLs instead.
-    pub signed: bool,
+    /// What vouches for this format's events.
+    pub trust: Trust,
     /// Claims the message, cheaply; `probe` is the payload's top level when it
     /// is a JSON object.
     pub detect: fn(&Incoming<'_>, Option<&Probe>) -> bool,
     pub decode: fn(&Incoming<'_>) -> Result<LifecycleEvent, DecodeError>,
+}
+
+/// Who vouches for a format's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// Its producers sign it (keywarden's own formats): the signature decides.
+    Signed,
+    /// Its router cannot sign (EventBridge, Activity Tracker): an event is a
+    /// hint, applied only as far as this KMS provider confirms it (see
+    /// `confirm`).
+    ConfirmedBy(&'static str),
 }
 
 /// Most specific first: binary CloudEvents are recognised by headers alone, and

@@ -5,6 +5,7 @@
 
 pub mod activity_tracker;
 pub mod cloudevents;
+pub mod confirm;
 pub mod eventbridge;
 pub mod format;
 pub mod headers;
@@ -36,7 +37,8 @@ use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::writer::{Consumed, Pending, Writer, WriterError};
 use crate::store::Store;
-use format::{Decoded, Incoming};
+use confirm::{Answer, HintError};
+use format::{Decoded, Incoming, Trust};
 use signature::Verifier;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +72,8 @@ pub enum DecodeError {
         .now.to_rfc3339()
     )]
     FutureDated { event_id: String, occurred_at: DateTime<Utc>, now: DateTime<Utc>, max_clock_skew: Duration },
+    #[error(transparent)]
+    Hint(#[from] HintError),
 }
 
 impl DecodeError {
@@ -87,6 +91,17 @@ impl DecodeError {
             DecodeError::Signature(e) => e.class(),
             DecodeError::Header { .. } => "invalid_header",
             DecodeError::FutureDated { .. } => "future_dated",
+            DecodeError::Hint(e) => e.class(),
+        }
+    }
+
+    /// Whether someone may be trying something (counted in
+    /// `keywarden_security_events_total`), as opposed to a mistake.
+    pub fn is_security_event(&self) -> bool {
+        match self {
+            DecodeError::Signature(e) => e.is_security_event(),
+            DecodeError::Hint(e) => e.is_security_event(),
+            _ => false,
         }
     }
 
@@ -200,6 +215,21 @@ impl ConsumerContext for IntakeContext {
     }
 }
 
+/// What an event must pass beyond its signature before it becomes an input.
+pub struct Admission {
+    /// `signatures.max_clock_skew`: see [`check_freshness`].
+    pub max_clock_skew: Duration,
+    /// `signatures.hint_topics`: where unsigned formats are accepted as hints.
+    pub hint_topics: Vec<String>,
+    /// `reconcile.confirm_above`: the most instances a hint the KMS could not
+    /// be asked about may revoke.
+    pub confirm_above: u64,
+}
+
+/// How long a KMS is given to say what state a key is in before the intake
+/// goes on without its word; the partition's events wait meanwhile.
+const KMS_ANSWER: Duration = Duration::from_secs(2);
+
 pub struct Intake {
     consumer: Arc<StreamConsumer<IntakeContext>>,
     dlq: FutureProducer,
@@ -210,8 +240,7 @@ pub struct Intake {
     health: Arc<Health>,
     kms: Arc<dyn Kms>,
     verifier: Arc<Verifier>,
-    /// `signatures.max_clock_skew`: see [`check_freshness`].
-    max_clock_skew: Duration,
+    admission: Admission,
     /// With several nodes: a partition's events are applied only once this
     /// node's replica holds everything its previous owner wrote; the
     /// partitions (and generations) for which that is done.
@@ -256,7 +285,7 @@ impl Intake {
         metrics: Arc<Metrics>,
         kms: Arc<dyn Kms>,
         verifier: Arc<Verifier>,
-        max_clock_skew: Duration,
+        admission: Admission,
         replica: Option<Arc<crate::cluster::replica::Replica>>,
         advertise_url: &str,
         rejoin_after: Duration,
@@ -302,7 +331,7 @@ impl Intake {
             health,
             kms,
             verifier,
-            max_clock_skew,
+            admission,
             replica,
             taken_over: Default::default(),
             takeover_rx: std::sync::Mutex::new(Some(takeover_rx)),
@@ -416,10 +445,15 @@ impl Intake {
             );
             crate::telemetry::continue_trace(&span, upstream.clone());
             let now = Utc::now();
-            let decoded = info_span!(parent: &span, "decode")
-                .in_scope(|| decode_message(&msg, headers, &self.verifier).and_then(|d| check_freshness(&d.event, now, self.max_clock_skew).map(|()| d)));
-            let (input, meta) = match decoded {
-                Ok(Decoded { mut event, format }) => {
+            let decoded = info_span!(parent: &span, "decode").in_scope(|| {
+                decode_message(&msg, headers, &self.verifier).and_then(|d| check_freshness(&d.event, now, self.admission.max_clock_skew).map(|()| d))
+            });
+            let admitted = match decoded {
+                Ok(d) => self.admit(&topic, d).instrument(span.clone()).await,
+                Err(e) => Err(e),
+            };
+            let (input, meta) = match admitted {
+                Ok((mut event, format, kms)) => {
                     span.record("event_id", event.event_id.as_str());
                     span.record("key_id", event.key_id.as_str());
                     span.record("type", event.kind.as_str());
@@ -427,16 +461,13 @@ impl Intake {
                     span.record("format", format.name);
                     event.traceparent = crate::telemetry::traceparent(&span, &upstream);
                     span.in_scope(|| tracing::debug!("event received"));
-                    let kms = self.confirm(&event).instrument(span.clone()).await;
                     let meta = (event.kind.as_str(), event.occurred_at);
                     (Some(Input::Event { event, at: Utc::now(), kms }), Some(meta))
                 }
                 Err(reason) => {
-                    if let DecodeError::Signature(e) = &reason {
-                        if e.is_security_event() {
-                            self.metrics.security_events.with_label_values(&[e.class()]).inc();
-                            tracing::error!(topic = %topic, partition, offset, reason = %e, "refused a message that is not signed by a configured key; it is never applied");
-                        }
+                    if reason.is_security_event() {
+                        self.metrics.security_events.with_label_values(&[reason.class()]).inc();
+                        tracing::error!(topic = %topic, partition, offset, reason = %reason, "refused a message that nothing vouches for; it is never applied");
                     }
                     if !self.dead_letter(&msg, &reason, shutdown).instrument(span.clone()).await {
                         return Ok(());
@@ -477,22 +508,75 @@ impl Intake {
         }
     }
 
-    /// Asks the key's KMS for its state before a delete is applied, so that a
-    /// delete the KMS contradicts erases nothing. An unreachable KMS is no veto:
-    /// refusing DEKs is the safe direction, and a restore undoes it.
-    async fn confirm(&self, event: &crate::engine::LifecycleEvent) -> Option<KeyStatus> {
+    /// What of a decoded event becomes an input, with the KMS's word on the
+    /// key when it was asked. A signed event is applied as it is (a delete is
+    /// checked with the KMS first); a hint only as far as its KMS confirms it
+    /// (see [`confirm`]).
+    async fn admit(&self, topic: &str, decoded: Decoded) -> Result<(LifecycleEvent, &'static format::Format, Option<KeyStatus>), DecodeError> {
+        let Decoded { event, format } = decoded;
+        let Trust::ConfirmedBy(confirms) = format.trust else {
+            let kms = self.confirm_delete(&event).await;
+            return Ok((event, format, kms));
+        };
+        if !self.admission.hint_topics.iter().any(|t| t == topic) {
+            return Err(HintError::Topic { format: format.name, topic: topic.to_string() }.into());
+        }
+        let serves = self.kms.provider_for(&event.key_id);
+        if serves != confirms {
+            return Err(HintError::Unconfirmable { format: format.name, key_id: event.key_id, confirms, serves }.into());
+        }
+        // Only the rotation check reads it; a record that cannot be read
+        // fails the engine's own read of it, which refuses the decision.
+        let held = self.store.key(&event.key_id).ok().flatten().and_then(|k| k.version);
+        let answer = Answer::from_result(self.key_state(&event.key_id).await);
+        let confirmed = confirm::judge(format.name, event, held.as_deref(), answer)?;
+        let event = confirmed.event;
+        if confirmed.kms.is_none() {
+            // Unconfirmed, so bounded: a writer to the topic during a KMS
+            // outage must not be able to revoke a whole fleet.
+            let store = self.store.clone();
+            let key_id = event.key_id.clone();
+            let instances =
+                tokio::task::spawn_blocking(move || store.instance_ids_of(&key_id).map(|ids| ids.len())).await.ok().and_then(Result::ok).unwrap_or(0);
+            if instances as u64 > self.admission.confirm_above {
+                return Err(HintError::MassRevocation {
+                    format: format.name,
+                    event_id: event.event_id,
+                    key_id: event.key_id,
+                    instances,
+                    limit: self.admission.confirm_above,
+                }
+                .into());
+            }
+        }
+        if let Some(why) = &confirmed.narrowed {
+            tracing::warn!(event_id = %event.event_id, key_id = %event.key_id, applied = %event.kind, reason = %why, "applying less than the hint claims");
+        }
+        Ok((event, format, confirmed.kms))
+    }
+
+    /// Asks the key's KMS for its state before a signed delete is applied, so
+    /// that a delete the KMS contradicts erases nothing. An unreachable KMS is
+    /// no veto: refusing DEKs is the safe direction, and a restore undoes it.
+    async fn confirm_delete(&self, event: &LifecycleEvent) -> Option<KeyStatus> {
         if event.kind != EventType::Delete {
             return None;
         }
-        let call = self.kms.key_state(&event.key_id).instrument(info_span!("kms.key_state", key_id = %event.key_id));
-        match tokio::time::timeout(Duration::from_secs(2), call).await {
-            Ok(Ok(state)) => Some(state.status),
-            Ok(Err(e)) => {
+        match self.key_state(&event.key_id).await {
+            Ok(state) => Some(state.status),
+            Err(e) => {
                 tracing::warn!(key_id = %event.key_id, error = %e, "cannot confirm the delete with the kms; applying it");
                 None
             }
-            Err(_) => None,
         }
+    }
+
+    /// The key's state, as its KMS reports it within [`KMS_ANSWER`].
+    async fn key_state(&self, key_id: &str) -> Result<crate::kms::KmsKeyState, crate::kms::KmsError> {
+        let call = self.kms.key_state(key_id).instrument(info_span!("kms.key_state", key_id = %key_id));
+        tokio::time::timeout(KMS_ANSWER, call)
+            .await
+            .unwrap_or_else(|_| Err(crate::kms::KmsError::Unavailable(format!("no answer within {}s", KMS_ANSWER.as_secs()))))
     }
 
     /// Publishes to the dead-letter topic and waits for the broker to have it: the
@@ -550,7 +634,7 @@ impl Intake {
 fn decode_message(msg: &BorrowedMessage<'_>, headers: Result<Vec<(&str, &[u8])>, DecodeError>, verifier: &Verifier) -> Result<Decoded, DecodeError> {
     let incoming = Incoming { key: msg.key(), payload: msg.payload().unwrap_or_default(), headers: headers? };
     let format = format::detect(&incoming)?;
-    verifier.check(msg.topic(), &incoming, format.name, format.signed)?;
+    verifier.check(msg.topic(), &incoming, format.name, format.trust == Trust::Signed)?;
     let event = (format.decode)(&incoming).map_err(|e| e.in_format(format.name))?;
     if let Some(k) = msg.key() {
         let key = String::from_utf8_lossy(k);

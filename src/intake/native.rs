@@ -5,14 +5,19 @@
 
 use serde::Deserialize;
 
-use super::format::{self, optional, string, timestamp, Format, Incoming, Probe};
+use super::format::{self, optional, string, timestamp, Format, Incoming, Probe, Trust};
 use super::DecodeError;
 use crate::engine::{EventType, LifecycleEvent};
 
 pub use super::format::MAX_EVENT_BYTES;
 
-pub static FORMAT: Format =
-    Format { name: "native", expects: "event_id, type, key_id, key_version for rotate, occurred_at", signed: true, detect, decode: |m| decode(m.payload) };
+pub static FORMAT: Format = Format {
+    name: "native",
+    expects: "event_id, type, key_id, key_version for rotate, occurred_at",
+    trust: Trust::Signed,
+    detect,
+    decode: |m| decode(m.payload),
+};
 
 fn detect(_: &Incoming<'_>, probe: Option<&Probe>) -> bool {
     probe.is_some_and(|p| p.has("event_id") || p.has("key_id"))

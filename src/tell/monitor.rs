@@ -142,7 +142,7 @@ impl Monitor {
                 Severity::Critical,
                 &[],
                 "unsigned or forged lifecycle events were refused".into(),
-                "someone produced events without a valid signature to the events topic; they were dead-lettered and not applied. Check who can write to the topic".into(),
+                "someone produced events without a valid signature, or hints their kms contradicts, to the events topic; they were dead-lettered and not applied (see keywarden_security_events_total and the dead letters' keywarden.reason). Check who can write to the topic".into(),
                 now,
             ));
         }

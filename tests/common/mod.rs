@@ -512,3 +512,44 @@ impl TopicReader {
         self.seen.iter().map(Read::json).filter(|c| c["action"] == action && c["cause_event_id"] == cause).collect()
     }
 }
+
+/// Produces one unsigned message with kafka-python, an independent client, as
+/// anyone who can write to the topic could (an EventBridge or Activity Tracker
+/// route, or an attacker). Its default partitioner is Kafka's murmur2, so a
+/// keyed message lands where keywarden's own producers put that key.
+pub fn produce_as_outsider(bootstrap: &str, topic: &str, key: &str, payload: &[u8]) {
+    const SEND: &str = r#"
+import sys
+from kafka import KafkaProducer
+bootstrap, topic, key = sys.argv[1:4]
+p = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+p.send(topic, key=key.encode(), value=sys.stdin.buffer.read()).get(timeout=30)
+p.close()
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", SEND, bootstrap, topic, key])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), payload).unwrap();
+    drop(child.stdin.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kafka-python failed (pip install kafka-python): {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `keywarden_security_events_total{reason}` as the daemon reports it now.
+pub fn security_events(d: &Daemon, reason: &str) -> u64 {
+    let text = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
+    let series = format!("keywarden_security_events_total{{reason=\"{reason}\"}}");
+    text.lines().find(|l| l.starts_with(&series)).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
+}
+
+/// Reads the dead-letter topic until a message whose reason contains `needle`
+/// arrives, and returns that reason.
+pub fn wait_dead_letter(dlq: &mut TopicReader, needle: &str) -> String {
+    let found = |r: &[Read]| r.iter().filter_map(|m| m.header("keywarden.reason")).find(|reason| reason.contains(needle)).map(str::to_owned);
+    let read = dlq.read_until(&format!("a dead letter naming {needle:?}"), Duration::from_secs(60), |r| found(r).is_some()).to_vec();
+    found(&read).unwrap()
+}
