@@ -310,3 +310,42 @@ fn unsigned_aws_events_are_hints_that_aws_must_confirm() {
     }
     assert_eq!(security_events(&d, "hint_contradicted"), 2, "the two contradicted hints, and nothing that was only unanswered");
 }
+
+/// A delete dated long ago (signed, so trusted to say who sent it, not when)
+/// keeps the whole restore window: it counts from when keywarden applied the
+/// delete. Were it counted from the claimed date, 40 days back, the first
+/// purge sweep (every second here) would purge the DEK at once.
+#[test]
+fn a_back_dated_delete_keeps_its_whole_restore_window() {
+    let broker = Broker::start();
+    let moto = Moto::start();
+    let arn = moto.boto("print(kms.create_key(Description='keywarden back-dated')['KeyMetadata']['Arn'])");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n[policy]\npurge_after = \"8s\"\npurge_schedule = \"* * * * * *\"\n",
+            moto.url
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &broker.bootstrap,
+        &[("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")],
+    );
+    d.create_instance("bd-db", &arn);
+    // The customer schedules the key's deletion in AWS; the (signed) event says it happened 40 days ago.
+    moto.boto(&format!("kms.schedule_key_deletion(KeyId='{}', PendingWindowInDays=7)", arn.rsplit('/').next().unwrap()));
+    let p = producer(&broker.bootstrap);
+    produce(&p, "key-lifecycle", Some(&arn), &event("bd-delete", "delete", &arn, None, &soon(-40 * 86_400)));
+    let applied = d.wait_event("bd-delete");
+    assert_eq!(applied["outcome"], "applied", "{applied}");
+    d.wait_state("bd-db", "erased");
+    let applied_at = chrono::DateTime::parse_from_rfc3339(applied["applied_at"].as_str().unwrap()).unwrap();
+    wait_until("the purge at the end of the window", Duration::from_secs(60), || (d.state("bd-db") == "destroyed").then_some(()));
+    let inst = d.get("/v1/instances/bd-db").1;
+    let destroyed_at = chrono::DateTime::parse_from_rfc3339(inst["destroyed_at"].as_str().unwrap()).unwrap();
+    let kept = (destroyed_at - applied_at).to_std().unwrap();
+    assert!(kept >= Duration::from_secs(8), "purged {kept:?} after the delete was applied, inside the 8 s window: {inst}");
+}

@@ -439,6 +439,7 @@ fn instance_json(s: &AppState, inst: &InstanceRecord) -> Result<Value, ApiError>
         "dek_fingerprint": inst.dek_fingerprint,
         "created_at": inst.created_at,
         "updated_at": inst.updated_at,
+        "destroyed_at": inst.destroyed_at,
         "destroyed_reason": inst.destroyed_reason,
         "rewrap_status": match (&inst.rewrap_error, key.as_ref().and_then(|k| k.version.as_ref())) {
             (Some(_), _) => "rewrap_failed",
