@@ -276,8 +276,19 @@ pub struct ClusterConfig {
     /// lives, only at a URL in this list: an owner announcement naming any
     /// other URL is ignored (the partition counts as ownerless). Empty: no
     /// node but this one, so a single node needs none and several nodes must
-    /// list each other.
+    /// list each other. At most one entry also makes the node a group of one,
+    /// which publishes its changelog after applying instead of before
+    /// (`cluster::deferred`): list every node on every node, or a node that
+    /// takes partitions over from it may miss its last writes.
     pub peers: Vec<String>,
+}
+
+impl ClusterConfig {
+    /// No other node can take this node's partitions over: its changelog has
+    /// no reader that must see a batch before it is applied.
+    pub fn group_of_one(&self) -> bool {
+        self.peers.len() <= 1
+    }
 }
 
 impl Default for ClusterConfig {

@@ -380,6 +380,29 @@ async fn catch_up(
         "created the cluster secret (mode 0600): every node of this deployment needs the same file as its cluster.secret_file",
     )?;
     let key = Arc::new(ChangelogKey::new(secret));
+    let publisher =
+        Arc::new(ChangelogPublisher::new(&config.kafka, bootstrap, topic, connected.partitions().len() as i32, key.clone()).map_err(TellError::Producer)?);
+    let stop = publisher.stop.clone();
+    // What a previous run (a group of one) applied and did not see published
+    // goes out first, before anything newer.
+    let backlog = store.last_unpublished()?;
+    let alone = config.cluster.group_of_one();
+    if !alone && backlog.is_some() {
+        tracing::info!("publishing the changelog records applied before the last stop, before following the changelog");
+        let (changelog, drained, stopping) = (publisher.clone(), store.clone(), stop.clone());
+        let published = tokio::task::spawn_blocking(move || {
+            let mut published = Vec::new();
+            crate::cluster::deferred::publish_backlog(&*changelog, &drained, backlog, &stopping, &mut |p| {
+                published.push(p);
+                Ok(())
+            })
+            .map(|_| published)
+        })
+        .await
+        .map_err(|_| DaemonError::WriterDied)?
+        .map_err(|e| StoreError::Changelog(e.to_string()))?;
+        writer.published(published).await.map_err(|_| DaemonError::WriterDied)?;
+    }
     let replica = connected.follow(store.clone(), writer.clone(), key.clone(), metrics.clone(), supervisor);
     let waiting = replica.clone();
     let caught_up = tokio::task::spawn_blocking(move || waiting.wait_caught_up(None, Duration::from_secs(120)));
@@ -391,10 +414,15 @@ async fn catch_up(
             return Err(DaemonError::TaskFailed(reason));
         }
     }
-    let publisher = ChangelogPublisher::new(&config.kafka, bootstrap, topic, replica.partitions().len() as i32, key.clone()).map_err(TellError::Producer)?;
-    let stop = publisher.stop.clone();
-    store.set_changelog(Arc::new(publisher));
-    tracing::info!(%topic, partitions = replica.partitions().len(), "replica caught up with the changelog");
+    if alone {
+        let deferred = Arc::new(crate::cluster::deferred::Deferred::default());
+        store.set_publishing(crate::store::Publishing::After(publisher.clone(), deferred.clone()));
+        let (store, writer, stop) = (store.clone(), writer.clone(), stop.clone());
+        supervisor.spawn_blocking("changelog", move || deferred.run(publisher, store, writer, backlog, stop));
+    } else {
+        store.set_changelog(publisher);
+    }
+    tracing::info!(%topic, partitions = replica.partitions().len(), group_of_one = alone, "replica caught up with the changelog");
     Ok((replica, stop, key))
 }
 

@@ -37,7 +37,7 @@ use zeroize::Zeroizing;
 use super::{partition_of, Changelog, ChangelogError, Written};
 use crate::backoff::Backoff;
 use crate::config::KafkaConfig;
-use crate::store::{Change, Route};
+use crate::store::{Change, Route, Versioned};
 
 /// Header names of a record's version (8 bytes, big-endian) and MAC (32 bytes).
 pub const VERSION_HEADER: &str = "keywarden.changelog.version";
@@ -147,39 +147,21 @@ impl ChangelogPublisher {
     /// whatever the deadline. (A request already on the wire to a hung broker
     /// cannot be withdrawn; should the broker wake and take it, replicas apply
     /// it late. The README says so.)
-    fn publish_all(&self, changes: &[Change], deadline: Option<Instant>, last: &dyn Fn(i32) -> i64) -> Result<Vec<Written>, ChangelogError> {
-        let partition_of_change = |c: &Change| match &c.route {
-            Route::Key(k) => partition_of(k, self.partitions),
-            Route::Partition(p) => *p,
-        };
-        // Each change's version, fixed before the first send so that a retry
-        // sends the same bytes.
-        let now = chrono::Utc::now().timestamp_micros();
+    fn publish_all(&self, changes: &[Versioned], deadline: Option<Instant>) -> Result<Vec<Written>, ChangelogError> {
         let mut versions: HashMap<i32, i64> = HashMap::new();
-        let versioned: Vec<(i32, i64)> = changes
-            .iter()
-            .map(|c| {
-                let p = partition_of_change(c);
-                let v = versions.entry(p).or_insert_with(|| last(p));
-                *v = (*v + 1).max(now);
-                (p, *v)
-            })
-            .collect();
         let mut written: HashMap<i32, i64> = HashMap::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut rest = changes;
         while !rest.is_empty() {
-            let first = changes.len() - rest.len();
             let sends: Vec<_> = rest
                 .iter()
-                .zip(&versioned[first..])
-                .map(|(c, (partition, version))| {
-                    let mac = self.key.sign(*partition, &c.key, c.value.as_deref(), *version);
-                    let version_bytes = version.to_be_bytes();
+                .map(|c| {
+                    let mac = self.key.sign(c.partition, &c.key, c.value.as_deref(), c.version);
+                    let version_bytes = c.version.to_be_bytes();
                     let headers = OwnedHeaders::new()
                         .insert(Header { key: VERSION_HEADER, value: Some(&version_bytes[..]) })
                         .insert(Header { key: MAC_HEADER, value: Some(&mac[..]) });
-                    let record = FutureRecord::to(&self.topic).partition(*partition).key(&c.key).headers(headers);
+                    let record = FutureRecord::to(&self.topic).partition(c.partition).key(&c.key).headers(headers);
                     // No payload is a tombstone.
                     self.producer
                         .send_result(match &c.value {
@@ -211,6 +193,8 @@ impl ChangelogPublisher {
                     Ok((partition, offset)) if failure.is_none() => {
                         let next = written.entry(partition).or_insert(0);
                         *next = (*next).max(offset + 1);
+                        let version = versions.entry(partition).or_insert(0);
+                        *version = (*version).max(rest[done].version);
                         done += 1;
                     }
                     Ok(_) => {}
@@ -233,9 +217,32 @@ impl ChangelogPublisher {
 }
 
 impl Changelog for ChangelogPublisher {
-    fn publish(&self, changes: &[Change], deadline: Option<Instant>, last: &dyn Fn(i32) -> i64) -> Result<Vec<Written>, ChangelogError> {
-        self.publish_all(changes, deadline, last)
+    fn partition(&self, route: &Route) -> i32 {
+        match route {
+            Route::Key(k) => partition_of(k, self.partitions),
+            Route::Partition(p) => *p,
+        }
     }
+
+    fn publish(&self, records: &[Versioned], deadline: Option<Instant>) -> Result<Vec<Written>, ChangelogError> {
+        self.publish_all(records, deadline)
+    }
+}
+
+/// Versions for a batch's changes, in order: per partition the last version
+/// (`last`) plus one, or the clock in microseconds if that is more, so that
+/// versions keep rising across restarts and a new writer of a partition.
+pub fn versioned(changes: Vec<Change>, partition: impl Fn(&Route) -> i32, last: impl Fn(i32) -> i64, now_micros: i64) -> Vec<Versioned> {
+    let mut versions: HashMap<i32, i64> = HashMap::new();
+    changes
+        .into_iter()
+        .map(|c| {
+            let p = partition(&c.route);
+            let v = versions.entry(p).or_insert_with(|| last(p));
+            *v = (*v + 1).max(now_micros);
+            Versioned { partition: p, version: *v, key: c.key, value: c.value }
+        })
+        .collect()
 }
 
 /// Drives `fut` on this (non-async) thread until it is ready, or until

@@ -8,6 +8,7 @@
 //!   input, and the workers take their work lists from it.
 //! - `changelog`: the write-ahead log every node's state changes go to first
 //!   (`trait Changelog`).
+//! - `deferred`: a group of one publishes its changelog after it applies.
 //! - `replica`: follows every node's changelog into this node's store, through
 //!   the writer.
 //! - `takeover`: what a node does when a partition becomes its own.
@@ -18,6 +19,7 @@
 //! publishes no changelog and runs no replica.
 
 pub mod changelog;
+pub mod deferred;
 pub mod fence;
 pub mod forward;
 pub mod orphans;
@@ -31,7 +33,7 @@ use std::time::Instant;
 pub use fence::Fence;
 pub use partition::{murmur2, partition_of, PARTITIONER};
 
-use crate::store::Change;
+use crate::store::{Route, Versioned};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangelogError {
@@ -59,14 +61,18 @@ pub struct Written {
     pub version: i64,
 }
 
-/// The write-ahead log of the cluster. The store publishes each batch's
-/// changes here, and applies the batch only once this returns.
+/// The write-ahead log of the cluster. With several nodes the store publishes
+/// each batch's changes here, and applies the batch only once this returns;
+/// a group of one publishes them after (`deferred`).
 pub trait Changelog: Send + Sync {
-    /// Publishes the changes in order, each under a version above `last(p)`
-    /// (the last version accepted for its partition), and returns what it
-    /// wrote per partition. With a deadline, gives up (`Unconfirmed`) once it
-    /// passes if the broker has confirmed none of them.
-    fn publish(&self, changes: &[Change], deadline: Option<Instant>, last: &dyn Fn(i32) -> i64) -> Result<Vec<Written>, ChangelogError>;
+    /// The partition a change goes to: its key's partition of the events
+    /// topic, so that one node writes both.
+    fn partition(&self, route: &Route) -> i32;
+
+    /// Publishes the records in order, under the versions they carry, and
+    /// returns what it wrote per partition. With a deadline, gives up
+    /// (`Unconfirmed`) once it passes if the broker has confirmed none of them.
+    fn publish(&self, records: &[Versioned], deadline: Option<Instant>) -> Result<Vec<Written>, ChangelogError>;
 }
 
 /// The nodes of the deployment (`cluster.peers`): the only URLs a write is

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use super::schema::*;
-use super::{audit, Change, Route, Store, StoreError, Touched};
+use super::{audit, Change, Publishing, Route, Store, StoreError, Touched};
 use crate::cluster::ChangelogError;
 use crate::engine::{AuditFact, Effect, Record};
 
@@ -89,24 +89,57 @@ impl Store {
     }
 
     /// Publishes the batch's changes to the changelog (with one configured),
-    /// then applies the batch and, if asked, flushes it. With a deadline,
-    /// gives up with `Unavailable` (nothing applied, nothing written) if the
-    /// changelog confirmed none of it by then.
+    /// then applies the batch and, if asked, flushes it; or, for a group of
+    /// one, applies it with its changelog records queued and hands them to the
+    /// publisher once durable. With a deadline, gives up with `Unavailable`
+    /// (nothing applied, nothing written) if the changelog confirmed none of
+    /// it by then.
     pub fn commit_staged(&self, mut staged: Staged, deadline: Option<Instant>) -> Result<(), StoreError> {
-        if let (Some(changelog), false) = (self.changelog.get(), staged.changes.is_empty()) {
+        let mut applied = None;
+        if let (Some(publishing), false) = (self.changelog.get(), staged.changes.is_empty()) {
+            let changelog = publishing.changelog();
             // A version this node cannot read is taken as none: the clock then
             // sets the next one, and the other nodes refuse it if it is old.
-            let last = |partition: i32| self.changelog_version(partition).unwrap_or(0);
-            let written = changelog.publish(&staged.changes, deadline, &last).map_err(|e| match e {
-                ChangelogError::Unconfirmed { .. } => StoreError::Unavailable(e.to_string()),
-                ChangelogError::Failed { .. } => StoreError::Changelog(e.to_string()),
-            })?;
-            for w in written {
-                // This node's replica skips its own entries.
-                if self.replica_position(w.partition)?.is_none_or(|at| w.next > at) {
-                    staged.batch.insert(partition_key(REPLICA, w.partition), &w.next.to_be_bytes()[..]);
+            let records = crate::cluster::changelog::versioned(
+                std::mem::take(&mut staged.changes),
+                |route| changelog.partition(route),
+                |partition| self.changelog_version(partition).unwrap_or(0),
+                chrono::Utc::now().timestamp_micros(),
+            );
+            let confirmed = match (publishing, deadline) {
+                (Publishing::After(_, deferred), None) => {
+                    let mut last: HashMap<i32, i64> = HashMap::new();
+                    for r in &records {
+                        last.insert(r.partition, r.version);
+                    }
+                    for (partition, version) in last {
+                        // What the broker confirmed stays where it was; the
+                        // replica takes what lies above it as this node's own.
+                        let confirmed = self.changelog_published(partition)?;
+                        staged.batch.insert(partition_key(PUBLISHED, partition), &confirmed.to_be_bytes()[..]);
+                        staged.batch.insert(partition_key(VERSION, partition), &version.to_be_bytes()[..]);
+                    }
+                    let id = self.db.generate_id()?;
+                    staged.batch.insert(queue_key(UNPUBLISHED, id), encode_versioned(&records));
+                    applied = Some((deferred.clone(), id, records));
+                    None
                 }
-                staged.batch.insert(partition_key(VERSION, w.partition), &w.version.to_be_bytes()[..]);
+                (Publishing::After(_, deferred), Some(deadline)) => Some(deferred.confirm(records, deadline)),
+                (Publishing::Before(changelog), _) => Some(changelog.publish(&records, deadline)),
+            };
+            if let Some(confirmed) = confirmed {
+                let written = confirmed.map_err(|e| match e {
+                    ChangelogError::Unconfirmed { .. } => StoreError::Unavailable(e.to_string()),
+                    ChangelogError::Failed { .. } => StoreError::Changelog(e.to_string()),
+                })?;
+                for w in written {
+                    // This node's replica skips its own entries.
+                    if self.replica_position(w.partition)?.is_none_or(|at| w.next > at) {
+                        staged.batch.insert(partition_key(REPLICA, w.partition), &w.next.to_be_bytes()[..]);
+                    }
+                    staged.batch.insert(partition_key(VERSION, w.partition), &w.version.to_be_bytes()[..]);
+                    staged.batch.insert(partition_key(PUBLISHED, w.partition), &w.version.to_be_bytes()[..]);
+                }
             }
         }
         if staged.facts.is_empty() {
@@ -125,6 +158,9 @@ impl Store {
         }
         if staged.flush {
             self.tree.flush()?;
+        }
+        if let Some((deferred, id, records)) = applied {
+            deferred.applied(id, records);
         }
         Ok(())
     }

@@ -31,9 +31,10 @@ use serde::de::DeserializeOwned;
 pub use batch::Staged;
 pub use kms_material::{Emission, KmsChange};
 pub use queues::Queue;
-pub use replication::{Change, Refused, Replicated, Route};
+pub use replication::{Change, Published, Refused, Replicated, Route, Versioned};
 pub use schema::Touched;
 
+use crate::cluster::deferred::Deferred;
 use crate::cluster::Changelog;
 use crate::engine::{EventRecord, InstanceRecord, KeyRecord, RotationJob, View};
 use schema::*;
@@ -91,6 +92,25 @@ struct TallyFields {
 
 pub type NoticeFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// When a batch is published to the changelog, relative to applying it here.
+pub enum Publishing {
+    /// Several nodes: first, and the batch is applied only once the broker
+    /// has it. The changelog is the write-ahead log: a node that dies after
+    /// publishing loses nothing the others (or it, restarted) cannot read.
+    Before(Arc<dyn Changelog>),
+    /// A group of one: after, from the store's own queue (`cluster::deferred`),
+    /// except writes with a deadline, which wait for the broker in order.
+    After(Arc<dyn Changelog>, Arc<Deferred>),
+}
+
+impl Publishing {
+    fn changelog(&self) -> &dyn Changelog {
+        match self {
+            Publishing::Before(c) | Publishing::After(c, _) => &**c,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: sled::Db,
@@ -104,11 +124,8 @@ pub struct Store {
     /// The next sealed entry may anchor the unsealed ones before it: only on
     /// the start that created the audit secret.
     anchor_legacy: Arc<std::sync::atomic::AtomicBool>,
-    /// With several nodes: each batch's state changes go to the changelog
-    /// first, and the batch is applied here only once the broker has them.
-    /// The changelog is the write-ahead log: a node that dies after publishing
-    /// loses nothing the others (or it, restarted) cannot read.
-    changelog: Arc<std::sync::OnceLock<Arc<dyn Changelog>>>,
+    /// How each batch's state changes reach the changelog (none: no changelog).
+    changelog: Arc<std::sync::OnceLock<Publishing>>,
     /// Which keys' KMS reads notices; set once by the daemon. Unset: all are kept.
     wants_notices: Arc<std::sync::OnceLock<NoticeFilter>>,
 }
@@ -192,9 +209,14 @@ impl Store {
         }
     }
 
-    /// Turns the changelog on (once).
+    /// Turns the changelog on (once), as the write-ahead log.
     pub fn set_changelog(&self, changelog: Arc<dyn Changelog>) {
-        if self.changelog.set(changelog).is_err() {
+        self.set_publishing(Publishing::Before(changelog));
+    }
+
+    /// Turns the changelog on (once).
+    pub fn set_publishing(&self, publishing: Publishing) {
+        if self.changelog.set(publishing).is_err() {
             tracing::warn!("the changelog was already set; keeping the first");
         }
     }

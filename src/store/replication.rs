@@ -22,6 +22,25 @@ pub enum Route {
     Partition(i32),
 }
 
+/// A change as it is published: in its partition, under its version (see
+/// `cluster::changelog`), fixed when the batch is committed so that a retry,
+/// also after a restart, sends the same bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub partition: i32,
+    pub version: i64,
+    pub key: Vec<u8>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Unpublished batches the changelog has confirmed: their queue entries go,
+/// and the replica's positions move past what was written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    pub ids: Vec<u64>,
+    pub written: Vec<crate::cluster::Written>,
+}
+
 /// One changelog entry as the replica read it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replicated {
@@ -64,6 +83,66 @@ impl Store {
         Ok(self.get(&key)?.map(|v| number(&key, &v)).transpose()?.unwrap_or(0))
     }
 
+    /// The last version of this node's own records the broker confirmed for
+    /// the partition; without a record of it, the last version accepted
+    /// (nothing of this node's is unconfirmed).
+    pub fn changelog_published(&self, partition: i32) -> Result<i64, StoreError> {
+        let key = partition_key(PUBLISHED, partition);
+        match self.get(&key)? {
+            Some(v) => number(&key, &v),
+            None => self.changelog_version(partition),
+        }
+    }
+
+    /// A group of one's unpublished batches, oldest first: those after
+    /// `after` up to `until`, at most `limit`.
+    pub fn unpublished(&self, after: Option<u64>, until: u64, limit: usize) -> Result<Vec<(u64, Vec<Versioned>)>, StoreError> {
+        let from = queue_key(UNPUBLISHED, after.map_or(0, |a| a.saturating_add(1)));
+        let mut out = Vec::new();
+        for kv in self.tree.range(from..=queue_key(UNPUBLISHED, until)).take(limit) {
+            let (key, value) = kv.map_err(StoreError::Read)?;
+            let id = key.get(UNPUBLISHED.len()..).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes);
+            let Some(id) = id else { continue };
+            out.push((id, decode_versioned(&key, &value)?));
+        }
+        Ok(out)
+    }
+
+    /// The id of the newest unpublished batch.
+    pub fn last_unpublished(&self) -> Result<Option<u64>, StoreError> {
+        match self.tree.scan_prefix(UNPUBLISHED).keys().next_back() {
+            None => Ok(None),
+            Some(key) => {
+                let key = key.map_err(StoreError::Read)?;
+                Ok(key.get(UNPUBLISHED.len()..).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes))
+            }
+        }
+    }
+
+    /// Drops confirmed batches from the unpublished queue and moves the
+    /// replica's positions past them, so that the replica skips them by
+    /// offset and counts a copy of them below the confirmed version as a replay.
+    pub fn stage_published(&self, staged: &mut Staged, published: &[Published]) -> Result<(), StoreError> {
+        for p in published {
+            for id in &p.ids {
+                staged.batch.remove(queue_key(UNPUBLISHED, *id));
+            }
+            for w in &p.written {
+                let at = match staged.positions.get(&w.partition) {
+                    Some(at) => *at,
+                    None => self.replica_position(w.partition)?,
+                };
+                if at.is_none_or(|at| w.next > at) {
+                    staged.positions.insert(w.partition, Some(w.next));
+                    staged.batch.insert(partition_key(REPLICA, w.partition), &w.next.to_be_bytes()[..]);
+                }
+                let confirmed = self.changelog_published(w.partition)?.max(w.version);
+                staged.batch.insert(partition_key(PUBLISHED, w.partition), &confirmed.to_be_bytes()[..]);
+            }
+        }
+        Ok(())
+    }
+
     /// Changelog entries, in their partition's order, that are not already
     /// here (an entry below the partition's position was written by this node,
     /// or applied before), and the positions moved past them. An entry that
@@ -89,6 +168,9 @@ impl Store {
             };
             let verdict = match e.authentic {
                 None => Err("changelog_forged"),
+                // This node's own record, applied here before the broker
+                // confirmed it (a group of one): what it holds is here already.
+                Some(version) if version <= last && version > self.changelog_published(e.partition)? => continue,
                 Some(version) if version <= last => Err("changelog_replayed"),
                 Some(_) => replicable(&e.key, e.value.as_deref()),
             };
@@ -113,6 +195,8 @@ impl Store {
         }
         for (partition, version) in &staged.versions {
             staged.batch.insert(partition_key(VERSION, *partition), &version.to_be_bytes()[..]);
+            // Nothing of this node's own is below an accepted record, unconfirmed.
+            staged.batch.insert(partition_key(PUBLISHED, *partition), &version.to_be_bytes()[..]);
         }
         Ok((applied, refused))
     }

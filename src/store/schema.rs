@@ -6,7 +6,7 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::StoreError;
+use super::{StoreError, Versioned};
 use crate::engine::Effect;
 
 pub(super) const KEY: &[u8] = b"k/";
@@ -31,6 +31,14 @@ pub(super) const REPLICA: &[u8] = b"r/";
 /// The last changelog version this node accepted (or wrote) per partition: a
 /// record at or below it is a replay.
 pub(super) const VERSION: &[u8] = b"s/";
+/// The last version per partition the broker confirmed of this node's own
+/// records. Between it and `VERSION` lie records a group of one applied and has
+/// not yet seen confirmed (`cluster::deferred`): its replica meets them as its
+/// own, not as replays.
+pub(super) const PUBLISHED: &[u8] = b"t/";
+/// A group of one's batches applied here and not yet confirmed in the
+/// changelog, by commit order: published from here, also after a restart.
+pub(super) const UNPUBLISHED: &[u8] = b"u/";
 /// Which node (its API URL) owns each partition, as the owner announced it.
 pub(super) const OWNER: &[u8] = b"w/";
 /// Lifecycle events the embedded KMS emitted, by event id, replicated until
@@ -157,9 +165,80 @@ pub(super) fn number(key: &[u8], bytes: &[u8]) -> Result<i64, StoreError> {
     Ok(i64::from_be_bytes(array))
 }
 
+/// A batch's changelog records as `UNPUBLISHED` holds them: per record its
+/// partition, version, key and value (or none), length-prefixed. Not JSON:
+/// it holds every byte of the batch again, and JSON spells bytes as numbers.
+pub(super) fn encode_versioned(records: &[Versioned]) -> Vec<u8> {
+    let size: usize = records.iter().map(|r| 21 + r.key.len() + r.value.as_ref().map_or(0, Vec::len)).sum();
+    let mut out = Vec::with_capacity(size);
+    for r in records {
+        out.extend_from_slice(&r.partition.to_be_bytes());
+        out.extend_from_slice(&r.version.to_be_bytes());
+        out.extend_from_slice(&(r.key.len() as u32).to_be_bytes());
+        out.extend_from_slice(&r.key);
+        match &r.value {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    out
+}
+
+pub(super) fn decode_versioned(key: &[u8], mut bytes: &[u8]) -> Result<Vec<Versioned>, StoreError> {
+    let corrupt = || StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), reason: "a truncated changelog record".into() };
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = (bytes.get(..n)?, bytes.get(n..)?);
+        *bytes = rest;
+        Some(head)
+    }
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let mut next = || -> Option<Versioned> {
+            let partition = i32::from_be_bytes(take(&mut bytes, 4)?.try_into().ok()?);
+            let version = i64::from_be_bytes(take(&mut bytes, 8)?.try_into().ok()?);
+            let len = u32::from_be_bytes(take(&mut bytes, 4)?.try_into().ok()?) as usize;
+            let record_key = take(&mut bytes, len)?.to_vec();
+            let value = match take(&mut bytes, 1)?[0] {
+                0 => None,
+                1 => {
+                    let len = u32::from_be_bytes(take(&mut bytes, 4)?.try_into().ok()?) as usize;
+                    Some(take(&mut bytes, len)?.to_vec())
+                }
+                _ => return None,
+            };
+            Some(Versioned { partition, version, key: record_key, value })
+        };
+        out.push(next().ok_or_else(corrupt)?);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unpublished_records_decode_as_written_and_a_truncated_one_is_corrupt() {
+        let records = vec![
+            Versioned { partition: 2, version: 7, key: b"k/a".to_vec(), value: Some(b"{}".to_vec()) },
+            Versioned { partition: 0, version: 8, key: b"c/x".to_vec(), value: None },
+            Versioned { partition: 1, version: 9, key: b"x/a\0i".to_vec(), value: Some(vec![]) },
+        ];
+        let bytes = encode_versioned(&records);
+        assert_eq!(decode_versioned(b"u/1", &bytes).unwrap(), records);
+        // Cut anywhere but between two records, it is refused; never misread.
+        for cut in 1..bytes.len() {
+            match decode_versioned(b"u/1", &bytes[..cut]) {
+                Ok(prefix) => assert!(prefix.len() < records.len() && records.starts_with(&prefix), "cut at {cut}"),
+                Err(e) => assert!(matches!(e, StoreError::Corrupt { .. })),
+            }
+        }
+        assert!(decode_versioned(b"u/1", &bytes[..bytes.len() - 1]).is_err());
+    }
 
     #[test]
     fn a_corrupt_record_is_an_error_that_names_its_key() {

@@ -31,13 +31,17 @@ fn inst(id: &str, key: &str) -> InstanceRecord {
 struct Log(Mutex<Vec<Replicated>>);
 
 impl Changelog for Log {
-    fn publish(&self, changes: &[Change], _deadline: Option<Instant>, last: &dyn Fn(i32) -> i64) -> Result<Vec<Written>, ChangelogError> {
+    fn partition(&self, _route: &Route) -> i32 {
+        0
+    }
+
+    fn publish(&self, records: &[Versioned], _deadline: Option<Instant>) -> Result<Vec<Written>, ChangelogError> {
         let mut log = self.0.lock().unwrap();
-        let mut version = last(0);
-        for c in changes {
+        let mut version = 0;
+        for r in records {
             let offset = log.len() as i64;
-            version += 1;
-            log.push(Replicated { partition: 0, offset, key: c.key.clone(), value: c.value.clone(), authentic: Some(version) });
+            version = r.version;
+            log.push(Replicated { partition: 0, offset, key: r.key.clone(), value: r.value.clone(), authentic: Some(version) });
         }
         Ok(vec![Written { partition: 0, next: log.len() as i64, version }])
     }
@@ -167,11 +171,48 @@ async fn replica_skips_its_own_entries_and_applies_the_next_owners() {
         offset: own.len() as i64,
         key: schema::k(schema::KEY, "k"),
         value: Some(schema::encode(&KeyRecord::new("k", Utc::now()))),
-        authentic: Some(1_000),
+        authentic: Some(s.changelog_version(0).unwrap() + 1),
     };
     assert_eq!(replicate(&w, vec![enabled]).await.0, 1);
     assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Active);
     assert_eq!(s.replica_position(0).unwrap(), Some(own.len() as i64 + 1));
+}
+
+#[tokio::test]
+async fn a_group_of_one_applies_first_and_its_replica_takes_its_unconfirmed_records_as_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let log = Arc::new(Log::default());
+    s.set_publishing(Publishing::After(log.clone(), Arc::new(crate::cluster::deferred::Deferred::default())));
+    let w = writer(&s);
+    w.import(vec![Record::Key(KeyRecord::new("k", Utc::now()))]).await.unwrap();
+    let mut disabled = KeyRecord::new("k", Utc::now());
+    disabled.status = KeyStatus::Disabled;
+    w.import(vec![Record::Key(disabled)]).await.unwrap();
+    // Applied and durable with nothing published yet: the records wait in the store.
+    assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
+    assert!(log.0.lock().unwrap().is_empty());
+    let queued = s.unpublished(None, u64::MAX, 10).unwrap();
+    assert_eq!(queued.len(), 2, "one entry per batch, in commit order");
+    assert_eq!(s.last_unpublished().unwrap(), Some(queued[1].0));
+    // Published, and read back by the replica before the confirmation is
+    // recorded: this node's own records, neither applied over the newer
+    // state nor refused as replays.
+    let records: Vec<Versioned> = queued.iter().flat_map(|(_, r)| r.clone()).collect();
+    assert!(records.windows(2).all(|p| p[0].version < p[1].version), "versions rise in commit order");
+    let written = log.publish(&records, None).unwrap();
+    let own = log.0.lock().unwrap().clone();
+    let (applied, refused) = replicate(&w, own.clone()).await;
+    assert_eq!((applied, refused.len()), (0, 0), "{refused:?}");
+    assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
+    // Confirmed: the queue is empty, and a copy of a record is a replay again.
+    w.published(vec![Published { ids: queued.iter().map(|(id, _)| *id).collect(), written }]).await.unwrap();
+    assert!(s.unpublished(None, u64::MAX, 10).unwrap().is_empty());
+    let replay = Replicated { offset: own.len() as i64, ..own[0].clone() };
+    let (applied, refused) = replicate(&w, vec![replay]).await;
+    assert_eq!(applied, 0);
+    assert_eq!(refused.iter().map(|r| r.reason).collect::<Vec<_>>(), vec!["changelog_replayed"]);
+    assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
 }
 
 #[tokio::test]

@@ -70,6 +70,10 @@ pub enum Op {
     /// DEK releases). `durable`: flushed before the answer; DEK releases are
     /// not (sled flushes within a second), so that reads never cost an fsync.
     Audit { facts: Vec<AuditFact>, durable: bool },
+    /// The changelog confirmed these batches of a group of one (see
+    /// `cluster::deferred`). Not flushed: lost in a crash, they are published
+    /// again under the same versions, which the replica skips.
+    Published(Vec<super::Published>),
     /// Records committed as they are, not decided: seeding a stopped
     /// daemon's store (the benchmarks) or restoring one. Not reachable from
     /// any input.
@@ -86,7 +90,7 @@ impl Op {
             (Op::Replicated(_), _) => 2,
             // Nothing of it goes to the changelog: it never waits for the broker
             // with a batch that does.
-            (Op::Audit { .. }, _) => 3,
+            (Op::Audit { .. } | Op::Published(_), _) => 3,
             (_, true) => 1,
             _ => 0,
         }
@@ -284,6 +288,27 @@ impl Writer {
         }
     }
 
+    /// Records the changelog's confirmations without waiting: the changelog
+    /// thread calls it, and the writer may be waiting for that thread. Gives
+    /// them back if the writer's queue is full (`Err(Some)`) or it stopped
+    /// (`Err(None)`).
+    pub fn published_nowait(&self, published: Vec<super::Published>) -> Result<(), Option<Vec<super::Published>>> {
+        let (job, _) = Self::job(Op::Published(published), None, None);
+        match self.tx.try_send(Msg::Job(Box::new(job))) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(Msg::Job(job))) => match job.op {
+                Op::Published(published) => Err(Some(published)),
+                _ => Err(None),
+            },
+            Err(_) => Err(None),
+        }
+    }
+
+    /// Records the changelog's confirmations, once committed.
+    pub async fn published(&self, published: Vec<super::Published>) -> Result<(), WriterError> {
+        self.run(Op::Published(published), None).await.map(|_| ())
+    }
+
     /// For the replica's thread (not async): blocks until the entries are
     /// applied, and returns how many were new here, and those refused.
     pub fn replicate_blocking(&self, entries: Vec<Replicated>) -> Result<(usize, Vec<super::Refused>), WriterError> {
@@ -353,7 +378,7 @@ impl Loop {
         let deadline = jobs.iter().filter_map(|j| j.deadline).min();
         let replicated = matches!(jobs.first().map(|j| &j.op), Some(Op::Replicated(_)));
         // Audit batches flush only if one of their entries must be durable.
-        let audits = matches!(jobs.first().map(|j| &j.op), Some(Op::Audit { .. }));
+        let audits = matches!(jobs.first().map(|j| &j.op), Some(Op::Audit { .. } | Op::Published(_)));
         let mut staged = Staged { flush: !replicated && !audits, ..Staged::default() };
         let mut records = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
@@ -487,6 +512,10 @@ impl Loop {
                 staged.flush |= durable;
                 let records: Vec<Record> = facts.into_iter().map(Record::Audit).collect();
                 self.store.stage_records(staged, &records).map_err(Failure::Batch)?;
+                Done::Written
+            }
+            Op::Published(published) => {
+                self.store.stage_published(staged, &published).map_err(Failure::Batch)?;
                 Done::Written
             }
             Op::Replicated(entries) => {
