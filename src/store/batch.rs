@@ -36,6 +36,21 @@ impl Staged {
     }
 }
 
+/// Of the changes to one store key in a batch, only the last: the batch is
+/// applied whole, so the earlier values never exist on their own (compaction
+/// would drop them too). A rotation's job record, rewritten with each of the
+/// batch's rewraps, is published once. The last changes keep their order, so
+/// a prefix of the batch still has every command before its state.
+fn newest_only(changes: Vec<Change>) -> Vec<Change> {
+    let last: Vec<bool> = {
+        let mut seen = std::collections::HashSet::with_capacity(changes.len());
+        let mut last: Vec<bool> = changes.iter().rev().map(|c| seen.insert(c.key.as_slice())).collect();
+        last.reverse();
+        last
+    };
+    changes.into_iter().zip(last).filter_map(|(c, last)| last.then_some(c)).collect()
+}
+
 impl Store {
     /// Adds the engine's records to the batch.
     pub fn stage_records(&self, staged: &mut Staged, records: &[Record]) -> Result<(), StoreError> {
@@ -49,7 +64,12 @@ impl Store {
                     staged.touched.push(Touched::Key(key.key_id.clone()));
                 }
                 Record::Instance(inst) => {
-                    staged.put(Route::Key(inst.key_id.clone()), index_key(&inst.key_id, &inst.instance_id), vec![]);
+                    // The index entry never changes once written: a rewrap or
+                    // revocation rewrites only the instance (and publishes it alone).
+                    let index = index_key(&inst.key_id, &inst.instance_id);
+                    if !self.tree.contains_key(&index).map_err(StoreError::Read)? {
+                        staged.put(Route::Key(inst.key_id.clone()), index, vec![]);
+                    }
                     staged.put(Route::Key(inst.key_id.clone()), k(INSTANCE, &inst.instance_id), encode(inst));
                     staged.touched.push(Touched::Instance(inst.instance_id.clone()));
                 }
@@ -101,7 +121,7 @@ impl Store {
             // A version this node cannot read is taken as none: the clock then
             // sets the next one, and the other nodes refuse it if it is old.
             let records = crate::cluster::changelog::versioned(
-                std::mem::take(&mut staged.changes),
+                newest_only(std::mem::take(&mut staged.changes)),
                 |route| changelog.partition(route),
                 |partition| self.changelog_version(partition).unwrap_or(0),
                 chrono::Utc::now().timestamp_micros(),

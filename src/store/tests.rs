@@ -178,6 +178,37 @@ async fn replica_skips_its_own_entries_and_applies_the_next_owners() {
     assert_eq!(s.replica_position(0).unwrap(), Some(own.len() as i64 + 1));
 }
 
+#[test]
+fn a_batch_publishes_each_record_once_with_its_last_value_and_commands_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let log = with_changelog(&s);
+    s.commit(&[Record::Instance(inst("i1", "k"))], true).unwrap();
+    log.0.lock().unwrap().clear();
+    let mut disabled = KeyRecord::new("k", Utc::now());
+    disabled.status = KeyStatus::Disabled;
+    let mut rewrapped = inst("i1", "k");
+    rewrapped.key_version = "2".into();
+    s.commit(
+        &[
+            Record::Key(KeyRecord::new("k", Utc::now())),
+            Record::Instance(inst("i1", "k")),
+            Record::Instance(rewrapped.clone()),
+            Record::Outbox(revoke("k")),
+            Record::Key(disabled.clone()),
+        ],
+        true,
+    )
+    .unwrap();
+    let keys: Vec<String> = log.0.lock().unwrap().iter().map(|e| String::from_utf8_lossy(&e.key).into_owned()).collect();
+    assert_eq!(keys.len(), 3, "the key once, the instance once (its index exists already), one command: {keys:?}");
+    assert!(keys[0].starts_with("c/") && keys[1] == "i/i1" && keys[2] == "k/k", "{keys:?}");
+    let log = log.0.lock().unwrap();
+    assert_eq!(log[1].value.as_deref(), Some(&schema::encode(&rewrapped)[..]), "the instance's last value");
+    assert_eq!(log[2].value.as_deref(), Some(&schema::encode(&disabled)[..]), "the key's last value");
+    assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
+}
+
 #[tokio::test]
 async fn a_group_of_one_applies_first_and_its_replica_takes_its_unconfirmed_records_as_its_own() {
     let dir = tempfile::tempdir().unwrap();
