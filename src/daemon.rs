@@ -286,7 +286,7 @@ fn start_embedded_broker(config: &Config) -> Result<Option<EmbeddedBroker>, Daem
 fn open_store(config: &Config) -> Result<Store, StoreError> {
     let path = &config.store.path;
     std::fs::create_dir_all(path).map_err(|e| StoreError::Open { path: path.display().to_string(), source: sled::Error::Io(e) })?;
-    Store::open(path)
+    Store::open_with_cache(path, config.store.cache_capacity)
 }
 
 /// Hands the store its audit secret, from outside the store. Returns whether

@@ -135,9 +135,14 @@ impl Store {
     /// exiting (or a handle just dropped) may still hold it. A second daemon on
     /// the same store still fails, with the lock error.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with_cache(path, crate::config::DEFAULT_CACHE_CAPACITY)
+    }
+
+    /// As `open`, with `cache_capacity` bytes of page cache (`store.cache_capacity`).
+    pub fn open_with_cache(path: &Path, cache_capacity: u64) -> Result<Store, StoreError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
         let db = loop {
-            match sled::Config::new().path(path).flush_every_ms(Some(1000)).open() {
+            match sled::Config::new().path(path).flush_every_ms(Some(1000)).cache_capacity(cache_capacity).open() {
                 Ok(db) => break db,
                 Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
