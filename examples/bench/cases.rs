@@ -133,8 +133,8 @@ pub fn b1_rotation(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
         format!("{} ({kw:.0}/s)", ms(took)),
         format!("{} ({bl:.0}/s)", ms(base)),
         format!("{:.2}×", kw / bl),
-        "≥ 0.5×; 100k in ≤ 10 s",
-        Some(kw / bl >= 0.5 && scaled <= 10.0),
+        "≥ 0.5×; 100k in ≤ 5 s",
+        Some(kw / bl >= 0.5 && scaled <= 5.0),
     )])
 }
 
@@ -297,6 +297,49 @@ fn bare_consumer(bootstrap: &str, topic: &str, n: usize) -> Res<Duration> {
     Ok(first.map(|f| f.elapsed()).unwrap_or_default())
 }
 
+/// The store's durable-apply limit: the same payloads, in the order keywarden
+/// reads them, decoded as keywarden's native format and applied to a sled
+/// store in batches of `kafka.max_batch` with one flush per batch: per new
+/// event its event record and its key's record, per event the partition
+/// offset; a duplicate (seen in the store or the batch) moves only the
+/// offset. No Kafka, no signature, no engine, no audit, no outbox.
+fn durable_apply(payloads: &[(String, Vec<u8>)], max_batch: usize) -> Res<Duration> {
+    use keywarden::engine::{EventRecord, EventType, KeyRecord, KeyStatus, Outcome};
+    let dir = tempfile::tempdir()?;
+    let db = sled::Config::new().path(dir.path()).flush_every_ms(Some(1000)).open()?;
+    let tree = db.open_tree("state")?;
+    let started = Instant::now();
+    for (n, chunk) in payloads.chunks(max_batch).enumerate() {
+        let mut b = sled::Batch::default();
+        let mut seen = std::collections::HashSet::new();
+        for (i, (_, payload)) in chunk.iter().enumerate() {
+            let e = keywarden::intake::native::decode(payload).map_err(|e| e.to_string())?;
+            let event_key = format!("e/{}", e.event_id).into_bytes();
+            if seen.insert(e.event_id.clone()) && !tree.contains_key(&event_key)? {
+                let now = Utc::now();
+                let mut key = KeyRecord::new(&e.key_id, now);
+                key.status = if e.kind == EventType::Disable { KeyStatus::Disabled } else { KeyStatus::Active };
+                let record = EventRecord {
+                    event_id: e.event_id.clone(),
+                    key_id: e.key_id.clone(),
+                    kind: e.kind,
+                    occurred_at: e.occurred_at,
+                    applied_at: now,
+                    outcome: Outcome::Applied,
+                    detail: String::new(),
+                    correlation_id: None,
+                };
+                b.insert(event_key, serde_json::to_vec(&record)?);
+                b.insert(format!("k/{}", e.key_id).into_bytes(), serde_json::to_vec(&key)?);
+            }
+            b.insert(&b"p/b3-events\0\0\0\0\0"[..], &((n * max_batch + i) as i64 + 1).to_be_bytes()[..]);
+        }
+        tree.apply_batch(b)?;
+        tree.flush()?;
+    }
+    Ok(started.elapsed())
+}
+
 pub fn b3_intake(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     let n = s.b3_events;
     let broker = Broker::start()?;
@@ -308,17 +351,22 @@ pub fn b3_intake(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     let keys = 1000.min(n / 4).max(1);
     let base = Utc::now() - chrono::Duration::hours(1);
     let mut sent: Vec<(String, Vec<u8>)> = Vec::new();
+    // Every payload in production order, duplicates included: the
+    // durable-apply baseline's input.
+    let mut all: Vec<(String, Vec<u8>)> = Vec::with_capacity(n);
     let mut unique = 0usize;
     let t = Instant::now();
     for i in 0..n {
         if i % 5 == 4 && !sent.is_empty() {
             let (key, payload) = &sent[(i * 7919) % sent.len()];
             producer.send(key, payload)?;
+            all.push((key.clone(), payload.clone()));
         } else {
             let key = format!("b3k-{:04}", unique % keys);
             let kind = if (unique / keys).is_multiple_of(2) { "disable" } else { "enable" };
             let payload = event(&format!("b3-{unique}"), kind, &key, None, base + chrono::Duration::milliseconds(unique as i64));
             producer.send(&key, &payload)?;
+            all.push((key.clone(), payload.clone()));
             sent.push((key, payload));
             unique += 1;
         }
@@ -329,6 +377,8 @@ pub fn b3_intake(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     producer.flush()?;
     eprintln!("bench: B3 produced {n} events in {:.1?}", t.elapsed());
     let bare1 = bare_consumer(&broker.bootstrap, topic, n)?;
+    let max_batch = keywarden::config::KafkaConfig::default().max_batch;
+    let apply1 = durable_apply(&all, max_batch)?;
     let work = tempfile::tempdir()?;
     let mut d = Daemon::new(bin, work.path(), &broker.bootstrap, &[("KEYWARDEN_KAFKA_EVENTS_TOPIC", topic)])?;
     d.start()?;
@@ -352,18 +402,27 @@ pub fn b3_intake(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
         .sum();
     d.stop()?;
     let bare2 = bare_consumer(&broker.bootstrap, topic, n)?;
+    let apply2 = durable_apply(&all, max_batch)?;
     let (b1r, b2r) = (rate(n, bare1), rate(n, bare2));
     let bare = (b1r + b2r) / 2.0;
-    eprintln!("bench: B3 bare consumer runs {b1r:.0}/s and {b2r:.0}/s; keywarden window {kw_window:.2?} ({duplicates} duplicates recognised)");
-    Ok(vec![row(
-        "B3",
-        &format!("event intake, {n} events without KMS calls (20% duplicates), consumed and durably applied"),
-        format!("{kw:.0} events/s"),
-        format!("bare rdkafka consumer {bare:.0}/s"),
-        format!("{:.2}×", kw / bare),
-        "≥ 0.5× the bare consumer",
-        Some(kw / bare >= 0.5),
-    )])
+    let (a1r, a2r) = (rate(n, apply1), rate(n, apply2));
+    let apply = (a1r + a2r) / 2.0;
+    eprintln!(
+        "bench: B3 bare consumer runs {b1r:.0}/s and {b2r:.0}/s; durable apply runs {a1r:.0}/s and {a2r:.0}/s; keywarden window {kw_window:.2?} ({duplicates} duplicates recognised)"
+    );
+    let what = format!("event intake, {n} events without KMS calls (20% duplicates), consumed and durably applied");
+    Ok(vec![
+        row("B3", &what, format!("{kw:.0} events/s"), format!("bare rdkafka consumer {bare:.0}/s"), format!("{:.2}×", kw / bare), "reported", None),
+        row(
+            "B3",
+            &what,
+            format!("{kw:.0} events/s"),
+            format!("sled durable apply, batches of {max_batch}: {apply:.0}/s"),
+            format!("{:.2}×", kw / apply),
+            "≥ 0.5× the durable-apply limit",
+            Some(kw / apply >= 0.5),
+        ),
+    ])
 }
 
 // ---------------------------------------------------------------- B4
