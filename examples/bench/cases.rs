@@ -718,3 +718,81 @@ pub fn b7_recovery(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
         Some(dist.pct(50.0) <= Duration::from_secs(10)),
     )])
 }
+
+// ---------------------------------------------------------------- B9
+
+/// DEK fetches (one closed-loop client) for `secs` while a second client
+/// creates instances through the API, the writes in flight. Returns the fetch
+/// latencies of the 200s, the fetches refused, and the writes' statuses.
+fn fetch_while_writing(d: &Daemon, m: usize, phase: &str, secs: u64) -> (Dist, usize, Vec<u16>) {
+    let until = Instant::now() + Duration::from_secs(secs);
+    std::thread::scope(|sc| {
+        let writes = sc.spawn(|| {
+            let mut statuses = Vec::new();
+            while Instant::now() < until {
+                let body = serde_json::json!({"instance_id": format!("b9-{phase}-{}", statuses.len()), "key_id": "hung"});
+                statuses.push(d.post_json("/v1/instances", &body).map(|(s, _)| s).unwrap_or(0));
+            }
+            statuses
+        });
+        let client = reqwest::blocking::Client::new();
+        let (mut lat, mut refused, mut i) = (Vec::new(), 0, 0);
+        while Instant::now() < until {
+            let t0 = Instant::now();
+            let r = client.post(format!("{}/v1/instances/hung-{:07}/dek", d.api, i % m)).bearer_auth(&d.dek_token).send();
+            if r.map(|r| r.status().is_success() && r.bytes().is_ok()).unwrap_or(false) {
+                lat.push(t0.elapsed());
+            } else {
+                refused += 1;
+            }
+            i += 1;
+        }
+        (Dist::new(lat), refused, writes.join().unwrap_or_default())
+    })
+}
+
+pub fn b9_hung_broker(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
+    let broker = Broker::start()?;
+    let work = tempfile::tempdir()?;
+    let mut d = Daemon::new(bin, work.path(), &broker.bootstrap, &[])?;
+    let m = 100;
+    seed(&d.store_path(), &d.master_key(), &[("hung", m)], SeedKms::Local)?;
+    d.start()?;
+    for i in 0..m {
+        let (st, v) = d.post(&format!("/v1/instances/hung-{i:07}/dek"))?;
+        if st != 200 {
+            return Err(format!("warming the cache: {st} {v}").into());
+        }
+    }
+    let (healthy, healthy_refused, healthy_writes) = fetch_while_writing(&d, m, "healthy", s.b9_seconds);
+    broker.signal("STOP")?;
+    let (hung, hung_refused, hung_writes) = fetch_while_writing(&d, m, "hung", s.b9_seconds);
+    broker.signal("CONT")?;
+    d.stop()?;
+    let count = |w: &[u16], status: u16| w.iter().filter(|s| **s == status).count();
+    eprintln!(
+        "bench: B9 healthy: {} fetches ({healthy_refused} refused), writes {} × 201 of {}; hung: {} fetches ({hung_refused} refused), writes {} × 503 of {}",
+        healthy.len(),
+        count(&healthy_writes, 201),
+        healthy_writes.len(),
+        hung.len(),
+        count(&hung_writes, 503),
+        hung_writes.len()
+    );
+    let dist = |x: &Dist| format!("p50 {} / p99 {} / max {}", ms(x.pct(50.0)), ms(x.pct(99.0)), ms(x.max()));
+    Ok(vec![row(
+        "B9",
+        &format!(
+            "DEK fetch, 1 client, broker hung (SIGSTOP) {} s with API writes in flight ({} fetches, {hung_refused} refused; {} writes, all answered 503: {})",
+            s.b9_seconds,
+            hung.len(),
+            hung_writes.len(),
+            count(&hung_writes, 503) == hung_writes.len()
+        ),
+        dist(&hung),
+        format!("broker healthy, same load: {}", dist(&healthy)),
+        format!("p99 {:.2}×", hung.pct(99.0).as_secs_f64() / healthy.pct(99.0).as_secs_f64().max(1e-9)),
+        "reported; none refused",
+        Some(hung_refused == 0 && hung.len() >= 200),
+    )])
+}

@@ -77,6 +77,16 @@ impl Broker {
         Ok(Broker { child, bootstrap, _dir: dir })
     }
 
+    /// Sends the broker `kill -<signal>`: STOP hangs it with its connections
+    /// open (nothing answered, nothing refused), CONT wakes it.
+    pub fn signal(&self, signal: &str) -> Res<()> {
+        let status = Command::new("kill").args([&format!("-{signal}"), &self.child.id().to_string()]).status()?;
+        if !status.success() {
+            return Err(format!("kill -{signal} tansu failed: {status}").into());
+        }
+        Ok(())
+    }
+
     pub fn topic(&self, name: &str, partitions: u32) -> Res<()> {
         let status = Command::new(tansu_bin())
             .args(["topic", "create", name, "--broker", &format!("tcp://{}", self.bootstrap), "--partitions", &partitions.to_string()])
@@ -256,6 +266,13 @@ impl Daemon {
 
     pub fn get(&self, path: &str) -> Res<(u16, serde_json::Value)> {
         let r = self.http.get(format!("{}{path}", self.api)).bearer_auth(&self.admin_token).send()?;
+        let s = r.status().as_u16();
+        Ok((s, r.json().unwrap_or(serde_json::Value::Null)))
+    }
+
+    /// POST with a JSON body and the admin token.
+    pub fn post_json(&self, path: &str, body: &serde_json::Value) -> Res<(u16, serde_json::Value)> {
+        let r = self.http.post(format!("{}{path}", self.api)).bearer_auth(&self.admin_token).json(body).send()?;
         let s = r.status().as_u16();
         Ok((s, r.json().unwrap_or(serde_json::Value::Null)))
     }

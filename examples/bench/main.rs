@@ -25,6 +25,8 @@ pub struct Sizes {
     pub b5_seconds: u64,
     pub b6_instances: usize,
     pub b7_kills: usize,
+    /// How long each B9 phase (healthy, hung) fetches DEKs.
+    pub b9_seconds: u64,
     /// How long B6 lets the daemon run (monitor, status line) before the scrape.
     pub b6_settle: std::time::Duration,
 }
@@ -38,6 +40,7 @@ const FULL: Sizes = Sizes {
     b5_seconds: 5,
     b6_instances: 1_000_000,
     b7_kills: 10,
+    b9_seconds: 10,
     b6_settle: std::time::Duration::from_secs(6),
 };
 
@@ -50,6 +53,7 @@ const QUICK: Sizes = Sizes {
     b5_seconds: 1,
     b6_instances: 2_000,
     b7_kills: 1,
+    b9_seconds: 1,
     b6_settle: std::time::Duration::from_millis(500),
 };
 
@@ -79,7 +83,7 @@ fn main() {
     };
     eprintln!("bench: keywarden binary {}; {} mode", bin.display(), if quick { "quick" } else { "full" });
     type Case = fn(&std::path::Path, &Sizes) -> harness::Res<Vec<Row>>;
-    let cases: [(&str, Case); 7] = [
+    let cases: [(&str, Case); 8] = [
         ("B1", cases::b1_rotation),
         ("B2", cases::b2_revocation),
         ("B3", cases::b3_intake),
@@ -87,6 +91,7 @@ fn main() {
         ("B5", cases::b5_dek_fetch),
         ("B6", cases::b6_scale),
         ("B7", cases::b7_recovery),
+        ("B9", cases::b9_hung_broker),
     ];
     let mut rows = Vec::new();
     let mut failed = Vec::new();
