@@ -938,6 +938,27 @@ mod tests {
     }
 
     #[test]
+    fn the_page_cache_is_bounded_by_default_and_refused_outside_its_range() {
+        assert_eq!(Config::load_with_env(None, &[]).unwrap().store.cache_capacity, 64 << 20);
+        let set = |v: &str| Config::load_with_env(None, &env(&[("KEYWARDEN_STORE_CACHE_CAPACITY", v)]));
+        assert_eq!(set("16777216").unwrap().store.cache_capacity, 16 << 20);
+        for bad in ["0", "1048575", "68719476737"] {
+            let err = set(bad).unwrap_err().to_string();
+            assert!(err.contains("store.cache_capacity"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_group_of_one_is_a_node_that_lists_at_most_one_peer() {
+        let mut c = ClusterConfig::default();
+        assert!(c.group_of_one());
+        c.peers = vec!["http://a:8420".into()];
+        assert!(c.group_of_one());
+        c.peers.push("http://b:8420".into());
+        assert!(!c.group_of_one(), "several nodes publish write-ahead");
+    }
+
+    #[test]
     fn defaults_are_valid_and_use_the_embedded_broker() {
         let c = Config::load_with_env(None, &[]).unwrap();
         assert!(c.embedded_broker());
