@@ -634,8 +634,10 @@ pub fn b6_scale(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
             ms(ready),
             format!("empty store: {}", ms(empty_ready)),
             format!("{:.2}×", ready.as_secs_f64() / empty_ready.as_secs_f64()),
-            "≤ 2 s",
-            Some(ready <= Duration::from_secs(2)),
+            // Issue 16: ready is the consumer-group join on tansu (~6 s for an
+            // empty store too), so the target is relative to the same run's.
+            "≤ 1.1× the empty store",
+            Some(ready.as_secs_f64() <= 1.1 * empty_ready.as_secs_f64()),
         ),
         row(
             "B6",
