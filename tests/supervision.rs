@@ -22,6 +22,8 @@ const TASKS: &[&str] = &[
     "reload",
     "replica",
     "replica-watermarks",
+    // A group of one's changelog publisher (cluster::deferred).
+    "changelog",
     "intake-probe",
     "intake-lag",
     "intake-orphans",
