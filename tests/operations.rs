@@ -107,10 +107,7 @@ fn webhook() -> (String, Arc<Mutex<Vec<Value>>>) {
 
 #[test]
 fn alerts_reach_a_real_alertmanager_with_their_labels_and_resolve() {
-    let Some(mut am) = Alertmanager::start() else {
-        println!("SKIPPED: prometheus-alertmanager is not installed (apt-get install prometheus-alertmanager)");
-        return;
-    };
+    let Some(mut am) = required(Alertmanager::start(), "prometheus-alertmanager", "apt-get install prometheus-alertmanager") else { return };
     let (hook, received) = webhook();
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();

@@ -553,3 +553,65 @@ pub fn wait_dead_letter(dlq: &mut TopicReader, needle: &str) -> String {
     let read = dlq.read_until(&format!("a dead letter naming {needle:?}"), Duration::from_secs(60), |r| found(r).is_some()).to_vec();
     found(&read).unwrap()
 }
+
+/// A real component a test needs (Prometheus, Alertmanager, systemd-analyze).
+/// When it is missing the test fails, naming how to install it, unless
+/// `KEYWARDEN_TEST_SKIP_MISSING=1` asks to skip it instead (CI never does).
+pub fn required<T>(found: Option<T>, what: &str, install: &str) -> Option<T> {
+    if found.is_some() {
+        return found;
+    }
+    if std::env::var("KEYWARDEN_TEST_SKIP_MISSING").as_deref() == Ok("1") {
+        println!("SKIPPED: {what} is not installed ({install}); KEYWARDEN_TEST_SKIP_MISSING=1");
+        return None;
+    }
+    panic!("{what} is not installed: {install}; or set KEYWARDEN_TEST_SKIP_MISSING=1 to skip the tests that need it");
+}
+
+/// moto_server, a real implementation of the AWS KMS API, on a free port.
+pub struct Moto {
+    child: Child,
+    pub url: String,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-p", &port.to_string(), "-H", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (pip install 'moto[server]')");
+        let url = format!("http://127.0.0.1:{port}");
+        wait_until("moto_server to listen", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        Moto { child, url }
+    }
+
+    /// Runs boto3 against moto, as the customer operating their key would.
+    pub fn boto(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3, sys\nkms = boto3.client('kms', region_name='us-east-1', endpoint_url='{}', aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}\n",
+            self.url
+        );
+        let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Moto {
+    /// The KMS goes away: every call to it fails from now on.
+    pub fn stop(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        // Already stopped, or stopping it now: either way it is gone.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
