@@ -447,6 +447,9 @@ fn instance_json(s: &AppState, inst: &InstanceRecord) -> Result<Value, ApiError>
             _ => "ok",
         },
         "rewrap_error": inst.rewrap_error,
+        // Names the credential in DEK release audits; null for an instance
+        // created before credentials, until its credential is rotated.
+        "dek_credential_id": inst.credential.as_ref().map(|c| &c.id),
     }))
 }
 
