@@ -131,7 +131,14 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
         let dek = Dek::generate();
         let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
         let reply = writer
-            .submit(Input::CreateInstance { instance_id: id.clone(), key_id: key.clone(), wrapped, fingerprint: dek.fingerprint(), at: Utc::now() })
+            .submit(Input::CreateInstance {
+                instance_id: id.clone(),
+                key_id: key.clone(),
+                wrapped,
+                fingerprint: dek.fingerprint(),
+                credential: keywarden::api::credential::issue(Utc::now()).credential,
+                at: Utc::now(),
+            })
             .await
             .unwrap();
         assert!(matches!(reply, Reply::Created(_)));
@@ -248,7 +255,14 @@ async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
         let id = format!("b-{i:06}");
         let dek = Dek::generate();
         let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
-        let input = Input::CreateInstance { instance_id: id, key_id: key.clone(), wrapped, fingerprint: dek.fingerprint(), at: Utc::now() };
+        let input = Input::CreateInstance {
+            instance_id: id,
+            key_id: key.clone(),
+            wrapped,
+            fingerprint: dek.fingerprint(),
+            credential: keywarden::api::credential::issue(Utc::now()).credential,
+            at: Utc::now(),
+        };
         last = Some(writer.enqueue(Some(input), None).await.unwrap());
     }
     last.unwrap().await.unwrap();

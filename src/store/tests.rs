@@ -23,6 +23,7 @@ fn inst(id: &str, key: &str) -> InstanceRecord {
         destroyed_at: None,
         destroyed_reason: None,
         rewrap_error: None,
+        credential: None,
     }
 }
 
