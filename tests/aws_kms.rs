@@ -136,7 +136,10 @@ fn reconciliation_applies_what_events_missed_and_asks_before_revoking_many() {
 
     // Three instances is above the threshold of two: nothing happens until confirmed.
     moto.boto(&format!("kms.disable_key(KeyId='{}')", bare(&large)));
-    std::thread::sleep(Duration::from_secs(4));
+    // The marker: a reconciliation saw the key disabled and held back.
+    wait_until("a reconciliation to hold back", Duration::from_secs(30), || {
+        d.log().contains("reconciliation would revoke or erase 3 instances and waits for confirmation").then_some(())
+    });
     for i in 0..3 {
         assert_eq!(d.state(&format!("rc-large-{i}")), "active", "held back for confirmation");
     }

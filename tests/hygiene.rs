@@ -61,7 +61,7 @@ fn no_dek_plaintext_reaches_logs_the_store_or_any_topic() {
     fetch_all(&d);
     // A malformed message too, so the dead-letter topic has content.
     produce(&producer(&broker.bootstrap), "key-lifecycle", Some("hk"), b"{not json");
-    std::thread::sleep(Duration::from_millis(500));
+    TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq").read_until("the dead letter", Duration::from_secs(60), |r| !r.is_empty());
     assert_eq!(d.terminate(), Some(0));
 
     let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
