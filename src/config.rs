@@ -162,9 +162,23 @@ pub struct ApiConfig {
     /// A file (or credential) with fewer than 32 characters refuses to start:
     /// an empty one would otherwise be the empty token.
     pub admin_token_file: PathBuf,
-    /// Bearer token that only fetches DEKs, for data-plane nodes; at least 32
+    /// The shared DEK token of old deployments, which opens every instance's
+    /// DEK; read (or created) only with `shared_dek_token` on. At least 32
     /// characters, as the admin token.
     pub dek_token_file: PathBuf,
+    /// Let the token in `dek_token_file` fetch any instance's DEK, as before
+    /// instances had their own credentials. Off by default: a holder of one
+    /// instance's credential then reaches that instance only, and a stolen
+    /// data-plane token cannot open every tenant's DEK. Turn it on only for
+    /// data-plane nodes that cannot yet be given their instance's `dek_token`.
+    pub shared_dek_token: bool,
+    /// Which instance a client certificate may open, as a URI with one
+    /// `{instance}` in it (such as `spiffe://keywarden/instance/{instance}`),
+    /// matched against the certificate's URI SANs. Needs
+    /// `tls.client_ca_file`: only certificates from that CA are read. Empty
+    /// (the default): a certificate opens no DEK by itself, the instance's
+    /// credential is needed too.
+    pub client_identity: String,
     pub tls: TlsConfig,
     /// Serve plain HTTP on an address other hosts can reach. Off: keywarden
     /// refuses to start with a non-loopback `listen` and no `tls`, because the
@@ -203,6 +217,8 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:8420".into(),
             admin_token_file: PathBuf::from("keywarden-data/admin.token"),
             dek_token_file: PathBuf::from("keywarden-data/dek.token"),
+            shared_dek_token: false,
+            client_identity: String::new(),
             tls: TlsConfig::default(),
             allow_plaintext: false,
             write_timeout: HumanDuration(Duration::from_secs(5)),
@@ -653,6 +669,22 @@ impl Config {
         if !tls.enabled() && !tls.client_ca_file.as_os_str().is_empty() {
             return Err(invalid("api.tls.client_ca_file", &tls.client_ca_file.display(), "used only with api.tls.cert_file and key_file set"));
         }
+        if !self.api.client_identity.is_empty() {
+            if tls.client_ca_file.as_os_str().is_empty() {
+                return Err(invalid(
+                    "api.client_identity",
+                    &self.api.client_identity,
+                    "used only with api.tls.client_ca_file set (certificates are read only from that CA)",
+                ));
+            }
+            if crate::api::credential::IdentityPattern::parse(&self.api.client_identity).is_none() {
+                return Err(invalid(
+                    "api.client_identity",
+                    &self.api.client_identity,
+                    "a URI with {instance} in it exactly once, such as \"spiffe://keywarden/instance/{instance}\", or empty",
+                ));
+            }
+        }
         if !tls.enabled() && !self.api.allow_plaintext && !is_loopback(&self.api.listen) {
             return Err(invalid(
                 "api.listen",
@@ -1099,6 +1131,38 @@ mod tests {
         for listen in ["127.0.0.1:8420", "127.9.9.9:1", "[::1]:8420", "[::ffff:127.0.0.1]:8420"] {
             let c = Config::load_with_env(None, &env(&[("KEYWARDEN_API_LISTEN", listen)])).unwrap();
             assert!(!c.api.allow_plaintext, "off by default");
+        }
+    }
+
+    #[test]
+    fn the_shared_dek_token_is_off_unless_asked_for() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert!(!c.api.shared_dek_token && c.api.client_identity.is_empty());
+        let c = Config::load_with_env(None, &env(&[("KEYWARDEN_API_SHARED_DEK_TOKEN", "true")])).unwrap();
+        assert!(c.api.shared_dek_token);
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_API_SHARED_DEK_TOKEN", "yes")])).unwrap_err();
+        assert!(err.to_string().contains("KEYWARDEN_API_SHARED_DEK_TOKEN"), "{err}");
+    }
+
+    #[test]
+    fn a_client_identity_needs_a_client_ca_and_one_instance_placeholder() {
+        let tls = [
+            ("KEYWARDEN_API_TLS_CERT_FILE", "/etc/k/cert.pem"),
+            ("KEYWARDEN_API_TLS_KEY_FILE", "/etc/k/key.pem"),
+            ("KEYWARDEN_API_TLS_CLIENT_CA_FILE", "/etc/k/ca.pem"),
+        ];
+        let with = |pattern: &str, vars: &[(&str, &str)]| {
+            let mut all = vars.to_vec();
+            all.push(("KEYWARDEN_API_CLIENT_IDENTITY", pattern));
+            Config::load_with_env(None, &env(&all))
+        };
+        let ok = with("spiffe://keywarden/instance/{instance}", &tls).unwrap();
+        assert_eq!(ok.api.client_identity, "spiffe://keywarden/instance/{instance}");
+        let err = with("spiffe://keywarden/instance/{instance}", &[]).unwrap_err().to_string();
+        assert!(err.contains("api.client_identity") && err.contains("api.tls.client_ca_file"), "{err}");
+        for bad in ["spiffe://keywarden/instance", "spiffe://{instance}/{instance}"] {
+            let err = with(bad, &tls).unwrap_err().to_string();
+            assert!(err.contains("api.client_identity") && err.contains("exactly once"), "{err}");
         }
     }
 

@@ -439,8 +439,9 @@ async fn serve_api(
     let tls = &config.api.tls;
     let acceptor = if tls.enabled() { Some(crate::api::tls::acceptor(tls)?) } else { None };
     let tokens = Arc::new(
-        Tokens::load(&config.api.admin_token_file, &config.api.dek_token_file)?
+        Tokens::load(&config.api.admin_token_file, config.api.shared_dek_token.then_some(config.api.dek_token_file.as_path()))?
             .with_client_certs_for_dek(!tls.client_ca_file.as_os_str().is_empty())
+            .with_client_identity(crate::api::credential::IdentityPattern::parse(&config.api.client_identity))
             .with_node_auth(node_auth),
     );
     let listener = tokio::net::TcpListener::bind(&config.api.listen).await.map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;

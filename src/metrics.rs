@@ -303,6 +303,7 @@ mod tests {
             destroyed_at: None,
             destroyed_reason: None,
             rewrap_error: None,
+            credential: None,
         };
         let mut disabled = KeyRecord::new("d", Utc::now());
         disabled.status = KeyStatus::Disabled;

@@ -66,7 +66,7 @@ impl Reloader {
         if !fixed.is_empty() {
             return Err(ReloadError::NotReloadable(fixed));
         }
-        self.tokens.reload(&next.api.admin_token_file, &next.api.dek_token_file)?;
+        self.tokens.reload(&next.api.admin_token_file, next.api.shared_dek_token.then_some(next.api.dek_token_file.as_path()))?;
         // KEYWARDEN_LOG, when set, wins over log.level, at start as on reload.
         if std::env::var("KEYWARDEN_LOG").map_or(true, |v| v.trim().is_empty()) {
             if let Some(set) = LOG_LEVEL.get() {

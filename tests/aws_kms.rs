@@ -4,58 +4,11 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-
-struct Moto {
-    child: Child,
-    url: String,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = free_port();
-        let child = Command::new("python3")
-            .args(["-m", "moto.server", "-p", &port.to_string(), "-H", "127.0.0.1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 -m moto.server (pip install 'moto[server]')");
-        let url = format!("http://127.0.0.1:{port}");
-        wait_until("moto_server to listen", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
-        Moto { child, url }
-    }
-
-    /// Runs boto3 against moto, as the customer operating their key would.
-    fn boto(&self, code: &str) -> String {
-        let script = format!(
-            "import boto3, sys\nkms = boto3.client('kms', region_name='us-east-1', endpoint_url='{}', aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}\n",
-            self.url
-        );
-        let out = Command::new("python3").args(["-c", &script]).output().unwrap();
-        assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-}
-
-impl Moto {
-    /// The KMS goes away: every call to it fails from now on.
-    fn stop(&mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        // Already stopped, or stopping it now: either way it is gone.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn aws_key_lifecycle_through_moto_and_the_broker() {
@@ -183,7 +136,10 @@ fn reconciliation_applies_what_events_missed_and_asks_before_revoking_many() {
 
     // Three instances is above the threshold of two: nothing happens until confirmed.
     moto.boto(&format!("kms.disable_key(KeyId='{}')", bare(&large)));
-    std::thread::sleep(Duration::from_secs(4));
+    // The marker: a reconciliation saw the key disabled and held back.
+    wait_until("a reconciliation to hold back", Duration::from_secs(30), || {
+        d.log().contains("reconciliation would revoke or erase 3 instances and waits for confirmation").then_some(())
+    });
     for i in 0..3 {
         assert_eq!(d.state(&format!("rc-large-{i}")), "active", "held back for confirmation");
     }

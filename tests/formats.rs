@@ -223,7 +223,10 @@ fn event_emit_produces_signed_events_the_daemon_accepts_including_ed25519() {
     d.wait_state("em-db", "revoked");
     // --unsigned is refused by the daemon.
     let id = emit(&["--type", "enable", "--unsigned"]);
-    std::thread::sleep(Duration::from_secs(2));
+    let mut dlq = TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq");
+    let refused = dlq.read_until("the unsigned event dead-lettered", MIN, |r| r.iter().any(|m| String::from_utf8_lossy(&m.payload).contains(&id))).to_vec();
+    let refused = refused.iter().find(|m| String::from_utf8_lossy(&m.payload).contains(&id)).unwrap();
+    assert!(refused.header("keywarden.reason").unwrap().contains("no keywarden-signature header"), "{:?}", refused.headers);
     assert_eq!(d.get(&format!("/v1/events/{id}")).0, 404);
     assert_eq!(d.state("em-db"), "revoked");
     // `event sign` prints the header a producer attaches.

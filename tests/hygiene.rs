@@ -32,6 +32,12 @@ fn no_dek_plaintext_reaches_logs_the_store_or_any_topic() {
     for id in &ids {
         d.create_instance(id, "hk");
     }
+    // One credential rotated too: its old and its new token are searched for.
+    let retired = d.dek_token_for("h-0");
+    let (s, v) = d.post("/v1/instances/h-0/credential", None);
+    assert_eq!(s, 200, "{v}");
+    let mut tokens: Vec<String> = ids.iter().map(|id| d.dek_token_for(id)).collect();
+    tokens.push(retired);
     // A whole lifecycle, fetching the DEKs along the way.
     let mut deks: Vec<Vec<u8>> = Vec::new();
     let mut fetch_all = |d: &Daemon| {
@@ -55,7 +61,7 @@ fn no_dek_plaintext_reaches_logs_the_store_or_any_topic() {
     fetch_all(&d);
     // A malformed message too, so the dead-letter topic has content.
     produce(&producer(&broker.bootstrap), "key-lifecycle", Some("hk"), b"{not json");
-    std::thread::sleep(Duration::from_millis(500));
+    TopicReader::new(&broker.bootstrap, "key-lifecycle.dlq").read_until("the dead letter", Duration::from_secs(60), |r| !r.is_empty());
     assert_eq!(d.terminate(), Some(0));
 
     let mut haystacks: Vec<(String, Vec<u8>)> = Vec::new();
@@ -96,7 +102,24 @@ fn no_dek_plaintext_reaches_logs_the_store_or_any_topic() {
             assert!(!contains(hay, hex_upper.as_bytes()), "upper-case hex DEK found in {name}");
         }
     }
-    println!("HYGIENE: {} DEKs searched in {} places ({} bytes of trace log): none found", unique.len(), haystacks.len(), log_size);
+    // The instances' DEK tokens: keywarden keeps only their hashes.
+    for token in &tokens {
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(token).expect("a dek_token is unpadded base64url");
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        for (name, hay) in &haystacks {
+            assert!(!contains(hay, token.as_bytes()), "a dek_token found in {name}");
+            assert!(!contains(hay, &raw), "a dek_token's raw bytes found in {name}");
+            assert!(!contains(hay, STANDARD.encode(&raw).as_bytes()), "a base64 dek_token found in {name}");
+            assert!(!contains(hay, hex.as_bytes()) && !contains(hay, hex.to_uppercase().as_bytes()), "a hex dek_token found in {name}");
+        }
+    }
+    println!(
+        "HYGIENE: {} DEKs and {} dek_tokens searched in {} places ({} bytes of trace log): none found",
+        unique.len(),
+        tokens.len(),
+        haystacks.len(),
+        log_size
+    );
 }
 
 #[test]

@@ -315,7 +315,10 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     let before = kp.rewraps.load(Ordering::SeqCst);
     produce(&p, "key-lifecycle", Some(&crn), &event("kp-2", "rotate", &crn, Some(&v3), &soon(2)));
     d.wait_event("kp-2");
-    std::thread::sleep(Duration::from_secs(2));
+    // The marker: the rotation asked Key Protect and decided to wait.
+    wait_until("the rotation to wait for the key", Duration::from_secs(30), || {
+        d.log().contains("kms reports the key not active; rotation waits").then_some(())
+    });
     assert_eq!(kp.rewraps.load(Ordering::SeqCst), before, "no rewrap against a suspended key");
     set_state(&kp, key, 1);
     d.wait_rotated(&enc, &v3);

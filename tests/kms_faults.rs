@@ -1,6 +1,11 @@
 //! Rotation against a KMS that times out, answers 5xx and throttles 30% of the
 //! time, and refuses some instances for good: every rewrap still completes, the
 //! refusals are reported per instance, and an operator's retry finishes them.
+//! In process (a wrapper around the embedded KMS, for the refusals and the
+//! quota) and end to end: the real binary's AWS provider against moto_server
+//! through a proxy that injects the faults on every operation.
+
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -64,7 +69,7 @@ impl Kms for FaultyKms {
         }
         if roll < 0.30 {
             self.count("429");
-            return Err(KmsError::Unavailable("429 too many requests".into()));
+            return Err(KmsError::Throttled("429 too many requests".into()));
         }
         self.inner.rewrap(key_id, wrapped, aad, label).await
     }
@@ -126,7 +131,14 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
         let dek = Dek::generate();
         let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
         let reply = writer
-            .submit(Input::CreateInstance { instance_id: id.clone(), key_id: key.clone(), wrapped, fingerprint: dek.fingerprint(), at: Utc::now() })
+            .submit(Input::CreateInstance {
+                instance_id: id.clone(),
+                key_id: key.clone(),
+                wrapped,
+                fingerprint: dek.fingerprint(),
+                credential: keywarden::api::credential::issue(Utc::now()).credential,
+                at: Utc::now(),
+            })
             .await
             .unwrap();
         assert!(matches!(reply, Reply::Created(_)));
@@ -243,7 +255,14 @@ async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
         let id = format!("b-{i:06}");
         let dek = Dek::generate();
         let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
-        let input = Input::CreateInstance { instance_id: id, key_id: key.clone(), wrapped, fingerprint: dek.fingerprint(), at: Utc::now() };
+        let input = Input::CreateInstance {
+            instance_id: id,
+            key_id: key.clone(),
+            wrapped,
+            fingerprint: dek.fingerprint(),
+            credential: keywarden::api::credential::issue(Utc::now()).credential,
+            at: Utc::now(),
+        };
         last = Some(writer.enqueue(Some(input), None).await.unwrap());
     }
     last.unwrap().await.unwrap();
@@ -302,4 +321,176 @@ async fn wait_job_finished_within(store: &Store, key: &str, event_id: &str, limi
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("rotation {event_id} did not finish within {limit:?}: {:?}", store.job(key));
+}
+
+/// A proxy in front of moto_server that, while on, answers 30% of every AWS
+/// KMS operation with a fault: a hang past the client's timeout, a 500
+/// `KMSInternalException`, or a 400 `ThrottlingException` (how AWS throttles).
+struct FaultProxy {
+    moto: String,
+    http: reqwest::Client,
+    rng: Mutex<rand::rngs::StdRng>,
+    on: std::sync::atomic::AtomicBool,
+    hang: Duration,
+    /// (operation, what happened) -> count
+    seen: Mutex<HashMap<(String, &'static str), usize>>,
+}
+
+impl FaultProxy {
+    fn count(&self, op: &str, what: &'static str) -> usize {
+        self.seen.lock().unwrap().get(&(op.to_string(), what)).copied().unwrap_or(0)
+    }
+}
+
+async fn proxy(
+    axum::extract::State(p): axum::extract::State<Arc<FaultProxy>>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let op = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).and_then(|t| t.strip_prefix("TrentService.")).unwrap_or("?").to_string();
+    let fault = |status: u16, kind: &str| {
+        (
+            axum::http::StatusCode::from_u16(status).unwrap(),
+            [("content-type", "application/x-amz-json-1.1")],
+            format!(r#"{{"__type":"{kind}","message":"injected"}}"#),
+        )
+            .into_response()
+    };
+    if p.on.load(std::sync::atomic::Ordering::SeqCst) {
+        let roll: f64 = p.rng.lock().unwrap().gen();
+        let what = match roll {
+            r if r < 0.10 => Some("hang"),
+            r if r < 0.20 => Some("5xx"),
+            r if r < 0.30 => Some("429"),
+            _ => None,
+        };
+        if let Some(what) = what {
+            *p.seen.lock().unwrap().entry((op.clone(), what)).or_default() += 1;
+            return match what {
+                "hang" => {
+                    tokio::time::sleep(p.hang).await;
+                    fault(500, "KMSInternalException")
+                }
+                "5xx" => fault(500, "KMSInternalException"),
+                _ => fault(400, "ThrottlingException"),
+            };
+        }
+    }
+    *p.seen.lock().unwrap().entry((op, "ok")).or_default() += 1;
+    let mut req = p.http.post(&p.moto).body(body);
+    for (name, value) in &headers {
+        if name != "host" && name != "content-length" {
+            req = req.header(name, value);
+        }
+    }
+    match req.send().await {
+        Ok(r) => {
+            let status = axum::http::StatusCode::from_u16(r.status().as_u16()).unwrap();
+            let kind = r.headers().get("content-type").cloned();
+            let bytes = r.bytes().await.unwrap_or_default();
+            let mut out = (status, bytes).into_response();
+            if let Some(kind) = kind {
+                out.headers_mut().insert("content-type", kind);
+            }
+            out
+        }
+        Err(e) => (axum::http::StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
+
+/// The real daemon's AWS provider through the fault proxy: 30% of every call
+/// (ReEncrypt, Decrypt, DescribeKey alike) hangs past the 1 s client timeout,
+/// fails with a 500 or is throttled. A rotation of every DEK completes and
+/// each DEK is byte-identical afterwards; reconciliation runs every 2 s
+/// against the same faults and never revokes or erases an instance because a
+/// DescribeKey failed; and the governor's throttling path is taken.
+#[test]
+fn the_aws_provider_rewraps_everything_through_hangs_5xx_and_throttling_on_every_operation() {
+    use common::*;
+    const N: usize = 150;
+    let broker = Broker::start();
+    let moto = Moto::start();
+    let arn = moto.boto("print(kms.create_key(Description='keywarden faults')['KeyMetadata']['Arn'])");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seed: u64 = rand::thread_rng().gen();
+    println!("fault seed {seed}");
+    let faults = Arc::new(FaultProxy {
+        moto: format!("{}/", moto.url),
+        http: reqwest::Client::new(),
+        rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
+        on: false.into(),
+        hang: Duration::from_millis(1500),
+        seen: Mutex::new(HashMap::new()),
+    });
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().fallback(axum::routing::post(proxy)).with_state(faults.clone());
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{url}\"\n[kms.aws.limits]\ntimeout = \"1s\"\nmax_concurrency = 16\n[rotation]\nmax_attempts = 12\n"
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &broker.bootstrap,
+        &[
+            ("KEYWARDEN_CONFIG", config.to_str().unwrap()),
+            ("KEYWARDEN_RECONCILE_SCHEDULE", "*/2 * * * * *"),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ],
+    );
+    let ids: Vec<String> = (0..N).map(|i| format!("flt-{i}")).collect();
+    for id in &ids {
+        d.create_instance(id, &arn);
+    }
+    let deks: Vec<String> = ids.iter().map(|id| d.dek(id).1["dek"].as_str().unwrap().to_string()).collect();
+
+    faults.on.store(true, std::sync::atomic::Ordering::SeqCst);
+    let p = producer(&broker.bootstrap);
+    produce(&p, "key-lifecycle", Some(&arn), &event("flt-rotate", "rotate", &arn, Some("flt-2"), &soon(1)));
+    let enc = arn.replace(':', "%3A").replace('/', "%2F");
+    let key = wait_until("the rotation to finish", Duration::from_secs(240), || {
+        let (_, key) = d.get(&format!("/v1/keys/{enc}"));
+        key["rotation"]["finished_at"].is_string().then_some(key)
+    });
+    assert_eq!((key["rotation"]["done"].as_u64(), key["rotation"]["failed"].as_u64()), (Some(N as u64), Some(0)), "{key}");
+    // Reconciliation has asked DescribeKey through the faults meanwhile.
+    wait_until("a failed DescribeKey", Duration::from_secs(60), || {
+        (faults.count("DescribeKey", "hang") + faults.count("DescribeKey", "5xx") + faults.count("DescribeKey", "429") > 0).then_some(())
+    });
+    wait_until("a DescribeKey answered", Duration::from_secs(60), || (faults.count("DescribeKey", "ok") > 0).then_some(()));
+
+    // Every DEK, read through Decrypt under the same faults (a failed read is
+    // a 503 to retry, never another DEK), is the one it was.
+    for (i, id) in ids.iter().enumerate() {
+        let v = wait_until(&format!("the DEK of {id}"), Duration::from_secs(30), || {
+            let (s, v) = d.dek(id);
+            assert!(s == 200 || s == 503, "{id}: {s} {v}");
+            (s == 200).then_some(v)
+        });
+        assert_eq!(v["dek"].as_str().unwrap(), deks[i], "{id}");
+        assert_eq!(v["key_version"], "flt-2");
+        assert_eq!(d.state(id), "active", "{id} was revoked or erased");
+    }
+    let (_, audit) = d.get("/v1/audit?limit=1000");
+    let reconciled: Vec<_> = audit["entries"].as_array().unwrap().iter().filter(|e| e["who"] == "schedule:reconcile").collect();
+    assert!(reconciled.is_empty(), "reconciliation changed something on a failed DescribeKey: {reconciled:?}");
+    let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
+    let throttled =
+        metrics.lines().find(|l| l.starts_with("keywarden_rewrap_errors_total") && l.contains("class=\"throttled\"") && l.contains("provider=\"aws\""));
+    assert!(throttled.is_some_and(|l| !l.ends_with(" 0")), "the throttling path was not taken:\n{metrics}");
+    assert!(d.log().contains("kms throttled: concurrency halved"), "the governor halved its concurrency");
+    let seen = faults.seen.lock().unwrap().clone();
+    println!("faults injected: {seen:?}");
+    for what in ["hang", "5xx", "429"] {
+        assert!(faults.count("ReEncrypt", what) > 0, "no {what} on ReEncrypt: {seen:?}");
+    }
+    drop(rt);
 }

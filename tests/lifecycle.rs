@@ -26,11 +26,11 @@ fn every_event_type_rewraps_revokes_erases_and_restores_end_to_end() {
     // A plaintext DEK must not be kept by any cache on its way, nor a refusal
     // stand in for a later answer.
     let no_store = |id: &str| {
-        let r = d.http.post(format!("{}/v1/instances/{id}/dek", d.api)).bearer_auth(&d.dek_token).send().unwrap();
+        let r = d.http.post(format!("{}/v1/instances/{id}/dek", d.api)).bearer_auth(d.dek_token_for(id)).send().unwrap();
         (r.status().as_u16(), r.headers().get("cache-control").and_then(|v| v.to_str().ok()).map(str::to_string))
     };
     assert_eq!(no_store("db-a"), (200, Some("no-store".to_string())));
-    assert_eq!(no_store("no-such-instance"), (404, Some("no-store".to_string())));
+    assert_eq!(no_store("no-such-instance"), (401, Some("no-store".to_string())));
 
     // Several rotations: the DEK never changes, the wrapping follows the newest version.
     for round in 2..=4 {
@@ -174,9 +174,11 @@ fn duplicate_and_stale_events_change_nothing() {
     assert_eq!(d.wait_event("d-1")["outcome"], "applied");
     assert_eq!(d.state("i3a"), "revoked", "a late enable does not re-enable");
     commands.read_until("revoke commands", MIN, |r| commands_for(r, "revoke", "d-1") == 2);
-    // Give a duplicate every chance to show up, then count: one revoke per instance.
-    std::thread::sleep(Duration::from_millis(500));
-    commands.read_until("nothing more", Duration::from_secs(2), |_| true);
+    // An enable after it is the marker: each instance's commands share a
+    // partition (the key is the instance id) and leave in commit order, so a
+    // duplicate revoke would come before the restore.
+    produce(&p, "key-lifecycle", Some("k3"), &event("e-2", "enable", "k3", None, &soon(20)));
+    commands.read_until("the restore commands after them", MIN, |r| commands_for(r, "restore", "e-2") == 2);
     let revokes = commands.commands("revoke", "d-1");
     assert_eq!(revokes.len(), 2, "exactly one revoke per instance: {revokes:?}");
     let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
@@ -290,7 +292,8 @@ fn api_errors_are_json_with_the_right_status() {
         (400, d.post("/v1/instances", None)),
         (404, d.post("/v1/instances", Some(json!({"instance_id": "x", "key_id": "no-such-key"})))),
         (404, d.get("/v1/instances/nope")),
-        (404, d.dek("nope")),
+        // An unknown instance is refused as a wrong credential is: 401.
+        (401, d.dek("nope")),
         (404, d.delete("/v1/instances/nope")),
         (404, d.get("/v1/keys/nope")),
         (404, d.post("/v1/keys/k6/explode", None)),
@@ -324,22 +327,39 @@ fn cli_speaks_to_the_api_and_fails_with_a_one_line_reason() {
             .arg(&d.api)
             .args(args)
             .env("KEYWARDEN_API_ADMIN_TOKEN_FILE", d.dir.path().join("admin.token"))
-            .env("KEYWARDEN_API_DEK_TOKEN_FILE", d.dir.path().join("dek.token"))
             .output()
             .unwrap()
     };
+    let token_file = d.dir.path().join("cli-db.dek-token");
+    let token_arg = token_file.to_str().unwrap().to_string();
     let out = cli(&["--output", "json", "key", "create", "cli-key"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["key_id"], "cli-key");
-    let out = cli(&["instance", "create", "cli-db", "--key", "cli-key"]);
+    let out = cli(&["--output", "json", "instance", "create", "cli-db", "--key", "cli-key"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = cli(&["--output", "json", "instance", "dek", "cli-db"]);
-    assert!(out.status.success());
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shown this once"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&token_file, format!("{}\n", created["dek_token"].as_str().expect("instance create prints the dek_token"))).unwrap();
+    // Without the instance's token the CLI says what it needs, in one line.
+    let out = cli(&["instance", "dek", "cli-db"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--token-file") && err.trim().lines().count() == 1, "{err}");
+    let out = cli(&["--output", "json", "instance", "dek", "cli-db", "--token-file", &token_arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A new credential: the old token file stops working, the new one works.
+    let out = cli(&["--output", "json", "instance", "credential", "cli-db"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rotated: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ne!(rotated["dek_token"], created["dek_token"]);
+    let out = cli(&["instance", "dek", "cli-db", "--token-file", &token_arg]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("(401)"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&token_file, rotated["dek_token"].as_str().unwrap()).unwrap();
     let out = cli(&["key", "disable", "cli-key"]);
     assert!(out.status.success());
     d.wait_state("cli-db", "revoked");
-    let out = cli(&["instance", "dek", "cli-db"]);
+    let out = cli(&["instance", "dek", "cli-db", "--token-file", &token_arg]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -401,7 +421,8 @@ fn the_api_takes_the_right_token_for_each_door_and_says_nothing_else() {
     let broker = Broker::start();
     let d = Daemon::start(&broker.bootstrap, &[]);
     d.create_key("auth-key");
-    d.create_instance("auth-db", "auth-key");
+    let credential_id = d.create_instance("auth-db", "auth-key")["dek_credential_id"].as_str().unwrap().to_string();
+    let dek_token = d.dek_token_for("auth-db");
     let call = |method: reqwest::Method, path: &str, token: Option<&str>| {
         let mut req = d.http.request(method, format!("{}{path}", d.api));
         if let Some(t) = token {
@@ -415,16 +436,18 @@ fn the_api_takes_the_right_token_for_each_door_and_says_nothing_else() {
     for (method, path, token) in [
         (Method::GET, "/v1/keys/auth-key", None),
         (Method::GET, "/v1/keys/auth-key", Some("not-the-token")),
-        (Method::GET, "/v1/keys/auth-key", Some(d.dek_token.as_str())),
-        (Method::POST, "/v1/keys/auth-key/disable", Some(d.dek_token.as_str())),
+        (Method::GET, "/v1/keys/auth-key", Some(dek_token.as_str())),
+        (Method::POST, "/v1/keys/auth-key/disable", Some(dek_token.as_str())),
+        (Method::POST, "/v1/instances/auth-db/credential", Some(dek_token.as_str())),
         (Method::POST, "/v1/instances/auth-db/dek", None),
+        // The admin token opens no DEK.
         (Method::POST, "/v1/instances/auth-db/dek", Some(d.admin_token.as_str())),
     ] {
         let (status, body) = call(method.clone(), path, token);
         assert_eq!(status, 401, "{method} {path}");
         assert_eq!(body, r#"{"error":"unauthorized"}"#);
     }
-    assert_eq!(call(Method::POST, "/v1/instances/auth-db/dek", Some(&d.dek_token)).0, 200);
+    assert_eq!(call(Method::POST, "/v1/instances/auth-db/dek", Some(&dek_token)).0, 200);
     assert_eq!(call(Method::GET, "/v1/keys/auth-key", Some(&d.admin_token)).0, 200);
     for open in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(call(Method::GET, open, None).0, 200, "{open}");
@@ -453,4 +476,86 @@ fn the_api_takes_the_right_token_for_each_door_and_says_nothing_else() {
     assert_eq!(release["who"], "dek");
     assert_eq!(release["key_id"], "auth-key");
     assert_eq!(release["key_version"], "1", "{release}");
+    assert_eq!(release["detail"], format!("opened by dek credential {credential_id}"), "{release}");
+}
+
+/// What a DEK request answers, all of it: a refusal must not tell an unknown
+/// instance from a known one by its status, body or headers.
+fn dek_answer(d: &Daemon, id: &str, token: &str) -> (u16, String, Option<String>) {
+    let r = d.http.post(format!("{}/v1/instances/{id}/dek", d.api)).bearer_auth(token).send().unwrap();
+    let www = r.headers().get("www-authenticate").and_then(|v| v.to_str().ok()).map(str::to_string);
+    (r.status().as_u16(), r.text().unwrap(), www)
+}
+
+#[test]
+fn an_instance_credential_opens_that_instance_only_and_a_rotation_retires_it_at_once() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[]);
+    d.create_key("cred-key");
+    let a = d.create_instance("cred-a", "cred-key");
+    let b = d.create_instance("cred-b", "cred-key");
+    let (token_a, token_b) = (a["dek_token"].as_str().unwrap().to_string(), b["dek_token"].as_str().unwrap().to_string());
+    assert_ne!(token_a, token_b);
+    assert!(token_a.len() >= 43, "at least 256 bits: {}", token_a.len());
+    let id_a = a["dek_credential_id"].as_str().unwrap().to_string();
+    // The token is said once: reading the instance back does not say it.
+    let (_, shown) = d.get("/v1/instances/cred-a");
+    assert_eq!(shown["dek_credential_id"], id_a.as_str());
+    assert!(!shown.to_string().contains(&token_a), "{shown}");
+
+    assert_eq!(dek_answer(&d, "cred-a", &token_a).0, 200);
+    let refused = dek_answer(&d, "cred-b", &token_a);
+    assert_eq!(refused.0, 401, "A's credential does not open B");
+    assert_eq!(refused, dek_answer(&d, "no-such-instance", &token_a), "another instance and an unknown one get the same answer");
+    assert_eq!(dek_answer(&d, "cred-b", &token_b).0, 200);
+
+    // Rotation: admin only; the new token works at once and the old one no more.
+    assert_eq!(d.post("/v1/instances/no-such-instance/credential", None).0, 404);
+    let (s, rotated) = d.post("/v1/instances/cred-a/credential", None);
+    assert_eq!(s, 200, "{rotated}");
+    let (new_a, new_id) = (rotated["dek_token"].as_str().unwrap().to_string(), rotated["dek_credential_id"].as_str().unwrap().to_string());
+    assert_ne!(new_a, token_a);
+    assert_ne!(new_id, id_a);
+    assert_eq!(dek_answer(&d, "cred-a", &token_a), refused, "the old credential is refused, as any wrong one");
+    assert_eq!(dek_answer(&d, "cred-a", &new_a).0, 200);
+    assert_eq!(dek_answer(&d, "cred-b", &token_b).0, 200, "B's credential is untouched");
+
+    // The releases name the credential that opened them; the rotation is audited; no token is in the trail.
+    let trail = wait_until("both of A's credentials in the release audit", Duration::from_secs(10), || {
+        let text = d.http.get(format!("{}/v1/audit/export", d.api)).bearer_auth(&d.admin_token).send().ok()?.text().ok()?;
+        let opened = |id: &str| text.lines().any(|l| l.contains(r#""what":"release dek""#) && l.contains(&format!("opened by dek credential {id}")));
+        (opened(&id_a) && opened(&new_id)).then_some(text)
+    });
+    let rotation = trail.lines().find(|l| l.contains("dek credential rotated")).expect("the rotation is audited");
+    assert!(rotation.contains(&format!("dek credential {new_id} replaces {id_a}")), "{rotation}");
+    assert!(trail.lines().any(|l| l.contains(r#""what":"POST /v1/instances/cred-a/credential""#) && l.contains(r#""who":"admin""#)));
+    for token in [&token_a, &token_b, &new_a] {
+        assert!(!trail.contains(token.as_str()), "a dek_token is in the audit trail");
+    }
+    // Nor in the log.
+    let log = std::fs::read_to_string(d.dir.path().join("keywarden.log")).unwrap();
+    assert!(!log.contains(&token_a) && !log.contains(&new_a), "a dek_token is in the log");
+    // Without api.shared_dek_token no shared token file is read or made.
+    assert!(!d.dir.path().join("dek.token").exists());
+}
+
+#[test]
+fn the_shared_dek_token_opens_every_instance_only_when_opted_in() {
+    let broker = Broker::start();
+    let d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_API_SHARED_DEK_TOKEN", "true")]);
+    let shared = d.shared_dek_token.clone().expect("the shared token file was created");
+    d.create_key("legacy-key");
+    d.create_instance("legacy-a", "legacy-key");
+    d.create_instance("legacy-b", "legacy-key");
+    for id in ["legacy-a", "legacy-b"] {
+        assert_eq!(dek_answer(&d, id, &shared).0, 200, "{id}");
+    }
+    // The instances' own credentials still open only their own.
+    assert_eq!(dek_answer(&d, "legacy-b", &d.dek_token_for("legacy-a")).0, 401);
+    assert_eq!(dek_answer(&d, "no-such-instance", &shared).0, 401);
+    let release = wait_until("a release by the shared token audited", Duration::from_secs(10), || {
+        let (_, audit) = d.get("/v1/audit?limit=1000");
+        audit["entries"].as_array()?.iter().find(|e| e["what"] == "release dek" && e["detail"] == "opened by shared dek token").cloned()
+    });
+    assert!(release["instance_id"].as_str().unwrap().starts_with("legacy-"), "{release}");
 }

@@ -104,10 +104,7 @@ impl Drop for Prometheus {
 
 #[test]
 fn prometheus_scrapes_events_rewraps_instances_lag_and_build_info() {
-    let Some(bin) = prometheus_bin() else {
-        println!("skipped: no prometheus binary on PATH or at /usr/bin/prometheus (apt-get install prometheus)");
-        return;
-    };
+    let Some(bin) = required(prometheus_bin(), "prometheus (on PATH or at /usr/bin/prometheus)", "apt-get install prometheus") else { return };
     let broker = Broker::start();
     let d = Daemon::start(&broker.bootstrap, &[]);
     d.create_key("pk");

@@ -124,10 +124,7 @@ fn unit_for_test(dir: &Path) -> PathBuf {
 
 #[test]
 fn shipped_unit_verifies_cleanly() {
-    let Some(analyze) = systemd_analyze() else {
-        println!("skipped: systemd-analyze is not installed");
-        return;
-    };
+    let Some(analyze) = required(systemd_analyze(), "systemd-analyze", "apt-get install systemd") else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(analyze).arg("verify").arg(unit_for_test(dir.path())).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -137,10 +134,7 @@ fn shipped_unit_verifies_cleanly() {
 
 #[test]
 fn shipped_unit_exposure_is_at_most_two() {
-    let Some(analyze) = systemd_analyze() else {
-        println!("skipped: systemd-analyze is not installed");
-        return;
-    };
+    let Some(analyze) = required(systemd_analyze(), "systemd-analyze", "apt-get install systemd") else { return };
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(analyze).args(["security", "--offline=yes"]).arg(unit_for_test(dir.path())).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -82,6 +82,7 @@ fn b1_baseline(n: usize, batch: usize) -> Res<Duration> {
             destroyed_at: None,
             destroyed_reason: None,
             rewrap_error: None,
+            credential: None,
         };
         let mut key = b"i/".to_vec();
         key.extend_from_slice(id.as_bytes());

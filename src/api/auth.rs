@@ -1,9 +1,13 @@
-//! Bearer tokens for the API. The admin token manages keys and instances; the
-//! DEK token only fetches DEKs, so a data-plane node holding it cannot manage
-//! keys. Tokens come from files (created 0600 on first run) or from systemd
-//! credentials (`$CREDENTIALS_DIRECTORY/<file name>`); one of fewer than 32
-//! characters is refused at start and at reload. A wrong or missing token
-//! gets 401 with no detail; tokens are compared in constant time.
+//! Bearer tokens for the API. The admin token manages keys and instances and
+//! opens no DEK. A DEK is opened by its instance's own credential or a client
+//! certificate mapped to the instance (see `credential`), which the DEK
+//! handler checks against the instance's record; this layer only gathers what
+//! the request presented. The shared DEK token of old deployments opens every
+//! DEK, and only when `api.shared_dek_token` is on. Token files are created
+//! 0600 on first run, or come from systemd credentials
+//! (`$CREDENTIALS_DIRECTORY/<file name>`); one of fewer than 32 characters is
+//! refused at start and at reload. A wrong or missing token gets 401 with no
+//! detail; tokens are compared in constant time.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -18,9 +22,11 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use super::credential::{IdentityPattern, Presented};
+
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("cannot read or create the api token file {path}: {message}; check api.admin_token_file and api.dek_token_file")]
+    #[error("cannot read or create the api token file {path}: {message}; check api.admin_token_file (and api.dek_token_file if api.shared_dek_token is on)")]
     TokenFile { path: String, message: String },
     /// Said without the token: only its length and where it came from.
     #[error(
@@ -37,19 +43,24 @@ pub enum AuthError {
 pub const MIN_TOKEN_CHARS: usize = 32;
 
 /// Who a request was made by, for the log and the audit trail.
+/// DEK requests are not among them: they are not audited as API writes but as
+/// releases, naming what opened them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
     Admin,
-    DataPlane,
     /// Another node of the cluster, forwarding a write it authenticated.
     Node,
 }
 
 pub struct Tokens {
+    /// The admin token's digest and the shared DEK token's (`None` unless
+    /// `api.shared_dek_token` is on: then no bearer is the shared token).
     /// Swapped whole when SIGHUP re-reads the token files.
-    digests: std::sync::RwLock<([u8; 32], [u8; 32])>,
+    digests: std::sync::RwLock<([u8; 32], Option<[u8; 32]>)>,
     /// DEK requests must also come with a verified client certificate.
     dek_needs_client_cert: bool,
+    /// `api.client_identity`: which instance a client certificate's URI SAN names.
+    identity: Option<IdentityPattern>,
     /// With several nodes: a write another node forwarded, signed under the
     /// cluster secret, is taken without a token (the caller's stayed there).
     node: Option<std::sync::Arc<crate::cluster::forward::NodeAuth>>,
@@ -66,18 +77,21 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 impl Tokens {
-    pub fn load(admin_file: &Path, dek_file: &Path) -> Result<Tokens, AuthError> {
-        Ok(Tokens { digests: std::sync::RwLock::new(Self::read(admin_file, dek_file)?), dek_needs_client_cert: false, node: None })
+    /// `shared_dek_file` is `Some` only with `api.shared_dek_token` on: off,
+    /// the file is neither read nor created.
+    pub fn load(admin_file: &Path, shared_dek_file: Option<&Path>) -> Result<Tokens, AuthError> {
+        Ok(Tokens { digests: std::sync::RwLock::new(Self::read(admin_file, shared_dek_file)?), dek_needs_client_cert: false, identity: None, node: None })
     }
 
-    fn read(admin_file: &Path, dek_file: &Path) -> Result<([u8; 32], [u8; 32]), AuthError> {
-        Ok((digest(&read_or_create(admin_file)?), digest(&read_or_create(dek_file)?)))
+    fn read(admin_file: &Path, shared_dek_file: Option<&Path>) -> Result<([u8; 32], Option<[u8; 32]>), AuthError> {
+        let shared = shared_dek_file.map(|f| read_or_create(f).map(|t| digest(&t))).transpose()?;
+        Ok((digest(&read_or_create(admin_file)?), shared))
     }
 
-    /// Re-reads both token files (or credentials); the old tokens stop working.
-    pub fn reload(&self, admin_file: &Path, dek_file: &Path) -> Result<(), AuthError> {
-        let fresh = Self::read(admin_file, dek_file)?;
-        *self.digests.write().expect("tokens lock") = fresh;
+    /// Re-reads the token files (or credentials); the old tokens stop working.
+    pub fn reload(&self, admin_file: &Path, shared_dek_file: Option<&Path>) -> Result<(), AuthError> {
+        let fresh = Self::read(admin_file, shared_dek_file)?;
+        *self.digests.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(())
     }
 
@@ -86,21 +100,33 @@ impl Tokens {
         self
     }
 
+    pub fn with_client_identity(mut self, identity: Option<IdentityPattern>) -> Tokens {
+        self.identity = identity;
+        self
+    }
+
     pub fn with_node_auth(mut self, node: Option<std::sync::Arc<crate::cluster::forward::NodeAuth>>) -> Tokens {
         self.node = node;
         self
     }
 
-    fn caller(&self, presented: &str) -> Option<Caller> {
-        let d = digest(presented);
-        let (admin_digest, dek_digest) = *self.digests.read().expect("tokens lock");
-        // Both comparisons always run.
-        let (admin, dek) = (same(&d, &admin_digest), same(&d, &dek_digest));
-        match (admin, dek) {
-            (true, _) => Some(Caller::Admin),
-            (false, true) => Some(Caller::DataPlane),
-            _ => None,
-        }
+    fn admin(&self, presented: &str) -> bool {
+        let (admin, _) = *self.digests.read().unwrap_or_else(|e| e.into_inner());
+        same(&digest(presented), &admin)
+    }
+
+    /// What a DEK request presented, for the handler to match against the
+    /// instance it names. The shared-token comparison always runs when the
+    /// shared token is on, so its time says nothing either.
+    fn presented(&self, bearer: Option<&str>, cert: Option<&super::tls::ClientCert>) -> Presented {
+        let bearer = bearer.map(digest);
+        let (_, shared) = *self.digests.read().unwrap_or_else(|e| e.into_inner());
+        let shared = matches!((bearer, shared), (Some(b), Some(s)) if same(&b, &s));
+        let identities = match (&self.identity, cert) {
+            (Some(pattern), Some(cert)) => cert.uris.iter().filter_map(|uri| pattern.instance_of(uri).map(|id| (id.to_string(), uri.clone()))).collect(),
+            _ => Vec::new(),
+        };
+        Presented { bearer, shared, identities }
     }
 }
 
@@ -147,13 +173,16 @@ fn read_token(path: &Path) -> Result<Zeroizing<String>, AuthError> {
     Ok(token)
 }
 
-fn unauthorized() -> Response {
+/// The one refusal: the DEK handler answers a wrong credential and an unknown
+/// instance with it too.
+pub(super) fn unauthorized() -> Response {
     (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], Json(serde_json::json!({"error": "unauthorized"}))).into_response()
 }
 
-/// Health, readiness and metrics are open; the DEK endpoint takes the DEK token;
-/// everything else takes the admin token.
-pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, req: Request, next: Next) -> Response {
+/// Health, readiness and metrics are open; the DEK endpoint is checked by its
+/// handler against the instance (with a client certificate first, when
+/// `api.tls.client_ca_file` asks for one); everything else takes the admin token.
+pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return next.run(req).await;
@@ -165,21 +194,23 @@ pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, req: Request,
             _ => unauthorized(),
         };
     }
-    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let caller = presented.and_then(|t| tokens.caller(t));
-    let cert_ok = !tokens.dek_needs_client_cert || req.extensions().get::<super::tls::ClientCert>().is_some_and(|c| c.0);
-    if wants_dek && !cert_ok {
+    let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    if wants_dek {
+        let cert = req.extensions().get::<super::tls::ClientCert>();
+        if tokens.dek_needs_client_cert && cert.is_none() {
+            return unauthorized();
+        }
+        let presented = tokens.presented(bearer, cert);
+        req.extensions_mut().insert(presented);
+        return next.run(req).await;
+    }
+    if !bearer.is_some_and(|t| tokens.admin(t)) {
         return unauthorized();
     }
-    match (caller, wants_dek) {
-        (Some(who @ Caller::DataPlane), true) | (Some(who @ Caller::Admin), false) => {
-            // Carried on the response, for the audit trail wrapped around this layer.
-            let mut response = next.run(req).await;
-            response.extensions_mut().insert(who);
-            response
-        }
-        _ => unauthorized(),
-    }
+    // Carried on the response, for the audit trail wrapped around this layer.
+    let mut response = next.run(req).await;
+    response.extensions_mut().insert(Caller::Admin);
+    response
 }
 
 /// A write another node forwarded: taken only if its node signature verifies.
@@ -200,16 +231,48 @@ async fn forwarded(node: &crate::cluster::forward::NodeAuth, req: Request, next:
 mod tests {
     use super::*;
 
+    fn shared(t: &Tokens, bearer: &str) -> bool {
+        t.presented(Some(bearer), None).shared
+    }
+
     #[test]
     fn each_token_opens_only_its_own_door() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a"), "admin-token-0123456789abcdefghijklmn\n").unwrap();
         std::fs::write(dir.path().join("d"), "dek-token-0123456789abcdefghijklmnop\n").unwrap();
-        let t = Tokens::load(&dir.path().join("a"), &dir.path().join("d")).unwrap();
-        assert_eq!(t.caller("admin-token-0123456789abcdefghijklmn"), Some(Caller::Admin));
-        assert_eq!(t.caller("dek-token-0123456789abcdefghijklmnop"), Some(Caller::DataPlane));
-        assert_eq!(t.caller("admin-token-0123456789abcdefghijklm"), None);
-        assert_eq!(t.caller(""), None);
+        let t = Tokens::load(&dir.path().join("a"), Some(&dir.path().join("d"))).unwrap();
+        assert!(t.admin("admin-token-0123456789abcdefghijklmn"));
+        assert!(!t.admin("dek-token-0123456789abcdefghijklmnop"));
+        assert!(!t.admin("admin-token-0123456789abcdefghijklm"));
+        assert!(!t.admin(""));
+        assert!(shared(&t, "dek-token-0123456789abcdefghijklmnop"));
+        assert!(!shared(&t, "admin-token-0123456789abcdefghijklmn"), "the admin token opens no DEK");
+        assert!(!t.presented(None, None).shared);
+    }
+
+    #[test]
+    fn without_the_shared_token_no_bearer_is_it_and_its_file_is_not_created() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "admin-token-0123456789abcdefghijklmn\n").unwrap();
+        let t = Tokens::load(&dir.path().join("a"), None).unwrap();
+        for bearer in ["", "dek-token-0123456789abcdefghijklmnop", "admin-token-0123456789abcdefghijklmn"] {
+            assert!(!shared(&t, bearer), "{bearer:?}");
+        }
+        assert!(!dir.path().join("d").exists());
+        t.reload(&dir.path().join("a"), None).unwrap();
+        assert!(!shared(&t, ""));
+    }
+
+    #[test]
+    fn a_client_certificate_names_instances_only_through_the_configured_pattern() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "admin-token-0123456789abcdefghijklmn\n").unwrap();
+        let cert = super::super::tls::ClientCert { uris: vec!["spiffe://keywarden/instance/db-a".into(), "https://elsewhere/x".into()].into() };
+        let off = Tokens::load(&dir.path().join("a"), None).unwrap();
+        assert!(off.presented(None, Some(&cert)).identities.is_empty(), "api.client_identity empty: no mapping");
+        let on = off.with_client_identity(IdentityPattern::parse("spiffe://keywarden/instance/{instance}"));
+        assert_eq!(on.presented(None, Some(&cert)).identities, vec![("db-a".to_string(), "spiffe://keywarden/instance/db-a".to_string())]);
+        assert!(on.presented(None, None).identities.is_empty());
     }
 
     #[test]
@@ -219,7 +282,7 @@ mod tests {
         std::fs::write(&d, "dek-token-0123456789abcdefghijklmnop\n").unwrap();
         for (text, length, says) in [("", 0, "is empty"), ("  \n\t\n", 0, "is empty"), ("short-token-0123456789\n", 22, "too short")] {
             std::fs::write(&a, text).unwrap();
-            let err = Tokens::load(&a, &d).err().expect("a weak admin token is refused");
+            let err = Tokens::load(&a, Some(&d)).err().expect("a weak admin token is refused");
             assert!(matches!(&err, AuthError::WeakToken { length: l, .. } if *l == length), "{err}");
             let msg = err.to_string();
             assert!(msg.contains(&a.display().to_string()) && msg.contains(says) && msg.contains("at least 32"), "{msg}");
@@ -229,14 +292,14 @@ mod tests {
         }
         // 31 characters are one too few; 32, with whitespace around, are enough.
         std::fs::write(&a, format!("{}\n", "x".repeat(31))).unwrap();
-        assert!(matches!(Tokens::load(&a, &d), Err(AuthError::WeakToken { length: 31, .. })));
+        assert!(matches!(Tokens::load(&a, Some(&d)), Err(AuthError::WeakToken { length: 31, .. })));
         std::fs::write(&a, format!("  {}\n", "x".repeat(32))).unwrap();
-        let t = Tokens::load(&a, &d).unwrap();
-        assert_eq!(t.caller(&"x".repeat(32)), Some(Caller::Admin));
+        let t = Tokens::load(&a, Some(&d)).unwrap();
+        assert!(t.admin(&"x".repeat(32)));
         // A reload that finds a weak token fails, and the tokens in force stay.
         std::fs::write(&d, "\n").unwrap();
-        assert!(matches!(t.reload(&a, &d), Err(AuthError::WeakToken { length: 0, .. })));
-        assert_eq!(t.caller("dek-token-0123456789abcdefghijklmnop"), Some(Caller::DataPlane));
+        assert!(matches!(t.reload(&a, Some(&d)), Err(AuthError::WeakToken { length: 0, .. })));
+        assert!(shared(&t, "dek-token-0123456789abcdefghijklmnop"));
     }
 
     #[test]

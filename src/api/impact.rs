@@ -142,6 +142,7 @@ mod tests {
             destroyed_at: None,
             destroyed_reason: None,
             rewrap_error: error.then(|| "refused".to_string()),
+            credential: None,
         }
     }
 

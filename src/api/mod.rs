@@ -2,6 +2,7 @@
 //! every change goes through the single writer, so the API never races the intake.
 
 pub mod auth;
+pub mod credential;
 mod impact;
 mod progress;
 pub mod releases;
@@ -144,6 +145,7 @@ fn routes() -> Vec<(&'static str, MethodRouter<AppState>, Placement)> {
         ("/v1/instances", get(list_instances), Here),
         ("/v1/instances/{id}", get(show_instance), Here),
         ("/v1/instances/{id}", delete(delete_instance), Owner(KeyFrom::InstancePath("id"))),
+        ("/v1/instances/{id}/credential", post(rotate_credential), Owner(KeyFrom::InstancePath("id"))),
         // A read of the data plane: answered from this node's replica.
         ("/v1/instances/{id}/dek", post(fetch_dek).layer(axum::middleware::map_response(no_store)), Here),
     ]
@@ -192,7 +194,6 @@ async fn record_writes(State(audit): State<Audit>, req: axum::extract::Request, 
     let response = next.run(req).await;
     let who = match response.extensions().get::<auth::Caller>() {
         Some(auth::Caller::Admin) => "admin",
-        Some(auth::Caller::DataPlane) => "dek",
         Some(auth::Caller::Node) => "node",
         None => "anonymous",
     };
@@ -447,6 +448,9 @@ fn instance_json(s: &AppState, inst: &InstanceRecord) -> Result<Value, ApiError>
             _ => "ok",
         },
         "rewrap_error": inst.rewrap_error,
+        // Names the credential in DEK release audits; null for an instance
+        // created before credentials, until its credential is rotated.
+        "dek_credential_id": inst.credential.as_ref().map(|c| &c.id),
     }))
 }
 
@@ -465,6 +469,7 @@ async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
         return Err(ApiError::new(StatusCode::CONFLICT, format!("instance {} already exists; pick another id or delete it first", req.instance_id)));
     }
     let dek = Dek::generate();
+    let issued = credential::issue(Utc::now());
     let label = s.store.key(&req.key_id)?.and_then(|k| k.version);
     let wrapped = match s.kms.wrap(&req.key_id, &dek, req.instance_id.as_bytes(), label.as_deref()).await {
         Ok(w) => w,
@@ -478,12 +483,24 @@ async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
     let reply = s
         .writer
         .submit_within(
-            Input::CreateInstance { instance_id: req.instance_id.clone(), key_id: req.key_id, wrapped, fingerprint: dek.fingerprint(), at: Utc::now() },
+            Input::CreateInstance {
+                instance_id: req.instance_id.clone(),
+                key_id: req.key_id,
+                wrapped,
+                fingerprint: dek.fingerprint(),
+                credential: issued.credential,
+                at: Utc::now(),
+            },
             s.write_timeout,
         )
         .await?;
     match reply {
-        Reply::Created(inst) => Ok((StatusCode::CREATED, Json(instance_json(&s, &inst)?)).into_response()),
+        Reply::Created(inst) => {
+            // The only time the token is said: keywarden keeps its hash alone.
+            let mut body = instance_json(&s, &inst)?;
+            body["dek_token"] = json!(issued.token.as_str());
+            Ok((StatusCode::CREATED, Json(body)).into_response())
+        }
         Reply::Conflict(m) => Err(ApiError::new(StatusCode::CONFLICT, m)),
         other => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("unexpected engine reply {other:?}"))),
     }
@@ -520,6 +537,19 @@ async fn show_instance(State(s): State<AppState>, Path(id): Path<String>) -> Api
     }
 }
 
+/// Issues the instance a new DEK credential; the old one is refused from the
+/// moment this is committed. The token is in this answer only.
+async fn rotate_credential(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
+    let issued = credential::issue(Utc::now());
+    let credential_id = issued.credential.id.clone();
+    let input = Input::RotateCredential { instance_id: id.clone(), credential: issued.credential, at: Utc::now() };
+    match s.writer.submit_within(input, s.write_timeout).await? {
+        Reply::NotFound(m) => Err(ApiError::new(StatusCode::NOT_FOUND, m)),
+        Reply::Conflict(m) => Err(ApiError::new(StatusCode::CONFLICT, m)),
+        _ => Ok(Json(json!({"instance_id": id, "dek_credential_id": credential_id, "dek_token": issued.token.as_str()})).into_response()),
+    }
+}
+
 async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
     let reply = s
         .writer
@@ -547,8 +577,16 @@ async fn no_store(mut response: Response) -> Response {
     response
 }
 
-async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult {
-    let partition = s.store.instance(&id)?.filter(|i| !s.ownership.owns_key(&i.key_id)).and_then(|i| s.ownership.partition(&i.key_id));
+async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>, presented: Option<axum::Extension<credential::Presented>>) -> ApiResult {
+    let inst = s.store.instance(&id)?;
+    // Before anything that could tell an unknown instance from a known one:
+    // both are refused alike when the credential does not open this instance.
+    let opener = presented.and_then(|p| p.opener(&id, inst.as_ref().and_then(|i| i.credential.as_ref())));
+    let (Some(inst), Some(opener)) = (inst, opener) else {
+        s.metrics.dek_requests.with_label_values(&["unauthorized"]).inc();
+        return Ok(auth::unauthorized());
+    };
+    let partition = Some(&inst).filter(|i| !s.ownership.owns_key(&i.key_id)).and_then(|i| s.ownership.partition(&i.key_id));
     if let (Some((replica, max)), Some(partition)) = (&s.replica, partition) {
         // A key this node writes itself is never behind here.
         let lag = replica.lag(partition);
@@ -563,7 +601,7 @@ async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResu
             ));
         }
     }
-    let result = serve_dek(&s, &id).await;
+    let result = serve_dek(&s, &id, inst, &opener).await;
     let label = match &result {
         Ok(_) => "served",
         Err(e) if e.status == StatusCode::LOCKED => "revoked",
@@ -575,10 +613,7 @@ async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>) -> ApiResu
     result
 }
 
-async fn serve_dek(s: &AppState, id: &str) -> ApiResult {
-    let Some(inst) = s.store.instance(id)? else {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("instance {id} does not exist")));
-    };
+async fn serve_dek(s: &AppState, id: &str, inst: InstanceRecord, opener: &credential::Opener) -> ApiResult {
     // The state check comes first and reads the committed key record, so a
     // revocation is in force the moment its batch is durable.
     let key = s.store.key(&inst.key_id)?;
@@ -604,6 +639,6 @@ async fn serve_dek(s: &AppState, id: &str) -> ApiResult {
             d
         }
     };
-    s.releases.record(id, &inst.key_id, &wrapped.key_version);
+    s.releases.record(id, &inst.key_id, &wrapped.key_version, opener);
     Ok(Json(json!({"dek": STANDARD.encode(dek.expose()), "key_version": wrapped.key_version})).into_response())
 }

@@ -1,5 +1,6 @@
 //! Every DEK release is audited (which instance, under which key version,
-//! when), without the data plane ever waiting for it: the fetch hands the fact
+//! when, opened by which credential id, certificate identity or the shared
+//! token; never a token), without the data plane ever waiting for it: the fetch hands the fact
 //! to a bounded queue and answers; one task commits what has queued in
 //! batches, through the writer, so a burst of releases costs one flush per
 //! batch, not one per fetch.
@@ -33,7 +34,7 @@ impl Releases {
     }
 
     /// Never blocks: the DEK answer does not wait for its audit entry.
-    pub fn record(&self, instance_id: &str, key_id: &str, key_version: &str) {
+    pub fn record(&self, instance_id: &str, key_id: &str, key_version: &str, opener: &crate::api::credential::Opener) {
         let fact = AuditFact {
             who: "dek".into(),
             what: "release dek".into(),
@@ -41,6 +42,7 @@ impl Releases {
             instance_id: Some(instance_id.to_string()),
             key_id: Some(key_id.to_string()),
             key_version: Some(key_version.to_string()),
+            detail: Some(format!("opened by {}", opener.describe())),
             ..Default::default()
         };
         if self.tx.try_send(fact).is_err() {

@@ -1,8 +1,9 @@
 //! TLS for the API listener (rustls, certificate and key from PEM files), and
 //! optional client certificates: with `api.tls.client_ca_file` set, a DEK
 //! request must also come over a connection whose client certificate chains
-//! to that CA. Other endpoints do not ask for one, so operators' tools need
-//! only the admin token.
+//! to that CA, and with `api.client_identity` set the certificate's URI SANs
+//! may name the instance it opens. Other endpoints do not ask for one, so
+//! operators' tools need only the admin token.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,10 +29,25 @@ pub enum TlsError {
     Setup(String),
 }
 
-/// Whether the connection a request came over presented a client certificate
-/// that chains to the configured CA (rustls has verified it by then).
-#[derive(Debug, Clone, Copy)]
-pub struct ClientCert(pub bool);
+/// On a request whose connection presented a client certificate that chains
+/// to the configured CA (rustls has verified it by then); absent otherwise.
+#[derive(Debug, Clone)]
+pub struct ClientCert {
+    /// The leaf's URI SANs, read once per connection: `api.client_identity`
+    /// maps one of them to the instance whose DEK it may open.
+    pub uris: std::sync::Arc<[String]>,
+}
+
+impl ClientCert {
+    /// `None` without a verified leaf. A leaf rustls verified but webpki cannot
+    /// read again (it never happens: both parse the same way) has no URIs, so
+    /// it maps to no instance but still counts as a verified certificate.
+    fn of(chain: Option<&[CertificateDer<'_>]>) -> Option<ClientCert> {
+        let leaf = chain?.first()?;
+        let uris = webpki::EndEntityCert::try_from(leaf).map(|c| c.valid_uri_names().map(str::to_owned).collect::<Vec<_>>()).unwrap_or_default();
+        Some(ClientCert { uris: uris.into() })
+    }
+}
 
 pub fn acceptor(config: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -98,10 +114,12 @@ pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: Router, st
                 }
                 Err(_) => return,
             };
-            let verified = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+            let cert = ClientCert::of(tls.get_ref().1.peer_certificates());
             let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(ClientCert(verified));
+                if let Some(cert) = &cert {
+                    req.extensions_mut().insert(cert.clone());
+                }
                 app.clone().oneshot(req)
             });
             let conn = Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(tls), service).into_owned();

@@ -76,7 +76,8 @@ pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command)
                 None => (Method::GET, "/v1/instances".to_string(), None),
             },
             InstanceCommand::Delete { instance_id } => (Method::DELETE, format!("/v1/instances/{}", percent_encode(&instance_id)), None),
-            InstanceCommand::Dek { instance_id } => (Method::POST, format!("/v1/instances/{}/dek", percent_encode(&instance_id)), None),
+            InstanceCommand::Dek { instance_id, .. } => (Method::POST, format!("/v1/instances/{}/dek", percent_encode(&instance_id)), None),
+            InstanceCommand::Credential { instance_id } => (Method::POST, format!("/v1/instances/{}/credential", percent_encode(&instance_id)), None),
         },
         Command::Event(EventCommand::Show { event_id }) => (Method::GET, format!("/v1/events/{}", percent_encode(&event_id)), None),
         Command::Audit(AuditCommand::Verify) => (Method::GET, "/v1/audit/verify".to_string(), None),
@@ -86,6 +87,9 @@ pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command)
         }
     };
     let value = request(&client, base, token, method, &path, body)?;
+    if value.get("dek_token").is_some() {
+        eprintln!("keywarden: the dek_token is shown this once (keywarden keeps only its hash); give it to the instance's data-plane node");
+    }
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
         Output::Text if impact => super::impact::print_text(&value),

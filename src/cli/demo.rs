@@ -43,7 +43,7 @@ pub fn run(mut config: Config, exit: bool) -> anyhow::Result<ExitCode> {
         println!("  store         {}", dir.display());
         println!();
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).map(|t| t.trim().to_string());
-        let walk = Walk { http: reqwest::Client::new(), base: format!("http://{}", started.api), admin: read("admin.token")?, dek: read("dek.token")? };
+        let walk = Walk { http: reqwest::Client::new(), base: format!("http://{}", started.api), admin: read("admin.token")?, deks: Default::default() };
         let outcome = walk.run().await;
         if let Err(e) = &outcome {
             println!("demo failed: {e:#}");
@@ -69,7 +69,9 @@ struct Walk {
     http: reqwest::Client,
     base: String,
     admin: String,
-    dek: String,
+    /// Each instance's own DEK token, as its creation answered it: a data-plane
+    /// node holds only its instance's.
+    deks: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 const INSTANCES: [&str; 3] = ["orders-db", "billing-db", "audit-db"];
@@ -77,7 +79,11 @@ const KEY: &str = "demo-key";
 
 impl Walk {
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
-        let token = if path.ends_with("/dek") { &self.dek } else { &self.admin };
+        let instance = path.strip_prefix("/v1/instances/").and_then(|p| p.strip_suffix("/dek"));
+        let token = match instance {
+            Some(id) => self.deks.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned().unwrap_or_default(),
+            None => self.admin.clone(),
+        };
         let mut req = self.http.request(method, format!("{}{}", self.base, path)).bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
@@ -172,7 +178,10 @@ impl Walk {
             if status != 201 {
                 bail!("creating {id} answered {status}: {v}");
             }
+            let token = v["dek_token"].as_str().ok_or_else(|| anyhow!("creating {id} answered no dek_token: {v}"))?;
+            self.deks.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), token.to_string());
         }
+        println!("each instance got its own dek_token, which fetches its DEK and no other's");
         self.table("one root key, three instances, each with its own DEK").await?;
         let original = self.deks().await?;
 

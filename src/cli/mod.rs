@@ -32,7 +32,8 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub api: Option<String>,
     /// Bearer token for the admin API; defaults to the contents of
-    /// api.admin_token_file (api.dek_token_file for `instance dek`).
+    /// api.admin_token_file. For `instance dek`: the instance's dek_token
+    /// (see `instance dek --token-file`).
     #[arg(long, global = true, env = "KEYWARDEN_API_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// PEM CA certificate to trust for an https admin API (a private CA).
@@ -194,8 +195,18 @@ pub enum InstanceCommand {
     Delete {
         instance_id: String,
     },
-    /// Fetch the instance's plaintext DEK (base64).
+    /// Fetch the instance's plaintext DEK (base64), with the instance's own
+    /// dek_token (from --token, --token-file, or api.dek_token_file when
+    /// api.shared_dek_token is on), or a client certificate mapped to it.
     Dek {
+        instance_id: String,
+        /// File holding the instance's dek_token (as `instance create` or
+        /// `instance credential` printed it).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+    /// Issue the instance a new dek_token (printed once); the old one stops working.
+    Credential {
         instance_id: String,
     },
 }
@@ -254,19 +265,24 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
                 None if config.api.tls.enabled() => format!("https://{}", config.api.listen),
                 None => format!("http://{}", config.api.listen),
             };
-            let token = match &cli.token {
-                Some(t) => t.clone(),
-                None => {
-                    let file = if matches!(cli.command, Command::Instance(InstanceCommand::Dek { .. })) {
-                        &config.api.dek_token_file
-                    } else {
-                        &config.api.admin_token_file
-                    };
-                    std::fs::read_to_string(file)
-                        .map_err(|e| anyhow::anyhow!("cannot read the api token from {} ({e}); pass --token or set api.admin_token_file", file.display()))?
-                        .trim()
-                        .to_string()
+            let read = |file: &std::path::Path, hint: &str| -> anyhow::Result<String> {
+                Ok(std::fs::read_to_string(file)
+                    .map_err(|e| anyhow::anyhow!("cannot read the api token from {} ({e}); {hint}", file.display()))?
+                    .trim()
+                    .to_string())
+            };
+            let token = match (&cli.token, &cli.command) {
+                (Some(t), _) => t.clone(),
+                (None, Command::Instance(InstanceCommand::Dek { token_file: Some(file), .. })) => read(file, "pass the instance's dek_token file")?,
+                (None, Command::Instance(InstanceCommand::Dek { .. })) if config.api.shared_dek_token => {
+                    read(&config.api.dek_token_file, "pass --token-file or set api.dek_token_file")?
                 }
+                // A client certificate mapped to the instance needs no token.
+                (None, Command::Instance(InstanceCommand::Dek { .. })) if cli.client_cert.is_some() => String::new(),
+                (None, Command::Instance(InstanceCommand::Dek { .. })) => anyhow::bail!(
+                    "instance dek needs the instance's dek_token: pass --token-file (or --token), as `instance create` or `instance credential` printed it"
+                ),
+                (None, _) => read(&config.api.admin_token_file, "pass --token or set api.admin_token_file")?,
             };
             let tls = client::Tls { ca_cert: cli.ca_cert.clone(), client_cert: cli.client_cert.clone() };
             client::run(&base, &token, &tls, cli.output, cli.command)

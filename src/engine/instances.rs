@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 
 use super::purge::sha256_hex;
 use super::{decision, notice, Decision, Reply, View};
-use super::{AuditFact, CommandAction, Effect, InstanceRecord, KeyRecord, KeyStatus, Notice, Record, WrappedDek};
+use super::{AuditFact, CommandAction, DekCredential, Effect, InstanceRecord, KeyRecord, KeyStatus, Notice, Record, WrappedDek};
 
 /// Records a key the embedded KMS just created, so that keywarden knows its
 /// version before any event names it.
@@ -33,13 +33,16 @@ pub(super) fn on_register_key(view: &impl View, key_id: String, version: String,
 /// - An unknown key, or one without a version yet, is recorded with the
 ///   version the DEK was wrapped by, so that a later rotation has a start.
 ///
-/// The KMS is told of the registration (outbox), and the creation is audited.
+/// The instance keeps `credential` (a hash, never the token) as its DEK
+/// credential. The KMS is told of the registration (outbox), and the creation
+/// is audited with the credential's id.
 pub(super) fn on_create_instance(
     view: &impl View,
     instance_id: String,
     key_id: String,
     wrapped: WrappedDek,
     fingerprint: String,
+    credential: DekCredential,
     at: DateTime<Utc>,
 ) -> Decision {
     if view.instance(&instance_id).is_some() {
@@ -73,6 +76,7 @@ pub(super) fn on_create_instance(
         destroyed_at: None,
         destroyed_reason: None,
         rewrap_error: None,
+        credential: Some(credential),
     };
     records.push(Record::Outbox(notice(&inst.key_id, Notice::Registered { instance_id: inst.instance_id.clone(), key_version: inst.key_version.clone() })));
     records.push(Record::Audit(AuditFact {
@@ -82,6 +86,7 @@ pub(super) fn on_create_instance(
         key_id: Some(inst.key_id.clone()),
         instance_id: Some(inst.instance_id.clone()),
         key_version: Some(inst.key_version.clone()),
+        detail: inst.credential.as_ref().map(|c| format!("dek credential {}", c.id)),
         ..Default::default()
     }));
     records.push(Record::Instance(inst.clone()));
@@ -132,4 +137,36 @@ pub(super) fn on_delete_instance(view: &impl View, instance_id: String, request_
     };
     let deregister = notice(&inst.key_id, Notice::Deregistered { instance_id: inst.instance_id.clone() });
     decision(vec![Record::Instance(inst), Record::Outbox(effect), Record::Outbox(deregister), proof], Reply::Done)
+}
+
+/// Replaces an instance's DEK credential with `credential`.
+///
+/// - An unknown instance is `NotFound`: the API answers 404 to the operator
+///   (who holds the admin token and may list instances anyway).
+/// - A destroyed instance is a conflict: it has no DEK left to fetch, so a
+///   credential for it would open nothing.
+///
+/// Otherwise the new hash replaces the old in the one record the DEK endpoint
+/// reads, so the old token is refused from the commit on; the audit names the
+/// old and the new credential id, never a token.
+pub(super) fn on_rotate_credential(view: &impl View, instance_id: String, credential: DekCredential, at: DateTime<Utc>) -> Decision {
+    let Some(mut inst) = view.instance(&instance_id) else {
+        return decision(vec![], Reply::NotFound(format!("instance {instance_id} does not exist")));
+    };
+    if inst.wrapped.is_none() {
+        return decision(vec![], Reply::Conflict(format!("instance {instance_id} is destroyed: it has no DEK, so it needs no credential")));
+    }
+    let replaced = inst.credential.as_ref().map_or_else(|| "none".to_string(), |c| c.id.clone());
+    let audit = Record::Audit(AuditFact {
+        who: "api".into(),
+        what: "dek credential rotated".into(),
+        outcome: "rotated".into(),
+        key_id: Some(inst.key_id.clone()),
+        instance_id: Some(inst.instance_id.clone()),
+        detail: Some(format!("dek credential {} replaces {replaced}", credential.id)),
+        ..Default::default()
+    });
+    inst.credential = Some(credential);
+    inst.updated_at = at;
+    decision(vec![Record::Instance(inst), audit], Reply::Done)
 }

@@ -49,8 +49,19 @@ fn wrapped(version: &str) -> WrappedDek {
     WrappedDek { key_version: version.into(), ciphertext: vec![1, 2, 3] }
 }
 
+fn credential(id: &str) -> DekCredential {
+    DekCredential { id: id.into(), sha256: "00".repeat(32), issued_at: t(0) }
+}
+
 fn create(instance: &str, key: &str) -> Input {
-    Input::CreateInstance { instance_id: instance.into(), key_id: key.into(), wrapped: wrapped("1"), fingerprint: "fp".into(), at: t(0) }
+    Input::CreateInstance {
+        instance_id: instance.into(),
+        key_id: key.into(),
+        wrapped: wrapped("1"),
+        fingerprint: "fp".into(),
+        credential: credential("c1"),
+        at: t(0),
+    }
 }
 
 /// The key of every key, instance and job record a decision writes.
@@ -91,6 +102,7 @@ fn inputs_that_name_an_instance_are_about_its_key() {
     view.absorb(&d.records);
     let about_i1 = [
         Input::DeleteInstance { instance_id: "i1".into(), request_id: "r1".into(), at: t(1) },
+        Input::RotateCredential { instance_id: "i1".into(), credential: credential("c2"), at: t(1) },
         Input::Rewrapped { instance_id: "i1".into(), from_version: "1".into(), wrapped: wrapped("2"), at: t(1) },
         Input::RewrapFailed { instance_id: "i1".into(), from_version: "1".into(), reason: "refused".into(), at: t(1) },
     ];
@@ -99,6 +111,7 @@ fn inputs_that_name_an_instance_are_about_its_key() {
     }
     let about_unknown = [
         Input::DeleteInstance { instance_id: "nope".into(), request_id: "r1".into(), at: t(1) },
+        Input::RotateCredential { instance_id: "nope".into(), credential: credential("c2"), at: t(1) },
         Input::Rewrapped { instance_id: "nope".into(), from_version: "1".into(), wrapped: wrapped("2"), at: t(1) },
         Input::RewrapFailed { instance_id: "nope".into(), from_version: "1".into(), reason: "refused".into(), at: t(1) },
     ];
@@ -130,6 +143,7 @@ fn a_decision_writes_state_only_of_the_key_its_input_is_about() {
         Input::JobPlanned { key_id: "k".into(), target_version: "v-e1".into(), total: 1 },
         Input::RewrapFailed { instance_id: "i1".into(), from_version: "1".into(), reason: "refused".into(), at: t(2) },
         Input::RetryRewraps { key_id: "k".into(), request_id: "r1".into(), at: t(3) },
+        Input::RotateCredential { instance_id: "i1".into(), credential: credential("c2"), at: t(3) },
         Input::Rewrapped { instance_id: "i1".into(), from_version: "1".into(), wrapped: wrapped("v-e1"), at: t(4) },
         Input::JobFinished { key_id: "k".into(), target_version: "v-e1".into(), at: t(5) },
         event("e2", EventType::Delete, "k", 6),

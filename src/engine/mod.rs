@@ -46,6 +46,17 @@ pub enum Input {
         key_id: String,
         wrapped: WrappedDek,
         fingerprint: String,
+        /// The hash of the DEK token the API hands out once; the token itself
+        /// never enters the engine.
+        credential: DekCredential,
+        at: DateTime<Utc>,
+    },
+    /// An operator replaces an instance's DEK credential (a leaked or lost
+    /// token, or an instance from before credentials): the old one stops
+    /// working the moment this is committed.
+    RotateCredential {
+        instance_id: String,
+        credential: DekCredential,
         at: DateTime<Utc>,
     },
     DeleteInstance {
@@ -125,9 +136,10 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
     match input {
         Input::Event { event, at, kms } => events::on_event(view, event, at, kms),
         Input::RegisterKey { key_id, version, at } => instances::on_register_key(view, key_id, version, at),
-        Input::CreateInstance { instance_id, key_id, wrapped, fingerprint, at } => {
-            instances::on_create_instance(view, instance_id, key_id, wrapped, fingerprint, at)
+        Input::CreateInstance { instance_id, key_id, wrapped, fingerprint, credential, at } => {
+            instances::on_create_instance(view, instance_id, key_id, wrapped, fingerprint, credential, at)
         }
+        Input::RotateCredential { instance_id, credential, at } => instances::on_rotate_credential(view, instance_id, credential, at),
         Input::DeleteInstance { instance_id, request_id, at } => instances::on_delete_instance(view, instance_id, request_id, at),
         Input::JobPlanned { key_id, target_version, total } => rotation::on_job_planned(view, key_id, target_version, total),
         Input::Rewrapped { instance_id, from_version, wrapped, at } => rotation::on_rewrapped(view, instance_id, from_version, wrapped, at),
@@ -165,9 +177,10 @@ impl Input {
             | Input::JobFinished { key_id, .. }
             | Input::Purge { key_id, .. }
             | Input::RetryRewraps { key_id, .. } => Some(key_id.clone()),
-            Input::DeleteInstance { instance_id, .. } | Input::Rewrapped { instance_id, .. } | Input::RewrapFailed { instance_id, .. } => {
-                view.instance(instance_id).map(|i| i.key_id)
-            }
+            Input::DeleteInstance { instance_id, .. }
+            | Input::RotateCredential { instance_id, .. }
+            | Input::Rewrapped { instance_id, .. }
+            | Input::RewrapFailed { instance_id, .. } => view.instance(instance_id).map(|i| i.key_id),
             Input::Alert(_) => None,
         }
     }

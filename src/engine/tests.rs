@@ -91,9 +91,14 @@ fn create(m: &mut Mem, inst: &str, key: &str) {
         key_id: key.into(),
         wrapped: WrappedDek { key_version: "1".into(), ciphertext: vec![1, 2, 3] },
         fingerprint: "fp".into(),
+        credential: credential(&format!("c-{inst}")),
         at: t(0),
     });
     assert!(matches!(reply, Reply::Created(_)), "{reply:?}");
+}
+
+fn credential(id: &str) -> DekCredential {
+    DekCredential { id: id.into(), sha256: format!("{:0>64}", id.len()), issued_at: t(0) }
 }
 
 fn outcome(r: Reply) -> Outcome {
@@ -573,4 +578,55 @@ fn a_restore_window_too_long_to_add_never_passes() {
         assert_eq!(m.run(Input::Purge { key_id: "k".into(), purge_after: window, at: t(100) }), Reply::Done);
         assert_eq!(m.state("a"), InstanceState::Erased);
     }
+}
+
+#[test]
+fn a_created_instance_keeps_its_credential_hash_and_the_audit_names_only_its_id() {
+    let mut m = Mem::default();
+    create(&mut m, "i1", "k1");
+    let kept = m.instances["i1"].credential.clone().expect("a credential is kept");
+    assert_eq!(kept.id, "c-i1");
+    let created = m.audit.iter().find(|a| a.what == "instance created").unwrap();
+    assert_eq!(created.detail.as_deref(), Some("dek credential c-i1"));
+    assert!(!format!("{:?}", m.instances["i1"]).contains(&kept.sha256), "the hash stays out of Debug");
+}
+
+#[test]
+fn rotating_a_credential_replaces_the_old_at_once_and_is_audited_by_id() {
+    let mut m = Mem::default();
+    create(&mut m, "i1", "k1");
+    create(&mut m, "i2", "k1");
+    let fresh = DekCredential { id: "c-new".into(), sha256: "ab".repeat(32), issued_at: t(5) };
+    assert_eq!(m.run(Input::RotateCredential { instance_id: "i1".into(), credential: fresh.clone(), at: t(5) }), Reply::Done);
+    assert_eq!(m.instances["i1"].credential.as_ref(), Some(&fresh));
+    assert_eq!(m.instances["i1"].updated_at, t(5));
+    // The other instance's credential is untouched.
+    assert_eq!(m.instances["i2"].credential.as_ref().map(|c| c.id.as_str()), Some("c-i2"));
+    let rotated = m.audit.iter().find(|a| a.what == "dek credential rotated").unwrap();
+    assert_eq!(rotated.instance_id.as_deref(), Some("i1"));
+    assert_eq!(rotated.detail.as_deref(), Some("dek credential c-new replaces c-i1"));
+}
+
+#[test]
+fn a_credential_is_not_rotated_for_an_unknown_or_destroyed_instance() {
+    let mut m = Mem::default();
+    let fresh = || DekCredential { id: "c-new".into(), sha256: "ab".repeat(32), issued_at: t(5) };
+    assert!(matches!(m.run(Input::RotateCredential { instance_id: "nope".into(), credential: fresh(), at: t(5) }), Reply::NotFound(_)));
+    create(&mut m, "i1", "k1");
+    m.run(Input::DeleteInstance { instance_id: "i1".into(), request_id: "r1".into(), at: t(1) });
+    let audited = m.audit.len();
+    assert!(matches!(m.run(Input::RotateCredential { instance_id: "i1".into(), credential: fresh(), at: t(5) }), Reply::Conflict(_)));
+    assert_eq!(m.instances["i1"].credential.as_ref().map(|c| c.id.as_str()), Some("c-i1"));
+    assert_eq!(m.audit.len(), audited, "a refused rotation writes nothing");
+}
+
+#[test]
+fn an_instance_record_stored_before_credentials_decodes_without_one() {
+    let old = r#"{"instance_id":"i1","key_id":"k1","wrapped":{"key_version":"1","ciphertext":"AQID"},"key_version":"1",
+        "dek_fingerprint":"fp","created_at":"2024-01-01T00:00:00Z","updated_at":"2024-01-01T00:00:00Z",
+        "destroyed_at":null,"destroyed_reason":null,"rewrap_error":null}"#;
+    let inst: InstanceRecord = serde_json::from_str(old).expect("an old record decodes");
+    assert_eq!(inst.credential, None);
+    // And one without a credential is written as before, without the field.
+    assert!(!serde_json::to_string(&inst).unwrap().contains("credential"));
 }

@@ -150,6 +150,31 @@ pub struct InstanceRecord {
     pub destroyed_reason: Option<String>,
     /// Why the last rewrap failed permanently, until a later one succeeds.
     pub rewrap_error: Option<String>,
+    /// The instance's own DEK credential (its hash): only its holder, or a
+    /// client certificate mapped to this instance, may fetch the DEK. `None`
+    /// for an instance created before credentials existed (its record has no
+    /// such field) until `POST /v1/instances/{id}/credential` issues one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<DekCredential>,
+}
+
+/// What keywarden keeps of an instance's DEK credential: never the token,
+/// only its SHA-256 (a 256-bit random token needs no slow hash: it cannot be
+/// guessed, so the hash only has to be one-way) and a short id that names the
+/// credential in the audit trail without saying anything about the token.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DekCredential {
+    pub id: String,
+    /// Lower-case hex SHA-256 of the token as the client sends it.
+    pub sha256: String,
+    pub issued_at: DateTime<Utc>,
+}
+
+/// Only the id: the hash is not the token, but it is no one's business in a log.
+impl fmt::Debug for DekCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DekCredential({})", self.id)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,6 +23,7 @@ fn inst(id: &str, key: &str) -> InstanceRecord {
         destroyed_at: None,
         destroyed_reason: None,
         rewrap_error: None,
+        credential: None,
     }
 }
 
@@ -435,4 +436,238 @@ async fn a_command_sent_after_its_key_moved_is_not_tombstoned_by_the_old_owner()
     assert_eq!(tombstones.len(), 1, "{tombstones:?}");
     assert!(tombstones[0].contains(&format!("ev-{mine}")), "only the owned key's copy is tombstoned: {tombstones:?}");
     assert_eq!(s.outbox_len(), 0, "both are gone from this node's outbox");
+}
+
+/// Ordering against a reference model, through the real writer and store.
+/// Several keys each get distinct events (disable or enable) dated at random,
+/// so that they arrive out of order: some older than what was applied, some
+/// newer. Producers' duplicates (the same event again at a new offset) and
+/// instance creations are mixed in. At random points the node "crashes": the
+/// writer and store are closed and reopened, and the intake, whose
+/// acknowledgement to Kafka lags the store by the last `k` committed inputs,
+/// is handed those inputs again at their old offsets. The final key states,
+/// the instances and the set of commands (cause and action of every
+/// key-wide command in the outbox) must be exactly what the model says.
+mod ordering {
+    use std::collections::{BTreeMap, HashSet};
+
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::engine::{EventType, Input, LifecycleEvent};
+    use crate::store::writer::{Consumed, Thread};
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Event { key: usize, id: String, kind: EventType, at: i64 },
+        Create { key: usize, instance: String },
+    }
+
+    /// The engine's rules for disable and enable, written out independently.
+    #[derive(Default)]
+    struct Model {
+        status: BTreeMap<usize, KeyStatus>,
+        last: BTreeMap<usize, i64>,
+        seen: HashSet<String>,
+        commands: Vec<(String, CommandAction)>,
+        instances: BTreeMap<usize, HashSet<String>>,
+    }
+
+    impl Model {
+        fn apply(&mut self, step: &Step) {
+            match step {
+                // A second creation of the same id is refused.
+                Step::Create { key, instance } => {
+                    self.instances.entry(*key).or_default().insert(instance.clone());
+                }
+                Step::Event { key, id, kind, at } => {
+                    if !self.seen.insert(id.clone()) {
+                        return; // duplicate
+                    }
+                    if self.last.get(key).is_some_and(|last| at < last) {
+                        return; // stale: recorded, changes nothing
+                    }
+                    let status = self.status.entry(*key).or_insert(KeyStatus::Active);
+                    match (kind, *status) {
+                        (EventType::Disable, KeyStatus::Active) => {
+                            *status = KeyStatus::Disabled;
+                            self.commands.push((id.clone(), CommandAction::Revoke));
+                        }
+                        (EventType::Enable, KeyStatus::Disabled) => {
+                            *status = KeyStatus::Active;
+                            self.commands.push((id.clone(), CommandAction::Restore));
+                        }
+                        _ => {}
+                    }
+                    self.last.insert(*key, *at);
+                }
+            }
+        }
+    }
+
+    fn key(k: usize) -> String {
+        format!("key-{k}")
+    }
+
+    fn input(step: &Step) -> Input {
+        let base = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+        match step {
+            Step::Event { key: k, id, kind, at } => Input::Event {
+                event: LifecycleEvent {
+                    event_id: id.clone(),
+                    kind: *kind,
+                    key_id: key(*k),
+                    key_version: None,
+                    occurred_at: base + chrono::Duration::seconds(*at),
+                    correlation_id: None,
+                    traceparent: None,
+                    material_destroyed: false,
+                },
+                at: base,
+                kms: None,
+            },
+            Step::Create { key: k, instance } => Input::CreateInstance {
+                instance_id: instance.clone(),
+                key_id: key(*k),
+                wrapped: WrappedDek { key_version: "1".into(), ciphertext: vec![1] },
+                fingerprint: "f".into(),
+                credential: crate::engine::DekCredential { id: format!("c-{instance}"), sha256: "ab".repeat(32), issued_at: base },
+                at: base,
+            },
+        }
+    }
+
+    struct Node {
+        store: Store,
+        writer: Writer,
+        thread: Thread,
+        fence: Arc<Fence>,
+    }
+
+    fn start(path: &std::path::Path) -> Node {
+        let store = Store::open(path).unwrap();
+        let fence = Arc::new(Fence::default());
+        fence.assign(&[("events".to_string(), 0)]);
+        let (writer, thread) = Writer::start(store.clone(), Ownership::shared(fence.clone(), "events", 1), 4, Box::new(|_| {}));
+        Node { store, writer, thread, fence }
+    }
+
+    /// Feeds `steps[from..to]`; an event carries its offset (its index).
+    async fn feed(node: &Node, steps: &[Step], from: usize, to: usize) {
+        let generation = node.fence.generation("events", 0).unwrap();
+        let mut pending = Vec::new();
+        for (offset, step) in steps.iter().enumerate().take(to).skip(from) {
+            let consumed = matches!(step, Step::Event { .. }).then(|| Consumed { topic: "events".into(), partition: 0, next: offset as i64 + 1, generation });
+            pending.push(node.writer.enqueue(Some(input(step)), consumed).await.unwrap());
+        }
+        for p in pending {
+            p.await.unwrap();
+        }
+    }
+
+    fn steps() -> impl Strategy<Value = Vec<Step>> {
+        // Per key: up to 10 distinct events at distinct, shuffled times.
+        let per_key = (prop::collection::vec(any::<bool>(), 1..10)).prop_flat_map(|kinds| {
+            let n = kinds.len();
+            (Just(kinds), Just((0..n as i64).collect::<Vec<_>>()).prop_shuffle())
+        });
+        (prop::collection::vec(per_key, 1..4), prop::collection::vec((0usize..4, 0usize..40), 0..12), prop::collection::vec(0usize..1000, 0..60)).prop_map(
+            |(keys, extras, order)| {
+                let mut streams: Vec<Vec<Step>> = keys
+                    .iter()
+                    .enumerate()
+                    .map(|(k, (kinds, times))| {
+                        kinds
+                            .iter()
+                            .zip(times)
+                            .enumerate()
+                            .map(|(i, (disable, at))| Step::Event {
+                                key: k,
+                                id: format!("k{k}-e{i}"),
+                                kind: if *disable { EventType::Disable } else { EventType::Enable },
+                                at: at * 10,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                // Producers' duplicates and instance creations, inserted in the streams.
+                for (n, (k, pos)) in extras.iter().enumerate() {
+                    let stream = &mut streams[k % keys.len()];
+                    let pos = pos % (stream.len() + 1);
+                    let step = if n % 2 == 0 && !stream.is_empty() {
+                        stream[pos % stream.len()].clone()
+                    } else {
+                        Step::Create { key: k % keys.len(), instance: format!("i{n}") }
+                    };
+                    stream.insert(pos, step);
+                }
+                // Interleave the keys' streams (each keeps its order, as a partition does).
+                let mut out = Vec::new();
+                let mut cursors = vec![0; streams.len()];
+                let mut choice = order.into_iter().cycle();
+                while cursors.iter().zip(&streams).any(|(c, s)| *c < s.len()) {
+                    let open: Vec<usize> = (0..streams.len()).filter(|k| cursors[*k] < streams[*k].len()).collect();
+                    let k = open[choice.next().unwrap_or(0) % open.len()];
+                    out.push(streams[k][cursors[k]].clone());
+                    cursors[k] += 1;
+                }
+                out
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+        #[test]
+        fn out_of_order_events_duplicates_and_crashes_end_like_the_reference_model(
+            steps in steps(),
+            crashes in prop::collection::vec((0usize..64, 0usize..4), 0..4),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let mut model = Model::default();
+            for step in &steps {
+                model.apply(step);
+            }
+            let mut crash_points: Vec<(usize, usize)> = crashes.iter().map(|(at, k)| (at % (steps.len() + 1), *k)).collect();
+            crash_points.sort();
+            let mut node = start(dir.path());
+            let mut done = 0;
+            for (at, lag) in crash_points {
+                let at = at.max(done);
+                rt.block_on(feed(&node, &steps, done, at));
+                // The crash: Kafka was told of all but the last `lag` inputs.
+                let Node { store, writer, thread, .. } = node;
+                drop(writer);
+                thread.close().unwrap();
+                drop(store);
+                node = start(dir.path());
+                done = at.saturating_sub(lag);
+            }
+            rt.block_on(feed(&node, &steps, done, steps.len()));
+
+            for (k, want) in &model.status {
+                let got = node.store.key(&key(*k)).unwrap().map(|r| r.status);
+                prop_assert_eq!(got, Some(*want), "key {}", k);
+            }
+            for (k, ids) in &model.instances {
+                let mut want: Vec<String> = ids.iter().cloned().collect();
+                want.sort();
+                prop_assert_eq!(node.store.instance_ids_of(&key(*k)).unwrap(), want, "instances of key {}", k);
+            }
+            let mut commands: Vec<(String, CommandAction)> = node.store.outbox(100_000).unwrap().into_iter().filter_map(|(_, e)| match e {
+                Effect::KeyCommands { cause_event_id, action, .. } => Some((cause_event_id, action)),
+                _ => None,
+            }).collect();
+            let mut want = model.commands.clone();
+            commands.sort_by(|a, b| a.0.cmp(&b.0));
+            want.sort_by(|a, b| a.0.cmp(&b.0));
+            prop_assert_eq!(commands, want);
+            let Node { store, writer, thread, .. } = node;
+            drop(writer);
+            thread.close().unwrap();
+            drop(store);
+        }
+    }
 }

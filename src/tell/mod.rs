@@ -118,6 +118,11 @@ impl Relay {
     ) -> Result<Relay, TellError> {
         let producer = crate::broker::client_config(kafka, bootstrap)
             .set("message.timeout.ms", "30000")
+            // A request the broker never answers (it died with it on the wire)
+            // is retried after 5 s, not the default 30 s, so that commands
+            // queued at a broker crash go out soon after it is back. A retry
+            // can repeat a command, under the same command id.
+            .set("request.timeout.ms", "5000")
             .set("linger.ms", "2")
             // The embedded KMS's events land where the key's owner reads them.
             .set("partitioner", crate::cluster::PARTITIONER)

@@ -115,9 +115,26 @@ pub struct Daemon {
     bootstrap: String,
     port: u16,
     env: Vec<(String, String)>,
-    /// Bearer tokens the daemon created on first run.
+    /// The admin token the daemon created on first run.
     pub admin_token: String,
-    pub dek_token: String,
+    /// The legacy shared DEK token, only for a daemon started with
+    /// `KEYWARDEN_API_SHARED_DEK_TOKEN=true` (otherwise no file is made).
+    pub shared_dek_token: Option<String>,
+}
+
+/// Every instance's own DEK token, as its creation (or the last rotation of
+/// its credential) answered it, by broker and instance: process-wide, so that
+/// an instance created through one node of a cluster is fetched on another,
+/// and keyed by the broker too, so that tests running at once may reuse ids.
+static DEK_TOKENS: std::sync::Mutex<Option<std::collections::HashMap<(String, String), String>>> = std::sync::Mutex::new(None);
+
+fn remember_dek_token(bootstrap: &str, instance_id: &str, token: &str) {
+    DEK_TOKENS.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(Default::default).insert((bootstrap.into(), instance_id.into()), token.into());
+}
+
+/// The DEK token an instance on the broker at `bootstrap` was given last.
+fn dek_token(bootstrap: &str, instance_id: &str) -> Option<String> {
+    DEK_TOKENS.lock().unwrap_or_else(|e| e.into_inner()).as_ref()?.get(&(bootstrap.to_string(), instance_id.to_string())).cloned()
 }
 
 impl Daemon {
@@ -150,7 +167,7 @@ impl Daemon {
             None => reqwest::blocking::Client::new(),
         };
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut d = Daemon { child: None, api, dir, http, bootstrap: bootstrap.to_string(), port, env, admin_token: String::new(), dek_token: String::new() };
+        let mut d = Daemon { child: None, api, dir, http, bootstrap: bootstrap.to_string(), port, env, admin_token: String::new(), shared_dek_token: None };
         d.spawn();
         d
     }
@@ -221,9 +238,10 @@ impl Daemon {
         }
         // A test may give several nodes the same token files.
         let file = |var: &str, name: &str| self.env.iter().find(|(k, _)| k == var).map(|(_, v)| PathBuf::from(v)).unwrap_or_else(|| self.dir.path().join(name));
-        let read = |path: PathBuf| std::fs::read_to_string(path).unwrap().trim().to_string();
-        self.admin_token = read(file("KEYWARDEN_API_ADMIN_TOKEN_FILE", "admin.token"));
-        self.dek_token = read(file("KEYWARDEN_API_DEK_TOKEN_FILE", "dek.token"));
+        let read = |path: PathBuf| std::fs::read_to_string(path).map(|t| t.trim().to_string());
+        self.admin_token = read(file("KEYWARDEN_API_ADMIN_TOKEN_FILE", "admin.token")).unwrap();
+        let shared = self.env.iter().any(|(k, v)| k == "KEYWARDEN_API_SHARED_DEK_TOKEN" && v == "true");
+        self.shared_dek_token = shared.then(|| read(file("KEYWARDEN_API_DEK_TOKEN_FILE", "dek.token")).unwrap());
     }
 
     /// The last 300 lines of the daemon's log, for failure messages.
@@ -233,13 +251,20 @@ impl Daemon {
         lines[lines.len().saturating_sub(300)..].join("\n")
     }
 
-    /// The token a caller of this path holds: the DEK endpoint takes the DEK token.
-    fn token(&self, path: &str) -> &str {
-        if path.ends_with("/dek") {
-            &self.dek_token
-        } else {
-            &self.admin_token
+    /// The token a caller of this path holds: the DEK endpoint takes the
+    /// instance's own DEK token; everything else the admin token.
+    fn token(&self, path: &str) -> String {
+        match path.strip_prefix("/v1/instances/").and_then(|p| p.strip_suffix("/dek")) {
+            Some(id) => self.dek_token_for(id),
+            None => self.admin_token.clone(),
         }
+    }
+
+    /// The instance's own DEK token (from its creation or the last rotation),
+    /// or else the shared one if this daemon opted in, or else none (which
+    /// the DEK endpoint refuses).
+    pub fn dek_token_for(&self, instance_id: &str) -> String {
+        dek_token(&self.bootstrap, instance_id).or_else(|| self.shared_dek_token.clone()).unwrap_or_default()
     }
 
     pub fn get(&self, path: &str) -> (u16, Value) {
@@ -247,12 +272,18 @@ impl Daemon {
         decode(r)
     }
 
+    /// Keeps the DEK token a creation or a credential rotation answers.
     pub fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
         let mut req = self.http.post(format!("{}{path}", self.api)).bearer_auth(self.token(path));
         if let Some(b) = body {
             req = req.json(&b);
         }
-        decode(req.send().unwrap())
+        let (status, v) = decode(req.send().unwrap());
+        let issued = (path == "/v1/instances" && status == 201) || (path.ends_with("/credential") && status == 200);
+        if let (true, Some(id), Some(token)) = (issued, v["instance_id"].as_str(), v["dek_token"].as_str()) {
+            remember_dek_token(&self.bootstrap, id, token);
+        }
+        (status, v)
     }
 
     pub fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
@@ -552,4 +583,66 @@ pub fn wait_dead_letter(dlq: &mut TopicReader, needle: &str) -> String {
     let found = |r: &[Read]| r.iter().filter_map(|m| m.header("keywarden.reason")).find(|reason| reason.contains(needle)).map(str::to_owned);
     let read = dlq.read_until(&format!("a dead letter naming {needle:?}"), Duration::from_secs(60), |r| found(r).is_some()).to_vec();
     found(&read).unwrap()
+}
+
+/// A real component a test needs (Prometheus, Alertmanager, systemd-analyze).
+/// When it is missing the test fails, naming how to install it, unless
+/// `KEYWARDEN_TEST_SKIP_MISSING=1` asks to skip it instead (CI never does).
+pub fn required<T>(found: Option<T>, what: &str, install: &str) -> Option<T> {
+    if found.is_some() {
+        return found;
+    }
+    if std::env::var("KEYWARDEN_TEST_SKIP_MISSING").as_deref() == Ok("1") {
+        println!("SKIPPED: {what} is not installed ({install}); KEYWARDEN_TEST_SKIP_MISSING=1");
+        return None;
+    }
+    panic!("{what} is not installed: {install}; or set KEYWARDEN_TEST_SKIP_MISSING=1 to skip the tests that need it");
+}
+
+/// moto_server, a real implementation of the AWS KMS API, on a free port.
+pub struct Moto {
+    child: Child,
+    pub url: String,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-p", &port.to_string(), "-H", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (pip install 'moto[server]')");
+        let url = format!("http://127.0.0.1:{port}");
+        wait_until("moto_server to listen", Duration::from_secs(30), || std::net::TcpStream::connect(("127.0.0.1", port)).ok());
+        Moto { child, url }
+    }
+
+    /// Runs boto3 against moto, as the customer operating their key would.
+    pub fn boto(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3, sys\nkms = boto3.client('kms', region_name='us-east-1', endpoint_url='{}', aws_access_key_id='testing', aws_secret_access_key='testing')\n{code}\n",
+            self.url
+        );
+        let out = Command::new("python3").args(["-c", &script]).output().unwrap();
+        assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Moto {
+    /// The KMS goes away: every call to it fails from now on.
+    pub fn stop(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        // Already stopped, or stopping it now: either way it is gone.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
