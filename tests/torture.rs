@@ -168,7 +168,10 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
         }
     }
     for id in &events_sent {
-        assert_eq!(applied.get(id).copied(), Some(1), "event {id} applied {:?} times", applied.get(id));
+        if applied.get(id).copied() != Some(1) {
+            let entries: Vec<&str> = export.lines().filter(|l| l.contains(id.as_str())).collect();
+            panic!("event {id} applied {:?} times; its record: {}; its audit entries: {entries:#?}", applied.get(id), d.get(&format!("/v1/events/{id}")).1);
+        }
     }
 
     recovery.sort();
