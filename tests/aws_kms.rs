@@ -10,6 +10,24 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
+/// A daemon whose ARN-named keys go to moto, with `extra` appended to its
+/// config file (kept alive by the returned directory) and `env` set.
+fn daemon_on_aws(broker: &Broker, moto: &Moto, extra: &str, env: &[(&str, &str)]) -> (Daemon, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n{extra}",
+            moto.url
+        ),
+    )
+    .unwrap();
+    let mut all = vec![("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")];
+    all.extend_from_slice(env);
+    (Daemon::start(&broker.bootstrap, &all), dir)
+}
+
 #[test]
 fn aws_key_lifecycle_through_moto_and_the_broker() {
     let broker = Broker::start();
@@ -20,20 +38,7 @@ fn aws_key_lifecycle_through_moto_and_the_broker() {
     // customer's own calls use the bare key id, which moto handles everywhere.
     let key_id = arn.rsplit('/').next().unwrap().to_string();
 
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("keywarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n",
-            moto.url
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(
-        &broker.bootstrap,
-        &[("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")],
-    );
+    let (d, _config) = daemon_on_aws(&broker, &moto, "", &[]);
     let enc = |s: &str| s.replace(':', "%3A").replace('/', "%2F");
     let ids = ["aws-a", "aws-b", "aws-c"];
     for id in ids {
@@ -103,25 +108,7 @@ fn reconciliation_applies_what_events_missed_and_asks_before_revoking_many() {
     let create = "print(kms.create_key(Description='keywarden reconcile')['KeyMetadata']['Arn'])";
     let (small, large) = (moto.boto(create), moto.boto(create));
     let bare = |arn: &str| arn.rsplit('/').next().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("keywarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n[reconcile]\nconfirm_above = 2\n",
-            moto.url
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(
-        &broker.bootstrap,
-        &[
-            ("KEYWARDEN_CONFIG", config.to_str().unwrap()),
-            ("KEYWARDEN_RECONCILE_SCHEDULE", "* * * * * *"),
-            ("AWS_ACCESS_KEY_ID", "testing"),
-            ("AWS_SECRET_ACCESS_KEY", "testing"),
-        ],
-    );
+    let (d, _config) = daemon_on_aws(&broker, &moto, "[reconcile]\nconfirm_above = 2\n", &[("KEYWARDEN_RECONCILE_SCHEDULE", "* * * * * *")]);
     d.create_instance("rc-small", &small);
     for i in 0..3 {
         d.create_instance(&format!("rc-large-{i}"), &large);
@@ -185,20 +172,7 @@ fn unsigned_aws_events_are_hints_that_aws_must_confirm() {
     let create = "print(kms.create_key(Description='keywarden hints')['KeyMetadata']['Arn'])";
     let (one, erased, many) = (moto.boto(create), moto.boto(create), moto.boto(create));
     let bare = |arn: &str| arn.rsplit('/').next().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("keywarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n[signatures]\nhint_topics = [\"key-lifecycle\"]\n[reconcile]\nconfirm_above = 1\n",
-            moto.url
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(
-        &broker.bootstrap,
-        &[("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")],
-    );
+    let (d, _config) = daemon_on_aws(&broker, &moto, "[signatures]\nhint_topics = [\"key-lifecycle\"]\n[reconcile]\nconfirm_above = 1\n", &[]);
     d.create_instance("hint-one", &one);
     d.create_instance("hint-erased", &erased);
     d.create_instance("hint-many-0", &many);
@@ -276,20 +250,7 @@ fn a_back_dated_delete_keeps_its_whole_restore_window() {
     let broker = Broker::start();
     let moto = Moto::start();
     let arn = moto.boto("print(kms.create_key(Description='keywarden back-dated')['KeyMetadata']['Arn'])");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("keywarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kms]\ndefault = \"local\"\nroutes = [{{ prefix = \"arn:aws:kms:\", provider = \"aws\" }}]\n[kms.aws]\nregion = \"us-east-1\"\nendpoint = \"{}\"\n[policy]\npurge_after = \"8s\"\npurge_schedule = \"* * * * * *\"\n",
-            moto.url
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(
-        &broker.bootstrap,
-        &[("KEYWARDEN_CONFIG", config.to_str().unwrap()), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing")],
-    );
+    let (d, _config) = daemon_on_aws(&broker, &moto, "[policy]\npurge_after = \"8s\"\npurge_schedule = \"* * * * * *\"\n", &[]);
     d.create_instance("bd-db", &arn);
     // The customer schedules the key's deletion in AWS; the (signed) event says it happened 40 days ago.
     moto.boto(&format!("kms.schedule_key_deletion(KeyId='{}', PendingWindowInDays=7)", arn.rsplit('/').next().unwrap()));

@@ -259,6 +259,25 @@ fn set_state(kp: &KeyProtect, key: &str, state: i64) {
     kp.keys.lock().unwrap().get_mut(key).unwrap().state = state;
 }
 
+/// A daemon whose CRN-named keys go to the double at `url`, with `extra`
+/// appended to its config; the returned directory holds the config and the
+/// API key file (`ibm-api-key`).
+fn daemon_on_key_protect(broker: &Broker, url: &str, extra: &str) -> (Daemon, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let api_key = dir.path().join("ibm-api-key");
+    std::fs::write(&api_key, format!("{API_KEY}\n")).unwrap();
+    let config = dir.path().join("keywarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kms]\nroutes = [{{ prefix = \"crn:v1:\", provider = \"keyprotect\" }}]\n[kms.keyprotect]\nendpoint = \"{url}\"\niam_endpoint = \"{url}\"\napi_key_file = \"{}\"\n{extra}",
+            api_key.display()
+        ),
+    )
+    .unwrap();
+    (Daemon::start(&broker.bootstrap, &[("KEYWARDEN_CONFIG", config.to_str().unwrap())]), dir)
+}
+
 #[test]
 fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -270,19 +289,8 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     let crn = format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:{key}");
 
     let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
+    let (d, dir) = daemon_on_key_protect(&broker, &url, "");
     let api_key = dir.path().join("ibm-api-key");
-    std::fs::write(&api_key, format!("{API_KEY}\n")).unwrap();
-    let config = dir.path().join("keywarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kms]\nroutes = [{{ prefix = \"crn:v1:\", provider = \"keyprotect\" }}]\n[kms.keyprotect]\nendpoint = \"{url}\"\niam_endpoint = \"{url}\"\napi_key_file = \"{}\"\n",
-            api_key.display()
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_CONFIG", config.to_str().unwrap())]);
     let enc = crn.replace('/', "%2F");
 
     let ids: Vec<String> = (0..30).map(|i| format!("kp-{i}")).collect();
@@ -407,19 +415,7 @@ fn activity_tracker_records_are_hints_that_key_protect_must_confirm() {
     let url = start(&rt, kp.clone());
     let crn = format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:{key}");
     let broker = Broker::start();
-    let dir = tempfile::tempdir().unwrap();
-    let api_key = dir.path().join("ibm-api-key");
-    std::fs::write(&api_key, format!("{API_KEY}\n")).unwrap();
-    let config = dir.path().join("keywarden.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kms]\nroutes = [{{ prefix = \"crn:v1:\", provider = \"keyprotect\" }}]\n[kms.keyprotect]\nendpoint = \"{url}\"\niam_endpoint = \"{url}\"\napi_key_file = \"{}\"\n[signatures]\nhint_topics = [\"key-lifecycle\"]\n",
-            api_key.display()
-        ),
-    )
-    .unwrap();
-    let d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_CONFIG", config.to_str().unwrap())]);
+    let (d, _config) = daemon_on_key_protect(&broker, &url, "[signatures]\nhint_topics = [\"key-lifecycle\"]\n");
     let enc = crn.replace('/', "%2F");
     d.create_instance("at-db", &crn);
     let dek = d.dek("at-db").1["dek"].as_str().unwrap().to_string();
