@@ -1164,7 +1164,8 @@ mod tests {
         let refused = |vars: &[(&str, &str)]| Config::load_with_env(None, &env(vars)).unwrap_err().to_string();
         let err = refused(&[("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "0.0.0.0:8200")]);
         assert!(err.contains("data_plane.vault_kv_listen") && err.contains("data_plane.allow_plaintext = true"), "{err}");
-        Config::load_with_env(None, &env(&[("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "0.0.0.0:8200"), ("KEYWARDEN_DATA_PLANE_ALLOW_PLAINTEXT", "true")])).unwrap();
+        Config::load_with_env(None, &env(&[("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "0.0.0.0:8200"), ("KEYWARDEN_DATA_PLANE_ALLOW_PLAINTEXT", "true")]))
+            .unwrap();
         Config::load_with_env(
             None,
             &env(&[

@@ -16,7 +16,8 @@ pub fn installed() -> Option<PathBuf> {
         return None;
     }
     let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':').chain(["/usr/sbin"]).map(|d| PathBuf::from(d).join("mariadbd")).find(|p| p.exists())
+    let found = path.split(':').chain(["/usr/sbin"]).map(|d| PathBuf::from(d).join("mariadbd")).find(|p| p.exists());
+    found
 }
 
 /// How a start ended.
