@@ -85,21 +85,41 @@ fn not_found() -> Response {
     (StatusCode::NOT_FOUND, axum::Json(json!({"errors": []}))).into_response()
 }
 
-/// The instance the token opens, if it is that instance's own credential
-/// (and the connection has the client certificate asked for). A token is
-/// compared even for an unknown instance, so timing says nothing either.
-fn authenticate(kv: &Kv, mount: &str, headers: &HeaderMap, cert: Option<&ClientCert>) -> Result<Option<(crate::engine::InstanceRecord, Opener)>, Response> {
-    let inst = kv.app.store.instance(mount).map_err(|e| {
-        tracing::error!(error = %e, instance_id = %mount, "the vault kv endpoint could not read the store");
-        server_error(StatusCode::INTERNAL_SERVER_ERROR, "keywarden could not read its store; see its log")
-    })?;
+/// What a request's token opens.
+enum Caller {
+    /// The instance the token is the own credential of (over a connection
+    /// with the client certificate asked for, if one is).
+    Opens(Box<crate::engine::InstanceRecord>, Opener),
+    /// Nothing: a wrong or missing token, or an unknown instance, alike.
+    Denied,
+    /// The store could not be read; nothing is decided.
+    Unreadable,
+}
+
+/// A token is compared even for an unknown instance, so that timing tells
+/// no one which instances exist either.
+fn authenticate(kv: &Kv, mount: &str, headers: &HeaderMap, cert: Option<&ClientCert>) -> Caller {
+    let inst = match kv.app.store.instance(mount) {
+        Ok(inst) => inst,
+        Err(e) => {
+            tracing::error!(error = %e, instance_id = %mount, "the vault kv endpoint could not read the store");
+            return Caller::Unreadable;
+        }
+    };
     let token = headers.get(TOKEN_HEADER).and_then(|v| v.to_str().ok());
     let presented = Presented { bearer: token.map(credential::digest), ..Default::default() };
     let opener = presented.opener(mount, inst.as_ref().and_then(|i| i.credential.as_ref()));
-    if kv.needs_client_cert && cert.is_none() {
-        return Ok(None);
+    match (inst, opener) {
+        (Some(inst), Some(opener)) if cert.is_some() || !kv.needs_client_cert => Caller::Opens(Box::new(inst), opener),
+        _ => {
+            kv.app.metrics.dek_requests.with_label_values(&["unauthorized"]).inc();
+            Caller::Denied
+        }
     }
-    Ok(inst.zip(opener))
+}
+
+fn unreadable() -> Response {
+    server_error(StatusCode::INTERNAL_SERVER_ERROR, "keywarden could not read its store; see its log")
 }
 
 fn server_error(status: StatusCode, message: &str) -> Response {
@@ -109,16 +129,11 @@ fn server_error(status: StatusCode, message: &str) -> Response {
 /// What Vault answers for a KV v2 mount (the plugin checks `options.version`).
 async fn tune(State(kv): State<Kv>, Path(mount): Path<String>, headers: HeaderMap, cert: Option<Extension<ClientCert>>) -> Response {
     match authenticate(&kv, &mount, &headers, cert.as_deref()) {
-        Err(response) => response,
-        Ok(None) => {
-            kv.app.metrics.dek_requests.with_label_values(&["unauthorized"]).inc();
-            permission_denied()
-        }
-        // Answered whatever the instance's state: it holds no key, and a
-        // plugin that cannot load leaves a database whose redo log is
-        // encrypted unable to start at all, instead of unable to open the
-        // encrypted tables only.
-        Ok(Some(_)) => axum::Json(tune_body()).into_response(),
+        Caller::Unreadable => unreadable(),
+        Caller::Denied => permission_denied(),
+        // Answered whatever the instance's state: it holds no key, and the
+        // refusal is said where a key is asked for.
+        Caller::Opens(..) => axum::Json(tune_body()).into_response(),
     }
 }
 
@@ -149,12 +164,9 @@ async fn read(
     cert: Option<Extension<ClientCert>>,
 ) -> Response {
     let (inst, opener) = match authenticate(&kv, &mount, &headers, cert.as_deref()) {
-        Err(response) => return response,
-        Ok(None) => {
-            kv.app.metrics.dek_requests.with_label_values(&["unauthorized"]).inc();
-            return permission_denied();
-        }
-        Ok(Some(found)) => found,
+        Caller::Unreadable => return unreadable(),
+        Caller::Denied => return permission_denied(),
+        Caller::Opens(inst, opener) => (*inst, opener),
     };
     // MariaDB's key ids are 32-bit numbers; anything else is no key of ours.
     // Version 0 is Vault's "the latest".
