@@ -350,3 +350,79 @@ fn a_restore_within_the_window_brings_the_rows_back_and_after_the_purge_nothing_
     assert!(found.is_empty(), "the key can be recovered: {found:?}");
     println!("purged: {} files and {} changelog records searched for the DEK and its derived keys, none found", places.len() - records, records);
 }
+
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA and a certificate from it for 127.0.0.1 (`server.pem`, `server.key`),
+/// and a second CA that issued nothing keywarden uses (`rogue-ca.pem`).
+fn make_pki(dir: &std::path::Path) {
+    for ca in ["ca", "rogue-ca"] {
+        let subject = format!("/CN={ca}");
+        let (key, pem) = (format!("{ca}.key"), format!("{ca}.pem"));
+        openssl(
+            dir,
+            &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2", "-subj", &subject, "-keyout", &key, "-out", &pem],
+        );
+    }
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n").unwrap();
+    openssl(
+        dir,
+        &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=keywarden", "-keyout", "server.key", "-out", "server.csr"],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+            "-out",
+            "server.pem",
+        ],
+    );
+}
+
+#[test]
+fn the_plugin_reads_its_keys_over_tls_and_only_from_a_certificate_its_ca_issued() {
+    if mariadbd().is_none() {
+        return;
+    }
+    let pki = tempfile::tempdir().unwrap();
+    make_pki(pki.path());
+    let (cert, key) = (pki.path().join("server.pem"), pki.path().join("server.key"));
+    let broker = Broker::start();
+    let tls = [("KEYWARDEN_DATA_PLANE_TLS_CERT_FILE", cert.to_str().unwrap()), ("KEYWARDEN_DATA_PLANE_TLS_KEY_FILE", key.to_str().unwrap())];
+    let bin = mariadbd().unwrap();
+    let (d, kv) = daemon(&broker, &tls);
+    d.create_key("key-db-tls");
+    d.create_instance("db-tls", "key-db-tls");
+    let url = format!("--hashicorp-key-management-vault-url=https://{kv}/v1/db-tls");
+    let trusted = format!("--hashicorp-key-management-vault-ca={}", pki.path().join("ca.pem").display());
+    let mut db = Mariadb::install(bin.clone(), &kv, "db-tls", &d.dek_token_for("db-tls"), &[&url, &trusted]);
+    let over_tls = db.start_ready();
+    create_tables(&db, 5);
+    db.shutdown();
+    db.start_ready();
+    assert_eq!(count(&db, "secret"), 5, "the rows read back with the keys fetched over TLS");
+    db.shutdown();
+
+    // The same database told to trust another CA: the plugin refuses
+    // keywarden's certificate and the server cannot start.
+    let rogue = format!("--hashicorp-key-management-vault-ca={}", pki.path().join("rogue-ca.pem").display());
+    let mut untrusting = Mariadb::install(bin, &kv, "db-tls", &d.dek_token_for("db-tls"), &[&url, &rogue]);
+    assert!(matches!(untrusting.start(), Start::Exited(_)), "mariadbd started trusting a CA that did not issue keywarden's certificate");
+    assert!(untrusting.full_log().contains("curl returned this error code"), "the TLS handshake failed: {}", untrusting.log());
+    println!("mariadb: a start with its keys over TLS took {} ms", over_tls.as_millis());
+}
