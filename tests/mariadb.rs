@@ -326,8 +326,8 @@ fn a_restore_within_the_window_brings_the_rows_back_and_after_the_purge_nothing_
     assert_eq!(status, 409, "after the purge the KMS refuses a restore: {v}");
     assert!(matches!(db.start(), Start::Exited(_)), "after the purge the database cannot open its data again: {}", db.log());
 
-    // Neither keywarden's store, its changelog nor the database's files hold
-    // anything that recovers the key.
+    // Neither keywarden's store, its changelog, its log nor the database's
+    // files hold anything that recovers the key.
     let mut places: Vec<(String, Vec<u8>)> = files_under(&d.dir.path().join("store")).into_iter().map(|(p, b)| (p.display().to_string(), b)).collect();
     assert!(
         places.iter().any(|(p, b)| p.ends_with("/store/db") && b.len() > 4096),
@@ -343,12 +343,17 @@ fn a_restore_within_the_window_brings_the_rows_back_and_after_the_purge_nothing_
         places.push((format!("changelog record {i}"), [m.key.clone().unwrap_or_default().into_bytes(), m.payload.clone(), headers].concat()));
     }
     places.extend(db.data_files().into_iter().map(|(p, b)| (p.display().to_string(), b)));
+    places.push(("keywarden's log".into(), std::fs::read(d.dir.path().join("keywarden.log")).unwrap()));
     let found: Vec<(&str, &str)> = places
         .iter()
         .flat_map(|(place, bytes)| secrets.iter().filter(|(_, s)| contains(bytes, s)).map(move |(what, _)| (what.as_str(), place.as_str())))
         .collect();
     assert!(found.is_empty(), "the key can be recovered: {found:?}");
-    println!("purged: {} files and {} changelog records searched for the DEK and its derived keys, none found", places.len() - records, records);
+    println!(
+        "purged: {} files (the log among them) and {} changelog records searched for the DEK and its derived keys, none found",
+        places.len() - records,
+        records
+    );
 }
 
 fn openssl(dir: &std::path::Path, args: &[&str]) {
