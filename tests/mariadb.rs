@@ -214,6 +214,11 @@ fn a_disabled_key_is_refused_and_the_database_cannot_start_until_it_is_enabled()
     assert_eq!((count(&db, "secret"), count(&db, "plain")), (10, 10), "every row is back after enable");
     println!("mariadb: a start refused by a disabled key gives up in {} ms; after enable it opens in {} ms", refused_in.as_millis(), back.as_millis());
     db.shutdown();
+    // The KV listener is served under the supervisor and stops on the one
+    // shutdown path with the rest.
+    let mut d = d;
+    assert_eq!(d.terminate(), Some(0), "keywarden exits cleanly with the vault kv endpoint on");
+    assert!(d.http.get(format!("http://{kv}/v1/sys/mounts/db-dis/tune")).send().is_err(), "the listener is closed");
 }
 
 /// The plugin's CPU time, as `clock()` in it reads it: user + system time
