@@ -8,7 +8,9 @@
 //! - a restart while refused does not start at all: with
 //!   `innodb-encrypt-log=ON` (without which the rows of an encrypted table
 //!   sit readable in ib_logfile0) the redo log needs key 1, InnoDB cannot
-//!   start, and mariadbd aborts; no table, encrypted or not, is reachable;
+//!   start, and mariadbd aborts; no table, encrypted or not, is reachable
+//!   (only with the log unencrypted do the plain tables open and the
+//!   encrypted ones answer ERROR 1877);
 //! - a running server goes on with its cached keys until an entry expires
 //!   (the plugin measures that in CPU time of the process, clock()), then its
 //!   next page write is refused and mariadbd aborts on an InnoDB assertion;
