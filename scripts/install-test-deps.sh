@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need and is not on a fresh machine: the tansu broker
 # (built once, then cached in ~/.cargo/bin), the Python Kafka client used as an
-# independent third-party producer, systemd-analyze, Prometheus and Alertmanager.
+# independent third-party producer, systemd-analyze, Prometheus and Alertmanager,
+# MariaDB and its HashiCorp Vault key plugin.
 set -euo pipefail
 
 TANSU_VERSION=0.6.0
@@ -23,11 +24,18 @@ else
 fi
 
 # systemd-analyze checks the unit; Prometheus scrapes the daemon and
-# Alertmanager receives its alerts in the tests (the tests start their own).
+# Alertmanager receives its alerts in the tests (the tests start their own);
+# tests/mariadb.rs runs a private mariadbd with the HashiCorp Vault key plugin
+# against keywarden's Vault KV endpoint.
 missing=()
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 command -v prometheus-alertmanager >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+# mariadbd is in /usr/sbin, which a non-root PATH may lack.
+if ! command -v mariadbd >/dev/null 2>&1 && [ ! -x /usr/sbin/mariadbd ]; then
+  missing+=(mariadb-server)
+fi
+[ -e /usr/lib/mysql/plugin/hashicorp_key_management.so ] || missing+=(mariadb-plugin-hashicorp-key-management)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "debian packages: installing ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"

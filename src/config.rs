@@ -75,6 +75,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub cluster: ClusterConfig,
     pub audit: AuditConfig,
+    pub data_plane: DataPlaneConfig,
     /// The file this was read from, for SIGHUP.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -223,6 +224,33 @@ impl Default for ApiConfig {
             allow_plaintext: false,
             write_timeout: HumanDuration(Duration::from_secs(5)),
         }
+    }
+}
+
+/// The listeners databases talk to directly, apart from the admin API, so
+/// that a database host reaches nothing but its own keys.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// Where MariaDB's `hashicorp_key_management` plugin (or any HashiCorp
+    /// Vault KV v2 client) reads an instance's keys: mount = instance id,
+    /// `X-Vault-Token` = the instance's own DEK token. Empty (the default):
+    /// off. Nothing of the admin API is served there.
+    pub vault_kv_listen: String,
+    /// TLS on that listener, as `api.tls` (the plugin takes the CA in
+    /// `hashicorp-key-management-vault-ca`). With `client_ca_file` set, a
+    /// key is served only over a connection with a client certificate from
+    /// that CA.
+    pub tls: TlsConfig,
+    /// Serve the keys over plain HTTP on an address other hosts can reach.
+    /// Off: keywarden refuses to start with a non-loopback `vault_kv_listen`
+    /// and no `tls`, because the answers are database keys in the clear.
+    pub allow_plaintext: bool,
+}
+
+impl DataPlaneConfig {
+    pub fn vault_kv_enabled(&self) -> bool {
+        !self.vault_kv_listen.is_empty()
     }
 }
 
@@ -693,6 +721,7 @@ impl Config {
                  enable api.tls (cert_file and key_file) or set api.allow_plaintext = true",
             ));
         }
+        self.validate_data_plane()?;
         self.kms.validate()?;
         if self.api.admin_token_file.as_os_str().is_empty() || self.api.admin_token_file == self.api.dek_token_file {
             return Err(invalid("api.admin_token_file", &self.api.admin_token_file.display(), "a file path, different from api.dek_token_file"));
@@ -740,6 +769,43 @@ impl Config {
         }
         if t.export_timeout.0.is_zero() {
             return Err(invalid("telemetry.export_timeout", &"0s", "a positive duration such as \"10s\""));
+        }
+        Ok(())
+    }
+
+    /// `[data_plane]`: the same rules as the API's listener and TLS, and a
+    /// port of its own (on the API's, one of the two would not start).
+    fn validate_data_plane(&self) -> Result<(), ConfigError> {
+        let d = &self.data_plane;
+        if !d.vault_kv_enabled() {
+            if d.tls.enabled() || !d.tls.key_file.as_os_str().is_empty() || !d.tls.client_ca_file.as_os_str().is_empty() {
+                return Err(ConfigError::invalid("data_plane.tls.cert_file", d.tls.cert_file.display(), "used only with data_plane.vault_kv_listen set"));
+            }
+            return Ok(());
+        }
+        if SocketAddr::from_str(&d.vault_kv_listen).is_err() {
+            return Err(ConfigError::invalid("data_plane.vault_kv_listen", &d.vault_kv_listen, "an address like 127.0.0.1:8200, or empty for off"));
+        }
+        if d.vault_kv_listen == self.api.listen {
+            return Err(ConfigError::invalid("data_plane.vault_kv_listen", &d.vault_kv_listen, "an address other than api.listen"));
+        }
+        if d.tls.enabled() == d.tls.key_file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("data_plane.tls.key_file", d.tls.key_file.display(), "set together with data_plane.tls.cert_file, or both empty"));
+        }
+        if !d.tls.enabled() && !d.tls.client_ca_file.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(
+                "data_plane.tls.client_ca_file",
+                d.tls.client_ca_file.display(),
+                "used only with data_plane.tls.cert_file and key_file set",
+            ));
+        }
+        if !d.tls.enabled() && !d.allow_plaintext && !is_loopback(&d.vault_kv_listen) {
+            return Err(ConfigError::invalid(
+                "data_plane.vault_kv_listen",
+                &d.vault_kv_listen,
+                "a loopback address such as 127.0.0.1:8200 while it speaks plain http (it answers database keys); \
+                 enable data_plane.tls (cert_file and key_file) or set data_plane.allow_plaintext = true",
+            ));
         }
         Ok(())
     }
@@ -1132,6 +1198,36 @@ mod tests {
             let c = Config::load_with_env(None, &env(&[("KEYWARDEN_API_LISTEN", listen)])).unwrap();
             assert!(!c.api.allow_plaintext, "off by default");
         }
+    }
+
+    #[test]
+    fn the_vault_kv_listener_is_off_by_default_and_checked_like_the_api() {
+        let c = Config::load_with_env(None, &[]).unwrap();
+        assert!(!c.data_plane.vault_kv_enabled(), "off by default");
+        let on = Config::load_with_env(None, &env(&[("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "127.0.0.1:8200")])).unwrap();
+        assert_eq!(on.data_plane.vault_kv_listen, "127.0.0.1:8200");
+        let refused = |vars: &[(&str, &str)]| Config::load_with_env(None, &env(vars)).unwrap_err().to_string();
+        let err = refused(&[("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "0.0.0.0:8200")]);
+        assert!(err.contains("data_plane.vault_kv_listen") && err.contains("data_plane.allow_plaintext = true"), "{err}");
+        Config::load_with_env(None, &env(&[("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "0.0.0.0:8200"), ("KEYWARDEN_DATA_PLANE_ALLOW_PLAINTEXT", "true")]))
+            .unwrap();
+        Config::load_with_env(
+            None,
+            &env(&[
+                ("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "0.0.0.0:8200"),
+                ("KEYWARDEN_DATA_PLANE_TLS_CERT_FILE", "/etc/k/cert.pem"),
+                ("KEYWARDEN_DATA_PLANE_TLS_KEY_FILE", "/etc/k/key.pem"),
+            ]),
+        )
+        .unwrap();
+        let err = refused(&[("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "127.0.0.1:8420")]);
+        assert!(err.contains("other than api.listen"), "{err}");
+        let err = refused(&[("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "vault")]);
+        assert!(err.contains("data_plane.vault_kv_listen"), "{err}");
+        let err = refused(&[("KEYWARDEN_DATA_PLANE_VAULT_KV_LISTEN", "127.0.0.1:8200"), ("KEYWARDEN_DATA_PLANE_TLS_CERT_FILE", "/etc/k/cert.pem")]);
+        assert!(err.contains("data_plane.tls.key_file"), "{err}");
+        let err = refused(&[("KEYWARDEN_DATA_PLANE_TLS_CERT_FILE", "/etc/k/cert.pem")]);
+        assert!(err.contains("only with data_plane.vault_kv_listen"), "{err}");
     }
 
     #[test]

@@ -70,6 +70,8 @@ pub enum DaemonError {
     Replica(#[from] crate::cluster::replica::ReplicaError),
     #[error(transparent)]
     Forward(#[from] crate::cluster::forward::ForwardError),
+    #[error(transparent)]
+    DataPlane(#[from] crate::data_plane::DataPlaneError),
 }
 
 /// Facts a caller (the CLI's demo, tests) may want once the daemon is up.
@@ -200,7 +202,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         Some(auth) => Some(Arc::new(Forwarder::new(ownership.clone(), store.clone(), advertise.clone(), auth.clone(), Peers::new(&config.cluster.peers))?)),
         None => None,
     };
+    // Bound before the API serves, so that a taken port stops the start.
+    let vault_kv = crate::data_plane::bind_vault_kv(&config.data_plane, state.clone()).await?;
     let (api_addr, tokens) = serve_api(&config, state, forwarder, node_auth, &mut supervisor, &tasks).await?;
+    if let Some(kv) = vault_kv {
+        tracing::info!(vault_kv = %kv.addr, tls = kv.acceptor.is_some(), "vault kv endpoint listening");
+        spawn_listener("vault-kv", kv.listener, kv.acceptor, kv.app, &mut supervisor, tasks.clone());
+    }
     tracing::info!(api = %api_addr, bootstrap = %bootstrap, events = %config.kafka.events_topic, "keywarden started");
     intake.spawn_watchers(&mut supervisor, tasks.clone(), Peers::new(&config.cluster.peers));
     supervisor.spawn("relay", relay.run(tasks.clone()));
@@ -447,20 +455,32 @@ async fn serve_api(
     let listener = tokio::net::TcpListener::bind(&config.api.listen).await.map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
     let api_addr = listener.local_addr().map_err(|source| DaemonError::Listen { addr: config.api.listen.clone(), source })?;
     tracing::info!(api = %api_addr, tls = acceptor.is_some(), "api listening");
-    let (stop, app) = (tasks.clone(), router(state, tokens.clone(), forwarder));
-    supervisor.spawn("api", async move {
+    spawn_listener("api", listener, acceptor, router(state, tokens.clone(), forwarder), supervisor, tasks.clone());
+    Ok((api_addr, tokens))
+}
+
+/// Serves `app` on `listener` (over TLS with an acceptor) under the
+/// supervisor until `stop`; the API and the data-plane listeners alike.
+fn spawn_listener(
+    name: &'static str,
+    listener: tokio::net::TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+    app: axum::Router,
+    supervisor: &mut Supervisor,
+    stop: CancellationToken,
+) {
+    supervisor.spawn(name, async move {
         match acceptor {
             Some(acceptor) => crate::api::tls::serve(listener, acceptor, app, stop).await,
             None => {
                 if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned()).await {
-                    tracing::error!(error = %e, "the api server failed");
+                    tracing::error!(listener = name, error = %e, "the http server failed");
                 }
             }
         }
         // The server also returns when its listener fails: then keywarden must
-        // not go on consuming without an API; until shutdown that is a failure.
+        // not go on without it; until shutdown that is a failure.
     });
-    Ok((api_addr, tokens))
 }
 
 /// Consumes until shutdown, until the intake stops on its own (the writer

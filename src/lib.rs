@@ -11,6 +11,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod data_plane;
 pub mod engine;
 pub mod intake;
 pub mod kms;

@@ -570,7 +570,7 @@ async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> A
 /// Every answer of the DEK endpoint, a plaintext DEK or a refusal, tells
 /// browsers, proxies and HTTP client caches not to keep it: a cached copy of a
 /// DEK would outlive its revocation and its erasure.
-async fn no_store(mut response: Response) -> Response {
+pub(crate) async fn no_store(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
     headers.insert(axum::http::header::PRAGMA, axum::http::HeaderValue::from_static("no-cache"));
@@ -586,6 +586,38 @@ async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>, presented:
         s.metrics.dek_requests.with_label_values(&["unauthorized"]).inc();
         return Ok(auth::unauthorized());
     };
+    let released = open_dek(&s, &id, inst, &opener).await?;
+    Ok(Json(json!({"dek": STANDARD.encode(released.dek.expose()), "key_version": released.key_version})).into_response())
+}
+
+/// A DEK opened for the data plane, and the root-key version it was
+/// wrapped under (which the release audit names).
+pub struct Released {
+    pub dek: Dek,
+    pub key_version: String,
+}
+
+impl ApiError {
+    /// Why a DEK was not opened, as the data plane's endpoints tell it
+    /// apart: the DEK endpoint answers 423 and 410 itself, the Vault KV
+    /// endpoint says the same as 403 and 404.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The reason, as the API's JSON error says it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// Opens an instance's DEK for a caller already matched to it (`opener`),
+/// for every data-plane endpoint (`POST /v1/instances/{id}/dek` and the
+/// Vault KV listener): the replica's lag, the instance's state from the
+/// committed key record, then the cache, then the KMS; every release is
+/// audited and counted in `keywarden_dek_requests_total`. Refusals are
+/// errors: 423 revoked, 410 erased or destroyed, 503 behind or unavailable.
+pub async fn open_dek(s: &AppState, id: &str, inst: InstanceRecord, opener: &credential::Opener) -> Result<Released, ApiError> {
     let partition = Some(&inst).filter(|i| !s.ownership.owns_key(&i.key_id)).and_then(|i| s.ownership.partition(&i.key_id));
     if let (Some((replica, max)), Some(partition)) = (&s.replica, partition) {
         // A key this node writes itself is never behind here.
@@ -601,7 +633,7 @@ async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>, presented:
             ));
         }
     }
-    let result = serve_dek(&s, &id, inst, &opener).await;
+    let result = release_dek(s, id, inst, opener).await;
     let label = match &result {
         Ok(_) => "served",
         Err(e) if e.status == StatusCode::LOCKED => "revoked",
@@ -613,7 +645,7 @@ async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>, presented:
     result
 }
 
-async fn serve_dek(s: &AppState, id: &str, inst: InstanceRecord, opener: &credential::Opener) -> ApiResult {
+async fn release_dek(s: &AppState, id: &str, inst: InstanceRecord, opener: &credential::Opener) -> Result<Released, ApiError> {
     // The state check comes first and reads the committed key record, so a
     // revocation is in force the moment its batch is durable.
     let key = s.store.key(&inst.key_id)?;
@@ -640,5 +672,5 @@ async fn serve_dek(s: &AppState, id: &str, inst: InstanceRecord, opener: &creden
         }
     };
     s.releases.record(id, &inst.key_id, &wrapped.key_version, opener);
-    Ok(Json(json!({"dek": STANDARD.encode(dek.expose()), "key_version": wrapped.key_version})).into_response())
+    Ok(Released { dek, key_version: wrapped.key_version.clone() })
 }

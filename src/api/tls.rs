@@ -25,7 +25,7 @@ use crate::config::TlsConfig;
 pub enum TlsError {
     #[error("cannot read {what} from {path}: {problem}; give a PEM file")]
     Read { what: &'static str, path: String, problem: String },
-    #[error("tls setup failed: {0}; check that api.tls.key_file holds the key of api.tls.cert_file")]
+    #[error("tls setup failed: {0}; check that the key_file of api.tls (or data_plane.tls) holds the key of its cert_file")]
     Setup(String),
 }
 

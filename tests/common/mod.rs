@@ -2,6 +2,8 @@
 //! plain Kafka client to produce events and read commands.
 #![allow(dead_code)]
 
+pub mod mariadb;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
