@@ -75,6 +75,7 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     pub cluster: ClusterConfig,
     pub audit: AuditConfig,
+    pub data_plane: DataPlaneConfig,
     /// The file this was read from, for SIGHUP.
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -324,6 +325,27 @@ pub struct AuditConfig {
     /// credential or a file on another volume. Losing or changing it makes
     /// every entry sealed under it fail `audit verify`.
     pub secret_file: PathBuf,
+}
+
+/// The data plane: what keywarden expects of the agents that enforce its
+/// commands on database hosts (`keywarden agent`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataPlaneConfig {
+    /// How long after a key is disabled or deleted every instance of it must
+    /// have reported its revoke or erase command enforced
+    /// (`POST /v1/instances/{id}/data-plane`); past it, the
+    /// KeywardenRevocationUnconfirmed alert fires for each instance that has
+    /// not. Too long, and a database still running on a revoked key goes
+    /// unnoticed until MariaDB's key cache expires and it crashes; too short,
+    /// and a slow but clean shutdown alerts.
+    pub enforce_within: HumanDuration,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self { enforce_within: HumanDuration(Duration::from_secs(120)) }
+    }
 }
 
 /// Reconciliation: polls each key's KMS and corrects what events missed.
@@ -586,6 +608,9 @@ impl Config {
             if d.0 < Duration::from_millis(100) {
                 return Err(invalid(field, &format!("{d:?}"), "at least 100ms"));
             }
+        }
+        if self.data_plane.enforce_within.0 < Duration::from_secs(1) {
+            return Err(invalid("data_plane.enforce_within", &format!("{:?}", self.data_plane.enforce_within), "at least 1s"));
         }
         if !self.reconcile.schedule.is_empty() && cron::Schedule::from_str(&self.reconcile.schedule).is_err() {
             return Err(invalid("reconcile.schedule", &self.reconcile.schedule, "a cron expression with seconds, e.g. \"0 */5 * * * *\", or empty for off"));
