@@ -18,7 +18,9 @@ const RECORD: &str = "echo \"$KEYWARDEN_ACTION $KEYWARDEN_COMMAND_ID\" >> \"$HOO
 
 fn commands_of(reader: &mut TopicReader, action: &str, cause: &str, n: usize) -> Vec<Read> {
     reader
-        .read_until(&format!("{n} {action} commands of {cause}"), MIN, |r| r.iter().filter(|m| m.json()["action"] == action && m.json()["cause_event_id"] == cause).count() >= n)
+        .read_until(&format!("{n} {action} commands of {cause}"), MIN, |r| {
+            r.iter().filter(|m| m.json()["action"] == action && m.json()["cause_event_id"] == cause).count() >= n
+        })
         .iter()
         .filter(|m| m.json()["action"] == action && m.json()["cause_event_id"] == cause)
         .cloned()
@@ -65,7 +67,9 @@ fn a_disable_runs_each_hosted_instances_revoke_once_and_a_forged_or_resent_comma
     for (k, v) in &headers {
         owned = owned.insert(rdkafka::message::Header { key: k, value: Some(*v) });
     }
-    p.send(BaseRecord::<str, [u8]>::to("instance-commands").key("ag-0").partition(original.partition).payload(&original.payload).headers(owned)).map_err(|(e, _)| e).unwrap();
+    p.send(BaseRecord::<str, [u8]>::to("instance-commands").key("ag-0").partition(original.partition).payload(&original.payload).headers(owned))
+        .map_err(|(e, _)| e)
+        .unwrap();
     p.flush(Duration::from_secs(10)).unwrap();
 
     // A forged erase for ag-1, unsigned, from an independent client, as
@@ -75,7 +79,9 @@ fn a_disable_runs_each_hosted_instances_revoke_once_and_a_forged_or_resent_comma
         "key_version": null, "cause_event_id": cause, "issued_at": chrono::Utc::now(),
     });
     produce_as_outsider(&broker.bootstrap, "instance-commands", "ag-1", forged.to_string().as_bytes());
-    let alert = wait_until("the forged-command alert", MIN, || received.lock().unwrap().iter().find(|a| a["labels"]["alertname"] == "KeywardenAgentForgedCommand").cloned());
+    let alert = wait_until("the forged-command alert", MIN, || {
+        received.lock().unwrap().iter().find(|a| a["labels"]["alertname"] == "KeywardenAgentForgedCommand").cloned()
+    });
     assert_eq!(alert["status"], "firing", "{alert}");
     assert!(agent.running(), "a forged command must not stop the agent");
 
@@ -152,7 +158,8 @@ fn a_kill_9_of_the_agent_mid_revocation_still_runs_each_hook_to_completion_exact
     d.act("ak-key", "disable");
     wait_until("a revoke hook to be running", MIN, || hosted.iter().any(|id| !lines(hooks.path(), &format!("{id}.starts")).is_empty()).then_some(()));
     agent.kill();
-    let killed_mid_run: Vec<&str> = hosted.iter().copied().filter(|id| !lines(hooks.path(), &format!("{id}.starts")).is_empty() && lines(hooks.path(), id).is_empty()).collect();
+    let killed_mid_run: Vec<&str> =
+        hosted.iter().copied().filter(|id| !lines(hooks.path(), &format!("{id}.starts")).is_empty() && lines(hooks.path(), id).is_empty()).collect();
     assert!(!killed_mid_run.is_empty(), "the kill landed while a hook ran");
     // Past the hook's own run time: a hook left running by the dead agent
     // would have written its effect by now.

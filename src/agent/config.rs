@@ -208,11 +208,18 @@ impl AgentConfig {
                 return Err(invalid("instances.credential_file", &inst.id, "the file holding this instance's dek_token"));
             }
         }
-        for (name, hook) in [("hooks.revoke", &self.hooks.revoke), ("hooks.restore", &self.hooks.restore), ("hooks.erase", &self.hooks.erase), ("hooks.rewrapped", &self.hooks.rewrapped)] {
+        for (name, hook) in [
+            ("hooks.revoke", &self.hooks.revoke),
+            ("hooks.restore", &self.hooks.restore),
+            ("hooks.erase", &self.hooks.erase),
+            ("hooks.rewrapped", &self.hooks.rewrapped),
+        ] {
             let Some(hook) = hook else { continue };
             match hook.argv.first() {
                 Some(program) if Path::new(program).is_absolute() => {}
-                _ => return Err(invalid(name, &format!("{:?}", hook.argv), "argv = [\"/absolute/program\", \"args\"...]: run without a shell or a PATH search")),
+                _ => {
+                    return Err(invalid(name, &format!("{:?}", hook.argv), "argv = [\"/absolute/program\", \"args\"...]: run without a shell or a PATH search"))
+                }
             }
             if hook.timeout.0 < Duration::from_millis(100) {
                 return Err(invalid(name, &format!("{:?}", hook.timeout), "a timeout of at least 100ms"));

@@ -10,7 +10,7 @@ use std::process::Stdio;
 
 use tokio::io::AsyncReadExt;
 
-use super::config::{HostedInstance, Hook};
+use super::config::{Hook, HostedInstance};
 use crate::tell::Command;
 
 #[derive(Debug, thiserror::Error)]

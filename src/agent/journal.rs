@@ -141,7 +141,10 @@ impl Journal {
         }
         file.seek(SeekFrom::End(0)).map_err(io)?;
         let (tx, rx) = mpsc::channel::<Request>(1024);
-        let thread = std::thread::Builder::new().name("agent-journal".into()).spawn(move || append_loop(file, path, rx)).map_err(|e| JournalError::Io { path: dir.display().to_string(), source: e })?;
+        let thread = std::thread::Builder::new()
+            .name("agent-journal".into())
+            .spawn(move || append_loop(file, path, rx))
+            .map_err(|e| JournalError::Io { path: dir.display().to_string(), source: e })?;
         Ok((Journal { tx }, replay, thread))
     }
 

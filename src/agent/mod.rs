@@ -56,7 +56,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     for instance in &config.instances {
         let (tx, rx) = mpsc::channel::<Queued>(QUEUE);
         let (rtx, rrx) = mpsc::channel::<Outcome>(QUEUE);
-        let worker = Worker { instance: instance.clone(), hooks: config.hooks.clone(), journal: journal.clone(), retry: config.retry.clone(), alerter: alerter.clone(), reports: rtx.clone() };
+        let worker = Worker {
+            instance: instance.clone(),
+            hooks: config.hooks.clone(),
+            journal: journal.clone(),
+            retry: config.retry.clone(),
+            alerter: alerter.clone(),
+            reports: rtx.clone(),
+        };
         let s = stop.clone();
         tasks.spawn(async move { worker.run(rx, s).await.map_err(AgentError::from) });
         let (r, inst, j, retry, s) = (reporter.clone(), instance.clone(), journal.clone(), config.retry.clone(), stop.clone());

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::alert::Alerter;
-use super::config::{HostedInstance, Hooks, Retry};
+use super::config::{Hooks, HostedInstance, Retry};
 use super::hooks::{self, action_name};
 use super::journal::{Entry, Journal, JournalError};
 use super::report::{Outcome, Reporter};
@@ -118,7 +118,14 @@ impl Worker {
 /// pass later. A finished outcome is journaled as reported once keywarden
 /// took it (or refused it for good); a `failed` one is not, since the
 /// outcome that matters is the one that follows it.
-pub async fn report_loop(reporter: Reporter, instance: HostedInstance, journal: Journal, retry: Retry, mut rx: mpsc::Receiver<Outcome>, shutdown: CancellationToken) -> Result<(), JournalError> {
+pub async fn report_loop(
+    reporter: Reporter,
+    instance: HostedInstance,
+    journal: Journal,
+    retry: Retry,
+    mut rx: mpsc::Receiver<Outcome>,
+    shutdown: CancellationToken,
+) -> Result<(), JournalError> {
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

@@ -66,7 +66,10 @@ pub(super) async fn report(State(s): State<AppState>, Path(id): Path<String>, pr
         tracing::warn!(instance_id = %id, command_id = %report.command_id, security_event = true, "refused a data-plane report of a command keywarden did not issue to this instance");
         return Err(ApiError::new(
             StatusCode::CONFLICT,
-            format!("command {} was not issued to instance {id} by a lifecycle event of its key; report only commands read from the commands topic", report.command_id),
+            format!(
+                "command {} was not issued to instance {id} by a lifecycle event of its key; report only commands read from the commands topic",
+                report.command_id
+            ),
         ));
     }
     let status = DataPlaneStatus {
