@@ -98,6 +98,20 @@ fn a_disable_runs_each_hosted_instances_revoke_once_and_a_forged_or_resent_comma
     // The instance hosted elsewhere is none of this agent's business.
     let (_, other) = d.get("/v1/instances/ag-elsewhere");
     assert_eq!(other["data_plane"], Value::Null, "{other}");
+
+    // An instance deleted through the API: its erase runs and is reported too.
+    let (s, v) = d.delete("/v1/instances/ag-2");
+    assert_eq!(s, 204, "{v}");
+    wait_data_plane(&d, "ag-2", "erase", "enforced");
+    let runs: Vec<String> = lines(hooks.path(), "ag-2").iter().map(|l| l.split(' ').next().unwrap_or_default().to_string()).collect();
+    assert_eq!(runs, ["revoke", "restore", "erase"]);
+
+    // The instances' credentials never reach the agent's log or its journal.
+    let journal = std::fs::read_to_string(agent.dir.path().join("journal/journal.log")).unwrap();
+    for id in hosted {
+        let token = d.dek_token_for(id);
+        assert!(!agent.log().contains(&token) && !journal.contains(&token), "{id}'s credential leaked");
+    }
 }
 
 #[test]

@@ -5,7 +5,8 @@
 //! credential can report on that instance alone. The command must be one
 //! keywarden issued to this instance: its id is recomputed from what caused
 //! it (see `tell::Command::new`) and that cause must be a lifecycle event of
-//! the instance's key that keywarden applied.
+//! the instance's key that keywarden applied, or, for the erase of an
+//! instance deleted through the API, that deletion's request.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -34,6 +35,9 @@ pub struct Report {
     pub detail: Option<String>,
 }
 
+/// How the API names an instance deletion's request, the cause of its erase.
+pub(super) const API_DELETE: &str = "api-delete-";
+
 /// The longest detail kept: what a hook said, not its whole output.
 const DETAIL_CHARS: usize = 500;
 
@@ -61,7 +65,11 @@ pub(super) async fn report(State(s): State<AppState>, Path(id): Path<String>, pr
     };
     let expected = crate::tell::Command::new(&id, &inst.key_id, report.action, None, &report.cause_event_id, report.at, None).command_id;
     let cause = s.store.event(&report.cause_event_id)?;
-    let issued = expected == report.command_id && cause.as_ref().is_some_and(|e| e.key_id == inst.key_id && issued_by(e.kind, report.action));
+    // An instance deleted through the API got its erase from the request,
+    // which is no event: its id names the request (see `delete_instance`).
+    let deleted_by_api = report.action == CommandAction::Erase && inst.destroyed_at.is_some() && report.cause_event_id.starts_with(API_DELETE);
+    let issued =
+        expected == report.command_id && (deleted_by_api || cause.as_ref().is_some_and(|e| e.key_id == inst.key_id && issued_by(e.kind, report.action)));
     if !issued {
         tracing::warn!(instance_id = %id, command_id = %report.command_id, security_event = true, "refused a data-plane report of a command keywarden did not issue to this instance");
         return Err(ApiError::new(

@@ -570,7 +570,7 @@ async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> A
     let reply = s
         .writer
         .submit_within(
-            Input::DeleteInstance { instance_id: id.clone(), request_id: format!("api-delete-{}", uuid::Uuid::new_v4()), at: Utc::now() },
+            Input::DeleteInstance { instance_id: id.clone(), request_id: format!("{}{}", data_plane::API_DELETE, uuid::Uuid::new_v4()), at: Utc::now() },
             s.write_timeout,
         )
         .await?;
