@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{AlertSink, ConfigError, HumanDuration, LogConfig, SignatureAlgorithm};
 use crate::engine::CommandAction;
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     pub kafka: AgentKafka,
@@ -28,6 +28,13 @@ pub struct AgentConfig {
     /// reboots, and be on a file system where fsync means durable. Losing it
     /// makes the agent run the hooks of commands it receives again.
     pub journal_dir: PathBuf,
+    /// How long a finished and reported command stays in the journal (by
+    /// when keywarden issued it); older ones are dropped at start. Their ids
+    /// are then no longer recognised, so this must be longer than the
+    /// commands topic keeps messages (its `retention.ms`; Kafka's default is
+    /// 7 days): a command still in the topic could otherwise be read again
+    /// (after its group's offsets expired) and run again.
+    pub journal_keep: HumanDuration,
     pub retry: Retry,
     /// Where the agent's alerts go (a failing hook, a forged command): the
     /// daemon's sink shapes (`kind = "alertmanager"` or `"webhook"`). Empty:
@@ -38,6 +45,24 @@ pub struct AgentConfig {
     /// The file this was read from.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            kafka: AgentKafka::default(),
+            signature: CommandSignature::default(),
+            keywarden: KeywardenApi::default(),
+            instances: Vec::new(),
+            hooks: Hooks::default(),
+            journal_dir: PathBuf::new(),
+            journal_keep: HumanDuration(Duration::from_secs(30 * 24 * 3600)),
+            retry: Retry::default(),
+            alerts: Vec::new(),
+            log: LogConfig::default(),
+            source: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -227,6 +252,9 @@ impl AgentConfig {
         }
         if self.journal_dir.as_os_str().is_empty() {
             return Err(invalid("journal_dir", &"", "a directory that survives reboots, such as /var/lib/keywarden-agent"));
+        }
+        if self.journal_keep.0 < Duration::from_secs(3600) {
+            return Err(invalid("journal_keep", &format!("{:?}", self.journal_keep), "at least 1h, and longer than the commands topic's retention"));
         }
         if self.retry.first.0 < Duration::from_millis(10) || self.retry.max.0 < self.retry.first.0 {
             return Err(invalid("retry", &format!("first = {:?}, max = {:?}", self.retry.first, self.retry.max), "first at least 10ms and max at least first"));

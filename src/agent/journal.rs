@@ -127,14 +127,25 @@ const GROUP: usize = 256;
 
 impl Journal {
     /// Reads the journal in `dir` (created if missing), cuts off a torn last
-    /// line, and starts the thread that appends to it.
-    pub fn open(dir: &Path) -> Result<(Journal, Replay, std::thread::JoinHandle<()>), JournalError> {
+    /// line, and starts the thread that appends to it. Commands issued before
+    /// `forget_before` that are finished and reported are dropped from it
+    /// (the file is rewritten without them), so that it does not grow
+    /// forever; their ids are then no longer recognised, which is safe once
+    /// the commands topic no longer holds them (see `journal_keep`).
+    pub fn open(dir: &Path, forget_before: Option<DateTime<Utc>>) -> Result<(Journal, Replay, std::thread::JoinHandle<()>), JournalError> {
         let path = dir.join("journal.log");
         let io = |source| JournalError::Io { path: path.display().to_string(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(&path).map_err(io)?;
-        let (replay, good_len) = read(&path, &file)?;
-        if file.metadata().map_err(io)?.len() != good_len {
+        let (mut replay, good_len) = read(&path, &file)?;
+        let held = replay.commands.len();
+        if let Some(cutoff) = forget_before {
+            replay.commands.retain(|k| !(k.finished.is_some() && k.reported && k.command.issued_at < cutoff));
+        }
+        if replay.commands.len() < held {
+            tracing::info!(path = %path.display(), forgotten = held - replay.commands.len(), kept = replay.commands.len(), "compacting the agent journal");
+            file = rewrite(dir, &path, &replay)?;
+        } else if file.metadata().map_err(io)?.len() != good_len {
             tracing::warn!(path = %path.display(), "the agent journal ends with a torn write (a crash mid-append); cutting it off");
             file.set_len(good_len).map_err(io)?;
             file.sync_all().map_err(io)?;
@@ -154,6 +165,38 @@ impl Journal {
         self.tx.send((entry, reply)).await.map_err(|_| JournalError::Stopped)?;
         rx.await.map_err(|_| JournalError::Stopped)?
     }
+}
+
+/// Writes what `replay` holds to a new file, made durable, then put in the
+/// journal's place (a rename, with the directory synced): a crash leaves
+/// either the old journal or the new one, never half of one.
+fn rewrite(dir: &Path, path: &Path, replay: &Replay) -> Result<File, JournalError> {
+    let io = |source| JournalError::Io { path: path.display().to_string(), source };
+    let tmp = dir.join("journal.log.new");
+    let mut buf = Vec::new();
+    for k in &replay.commands {
+        let id = &k.command.command_id;
+        let mut entries = vec![Entry::Accepted { command: k.command.clone() }];
+        match &k.finished {
+            Some(f) => entries.push(Entry::Finished { command_id: id.clone(), outcome: f.outcome, at: f.at, detail: f.detail.clone() }),
+            None if k.started => entries.push(Entry::Started { command_id: id.clone(), at: Utc::now() }),
+            None => {}
+        }
+        if k.reported {
+            entries.push(Entry::Reported { command_id: id.clone(), at: Utc::now() });
+        }
+        for e in entries {
+            if let Ok(line) = serde_json::to_vec(&e) {
+                buf.extend_from_slice(&line);
+                buf.push(b'\n');
+            }
+        }
+    }
+    let mut new = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io)?;
+    new.write_all(&buf).and_then(|_| new.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    OpenOptions::new().read(true).append(true).open(path).map_err(io)
 }
 
 fn read(path: &Path, file: &File) -> Result<(Replay, u64), JournalError> {
@@ -231,7 +274,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (command("db-1", "e1"), command("db-2", "e1"));
         {
-            let (journal, replay, _thread) = Journal::open(dir.path()).unwrap();
+            let (journal, replay, _thread) = Journal::open(dir.path(), None).unwrap();
             assert!(replay.commands.is_empty());
             journal.append(Entry::Accepted { command: a.clone() }).await.unwrap();
             journal.append(Entry::Accepted { command: b.clone() }).await.unwrap();
@@ -248,7 +291,7 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(br#"{"step":"finished","command_id":"#).unwrap();
         drop(f);
-        let (journal, replay, _thread) = Journal::open(dir.path()).unwrap();
+        let (journal, replay, _thread) = Journal::open(dir.path(), None).unwrap();
         let ids: Vec<&str> = replay.commands.iter().map(|k| k.command.command_id.as_str()).collect();
         assert_eq!(ids, [a.command_id.as_str(), b.command_id.as_str()], "accepted once each, in order");
         assert!(replay.commands[0].finished.is_some() && !replay.commands[0].reported);
@@ -256,7 +299,7 @@ mod tests {
         // Appending after the cut gives whole lines again.
         journal.append(Entry::Reported { command_id: a.command_id.clone(), at: Utc::now() }).await.unwrap();
         drop(journal);
-        let (_j, replay, _t) = Journal::open(dir.path()).unwrap();
+        let (_j, replay, _t) = Journal::open(dir.path(), None).unwrap();
         assert!(replay.commands[0].reported);
     }
 
@@ -265,7 +308,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let good = serde_json::to_string(&Entry::Accepted { command: command("db-1", "e1") }).unwrap();
         std::fs::write(dir.path().join("journal.log"), format!("{good}\nnot json\n{good}\n")).unwrap();
-        let err = Journal::open(dir.path()).err().expect("refused");
+        let err = Journal::open(dir.path(), None).err().expect("refused");
         assert!(matches!(err, JournalError::Damaged { line: 2, .. }), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod compaction {
+    use super::*;
+    use crate::engine::CommandAction;
+
+    #[tokio::test]
+    async fn old_finished_and_reported_commands_are_forgotten_and_the_rest_kept_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let long_ago = Utc::now() - chrono::Duration::days(60);
+        let old_done = Command::new("db-1", "k", CommandAction::Revoke, None, "e-old", long_ago, None);
+        let old_pending = Command::new("db-1", "k", CommandAction::Restore, None, "e-old2", long_ago, None);
+        let recent = Command::new("db-1", "k", CommandAction::Revoke, None, "e-new", Utc::now(), None);
+        {
+            let (j, _, _t) = Journal::open(dir.path(), None).unwrap();
+            for c in [&old_done, &old_pending, &recent] {
+                j.append(Entry::Accepted { command: c.clone() }).await.unwrap();
+            }
+            for c in [&old_done, &recent] {
+                j.append(Entry::Finished { command_id: c.command_id.clone(), outcome: DataPlaneOutcome::Enforced, at: Utc::now(), detail: "ok".into() })
+                    .await
+                    .unwrap();
+                j.append(Entry::Reported { command_id: c.command_id.clone(), at: Utc::now() }).await.unwrap();
+            }
+            j.append(Entry::Started { command_id: old_pending.command_id.clone(), at: Utc::now() }).await.unwrap();
+        }
+        let cutoff = Utc::now() - chrono::Duration::days(30);
+        let (j, replay, _t) = Journal::open(dir.path(), Some(cutoff)).unwrap();
+        let ids: Vec<&str> = replay.commands.iter().map(|k| k.command.command_id.as_str()).collect();
+        assert_eq!(ids, [old_pending.command_id.as_str(), recent.command_id.as_str()], "an old command not finished is never forgotten");
+        j.append(Entry::Reported { command_id: old_pending.command_id.clone(), at: Utc::now() }).await.unwrap();
+        drop(j);
+        let (_j, again, _t) = Journal::open(dir.path(), None).unwrap();
+        assert_eq!(again.commands.len(), 2);
+        assert!(again.commands[0].started && again.commands[0].finished.is_none() && again.commands[0].reported);
+        assert!(again.commands[1].finished.is_some() && again.commands[1].reported);
+        assert!(!dir.path().join("journal.log.new").exists());
     }
 }

@@ -46,7 +46,8 @@ const QUEUE: usize = 256;
 
 /// Runs the agent until `shutdown`: the hook running then is let finish.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
-    let (journal, replay, journal_thread) = Journal::open(&config.journal_dir)?;
+    let forget_before = chrono::Duration::from_std(config.journal_keep.0).ok().and_then(|keep| chrono::Utc::now().checked_sub_signed(keep));
+    let (journal, replay, journal_thread) = Journal::open(&config.journal_dir, forget_before)?;
     let verifier = Verifier::single(&config.signature.key_id, config.signature.algorithm, &config.signature.key_file)?;
     let reporter = Reporter::new(&config)?;
     let alerter = alert::Alerter::new(config.alerts.clone(), format!("agent {}", config.kafka.group_id), config.keywarden.url.clone());

@@ -173,7 +173,7 @@ mod tests {
     /// A hook that logs the key id of each run, and fails the first run of
     /// key `k1` (as a database that would not stop at once).
     fn worker(dir: &std::path::Path) -> (Worker, mpsc::Receiver<Outcome>, Journal) {
-        let (journal, _, thread) = Journal::open(&dir.join("journal")).unwrap();
+        let (journal, _, thread) = Journal::open(&dir.join("journal"), None).unwrap();
         drop(thread);
         let script = "if [ \"$KEYWARDEN_KEY_ID\" = k1 ] && [ ! -e \"$DIR/failed-once\" ]; then touch \"$DIR/failed-once\"; echo not yet; exit 1; fi; echo \"$KEYWARDEN_KEY_ID\" >> \"$DIR/runs\"";
         let hook = super::super::config::Hook { argv: vec!["/bin/sh".into(), "-c".into(), script.into()], timeout: HumanDuration(Duration::from_secs(10)) };
@@ -220,7 +220,7 @@ mod tests {
                 (erase.command_id, DataPlaneOutcome::Skipped),
             ]
         );
-        let (_, replay, _) = Journal::open(&dir.path().join("journal")).unwrap();
+        let (_, replay, _) = Journal::open(&dir.path().join("journal"), None).unwrap();
         assert!(replay.commands.is_empty(), "the worker journals steps; accepting is the consumer's");
     }
 
