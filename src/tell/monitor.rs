@@ -85,10 +85,19 @@ impl Monitor {
         while crate::tell::pause(&shutdown, tokio::time::sleep(self.config.check_every.0)).await {
             let now = Utc::now();
             // A round that cannot read the store neither raises nor clears.
-            let conditions = match self.conditions(&mut memory) {
-                Ok(conditions) => conditions,
-                Err(e) => {
+            let (store, ownership, within) = (self.store.clone(), self.ownership.clone(), self.enforce_within);
+            let unconfirmed = tokio::task::spawn_blocking(move || Self::unconfirmed_revocations(&store, &ownership, within, now));
+            let conditions = match (self.conditions(&mut memory), unconfirmed.await) {
+                (Ok(mut conditions), Ok(Ok(more))) => {
+                    conditions.extend(more);
+                    conditions
+                }
+                (Err(e), _) | (_, Ok(Err(e))) => {
                     tracing::error!(error = %e, "cannot read the store; alert conditions are checked again next round");
+                    continue;
+                }
+                (_, Err(e)) => {
+                    tracing::error!(error = %e, "the revocation check failed; alert conditions are checked again next round");
                     continue;
                 }
             };
@@ -222,7 +231,6 @@ impl Monitor {
                 ));
             }
         }
-        out.extend(self.unconfirmed_revocations(now)?);
         Ok(out)
     }
 
@@ -234,10 +242,18 @@ impl Monitor {
     /// Only instances the command went to count (those still holding a
     /// wrapped DEK: see `Relay::publish`); a purged key's instances are not
     /// asked (nothing can open their data again).
-    fn unconfirmed_revocations(&self, now: chrono::DateTime<Utc>) -> Result<Vec<Alert>, crate::store::StoreError> {
-        let Ok(within) = chrono::Duration::from_std(self.enforce_within) else { return Ok(vec![]) };
+    ///
+    /// A scan of the keys and of the revoked keys' instances: run on a
+    /// blocking thread (see `run`).
+    fn unconfirmed_revocations(
+        store: &Store,
+        ownership: &crate::cluster::Ownership,
+        enforce_within: Duration,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Vec<Alert>, crate::store::StoreError> {
+        let Ok(within) = chrono::Duration::from_std(enforce_within) else { return Ok(vec![]) };
         let mut out = Vec::new();
-        for key in self.ownership.mine(self.store.keys()?, |k| &k.key_id) {
+        for key in ownership.mine(store.keys()?, |k| &k.key_id) {
             let (action, since) = match key.status {
                 KeyStatus::Disabled => (CommandAction::Revoke, key.updated_at),
                 KeyStatus::Deleted if key.purged_at.is_none() => (CommandAction::Erase, key.deleted_at.unwrap_or(key.updated_at)),
@@ -246,7 +262,7 @@ impl Monitor {
             if since.checked_add_signed(within).is_none_or(|due| due > now) {
                 continue;
             }
-            for inst in self.store.instances_of(&key.key_id)?.into_iter().filter(|i| i.wrapped.is_some()) {
+            for inst in store.instances_of(&key.key_id)?.into_iter().filter(|i| i.wrapped.is_some()) {
                 let confirmed = inst.data_plane.as_ref().is_some_and(|d| d.action == action && d.outcome == DataPlaneOutcome::Enforced);
                 if confirmed {
                     continue;
@@ -262,7 +278,7 @@ impl Monitor {
                         key.key_id,
                         since.to_rfc3339(),
                         inst.instance_id,
-                        self.enforce_within.as_secs(),
+                        enforce_within.as_secs(),
                         inst.instance_id
                     ),
                     now,
