@@ -336,15 +336,17 @@ pub struct DataPlaneConfig {
     /// have reported its revoke or erase command enforced
     /// (`POST /v1/instances/{id}/data-plane`); past it, the
     /// KeywardenRevocationUnconfirmed alert fires for each instance that has
-    /// not. Too long, and a database still running on a revoked key goes
-    /// unnoticed until MariaDB's key cache expires and it crashes; too short,
-    /// and a slow but clean shutdown alerts.
+    /// not. "0s" (the default): off, for deployments whose hosts run no
+    /// agent yet (every instance of every disabled key would alert). Too
+    /// long, and a database still running on a revoked key goes unnoticed
+    /// until MariaDB's key cache expires and it crashes; too short, and a
+    /// slow but clean shutdown alerts.
     pub enforce_within: HumanDuration,
 }
 
 impl Default for DataPlaneConfig {
     fn default() -> Self {
-        Self { enforce_within: HumanDuration(Duration::from_secs(120)) }
+        Self { enforce_within: HumanDuration(Duration::ZERO) }
     }
 }
 
@@ -609,8 +611,8 @@ impl Config {
                 return Err(invalid(field, &format!("{d:?}"), "at least 100ms"));
             }
         }
-        if self.data_plane.enforce_within.0 < Duration::from_secs(1) {
-            return Err(invalid("data_plane.enforce_within", &format!("{:?}", self.data_plane.enforce_within), "at least 1s"));
+        if self.data_plane.enforce_within.0 != Duration::ZERO && self.data_plane.enforce_within.0 < Duration::from_secs(1) {
+            return Err(invalid("data_plane.enforce_within", &format!("{:?}", self.data_plane.enforce_within), "\"0s\" (off) or at least 1s"));
         }
         if !self.reconcile.schedule.is_empty() && cron::Schedule::from_str(&self.reconcile.schedule).is_err() {
             return Err(invalid("reconcile.schedule", &self.reconcile.schedule, "a cron expression with seconds, e.g. \"0 */5 * * * *\", or empty for off"));
