@@ -227,9 +227,11 @@ impl Default for ApiConfig {
     }
 }
 
-/// The listeners databases talk to directly, apart from the admin API, so
-/// that a database host reaches nothing but its own keys.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+/// The data plane: the listener databases read their keys from, apart from
+/// the admin API, so that a database host reaches nothing but its own keys;
+/// and what keywarden expects of the agents that enforce its commands on
+/// database hosts (`keywarden agent`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataPlaneConfig {
     /// Where MariaDB's `hashicorp_key_management` plugin (or any HashiCorp
@@ -246,6 +248,22 @@ pub struct DataPlaneConfig {
     /// Off: keywarden refuses to start with a non-loopback `vault_kv_listen`
     /// and no `tls`, because the answers are database keys in the clear.
     pub allow_plaintext: bool,
+    /// How long after a key is disabled or deleted every instance of it must
+    /// have reported its revoke or erase command enforced
+    /// (`POST /v1/instances/{id}/data-plane`); past it, the
+    /// KeywardenRevocationUnconfirmed alert fires for each instance that has
+    /// not. "0s" (the default): off, for deployments whose hosts run no
+    /// agent yet (every instance of every disabled key would alert). Too
+    /// long, and a database still running on a revoked key goes unnoticed
+    /// until MariaDB's key cache expires and it crashes; too short, and a
+    /// slow but clean shutdown alerts.
+    pub enforce_within: HumanDuration,
+}
+
+impl Default for DataPlaneConfig {
+    fn default() -> Self {
+        Self { vault_kv_listen: String::new(), tls: TlsConfig::default(), allow_plaintext: false, enforce_within: HumanDuration(Duration::ZERO) }
+    }
 }
 
 impl DataPlaneConfig {
@@ -638,6 +656,9 @@ impl Config {
             if d.0 < Duration::from_millis(100) {
                 return Err(invalid(field, &format!("{d:?}"), "at least 100ms"));
             }
+        }
+        if self.data_plane.enforce_within.0 != Duration::ZERO && self.data_plane.enforce_within.0 < Duration::from_secs(1) {
+            return Err(invalid("data_plane.enforce_within", &format!("{:?}", self.data_plane.enforce_within), "\"0s\" (off) or at least 1s"));
         }
         if !self.reconcile.schedule.is_empty() && cron::Schedule::from_str(&self.reconcile.schedule).is_err() {
             return Err(invalid("reconcile.schedule", &self.reconcile.schedule, "a cron expression with seconds, e.g. \"0 */5 * * * *\", or empty for off"));

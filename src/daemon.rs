@@ -239,6 +239,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         health: health.clone(),
         kms: kms_router.clone(),
         config: config.alerts.clone(),
+        enforce_within: config.data_plane.enforce_within.0,
         ownership: ownership.clone(),
     };
     supervisor.spawn("monitor", monitor.run(tasks.clone()));

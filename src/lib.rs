@@ -4,6 +4,7 @@
 //! is a module of the same name, so a reader finds a stage by its file name.
 
 pub mod act;
+pub mod agent;
 pub mod api;
 pub mod backoff;
 pub mod broker;

@@ -304,6 +304,7 @@ mod tests {
             destroyed_reason: None,
             rewrap_error: None,
             credential: None,
+            data_plane: None,
         };
         let mut disabled = KeyRecord::new("d", Utc::now());
         disabled.status = KeyStatus::Disabled;

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const UNIT: &str = include_str!("../systemd/keywarden.service");
+/// The shipped units: the daemon's and the data-plane agent's, each held
+/// to the same checks.
+const UNITS: &[(&str, &str)] =
+    &[("keywarden.service", include_str!("../systemd/keywarden.service")), ("keywarden-agent.service", include_str!("../systemd/keywarden-agent.service"))];
 const MAX_EXPOSURE: f64 = 2.0;
 
 /// Every datagram the daemon sent, with when it arrived, collected by a thread
@@ -114,46 +117,50 @@ fn systemd_analyze() -> Option<PathBuf> {
     std::env::var("PATH").unwrap_or_default().split(':').map(|d| Path::new(d).join("systemd-analyze")).find(|p| p.exists())
 }
 
-/// The shipped unit, pointed at the binary under test so that `verify` can
+/// A shipped unit, pointed at the binary under test so that `verify` can
 /// check ExecStart.
-fn unit_for_test(dir: &Path) -> PathBuf {
-    let path = dir.join("keywarden.service");
-    std::fs::write(&path, UNIT.replace("/usr/local/bin/keywarden", env!("CARGO_BIN_EXE_keywarden"))).unwrap();
+fn unit_for_test(dir: &Path, name: &str, unit: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, unit.replace("/usr/local/bin/keywarden", env!("CARGO_BIN_EXE_keywarden"))).unwrap();
     path
 }
 
 #[test]
-fn shipped_unit_verifies_cleanly() {
+fn shipped_units_verify_cleanly() {
     let Some(analyze) = required(systemd_analyze(), "systemd-analyze", "apt-get install systemd") else { return };
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(analyze).arg("verify").arg(unit_for_test(dir.path())).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{stderr}");
-    assert!(!stderr.contains("keywarden.service"), "systemd-analyze verify warns:\n{stderr}");
+    for (name, unit) in UNITS {
+        let out = Command::new(&analyze).arg("verify").arg(unit_for_test(dir.path(), name, unit)).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "systemd-analyze verify {name} failed:\n{stderr}");
+        assert!(!stderr.contains(name), "systemd-analyze verify warns about {name}:\n{stderr}");
+    }
 }
 
 #[test]
-fn shipped_unit_exposure_is_at_most_two() {
+fn shipped_units_exposure_is_at_most_two() {
     let Some(analyze) = required(systemd_analyze(), "systemd-analyze", "apt-get install systemd") else { return };
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(analyze).args(["security", "--offline=yes"]).arg(unit_for_test(dir.path())).output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "systemd-analyze security failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let score: f64 = stdout
-        .lines()
-        .find_map(|l| l.split_once("Overall exposure level for keywarden.service: "))
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no exposure level in:\n{stdout}"));
-    println!("systemd-analyze security exposure: {score} (limit {MAX_EXPOSURE})");
-    assert!(score <= MAX_EXPOSURE, "exposure {score} is over {MAX_EXPOSURE}:\n{stdout}");
+    for (name, unit) in UNITS {
+        let out = Command::new(&analyze).args(["security", "--offline=yes"]).arg(unit_for_test(dir.path(), name, unit)).output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "systemd-analyze security {name} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+        let score: f64 = stdout
+            .lines()
+            .find_map(|l| l.split_once(&format!("Overall exposure level for {name}: ")))
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level for {name} in:\n{stdout}"));
+        println!("systemd-analyze security exposure of {name}: {score} (limit {MAX_EXPOSURE})");
+        assert!(score <= MAX_EXPOSURE, "{name}: exposure {score} is over {MAX_EXPOSURE}:\n{stdout}");
+    }
 }
 
 /// The daemon finds a credential by the file name of the path it is configured
 /// with, so each path the unit sets must name a credential it loads.
 #[test]
 fn unit_paths_name_the_credentials_it_loads() {
-    let setting = |name: &str| -> Vec<&str> { UNIT.lines().filter_map(|l| l.strip_prefix(name)).collect() };
+    let setting = |name: &str| -> Vec<&str> { UNITS[0].1.lines().filter_map(|l| l.strip_prefix(name)).collect() };
     assert_eq!(setting("Type="), ["notify"]);
     assert_eq!(setting("NotifyAccess="), ["main"]);
     assert_eq!(setting("WatchdogSec=").len(), 1);
@@ -162,5 +169,22 @@ fn unit_paths_name_the_credentials_it_loads() {
         let value = setting("Environment=").iter().find_map(|e| e.strip_prefix(&format!("{var}="))).unwrap_or_else(|| panic!("{var} is not set"));
         let name = value.strip_prefix("%d/").unwrap_or_else(|| panic!("{var}={value} is not in the credentials directory (%d)"));
         assert!(loaded.contains(&name), "{var} names credential {name}, but the unit loads only {loaded:?}");
+    }
+}
+
+/// SIGTERM lets the agent's running hook finish (a database mid-shutdown is
+/// not cut short): only the main process is signalled first, and systemd
+/// waits longer than any shipped hook may run.
+#[test]
+fn agent_unit_waits_for_the_running_hook_before_killing_it() {
+    let unit = UNITS[1].1;
+    let setting = |name: &str| -> Vec<&str> { unit.lines().filter_map(|l| l.strip_prefix(name)).collect() };
+    assert_eq!(setting("ExecStart="), ["/usr/local/bin/keywarden agent --config /etc/keywarden/agent.toml"]);
+    assert_eq!(setting("KillMode="), ["mixed"]);
+    let stop = humantime::parse_duration(setting("TimeoutStopSec=")[0]).unwrap();
+    let config: toml::Value = toml::from_str(include_str!("../config/agent.toml")).unwrap();
+    for (action, hook) in config["hooks"].as_table().unwrap() {
+        let timeout = humantime::parse_duration(hook["timeout"].as_str().unwrap()).unwrap();
+        assert!(timeout < stop, "the {action} hook may run {timeout:?}, longer than TimeoutStopSec={stop:?}");
     }
 }

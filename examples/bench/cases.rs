@@ -83,6 +83,7 @@ fn b1_baseline(n: usize, batch: usize) -> Res<Duration> {
             destroyed_reason: None,
             rewrap_error: None,
             credential: None,
+            data_plane: None,
         };
         let mut key = b"i/".to_vec();
         key.extend_from_slice(id.as_bytes());

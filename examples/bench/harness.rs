@@ -375,6 +375,7 @@ pub fn seed(store_path: &Path, master_key: &Path, keys: &[(&str, usize)], kms: S
                 destroyed_reason: None,
                 rewrap_error: None,
                 credential: None,
+                data_plane: None,
             }));
             if batch.len() >= 8192 {
                 futures::executor::block_on(writer.import(std::mem::take(&mut batch)))?;

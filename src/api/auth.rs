@@ -50,6 +50,8 @@ pub enum Caller {
     Admin,
     /// Another node of the cluster, forwarding a write it authenticated.
     Node,
+    /// An instance's data-plane agent, with that instance's own credential.
+    Instance,
 }
 
 pub struct Tokens {
@@ -187,7 +189,9 @@ pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, mut req: Requ
     if matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return next.run(req).await;
     }
-    let wants_dek = path.starts_with("/v1/instances/") && path.ends_with("/dek");
+    // A data-plane report is opened like a DEK: by the instance's own
+    // credential, which its handler checks against the instance it names.
+    let wants_dek = path.starts_with("/v1/instances/") && (path.ends_with("/dek") || path.ends_with("/data-plane"));
     if crate::cluster::forward::NodeAuth::presented(req.headers()) {
         return match &tokens.node {
             Some(node) if !wants_dek && matches!(*req.method(), axum::http::Method::POST | axum::http::Method::DELETE) => forwarded(node, req, next).await,

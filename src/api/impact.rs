@@ -143,6 +143,7 @@ mod tests {
             destroyed_reason: None,
             rewrap_error: error.then(|| "refused".to_string()),
             credential: None,
+            data_plane: None,
         }
     }
 

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod credential;
+mod data_plane;
 mod impact;
 mod progress;
 pub mod releases;
@@ -148,6 +149,11 @@ fn routes() -> Vec<(&'static str, MethodRouter<AppState>, Placement)> {
         ("/v1/instances/{id}/credential", post(rotate_credential), Owner(KeyFrom::InstancePath("id"))),
         // A read of the data plane: answered from this node's replica.
         ("/v1/instances/{id}/dek", post(fetch_dek).layer(axum::middleware::map_response(no_store)), Here),
+        // Authenticated by the instance's own credential, which a forwarded
+        // request no longer carries: answered here, and on a node that does
+        // not own the key the writer refuses it (503, retryable) until the
+        // agent reaches the owner.
+        ("/v1/instances/{id}/data-plane", post(data_plane::report), Here),
     ]
 }
 
@@ -195,6 +201,7 @@ async fn record_writes(State(audit): State<Audit>, req: axum::extract::Request, 
     let who = match response.extensions().get::<auth::Caller>() {
         Some(auth::Caller::Admin) => "admin",
         Some(auth::Caller::Node) => "node",
+        Some(auth::Caller::Instance) => "instance",
         None => "anonymous",
     };
     let is_write = matches!(method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE") && !path.ends_with("/dek");
@@ -451,6 +458,15 @@ fn instance_json(s: &AppState, inst: &InstanceRecord) -> Result<Value, ApiError>
         // Names the credential in DEK release audits; null for an instance
         // created before credentials, until its credential is rotated.
         "dek_credential_id": inst.credential.as_ref().map(|c| &c.id),
+        // What the instance's data-plane agent last reported enforcing.
+        "data_plane": inst.data_plane.as_ref().map(|d| json!({
+            "command_id": d.command_id,
+            "action": d.action,
+            "outcome": d.outcome,
+            "at": d.at,
+            "detail": d.detail,
+            "received_at": d.received_at,
+        })),
     }))
 }
 
@@ -554,7 +570,7 @@ async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> A
     let reply = s
         .writer
         .submit_within(
-            Input::DeleteInstance { instance_id: id.clone(), request_id: format!("api-delete-{}", uuid::Uuid::new_v4()), at: Utc::now() },
+            Input::DeleteInstance { instance_id: id.clone(), request_id: format!("{}{}", data_plane::API_DELETE, uuid::Uuid::new_v4()), at: Utc::now() },
             s.write_timeout,
         )
         .await?;

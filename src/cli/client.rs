@@ -82,7 +82,7 @@ pub fn run(base: &str, token: &str, tls: &Tls, output: Output, command: Command)
         Command::Event(EventCommand::Show { event_id }) => (Method::GET, format!("/v1/events/{}", percent_encode(&event_id)), None),
         Command::Audit(AuditCommand::Verify) => (Method::GET, "/v1/audit/verify".to_string(), None),
         Command::Reconcile { confirm } => (Method::POST, format!("/v1/reconcile?confirm={confirm}"), None),
-        Command::Run | Command::CheckConfig | Command::Demo { .. } | Command::Event(_) | Command::Audit(_) | Command::DataPlane(_) => {
+        Command::Run | Command::Agent | Command::CheckConfig | Command::Demo { .. } | Command::Event(_) | Command::Audit(_) | Command::DataPlane(_) => {
             unreachable!("handled by the caller")
         }
     };

@@ -75,7 +75,7 @@ pub fn verify(config: &Config, args: &VerifyArgs, output: Output) -> anyhow::Res
 
 /// The command, if the header signs exactly these bytes under the key and
 /// they are a command; else why not.
-fn check(verifier: &Verifier, id: &str, topic: &str, payload: &[u8], header: &str) -> Result<DataCommand, String> {
+pub(crate) fn check(verifier: &Verifier, id: &str, topic: &str, payload: &[u8], header: &str) -> Result<DataCommand, String> {
     let msg = Incoming { key: None, payload, headers: vec![(HEADER, header.as_bytes())] };
     verifier.check(topic, &msg, "command", true).map_err(|e| match e {
         SignatureError::UnknownKey { kid, .. } => format!("signed by key {kid:?}, not by {id:?}; pass --key-id and --key-file of that key"),

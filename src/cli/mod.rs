@@ -8,6 +8,9 @@ mod event;
 mod impact;
 mod watch;
 
+/// The check a consumer of the commands topic makes, for the agent.
+pub(crate) use command::check as check_command;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -60,6 +63,9 @@ pub enum Output {
 pub enum Command {
     /// Run the daemon.
     Run,
+    /// Run the data-plane agent on a database host (its own config file:
+    /// see config/agent.toml): enforce keywarden's commands through hooks.
+    Agent,
     /// Load and validate the config, then print it.
     CheckConfig,
     /// Run the daemon on embedded defaults and walk a key's lifecycle live.
@@ -239,6 +245,22 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             // A blocking call still stuck on the broker (the daemon gave up on
             // it) must not keep a failed daemon from exiting to be restarted.
+            rt.shutdown_timeout(std::time::Duration::from_secs(5));
+            result?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent => {
+            let Some(path) = cli.config.as_deref() else {
+                anyhow::bail!("keywarden agent needs its config: pass --config FILE (see config/agent.toml)");
+            };
+            let config = crate::agent::config::AgentConfig::load(path)?;
+            init_tracing_with(&config.log.format, &config.log.level);
+            let rt = tokio::runtime::Runtime::new()?;
+            let result = rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                spawn_signal_handler(shutdown.clone());
+                crate::agent::run(config, shutdown).await
+            });
             rt.shutdown_timeout(std::time::Duration::from_secs(5));
             result?;
             Ok(ExitCode::SUCCESS)

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 
 use super::purge::sha256_hex;
 use super::{decision, notice, Decision, Reply, View};
-use super::{AuditFact, CommandAction, DekCredential, Effect, InstanceRecord, KeyRecord, KeyStatus, Notice, Record, WrappedDek};
+use super::{AuditFact, CommandAction, DataPlaneStatus, DekCredential, Effect, InstanceRecord, KeyRecord, KeyStatus, Notice, Record, WrappedDek};
 
 /// Records a key the embedded KMS just created, so that keywarden knows its
 /// version before any event names it.
@@ -77,6 +77,7 @@ pub(super) fn on_create_instance(
         destroyed_reason: None,
         rewrap_error: None,
         credential: Some(credential),
+        data_plane: None,
     };
     records.push(Record::Outbox(notice(&inst.key_id, Notice::Registered { instance_id: inst.instance_id.clone(), key_version: inst.key_version.clone() })));
     records.push(Record::Audit(AuditFact {
@@ -168,5 +169,34 @@ pub(super) fn on_rotate_credential(view: &impl View, instance_id: String, creden
     });
     inst.credential = Some(credential);
     inst.updated_at = at;
+    decision(vec![Record::Instance(inst), audit], Reply::Done)
+}
+
+/// Records what an instance's agent did with a command.
+///
+/// - An unknown instance is `NotFound`.
+/// - A report older (by the agent's clock) than the one kept does not replace
+///   it: a retried report of an earlier command must not hide a later one.
+///   The same command reported again (its `failed` and then its `enforced`)
+///   replaces it.
+/// - Each accepted report is audited, naming the command and its outcome.
+pub(super) fn on_data_plane_report(view: &impl View, instance_id: String, status: DataPlaneStatus) -> Decision {
+    let Some(mut inst) = view.instance(&instance_id) else {
+        return decision(vec![], Reply::NotFound(format!("instance {instance_id} does not exist")));
+    };
+    if inst.data_plane.as_ref().is_some_and(|kept| kept.command_id != status.command_id && kept.at > status.at) {
+        return decision(vec![], Reply::Done);
+    }
+    let audit = Record::Audit(AuditFact {
+        who: "data-plane agent".into(),
+        what: format!("command {}", serde_json::to_value(status.action).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()),
+        outcome: serde_json::to_value(status.outcome).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+        key_id: Some(inst.key_id.clone()),
+        instance_id: Some(inst.instance_id.clone()),
+        detail: Some(format!("command {} at {}", status.command_id, status.at.to_rfc3339())),
+        ..Default::default()
+    });
+    inst.updated_at = status.received_at;
+    inst.data_plane = Some(status);
     decision(vec![Record::Instance(inst), audit], Reply::Done)
 }

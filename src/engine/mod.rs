@@ -64,6 +64,13 @@ pub enum Input {
         request_id: String,
         at: DateTime<Utc>,
     },
+    /// An instance's data-plane agent reports how a command ended. The API
+    /// checked its credential and that keywarden issued the command to this
+    /// instance; `status.received_at` is when it arrived.
+    DataPlaneReport {
+        instance_id: String,
+        status: DataPlaneStatus,
+    },
     JobPlanned {
         key_id: String,
         target_version: String,
@@ -141,6 +148,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
         }
         Input::RotateCredential { instance_id, credential, at } => instances::on_rotate_credential(view, instance_id, credential, at),
         Input::DeleteInstance { instance_id, request_id, at } => instances::on_delete_instance(view, instance_id, request_id, at),
+        Input::DataPlaneReport { instance_id, status } => instances::on_data_plane_report(view, instance_id, status),
         Input::JobPlanned { key_id, target_version, total } => rotation::on_job_planned(view, key_id, target_version, total),
         Input::Rewrapped { instance_id, from_version, wrapped, at } => rotation::on_rewrapped(view, instance_id, from_version, wrapped, at),
         Input::RewrapFailed { instance_id, from_version, reason, at } => rotation::on_rewrap_failed(view, instance_id, from_version, reason, at),
@@ -179,6 +187,7 @@ impl Input {
             | Input::RetryRewraps { key_id, .. } => Some(key_id.clone()),
             Input::DeleteInstance { instance_id, .. }
             | Input::RotateCredential { instance_id, .. }
+            | Input::DataPlaneReport { instance_id, .. }
             | Input::Rewrapped { instance_id, .. }
             | Input::RewrapFailed { instance_id, .. } => view.instance(instance_id).map(|i| i.key_id),
             Input::Alert(_) => None,

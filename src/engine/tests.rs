@@ -630,3 +630,39 @@ fn an_instance_record_stored_before_credentials_decodes_without_one() {
     // And one without a credential is written as before, without the field.
     assert!(!serde_json::to_string(&inst).unwrap().contains("credential"));
 }
+
+fn report(command_id: &str, action: CommandAction, outcome: DataPlaneOutcome, at: i64) -> Input {
+    Input::DataPlaneReport {
+        instance_id: "i1".into(),
+        status: DataPlaneStatus { command_id: command_id.into(), action, outcome, at: t(at), detail: None, received_at: t(at + 1) },
+    }
+}
+
+#[test]
+fn a_data_plane_report_is_kept_unless_an_earlier_command_arrives_late() {
+    let mut m = Mem::default();
+    assert!(matches!(m.run(report("c1", CommandAction::Revoke, DataPlaneOutcome::Failed, 10)), Reply::NotFound(_)));
+    create(&mut m, "i1", "k1");
+    assert_eq!(m.run(report("c1", CommandAction::Revoke, DataPlaneOutcome::Failed, 10)), Reply::Done);
+    // The same command, enforced on a retry, replaces its failure.
+    m.run(report("c1", CommandAction::Revoke, DataPlaneOutcome::Enforced, 12));
+    assert_eq!(m.instances["i1"].data_plane.as_ref().map(|d| (d.command_id.as_str(), d.outcome)), Some(("c1", DataPlaneOutcome::Enforced)));
+    m.run(report("c2", CommandAction::Restore, DataPlaneOutcome::Enforced, 20));
+    // A report of the revoke sent again late does not hide the restore after it.
+    let audited = m.audit.len();
+    m.run(report("c1", CommandAction::Revoke, DataPlaneOutcome::Enforced, 12));
+    assert_eq!(m.instances["i1"].data_plane.as_ref().map(|d| d.command_id.as_str()), Some("c2"));
+    assert_eq!(m.audit.len(), audited, "a report not kept is not audited either");
+    let last = m.audit.iter().rev().find(|a| a.who == "data-plane agent").unwrap();
+    assert_eq!((last.what.as_str(), last.outcome.as_str()), ("command restore", "enforced"));
+}
+
+#[test]
+fn an_instance_record_stored_before_agents_decodes_without_a_data_plane() {
+    let old = r#"{"instance_id":"i1","key_id":"k1","wrapped":{"key_version":"1","ciphertext":"AQID"},"key_version":"1",
+        "dek_fingerprint":"fp","created_at":"2024-01-01T00:00:00Z","updated_at":"2024-01-01T00:00:00Z",
+        "destroyed_at":null,"destroyed_reason":null,"rewrap_error":null}"#;
+    let inst: InstanceRecord = serde_json::from_str(old).expect("an old record decodes");
+    assert_eq!(inst.data_plane, None);
+    assert!(!serde_json::to_string(&inst).unwrap().contains("data_plane"));
+}

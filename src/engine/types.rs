@@ -156,6 +156,39 @@ pub struct InstanceRecord {
     /// such field) until `POST /v1/instances/{id}/credential` issues one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<DekCredential>,
+    /// The last data-plane command the instance's agent reported enforcing
+    /// (or failing to), so that an operator sees whether a revocation reached
+    /// the database and the monitor can alert when it did not. `None` for an
+    /// instance no agent has reported on, and for records from before agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_plane: Option<DataPlaneStatus>,
+}
+
+/// What an agent reported doing with one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPlaneStatus {
+    pub command_id: String,
+    pub action: CommandAction,
+    pub outcome: DataPlaneOutcome,
+    /// When the agent finished (its clock).
+    pub at: DateTime<Utc>,
+    /// What the hook said, shortened; never a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// When keywarden committed the report (its own clock).
+    pub received_at: DateTime<Utc>,
+}
+
+/// How a command ended on the database host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataPlaneOutcome {
+    /// The hook ran to completion (exit 0).
+    Enforced,
+    /// The hook failed; the agent keeps retrying it.
+    Failed,
+    /// No hook is configured for the action: nothing was done on the host.
+    Skipped,
 }
 
 /// What keywarden keeps of an instance's DEK credential: never the token,

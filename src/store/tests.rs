@@ -24,6 +24,7 @@ fn inst(id: &str, key: &str) -> InstanceRecord {
         destroyed_reason: None,
         rewrap_error: None,
         credential: None,
+        data_plane: None,
     }
 }
 

@@ -13,7 +13,7 @@ use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AlertsConfig;
-use crate::engine::{Alert, Input, Severity};
+use crate::engine::{Alert, CommandAction, DataPlaneOutcome, Input, KeyStatus, Severity};
 use crate::intake::Health;
 use crate::kms::router::KmsRouter;
 use crate::metrics::Metrics;
@@ -29,6 +29,7 @@ const OWNED: &[&str] = &[
     "KeywardenKafkaUnreachable",
     "KeywardenRotationSlow",
     "KeywardenRotationFailed",
+    "KeywardenRevocationUnconfirmed",
 ];
 
 pub struct Monitor {
@@ -38,6 +39,8 @@ pub struct Monitor {
     pub health: Arc<Health>,
     pub kms: Arc<KmsRouter>,
     pub config: AlertsConfig,
+    /// `data_plane.enforce_within`: how long a revocation may go unconfirmed.
+    pub enforce_within: Duration,
     pub ownership: crate::cluster::Ownership,
 }
 
@@ -82,10 +85,19 @@ impl Monitor {
         while crate::tell::pause(&shutdown, tokio::time::sleep(self.config.check_every.0)).await {
             let now = Utc::now();
             // A round that cannot read the store neither raises nor clears.
-            let conditions = match self.conditions(&mut memory) {
-                Ok(conditions) => conditions,
-                Err(e) => {
+            let (store, ownership, within) = (self.store.clone(), self.ownership.clone(), self.enforce_within);
+            let unconfirmed = tokio::task::spawn_blocking(move || Self::unconfirmed_revocations(&store, &ownership, within, now));
+            let conditions = match (self.conditions(&mut memory), unconfirmed.await) {
+                (Ok(mut conditions), Ok(Ok(more))) => {
+                    conditions.extend(more);
+                    conditions
+                }
+                (Err(e), _) | (_, Ok(Err(e))) => {
                     tracing::error!(error = %e, "cannot read the store; alert conditions are checked again next round");
+                    continue;
+                }
+                (_, Err(e)) => {
+                    tracing::error!(error = %e, "the revocation check failed; alert conditions are checked again next round");
                     continue;
                 }
             };
@@ -214,6 +226,64 @@ impl Monitor {
                     format!(
                         "the KMS refused their rewrap to version {}; see GET /v1/keys/{}, fix the cause and run `keywarden key retry`",
                         job.target_version, job.key_id
+                    ),
+                    now,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// One alert per instance of a disabled or deleted key whose agent has
+    /// not reported the revoke (or erase) enforced within `enforce_within` of
+    /// the key's change. Enforced means the instance's last report is that
+    /// action, done: the agent runs an instance's commands in order, so a
+    /// later restore replaces it, and the next revocation needs its own.
+    /// Only instances the command went to count (those still holding a
+    /// wrapped DEK: see `Relay::publish`); a purged key's instances are not
+    /// asked (nothing can open their data again).
+    ///
+    /// A scan of the keys and of the revoked keys' instances: run on a
+    /// blocking thread (see `run`).
+    fn unconfirmed_revocations(
+        store: &Store,
+        ownership: &crate::cluster::Ownership,
+        enforce_within: Duration,
+        now: chrono::DateTime<Utc>,
+    ) -> Result<Vec<Alert>, crate::store::StoreError> {
+        // Off ("0s"), or too long to add: nothing is ever due.
+        let Ok(within) = chrono::Duration::from_std(enforce_within) else { return Ok(vec![]) };
+        if enforce_within.is_zero() {
+            return Ok(vec![]);
+        }
+        let mut out = Vec::new();
+        for key in ownership.mine(store.keys()?, |k| &k.key_id) {
+            let (action, since) = match key.status {
+                KeyStatus::Disabled => (CommandAction::Revoke, key.updated_at),
+                KeyStatus::Deleted if key.purged_at.is_none() => (CommandAction::Erase, key.deleted_at.unwrap_or(key.updated_at)),
+                _ => continue,
+            };
+            if since.checked_add_signed(within).is_none_or(|due| due > now) {
+                continue;
+            }
+            for inst in store.instances_of(&key.key_id)?.into_iter().filter(|i| i.wrapped.is_some()) {
+                let confirmed = inst.data_plane.as_ref().is_some_and(|d| d.action == action && d.outcome == DataPlaneOutcome::Enforced);
+                if confirmed {
+                    continue;
+                }
+                let name = if action == CommandAction::Revoke { "revoke" } else { "erase" };
+                out.push(Alert::new(
+                    "KeywardenRevocationUnconfirmed",
+                    Severity::Critical,
+                    &[("key_id", &key.key_id), ("instance_id", &inst.instance_id)],
+                    format!("instance {} has not confirmed the {name} of key {}", inst.instance_id, key.key_id),
+                    format!(
+                        "key {} changed at {} and no data-plane agent reported the {name} command enforced for instance {} within {}s: its database may still be running on a revoked key (and crash once its key cache expires). Check the agent on its host (journalctl -u keywarden-agent) and GET /v1/instances/{}",
+                        key.key_id,
+                        since.to_rfc3339(),
+                        inst.instance_id,
+                        enforce_within.as_secs(),
+                        inst.instance_id
                     ),
                     now,
                 ));
