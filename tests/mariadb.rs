@@ -476,3 +476,130 @@ fn without_an_encrypted_redo_log_a_refused_server_opens_its_plain_tables_and_the
     assert_eq!(count(&db, "secret"), 5, "every row is back after enable");
     db.shutdown();
 }
+
+/// The shipped hooks, as the agent runs them: argv, no shell.
+fn shipped_hook<'a>(action: &'a str, script: &str) -> common::agent::HookSpec<'a> {
+    common::agent::HookSpec { action, argv: vec![format!("{}/config/mariadb/hooks/{script}", env!("CARGO_MANIFEST_DIR"))], timeout: "60s" }
+}
+
+/// The environment the shipped hooks read for one database.
+fn hook_env(db: &Mariadb, defaults: &std::path::Path) -> Vec<(String, String)> {
+    vec![
+        ("MARIADB_SOCKET".into(), db.socket.display().to_string()),
+        ("MARIADB_DEFAULTS".into(), defaults.display().to_string()),
+        ("MARIADB_USER".into(), "root".into()),
+        ("MARIADB_PID_FILE".into(), db.pid_file().display().to_string()),
+    ]
+}
+
+/// How many shutdowns the server's error log records as asked for, and
+/// how many as finished.
+fn clean_shutdowns(db: &Mariadb) -> (usize, usize) {
+    let log = db.full_log();
+    (log.matches("Normal shutdown").count(), log.matches("mariadbd: Shutdown complete").count())
+}
+
+/// A crash leaves one of these in the error log.
+fn crashed(db: &Mariadb) -> bool {
+    let log = db.full_log();
+    log.contains("Assertion failure") || log.contains("got signal") || log.contains("crash recovery")
+}
+
+#[test]
+fn the_agent_stops_the_database_on_disable_and_starts_it_with_every_row_on_enable() {
+    if mariadbd().is_none() {
+        return;
+    }
+    let broker = Broker::start();
+    let (d, kv, db) = setup(&broker, &[("KEYWARDEN_DATA_PLANE_ENFORCE_WITHIN", "30s")], "db-agent", &[]);
+    let defaults = db.hook_defaults();
+    let env = hook_env(&db, &defaults);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    // The database is started the way the agent starts it: the shipped hook.
+    let started = std::process::Command::new(shipped_hook("restore", "mariadb-start").argv[0].clone())
+        .envs(env.iter().copied())
+        .env("KEYWARDEN_INSTANCE_ID", "db-agent")
+        .env("KEYWARDEN_ACTION", "restore")
+        .env("KEYWARDEN_COMMAND_ID", "first-start")
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "mariadb-start: {}{}\n{}", String::from_utf8_lossy(&started.stdout), String::from_utf8_lossy(&started.stderr), db.log());
+    create_tables(&db, 30);
+    let _agent = common::agent::Agent::hosting(
+        &broker.bootstrap,
+        &d,
+        &[("db-agent", env.clone())],
+        &[shipped_hook("revoke", "mariadb-stop"), shipped_hook("erase", "mariadb-stop"), shipped_hook("restore", "mariadb-start")],
+        "",
+    );
+
+    let mut stop_times = Vec::new();
+    let mut start_times = Vec::new();
+    for cycle in 1..=3 {
+        let disabled = Instant::now();
+        d.act("key-db-agent", "disable");
+        wait_until("the agent to stop the database", MIN, || (!db.answers() && db.running_pid().is_none()).then_some(()));
+        stop_times.push(disabled.elapsed());
+        let report = common::agent::wait_data_plane(&d, "db-agent", "revoke", "enforced");
+        assert_eq!(clean_shutdowns(&db), (cycle, cycle), "one clean shutdown per disable: {report}");
+        assert!(!crashed(&db), "the agent stopped the server before a refusal reached it:\n{}", db.log());
+        assert_eq!(kv_get(&d, &kv, "/v1/db-agent/data/2", &d.dek_token_for("db-agent")).0, 403);
+
+        let enabled = Instant::now();
+        d.act("key-db-agent", "enable");
+        wait_until("the agent to start the database", MIN, || db.answers().then_some(()));
+        start_times.push(enabled.elapsed());
+        common::agent::wait_data_plane(&d, "db-agent", "restore", "enforced");
+        assert_eq!((count(&db, "secret"), count(&db, "plain")), (30, 30), "every row is back after enable {cycle}");
+    }
+    assert!(!crashed(&db), "{}", db.log());
+    println!(
+        "mariadb with the agent: disable -> database stopped {:?}; enable -> answering again {:?}",
+        stop_times.iter().map(|t| t.as_millis()).collect::<Vec<_>>(),
+        start_times.iter().map(|t| t.as_millis()).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn an_agent_killed_during_a_revocation_still_stops_the_database_exactly_once() {
+    if mariadbd().is_none() {
+        return;
+    }
+    let broker = Broker::start();
+    let (d, _kv, db) = setup(&broker, &[], "db-kill", &[]);
+    let defaults = db.hook_defaults();
+    let env = hook_env(&db, &defaults);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let start = shipped_hook("restore", "mariadb-start");
+    let started = std::process::Command::new(&start.argv[0])
+        .envs(env.iter().copied())
+        .env("KEYWARDEN_ACTION", "restore")
+        .env("KEYWARDEN_INSTANCE_ID", "db-kill")
+        .env("KEYWARDEN_COMMAND_ID", "first-start")
+        .output()
+        .unwrap();
+    assert!(started.status.success(), "mariadb-start: {}", String::from_utf8_lossy(&started.stderr));
+    create_tables(&db, 10);
+    // The shipped stop hook, behind a line that records each run and
+    // whether the agent says it is a re-run of an interrupted one.
+    let runs = db.dir.path().join("revoke-runs");
+    let stop = shipped_hook("revoke", "mariadb-stop").argv[0].clone();
+    let wrapper = format!("echo \"run interrupted=${{KEYWARDEN_INTERRUPTED:-0}}\" >> {runs:?}; exec {stop:?}");
+    let revoke = common::agent::HookSpec { action: "revoke", argv: vec!["/bin/sh".into(), "-c".into(), wrapper], timeout: "60s" };
+    let mut agent = common::agent::Agent::hosting(&broker.bootstrap, &d, &[("db-kill", env.clone())], &[revoke], "");
+
+    d.act("key-db-kill", "disable");
+    // The agent dies once the server has begun its shutdown and the hook is
+    // still waiting for it to finish.
+    wait_until("the shutdown to begin", MIN, || db.full_log().contains("Normal shutdown").then_some(()));
+    agent.kill();
+    let interrupted_while_running = db.running_pid().is_some();
+    agent.restart();
+    common::agent::wait_data_plane(&d, "db-kill", "revoke", "enforced");
+    let runs = std::fs::read_to_string(&runs).unwrap();
+    assert_eq!(runs.lines().collect::<Vec<_>>(), ["run interrupted=0", "run interrupted=1"], "the hook was cut short by the kill and re-run once");
+    assert!(db.running_pid().is_none() && !db.answers(), "the database is stopped");
+    assert_eq!(clean_shutdowns(&db), (1, 1), "stopped exactly once, cleanly:\n{}", db.log());
+    assert!(!crashed(&db), "{}", db.log());
+    println!("mariadb: agent killed mid-shutdown (server still running at the kill: {interrupted_while_running}); one clean shutdown after its restart");
+}

@@ -32,6 +32,13 @@ impl Agent {
     /// appended (alerts, retry). Each instance's hooks get HOOK_DIR, the
     /// directory the test reads their effects from.
     pub fn start(bootstrap: &str, d: &Daemon, instances: &[&str], hooks: &[HookSpec], hook_dir: &Path, extra: &str) -> Agent {
+        let hook_dir = hook_dir.display().to_string();
+        let hosted: Vec<(&str, Vec<(&str, &str)>)> = instances.iter().map(|id| (*id, vec![("HOOK_DIR", hook_dir.as_str())])).collect();
+        Agent::hosting(bootstrap, d, &hosted, hooks, extra)
+    }
+
+    /// An agent hosting each instance with its hooks' own environment.
+    pub fn hosting(bootstrap: &str, d: &Daemon, instances: &[(&str, Vec<(&str, &str)>)], hooks: &[HookSpec], extra: &str) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("command-hmac.key");
         std::fs::write(&key, TEST_EVENT_SECRET).unwrap();
@@ -41,10 +48,11 @@ impl Agent {
             uuid::Uuid::new_v4(),
             d.api,
         );
-        for id in instances {
+        for (id, env) in instances {
             let cred = dir.path().join(format!("{id}.token"));
             std::fs::write(&cred, d.dek_token_for(id)).unwrap();
-            toml.push_str(&format!("[[instances]]\nid = {id:?}\ncredential_file = {cred:?}\nenv = {{ HOOK_DIR = {hook_dir:?} }}\n"));
+            let env: Vec<String> = env.iter().map(|(k, v)| format!("{k} = {v:?}")).collect();
+            toml.push_str(&format!("[[instances]]\nid = {id:?}\ncredential_file = {cred:?}\nenv = {{ {} }}\n", env.join(", ")));
         }
         for h in hooks {
             toml.push_str(&format!("[hooks.{}]\nargv = {:?}\ntimeout = {:?}\n", h.action, h.argv, h.timeout));

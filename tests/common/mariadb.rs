@@ -84,7 +84,7 @@ impl Mariadb {
             .arg("--user=root")
             .arg(format!("--datadir={}", self.datadir.display()))
             .arg(format!("--socket={}", self.socket.display()))
-            .arg(format!("--pid-file={}", self.dir.path().join("mysqld.pid").display()))
+            .arg(format!("--pid-file={}", self.pid_file().display()))
             .arg(format!("--log-error={}", self.error_log.display()))
             .arg("--skip-networking")
             .arg("--innodb-buffer-pool-size=32M")
@@ -181,6 +181,52 @@ impl Mariadb {
         std::fs::read_to_string(&self.error_log).unwrap_or_default()
     }
 
+    /// A complete option file for a mariadbd that the agent's shipped hooks
+    /// start (`mariadbd --defaults-file=`, MARIADB_DEFAULTS): the shipped
+    /// file, this server's paths and options, and the instance's token in a
+    /// 0600 option file of its own that it includes.
+    pub fn hook_defaults(&self) -> PathBuf {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        let token = self.dir.path().join("token.cnf");
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&token).unwrap();
+        writeln!(f, "[mariadbd]\nhashicorp-key-management-token = {}", self.token).unwrap();
+        let mut cnf = format!(
+            "!include {}\n[mariadbd]\nuser = root\ndatadir = {}\nsocket = {}\npid-file = {}\nlog-error = {}\nskip-networking\ninnodb-buffer-pool-size = 32M\n",
+            self.cnf.display(),
+            self.datadir.display(),
+            self.socket.display(),
+            self.pid_file().display(),
+            self.error_log.display()
+        );
+        for opt in &self.extra {
+            cnf.push_str(opt.trim_start_matches("--"));
+            cnf.push('\n');
+        }
+        cnf.push_str(&format!("!include {}\n", token.display()));
+        let file = self.dir.path().join("hooks.cnf");
+        std::fs::write(&file, cnf).unwrap();
+        file
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.dir.path().join("mysqld.pid")
+    }
+
+    /// The pid of a server running from this datadir, whoever started it
+    /// (the test or a hook): from its pid file, which a clean shutdown
+    /// removes, if that process is alive.
+    pub fn running_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()?;
+        // SAFETY: signal 0 only checks that the process exists.
+        (unsafe { libc::kill(pid, 0) } == 0).then_some(pid)
+    }
+
+    /// Whether it answers a query on its socket.
+    pub fn answers(&self) -> bool {
+        self.query("SELECT 1").is_ok()
+    }
+
     /// Every regular file under the datadir, with its bytes.
     pub fn data_files(&self) -> Vec<(PathBuf, Vec<u8>)> {
         files_under(&self.datadir)
@@ -217,6 +263,10 @@ impl Drop for Mariadb {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        } else if let Some(pid) = self.running_pid() {
+            // Started detached by a hook: not this process's child.
+            // SAFETY: a plain kill of a pid read from this test's own pid file.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         if std::thread::panicking() {
             eprintln!("---- mariadbd log ----\n{}", self.log());
