@@ -229,6 +229,20 @@ impl KmsError {
 pub struct KmsKeyState {
     pub status: KeyStatus,
     pub latest_version: String,
+    /// Past its expiration date (Key Protect's Deactivated): the key still
+    /// unwraps and rewraps, so its DEKs are served, but it wraps nothing new
+    /// and the customer should rotate or replace it. Reconciliation alerts.
+    pub expired: bool,
+    /// The KMS no longer knows the key (Key Protect's 404 after a purge): its
+    /// material is destroyed and nothing it wrapped can be unwrapped again.
+    pub material_destroyed: bool,
+}
+
+impl KmsKeyState {
+    /// A key in `status`, neither expired nor destroyed.
+    pub fn new(status: KeyStatus, latest_version: impl Into<String>) -> KmsKeyState {
+        KmsKeyState { status, latest_version: latest_version.into(), expired: false, material_destroyed: false }
+    }
 }
 
 /// What keywarden needs of any KMS. `rewrap` never hands the plaintext to the
