@@ -212,7 +212,7 @@ fn activity_tracker_records_are_hints_that_key_protect_must_confirm() {
     kp.set_state(key, 2, "disable");
     send("at-2", "kms.secrets.disable", 2);
     d.wait_state("at-db", "revoked");
-    assert_eq!(d.wait_event("at-2")["correlation_id"], "corr-at-2");
+    assert_eq!(d.wait_event("at:at-2")["correlation_id"], "corr-at-2");
     send("at-3", "kms.secrets.enable", 3);
     assert!(wait_dead_letter(&mut dlq, "at-3").contains("reports it disabled"));
     kp.set_state(key, 1, "enable");
@@ -248,6 +248,26 @@ fn activity_tracker_records_are_hints_that_key_protect_must_confirm() {
     assert!(wait_dead_letter(&mut dlq, "at-12").contains("waits for the kms"));
     assert_eq!(d.state("at-db"), "revoked");
     assert_eq!(security_events(&d, "hint_contradicted"), 5, "at-1, at-3, at-5, at-7 and at-9; the unanswered at-12 is not one");
+
+    // Expire and acknowledgement records are noted, not dead-lettered; a
+    // purge record is believed once Key Protect answers 404 for the key, and
+    // destroys the DEKs. The restore after it is the positive marker that the
+    // two records before it were read and none was dead-lettered.
+    kp.kp.fail_next.store(0, Ordering::SeqCst);
+    send("at-13", "kms.secrets.expire", 13);
+    send("at-14", "kms.secrets.ack-disable", 14);
+    kp.set_state(key, 5, "delete");
+    kp.purge(key);
+    send("at-15", "kms.secrets.purge", 15);
+    d.wait_state("at-db", "destroyed");
+    assert_eq!(d.dek("at-db").0, 410);
+    send("at-16", "kms.secrets.restore", 16);
+    wait_dead_letter(&mut dlq, "at-16");
+    let dead: Vec<String> = dlq.seen.iter().filter_map(|m| m.header("keywarden.reason")).map(str::to_owned).collect();
+    assert!(dead.iter().all(|r| !r.contains("at-13") && !r.contains("at-14") && !r.contains("kms.secrets.expire")), "{dead:#?}");
+    assert!(d.log().contains("kms.secrets.expire for crn:") && d.log().contains("record noted; nothing to apply"));
+    // None of these ids is Key Protect's: nothing was acknowledged.
+    assert!(kp.acks().is_empty(), "{:?}", kp.acks());
     drop(rt);
 }
 
