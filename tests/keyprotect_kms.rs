@@ -402,3 +402,53 @@ fn instance_ids_under_key_protect_keys_fit_the_aad_limit() {
     assert_eq!(d.dek(&"i".repeat(255)).0, 200);
     drop(rt);
 }
+
+/// Acknowledgements go per key in parallel: while Key Protect answers one
+/// key's event_ack with a burst of 429s, another key's acknowledgement still
+/// arrives. The throttled one, still unsent after `ack_warn_after`, raises the
+/// deadline alert and shows in the metric; once the burst ends it is sent.
+#[test]
+fn a_throttled_keys_acknowledgements_do_not_stall_other_keys_and_a_late_one_alerts() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kp = KeyProtectDouble::start(&rt, "us-south");
+    let (busy, calm) = ("busy-root-key", "calm-root-key");
+    kp.add_key(busy);
+    kp.add_key(calm);
+    let broker = Broker::start();
+    let (d, _config) = daemon_on_key_protect(&broker, &[&kp], "ack_warn_after = \"2s\"\n");
+    d.create_instance("busy-db", &kp.crn(busy));
+    d.create_instance("calm-db", &kp.crn(calm));
+
+    *kp.kp.throttle_acks_of.lock().unwrap() = Some((busy.to_string(), usize::MAX));
+    let p = producer(&broker.bootstrap);
+    let busy_event = kp.set_state(busy, 2, "disable");
+    produce(&p, "key-lifecycle", Some(&kp.crn(busy)), &event(&busy_event, "disable", &kp.crn(busy), None, &soon(1)));
+    d.wait_state("busy-db", "revoked");
+    let started = std::time::Instant::now();
+    let calm_event = kp.set_state(calm, 2, "disable");
+    produce(&p, "key-lifecycle", Some(&kp.crn(calm)), &event(&calm_event, "disable", &kp.crn(calm), None, &soon(2)));
+    let ack = wait_until("the calm key's ack during the other's 429 burst", Duration::from_secs(30), || {
+        kp.acks().into_iter().find(|a| a["eventId"] == calm_event.as_str())
+    });
+    println!("calm key acknowledged {:?} after its event, while the busy key's acks were throttled", started.elapsed());
+    assert_eq!(ack["adopterKeyState"], "DEK_DISABLED");
+    assert!(kp.acks().iter().all(|a| a["eventId"] != busy_event.as_str()), "the busy key's ack is still throttled");
+
+    let line = wait_until("the deadline alert for the throttled ack", Duration::from_secs(30), || {
+        d.log().lines().find(|l| l.contains("nears the kms's deadline") && l.contains(&busy_event)).map(str::to_owned)
+    });
+    assert!(line.contains(&kp.crn(busy)), "{line}");
+    let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
+    let oldest: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keywarden_kms_ack_oldest_pending_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the ack age metric");
+    println!("oldest unsent acknowledgement: {oldest}s");
+    assert!(oldest >= 2, "{oldest}");
+
+    *kp.kp.throttle_acks_of.lock().unwrap() = None;
+    let ack = wait_until("the busy key's ack after the burst", Duration::from_secs(60), || kp.acks().into_iter().find(|a| a["eventId"] == busy_event.as_str()));
+    assert_eq!(ack["adopterKeyState"], "DEK_DISABLED");
+    drop(rt);
+}

@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 
 use super::governor::{Governed, RemoteLimits};
 use super::{Dek, Kms, KmsError, KmsKeyState, Provider};
-use crate::config::ConfigError;
+use crate::config::{ConfigError, HumanDuration};
 use crate::engine::{AdopterState, KeyStatus, Notice, WrappedDek};
 use crate::text::percent_encode;
 
@@ -60,6 +60,9 @@ pub struct KeyProtectConfig {
     /// instance, `{region}` the key's region; Key Protect requires a CRN that
     /// names at least the service instance (crn:v1:...:<service instance>).
     pub resource_crn_template: String,
+    /// An acknowledgement still unsent this long after its event raises an
+    /// alert: Key Protect expects one within 4 hours (`dek-rewrapping.md`).
+    pub ack_warn_after: HumanDuration,
     pub limits: RemoteLimits,
 }
 
@@ -76,6 +79,7 @@ impl Default for KeyProtectConfig {
             key_ring: String::new(),
             prevent_key_deletion: false,
             resource_crn_template: String::new(),
+            ack_warn_after: HumanDuration(Duration::from_secs(3 * 3600)),
             limits: RemoteLimits::default(),
         }
     }
@@ -96,6 +100,9 @@ pub fn build(config: &KeyProtectConfig) -> Result<Arc<dyn Kms>, KmsError> {
 /// the instance id is the AAD, so an instance id must fit.
 pub const MAX_AAD: usize = 255;
 
+/// Key Protect's time for an adopter to acknowledge an event (`dek-rewrapping.md`).
+const ACK_DEADLINE: Duration = Duration::from_secs(4 * 3600);
+
 impl KeyProtectConfig {
     /// `used`: a route or `kms.default` names keyprotect. Only then is an API
     /// key required, so that a config that leaves Key Protect unused needs none.
@@ -108,6 +115,13 @@ impl KeyProtectConfig {
         }
         if let Some((region, url)) = self.endpoints.iter().find(|(_, u)| !u.starts_with("http")) {
             return Err(ConfigError::invalid("kms.keyprotect.endpoints", url, &format!("a URL for region {region}")));
+        }
+        if self.ack_warn_after.0 >= ACK_DEADLINE {
+            return Err(ConfigError::invalid(
+                "kms.keyprotect.ack_warn_after",
+                humantime::format_duration(self.ack_warn_after.0),
+                "less than Key Protect's 4h deadline",
+            ));
         }
         if !self.service_api_key_file.as_os_str().is_empty() {
             let t = &self.resource_crn_template;
@@ -158,6 +172,7 @@ pub struct KeyProtect {
     service: Option<Credential>,
     prevent_key_deletion: bool,
     resource_crn_template: String,
+    ack_warn_after: Duration,
 }
 
 /// Where a key lives: its region, service instance and key id.
@@ -249,6 +264,7 @@ impl KeyProtect {
             service,
             prevent_key_deletion: config.prevent_key_deletion,
             resource_crn_template: config.resource_crn_template.clone(),
+            ack_warn_after: config.ack_warn_after.0,
         })
     }
 
@@ -455,6 +471,10 @@ impl Kms for KeyProtect {
     /// and acknowledgements to any other.
     fn wants_notices(&self, _key_id: &str) -> bool {
         self.service.is_some()
+    }
+
+    fn notice_deadline(&self, _key_id: &str) -> Option<super::NoticeDeadline> {
+        self.service.as_ref().map(|_| super::NoticeDeadline { deadline: ACK_DEADLINE, warn_after: self.ack_warn_after })
     }
 
     /// Registrations tell Key Protect which resources a key protects (so that it
