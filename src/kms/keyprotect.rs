@@ -114,7 +114,7 @@ impl KeyProtectConfig {
             return Err(ConfigError::invalid("kms.keyprotect.endpoint", &self.endpoint, "a URL, https://{region}.kms.cloud.ibm.com"));
         }
         if let Some((region, url)) = self.endpoints.iter().find(|(_, u)| !u.starts_with("http")) {
-            return Err(ConfigError::invalid("kms.keyprotect.endpoints", url, &format!("a URL for region {region}")));
+            return Err(ConfigError::invalid("kms.keyprotect.endpoints", url, format!("a URL for region {region}")));
         }
         if self.ack_warn_after.0 >= ACK_DEADLINE {
             return Err(ConfigError::invalid(

@@ -2,23 +2,23 @@
 //! own Python client (`tests/keyprotect_conformance.rs`), not by keywarden.
 //!
 //! Sources, cited at each rule as `[page]`:
-//! - [key-states]: ibm-cloud-docs/key-protect `concepts/key-states.md` (the
+//! - `[key-states]`: ibm-cloud-docs/key-protect `concepts/key-states.md` (the
 //!   table of actions allowed per state);
-//! - [delete-purge]: `delete-purge-keys.md` (restore for 30 days, purge four
+//! - `[delete-purge]`: `delete-purge-keys.md` (restore for 30 days, purge four
 //!   hours after deletion, then 404 for every call);
-//! - [sync]: `integrations/sync-resources.md` (409 within an hour of the last
+//! - `[sync]`: `integrations/sync-resources.md` (409 within an hour of the last
 //!   sync or lifecycle action);
-//! - [errors]: `error-messages.md` (the envelope, the reason codes and their
+//! - `[errors]`: `error-messages.md` (the envelope, the reason codes and their
 //!   statuses, the 30 seconds between an action and an enable or restore,
 //!   service-to-service only actions);
-//! - [registration]: `internal/key-registration.md` at 57f478d^ (registration
+//! - `[registration]`: `internal/key-registration.md` at 57f478d^ (registration
 //!   actions allowed per key state);
-//! - [rewrap]: `internal/dek-rewrapping.md` at 57f478d^ (the event_ack body);
-//! - [api-cli]: `internal/api-cli.md` at 57f478d^ (event_ack and
+//! - `[rewrap]`: `internal/dek-rewrapping.md` at 57f478d^ (the event_ack body);
+//! - `[api-cli]`: `internal/api-cli.md` at 57f478d^ (event_ack and
 //!   registrations are service-to-service calls; `keyStateData.keyVersion`);
-//! - [iam]: https://cloud.ibm.com/docs/account?topic=account-iamtoken_from_apikey
+//! - `[iam]`: https://cloud.ibm.com/docs/account?topic=account-iamtoken_from_apikey
 //!   (form exchange; tokens are JWTs whose `exp` and `iat` IBM's SDK core reads);
-//! - [python]: PyPI `keyprotect` 3.0.1 (per-action content types, or none for
+//! - `[python]`: PyPI `keyprotect` 3.0.1 (per-action content types, or none for
 //!   enable, disable and sync) and IBM/keyprotect-go-client (`/oidc/token`).
 #![allow(dead_code)]
 
@@ -167,6 +167,8 @@ impl Inner {
     /// The bearer token and the instance; `Ok(service)` says whether the
     /// caller holds a service-to-service token. Injected throttling and
     /// failures come after authentication, as the service's would.
+    // The refusal is the HTTP answer itself, returned as is by every handler.
+    #[allow(clippy::result_large_err)]
     fn check(&self, headers: &HeaderMap, what: &str) -> Result<bool, Response> {
         let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
         let service = self.tokens.lock().unwrap().get(bearer).filter(|t| t.expires > Instant::now()).map(|t| t.service);
