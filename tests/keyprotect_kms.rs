@@ -386,20 +386,47 @@ fn keys_in_two_regions_are_each_served_by_their_region() {
 }
 
 /// Key Protect's AAD strings are at most 255 characters, and the instance id
-/// is the AAD: a longer one is refused at creation, saying why.
+/// is the AAD: a longer one is refused at creation, saying why. A
+/// registration refused as not service-to-service is an alert naming the
+/// setting, never a silent drop; without a service credential `check-config`
+/// says registrations and acknowledgements are off.
 #[test]
-fn instance_ids_under_key_protect_keys_fit_the_aad_limit() {
+fn instance_ids_fit_the_aad_limit_and_a_refused_registration_alerts() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let kp = KeyProtectDouble::start(&rt, "us-south");
     kp.add_key("aad-key");
     let broker = Broker::start();
-    let (d, _config) = daemon_on_key_protect(&broker, &[&kp], "");
+    let (d, config) = daemon_on_key_protect(&broker, &[&kp], "");
     let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "i".repeat(256), "key_id": kp.crn("aad-key")})));
     assert_eq!(s, 400, "{v}");
     assert!(v["error"].as_str().unwrap().contains("at most 255"), "{v}");
     let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "i".repeat(255), "key_id": kp.crn("aad-key")})));
     assert_eq!(s, 201, "{v}");
     assert_eq!(d.dek(&"i".repeat(255)).0, 200);
+
+    // The customer's API key where the service's belongs: Key Protect answers SERVICE_ONLY_ERR.
+    std::fs::write(config.path().join("ibm-service-api-key"), format!("{API_KEY}\n")).unwrap();
+    kp.revoke_tokens();
+    d.create_instance("refused-db", &kp.crn("aad-key"));
+    let line = wait_until("the refused registration's alert", Duration::from_secs(30), || {
+        d.log().lines().find(|l| l.contains("kms refused a notice; dropping it and alerting") && l.contains("refused-db")).map(str::to_owned)
+    });
+    assert!(line.contains("SERVICE_ONLY") || line.contains("service_api_key_file"), "{line}");
+    assert!(kp.refusals().iter().any(|r| r.contains("registrations") && r.contains("403")), "{:?}", kp.refusals());
+
+    let bare = config.path().join("no-service.toml");
+    std::fs::write(
+        &bare,
+        format!(
+            "[kms]\nroutes = [{{ prefix = \"crn:v1:\", provider = \"keyprotect\" }}]\n[kms.keyprotect]\napi_key_file = \"{}\"\n",
+            config.path().join("ibm-api-key").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).arg("check-config").env("KEYWARDEN_CONFIG", &bare).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("service_api_key_file is not set") && said.contains("acknowledges"), "{said}");
     drop(rt);
 }
 
