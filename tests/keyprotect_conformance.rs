@@ -81,11 +81,36 @@ out["registration_by_customer"] = requests.post(reg, headers=h(c), data=body).st
 out["registration_by_service"] = requests.put(reg, headers=h(s), data=body).status_code
 out["bare_resource"] = requests.post(url + "/api/v2/keys/" + key + "/registrations/db-instance", headers=h(s), data=body).status_code
 out["ack_unknown_event"] = requests.post(url + "/api/v2/event_ack", headers=h(s), data=ack("my-own-id")).status_code
+out["wrap_without_content_type"] = requests.post(url + "/api/v2/keys/" + key + "/actions/wrap", headers=h(c), data=json.dumps({"plaintext": "a2V5a2V5a2V5a2V5"})).status_code
 requests.post(url + "/api/v2/keys/" + key + "/actions/disable", headers=h(c))
 out["enable_too_soon"] = requests.post(url + "/api/v2/keys/" + key + "/actions/enable", headers=h(c)).status_code
 out["wrap_suspended"] = requests.post(url + "/api/v2/keys/" + key + "/actions/wrap", headers=h(c), json={"plaintext": "a2V5"}).status_code
 out["registration_delete_suspended"] = requests.delete(reg, headers=h(s)).status_code
+rotated = sys.argv[6]
+def ack_rotated(state_data):
+    return json.dumps({"metadata": {"collectionType": "application/vnd.ibm.kms.event_acknowledge+json", "collectionTotal": 1},
+        "resources": [{"eventId": rotated, "adopterKeyState": "DEK_ENABLED", "timestamp": "2026-12-01T00:00:00Z", "keyStateData": state_data}]})
+out["ack_rewrapped_key_version"] = requests.post(url + "/api/v2/event_ack", headers=h(s), data=ack_rotated({"rewrappedKeyVersion": "v"})).status_code
+out["ack_key_version"] = requests.post(url + "/api/v2/event_ack", headers=h(s), data=ack_rotated({"keyVersion": "v"})).status_code
+out["ack_by_customer"] = requests.post(url + "/api/v2/event_ack", headers=h(c), data=ack_rotated({"keyVersion": "v"})).status_code
 print(json.dumps(out))
+"#;
+
+/// Raw calls on one key: `wrap` prints a ciphertext, `expired` the statuses
+/// of unwrap, rewrap and wrap, `metadata` the status of a metadata read.
+const STATE3: &str = r#"
+import sys, json, requests
+url, instance, key, api_key, step, arg = sys.argv[1:7]
+t = requests.post(url + "/identity/token", data={"grant_type": "urn:ibm:params:oauth:grant-type:apikey", "apikey": api_key}).json()["access_token"]
+h = {"authorization": "Bearer " + t, "bluemix-instance": instance, "content-type": "application/vnd.ibm.kms.key_action+json"}
+act = lambda a, b: requests.post(url + "/api/v2/keys/" + key + "/actions/" + a, headers=h, data=json.dumps(b))
+if step == "wrap":
+    print(act("wrap", {"plaintext": "a2V5a2V5a2V5a2V5", "aad": ["i"]}).json()["ciphertext"])
+elif step == "expired":
+    print(act("unwrap", {"ciphertext": arg, "aad": ["i"]}).status_code, act("rewrap", {"ciphertext": arg, "aad": ["i"]}).status_code,
+          act("wrap", {"plaintext": "a2V5", "aad": ["i"]}).status_code)
+else:
+    print(requests.get(url + "/api/v2/keys/" + key + "/metadata", headers=h).status_code)
 "#;
 
 #[test]
@@ -134,10 +159,21 @@ fn ibm_python_client_is_served_by_the_key_protect_double() {
     let key = v["key"].as_str().unwrap().to_string();
 
     *double.kp.action_gap.lock().unwrap() = std::time::Duration::from_secs(30);
-    let out = std::process::Command::new("python3").args(["-c", STRICT, &double.url, INSTANCE, &key, API_KEY, SERVICE_API_KEY]).output().expect("python3");
+    let rotated = double
+        .kp
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, _, action)| action == "rotate")
+        .map(|(id, _, _)| id.clone())
+        .expect("the client's rotation issued an event");
+    let out =
+        std::process::Command::new("python3").args(["-c", STRICT, &double.url, INSTANCE, &key, API_KEY, SERVICE_API_KEY, &rotated]).output().expect("python3");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s: Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     println!("the double's refusals of undocumented requests: {s}");
+    assert_eq!(s["wrap_without_content_type"], 200, "[python]: the Go client sends no content type");
     assert_eq!(s["registration_by_customer"], 403, "[errors] 30: service to service only");
     assert_eq!(s["registration_by_service"], 201);
     assert_eq!(s["bare_resource"], 400, "a registration names a resource CRN");
@@ -145,24 +181,25 @@ fn ibm_python_client_is_served_by_the_key_protect_double() {
     assert_eq!(s["enable_too_soon"], 409, "[errors] 26");
     assert_eq!(s["wrap_suspended"], 409, "[key-states]");
     assert_eq!(s["registration_delete_suspended"], 204, "[registration]: delete while suspended");
+    assert_eq!((s["ack_rewrapped_key_version"].as_u64(), s["ack_key_version"].as_u64()), (Some(204), Some(204)), "[rewrap] and [api-cli] ack forms");
+    assert_eq!(s["ack_by_customer"], 403, "[api-cli]: event_ack is service to service");
 
-    // State 3 allows unwrap and rewrap but not wrap; after a purge, 404.
+    // [key-states]: Deactivated (3) unwraps and rewraps but does not wrap;
+    // [delete-purge]: after a purge, 404.
     let k = "expiring";
     double.add_key(k);
+    let call = |step: &str, arg: &str| {
+        let out = std::process::Command::new("python3").args(["-c", STATE3, &double.url, INSTANCE, k, API_KEY, step, arg]).output().expect("python3");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let ciphertext = call("wrap", "");
     double.expire(k);
+    let expired = call("expired", &ciphertext);
+    println!("deactivated key (unwrap, rewrap, wrap): {expired}");
+    assert_eq!(expired, "200 200 409");
     double.set_state(k, 5, "delete");
     double.purge(k);
-    let purged = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import sys,requests\nurl,i,k,a=sys.argv[1:5]\nt=requests.post(url+'/identity/token',data={'grant_type':'urn:ibm:params:oauth:grant-type:apikey','apikey':a}).json()['access_token']\nprint(requests.get(url+'/api/v2/keys/'+k+'/metadata',headers={'authorization':'Bearer '+t,'bluemix-instance':i}).status_code)",
-            &double.url,
-            INSTANCE,
-            k,
-            API_KEY,
-        ])
-        .output()
-        .expect("python3");
-    assert_eq!(String::from_utf8_lossy(&purged.stdout).trim(), "404", "[delete-purge]: every call on a purged key is 404");
+    assert_eq!(call("metadata", ""), "404", "[delete-purge]: every call on a purged key is 404");
     drop(rt);
 }

@@ -302,5 +302,10 @@ mod tests {
         assert!(matches!(Answer::from_result(Err(KmsError::KeyDeleted("k".into()))), Answer::State(KmsKeyState { status: KeyStatus::Deleted, .. })));
         assert!(matches!(Answer::from_result(Err(KmsError::Throttled("slow down".into()))), Answer::Unreachable(_)));
         assert!(matches!(Answer::from_result(Err(KmsError::Refused("403".into()))), Answer::Unreachable(_)));
+        // Key Protect's 404 after a purge: the key is gone, not merely deleted.
+        let purged = KmsKeyState { material_destroyed: true, ..KmsKeyState::new(KeyStatus::Deleted, "") };
+        assert!(matches!(Answer::from_result(Ok(purged)), Answer::Gone));
+        let expired = KmsKeyState { expired: true, ..KmsKeyState::new(KeyStatus::Active, "v1") };
+        assert!(matches!(Answer::from_result(Ok(expired)), Answer::State(KmsKeyState { status: KeyStatus::Active, .. })));
     }
 }
