@@ -281,7 +281,7 @@ impl Relay {
                         Severity::Warning,
                         &[("key_id", key_id)],
                         format!("the kms of key {key_id} refused a {}", notice_kind(notice)),
-                        format!("{e}. The notice was dropped; fix the cause, then run `keywarden` sync for the key if the KMS should learn the state again"),
+                        format!("{e}. The notice was dropped; fix the cause, then run `keywarden key sync <key>` if the KMS should hear of the key again"),
                         Utc::now(),
                     );
                     if let Err(e) = self.writer.submit(Input::Alert(alert)).await {
