@@ -16,11 +16,12 @@ fi
 # confluent-kafka and kafka-python: independent third-party Kafka clients
 # (kafka-python is its own implementation, and writes header names as raw
 # bytes); moto[server]: a real AWS KMS API implementation (moto_server) for the
-# AWS provider's tests.
-if python3 -c 'import confluent_kafka, kafka, moto.server, boto3, flask_cors' 2>/dev/null; then
+# AWS provider's tests; keyprotect: IBM's official Key Protect client (with
+# ibm-cloud-sdk-core), which judges the Key Protect double.
+if python3 -c 'import confluent_kafka, kafka, moto.server, boto3, flask_cors, keyprotect, ibm_cloud_sdk_core' 2>/dev/null; then
   echo "python test tools: present"
 else
-  python3 -m pip install --quiet confluent-kafka kafka-python "moto[server]" boto3
+  python3 -m pip install --quiet confluent-kafka kafka-python "moto[server]" boto3 keyprotect
 fi
 
 # systemd-analyze checks the unit; Prometheus scrapes the daemon and

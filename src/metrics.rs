@@ -36,6 +36,8 @@ pub struct Metrics {
     pub dek_release_audits_dropped: prometheus::IntCounter,
     pub commit_seconds: Histogram,
     pub outbox_depth: IntGauge,
+    /// Age of the oldest acknowledgement a KMS with a deadline still waits for.
+    pub kms_ack_oldest_seconds: IntGauge,
     pub consumer_lag: IntGaugeVec,
     pub rotations_active: IntGauge,
     pub rotation_pending: IntGauge,
@@ -91,6 +93,11 @@ impl Metrics {
         )
         .expect("metric");
         let outbox_depth = IntGauge::new("keywarden_outbox_depth", "Effects committed but not yet published").expect("metric");
+        let kms_ack_oldest_seconds = IntGauge::new(
+            "keywarden_kms_ack_oldest_pending_seconds",
+            "Age of the oldest unsent acknowledgement to a KMS that sets a deadline (Key Protect: 4h)",
+        )
+        .expect("metric");
         let consumer_lag = IntGaugeVec::new(
             Opts::new("keywarden_consumer_lag", "Messages on an assigned events partition not yet durably applied (high watermark minus stored offset)"),
             &["partition"],
@@ -109,7 +116,7 @@ impl Metrics {
         for h in [&event_to_action, &rewrap_seconds] {
             registry.register(Box::new(h.clone())).expect("register");
         }
-        for g in [&outbox_depth, &rotations_active, &rotation_pending] {
+        for g in [&outbox_depth, &kms_ack_oldest_seconds, &rotations_active, &rotation_pending] {
             registry.register(Box::new(g.clone())).expect("register");
         }
         for g in [&consumer_lag, &instances, &build_info] {
@@ -140,6 +147,7 @@ impl Metrics {
             dek_release_audits_dropped,
             commit_seconds,
             outbox_depth,
+            kms_ack_oldest_seconds,
             consumer_lag,
             rotations_active,
             rotation_pending,

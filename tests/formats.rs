@@ -80,7 +80,7 @@ fn unsigned_formats_are_refused_on_a_topic_not_configured_for_hints() {
     produce_as_outsider(&broker.bootstrap, "key-lifecycle", CRN, &at_event("at-1", "kms.secrets.delete", "corr-1", &activity_tracker_time(2)));
     wait_dead_letter(&mut dlq, "activity-tracker events cannot be signed");
     assert_eq!(security_events(&d, "hint_topic"), 2);
-    for (id, event) in [("aws-db", "eb-1"), ("at-db", "at-1")] {
+    for (id, event) in [("aws-db", "eb-1"), ("at-db", "at:at-1")] {
         assert_eq!(d.state(id), "active", "{id}");
         assert_eq!(d.get(&format!("/v1/events/{event}")).0, 404);
     }

@@ -4,292 +4,68 @@
 //! -unwrap-keys, -rewrap-keys), key metadata and states (-key-states) and the
 //! error envelope (-error-messages). Key Protect cannot be installed here.
 
+#[path = "common/keyprotect_double.rs"]
+mod keyprotect_double;
+
 mod common;
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
-use axum::extract::{Form, Path, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use base64::{engine::general_purpose::STANDARD, Engine};
 use common::*;
-use rand::RngCore;
-use serde_json::{json, Value};
+use keyprotect_double::{KeyProtectDouble, API_KEY, SERVICE_API_KEY};
+use serde_json::json;
 
-const INSTANCE: &str = "7d2a5c47-instance";
-const API_KEY: &str = "keywarden-service-id-api-key";
+/// The resource CRN template keywarden registers instances under.
+const RESOURCE_CRN: &str = "crn:v1:bluemix:public:databases-for-mysql:{region}:a/acct:dbaas-instance:deployment:{instance_id}";
 
-struct RootKey {
-    state: i64,
-    /// (version id, material), oldest first
-    versions: Vec<(String, [u8; 32])>,
-}
-
-#[derive(Default)]
-struct KeyProtect {
-    tokens: Mutex<HashMap<String, Instant>>,
-    token_lifetime: Mutex<Duration>,
-    exchanges: AtomicUsize,
-    keys: Mutex<HashMap<String, RootKey>>,
-    throttle_next: AtomicUsize,
-    fail_next: AtomicUsize,
-    rewraps: AtomicUsize,
-    /// (key id, resource CRN) -> registered key version, if updated
-    registrations: Mutex<HashMap<(String, String), Option<String>>>,
-    acks: Mutex<Vec<Value>>,
-    last_sync: Mutex<Option<Instant>>,
-}
-
-type S = State<Arc<KeyProtect>>;
-
-fn kp_error(status: StatusCode, code: &str, msg: &str) -> Response {
-    let mut resource = json!({ "errorMsg": msg });
-    if !code.is_empty() {
-        resource["reasons"] = json!([{ "code": code, "message": msg, "status": status.as_u16(), "moreInfo": "https://cloud.ibm.com/apidocs/key-protect" }]);
-    }
-    (status, Json(json!({ "metadata": { "collectionType": "application/vnd.ibm.kms.error+json", "collectionTotal": 1 }, "resources": [resource] })))
-        .into_response()
-}
-
-async fn token(State(kp): S, Form(form): Form<HashMap<String, String>>) -> Response {
-    if form.get("grant_type").map(String::as_str) != Some("urn:ibm:params:oauth:grant-type:apikey") || form.get("apikey").map(String::as_str) != Some(API_KEY) {
-        return (StatusCode::BAD_REQUEST, Json(json!({"errorCode": "BXNIM0415E", "errorMessage": "Provided API key could not be found."}))).into_response();
-    }
-    kp.exchanges.fetch_add(1, Ordering::SeqCst);
-    let lifetime = *kp.token_lifetime.lock().unwrap();
-    let token = format!("eyJ.{}", uuid::Uuid::new_v4());
-    kp.tokens.lock().unwrap().insert(token.clone(), Instant::now() + lifetime);
-    Json(json!({"access_token": token, "refresh_token": "not_supported", "token_type": "Bearer",
-        "expires_in": lifetime.as_secs(), "expiration": 0, "scope": "ibm openid"}))
-    .into_response()
-}
-
-fn check(kp: &KeyProtect, headers: &HeaderMap) -> Option<Response> {
-    let bearer = headers.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
-    let valid = kp.tokens.lock().unwrap().get(bearer).is_some_and(|exp| *exp > Instant::now());
-    if !valid || headers.get("bluemix-instance").and_then(|v| v.to_str().ok()) != Some(INSTANCE) {
-        return Some(kp_error(StatusCode::UNAUTHORIZED, "", "Unauthorized: The user does not have access to the specified resource"));
-    }
-    if kp.throttle_next.load(Ordering::SeqCst) > 0 {
-        kp.throttle_next.fetch_sub(1, Ordering::SeqCst);
-        return Some(kp_error(StatusCode::TOO_MANY_REQUESTS, "", "Too Many Requests: Please wait a few minutes and try again."));
-    }
-    if kp.fail_next.load(Ordering::SeqCst) > 0 {
-        kp.fail_next.fetch_sub(1, Ordering::SeqCst);
-        return Some(kp_error(StatusCode::SERVICE_UNAVAILABLE, "", "Service Unavailable"));
-    }
-    None
-}
-
-fn seal(material: &[u8; 32], plain: &[u8], aad: &str) -> Vec<u8> {
-    let mut nonce = [0u8; 12];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let ct = Aes256Gcm::new_from_slice(material).unwrap().encrypt(Nonce::from_slice(&nonce), Payload { msg: plain, aad: aad.as_bytes() }).unwrap();
-    [nonce.to_vec(), ct].concat()
-}
-
-async fn action(State(kp): S, headers: HeaderMap, Path((id, action)): Path<(String, String)>, body: axum::body::Bytes) -> Response {
-    if let Some(r) = check(&kp, &headers) {
-        return r;
-    }
-    // https://cloud.ibm.com/docs/key-protect?topic=key-protect-sync-associated-resources:
-    // 204, or 409 within an hour of the last notification.
-    if action == "sync" {
-        let mut last = kp.last_sync.lock().unwrap();
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
-            return kp_error(StatusCode::CONFLICT, "REQ_TOO_EARLY_ERR", "Conflict: The key was updated recently: Please wait and try again");
-        }
-        *last = Some(Instant::now());
-        return StatusCode::NO_CONTENT.into_response();
-    }
-    if headers.get("content-type").and_then(|v| v.to_str().ok()) != Some("application/vnd.ibm.kms.key_action+json") {
-        return kp_error(StatusCode::BAD_REQUEST, "BAD_BODY_ERR", "Bad Request: content-type must be application/vnd.ibm.kms.key_action+json");
-    }
-    let Ok(b) = serde_json::from_slice::<Value>(&body) else { return kp_error(StatusCode::BAD_REQUEST, "BAD_BODY_ERR", "Bad Request") };
-    let keys = kp.keys.lock().unwrap();
-    let Some(key) = keys.get(&id) else {
-        return kp_error(
-            StatusCode::NOT_FOUND,
-            "KEY_NOT_FOUND_ERR",
-            "Not Found: Key could not be retrieved: Please see 'reasons' for more details (KEY_NOT_FOUND_ERR)",
-        );
-    };
-    if key.state == 5 {
-        return kp_error(StatusCode::GONE, "KEY_DELETED_ERR", "Gone: Key has already been deleted: Please delete references to this key");
-    }
-    if key.state != 1 {
-        return kp_error(StatusCode::CONFLICT, "KEY_ACTION_INVALID_STATE_ERR", "Conflict: Key is not in a valid state");
-    }
-    let aad = b["aad"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\u{0}")).unwrap_or_default();
-    let (latest_id, latest) = key.versions.last().unwrap();
-    let open = |ciphertext: &str| -> Option<(String, Vec<u8>)> {
-        let raw = STANDARD.decode(ciphertext).ok()?;
-        let (vid, rest) = raw.split_at(36);
-        let vid = String::from_utf8(vid.to_vec()).ok()?;
-        let (_, material) = key.versions.iter().find(|(v, _)| *v == vid)?;
-        let plain =
-            Aes256Gcm::new_from_slice(material).ok()?.decrypt(Nonce::from_slice(&rest[..12]), Payload { msg: &rest[12..], aad: aad.as_bytes() }).ok()?;
-        Some((vid, plain))
-    };
-    let wrap = |plain: &[u8]| STANDARD.encode([latest_id.as_bytes().to_vec(), seal(latest, plain, &aad)].concat());
-    let unprocessable =
-        || kp_error(StatusCode::UNPROCESSABLE_ENTITY, "UNPROCESSABLE_CIPHERTEXT_ERR", "Unprocessable Entity: The provided ciphertext is invalid or corrupted");
-    match action.as_str() {
-        "wrap" => {
-            let Some(plain) = b["plaintext"].as_str().and_then(|p| STANDARD.decode(p).ok()) else {
-                return kp_error(StatusCode::BAD_REQUEST, "INVALID_FIELD_ERR", "The field 'plaintext' must be: a base64 encoded key material");
-            };
-            Json(json!({"ciphertext": wrap(&plain), "keyVersion": {"id": latest_id}})).into_response()
-        }
-        "unwrap" => match open(b["ciphertext"].as_str().unwrap_or_default()) {
-            Some((vid, plain)) => Json(json!({"plaintext": STANDARD.encode(plain), "keyVersion": {"id": vid}})).into_response(),
-            None => unprocessable(),
-        },
-        "rewrap" => match open(b["ciphertext"].as_str().unwrap_or_default()) {
-            Some((vid, plain)) => {
-                kp.rewraps.fetch_add(1, Ordering::SeqCst);
-                Json(json!({"ciphertext": wrap(&plain), "keyVersion": {"id": vid}, "rewrappedKeyVersion": {"id": latest_id}})).into_response()
-            }
-            None => unprocessable(),
-        },
-        _ => kp_error(StatusCode::BAD_REQUEST, "INVALID_QUERY_PARAM_ERR", "Bad Request: unknown action"),
-    }
-}
-
-async fn metadata(State(kp): S, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Some(r) = check(&kp, &headers) {
-        return r;
-    }
-    let keys = kp.keys.lock().unwrap();
-    let Some(key) = keys.get(&id) else {
-        return kp_error(StatusCode::NOT_FOUND, "KEY_NOT_FOUND_ERR", "Not Found: Key could not be retrieved");
-    };
-    Json(json!({"metadata": {"collectionType": "application/vnd.ibm.kms.key+json", "collectionTotal": 1},
-        "resources": [{"type": "application/vnd.ibm.kms.key+json", "id": id, "state": key.state, "extractable": false,
-            "crn": format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:{id}"), "keyRingID": "default",
-            "keyVersion": {"id": key.versions.last().unwrap().0, "creationDate": "2026-11-27T00:00:00Z"}, "deleted": key.state == 5}]}))
-    .into_response()
-}
-
-/// Registrations: POST creates, PATCH updates the key version, DELETE removes
-/// (https://cloud.ibm.com/apidocs/key-protect#createregistration and siblings).
-async fn registration(
-    State(kp): S,
-    method: axum::http::Method,
-    headers: HeaderMap,
-    Path((id, crn)): Path<(String, String)>,
-    body: axum::body::Bytes,
-) -> Response {
-    if let Some(r) = check(&kp, &headers) {
-        return r;
-    }
-    let state = kp.keys.lock().unwrap().get(&id).map(|k| k.state);
-    let Some(state) = state else { return kp_error(StatusCode::NOT_FOUND, "KEY_NOT_FOUND_ERR", "Not Found: Key could not be retrieved") };
-    let mut regs = kp.registrations.lock().unwrap();
-    let entry = (id.clone(), crn.clone());
-    let b: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let input_ok = b["metadata"]["collectionType"] == "application/vnd.ibm.kms.registration_input+json";
-    match method.as_str() {
-        "POST" | "PATCH" if !input_ok => kp_error(StatusCode::BAD_REQUEST, "BAD_BODY_ERR", "Bad Request: registration_input collection expected"),
-        "POST" | "PATCH" if state != 1 => kp_error(StatusCode::UNPROCESSABLE_ENTITY, "KEY_INVALID_STATE_ERR", "Unprocessable: key is not active"),
-        "POST" => {
-            regs.insert(entry, None);
-            (StatusCode::CREATED, Json(json!({"resources": [{"keyId": id, "resourceCrn": crn}]}))).into_response()
-        }
-        "PATCH" if regs.contains_key(&entry) => {
-            regs.insert(entry, b["resources"][0]["keyVersionId"].as_str().map(str::to_owned));
-            Json(json!({"resources": [{"keyId": id, "resourceCrn": crn}]})).into_response()
-        }
-        "DELETE" if regs.remove(&entry).is_some() => StatusCode::NO_CONTENT.into_response(),
-        _ => kp_error(StatusCode::NOT_FOUND, "NOT_FOUND_ERR", "Not Found: registration"),
-    }
-}
-
-async fn event_ack(State(kp): S, headers: HeaderMap, Json(b): Json<Value>) -> Response {
-    if let Some(r) = check(&kp, &headers) {
-        return r;
-    }
-    let r = &b["resources"][0];
-    if b["metadata"]["collectionType"] != "application/vnd.ibm.kms.event_acknowledge+json"
-        || r["eventId"].as_str().is_none()
-        || r["adopterKeyState"].as_str().is_none()
-        || r["timestamp"].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).is_none()
-        || (r["adopterKeyState"] == "DEK_ENABLED" && r["keyStateData"]["rewrappedKeyVersion"].as_str().is_none())
-    {
-        return kp_error(
-            StatusCode::BAD_REQUEST,
-            "BAD_BODY_ERR",
-            "Bad Request: eventId, adopterKeyState, timestamp and, for DEK_ENABLED, keyStateData are required",
-        );
-    }
-    kp.acks.lock().unwrap().push(r.clone());
-    StatusCode::NO_CONTENT.into_response()
-}
-
-fn start(rt: &tokio::runtime::Runtime, kp: Arc<KeyProtect>) -> String {
-    let app = Router::new()
-        .route("/identity/token", post(token))
-        .route("/api/v2/keys/{id}/registrations/{crn}", post(registration).patch(registration).delete(registration))
-        .route("/api/v2/event_ack", post(event_ack))
-        .route("/api/v2/keys/{id}/actions/{action}", post(action))
-        .route("/api/v2/keys/{id}/metadata", get(metadata))
-        .with_state(kp);
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let addr = listener.local_addr().unwrap();
-    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
-    format!("http://{addr}")
-}
-
-fn new_version(kp: &KeyProtect, key: &str) -> String {
-    let mut m = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut m);
-    let id = uuid::Uuid::new_v4().to_string();
-    kp.keys.lock().unwrap().entry(key.to_string()).or_insert(RootKey { state: 1, versions: vec![] }).versions.push((id.clone(), m));
-    id
-}
-
-fn set_state(kp: &KeyProtect, key: &str, state: i64) {
-    kp.keys.lock().unwrap().get_mut(key).unwrap().state = state;
-}
-
-/// A daemon whose CRN-named keys go to the double at `url`, with `extra`
-/// appended to its config; the returned directory holds the config and the
-/// API key file (`ibm-api-key`).
-fn daemon_on_key_protect(broker: &Broker, url: &str, extra: &str) -> (Daemon, tempfile::TempDir) {
+/// A daemon whose CRN-named keys go to the doubles (one per region, through
+/// the `endpoints` override table), with the customer's and the onboarded
+/// service's credentials and `extra` appended to its config; the returned
+/// directory holds the config and the API key files (`ibm-api-key`,
+/// `ibm-service-api-key`).
+fn daemon_on_key_protect(broker: &Broker, doubles: &[&KeyProtectDouble], extra: &str) -> (Daemon, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let api_key = dir.path().join("ibm-api-key");
     std::fs::write(&api_key, format!("{API_KEY}\n")).unwrap();
+    let service_key = dir.path().join("ibm-service-api-key");
+    std::fs::write(&service_key, format!("{SERVICE_API_KEY}\n")).unwrap();
+    let endpoints: Vec<String> = doubles.iter().map(|d| format!("\"{}\" = \"{}\"", d.kp.region, d.url)).collect();
     let config = dir.path().join("keywarden.toml");
     std::fs::write(
         &config,
         format!(
-            "[kms]\nroutes = [{{ prefix = \"crn:v1:\", provider = \"keyprotect\" }}]\n[kms.keyprotect]\nendpoint = \"{url}\"\niam_endpoint = \"{url}\"\napi_key_file = \"{}\"\n{extra}",
-            api_key.display()
+            "[kms]\nroutes = [{{ prefix = \"crn:v1:\", provider = \"keyprotect\" }}]\n[kms.keyprotect]\nendpoint = \"http://127.0.0.1:9/{{region}}\"\nendpoints = {{ {} }}\niam_endpoint = \"{}\"\napi_key_file = \"{}\"\nservice_api_key_file = \"{}\"\nresource_crn_template = \"{RESOURCE_CRN}\"\n{extra}",
+            endpoints.join(", "),
+            doubles[0].url,
+            api_key.display(),
+            service_key.display()
         ),
     )
     .unwrap();
     (Daemon::start(&broker.bootstrap, &[("KEYWARDEN_CONFIG", config.to_str().unwrap())]), dir)
 }
 
+/// The resource CRN an instance is registered under, as Key Protect sees it.
+fn registered(region: &str, instance: &str) -> String {
+    RESOURCE_CRN.replace("{region}", region).replace("{instance_id}", instance)
+}
+
+/// Key Protect's event ids go with its events; keywarden answers each with
+/// event_ack under the onboarded service's credential, and the double accepts
+/// only ids it issued. A native event carrying one stands in for the
+/// notification Key Protect sends.
 #[test]
 fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let kp = Arc::new(KeyProtect::default());
-    *kp.token_lifetime.lock().unwrap() = Duration::from_secs(3);
+    let kp = KeyProtectDouble::start(&rt, "us-south");
+    *kp.kp.token_lifetime.lock().unwrap() = Duration::from_secs(3);
     let key = "0e4b9d1c-root-key";
-    new_version(&kp, key);
-    let url = start(&rt, kp.clone());
-    let crn = format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:{key}");
+    kp.add_key(key);
+    let crn = kp.crn(key);
 
     let broker = Broker::start();
-    let (d, dir) = daemon_on_key_protect(&broker, &url, "");
+    let (d, dir) = daemon_on_key_protect(&broker, &[&kp], "");
     let api_key = dir.path().join("ibm-api-key");
     let enc = crn.replace('/', "%2F");
 
@@ -302,11 +78,11 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
 
     // Rotation, through throttling and a burst of 503s, after the token expired.
     std::thread::sleep(Duration::from_secs(3));
-    let v2 = new_version(&kp, key);
-    kp.throttle_next.store(5, Ordering::SeqCst);
-    kp.fail_next.store(5, Ordering::SeqCst);
+    let (v2, rotated) = kp.rotate(key);
+    kp.kp.throttle_next.store(5, Ordering::SeqCst);
+    kp.kp.fail_next.store(5, Ordering::SeqCst);
     let p = producer(&broker.bootstrap);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-1", "rotate", &crn, Some(&v2), &soon(1)));
+    produce(&p, "key-lifecycle", Some(&crn), &event(&rotated, "rotate", &crn, Some(&v2), &soon(1)));
     let k = d.wait_rotated(&enc, &v2);
     assert_eq!(k["kms"]["provider"], "keyprotect", "{k}");
     for (i, id) in ids.iter().enumerate() {
@@ -315,72 +91,80 @@ fn key_protect_lifecycle_with_token_refresh_throttling_and_state_checks() {
         assert_eq!(v["dek"].as_str().unwrap(), deks[i]);
         assert_eq!(v["key_version"], v2.as_str());
     }
-    assert!(kp.exchanges.load(Ordering::SeqCst) >= 2, "the IAM token was refreshed");
+    assert!(kp.kp.exchanges.load(Ordering::SeqCst) >= 2, "the IAM token was refreshed");
 
-    // A rotation while Key Protect reports the key suspended waits: rewrap only when active.
-    set_state(&kp, key, 2);
-    let v3 = new_version(&kp, key);
-    let before = kp.rewraps.load(Ordering::SeqCst);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-2", "rotate", &crn, Some(&v3), &soon(2)));
-    d.wait_event("kp-2");
+    // A rotation while Key Protect reports the key suspended waits: rewrap only in 1 or 3.
+    let (v3, rotated3) = kp.rotate(key);
+    kp.set_state(key, 2, "disable");
+    let before = kp.kp.rewraps.load(Ordering::SeqCst);
+    produce(&p, "key-lifecycle", Some(&crn), &event(&rotated3, "rotate", &crn, Some(&v3), &soon(2)));
+    d.wait_event(&rotated3);
     // The marker: the rotation asked Key Protect and decided to wait.
     wait_until("the rotation to wait for the key", Duration::from_secs(30), || {
         d.log().contains("kms reports the key not active; rotation waits").then_some(())
     });
-    assert_eq!(kp.rewraps.load(Ordering::SeqCst), before, "no rewrap against a suspended key");
-    set_state(&kp, key, 1);
+    assert_eq!(kp.kp.rewraps.load(Ordering::SeqCst), before, "no rewrap against a suspended key");
+    kp.set_state(key, 1, "enable");
     d.wait_rotated(&enc, &v3);
-    // Registrations follow the instances and their key versions (updates need an
-    // active key, so this is checked before the key is suspended again).
+    // Registrations follow the instances and their key versions, under the
+    // resource CRN of the template (updates need an active key).
     wait_until("registrations updated to the newest version", Duration::from_secs(30), || {
-        let regs = kp.registrations.lock().unwrap();
+        let regs = kp.kp.registrations.lock().unwrap();
         (regs.len() == ids.len() && regs.values().all(|v| v.as_deref() == Some(v3.as_str()))).then_some(())
     });
+    assert!(kp.kp.registrations.lock().unwrap().contains_key(&(key.to_string(), registered("us-south", "kp-0"))));
 
     // Disable, enable, delete and restore, with the KMS's state following the customer.
-    set_state(&kp, key, 2);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-3", "disable", &crn, None, &soon(3)));
+    let disabled = kp.set_state(key, 2, "disable");
+    produce(&p, "key-lifecycle", Some(&crn), &event(&disabled, "disable", &crn, None, &soon(3)));
     d.wait_state("kp-0", "revoked");
     assert_eq!(d.dek("kp-0").0, 423);
-    set_state(&kp, key, 1);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-4", "enable", &crn, None, &soon(4)));
+    let enabled = kp.set_state(key, 1, "enable");
+    produce(&p, "key-lifecycle", Some(&crn), &event(&enabled, "enable", &crn, None, &soon(4)));
     d.wait_state("kp-0", "active");
     assert_eq!(d.dek("kp-0").1["dek"].as_str().unwrap(), deks[0], "a real unwrap after the cache was dropped");
-    set_state(&kp, key, 5);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-5", "delete", &crn, None, &soon(5)));
+    let deleted = kp.set_state(key, 5, "delete");
+    produce(&p, "key-lifecycle", Some(&crn), &event(&deleted, "delete", &crn, None, &soon(5)));
     d.wait_state("kp-1", "erased");
     assert_eq!(d.dek("kp-1").0, 410);
-    set_state(&kp, key, 1);
-    produce(&p, "key-lifecycle", Some(&crn), &event("kp-6", "restore", &crn, None, &soon(6)));
+    let restored = kp.set_state(key, 1, "restore");
+    produce(&p, "key-lifecycle", Some(&crn), &event(&restored, "restore", &crn, None, &soon(6)));
     d.wait_state("kp-1", "active");
     assert_eq!(d.dek("kp-1").1["dek"].as_str().unwrap(), deks[1]);
 
-    // Registrations follow the instances and their key versions; every event was
-    // acknowledged with the adopter's state; sync obeys the hourly cooldown.
+    // Every event was acknowledged under Key Protect's own event id, with the
+    // adopter's state, and only by the service credential (the double refuses
+    // event_ack and registrations to any other, and ids it did not issue).
     let (s, _) = d.delete("/v1/instances/kp-29");
     assert_eq!(s, 204);
-    wait_until("the deleted instance deregistered", Duration::from_secs(30), || (kp.registrations.lock().unwrap().len() == ids.len() - 1).then_some(()));
-    let ack_of =
-        |id: &str| wait_until(&format!("ack of {id}"), Duration::from_secs(30), || kp.acks.lock().unwrap().iter().find(|a| a["eventId"] == id).cloned());
-    let rotated = ack_of("kp-1");
-    assert_eq!(rotated["adopterKeyState"], "DEK_ENABLED");
-    assert_eq!(rotated["keyStateData"]["rewrappedKeyVersion"], v2.as_str(), "{rotated}");
-    assert_eq!(ack_of("kp-3")["adopterKeyState"], "DEK_DISABLED");
-    assert_eq!(ack_of("kp-4")["adopterKeyState"], "DEK_ENABLED");
-    assert_eq!(ack_of("kp-5")["adopterKeyState"], "DEK_DELETED");
-    assert_eq!(ack_of("kp-6")["adopterKeyState"], "DEK_ENABLED");
-    let (s, v) = d.post(&format!("/v1/keys/{enc}/sync"), None);
-    assert_eq!(s, 202, "{v}");
+    wait_until("the deleted instance deregistered", Duration::from_secs(30), || (kp.kp.registrations.lock().unwrap().len() == ids.len() - 1).then_some(()));
+    let ack_of = |id: &str| wait_until(&format!("ack of {id}"), Duration::from_secs(30), || kp.acks().into_iter().find(|a| a["eventId"] == id));
+    let r = ack_of(&rotated);
+    assert_eq!(r["adopterKeyState"], "DEK_ENABLED");
+    assert_eq!(r["keyStateData"]["rewrappedKeyVersion"], v2.as_str(), "{r}");
+    assert_eq!(ack_of(&disabled)["adopterKeyState"], "DEK_DISABLED");
+    assert_eq!(ack_of(&enabled)["adopterKeyState"], "DEK_ENABLED");
+    assert_eq!(ack_of(&deleted)["adopterKeyState"], "DEK_DELETED");
+    assert_eq!(ack_of(&restored)["adopterKeyState"], "DEK_ENABLED");
+    assert!(kp.refusals().iter().all(|r| !r.contains("event_ack") && !r.contains("registrations")), "{:?}", kp.refusals());
+
+    // Sync: 409 for an hour after any lifecycle action (sync-resources.md);
+    // a key untouched for an hour syncs once.
     let (s, v) = d.post(&format!("/v1/keys/{enc}/sync"), None);
     assert_eq!(s, 409, "{v}");
     assert!(v["error"].as_str().unwrap().contains("once an hour"), "{v}");
+    let quiet = "quiet-root-key";
+    kp.add_key(quiet);
+    d.create_instance("kp-quiet", &kp.crn(quiet));
+    let quiet_enc = kp.crn(quiet).replace('/', "%2F");
+    assert_eq!(d.post(&format!("/v1/keys/{quiet_enc}/sync"), None).0, 202);
+    assert_eq!(d.post(&format!("/v1/keys/{quiet_enc}/sync"), None).0, 409);
 
     // Errors name the provider and what to check.
-    let (s, v) =
-        d.post("/v1/instances", Some(json!({"instance_id": "kp-x", "key_id": format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:missing")})));
+    let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "kp-x", "key_id": kp.crn("missing")})));
     assert_eq!(s, 404, "{v}");
     std::fs::write(&api_key, "revoked-key\n").unwrap();
-    kp.tokens.lock().unwrap().clear();
+    kp.revoke_tokens();
     let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "kp-y", "key_id": crn})));
     assert_eq!(s, 502, "{v}");
     assert!(v["error"].as_str().unwrap().contains("IAM API key rejected") && v["error"].as_str().unwrap().contains("kms.keyprotect.api_key_file"), "{v}");
@@ -408,14 +192,12 @@ fn at_record(id: &str, action: &str, crn: &str, at: &str) -> Vec<u8> {
 #[test]
 fn activity_tracker_records_are_hints_that_key_protect_must_confirm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let kp = Arc::new(KeyProtect::default());
-    *kp.token_lifetime.lock().unwrap() = Duration::from_secs(3600);
+    let kp = KeyProtectDouble::start(&rt, "us-south");
     let key = "5c1f0e2a-hinted-key";
-    let v1 = new_version(&kp, key);
-    let url = start(&rt, kp.clone());
-    let crn = format!("crn:v1:bluemix:public:kms:us-south:a/acct:{INSTANCE}:key:{key}");
+    let v1 = kp.add_key(key);
+    let crn = kp.crn(key);
     let broker = Broker::start();
-    let (d, _config) = daemon_on_key_protect(&broker, &url, "[signatures]\nhint_topics = [\"key-lifecycle\"]\n");
+    let (d, _config) = daemon_on_key_protect(&broker, &[&kp], "[signatures]\nhint_topics = [\"key-lifecycle\"]\n");
     let enc = crn.replace('/', "%2F");
     d.create_instance("at-db", &crn);
     let dek = d.dek("at-db").1["dek"].as_str().unwrap().to_string();
@@ -427,24 +209,24 @@ fn activity_tracker_records_are_hints_that_key_protect_must_confirm() {
     assert!(reason.contains("reports it active"), "{reason}");
     assert_eq!(d.dek("at-db").0, 200, "a disable Key Protect does not confirm changes nothing");
 
-    set_state(&kp, key, 2);
+    kp.set_state(key, 2, "disable");
     send("at-2", "kms.secrets.disable", 2);
     d.wait_state("at-db", "revoked");
-    assert_eq!(d.wait_event("at-2")["correlation_id"], "corr-at-2");
+    assert_eq!(d.wait_event("at:at-2")["correlation_id"], "corr-at-2");
     send("at-3", "kms.secrets.enable", 3);
     assert!(wait_dead_letter(&mut dlq, "at-3").contains("reports it disabled"));
-    set_state(&kp, key, 1);
+    kp.set_state(key, 1, "enable");
     send("at-4", "kms.secrets.enable", 4);
     d.wait_state("at-db", "active");
 
     send("at-5", "kms.secrets.delete", 5);
     assert!(wait_dead_letter(&mut dlq, "at-5").contains("claims the key deleted"));
-    set_state(&kp, key, 5);
+    kp.set_state(key, 5, "delete");
     send("at-6", "kms.secrets.delete", 6);
     d.wait_state("at-db", "erased");
     send("at-7", "kms.secrets.restore", 7);
     assert!(wait_dead_letter(&mut dlq, "at-7").contains("claims the key restored"));
-    set_state(&kp, key, 1);
+    kp.set_state(key, 1, "restore");
     send("at-8", "kms.secrets.restore", 8);
     d.wait_state("at-db", "active");
     assert_eq!(d.dek("at-db").1["dek"].as_str().unwrap(), dek);
@@ -453,18 +235,247 @@ fn activity_tracker_records_are_hints_that_key_protect_must_confirm() {
     // to the one Key Protect reports. With none newer, it changes nothing.
     send("at-9", "kms.secrets.rotate", 9);
     assert!(wait_dead_letter(&mut dlq, "at-9").contains(&format!("at version {v1}, which keywarden already holds")));
-    let v2 = new_version(&kp, key);
+    let (v2, _) = kp.rotate(key);
     send("at-10", "kms.secrets.rotate", 10);
     d.wait_rotated(&enc, &v2);
     assert_eq!(d.dek("at-db").1["key_version"], v2.as_str());
 
     // Key Protect answers 503 to everything: a disable is applied, an enable waits.
-    kp.fail_next.store(usize::MAX / 2, Ordering::SeqCst);
+    kp.kp.fail_next.store(usize::MAX / 2, Ordering::SeqCst);
     send("at-11", "kms.secrets.disable", 11);
     d.wait_state("at-db", "revoked");
     send("at-12", "kms.secrets.enable", 12);
     assert!(wait_dead_letter(&mut dlq, "at-12").contains("waits for the kms"));
     assert_eq!(d.state("at-db"), "revoked");
     assert_eq!(security_events(&d, "hint_contradicted"), 5, "at-1, at-3, at-5, at-7 and at-9; the unanswered at-12 is not one");
+
+    // Expire and acknowledgement records are noted, not dead-lettered; a
+    // purge record is believed once Key Protect answers 404 for the key, and
+    // destroys the DEKs. The restore after it is the positive marker that the
+    // two records before it were read and none was dead-lettered.
+    kp.kp.fail_next.store(0, Ordering::SeqCst);
+    send("at-13", "kms.secrets.expire", 13);
+    send("at-14", "kms.secrets.ack-disable", 14);
+    kp.set_state(key, 5, "delete");
+    kp.purge(key);
+    send("at-15", "kms.secrets.purge", 15);
+    d.wait_state("at-db", "destroyed");
+    assert_eq!(d.dek("at-db").0, 410);
+    send("at-16", "kms.secrets.restore", 16);
+    wait_dead_letter(&mut dlq, "at-16");
+    let dead: Vec<String> = dlq.seen.iter().filter_map(|m| m.header("keywarden.reason")).map(str::to_owned).collect();
+    assert!(dead.iter().all(|r| !r.contains("at-13") && !r.contains("at-14") && !r.contains("kms.secrets.expire")), "{dead:#?}");
+    assert!(d.log().contains("kms.secrets.expire for crn:") && d.log().contains("record noted; nothing to apply"));
+    // None of these ids is Key Protect's: nothing was acknowledged.
+    assert!(kp.acks().is_empty(), "{:?}", kp.acks());
+    drop(rt);
+}
+
+/// IBM's key-states table: an expired key (Deactivated, 3) still unwraps and
+/// rewraps. Reconciliation reads it, serves its DEKs, rotates under it and
+/// raises a warning naming it, and revokes nothing. A key deleted and then
+/// purged while its events were lost answers 404 to everything
+/// (delete-purge-keys.md): reconciliation marks its instances destroyed, with
+/// an audit entry each and an alert, never "unreachable". Both hold after a
+/// restart.
+#[test]
+fn an_expired_key_keeps_serving_and_a_purged_key_destroys_its_instances() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kp = KeyProtectDouble::start(&rt, "us-south");
+    let (expiring, doomed) = ("expiring-root-key", "doomed-root-key");
+    kp.add_key(expiring);
+    kp.add_key(doomed);
+    let broker = Broker::start();
+    let (mut d, _config) = daemon_on_key_protect(&broker, &[&kp], "[reconcile]\nschedule = \"\"\n");
+    for i in 0..2 {
+        d.create_instance(&format!("exp-{i}"), &kp.crn(expiring));
+        d.create_instance(&format!("gone-{i}"), &kp.crn(doomed));
+    }
+    let dek = d.dek("exp-0").1["dek"].as_str().unwrap().to_string();
+
+    kp.expire(expiring);
+    kp.set_state(doomed, 5, "delete");
+    kp.purge(doomed);
+    let (s, report) = d.post("/v1/reconcile", None);
+    assert_eq!(s, 200, "{report}");
+    println!("reconciliation over an expired and a purged key: {report}");
+    assert_eq!(report["expired"], json!([kp.crn(expiring)]), "{report}");
+    assert!(report["unreachable"].as_array().unwrap().is_empty(), "a purged key is not unreachable: {report}");
+    let corrections = report["corrections"].as_array().unwrap();
+    assert_eq!(corrections.len(), 1, "nothing corrected for the expired key: {report}");
+    assert_eq!((corrections[0]["key_id"].as_str(), corrections[0]["material_destroyed"].as_bool()), (Some(kp.crn(doomed).as_str()), Some(true)));
+    let crn = kp.crn(expiring);
+    assert!(d.log().lines().any(|l| l.contains("the kms reports the key expired") && l.contains(&crn)), "the warning names the key");
+
+    d.wait_state("gone-0", "destroyed");
+    let check = |d: &Daemon| {
+        for i in 0..2 {
+            assert_eq!(d.state(&format!("exp-{i}")), "active", "an expired key revokes nothing");
+            assert_eq!(d.state(&format!("gone-{i}")), "destroyed");
+            let (s, v) = d.dek(&format!("gone-{i}"));
+            assert_eq!(s, 410, "{v}");
+        }
+        let (s, v) = d.dek("exp-0");
+        assert_eq!((s, v["dek"].as_str()), (200, Some(dek.as_str())), "{v}");
+    };
+    check(&d);
+    let (_, audit) = d.get("/v1/audit?limit=200");
+    let destroyed: Vec<_> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["what"] == "purge" && e["outcome"] == "destroyed" && e["key_id"] == kp.crn(doomed).as_str())
+        .collect();
+    assert_eq!(destroyed.len(), 2, "one audit entry per destroyed instance: {audit}");
+    assert!(d.log().contains("was purged: the KMS no longer knows it"), "the drift alert says the key was purged");
+
+    // A rotation of the expired key rewraps (allowed in state 3); a new
+    // instance cannot be created under it (wrap is not).
+    let (v2, rotated) = kp.rotate(expiring);
+    let p = producer(&broker.bootstrap);
+    produce(&p, "key-lifecycle", Some(&kp.crn(expiring)), &event(&rotated, "rotate", &kp.crn(expiring), Some(&v2), &soon(1)));
+    d.wait_rotated(&kp.crn(expiring).replace('/', "%2F"), &v2);
+    assert_eq!(d.dek("exp-1").1["key_version"], v2.as_str());
+    let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "exp-new", "key_id": kp.crn(expiring)})));
+    assert_eq!(s, 409, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("passed its expiration date"), "{v}");
+
+    d.terminate();
+    d.restart();
+    check(&d);
+    // A second run changes nothing: the purged key is done, the expired one still served.
+    let (_, again) = d.post("/v1/reconcile", None);
+    assert!(again["corrections"].as_array().unwrap().is_empty(), "{again}");
+    drop(rt);
+}
+
+/// IBM's cheat sheet: keys from any region. Each key goes to its CRN's
+/// region's endpoint (two doubles, one per region, through the override
+/// table); a key of a region with no endpoint reachable is not sent to another.
+#[test]
+fn keys_in_two_regions_are_each_served_by_their_region() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dallas = KeyProtectDouble::start(&rt, "us-south");
+    let frankfurt = KeyProtectDouble::start_sharing_iam(&rt, "eu-de", &dallas);
+    dallas.add_key("dallas-key");
+    frankfurt.add_key("frankfurt-key");
+    let broker = Broker::start();
+    let (d, _config) = daemon_on_key_protect(&broker, &[&dallas, &frankfurt], "");
+    d.create_instance("us-db", &dallas.crn("dallas-key"));
+    d.create_instance("eu-db", &frankfurt.crn("frankfurt-key"));
+    assert_eq!(d.dek("us-db").0, 200);
+    assert_eq!(d.dek("eu-db").0, 200);
+
+    let (v2, rotated) = frankfurt.rotate("frankfurt-key");
+    let crn = frankfurt.crn("frankfurt-key");
+    produce(&producer(&broker.bootstrap), "key-lifecycle", Some(&crn), &event(&rotated, "rotate", &crn, Some(&v2), &soon(1)));
+    d.wait_rotated(&crn.replace('/', "%2F"), &v2);
+    assert_eq!(frankfurt.kp.rewraps.load(Ordering::SeqCst), 1);
+    assert_eq!(dallas.kp.rewraps.load(Ordering::SeqCst), 0);
+    let ack = wait_until("the rotation's ack in eu-de", Duration::from_secs(30), || frankfurt.acks().into_iter().find(|a| a["eventId"] == rotated.as_str()));
+    assert_eq!(ack["keyStateData"]["rewrappedKeyVersion"], v2.as_str());
+    assert!(frankfurt.kp.registrations.lock().unwrap().contains_key(&("frankfurt-key".to_string(), registered("eu-de", "eu-db"))));
+    assert!(dallas.acks().is_empty() && dallas.refusals().is_empty(), "nothing of eu-de went to us-south: {:?}", dallas.refusals());
+
+    // jp-tok has no endpoint in the table and the template's is unreachable.
+    let tokyo = "crn:v1:bluemix:public:kms:jp-tok:a/acct:7d2a5c47-instance:key:tokyo-key";
+    let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "jp-db", "key_id": tokyo})));
+    assert_eq!(s, 503, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("127.0.0.1:9"), "{v}");
+    drop(rt);
+}
+
+/// Key Protect's AAD strings are at most 255 characters, and the instance id
+/// is the AAD: a longer one is refused at creation, saying why. A
+/// registration refused as not service-to-service is an alert naming the
+/// setting, never a silent drop; without a service credential `check-config`
+/// says registrations and acknowledgements are off.
+#[test]
+fn instance_ids_fit_the_aad_limit_and_a_refused_registration_alerts() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kp = KeyProtectDouble::start(&rt, "us-south");
+    kp.add_key("aad-key");
+    let broker = Broker::start();
+    let (d, config) = daemon_on_key_protect(&broker, &[&kp], "");
+    let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "i".repeat(256), "key_id": kp.crn("aad-key")})));
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("at most 255"), "{v}");
+    let (s, v) = d.post("/v1/instances", Some(json!({"instance_id": "i".repeat(255), "key_id": kp.crn("aad-key")})));
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(d.dek(&"i".repeat(255)).0, 200);
+
+    // The customer's API key where the service's belongs: Key Protect answers SERVICE_ONLY_ERR.
+    std::fs::write(config.path().join("ibm-service-api-key"), format!("{API_KEY}\n")).unwrap();
+    kp.revoke_tokens();
+    d.create_instance("refused-db", &kp.crn("aad-key"));
+    let line = wait_until("the refused registration's alert", Duration::from_secs(30), || {
+        d.log().lines().find(|l| l.contains("kms refused a notice; dropping it and alerting") && l.contains("refused-db")).map(str::to_owned)
+    });
+    assert!(line.contains("SERVICE_ONLY") || line.contains("service_api_key_file"), "{line}");
+    assert!(kp.refusals().iter().any(|r| r.contains("registrations") && r.contains("403")), "{:?}", kp.refusals());
+
+    let bare = config.path().join("no-service.toml");
+    std::fs::write(
+        &bare,
+        format!(
+            "[kms]\nroutes = [{{ prefix = \"crn:v1:\", provider = \"keyprotect\" }}]\n[kms.keyprotect]\napi_key_file = \"{}\"\n",
+            config.path().join("ibm-api-key").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keywarden")).arg("check-config").env("KEYWARDEN_CONFIG", &bare).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("service_api_key_file is not set") && said.contains("acknowledges"), "{said}");
+    drop(rt);
+}
+
+/// Acknowledgements go per key in parallel: while Key Protect answers one
+/// key's event_ack with a burst of 429s, another key's acknowledgement still
+/// arrives. The throttled one, still unsent after `ack_warn_after`, raises the
+/// deadline alert and shows in the metric; once the burst ends it is sent.
+#[test]
+fn a_throttled_keys_acknowledgements_do_not_stall_other_keys_and_a_late_one_alerts() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kp = KeyProtectDouble::start(&rt, "us-south");
+    let (busy, calm) = ("busy-root-key", "calm-root-key");
+    kp.add_key(busy);
+    kp.add_key(calm);
+    let broker = Broker::start();
+    let (d, _config) = daemon_on_key_protect(&broker, &[&kp], "ack_warn_after = \"2s\"\n");
+    d.create_instance("busy-db", &kp.crn(busy));
+    d.create_instance("calm-db", &kp.crn(calm));
+
+    *kp.kp.throttle_acks_of.lock().unwrap() = Some((busy.to_string(), usize::MAX));
+    let p = producer(&broker.bootstrap);
+    let busy_event = kp.set_state(busy, 2, "disable");
+    produce(&p, "key-lifecycle", Some(&kp.crn(busy)), &event(&busy_event, "disable", &kp.crn(busy), None, &soon(1)));
+    d.wait_state("busy-db", "revoked");
+    let started = std::time::Instant::now();
+    let calm_event = kp.set_state(calm, 2, "disable");
+    produce(&p, "key-lifecycle", Some(&kp.crn(calm)), &event(&calm_event, "disable", &kp.crn(calm), None, &soon(2)));
+    let ack = wait_until("the calm key's ack during the other's 429 burst", Duration::from_secs(30), || {
+        kp.acks().into_iter().find(|a| a["eventId"] == calm_event.as_str())
+    });
+    println!("calm key acknowledged {:?} after its event, while the busy key's acks were throttled", started.elapsed());
+    assert_eq!(ack["adopterKeyState"], "DEK_DISABLED");
+    assert!(kp.acks().iter().all(|a| a["eventId"] != busy_event.as_str()), "the busy key's ack is still throttled");
+
+    let line = wait_until("the deadline alert for the throttled ack", Duration::from_secs(30), || {
+        d.log().lines().find(|l| l.contains("nears the kms's deadline") && l.contains(&busy_event)).map(str::to_owned)
+    });
+    assert!(line.contains(&kp.crn(busy)), "{line}");
+    let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
+    let oldest: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("keywarden_kms_ack_oldest_pending_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the ack age metric");
+    println!("oldest unsent acknowledgement: {oldest}s");
+    assert!(oldest >= 2, "{oldest}");
+
+    *kp.kp.throttle_acks_of.lock().unwrap() = None;
+    let ack = wait_until("the busy key's ack after the burst", Duration::from_secs(60), || kp.acks().into_iter().find(|a| a["eventId"] == busy_event.as_str()));
+    assert_eq!(ack["adopterKeyState"], "DEK_DISABLED");
     drop(rt);
 }

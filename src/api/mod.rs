@@ -481,6 +481,18 @@ async fn create_instance(State(s): State<AppState>, body: Bytes) -> ApiResult {
     let req: CreateInstance = parse_body(&body, false)?.expect("body required");
     check_id("instance_id", &req.instance_id, 256)?;
     check_id("key_id", &req.key_id, 256)?;
+    // The instance id is the AAD of every wrap, and Key Protect's AAD strings
+    // are at most 255 characters: refused here, before any KMS call.
+    if s.kms.provider_for(&req.key_id) == crate::kms::keyprotect::NAME && req.instance_id.len() > crate::kms::keyprotect::MAX_AAD {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "instance_id is {} characters; instances under a Key Protect key take at most {} (it is the AAD of their wrapped DEK)",
+                req.instance_id.len(),
+                crate::kms::keyprotect::MAX_AAD
+            ),
+        ));
+    }
     if s.store.instance(&req.instance_id)?.is_some() {
         return Err(ApiError::new(StatusCode::CONFLICT, format!("instance {} already exists; pick another id or delete it first", req.instance_id)));
     }

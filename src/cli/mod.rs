@@ -268,6 +268,9 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::CheckConfig => {
             let config = Config::load(cli.config.as_deref())?;
             println!("{}", toml::to_string_pretty(&config)?);
+            for note in config.kms.keyprotect.notes(config.kms.uses(crate::kms::keyprotect::NAME)) {
+                eprintln!("note: {note}");
+            }
             eprintln!("config is valid");
             Ok(ExitCode::SUCCESS)
         }

@@ -72,11 +72,13 @@ pub enum Answer {
 impl Answer {
     pub fn from_result(result: Result<KmsKeyState, KmsError>) -> Answer {
         match result {
+            // A purged key: the KMS no longer knows it.
+            Ok(state) if state.material_destroyed => Answer::Gone,
             Ok(state) => Answer::State(state),
             Err(KmsError::UnknownKey(_) | KmsError::MaterialDestroyed { .. }) => Answer::Gone,
-            Err(KmsError::KeyDisabled(_)) => Answer::State(KmsKeyState { status: KeyStatus::Disabled, latest_version: String::new() }),
+            Err(KmsError::KeyDisabled(_)) => Answer::State(KmsKeyState::new(KeyStatus::Disabled, String::new())),
             // Key Protect answers a purged key's calls with 410.
-            Err(KmsError::KeyDeleted(_)) => Answer::State(KmsKeyState { status: KeyStatus::Deleted, latest_version: String::new() }),
+            Err(KmsError::KeyDeleted(_)) => Answer::State(KmsKeyState::new(KeyStatus::Deleted, String::new())),
             Err(e) => Answer::Unreachable(e.to_string()),
         }
     }
@@ -204,7 +206,7 @@ mod tests {
     }
 
     fn kms(status: KeyStatus, version: &str) -> Answer {
-        Answer::State(KmsKeyState { status, latest_version: version.into() })
+        Answer::State(KmsKeyState::new(status, version))
     }
 
     fn applied(kind: EventType, answer: Answer) -> Option<EventType> {
@@ -300,5 +302,10 @@ mod tests {
         assert!(matches!(Answer::from_result(Err(KmsError::KeyDeleted("k".into()))), Answer::State(KmsKeyState { status: KeyStatus::Deleted, .. })));
         assert!(matches!(Answer::from_result(Err(KmsError::Throttled("slow down".into()))), Answer::Unreachable(_)));
         assert!(matches!(Answer::from_result(Err(KmsError::Refused("403".into()))), Answer::Unreachable(_)));
+        // Key Protect's 404 after a purge: the key is gone, not merely deleted.
+        let purged = KmsKeyState { material_destroyed: true, ..KmsKeyState::new(KeyStatus::Deleted, "") };
+        assert!(matches!(Answer::from_result(Ok(purged)), Answer::Gone));
+        let expired = KmsKeyState { expired: true, ..KmsKeyState::new(KeyStatus::Active, "v1") };
+        assert!(matches!(Answer::from_result(Ok(expired)), Answer::State(KmsKeyState { status: KeyStatus::Active, .. })));
     }
 }

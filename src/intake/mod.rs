@@ -74,6 +74,11 @@ pub enum DecodeError {
     FutureDated { event_id: String, occurred_at: DateTime<Utc>, now: DateTime<Utc>, max_clock_skew: Duration },
     #[error(transparent)]
     Hint(#[from] HintError),
+    /// A record understood and nothing to apply (Activity Tracker's expire,
+    /// dual-authorization steps, adopters' acknowledgement records): recorded
+    /// in the log and a metric, not dead-lettered, since nothing is wrong with it.
+    #[error("{0}")]
+    Noted(String),
 }
 
 impl DecodeError {
@@ -92,6 +97,16 @@ impl DecodeError {
             DecodeError::Header { .. } => "invalid_header",
             DecodeError::FutureDated { .. } => "future_dated",
             DecodeError::Hint(e) => e.class(),
+            DecodeError::Noted(_) => "noted",
+        }
+    }
+
+    /// A record that needs nothing done: recorded, never dead-lettered.
+    pub fn is_noted(&self) -> bool {
+        match self {
+            DecodeError::Noted(_) => true,
+            DecodeError::InFormat { source, .. } => source.is_noted(),
+            _ => false,
         }
     }
 
@@ -463,6 +478,11 @@ impl Intake {
                     span.in_scope(|| tracing::debug!("event received"));
                     let meta = (event.kind.as_str(), event.occurred_at);
                     (Some(Input::Event { event, at: Utc::now(), kms }), Some(meta))
+                }
+                Err(reason) if reason.is_noted() => {
+                    self.metrics.events.with_label_values(&["unknown", "noted"]).inc();
+                    span.in_scope(|| tracing::info!(topic = %topic, partition, offset, record = %reason, "record noted; nothing to apply"));
+                    (None, None)
                 }
                 Err(reason) => {
                     if reason.is_security_event() {

@@ -199,7 +199,7 @@ impl Kms for AwsKms {
             "PendingDeletion" | "PendingReplicaDeletion" => KeyStatus::Deleted,
             _ => KeyStatus::Disabled,
         };
-        Ok(KmsKeyState { status, latest_version: String::new() })
+        Ok(KmsKeyState::new(status, String::new()))
     }
 }
 

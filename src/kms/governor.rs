@@ -236,6 +236,9 @@ impl<K: Kms> Kms for Governed<K> {
     fn wants_notices(&self, key_id: &str) -> bool {
         self.inner.wants_notices(key_id)
     }
+    fn notice_deadline(&self, key_id: &str) -> Option<super::NoticeDeadline> {
+        self.inner.notice_deadline(key_id)
+    }
 }
 
 #[cfg(test)]

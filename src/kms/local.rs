@@ -446,7 +446,7 @@ impl Kms for LocalKms {
 
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
         let key = self.load(key_id)?;
-        Ok(KmsKeyState { status: key.status, latest_version: key.latest.clone() })
+        Ok(KmsKeyState::new(key.status, key.latest.clone()))
     }
 }
 

@@ -229,6 +229,28 @@ impl KmsError {
 pub struct KmsKeyState {
     pub status: KeyStatus,
     pub latest_version: String,
+    /// Past its expiration date (Key Protect's Deactivated): the key still
+    /// unwraps and rewraps, so its DEKs are served, but it wraps nothing new
+    /// and the customer should rotate or replace it. Reconciliation alerts.
+    pub expired: bool,
+    /// The KMS no longer knows the key (Key Protect's 404 after a purge): its
+    /// material is destroyed and nothing it wrapped can be unwrapped again.
+    pub material_destroyed: bool,
+}
+
+/// A KMS's deadline for acknowledging an event (Key Protect: 4 hours).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoticeDeadline {
+    pub deadline: std::time::Duration,
+    /// An unsent acknowledgement this old raises an alert, well before the deadline.
+    pub warn_after: std::time::Duration,
+}
+
+impl KmsKeyState {
+    /// A key in `status`, neither expired nor destroyed.
+    pub fn new(status: KeyStatus, latest_version: impl Into<String>) -> KmsKeyState {
+        KmsKeyState { status, latest_version: latest_version.into(), expired: false, material_destroyed: false }
+    }
 }
 
 /// What keywarden needs of any KMS. `rewrap` never hands the plaintext to the
@@ -258,6 +280,11 @@ pub trait Kms: Send + Sync {
     /// removal (two per rewrap in a rotation) for nothing.
     fn wants_notices(&self, _key_id: &str) -> bool {
         false
+    }
+    /// How long the KMS gives an acknowledgement, and when keywarden alerts
+    /// that one is still unsent; `None`: it sets no deadline.
+    fn notice_deadline(&self, _key_id: &str) -> Option<NoticeDeadline> {
+        None
     }
     /// Asks the KMS to re-send the key's last lifecycle event.
     async fn sync(&self, key_id: &str) -> Result<(), KmsError> {
@@ -299,6 +326,9 @@ impl<K: Kms + ?Sized> Kms for std::sync::Arc<K> {
     }
     fn wants_notices(&self, key_id: &str) -> bool {
         (**self).wants_notices(key_id)
+    }
+    fn notice_deadline(&self, key_id: &str) -> Option<NoticeDeadline> {
+        (**self).notice_deadline(key_id)
     }
     fn health(&self) -> Option<governor::GovernorState> {
         (**self).health()

@@ -98,4 +98,8 @@ impl Kms for KmsRouter {
         let (k, id) = self.for_key(key_id);
         k.wants_notices(id)
     }
+    fn notice_deadline(&self, key_id: &str) -> Option<super::NoticeDeadline> {
+        let (k, id) = self.for_key(key_id);
+        k.notice_deadline(id)
+    }
 }

@@ -301,7 +301,7 @@ impl Kms for VaultKms {
         // version any more is as good as gone.
         let min_dec = v["data"]["min_decryption_version"].as_u64().unwrap_or(1);
         let status = if min_dec > latest { KeyStatus::Deleted } else { KeyStatus::Active };
-        Ok(KmsKeyState { status, latest_version: latest.to_string() })
+        Ok(KmsKeyState::new(status, latest.to_string()))
     }
 }
 

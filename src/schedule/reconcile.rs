@@ -45,6 +45,10 @@ pub struct Correction {
     pub key_version: Option<String>,
     /// Instances under the key: how many a revoke or erase would touch.
     pub instances: usize,
+    /// The KMS no longer knows the key (Key Protect answers 404 after a
+    /// purge): the delete destroys the instances' wrapped DEKs, for good.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub material_destroyed: bool,
 }
 
 impl Correction {
@@ -59,6 +63,8 @@ pub struct Report {
     /// Keys whose KMS could not be asked; they are checked again next time.
     pub unreachable: Vec<String>,
     pub corrections: Vec<Correction>,
+    /// Keys past their expiration date: still served, each with a warning alert.
+    pub expired: Vec<String>,
     /// The corrections were held back, waiting for `keywarden reconcile --confirm`.
     pub awaiting_confirmation: bool,
 }
@@ -74,6 +80,7 @@ pub struct Reconciler {
 
 const DRIFT: &str = "KeywardenDrift";
 const HELD: &str = "KeywardenReconcileAwaitsConfirmation";
+const EXPIRED: &str = "KeywardenKeyExpired";
 
 impl Reconciler {
     pub fn new(store: Store, writer: Writer, kms: Arc<dyn Kms>, config: ReconcileConfig, ownership: crate::cluster::Ownership) -> Reconciler {
@@ -122,7 +129,7 @@ impl Reconciler {
 
     async fn pass(&self, confirmed: bool) -> Result<Report, ReconcileError> {
         let keys: Vec<KeyRecord> = self.ownership.mine(self.store.keys()?, |k| &k.key_id).into_iter().filter(|k| k.purged_at.is_none()).collect();
-        let mut report = Report { keys_checked: 0, unreachable: vec![], corrections: vec![], awaiting_confirmation: false };
+        let mut report = Report { keys_checked: 0, unreachable: vec![], corrections: vec![], expired: vec![], awaiting_confirmation: false };
         for key in &keys {
             let instances = self.store.instance_ids_of(&key.key_id)?.len();
             if instances == 0 {
@@ -141,8 +148,15 @@ impl Reconciler {
                     continue;
                 }
             };
+            if state.expired {
+                report.expired.push(key.key_id.clone());
+            }
             let rotating = self.store.job(&key.key_id)?.is_some_and(|j| j.finished_at.is_none());
             let kind = match (key.status, state.status) {
+                // Purged: the material is gone, also for a key keywarden already
+                // holds as deleted (its DEKs would otherwise wait for a restore
+                // that can never come).
+                (_, KeyStatus::Deleted) if state.material_destroyed => Some(EventType::Delete),
                 (KeyStatus::Active, KeyStatus::Disabled) => Some(EventType::Disable),
                 (KeyStatus::Active | KeyStatus::Disabled, KeyStatus::Deleted) => Some(EventType::Delete),
                 (KeyStatus::Disabled, KeyStatus::Active) => Some(EventType::Enable),
@@ -156,7 +170,15 @@ impl Reconciler {
             };
             if let Some(kind) = kind {
                 let key_version = (kind == EventType::Rotate).then(|| state.latest_version.clone());
-                report.corrections.push(Correction { key_id: key.key_id.clone(), ours: key.status, kms: state.status, kind, key_version, instances });
+                report.corrections.push(Correction {
+                    key_id: key.key_id.clone(),
+                    ours: key.status,
+                    kms: state.status,
+                    kind,
+                    key_version,
+                    instances,
+                    material_destroyed: state.material_destroyed,
+                });
             }
         }
         let revoking: usize = report.corrections.iter().filter(|c| c.revokes()).map(|c| c.instances).sum();
@@ -197,7 +219,7 @@ impl Reconciler {
                 key_version: c.key_version.clone(),
                 occurred_at,
                 correlation_id: Some(format!("reconcile-{run}")),
-                material_destroyed: false,
+                material_destroyed: c.material_destroyed,
                 traceparent: None,
             };
             tracing::warn!(key_id = %c.key_id, ours = ?c.ours, kms = ?c.kms, r#type = %c.kind, "drift: applying the event that was missed");
@@ -205,6 +227,7 @@ impl Reconciler {
             let alert = drift_alert(c, now);
             self.writer.submit(Input::Alert(alert)).await?;
         }
+        self.expiry_alerts(&report, now).await?;
         // Keys that agree again end their drift alerts.
         for firing in self.store.firing_alerts()?.into_iter().filter(|a| a.name == DRIFT) {
             let key = firing.labels.get("key_id").cloned().unwrap_or_default();
@@ -213,6 +236,34 @@ impl Reconciler {
             }
         }
         Ok(report)
+    }
+
+    /// A warning per expired key, naming it, and resolved once the key is
+    /// rotated or replaced: an expired Key Protect key keeps serving its DEKs
+    /// (unwrap and rewrap are allowed in Deactivated), so nothing is revoked,
+    /// but no new instance can be created under it.
+    async fn expiry_alerts(&self, report: &Report, now: chrono::DateTime<Utc>) -> Result<(), ReconcileError> {
+        let firing = self.store.firing_alerts()?;
+        let is_firing = |key: &str| firing.iter().any(|a| a.name == EXPIRED && a.labels.get("key_id").map(String::as_str) == Some(key));
+        for key in report.expired.iter().filter(|k| !is_firing(k)) {
+            tracing::warn!(key_id = %key, "the kms reports the key expired; its DEKs are still served, nothing is revoked");
+            let alert = Alert::new(
+                EXPIRED,
+                Severity::Warning,
+                &[("key_id", key)],
+                format!("key {key} has passed its expiration date"),
+                "the KMS reports the key expired (Key Protect: Deactivated). Its DEKs are still served and rotations still rewrap, but no new instance can be created under it: rotate the key or move its instances to another".to_string(),
+                now,
+            );
+            self.writer.submit(Input::Alert(alert)).await?;
+        }
+        for a in firing.into_iter().filter(|a| a.name == EXPIRED) {
+            let key = a.labels.get("key_id").cloned().unwrap_or_default();
+            if !report.expired.contains(&key) && !report.unreachable.contains(&key) {
+                self.writer.submit(Input::Alert(a.resolved(now))).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn resolve_held(&self, now: chrono::DateTime<Utc>) -> Result<(), ReconcileError> {
@@ -225,14 +276,18 @@ impl Reconciler {
 
 fn drift_alert(c: &Correction, now: chrono::DateTime<Utc>) -> Alert {
     let severity = if c.revokes() { Severity::Critical } else { Severity::Warning };
-    let mut a = Alert::new(
-        DRIFT,
-        severity,
-        &[("key_id", &c.key_id)],
-        format!("key {} drifted: the KMS says {:?}, keywarden had {:?}", c.key_id, c.kms, c.ours),
-        format!("reconciliation applied the missed {} event; an event from the KMS was lost or is late", c.kind),
-        now,
-    );
+    let (summary, detail) = if c.material_destroyed {
+        (
+            format!("key {} was purged: the KMS no longer knows it, and its instances' DEKs are destroyed", c.key_id),
+            "reconciliation found the key gone from the KMS (Key Protect answers 404 after a purge) and marked its instances destroyed; the delete and purge events were lost or are late".to_string(),
+        )
+    } else {
+        (
+            format!("key {} drifted: the KMS says {:?}, keywarden had {:?}", c.key_id, c.kms, c.ours),
+            format!("reconciliation applied the missed {} event; an event from the KMS was lost or is late", c.kind),
+        )
+    };
+    let mut a = Alert::new(DRIFT, severity, &[("key_id", &c.key_id)], summary, detail, now);
     a.count_instances_of = Some(c.key_id.clone());
     a
 }

@@ -5,6 +5,7 @@
 pub mod alerts;
 pub mod monitor;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::KafkaConfig;
-use crate::engine::{CommandAction, Effect};
+use crate::engine::{Alert, CommandAction, Effect, Input, Notice, Severity};
 use crate::intake::signature::{Signer, HEADER as SIGNATURE_HEADER};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
@@ -104,6 +105,42 @@ pub struct Relay {
 /// Effects handled per round; a key-wide command counts as one.
 const ROUND: usize = 64;
 
+/// Notices read per round: enough that keys waiting on their own backoff do
+/// not hide the notices of other keys behind them.
+const NOTICE_WINDOW: usize = 512;
+
+/// How soon an acknowledgement waiting for its key's commands looks again.
+const UNFLUSHED_RECHECK: Duration = Duration::from_millis(200);
+
+const NOTICE_REFUSED: &str = "KeywardenKmsNoticeRefused";
+const ACK_DEADLINE: &str = "KeywardenKmsAckDeadline";
+
+/// How one key's notices went this round.
+enum KeyOutcome {
+    Done,
+    /// A transient failure: the key waits out its backoff.
+    Retry,
+    /// An acknowledgement waits for the key's commands to be published.
+    Unflushed,
+}
+
+/// The key an outbox effect concerns, if any.
+fn effect_key(e: &Effect) -> Option<&str> {
+    match e {
+        Effect::KeyCommands { key_id, .. } | Effect::InstanceCommand { key_id, .. } => Some(key_id),
+        _ => None,
+    }
+}
+
+fn notice_kind(n: &Notice) -> &'static str {
+    match n {
+        Notice::Registered { .. } => "registration",
+        Notice::Rewrapped { .. } => "registration update",
+        Notice::Deregistered { .. } => "deregistration",
+        Notice::Acknowledge { .. } => "event acknowledgement",
+    }
+}
+
 impl Relay {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -135,16 +172,23 @@ impl Relay {
         tokio::join!(self.publish_loop(shutdown.clone()), self.notice_loop(shutdown));
     }
 
-    /// Tells each key's KMS what it asked to be told, in commit order. A
-    /// transient failure waits and retries (order matters: a registration comes
-    /// before its update); a permanent one is logged and dropped, so that one
-    /// bad notice cannot stall the rest.
+    /// Tells each key's KMS what it asked to be told: per key in commit order
+    /// (a registration comes before its update), keys in parallel under the
+    /// provider's governor, so that one key's throttled or failing notices
+    /// never hold up another's. A key whose notice failed transiently waits
+    /// out its own backoff; a refusal is dropped with an alert naming the key,
+    /// never silently. An acknowledgement waits until its key's data-plane
+    /// commands are published (the DEKs flushed or rewrapped before Key
+    /// Protect is told, `crypto-erasure.md`), and one pending past the KMS's
+    /// deadline warning raises an alert.
     async fn notice_loop(&self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        let mut waiting: HashMap<String, (std::time::Instant, Backoff)> = HashMap::new();
+        let mut warned: HashSet<String> = HashSet::new();
         loop {
             let notified = self.notify.notified();
-            let batch = match self.store.notices(32) {
-                Ok(batch) => batch,
+            let (batch, unflushed) = match self.store.notices(NOTICE_WINDOW).and_then(|n| Ok((n, self.store.outbox(NOTICE_WINDOW)?))) {
+                Ok((batch, outbox)) => (batch, outbox.iter().filter_map(|(_, e)| effect_key(e)).map(str::to_owned).collect::<HashSet<String>>()),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the kms notices; retrying");
                     if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
@@ -153,43 +197,140 @@ impl Relay {
                     continue;
                 }
             };
+            backoff.reset();
             if batch.is_empty() {
+                self.metrics.kms_ack_oldest_seconds.set(0);
                 if !idle(&shutdown, notified).await {
                     return;
                 }
                 continue;
             }
+            let now = std::time::Instant::now();
+            self.deadlines(&batch, &mut warned).await;
+            // Per key, its notices in commit order.
+            let mut by_key: Vec<(String, Vec<(u64, Notice)>)> = Vec::new();
             let mut done = Vec::new();
-            let mut stalled = false;
             for (id, effect) in batch {
-                let Effect::KmsNotice { key_id, notice } = &effect else {
+                let Effect::KmsNotice { key_id, notice } = effect else {
                     done.push(id);
                     continue;
                 };
-                match self.kms.notify(key_id, notice).await {
-                    Ok(()) => done.push(id),
-                    Err(e) if e.retryable() => {
-                        tracing::warn!(%key_id, error = %e, "kms notice failed; retrying");
-                        stalled = true;
-                        break;
+                match by_key.iter_mut().find(|(k, _)| *k == key_id) {
+                    Some((_, list)) => list.push((id, notice)),
+                    None => by_key.push((key_id, vec![(id, notice)])),
+                }
+            }
+            let due: Vec<(String, Vec<(u64, Notice)>)> = by_key.into_iter().filter(|(k, _)| waiting.get(k).is_none_or(|(at, _)| *at <= now)).collect();
+            let sent = futures::future::join_all(due.iter().map(|(key_id, notices)| self.notify_key(key_id, notices, unflushed.contains(key_id)))).await;
+            let mut any_waiting = false;
+            for ((key_id, _), (ids, outcome)) in due.iter().zip(sent) {
+                done.extend(ids);
+                match outcome {
+                    KeyOutcome::Done => {
+                        waiting.remove(key_id);
                     }
-                    Err(e) => {
-                        tracing::error!(%key_id, error = %e, notice = ?notice, "kms refused a notice; dropping it");
-                        done.push(id);
+                    KeyOutcome::Retry => {
+                        let entry = waiting.entry(key_id.clone()).or_insert_with(|| (now, Backoff::new(Duration::from_millis(200), Duration::from_secs(30))));
+                        entry.0 = std::time::Instant::now() + entry.1.next_delay();
+                        any_waiting = true;
+                    }
+                    KeyOutcome::Unflushed => {
+                        any_waiting = true;
                     }
                 }
             }
-            if let Err(e) = self.writer.sent(Queue::Notices, done).await {
+            if let Err(e) = self.writer.sent(Queue::Notices, done.clone()).await {
                 tracing::error!(error = %e, "cannot remove delivered notices; they will be sent again");
             }
-            if stalled {
-                if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
-                    return;
-                }
-            } else {
-                backoff.reset();
+            // Progress and nobody waiting: the next round at once. Otherwise
+            // the waiting keys are retried when the first backoff ends (an
+            // unpublished command is looked at again soon), or sooner when a
+            // new notice arrives.
+            if !done.is_empty() && !any_waiting {
+                continue;
+            }
+            let next = waiting.values().map(|(at, _)| *at).min();
+            let wait = next
+                .map_or(UNFLUSHED_RECHECK, |at| at.saturating_duration_since(std::time::Instant::now()).min(UNFLUSHED_RECHECK))
+                .max(Duration::from_millis(20));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+                _ = notified => {}
             }
         }
+    }
+
+    /// One key's notices, in order, up to the first that cannot go yet.
+    async fn notify_key(&self, key_id: &str, notices: &[(u64, Notice)], unflushed: bool) -> (Vec<u64>, KeyOutcome) {
+        let mut done = Vec::new();
+        for (id, notice) in notices {
+            if unflushed && matches!(notice, Notice::Acknowledge { .. }) {
+                return (done, KeyOutcome::Unflushed);
+            }
+            match self.kms.notify(key_id, notice).await {
+                Ok(()) => done.push(*id),
+                Err(e) if e.retryable() => {
+                    tracing::warn!(%key_id, error = %e, "kms notice failed; this key's notices wait and are retried, other keys' go on");
+                    return (done, KeyOutcome::Retry);
+                }
+                Err(e) => {
+                    tracing::error!(%key_id, error = %e, notice = ?notice, "kms refused a notice; dropping it and alerting");
+                    let alert = Alert::new(
+                        NOTICE_REFUSED,
+                        Severity::Warning,
+                        &[("key_id", key_id)],
+                        format!("the kms of key {key_id} refused a {}", notice_kind(notice)),
+                        format!("{e}. The notice was dropped; fix the cause, then run `keywarden key sync <key>` if the KMS should hear of the key again"),
+                        Utc::now(),
+                    );
+                    if let Err(e) = self.writer.submit(Input::Alert(alert)).await {
+                        tracing::error!(error = %e, "cannot record the refused-notice alert");
+                    }
+                    done.push(*id);
+                }
+            }
+        }
+        (done, KeyOutcome::Done)
+    }
+
+    /// Acknowledgements still queued: the age of the oldest as a metric, and
+    /// an alert for each one older than its KMS's deadline warning (Key
+    /// Protect gives adopters 4 hours, `dek-rewrapping.md`).
+    async fn deadlines(&self, batch: &[(u64, Effect)], warned: &mut HashSet<String>) {
+        let now = Utc::now();
+        let mut oldest = 0i64;
+        for (_, effect) in batch {
+            let Effect::KmsNotice { key_id, notice: Notice::Acknowledge { event_id, at, .. } } = effect else { continue };
+            let Some(deadline) = self.kms.notice_deadline(key_id) else { continue };
+            let age = (now - *at).num_seconds().max(0);
+            oldest = oldest.max(age);
+            let Ok(warn_after) = chrono::Duration::from_std(deadline.warn_after) else { continue };
+            if now - *at < warn_after || !warned.insert(event_id.clone()) {
+                continue;
+            }
+            tracing::warn!(%key_id, %event_id, age_seconds = age, "an acknowledgement is still unsent and nears the kms's deadline");
+            let alert = Alert::new(
+                ACK_DEADLINE,
+                Severity::Critical,
+                &[("key_id", key_id), ("event_id", event_id)],
+                format!(
+                    "the acknowledgement of event {event_id} for key {key_id} is unsent after {}",
+                    humantime::format_duration(Duration::from_secs(age as u64))
+                ),
+                format!(
+                    "the kms expects it within {} of the event; check the kms notices in the log (throttling, refusals, unpublished commands) for this key",
+                    humantime::format_duration(deadline.deadline)
+                ),
+                now,
+            );
+            if let Err(e) = self.writer.submit(Input::Alert(alert)).await {
+                tracing::error!(error = %e, "cannot record the acknowledgement deadline alert");
+            }
+        }
+        self.metrics.kms_ack_oldest_seconds.set(oldest);
+        // Acks no longer queued need no memory of their warning.
+        warned.retain(|id| batch.iter().any(|(_, e)| matches!(e, Effect::KmsNotice { notice: Notice::Acknowledge { event_id, .. }, .. } if event_id == id)));
     }
 
     async fn publish_loop(&self, shutdown: CancellationToken) {
