@@ -492,6 +492,18 @@ fn hook_env(db: &Mariadb, defaults: &std::path::Path) -> Vec<(String, String)> {
     ]
 }
 
+/// Starts the database the way the agent does: the shipped start hook.
+fn start_by_hook(db: &Mariadb, id: &str, env: &[(&str, &str)]) {
+    let out = std::process::Command::new(&shipped_hook("restore", "mariadb-start").argv[0])
+        .envs(env.iter().copied())
+        .env("KEYWARDEN_INSTANCE_ID", id)
+        .env("KEYWARDEN_ACTION", "restore")
+        .env("KEYWARDEN_COMMAND_ID", "first-start")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mariadb-start: {}{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), db.log());
+}
+
 /// How many shutdowns the server's error log records as asked for, and
 /// how many as finished.
 fn clean_shutdowns(db: &Mariadb) -> (usize, usize) {
@@ -515,15 +527,7 @@ fn the_agent_stops_the_database_on_disable_and_starts_it_with_every_row_on_enabl
     let defaults = db.hook_defaults();
     let env = hook_env(&db, &defaults);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    // The database is started the way the agent starts it: the shipped hook.
-    let started = std::process::Command::new(shipped_hook("restore", "mariadb-start").argv[0].clone())
-        .envs(env.iter().copied())
-        .env("KEYWARDEN_INSTANCE_ID", "db-agent")
-        .env("KEYWARDEN_ACTION", "restore")
-        .env("KEYWARDEN_COMMAND_ID", "first-start")
-        .output()
-        .unwrap();
-    assert!(started.status.success(), "mariadb-start: {}{}\n{}", String::from_utf8_lossy(&started.stdout), String::from_utf8_lossy(&started.stderr), db.log());
+    start_by_hook(&db, "db-agent", &env);
     create_tables(&db, 30);
     let _agent = common::agent::Agent::hosting(
         &broker.bootstrap,
@@ -570,15 +574,7 @@ fn an_agent_killed_during_a_revocation_still_stops_the_database_exactly_once() {
     let defaults = db.hook_defaults();
     let env = hook_env(&db, &defaults);
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let start = shipped_hook("restore", "mariadb-start");
-    let started = std::process::Command::new(&start.argv[0])
-        .envs(env.iter().copied())
-        .env("KEYWARDEN_ACTION", "restore")
-        .env("KEYWARDEN_INSTANCE_ID", "db-kill")
-        .env("KEYWARDEN_COMMAND_ID", "first-start")
-        .output()
-        .unwrap();
-    assert!(started.status.success(), "mariadb-start: {}", String::from_utf8_lossy(&started.stderr));
+    start_by_hook(&db, "db-kill", &env);
     create_tables(&db, 10);
     // The shipped stop hook, behind a line that records each run and
     // whether the agent says it is a re-run of an interrupted one.
