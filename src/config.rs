@@ -256,7 +256,9 @@ pub struct DataPlaneConfig {
     /// agent yet (every instance of every disabled key would alert). Too
     /// long, and a database still running on a revoked key goes unnoticed
     /// until MariaDB's key cache expires and it crashes; too short, and a
-    /// slow but clean shutdown alerts.
+    /// slow but clean shutdown alerts. When set, an acknowledgement of a
+    /// disable or delete to the KMS also waits until every instance of the
+    /// key has reported it enforced (`tell::Relay::enforced`).
     pub enforce_within: HumanDuration,
 }
 

@@ -167,7 +167,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         &advertise,
         config.cluster.rejoin_after.0,
     )?;
-    let relay = Relay::new(store.clone(), writer.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?;
+    let relay = Relay::new(store.clone(), writer.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?
+        .awaiting_agents(!config.data_plane.enforce_within.0.is_zero());
     let rotator = Rotator {
         store: store.clone(),
         kms: kms.clone(),

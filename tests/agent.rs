@@ -16,17 +16,6 @@ const MIN: Duration = Duration::from_secs(60);
 /// Appends "<action> <command id>" to HOOK_DIR/<instance>.
 const RECORD: &str = "echo \"$KEYWARDEN_ACTION $KEYWARDEN_COMMAND_ID\" >> \"$HOOK_DIR/$KEYWARDEN_INSTANCE_ID\"";
 
-fn commands_of(reader: &mut TopicReader, action: &str, cause: &str, n: usize) -> Vec<Read> {
-    reader
-        .read_until(&format!("{n} {action} commands of {cause}"), MIN, |r| {
-            r.iter().filter(|m| m.json()["action"] == action && m.json()["cause_event_id"] == cause).count() >= n
-        })
-        .iter()
-        .filter(|m| m.json()["action"] == action && m.json()["cause_event_id"] == cause)
-        .cloned()
-        .collect()
-}
-
 #[test]
 fn a_disable_runs_each_hosted_instances_revoke_once_and_a_forged_or_resent_command_never_runs() {
     let broker = Broker::start();

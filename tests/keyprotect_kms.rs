@@ -479,3 +479,42 @@ fn a_throttled_keys_acknowledgements_do_not_stall_other_keys_and_a_late_one_aler
     assert_eq!(ack["adopterKeyState"], "DEK_DISABLED");
     drop(rt);
 }
+
+#[test]
+fn with_agents_expected_a_disable_is_acknowledged_only_once_every_database_reported_it_stopped() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kp = KeyProtectDouble::start(&rt, "us-south");
+    let key = "agents-root-key";
+    kp.add_key(key);
+    let broker = Broker::start();
+    let (d, _config) = daemon_on_key_protect(&broker, &[&kp], "[data_plane]\nenforce_within = \"10m\"\n");
+    d.create_instance("agents-db-0", &kp.crn(key));
+    d.create_instance("agents-db-1", &kp.crn(key));
+    let mut reader = TopicReader::new(&broker.bootstrap, "instance-commands");
+    let p = producer(&broker.bootstrap);
+    let kp_event = kp.set_state(key, 2, "disable");
+    produce(&p, "key-lifecycle", Some(&kp.crn(key)), &event(&kp_event, "disable", &kp.crn(key), None, &soon(1)));
+    d.wait_state("agents-db-0", "revoked");
+    let commands = commands_of(&mut reader, "revoke", &kp_event, 2);
+    const WAITS: &str = "the acknowledgement waits for every instance's data-plane agent";
+    let waits = || d.log().matches(WAITS).count();
+    let report = |id: &str| {
+        let command = commands.iter().find(|m| m.key.as_deref() == Some(id)).unwrap().json();
+        let body = json!({"command_id": command["command_id"], "cause_event_id": kp_event, "action": "revoke", "outcome": "enforced", "at": chrono::Utc::now(), "detail": "stopped"});
+        let status = d.http.post(format!("{}/v1/instances/{id}/data-plane", d.api)).bearer_auth(d.dek_token_for(id)).json(&body).send().unwrap().status();
+        assert_eq!(status.as_u16(), 200, "{id}'s report");
+    };
+    let no_ack = |when: &str| assert!(kp.acks().iter().all(|a| a["eventId"] != kp_event.as_str()), "acknowledged {when}");
+
+    // The commands are out, yet no database has said it stopped: the ack waits.
+    wait_until("the ack to wait for the agents", Duration::from_secs(30), || (waits() > 0).then_some(()));
+    no_ack("before any database stopped");
+    report("agents-db-0");
+    let seen = waits();
+    wait_until("the ack to look again after one report", Duration::from_secs(30), || (waits() > seen).then_some(()));
+    no_ack("with one of two databases still running");
+    report("agents-db-1");
+    let ack = wait_until("the ack once both databases stopped", Duration::from_secs(30), || kp.acks().into_iter().find(|a| a["eventId"] == kp_event.as_str()));
+    assert_eq!(ack["adopterKeyState"], "DEK_DISABLED");
+    drop(rt);
+}

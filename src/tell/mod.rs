@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::KafkaConfig;
-use crate::engine::{Alert, CommandAction, Effect, Input, Notice, Severity};
+use crate::engine::{AdopterState, Alert, CommandAction, DataPlaneOutcome, Effect, Input, KeyStatus, Notice, Severity};
 use crate::intake::signature::{Signer, HEADER as SIGNATURE_HEADER};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
@@ -100,6 +100,10 @@ pub struct Relay {
     /// anyone else's, and every data-plane command, so that a consumer can
     /// tell a real `restore` from one produced by whoever can write the topic.
     signer: Option<Arc<Signer>>,
+    /// Data-plane agents confirm revocations (`data_plane.enforce_within` is
+    /// set): an acknowledgement of a disable or delete then also waits for
+    /// them (see `enforced`).
+    await_agents: bool,
 }
 
 /// Effects handled per round; a key-wide command counts as one.
@@ -111,6 +115,9 @@ const NOTICE_WINDOW: usize = 512;
 
 /// How soon an acknowledgement waiting for its key's commands looks again.
 const UNFLUSHED_RECHECK: Duration = Duration::from_millis(200);
+/// How soon an acknowledgement waiting for the agents' reports looks again:
+/// each look reads every instance of the key.
+const AGENTS_RECHECK: Duration = Duration::from_secs(1);
 
 const NOTICE_REFUSED: &str = "KeywardenKmsNoticeRefused";
 const ACK_DEADLINE: &str = "KeywardenKmsAckDeadline";
@@ -122,6 +129,8 @@ enum KeyOutcome {
     Retry,
     /// An acknowledgement waits for the key's commands to be published.
     Unflushed,
+    /// An acknowledgement waits for the data-plane agents' reports.
+    AwaitingAgents,
 }
 
 /// The key an outbox effect concerns, if any.
@@ -165,7 +174,13 @@ impl Relay {
             .set("partitioner", crate::cluster::PARTITIONER)
             .create()
             .map_err(TellError::Producer)?;
-        Ok(Relay { store, writer, kms, producer, kafka: kafka.clone(), notify, metrics, signer })
+        Ok(Relay { store, writer, kms, producer, kafka: kafka.clone(), notify, metrics, signer, await_agents: false })
+    }
+
+    /// With data-plane agents expected to confirm revocations.
+    pub fn awaiting_agents(mut self, on: bool) -> Relay {
+        self.await_agents = on;
+        self
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -237,6 +252,10 @@ impl Relay {
                     KeyOutcome::Unflushed => {
                         any_waiting = true;
                     }
+                    KeyOutcome::AwaitingAgents => {
+                        waiting.insert(key_id.clone(), (std::time::Instant::now() + AGENTS_RECHECK, Backoff::new(AGENTS_RECHECK, AGENTS_RECHECK)));
+                        any_waiting = true;
+                    }
                 }
             }
             if let Err(e) = self.writer.sent(Queue::Notices, done.clone()).await {
@@ -265,8 +284,14 @@ impl Relay {
     async fn notify_key(&self, key_id: &str, notices: &[(u64, Notice)], unflushed: bool) -> (Vec<u64>, KeyOutcome) {
         let mut done = Vec::new();
         for (id, notice) in notices {
-            if unflushed && matches!(notice, Notice::Acknowledge { .. }) {
-                return (done, KeyOutcome::Unflushed);
+            if let Notice::Acknowledge { state, event_id, .. } = notice {
+                if unflushed {
+                    return (done, KeyOutcome::Unflushed);
+                }
+                if self.await_agents && !self.enforced(key_id, *state).await {
+                    tracing::debug!(%key_id, %event_id, "the acknowledgement waits for every instance's data-plane agent to report the revocation enforced");
+                    return (done, KeyOutcome::AwaitingAgents);
+                }
             }
             match self.kms.notify(key_id, notice).await {
                 Ok(()) => done.push(*id),
@@ -292,6 +317,45 @@ impl Relay {
             }
         }
         (done, KeyOutcome::Done)
+    }
+
+    /// Whether the data plane has done what an acknowledgement of `state`
+    /// tells the KMS is done: for a disable or delete, every instance of the
+    /// key that was sent the revoke or erase (those holding a wrapped DEK) has
+    /// its agent's report of it enforced, so that no database still runs on
+    /// the key's DEKs (`crypto-erasure.md`: DEKs flushed before the ack). A
+    /// key that has changed state since is not waited for: its new state's
+    /// commands are what the data plane acts on now, and the KMS asked for
+    /// this ack. A store that cannot be read counts as not done (retried).
+    async fn enforced(&self, key_id: &str, state: AdopterState) -> bool {
+        let (action, status) = match state {
+            AdopterState::Disabled => (CommandAction::Revoke, KeyStatus::Disabled),
+            AdopterState::Deleted => (CommandAction::Erase, KeyStatus::Deleted),
+            AdopterState::Enabled => return true,
+        };
+        let store = self.store.clone();
+        let key = key_id.to_string();
+        let scan = tokio::task::spawn_blocking(move || -> Result<bool, crate::store::StoreError> {
+            if store.key(&key)?.is_none_or(|k| k.status != status) {
+                return Ok(true);
+            }
+            Ok(store
+                .instances_of(&key)?
+                .iter()
+                .filter(|i| i.wrapped.is_some())
+                .all(|i| i.data_plane.as_ref().is_some_and(|d| d.action == action && d.outcome == DataPlaneOutcome::Enforced)))
+        });
+        match scan.await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => {
+                tracing::warn!(%key_id, error = %e, "cannot read the key's instances for its acknowledgement; retrying");
+                false
+            }
+            Err(e) => {
+                tracing::error!(%key_id, error = %e, "the data-plane check of an acknowledgement failed; retrying");
+                false
+            }
+        }
     }
 
     /// Acknowledgements still queued: the age of the oldest as a metric, and

@@ -486,6 +486,18 @@ impl Read {
     }
 }
 
+/// The `n` data-plane commands of `action` that event `cause` caused, once
+/// all are on the topic.
+pub fn commands_of(reader: &mut TopicReader, action: &str, cause: &str, n: usize) -> Vec<Read> {
+    let ours = |m: &Read| m.json()["action"] == action && m.json()["cause_event_id"] == cause;
+    reader
+        .read_until(&format!("{n} {action} commands of {cause}"), Duration::from_secs(60), |r| r.iter().filter(|m| ours(m)).count() >= n)
+        .iter()
+        .filter(|m| ours(m))
+        .cloned()
+        .collect()
+}
+
 /// Reads a topic from the beginning until `done` holds for what was read.
 pub struct TopicReader {
     consumer: BaseConsumer,
