@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
 use crate::config::RotationConfig;
-use crate::engine::{Input, KeyStatus, RotationJob};
+use crate::engine::{Input, KeyStatus, RotationJob, WrappedDek};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::writer::{Pending, Writer, WriterError};
@@ -36,6 +36,13 @@ enum Pass {
     Finished,
     /// The key stopped being usable, or a newer rotation replaced this one.
     Interrupted,
+}
+
+/// One instance to rewrap, as the pass read it.
+struct Todo {
+    instance_id: String,
+    key_id: String,
+    wrapped: WrappedDek,
 }
 
 enum Attempt {
@@ -142,7 +149,18 @@ impl Rotator {
                 return Ok(Pass::Interrupted);
             }
         };
-        let todo: Vec<String> = instances.into_iter().filter(|i| i.wrapped.as_ref().is_some_and(|w| w.key_version != target)).map(|i| i.instance_id).collect();
+        // What each rewrap needs is taken from this one read: reading the
+        // instance again per rewrap decoded every record twice. A DEK that
+        // changes meanwhile (deleted, rewrapped by another pass) is caught by
+        // the engine, which drops a result whose `from_version` is no longer
+        // the instance's.
+        let todo: Vec<Todo> = instances
+            .into_iter()
+            .filter_map(|i| match i.wrapped {
+                Some(wrapped) if wrapped.key_version != target => Some(Todo { instance_id: i.instance_id, key_id: i.key_id, wrapped }),
+                _ => None,
+            })
+            .collect();
         if job.total.is_none() {
             self.writer.submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total: todo.len() as u64 }).await?;
         }
@@ -166,10 +184,9 @@ impl Rotator {
                     }
                 }
                 attempt = results.next() => match attempt {
-                    Some(Some(Attempt::Done(input))) => chunk.push(input),
-                    Some(Some(Attempt::KeyUnusable)) => interrupted = true,
-                    Some(Some(Attempt::Later)) => deferred += 1,
-                    Some(None) => {}
+                    Some(Attempt::Done(input)) => chunk.push(input),
+                    Some(Attempt::KeyUnusable) => interrupted = true,
+                    Some(Attempt::Later) => deferred += 1,
                     None => exhausted = true,
                 },
             }
@@ -199,16 +216,14 @@ impl Rotator {
     /// first, so at most two chunks are ever in flight.
     async fn commit(&self, chunk: &mut Vec<Input>, in_flight: &mut Option<Pending>) -> Result<(), WriterError> {
         self.settle(in_flight).await?;
-        let mut last = None;
-        for input in chunk.drain(..) {
-            last = Some(self.writer.enqueue(Some(input), None).await?);
+        if !chunk.is_empty() {
+            // One job for the whole chunk: committed in one batch, answered once.
+            *in_flight = Some(self.writer.enqueue_all(std::mem::take(chunk)).await?);
         }
-        *in_flight = last;
         Ok(())
     }
 
-    /// Waits until everything queued is durable. The writer answers in order,
-    /// so the last answer covers the whole chunk.
+    /// Waits until the chunk queued last is durable.
     async fn settle(&self, in_flight: &mut Option<Pending>) -> Result<(), WriterError> {
         if let Some(pending) = in_flight.take() {
             pending.await?;
@@ -216,16 +231,15 @@ impl Rotator {
         Ok(())
     }
 
-    async fn rewrap_one(&self, instance_id: String, target: &str) -> Option<Attempt> {
-        let inst = self.store.instance(&instance_id).ok().flatten()?;
-        let wrapped = inst.wrapped?;
-        let provider = self.kms.provider_for(&inst.key_id);
+    async fn rewrap_one(&self, todo: Todo, target: &str) -> Attempt {
+        let Todo { instance_id, key_id, wrapped } = todo;
+        let provider = self.kms.provider_for(&key_id);
         let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         let mut attempt = 1;
         loop {
             let started = std::time::Instant::now();
-            let call = self.kms.rewrap(&inst.key_id, &wrapped, instance_id.as_bytes(), Some(target));
-            let result = call.instrument(info_span!("kms.rewrap", key_id = %inst.key_id, %instance_id, attempt)).await;
+            let call = self.kms.rewrap(&key_id, &wrapped, instance_id.as_bytes(), Some(target));
+            let result = call.instrument(info_span!("kms.rewrap", key_id = %key_id, %instance_id, attempt)).await;
             self.metrics.rewrap_seconds.with_label_values(&[provider]).observe(started.elapsed().as_secs_f64());
             if let Err(e) = &result {
                 self.metrics.rewrap_errors.with_label_values(&[provider, e.class()]).inc();
@@ -233,13 +247,13 @@ impl Rotator {
             match result {
                 Ok(new) => {
                     self.metrics.rewraps.with_label_values(&[provider, "ok"]).inc();
-                    return Some(Attempt::Done(Input::Rewrapped { instance_id, from_version: wrapped.key_version, wrapped: new, at: Utc::now() }));
+                    return Attempt::Done(Input::Rewrapped { instance_id, from_version: wrapped.key_version, wrapped: new, at: Utc::now() });
                 }
-                Err(e) if e.key_unusable() => return Some(Attempt::KeyUnusable),
+                Err(e) if e.key_unusable() => return Attempt::KeyUnusable,
                 Err(e) if e.retryable() && attempt >= self.config.max_attempts => {
                     self.metrics.rewraps.with_label_values(&[provider, "deferred"]).inc();
                     tracing::debug!(%instance_id, error = %e, "rewrap still failing transiently; deferred to the next pass");
-                    return Some(Attempt::Later);
+                    return Attempt::Later;
                 }
                 Err(e) if e.retryable() => {
                     self.metrics.rewraps.with_label_values(&[provider, "retry"]).inc();
@@ -251,8 +265,8 @@ impl Rotator {
                 }
                 Err(e) => {
                     self.metrics.rewraps.with_label_values(&[provider, "failed"]).inc();
-                    tracing::warn!(%instance_id, key_id = %inst.key_id, error = %e, "rewrap failed");
-                    return Some(Attempt::Done(Input::RewrapFailed { instance_id, from_version: wrapped.key_version, reason: e.to_string(), at: Utc::now() }));
+                    tracing::warn!(%instance_id, %key_id, error = %e, "rewrap failed");
+                    return Attempt::Done(Input::RewrapFailed { instance_id, from_version: wrapped.key_version, reason: e.to_string(), at: Utc::now() });
                 }
             }
         }

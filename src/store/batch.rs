@@ -85,13 +85,14 @@ impl Store {
                 }
                 Record::Outbox(Effect::KmsNotice { key_id, .. }) if self.wants_notices.get().is_some_and(|wants| !wants(key_id)) => {}
                 Record::Outbox(effect) => {
+                    let value = encode(effect);
                     if let Some((key_id, name)) = command_key(effect) {
-                        commands.push(Change { route: Route::Key(key_id), key: name, value: Some(encode(effect)) });
+                        commands.push(Change { route: Route::Key(key_id), key: name, value: Some(value.clone()) });
                     }
                     // generate_id is monotonic across restarts, so the outbox keeps commit order.
                     let id = self.db.generate_id()?;
                     let prefix = if matches!(effect, Effect::KmsNotice { .. }) { NOTICES } else { OUTBOX };
-                    staged.batch.insert(queue_key(prefix, id), encode(effect));
+                    staged.batch.insert(queue_key(prefix, id), value);
                 }
                 Record::Offset { topic, partition, next } => {
                     staged.put(Route::Partition(*partition), offset_key(topic, *partition), next.to_be_bytes().to_vec())

@@ -369,7 +369,7 @@ impl Store {
     /// that cannot be read is remembered (and the batch refused by the
     /// writer), never decided on.
     pub fn reading(&self) -> Reading<'_> {
-        Reading { store: self, error: RefCell::new(None) }
+        Reading { store: self, error: RefCell::new(None), keys: RefCell::default(), instances: RefCell::default() }
     }
 }
 
@@ -378,6 +378,13 @@ impl Store {
 pub struct Reading<'a> {
     store: &'a Store,
     error: RefCell<Option<StoreError>>,
+    /// Keys and instances as read, for the rest of the batch. Nothing writes
+    /// the store while the writer stages a batch, so a second read of the same
+    /// record (the ownership check and then the decision both read a rewrap's
+    /// instance) would decode the same bytes again. Only reads that succeeded
+    /// are kept: a failed one is read (and fails) again.
+    keys: RefCell<HashMap<String, Option<KeyRecord>>>,
+    instances: RefCell<HashMap<String, Option<InstanceRecord>>>,
 }
 
 impl Reading<'_> {
@@ -394,13 +401,27 @@ impl Reading<'_> {
     }
 }
 
+/// The record read before under `id`, or `read` once, kept if it succeeded.
+fn remembered<T: Clone>(
+    memo: &RefCell<HashMap<String, Option<T>>>,
+    id: &str,
+    read: impl FnOnce() -> Result<Option<T>, StoreError>,
+) -> Result<Option<T>, StoreError> {
+    if let Some(known) = memo.borrow().get(id) {
+        return Ok(known.clone());
+    }
+    let read = read()?;
+    memo.borrow_mut().insert(id.to_string(), read.clone());
+    Ok(read)
+}
+
 impl View for Reading<'_> {
     fn key(&self, key_id: &str) -> Option<KeyRecord> {
-        self.keep(self.store.key(key_id))
+        self.keep(remembered(&self.keys, key_id, || self.store.key(key_id)))
     }
 
     fn instance(&self, instance_id: &str) -> Option<InstanceRecord> {
-        self.keep(self.store.instance(instance_id))
+        self.keep(remembered(&self.instances, instance_id, || self.store.instance(instance_id)))
     }
 
     fn event_seen(&self, event_id: &str) -> bool {

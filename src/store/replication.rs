@@ -2,6 +2,8 @@
 //! as the store's own key and value, and the replica's position in each
 //! changelog partition, kept with the changes it covers.
 
+use std::collections::HashMap;
+
 use super::schema::*;
 use super::{Staged, Store, StoreError};
 
@@ -153,6 +155,10 @@ impl Store {
     pub fn stage_replicated(&self, staged: &mut Staged, entries: &[Replicated]) -> Result<(usize, Vec<Refused>), StoreError> {
         let mut applied = 0;
         let mut refused = Vec::new();
+        // What the broker had confirmed of this node's own records before the
+        // batch, read once per partition: a group of one reads back every
+        // record it published, and this was a store read per record.
+        let mut confirmed: HashMap<i32, i64> = HashMap::new();
         for e in entries {
             let at = match staged.positions.get(&e.partition) {
                 Some(at) => *at,
@@ -170,7 +176,7 @@ impl Store {
                 None => Err("changelog_forged"),
                 // This node's own record, applied here before the broker
                 // confirmed it (a group of one): what it holds is here already.
-                Some(version) if version <= last && version > self.changelog_published(e.partition)? => continue,
+                Some(version) if version <= last && version > published(&mut confirmed, e.partition, |p| self.changelog_published(p))? => continue,
                 Some(version) if version <= last => Err("changelog_replayed"),
                 Some(_) => replicable(&e.key, e.value.as_deref()),
             };
@@ -207,4 +213,14 @@ impl Store {
         staged.put(super::Route::Partition(partition), partition_key(OWNER, partition), url.as_bytes().to_vec());
         staged.flush = true;
     }
+}
+
+/// The partition's value in `memo`, or `read` once.
+fn published(memo: &mut HashMap<i32, i64>, partition: i32, read: impl FnOnce(i32) -> Result<i64, StoreError>) -> Result<i64, StoreError> {
+    if let Some(v) = memo.get(&partition) {
+        return Ok(*v);
+    }
+    let v = read(partition)?;
+    memo.insert(partition, v);
+    Ok(v)
 }

@@ -366,6 +366,47 @@ async fn a_key_another_node_owns_is_refused_by_the_writer() {
     assert!(matches!(w.change_kms(change, None).await, Err(writer::WriterError::NotOwner { .. })));
 }
 
+fn rewrapped(instance_id: &str, from_version: &str) -> crate::engine::Input {
+    crate::engine::Input::Rewrapped {
+        instance_id: instance_id.into(),
+        from_version: from_version.into(),
+        wrapped: WrappedDek { key_version: "2".into(), ciphertext: vec![2] },
+        at: Utc::now(),
+    }
+}
+
+#[tokio::test]
+async fn a_chunk_of_rewraps_is_committed_as_one_job_and_a_stale_result_in_it_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let w = writer(&s);
+    w.import((0..3).map(|i| Record::Instance(inst(&format!("i{i}"), "k"))).collect()).await.unwrap();
+    // i2 was read at version 0, which it no longer holds: that result is dropped.
+    let chunk = vec![rewrapped("i0", "1"), rewrapped("i1", "1"), rewrapped("i2", "0"), rewrapped("gone", "1")];
+    w.enqueue_all(chunk).await.unwrap().await.unwrap();
+    let version = |id: &str| s.instance(id).unwrap().unwrap().key_version;
+    assert_eq!((version("i0"), version("i1"), version("i2")), ("2".into(), "2".into(), "1".into()));
+    assert!(s.instance("gone").unwrap().is_none(), "a result for an unknown instance creates nothing");
+    let commands = s.outbox(10).unwrap();
+    assert_eq!(commands.len(), 2, "one rewrapped command per applied result: {commands:?}");
+}
+
+#[tokio::test]
+async fn a_chunk_with_a_key_another_node_owns_is_refused_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let fence = Arc::new(Fence::default());
+    fence.assign(&[("events".to_string(), 0)]);
+    let (w, _) = Writer::start(s.clone(), Ownership::shared(fence, "events", 2), 16, Box::new(|_| {}));
+    let keys: Vec<String> = (0..100).map(|i| format!("key-{i}")).collect();
+    let mine = keys.iter().find(|k| crate::cluster::partition_of(k, 2) == 0).unwrap().clone();
+    let theirs = keys.iter().find(|k| crate::cluster::partition_of(k, 2) == 1).unwrap().clone();
+    w.import(vec![Record::Instance(inst("a", &mine)), Record::Instance(inst("b", &theirs))]).await.unwrap();
+    let refused = w.enqueue_all(vec![rewrapped("a", "1"), rewrapped("b", "1")]).await.unwrap().await;
+    assert!(matches!(&refused, Err(writer::WriterError::NotOwner { key_id }) if *key_id == theirs), "{refused:?}");
+    assert_eq!(s.instance("a").unwrap().unwrap().key_version, "1", "nothing of a refused chunk is applied");
+}
+
 #[tokio::test]
 async fn a_forged_a_replayed_and_an_unreplicable_record_are_refused_and_the_replica_goes_on() {
     let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());

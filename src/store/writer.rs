@@ -56,6 +56,11 @@ pub struct Consumed {
 pub enum Op {
     /// Decided by the engine. None: only the offset moves (a dead-lettered message).
     Decide(Option<Input>),
+    /// Many inputs decided in turn, committed in one batch and answered once:
+    /// a rotation's chunk of rewrap results, which would otherwise be one
+    /// queued job (and one answer) per DEK. Refused whole if any of them
+    /// belongs to a key this node does not own.
+    DecideAll(Vec<Input>),
     /// A relay sent these entries of its queue.
     Sent { queue: Queue, ids: Vec<u64> },
     /// An embedded-KMS key change (compare-and-swap on its material).
@@ -225,6 +230,14 @@ impl Writer {
     /// Queues an input; the returned `Pending` answers once it is durable.
     pub async fn enqueue(&self, input: Option<Input>, consumed: Option<Consumed>) -> Result<Pending, WriterError> {
         let (job, rx) = Self::job(Op::Decide(input), consumed, None);
+        self.tx.send(Msg::Job(Box::new(job))).await.map_err(|_| WriterError::Stopped)?;
+        Ok(Pending(rx))
+    }
+
+    /// Queues inputs to be committed together (see `Op::DecideAll`); the
+    /// returned `Pending` answers once all of them are durable.
+    pub async fn enqueue_all(&self, inputs: Vec<Input>) -> Result<Pending, WriterError> {
+        let (job, rx) = Self::job(Op::DecideAll(inputs), None, None);
         self.tx.send(Msg::Job(Box::new(job))).await.map_err(|_| WriterError::Stopped)?;
         Ok(Pending(rx))
     }
@@ -481,6 +494,26 @@ impl Loop {
                     None => Reply::Done,
                 };
                 Done::Decided(reply)
+            }
+            Op::DecideAll(inputs) => {
+                // All checked before any is staged: the job is committed or refused whole.
+                if let Some(key_id) = inputs.iter().filter_map(|i| i.key_id(&*overlay)).find(|k| !mine(k)) {
+                    return Err(Failure::Job(WriterError::NotOwner { key_id }));
+                }
+                if let Some(e) = reading.take_error() {
+                    return Err(Failure::Job(WriterError::Store(e)));
+                }
+                for input in inputs {
+                    let d = decide(&*overlay, input);
+                    // Some of the job is staged already: the whole batch is refused.
+                    if let Some(e) = reading.take_error() {
+                        return Err(Failure::Batch(e));
+                    }
+                    overlay.absorb(&d.records);
+                    self.store.stage_records(staged, &d.records).map_err(Failure::Batch)?;
+                    records.extend(d.records);
+                }
+                Done::Written
             }
             Op::Sent { queue, ids } => {
                 self.store.stage_sent(staged, queue, &ids, mine).map_err(Failure::Batch)?;
