@@ -63,6 +63,7 @@ pub fn run(s: &Setup) -> anyhow::Result<()> {
     let mut db = Mariadb::install(s.mariadbd.clone(), &s.dir.join("mariadb"), &s.kv, INSTANCE, &w.dek_token)?;
     println!("  mariadb-install-db: a private datadir, socket only, in {:.1?}", t.elapsed());
     match db.start()? {
+        Start::Exited(_) if s.shutdown.is_cancelled() => bail!("interrupted"),
         Start::Ready(took) => println!("  mariadbd started with the shipped keywarden.cnf in {took:.1?}; its keys come from http://{}/v1/{INSTANCE}", s.kv),
         Start::Exited(log) => bail!("mariadbd did not start; its log:\n{log}"),
     }
@@ -82,6 +83,11 @@ pub fn run(s: &Setup) -> anyhow::Result<()> {
     )?;
     println!("  keywarden agent started with the shipped hooks (mariadb-stop, mariadb-start, mariadb-rewrapped)");
     let outcome = w.database(&mut db, &mut agent);
+    // Ctrl-C also stops the daemon, whose refusals then fail whatever step
+    // was running: that is the interruption, not a finding.
+    if outcome.is_err() && s.shutdown.is_cancelled() {
+        bail!("interrupted; the database and the agent are stopped");
+    }
     if outcome.is_err() {
         println!("--- agent log (last lines) ---\n{}", agent.log_tail(20));
         println!("--- mariadbd log (last lines) ---\n{}", db.log_tail(20));
