@@ -1,5 +1,6 @@
-//! keywarden's benchmark suite (issue 7): rotation throughput, revocation
-//! latency, intake rate, KMS quota use, DEK fetch, scale and recovery, each
+//! keywarden's benchmark suite: rotation throughput, revocation
+//! latency, intake rate, KMS quota use, DEK fetch, scale and recovery (issue 7),
+//! a real MariaDB stopped and started by the agent (B8, issue 14), each
 //! against a real tansu broker and the real keywarden binary, and each as a
 //! ratio to a baseline measured in the same run or as a latency distribution.
 //!
@@ -7,9 +8,11 @@
 //!     cargo run --release --example bench -- --quick # tiny sizes: checks it runs
 //!     cargo run --release --example bench -- B1 B3   # some of them
 //!
-//! It prints figures; it asserts nothing about speed. Needs `tansu` on PATH
+//! It prints figures; it asserts nothing about speed. Needs `tansu` on PATH, and
+//! for B8 mariadbd with its HashiCorp key plugin
 //! (scripts/install-test-deps.sh).
 
+mod b8_mariadb;
 mod cases;
 mod fake_kms;
 mod harness;
@@ -25,6 +28,8 @@ pub struct Sizes {
     pub b5_seconds: u64,
     pub b6_instances: usize,
     pub b7_kills: usize,
+    /// B8's disable/enable cycles of a real MariaDB, and of its baseline.
+    pub b8_cycles: usize,
     /// How long each B9 phase (healthy, hung) fetches DEKs.
     pub b9_seconds: u64,
     /// How long B6 lets the daemon run (monitor, status line) before the scrape.
@@ -40,6 +45,7 @@ const FULL: Sizes = Sizes {
     b5_seconds: 5,
     b6_instances: 1_000_000,
     b7_kills: 10,
+    b8_cycles: 50,
     b9_seconds: 10,
     b6_settle: std::time::Duration::from_secs(6),
 };
@@ -53,6 +59,7 @@ const QUICK: Sizes = Sizes {
     b5_seconds: 1,
     b6_instances: 2_000,
     b7_kills: 1,
+    b8_cycles: 2,
     b9_seconds: 1,
     b6_settle: std::time::Duration::from_millis(500),
 };
@@ -83,7 +90,7 @@ fn main() {
     };
     eprintln!("bench: keywarden binary {}; {} mode", bin.display(), if quick { "quick" } else { "full" });
     type Case = fn(&std::path::Path, &Sizes) -> harness::Res<Vec<Row>>;
-    let cases: [(&str, Case); 8] = [
+    let cases: [(&str, Case); 9] = [
         ("B1", cases::b1_rotation),
         ("B2", cases::b2_revocation),
         ("B3", cases::b3_intake),
@@ -91,6 +98,7 @@ fn main() {
         ("B5", cases::b5_dek_fetch),
         ("B6", cases::b6_scale),
         ("B7", cases::b7_recovery),
+        ("B8", b8_mariadb::b8_mariadb),
         ("B9", cases::b9_hung_broker),
     ];
     let mut rows = Vec::new();

@@ -1,5 +1,10 @@
 //! `keywarden demo`: the daemon on embedded defaults (mock broker, embedded KMS,
-//! a fresh store) and a live walk through one key's lifecycle over the real API.
+//! a fresh store) and a live walk through one key's lifecycle over the real API;
+//! with `--mariadb`, the walk against a real MariaDB and a real data-plane agent
+//! (`mariadb_walk`, on the processes of `mariadb`).
+
+pub mod mariadb;
+mod mariadb_walk;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -10,7 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
-pub fn run(mut config: Config, exit: bool) -> anyhow::Result<ExitCode> {
+/// How long the `--mariadb` walk's restore window is, so that its purge comes
+/// within the demo (the default is 30 days).
+const MARIADB_PURGE_AFTER: Duration = Duration::from_secs(5);
+
+pub fn run(mut config: Config, exit: bool, with_mariadb: bool) -> anyhow::Result<ExitCode> {
+    // Before anything starts: without the database there is nothing to show.
+    let mariadbd = if with_mariadb { Some(mariadb::mariadbd()?) } else { None };
     let dir = std::env::temp_dir().join(format!("keywarden-demo-{}", uuid::Uuid::new_v4()));
     config.store.path = dir.join("store");
     config.kms.local.master_key_file = dir.join("master.key");
@@ -21,6 +32,16 @@ pub fn run(mut config: Config, exit: bool) -> anyhow::Result<ExitCode> {
     if std::net::TcpListener::bind(&config.api.listen).is_err() {
         config.api.listen = "127.0.0.1:0".into();
     }
+    let mut kv = String::new();
+    if mariadbd.is_some() {
+        // The plugin needs the address in its option file before the daemon
+        // starts, so the port is picked here rather than bound as :0.
+        kv = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+        config.data_plane.vault_kv_listen = kv.clone();
+        config.policy.purge_after = crate::config::HumanDuration(MARIADB_PURGE_AFTER);
+        config.policy.purge_schedule = "* * * * * *".into();
+    }
+    let signing = (config.signatures.hmac_key_id.clone(), config.signatures.hmac_key_file.clone(), config.kafka.commands_topic.clone());
     let rt = tokio::runtime::Runtime::new()?;
     let result = rt.block_on(async move {
         let shutdown = CancellationToken::new();
@@ -41,10 +62,35 @@ pub fn run(mut config: Config, exit: bool) -> anyhow::Result<ExitCode> {
             println!("  kafka         {}", started.bootstrap);
         }
         println!("  store         {}", dir.display());
+        if mariadbd.is_some() {
+            println!("  vault kv      http://{kv} (MariaDB's hashicorp_key_management plugin reads its keys here)");
+        }
         println!();
         let read = |name: &str| std::fs::read_to_string(dir.join(name)).map(|t| t.trim().to_string());
-        let walk = Walk { http: reqwest::Client::new(), base: format!("http://{}", started.api), admin: read("admin.token")?, deks: Default::default() };
-        let outcome = walk.run().await;
+        let outcome = match mariadbd {
+            Some(mariadbd) => {
+                let setup = mariadb_walk::Setup {
+                    mariadbd,
+                    dir: dir.clone(),
+                    api: format!("http://{}", started.api),
+                    kv,
+                    admin: read("admin.token")?,
+                    bootstrap: started.bootstrap.clone(),
+                    commands_topic: signing.2,
+                    signing_key_id: signing.0,
+                    signing_key_file: signing.1,
+                    purge_after: MARIADB_PURGE_AFTER,
+                    shutdown: shutdown.clone(),
+                };
+                // Child processes and files: a blocking thread, never the runtime's.
+                tokio::task::spawn_blocking(move || mariadb_walk::run(&setup)).await.map_err(|e| anyhow!("the walk died: {e}"))?
+            }
+            None => {
+                let walk =
+                    Walk { http: reqwest::Client::new(), base: format!("http://{}", started.api), admin: read("admin.token")?, deks: Default::default() };
+                walk.run().await
+            }
+        };
         if let Err(e) = &outcome {
             println!("demo failed: {e:#}");
         } else if !exit {

@@ -3,7 +3,7 @@
 
 mod client;
 mod command;
-mod demo;
+pub mod demo;
 mod event;
 mod impact;
 mod watch;
@@ -73,6 +73,10 @@ pub enum Command {
         /// Stop the daemon when the walk is done instead of leaving it running.
         #[arg(long)]
         exit: bool,
+        /// Walk it against a real MariaDB (mariadbd and its HashiCorp key
+        /// plugin must be installed) and a real data-plane agent.
+        #[arg(long)]
+        mariadb: bool,
     },
     /// Operate root keys (embedded KMS).
     #[command(subcommand)]
@@ -274,10 +278,10 @@ fn run_cli(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("config is valid");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { exit } => {
+        Command::Demo { exit, mariadb } => {
             let config = Config::load(cli.config.as_deref())?;
             init_tracing_with(&config.log.format, "warn");
-            demo::run(config, *exit)
+            demo::run(config, *exit, *mariadb)
         }
         Command::Event(EventCommand::Sign { file, key }) => event::sign(&Config::load(cli.config.as_deref())?, file, key),
         Command::Event(EventCommand::Emit(args)) => event::emit(&Config::load(cli.config.as_deref())?, args),
