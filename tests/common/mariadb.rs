@@ -49,9 +49,14 @@ impl Mariadb {
     pub fn install(bin: PathBuf, kv: &str, instance_id: &str, token: &str, extra: &[&str]) -> Mariadb {
         let dir = tempfile::tempdir().unwrap();
         let datadir = dir.path().join("data");
+        // A temporary directory of its own: a starting mariadbd removes the
+        // `#sql` temporary files it finds in its tmpdir, so servers of tests
+        // running at once in a shared /tmp broke each other's installs.
+        std::fs::create_dir_all(dir.path().join("tmp")).unwrap();
         let out = Command::new("mariadb-install-db")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", datadir.display()))
+            .arg(format!("--tmpdir={}", dir.path().join("tmp").display()))
             .arg("--user=root")
             .arg("--auth-root-authentication-method=socket")
             .output()
@@ -84,6 +89,7 @@ impl Mariadb {
             .arg("--user=root")
             .arg(format!("--datadir={}", self.datadir.display()))
             .arg(format!("--socket={}", self.socket.display()))
+            .arg(format!("--tmpdir={}", self.dir.path().join("tmp").display()))
             .arg(format!("--pid-file={}", self.pid_file().display()))
             .arg(format!("--log-error={}", self.error_log.display()))
             .arg("--skip-networking")
@@ -192,9 +198,10 @@ impl Mariadb {
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&token).unwrap();
         writeln!(f, "[mariadbd]\nhashicorp-key-management-token = {}", self.token).unwrap();
         let mut cnf = format!(
-            "!include {}\n[mariadbd]\nuser = root\ndatadir = {}\nsocket = {}\npid-file = {}\nlog-error = {}\nskip-networking\ninnodb-buffer-pool-size = 32M\n",
+            "!include {}\n[mariadbd]\nuser = root\ndatadir = {}\ntmpdir = {}\nsocket = {}\npid-file = {}\nlog-error = {}\nskip-networking\ninnodb-buffer-pool-size = 32M\n",
             self.cnf.display(),
             self.datadir.display(),
+            self.dir.path().join("tmp").display(),
             self.socket.display(),
             self.pid_file().display(),
             self.error_log.display()

@@ -129,9 +129,14 @@ impl Mariadb {
     pub fn install(bin: PathBuf, dir: &Path, kv: &str, instance_id: &str, token: &str) -> Result<Mariadb> {
         std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         let datadir = dir.join("data");
+        // A temporary directory of its own: a starting mariadbd removes the
+        // `#sql` temporary files it finds in its tmpdir, another server's too.
+        let tmpdir = dir.join("tmp");
+        std::fs::create_dir_all(&tmpdir).map_err(io(format!("create {}", tmpdir.display())))?;
         let out = Command::new("mariadb-install-db")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", datadir.display()))
+            .arg(format!("--tmpdir={}", tmpdir.display()))
             .arg("--user=root")
             .arg("--auth-root-authentication-method=socket")
             .output()
@@ -160,8 +165,9 @@ impl Mariadb {
         // hook (`mariadbd --defaults-file=$MARIADB_DEFAULTS`) starts the very
         // same server.
         let cnf = format!(
-            "[mariadbd]\nuser = root\ndatadir = {}\nsocket = {}\npid-file = {}\nlog-error = {}\nskip-networking\ninnodb-buffer-pool-size = 32M\n!include {}\n!include {}\n",
+            "[mariadbd]\nuser = root\ndatadir = {}\ntmpdir = {}\nsocket = {}\npid-file = {}\nlog-error = {}\nskip-networking\ninnodb-buffer-pool-size = 32M\n!include {}\n!include {}\n",
             m.datadir.display(),
+            tmpdir.display(),
             m.socket.display(),
             m.pid_file.display(),
             m.error_log.display(),
