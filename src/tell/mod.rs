@@ -366,12 +366,21 @@ impl Relay {
     /// Protect gives adopters 4 hours, `dek-rewrapping.md`).
     async fn deadlines(&self, batch: &[(u64, Effect)], warned: &mut HashSet<String>) {
         let now = Utc::now();
-        let mut oldest = 0i64;
-        for (_, effect) in batch {
-            let Effect::KmsNotice { key_id, notice: Notice::Acknowledge { event_id, at, .. } } = effect else { continue };
-            let Some(deadline) = self.kms.notice_deadline(key_id) else { continue };
+        let acks: Vec<_> = batch
+            .iter()
+            .filter_map(|(_, effect)| match effect {
+                Effect::KmsNotice { key_id, notice: Notice::Acknowledge { event_id, at, .. } } => {
+                    self.kms.notice_deadline(key_id).map(|deadline| (key_id, event_id, at, deadline))
+                }
+                _ => None,
+            })
+            .collect();
+        // The age is in the metric before any alert about it goes out, so that
+        // whoever reads the alert and then the metric sees at least that age.
+        let oldest = acks.iter().map(|(_, _, at, _)| (now - **at).num_seconds().max(0)).max().unwrap_or(0);
+        self.metrics.kms_ack_oldest_seconds.set(oldest);
+        for (key_id, event_id, at, deadline) in acks {
             let age = (now - *at).num_seconds().max(0);
-            oldest = oldest.max(age);
             let Ok(warn_after) = chrono::Duration::from_std(deadline.warn_after) else { continue };
             if now - *at < warn_after || !warned.insert(event_id.clone()) {
                 continue;
@@ -395,7 +404,6 @@ impl Relay {
                 tracing::error!(error = %e, "cannot record the acknowledgement deadline alert");
             }
         }
-        self.metrics.kms_ack_oldest_seconds.set(oldest);
         // Acks no longer queued need no memory of their warning.
         warned.retain(|id| batch.iter().any(|(_, e)| matches!(e, Effect::KmsNotice { notice: Notice::Acknowledge { event_id, .. }, .. } if event_id == id)));
     }
