@@ -156,7 +156,8 @@ fn a_kill_9_of_the_agent_mid_revocation_still_runs_each_hook_to_completion_exact
     }
     let hooks = tempfile::tempdir().unwrap();
     // A slow stop: its effect (the line in HOOK_DIR/<instance>) comes at its end.
-    let slow = format!("echo x >> \"$HOOK_DIR/$KEYWARDEN_INSTANCE_ID.starts\"; sleep 2; {RECORD}");
+    // Each start records the shell's pid, which is what writes the effect.
+    let slow = format!("echo $$ >> \"$HOOK_DIR/$KEYWARDEN_INSTANCE_ID.starts\"; sleep 2; {RECORD}");
     let mut agent = Agent::start(&broker.bootstrap, &d, &hosted, &[sh_hook("revoke", &slow)], hooks.path(), "");
     d.act("ak-key", "disable");
     wait_until("a revoke hook to be running", MIN, || hosted.iter().any(|id| !lines(hooks.path(), &format!("{id}.starts")).is_empty()).then_some(()));
@@ -164,9 +165,16 @@ fn a_kill_9_of_the_agent_mid_revocation_still_runs_each_hook_to_completion_exact
     let killed_mid_run: Vec<&str> =
         hosted.iter().copied().filter(|id| !lines(hooks.path(), &format!("{id}.starts")).is_empty() && lines(hooks.path(), id).is_empty()).collect();
     assert!(!killed_mid_run.is_empty(), "the kill landed while a hook ran");
-    // Past the hook's own run time: a hook left running by the dead agent
-    // would have written its effect by now.
-    std::thread::sleep(Duration::from_secs(3));
+    // Every hook the dead agent started has ended (a zombie counts as ended:
+    // it can write nothing more), so a second effect, had one survived the
+    // kill, would already be in the file when it is counted below.
+    wait_until("the killed agent's hooks to end", MIN, || {
+        let alive = hosted.iter().flat_map(|id| lines(hooks.path(), &format!("{id}.starts"))).any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+        });
+        (!alive).then_some(())
+    });
     agent.restart();
     for id in hosted {
         wait_data_plane(&d, id, "revoke", "enforced");
