@@ -102,6 +102,10 @@ pub struct KafkaConfig {
     /// restarted daemon gets its partitions back at once. Empty: derived from the
     /// host name and the store path.
     pub instance_id: String,
+    /// How this node gets its partitions of the events topic: "auto" (a node
+    /// alone assigns itself every partition, several nodes use the consumer
+    /// group) or "group" (always the consumer group).
+    pub assignment: Assignment,
     /// How long a graceful shutdown waits for in-flight events to become durable.
     /// Must be shorter than the consumer session timeout.
     pub drain_timeout: HumanDuration,
@@ -126,11 +130,24 @@ impl Default for KafkaConfig {
             replication: 1,
             max_batch: 1024,
             instance_id: String::new(),
+            assignment: Assignment::Auto,
             drain_timeout: HumanDuration(Duration::from_secs(10)),
             properties: BTreeMap::new(),
             secret_files: BTreeMap::new(),
         }
     }
+}
+
+/// `kafka.assignment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Assignment {
+    /// A group of one (`cluster.group_of_one`) skips the consumer group's join
+    /// round (seconds on tansu, at every start) and takes every partition
+    /// itself; several nodes use the group.
+    Auto,
+    /// Always the consumer group, also for a node alone.
+    Group,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -587,6 +604,12 @@ impl Config {
             config.kafka.instance_id = derived_instance_id(&config.store.path);
         }
         Ok(config)
+    }
+
+    /// `kafka.assignment` "auto" on a node alone: no consumer group join, every
+    /// partition of the events topic taken at start (`intake::assign`).
+    pub fn assigns_every_partition(&self) -> bool {
+        self.kafka.assignment == Assignment::Auto && self.cluster.group_of_one()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -1067,6 +1090,19 @@ mod tests {
             let err = set(bad).unwrap_err().to_string();
             assert!(err.contains("store.cache_capacity"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn a_node_alone_assigns_itself_every_partition_unless_told_to_use_the_group() {
+        let load = |vars: &[(&str, &str)]| Config::load_with_env(None, &env(vars)).unwrap();
+        assert!(load(&[]).assigns_every_partition(), "the default for a node alone");
+        assert!(!load(&[("KEYWARDEN_KAFKA_ASSIGNMENT", "group")]).assigns_every_partition());
+        assert!(
+            !load(&[("KEYWARDEN_CLUSTER_PEERS", "http://a:8420,http://b:8420")]).assigns_every_partition(),
+            "several nodes share the partitions through the group"
+        );
+        let err = Config::load_with_env(None, &env(&[("KEYWARDEN_KAFKA_ASSIGNMENT", "manual")])).unwrap_err().to_string();
+        assert!(err.contains("auto") && err.contains("group"), "{err}");
     }
 
     #[test]

@@ -166,6 +166,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         replica.clone(),
         &advertise,
         config.cluster.rejoin_after.0,
+        config.assigns_every_partition(),
     )?;
     let relay = Relay::new(store.clone(), writer.clone(), kms.clone(), &config.kafka, &bootstrap, relay_notify.clone(), metrics.clone(), signer)?
         .awaiting_agents(!config.data_plane.enforce_within.0.is_zero());

@@ -132,7 +132,7 @@ pub enum Phase {
 pub fn status_line(phase: Phase, partitions: usize, c: &Census) -> String {
     let counts = format!("{} keys, {} instances, outbox {}", c.keys, c.instances, c.outbox);
     match phase {
-        Phase::Joining => format!("joining the consumer group; {counts}"),
+        Phase::Joining => format!("waiting for partitions of the events topic; {counts}"),
         Phase::Ready => format!("ready: {partitions} partitions, {counts}"),
         Phase::KafkaDown => format!("not ready: kafka is unreachable, state is kept; {counts}"),
         Phase::Draining => format!("stopping: draining the intake; {counts}"),
@@ -366,7 +366,7 @@ mod tests {
     fn status_names_the_phase_and_the_counts() {
         let c = Census { keys: 12, instances: 40, outbox: 0 };
         assert_eq!(status_line(Phase::Ready, 3, &c), "ready: 3 partitions, 12 keys, 40 instances, outbox 0");
-        assert!(status_line(Phase::Joining, 0, &c).starts_with("joining the consumer group"));
+        assert!(status_line(Phase::Joining, 0, &c).starts_with("waiting for partitions of the events topic"));
         assert!(status_line(Phase::KafkaDown, 3, &c).starts_with("not ready: kafka is unreachable"));
         assert!(status_line(Phase::Draining, 3, &c).starts_with("stopping: draining"));
     }

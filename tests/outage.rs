@@ -155,8 +155,21 @@ fn commands_cross_a_broker_outage_exactly_once_per_instance() {
 
 #[test]
 fn a_consumer_joining_and_leaving_mid_stream_loses_nothing_and_applies_nothing_twice() {
+    intruder_mid_stream("group");
+}
+
+/// A node alone (`kafka.assignment` "auto") is no group member: a consumer that
+/// joins its group id takes every partition for itself and commits, and the
+/// node goes on consuming all of them, each event applied once.
+#[test]
+fn a_node_alone_is_not_moved_by_a_consumer_joining_its_group() {
+    intruder_mid_stream("auto");
+}
+
+fn intruder_mid_stream(assignment: &str) {
     let broker = Broker::start();
-    let d = Daemon::start(&broker.bootstrap, &[]);
+    let d = Daemon::start(&broker.bootstrap, &[("KEYWARDEN_KAFKA_ASSIGNMENT", assignment)]);
+    let in_group = assignment == "group";
     let p = patient_producer(&broker.bootstrap);
     let mut sent = 0;
     let mut last: HashMap<String, &str> = HashMap::new();
@@ -175,10 +188,11 @@ fn a_consumer_joining_and_leaving_mid_stream_loses_nothing_and_applies_nothing_t
     intruder.subscribe(&["key-lifecycle"]).unwrap();
     let joined = Instant::now();
     let mut got_partitions = false;
-    // Events the intruder read before keywarden had applied them.
+    // Events the intruder read before keywarden had applied them, and all it read.
     let mut ahead: Vec<String> = Vec::new();
+    let mut read = 0;
     while joined.elapsed() < Duration::from_secs(60) {
-        note_ahead(&d, intruder.poll(Duration::from_millis(100)), &mut ahead);
+        note_ahead(&d, intruder.poll(Duration::from_millis(100)), &mut ahead, &mut read);
         if intruder.assignment().map(|a| a.count() > 0).unwrap_or(false) {
             got_partitions = true;
             if joined.elapsed() > Duration::from_secs(1) {
@@ -194,7 +208,7 @@ fn a_consumer_joining_and_leaving_mid_stream_loses_nothing_and_applies_nothing_t
         produce_rb(&p, &mut sent, 60, &mut last);
     }
     for _ in 0..30 {
-        note_ahead(&d, intruder.poll(Duration::from_millis(100)), &mut ahead);
+        note_ahead(&d, intruder.poll(Duration::from_millis(100)), &mut ahead, &mut read);
     }
     // What the intruder read is committed for the group (auto-commit, every
     // 100 ms): Kafka now says those events were consumed, ahead of keywarden.
@@ -214,8 +228,14 @@ fn a_consumer_joining_and_leaving_mid_stream_loses_nothing_and_applies_nothing_t
             .collect();
         offsets.iter().any(|o| *o > 0).then_some(offsets)
     });
-    assert!(!ahead.is_empty(), "the intruder consumed no event before keywarden applied it");
-    println!("REBALANCE: the intruder read {} events before keywarden applied them and committed offsets {committed:?}", ahead.len());
+    if in_group {
+        assert!(!ahead.is_empty(), "the intruder consumed no event before keywarden applied it");
+    } else {
+        // keywarden is no member, so the group's only member holds everything.
+        assert_eq!(held.count(), 3, "the intruder holds every partition of the group: {held:?}");
+        assert!(read > 0, "the intruder consumed nothing");
+    }
+    println!("REBALANCE ({assignment}): the intruder read {read} events, {} before keywarden applied them, and committed offsets {committed:?}", ahead.len());
     intruder.unsubscribe();
     // Closed on its own thread: librdkafka's close of this consumer sometimes
     // waits forever on tansu after the group has moved on (keywarden is
@@ -240,13 +260,19 @@ fn a_consumer_joining_and_leaving_mid_stream_loses_nothing_and_applies_nothing_t
         assert_eq!(k["state"], if *kind == "disable" { "disabled" } else { "active" }, "{k}");
     }
     let log = std::fs::read_to_string(d.dir.path().join("keywarden.log")).unwrap();
-    assert!(log.contains("partitions revoked"), "the rebalance revoked keywarden's partitions");
-    println!("REBALANCE: {sent} events, all applied once, across a member joining and leaving");
+    if in_group {
+        assert!(log.contains("partitions revoked"), "the rebalance revoked keywarden's partitions");
+    } else {
+        assert!(log.contains("assigned every partition to this node alone"), "no self-assignment in the log");
+        assert!(!log.contains("partitions revoked"), "a node alone lost partitions to a group member");
+    }
+    println!("REBALANCE ({assignment}): {sent} events, all applied once, across a member joining and leaving");
 }
 
 /// Notes an event the intruder read that keywarden had not applied yet.
-fn note_ahead(d: &Daemon, polled: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>, ahead: &mut Vec<String>) {
+fn note_ahead(d: &Daemon, polled: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>, ahead: &mut Vec<String>, read: &mut usize) {
     if let Some(Ok(m)) = polled {
+        *read += 1;
         let event: serde_json::Value = serde_json::from_slice(rdkafka::Message::payload(&m).unwrap_or_default()).unwrap();
         let id = event["event_id"].as_str().unwrap().to_string();
         if d.get(&format!("/v1/events/{id}")).0 == 404 {

@@ -4,6 +4,7 @@
 //! original bytes, and its offset then advances through the same path.
 
 pub mod activity_tracker;
+mod assign;
 pub mod cloudevents;
 pub mod confirm;
 pub mod eventbridge;
@@ -131,6 +132,8 @@ pub enum IntakeError {
     Consumer(KafkaError),
     #[error("cannot subscribe to {topic}: {source}")]
     Subscribe { topic: String, source: KafkaError },
+    #[error("cannot assign the partitions of {topic} to this node: {source}; restart keywarden, or set kafka.assignment = \"group\"")]
+    Assign { topic: String, source: KafkaError },
     #[error("the store writer failed; events stay unacknowledged and will be redelivered")]
     Writer,
 }
@@ -176,41 +179,60 @@ pub struct IntakeContext {
 
 impl ClientContext for IntakeContext {}
 
+impl IntakeContext {
+    /// Each partition resumes from the offset in the store; without one, from
+    /// the group's committed offset (never past the store's: events read again
+    /// are recognised).
+    fn seek_to_stored(&self, tpl: &mut TopicPartitionList, parts: &[Partition]) {
+        for (topic, partition) in parts {
+            let stored = self.store.offset(topic, *partition).unwrap_or_else(|e| {
+                tracing::error!(error = %e, %topic, partition, "cannot read the stored offset; resuming from the group's committed offset");
+                None
+            });
+            if let Some(next) = stored {
+                if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(next)) {
+                    tracing::error!(error = %e, %topic, partition, "cannot seek to the stored offset");
+                }
+            }
+        }
+    }
+
+    /// A new fence generation per partition; with several nodes, each is
+    /// queued to be taken over.
+    fn fence_and_take_over(&self, parts: &[Partition]) {
+        self.fence.assign(parts);
+        if let Some(tx) = &self.takeovers {
+            for (topic, partition) in parts {
+                if let Some(generation) = self.fence.generation(topic, *partition) {
+                    // The receiver lives as long as the intake; after it, nothing needs taking over.
+                    let _ = tx.send((*partition, generation));
+                }
+            }
+        }
+    }
+
+    fn log_assigned(&self, parts: &[Partition], message: &str) {
+        let resumed: Vec<String> = parts
+            .iter()
+            .map(|(t, p)| format!("{t}/{p}@{}", self.store.offset(t, *p).ok().flatten().map(|o| o.to_string()).unwrap_or_else(|| "start".into())))
+            .collect();
+        tracing::info!(partitions = ?resumed, "{message}");
+    }
+}
+
 impl ConsumerContext for IntakeContext {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let parts: Vec<Partition> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                for (topic, partition) in &parts {
-                    let stored = self.store.offset(topic, *partition).unwrap_or_else(|e| {
-                        // Kafka's committed offset is never past the store's: events read again are recognised.
-                        tracing::error!(error = %e, %topic, partition, "cannot read the stored offset; resuming from the group's committed offset");
-                        None
-                    });
-                    if let Some(next) = stored {
-                        if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(next)) {
-                            tracing::error!(error = %e, %topic, partition, "cannot seek to the stored offset");
-                        }
-                    }
-                }
-                self.fence.assign(&parts);
-                if let Some(tx) = &self.takeovers {
-                    for (topic, partition) in &parts {
-                        if let Some(generation) = self.fence.generation(topic, *partition) {
-                            let _ = tx.send((*partition, generation));
-                        }
-                    }
-                }
+                self.seek_to_stored(tpl, &parts);
+                self.fence_and_take_over(&parts);
                 let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions failed");
                 }
-                let resumed: Vec<String> = parts
-                    .iter()
-                    .map(|(t, p)| format!("{t}/{p}@{}", self.store.offset(t, *p).ok().flatten().map(|o| o.to_string()).unwrap_or_else(|| "start".into())))
-                    .collect();
-                tracing::info!(partitions = ?resumed, "partitions assigned; resuming from the store's offsets");
+                self.log_assigned(&parts, "partitions assigned; resuming from the store's offsets");
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.fence.revoke(&parts);
@@ -266,6 +288,9 @@ pub struct Intake {
     advertise_url: String,
     rejoin_after: Duration,
     store: Store,
+    /// A node alone assigns itself every partition (`assign`) instead of
+    /// subscribing through the consumer group.
+    assign_all: bool,
 }
 
 struct Ack {
@@ -304,6 +329,7 @@ impl Intake {
         replica: Option<Arc<crate::cluster::replica::Replica>>,
         advertise_url: &str,
         rejoin_after: Duration,
+        assign_all: bool,
     ) -> Result<Intake, IntakeError> {
         let (takeover_tx, takeover_rx) = mpsc::unbounded_channel();
         let mut cfg = crate::broker::client_config(kafka, bootstrap);
@@ -319,7 +345,9 @@ impl Intake {
         // partitions back at once instead of after the session timeout.
         // "dynamic" opts out (several nodes on a broker whose coordinator
         // mishandles more than two static members).
-        if kafka.instance_id != "dynamic" {
+        // A node assigning itself every partition is no group member: it must
+        // not claim a static member id that a later group member would inherit.
+        if kafka.instance_id != "dynamic" && !assign_all {
             cfg.set("group.instance.id", &kafka.instance_id);
         }
         // The operator's properties win over keywarden's choices.
@@ -334,7 +362,9 @@ impl Intake {
                 takeovers: replica.as_ref().map(|_| takeover_tx.clone()),
             })
             .map_err(IntakeError::Consumer)?;
-        consumer.subscribe(&[&kafka.events_topic]).map_err(|source| IntakeError::Subscribe { topic: kafka.events_topic.clone(), source })?;
+        if !assign_all {
+            consumer.subscribe(&[&kafka.events_topic]).map_err(|source| IntakeError::Subscribe { topic: kafka.events_topic.clone(), source })?;
+        }
         let dlq: FutureProducer = crate::broker::client_config(kafka, bootstrap).set("message.timeout.ms", "30000").create().map_err(IntakeError::Consumer)?;
         Ok(Intake {
             consumer: Arc::new(consumer),
@@ -353,6 +383,7 @@ impl Intake {
             advertise_url: advertise_url.to_string(),
             rejoin_after,
             store,
+            assign_all,
         })
     }
 
@@ -417,6 +448,9 @@ impl Intake {
     }
 
     async fn consume(&self, ack_tx: &mpsc::Sender<Ack>, shutdown: &CancellationToken) -> Result<(), IntakeError> {
+        if self.assign_all && !assign::every_partition(&self.consumer, &self.kafka.events_topic, shutdown).await? {
+            return Ok(());
+        }
         loop {
             self.health.progress.beat();
             let msg = tokio::select! {
