@@ -2,6 +2,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// glibc's malloc/free took about a third of the daemon's CPU under load
+/// (BENCHMARKS.md, "Profile and fixes").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     forbid_core_dumps();
     keywarden::cli::main(keywarden::cli::Cli::parse())

@@ -19,6 +19,10 @@ mod harness;
 
 use std::time::Instant;
 
+/// The daemon's allocator, so that the in-process baselines allocate as it does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub struct Sizes {
     pub b1_instances: usize,
     pub b2_cycles: usize,
