@@ -98,6 +98,13 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
             r.ok().filter(|r| r.status() == 200).map(|_| ())
         });
         recovery.push(restarted.elapsed());
+        if *action == "rotate" {
+            // The killed rotation resumes at restart. The next action waits
+            // until it is finished, so that the next rotation's progress is its
+            // own and a kill aimed at a point of it lands there: a rewrap that
+            // finishes the old rotation would count towards the new job.
+            d.wait_rotated(KEY, &version.to_string());
+        }
     }
 
     // Let the last rotation finish, then check every instance.
@@ -186,7 +193,7 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
     let p50 = recovery[recovery.len() / 2];
     let max = *recovery.last().unwrap();
     println!("TORTURE: {kills} SIGKILLs, {mid_rotation} of them mid-rotation; {INSTANCES} instances; {} rotations; final version {final_version}", version - 1);
-    println!("TORTURE: restart-to-processing p50 {p50:.2?}, max {max:.2?} (static group membership on tansu)");
+    println!("TORTURE: restart-to-processing p50 {p50:.2?}, max {max:.2?} (a node alone assigns itself every partition)");
     println!("TORTURE: {} commands read, {duplicates} re-sent after crashes (same command_id); total {:.1?}", commands.seen.len(), started.elapsed());
     // Timing is printed, not asserted: this machine is shared and noisy.
     assert!(2 * mid_rotation >= kills, "only {mid_rotation} of {kills} kills landed mid-rotation");
@@ -194,23 +201,37 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
 
 /// Waits until the rotation `cause` is `target` (a fraction) done, then
 /// returns at once so that the caller kills the daemon; true if it was caught
-/// between 10% and 90% done, false if it went past that first.
+/// between 10% and 90% done, false if it went past that first. Prints what it
+/// saw, so that a miss says why.
 fn kill_mid_rotation(d: &Daemon, cause: &str, target: f64) -> bool {
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(60) {
+    let (mut looks, mut first_seen) = (0, None);
+    let verdict = loop {
+        if started.elapsed() > Duration::from_secs(60) {
+            break (false, "never reached the target in 60 s");
+        }
+        looks += 1;
         let (_, key) = d.get(&format!("/v1/keys/{KEY}"));
         let job = &key["rotation"];
         if job["cause_event_id"] == cause {
             let total = job["total"].as_u64().unwrap_or(0);
             let done = job["done"].as_u64().unwrap_or(0) as f64 / total.max(1) as f64;
+            first_seen.get_or_insert((done, started.elapsed()));
             if job["finished_at"].is_string() || (total > 0 && done > 0.9) {
-                return false;
+                break (false, "past 90% before a look saw it at the target");
             }
             if total > 0 && done >= target {
-                return done >= 0.1;
+                break (done >= 0.1, "at the target");
             }
         }
         std::thread::sleep(Duration::from_millis(2));
-    }
-    false
+    };
+    println!(
+        "kill aimed at {:.0}%: {} after {looks} looks, {:.2?} (first seen {})",
+        target * 100.0,
+        verdict.1,
+        started.elapsed(),
+        first_seen.map(|(f, t)| format!("{:.0}% done at {t:.2?}", f * 100.0)).unwrap_or_else(|| "never".into())
+    );
+    verdict.0
 }
