@@ -106,8 +106,9 @@ pub struct Relay {
     await_agents: bool,
 }
 
-/// Effects handled per round; a key-wide command counts as one.
-const ROUND: usize = 64;
+/// Effects handled per round; a key-wide command counts as one. A run of
+/// instance commands in a round is sent as one batch (one round trip).
+const ROUND: usize = 256;
 
 /// Notices read per round: enough that keys waiting on their own backoff do
 /// not hide the notices of other keys behind them.
@@ -440,10 +441,28 @@ impl Relay {
             }
             let mut sent = Vec::with_capacity(batch.len());
             let mut failed = None;
-            for (id, effect) in batch {
-                match self.publish(&effect).await {
-                    Ok(()) => sent.push(id),
+            let mut rest = batch.as_slice();
+            while !rest.is_empty() {
+                // Instance commands in a row under one trace (a rotation's
+                // `rewrapped`s) are queued together and waited for once: one
+                // round trip for the run instead of one per command, which
+                // left a lifecycle event queued behind thousands of them for
+                // seconds. Their order in the topic is kept (one partition per
+                // instance, queued in order).
+                let run = match &rest[0].1 {
+                    Effect::InstanceCommand { traceparent, .. } => {
+                        rest.iter().take_while(|(_, e)| matches!(e, Effect::InstanceCommand { traceparent: t, .. } if t == traceparent)).count()
+                    }
+                    _ => 1,
+                };
+                let (now, next) = rest.split_at(run);
+                rest = next;
+                let (published, result) = if run == 1 { (0, self.publish(&now[0].1).await) } else { self.publish_run(now).await };
+                match result {
+                    Ok(()) => sent.extend(now.iter().map(|(id, _)| *id)),
                     Err(e) => {
+                        // What went out before the failure is done; the rest is sent again.
+                        sent.extend(now[..published].iter().map(|(id, _)| *id));
                         failed = Some(e);
                         break;
                     }
@@ -465,6 +484,23 @@ impl Relay {
         }
     }
 
+    /// A run of instance commands under one trace: how many of them, from
+    /// the first, were published, and the first failure.
+    async fn publish_run(&self, run: &[(u64, Effect)]) -> (usize, Result<(), TellError>) {
+        let mut traceparent = None;
+        let commands: Vec<Command> = run
+            .iter()
+            .filter_map(|(_, effect)| match effect {
+                Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id, traceparent: t } => {
+                    traceparent = t.as_deref();
+                    Some(Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        self.send_commands(&commands, traceparent).await
+    }
+
     async fn publish(&self, effect: &Effect) -> Result<(), TellError> {
         match effect {
             Effect::KeyCommands { key_id, action, key_version, cause_event_id, issued_at, correlation_id, traceparent } => {
@@ -477,11 +513,11 @@ impl Relay {
                     .filter(|inst| inst.wrapped.is_some())
                     .map(|inst| Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
                     .collect();
-                self.send_commands(&commands, traceparent.as_deref()).await
+                self.send_commands(&commands, traceparent.as_deref()).await.1
             }
             Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id, traceparent } => {
                 let c = Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone());
-                self.send_commands(std::slice::from_ref(&c), traceparent.as_deref()).await
+                self.send_commands(std::slice::from_ref(&c), traceparent.as_deref()).await.1
             }
             Effect::LifecycleEvent { key_id, payload } => {
                 let topic = &self.kafka.events_topic;
@@ -501,7 +537,9 @@ impl Relay {
 
     /// `traceparent` is the causing event's, stored with the effect: the
     /// commands continue its trace, so the data plane's handling joins it.
-    async fn send_commands(&self, commands: &[Command], traceparent: Option<&str>) -> Result<(), TellError> {
+    /// Returns how many commands, from the first, were published, and the
+    /// first failure.
+    async fn send_commands(&self, commands: &[Command], traceparent: Option<&str>) -> (usize, Result<(), TellError>) {
         let topic = &self.kafka.commands_topic;
         let span = tracing::info_span!("publish", otel.kind = "producer", %topic, commands = commands.len());
         let upstream = crate::telemetry::stored(traceparent);
@@ -528,8 +566,10 @@ impl Relay {
             .collect();
         let results = futures::future::join_all(futures).instrument(span.clone()).await;
         let _in_span = span.enter();
-        for (c, result) in commands.iter().zip(results) {
-            result.map_err(|(source, _)| TellError::Publish { topic: topic.clone(), source })?;
+        for (n, (c, result)) in commands.iter().zip(results).enumerate() {
+            if let Err((source, _)) = result {
+                return (n, Err(TellError::Publish { topic: topic.clone(), source }));
+            }
             let action = serde_json::to_value(c.action).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
             self.metrics.commands.with_label_values(&[&action]).inc();
             tracing::debug!(
@@ -542,7 +582,7 @@ impl Relay {
                 "command published"
             );
         }
-        Ok(())
+        (commands.len(), Ok(()))
     }
 }
 
