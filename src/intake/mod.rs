@@ -339,8 +339,10 @@ impl Intake {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             // Revocation latency is bounded below by how long a fetch may wait on an
-            // idle partition; lifecycle topics are low-volume, so poll briskly.
-            .set("fetch.wait.max.ms", "10");
+            // idle partition (tansu waits it out even when an event arrives);
+            // lifecycle topics are low-volume, so poll briskly. README, "The intake
+            // polls briskly", has the measured cost of the idle polling.
+            .set("fetch.wait.max.ms", "2");
         // Static membership: a restarted member with the same id gets its
         // partitions back at once instead of after the session timeout.
         // "dynamic" opts out (several nodes on a broker whose coordinator
