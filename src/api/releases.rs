@@ -19,6 +19,12 @@ use crate::store::writer::Writer;
 const QUEUED: usize = 65_536;
 /// Releases committed in one writer job at most.
 const BATCH: usize = 4_096;
+/// How long the first release of a batch waits for others. Committing each
+/// release as it came made one writer job (and its thread wake-ups) per
+/// fetch: at one client's ~1,500 fetches/s that took the DEK fetch from
+/// 0.81× to 0.28× of `/healthz` and its p99 from 0.5 to 4–9 ms (B5). An
+/// entry is in the trail at most this much later; it was never waited for.
+const WINDOW: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Clone)]
 pub struct Releases {
@@ -66,10 +72,21 @@ async fn drain(mut rx: mpsc::Receiver<AuditFact>, writer: Writer, stop: Cancella
             },
         };
         let mut facts = vec![first];
+        let until = tokio::time::Instant::now() + WINDOW;
         while facts.len() < BATCH {
-            match rx.try_recv() {
-                Ok(fact) => facts.push(fact),
-                Err(_) => break,
+            tokio::select! {
+                // At shutdown, what is queued now is committed at once.
+                _ = stop.cancelled() => {
+                    while let (true, Ok(fact)) = (facts.len() < BATCH, rx.try_recv()) {
+                        facts.push(fact);
+                    }
+                    break;
+                }
+                fact = rx.recv() => match fact {
+                    Some(fact) => facts.push(fact),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(until) => break,
             }
         }
         let n = facts.len();
