@@ -165,7 +165,7 @@ impl Rotator {
             self.writer.submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total: todo.len() as u64 }).await?;
         }
         tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = todo.len(), "rotation pass");
-        let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &target)).buffer_unordered(self.config.concurrency);
+        let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &target, &job.cause_event_id)).buffer_unordered(self.config.concurrency);
         // Rewraps go on while the previous chunk is being flushed: waiting for the
         // flush without polling `results` would leave the KMS idle for one flush
         // per chunk, and the flush, not the KMS, would bound the rotation.
@@ -231,7 +231,7 @@ impl Rotator {
         Ok(())
     }
 
-    async fn rewrap_one(&self, todo: Todo, target: &str) -> Attempt {
+    async fn rewrap_one(&self, todo: Todo, target: &str, job: &str) -> Attempt {
         let Todo { instance_id, key_id, wrapped } = todo;
         let provider = self.kms.provider_for(&key_id);
         let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
@@ -247,7 +247,13 @@ impl Rotator {
             match result {
                 Ok(new) => {
                     self.metrics.rewraps.with_label_values(&[provider, "ok"]).inc();
-                    return Attempt::Done(Input::Rewrapped { instance_id, from_version: wrapped.key_version, wrapped: new, at: Utc::now() });
+                    return Attempt::Done(Input::Rewrapped {
+                        instance_id,
+                        from_version: wrapped.key_version,
+                        wrapped: new,
+                        job: job.to_string(),
+                        at: Utc::now(),
+                    });
                 }
                 Err(e) if e.key_unusable() => return Attempt::KeyUnusable,
                 Err(e) if e.retryable() && attempt >= self.config.max_attempts => {
@@ -266,7 +272,13 @@ impl Rotator {
                 Err(e) => {
                     self.metrics.rewraps.with_label_values(&[provider, "failed"]).inc();
                     tracing::warn!(%instance_id, %key_id, error = %e, "rewrap failed");
-                    return Attempt::Done(Input::RewrapFailed { instance_id, from_version: wrapped.key_version, reason: e.to_string(), at: Utc::now() });
+                    return Attempt::Done(Input::RewrapFailed {
+                        instance_id,
+                        from_version: wrapped.key_version,
+                        reason: e.to_string(),
+                        job: job.to_string(),
+                        at: Utc::now(),
+                    });
                 }
             }
         }

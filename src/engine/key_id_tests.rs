@@ -103,8 +103,8 @@ fn inputs_that_name_an_instance_are_about_its_key() {
     let about_i1 = [
         Input::DeleteInstance { instance_id: "i1".into(), request_id: "r1".into(), at: t(1) },
         Input::RotateCredential { instance_id: "i1".into(), credential: credential("c2"), at: t(1) },
-        Input::Rewrapped { instance_id: "i1".into(), from_version: "1".into(), wrapped: wrapped("2"), at: t(1) },
-        Input::RewrapFailed { instance_id: "i1".into(), from_version: "1".into(), reason: "refused".into(), at: t(1) },
+        Input::Rewrapped { instance_id: "i1".into(), from_version: "1".into(), wrapped: wrapped("2"), job: "e1".into(), at: t(1) },
+        Input::RewrapFailed { instance_id: "i1".into(), from_version: "1".into(), reason: "refused".into(), job: "e1".into(), at: t(1) },
     ];
     for input in about_i1 {
         assert_eq!(input.key_id(&view).as_deref(), Some("k"), "{input:?}");
@@ -112,8 +112,8 @@ fn inputs_that_name_an_instance_are_about_its_key() {
     let about_unknown = [
         Input::DeleteInstance { instance_id: "nope".into(), request_id: "r1".into(), at: t(1) },
         Input::RotateCredential { instance_id: "nope".into(), credential: credential("c2"), at: t(1) },
-        Input::Rewrapped { instance_id: "nope".into(), from_version: "1".into(), wrapped: wrapped("2"), at: t(1) },
-        Input::RewrapFailed { instance_id: "nope".into(), from_version: "1".into(), reason: "refused".into(), at: t(1) },
+        Input::Rewrapped { instance_id: "nope".into(), from_version: "1".into(), wrapped: wrapped("2"), job: "e1".into(), at: t(1) },
+        Input::RewrapFailed { instance_id: "nope".into(), from_version: "1".into(), reason: "refused".into(), job: "e1".into(), at: t(1) },
     ];
     for input in about_unknown {
         assert_eq!(input.key_id(&view), None, "{input:?}");
@@ -141,10 +141,10 @@ fn a_decision_writes_state_only_of_the_key_its_input_is_about() {
         create("j1", "other"),
         event("e1", EventType::Rotate, "k", 1),
         Input::JobPlanned { key_id: "k".into(), target_version: "v-e1".into(), total: 1 },
-        Input::RewrapFailed { instance_id: "i1".into(), from_version: "1".into(), reason: "refused".into(), at: t(2) },
+        Input::RewrapFailed { instance_id: "i1".into(), from_version: "1".into(), reason: "refused".into(), job: "e1".into(), at: t(2) },
         Input::RetryRewraps { key_id: "k".into(), request_id: "r1".into(), at: t(3) },
         Input::RotateCredential { instance_id: "i1".into(), credential: credential("c2"), at: t(3) },
-        Input::Rewrapped { instance_id: "i1".into(), from_version: "1".into(), wrapped: wrapped("v-e1"), at: t(4) },
+        Input::Rewrapped { instance_id: "i1".into(), from_version: "1".into(), wrapped: wrapped("v-e1"), job: "r1".into(), at: t(4) },
         Input::JobFinished { key_id: "k".into(), target_version: "v-e1".into(), at: t(5) },
         event("e2", EventType::Delete, "k", 6),
         Input::Purge { key_id: "k".into(), purge_after: Duration::from_secs(1), at: t(100) },

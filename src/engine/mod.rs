@@ -76,16 +76,20 @@ pub enum Input {
         target_version: String,
         total: u64,
     },
+    /// `job` is the cause event id of the rotation job whose pass did the
+    /// rewrap: only that job counts it, not a newer one that replaced it.
     Rewrapped {
         instance_id: String,
         from_version: String,
         wrapped: WrappedDek,
+        job: String,
         at: DateTime<Utc>,
     },
     RewrapFailed {
         instance_id: String,
         from_version: String,
         reason: String,
+        job: String,
         at: DateTime<Utc>,
     },
     JobFinished {
@@ -150,8 +154,8 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
         Input::DeleteInstance { instance_id, request_id, at } => instances::on_delete_instance(view, instance_id, request_id, at),
         Input::DataPlaneReport { instance_id, status } => instances::on_data_plane_report(view, instance_id, status),
         Input::JobPlanned { key_id, target_version, total } => rotation::on_job_planned(view, key_id, target_version, total),
-        Input::Rewrapped { instance_id, from_version, wrapped, at } => rotation::on_rewrapped(view, instance_id, from_version, wrapped, at),
-        Input::RewrapFailed { instance_id, from_version, reason, at } => rotation::on_rewrap_failed(view, instance_id, from_version, reason, at),
+        Input::Rewrapped { instance_id, from_version, wrapped, job, at } => rotation::on_rewrapped(view, instance_id, from_version, wrapped, &job, at),
+        Input::RewrapFailed { instance_id, from_version, reason, job, at } => rotation::on_rewrap_failed(view, instance_id, from_version, reason, &job, at),
         Input::JobFinished { key_id, target_version, at } => rotation::on_job_finished(view, key_id, target_version, at),
         Input::Alert(alert) => on_alert(alert),
         Input::RetryRewraps { key_id, request_id, at } => rotation::on_retry_rewraps(view, key_id, request_id, at),

@@ -36,7 +36,7 @@ pub(super) fn on_job_planned(view: &impl View, key_id: String, target_version: S
 /// instance had failed before); the outbox tells the instance its DEK was
 /// rewrapped, under the job's cause, correlation id and trace, and tells the
 /// KMS the new version.
-pub(super) fn on_rewrapped(view: &impl View, instance_id: String, from_version: String, wrapped: WrappedDek, at: DateTime<Utc>) -> Decision {
+pub(super) fn on_rewrapped(view: &impl View, instance_id: String, from_version: String, wrapped: WrappedDek, job: &str, at: DateTime<Utc>) -> Decision {
     let Some(mut inst) = view.instance(&instance_id) else { return decision(vec![], Reply::Done) };
     if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {
         return decision(vec![], Reply::Done);
@@ -47,10 +47,13 @@ pub(super) fn on_rewrapped(view: &impl View, instance_id: String, from_version: 
     inst.key_version = version.clone();
     inst.updated_at = at;
     let mut records = Vec::new();
-    let mut cause = String::new();
+    // A rewrap finished by the pass of a job that a newer rotation replaced
+    // meanwhile is kept (its DEK is good), told under its own job's cause,
+    // and not counted as the newer job's progress.
+    let mut cause = job.to_string();
     let mut correlation_id = None;
     let mut traceparent = None;
-    if let Some(mut job) = view.job(&inst.key_id) {
+    if let Some(mut job) = view.job(&inst.key_id).filter(|j| j.cause_event_id == job) {
         job.done += 1;
         if had_failed {
             job.failed = job.failed.saturating_sub(1);
@@ -81,7 +84,7 @@ pub(super) fn on_rewrapped(view: &impl View, instance_id: String, from_version: 
 /// dropped. Otherwise the instance keeps its DEK (still usable under the old
 /// version) and carries the reason until a later rewrap succeeds; the failure
 /// is audited. Nothing goes to the outbox: the instance's data is unaffected.
-pub(super) fn on_rewrap_failed(view: &impl View, instance_id: String, from_version: String, reason: String, at: DateTime<Utc>) -> Decision {
+pub(super) fn on_rewrap_failed(view: &impl View, instance_id: String, from_version: String, reason: String, job: &str, at: DateTime<Utc>) -> Decision {
     let Some(mut inst) = view.instance(&instance_id) else { return decision(vec![], Reply::Done) };
     if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {
         return decision(vec![], Reply::Done);
@@ -102,7 +105,7 @@ pub(super) fn on_rewrap_failed(view: &impl View, instance_id: String, from_versi
     let mut records = vec![fact];
     // `failed` counts instances currently failed, not attempts: a later
     // pass that fails the same instance again does not count it twice.
-    if let (true, Some(mut job)) = (newly_failed, view.job(&inst.key_id)) {
+    if let (true, Some(mut job)) = (newly_failed, view.job(&inst.key_id).filter(|j| j.cause_event_id == job)) {
         job.failed += 1;
         records.push(Record::Job(job));
     }

@@ -130,6 +130,7 @@ fn the_kms_is_told_of_registrations_rewraps_and_handled_events() {
         instance_id: "a".into(),
         from_version: "1".into(),
         wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
+        job: "r".into(),
         at: t(31),
     });
     m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), at: t(32) });
@@ -223,6 +224,7 @@ fn rotate_creates_a_job_and_rewrap_result_advances_it() {
         instance_id: "a".into(),
         from_version: "1".into(),
         wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
+        job: "r".into(),
         at: t(11),
     });
     assert_eq!(m.instances["a"].key_version, "v-r");
@@ -239,6 +241,7 @@ fn rewrap_of_a_dek_that_changed_meanwhile_is_dropped() {
         instance_id: "a".into(),
         from_version: "1".into(),
         wrapped: WrappedDek { key_version: "2".into(), ciphertext: vec![9] },
+        job: "r".into(),
         at: t(6),
     });
     assert_eq!(m.state("a"), InstanceState::Destroyed);
@@ -487,6 +490,7 @@ fn the_traceparent_reaches_commands_and_the_rotation_it_causes() {
         instance_id: "a".into(),
         from_version: "1".into(),
         wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
+        job: "r".into(),
         at: t(11),
     });
     assert!(m.outbox.iter().any(|e| matches!(e, Effect::InstanceCommand { action: CommandAction::Rewrapped, traceparent: Some(tp), .. } if tp == TP)));
@@ -504,7 +508,7 @@ fn an_operator_retry_starts_a_new_pass_that_acknowledges_nothing() {
     let mut m = Mem::default();
     create(&mut m, "a", "k");
     m.run(ev("r", EventType::Rotate, "k", 10));
-    m.run(Input::RewrapFailed { instance_id: "a".into(), from_version: "1".into(), reason: "refused".into(), at: t(11) });
+    m.run(Input::RewrapFailed { instance_id: "a".into(), from_version: "1".into(), reason: "refused".into(), job: "r".into(), at: t(11) });
     m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), at: t(12) });
     let acks = |m: &Mem| m.notices.iter().filter(|n| matches!(n, Notice::Acknowledge { .. })).count();
     assert_eq!(acks(&m), 1);
@@ -665,4 +669,36 @@ fn an_instance_record_stored_before_agents_decodes_without_a_data_plane() {
     let inst: InstanceRecord = serde_json::from_str(old).expect("an old record decodes");
     assert_eq!(inst.data_plane, None);
     assert!(!serde_json::to_string(&inst).unwrap().contains("data_plane"));
+}
+
+/// A rotation replaced by a newer one while its pass still ran: what that
+/// pass finishes is kept and told under its own cause, but is not the newer
+/// job's progress (which once jumped past 90% before the newer pass began).
+#[test]
+fn a_rewrap_by_a_replaced_rotation_is_kept_but_not_counted_as_the_new_jobs_progress() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    create(&mut m, "b", "k");
+    m.run(ev("r", EventType::Rotate, "k", 10));
+    m.run(ev("r2", EventType::Rotate, "k", 20));
+    assert_eq!(m.jobs["k"].cause_event_id, "r2");
+    m.run(Input::Rewrapped {
+        instance_id: "a".into(),
+        from_version: "1".into(),
+        wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
+        job: "r".into(),
+        at: t(21),
+    });
+    m.run(Input::RewrapFailed { instance_id: "b".into(), from_version: "1".into(), reason: "refused".into(), job: "r".into(), at: t(21) });
+    assert_eq!(m.instances["a"].key_version, "v-r", "the rewrap itself is kept");
+    assert_eq!((m.jobs["k"].done, m.jobs["k"].failed), (0, 0), "the newer job counts none of the older pass's results");
+    assert!(m.outbox.iter().any(|e| matches!(e, Effect::InstanceCommand { action: CommandAction::Rewrapped, cause_event_id, .. } if cause_event_id == "r")));
+    m.run(Input::Rewrapped {
+        instance_id: "a".into(),
+        from_version: "v-r".into(),
+        wrapped: WrappedDek { key_version: "v-r2".into(), ciphertext: vec![8] },
+        job: "r2".into(),
+        at: t(22),
+    });
+    assert_eq!(m.jobs["k"].done, 1, "its own pass's rewrap counts");
 }

@@ -371,6 +371,7 @@ fn rewrapped(instance_id: &str, from_version: &str) -> crate::engine::Input {
         instance_id: instance_id.into(),
         from_version: from_version.into(),
         wrapped: WrappedDek { key_version: "2".into(), ciphertext: vec![2] },
+        job: "rotate-1".into(),
         at: Utc::now(),
     }
 }
