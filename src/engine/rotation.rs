@@ -32,10 +32,11 @@ pub(super) fn on_job_planned(view: &impl View, key_id: String, target_version: S
 /// wrapped DEK is no longer the `from_version` the worker read (a concurrent
 /// delete or an earlier rewrap won), the result is dropped.
 ///
-/// Otherwise the key's job counts one more done (and one fewer failed if this
-/// instance had failed before); the outbox tells the instance its DEK was
-/// rewrapped, under the job's cause, correlation id and trace, and tells the
-/// KMS the new version.
+/// Otherwise, if the key's job is still the one whose pass made the rewrap
+/// (`job`), it counts one more done (and one fewer failed if this instance
+/// had failed before); the outbox tells the instance its DEK was rewrapped,
+/// under that job's cause, correlation id and trace, and tells the KMS the
+/// new version.
 pub(super) fn on_rewrapped(view: &impl View, instance_id: String, from_version: String, wrapped: WrappedDek, job: &str, at: DateTime<Utc>) -> Decision {
     let Some(mut inst) = view.instance(&instance_id) else { return decision(vec![], Reply::Done) };
     if inst.wrapped.as_ref().map(|w| &w.key_version) != Some(&from_version) {

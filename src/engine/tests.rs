@@ -126,13 +126,7 @@ fn the_kms_is_told_of_registrations_rewraps_and_handled_events() {
     m.run(ev("d", EventType::Disable, "k", 10));
     m.run(ev("e", EventType::Enable, "k", 20));
     m.run(ev("r", EventType::Rotate, "k", 30));
-    m.run(Input::Rewrapped {
-        instance_id: "a".into(),
-        from_version: "1".into(),
-        wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
-        job: "r".into(),
-        at: t(31),
-    });
+    m.run(rewrapped("a", "1", "v-r", 9, "r", t(31)));
     m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), at: t(32) });
     m.run(Input::DeleteInstance { instance_id: "a".into(), request_id: "req".into(), at: t(40) });
     let kinds: Vec<String> = m
@@ -220,13 +214,7 @@ fn rotate_creates_a_job_and_rewrap_result_advances_it() {
     m.run(ev("r", EventType::Rotate, "k", 10));
     let job = &m.jobs["k"];
     assert_eq!(job.target_version, "v-r");
-    m.run(Input::Rewrapped {
-        instance_id: "a".into(),
-        from_version: "1".into(),
-        wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
-        job: "r".into(),
-        at: t(11),
-    });
+    m.run(rewrapped("a", "1", "v-r", 9, "r", t(11)));
     assert_eq!(m.instances["a"].key_version, "v-r");
     assert_eq!(m.jobs["k"].done, 1);
     assert!(m.outbox.iter().any(|e| matches!(e, Effect::InstanceCommand { action: CommandAction::Rewrapped, cause_event_id, .. } if cause_event_id == "r")));
@@ -237,13 +225,7 @@ fn rewrap_of_a_dek_that_changed_meanwhile_is_dropped() {
     let mut m = Mem::default();
     create(&mut m, "a", "k");
     m.run(Input::DeleteInstance { instance_id: "a".into(), request_id: "req".into(), at: t(5) });
-    m.run(Input::Rewrapped {
-        instance_id: "a".into(),
-        from_version: "1".into(),
-        wrapped: WrappedDek { key_version: "2".into(), ciphertext: vec![9] },
-        job: "r".into(),
-        at: t(6),
-    });
+    m.run(rewrapped("a", "1", "2", 9, "r", t(6)));
     assert_eq!(m.state("a"), InstanceState::Destroyed);
     assert!(m.instances["a"].wrapped.is_none());
 }
@@ -486,13 +468,7 @@ fn the_traceparent_reaches_commands_and_the_rotation_it_causes() {
     };
     m.run(with_trace(ev("r", EventType::Rotate, "k", 10)));
     assert_eq!(m.jobs["k"].traceparent.as_deref(), Some(TP), "the rotation's rewraps join the event's trace");
-    m.run(Input::Rewrapped {
-        instance_id: "a".into(),
-        from_version: "1".into(),
-        wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
-        job: "r".into(),
-        at: t(11),
-    });
+    m.run(rewrapped("a", "1", "v-r", 9, "r", t(11)));
     assert!(m.outbox.iter().any(|e| matches!(e, Effect::InstanceCommand { action: CommandAction::Rewrapped, traceparent: Some(tp), .. } if tp == TP)));
     m.run(with_trace(ev("d", EventType::Disable, "k", 20)));
     assert!(m.outbox.iter().any(|e| matches!(e, Effect::KeyCommands { action: CommandAction::Revoke, traceparent: Some(tp), .. } if tp == TP)));
@@ -682,23 +658,23 @@ fn a_rewrap_by_a_replaced_rotation_is_kept_but_not_counted_as_the_new_jobs_progr
     m.run(ev("r", EventType::Rotate, "k", 10));
     m.run(ev("r2", EventType::Rotate, "k", 20));
     assert_eq!(m.jobs["k"].cause_event_id, "r2");
-    m.run(Input::Rewrapped {
-        instance_id: "a".into(),
-        from_version: "1".into(),
-        wrapped: WrappedDek { key_version: "v-r".into(), ciphertext: vec![9] },
-        job: "r".into(),
-        at: t(21),
-    });
+    m.run(rewrapped("a", "1", "v-r", 9, "r", t(21)));
     m.run(Input::RewrapFailed { instance_id: "b".into(), from_version: "1".into(), reason: "refused".into(), job: "r".into(), at: t(21) });
     assert_eq!(m.instances["a"].key_version, "v-r", "the rewrap itself is kept");
     assert_eq!((m.jobs["k"].done, m.jobs["k"].failed), (0, 0), "the newer job counts none of the older pass's results");
     assert!(m.outbox.iter().any(|e| matches!(e, Effect::InstanceCommand { action: CommandAction::Rewrapped, cause_event_id, .. } if cause_event_id == "r")));
-    m.run(Input::Rewrapped {
-        instance_id: "a".into(),
-        from_version: "v-r".into(),
-        wrapped: WrappedDek { key_version: "v-r2".into(), ciphertext: vec![8] },
-        job: "r2".into(),
-        at: t(22),
-    });
+    m.run(rewrapped("a", "v-r", "v-r2", 8, "r2", t(22)));
     assert_eq!(m.jobs["k"].done, 1, "its own pass's rewrap counts");
+}
+
+/// A rotation pass's result: `instance_id` rewrapped from `from` to `to` by
+/// the pass of the job caused by `job`.
+fn rewrapped(instance_id: &str, from: &str, to: &str, ciphertext: u8, job: &str, at: DateTime<Utc>) -> Input {
+    Input::Rewrapped {
+        instance_id: instance_id.into(),
+        from_version: from.into(),
+        wrapped: WrappedDek { key_version: to.into(), ciphertext: vec![ciphertext] },
+        job: job.into(),
+        at,
+    }
 }

@@ -449,15 +449,15 @@ impl Relay {
                 // left a lifecycle event queued behind thousands of them for
                 // seconds. Their order in the topic is kept (one partition per
                 // instance, queued in order).
-                let run = match &rest[0].1 {
+                let (now, (published, result)) = match &rest[0].1 {
                     Effect::InstanceCommand { traceparent, .. } => {
-                        rest.iter().take_while(|(_, e)| matches!(e, Effect::InstanceCommand { traceparent: t, .. } if t == traceparent)).count()
+                        let run = rest.iter().take_while(|(_, e)| matches!(e, Effect::InstanceCommand { traceparent: t, .. } if t == traceparent)).count();
+                        let now = &rest[..run];
+                        (now, self.publish_run(now.iter().map(|(_, e)| e), traceparent.as_deref()).await)
                     }
-                    _ => 1,
+                    effect => (&rest[..1], (0, self.publish(effect).await)),
                 };
-                let (now, next) = rest.split_at(run);
-                rest = next;
-                let (published, result) = if run == 1 { (0, self.publish(&now[0].1).await) } else { self.publish_run(now).await };
+                rest = &rest[now.len()..];
                 match result {
                     Ok(()) => sent.extend(now.iter().map(|(id, _)| *id)),
                     Err(e) => {
@@ -484,15 +484,13 @@ impl Relay {
         }
     }
 
-    /// A run of instance commands under one trace: how many of them, from
-    /// the first, were published, and the first failure.
-    async fn publish_run(&self, run: &[(u64, Effect)]) -> (usize, Result<(), TellError>) {
-        let mut traceparent = None;
+    /// A run of instance commands under one trace (`traceparent`): how many
+    /// of them, from the first, were published, and the first failure.
+    async fn publish_run<'a>(&self, run: impl IntoIterator<Item = &'a Effect>, traceparent: Option<&str>) -> (usize, Result<(), TellError>) {
         let commands: Vec<Command> = run
-            .iter()
-            .filter_map(|(_, effect)| match effect {
-                Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id, traceparent: t } => {
-                    traceparent = t.as_deref();
+            .into_iter()
+            .filter_map(|effect| match effect {
+                Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id, .. } => {
                     Some(Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
                 }
                 _ => None,
@@ -515,10 +513,8 @@ impl Relay {
                     .collect();
                 self.send_commands(&commands, traceparent.as_deref()).await.1
             }
-            Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id, traceparent } => {
-                let c = Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone());
-                self.send_commands(std::slice::from_ref(&c), traceparent.as_deref()).await.1
-            }
+            // `publish_loop` sends these in runs; this is a run of one.
+            Effect::InstanceCommand { traceparent, .. } => self.publish_run([effect], traceparent.as_deref()).await.1,
             Effect::LifecycleEvent { key_id, payload } => {
                 let topic = &self.kafka.events_topic;
                 let signature = self.signer.as_ref().map(|s| s.sign(payload.as_bytes()));
