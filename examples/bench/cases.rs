@@ -87,7 +87,7 @@ fn b1_baseline(n: usize, batch: usize) -> Res<Duration> {
         };
         let mut key = b"i/".to_vec();
         key.extend_from_slice(id.as_bytes());
-        b.insert(key, serde_json::to_vec(&record)?);
+        b.insert(key, keywarden::store::compact::encode_instance(&record));
         in_batch += 1;
         if in_batch == batch {
             tree.apply_batch(std::mem::take(&mut b))?;
@@ -610,7 +610,7 @@ pub fn b6_scale(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     // partitions until the session timeout, and would hold up the next one.
     let mut empty = Daemon::new(bin, &work.path().join("empty"), &broker.bootstrap, &[("KEYWARDEN_KAFKA_GROUP_ID", "b6-empty")])?;
     seed(&empty.store_path(), &empty.master_key(), &[], SeedKms::Local)?;
-    let (empty_ready, empty_rss) = measure_start(&mut empty, s.b6_settle)?;
+    let (empty_ready, empty_rss) = measure_start(&mut empty, s.b6_settle, 0)?;
     empty.stop()?;
     let mut d = Daemon::new(bin, &work.path().join("full"), &broker.bootstrap, &[("KEYWARDEN_KAFKA_GROUP_ID", "b6-full")])?;
     let keys = 1000.min(n);
@@ -623,8 +623,8 @@ pub fn b6_scale(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
     let store = Store::open(&d.store_path())?;
     let sample = store.instance(&format!("{}-0000000", names[0]))?.ok_or("seeded instance missing")?;
     drop(store);
-    let logical = serde_json::to_vec(&sample)?.len() + 2 * (2 + sample.instance_id.len()) + sample.key_id.len() + 1;
-    let (ready, rss) = measure_start(&mut d, s.b6_settle)?;
+    let logical = keywarden::store::compact::encode_instance(&sample).len() + 2 * (2 + sample.instance_id.len()) + sample.key_id.len() + 1;
+    let (ready, rss) = measure_start(&mut d, s.b6_settle, n)?;
     d.stop()?;
     let per = bytes as f64 / n as f64;
     Ok(vec![
@@ -662,10 +662,14 @@ pub fn b6_scale(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
 
 /// Start → ready, then six seconds of running (the monitor and the status line
 /// scan the store) and one /metrics scrape (per-key instance gauges): the peak RSS.
-fn measure_start(d: &mut Daemon, settle: Duration) -> Res<(Duration, u64)> {
+fn measure_start(d: &mut Daemon, settle: Duration, instances: usize) -> Res<(Duration, u64)> {
     let ready = d.start()?;
     std::thread::sleep(settle);
-    let _ = d.metric_sum("keywarden_instances")?;
+    // The scrape must have read every record, or the peak would not include it.
+    let counted = d.metric_sum("keywarden_instances")?;
+    if counted != instances as f64 {
+        return Err(format!("/metrics counted {counted} instances, {instances} were seeded").into());
+    }
     std::thread::sleep(Duration::from_millis(500));
     let rss = d.peak_rss().ok_or("cannot read VmHWM")?;
     Ok((ready, rss))

@@ -70,7 +70,7 @@ impl Store {
                     if !self.tree.contains_key(&index).map_err(StoreError::Read)? {
                         staged.put(Route::Key(inst.key_id.clone()), index, vec![]);
                     }
-                    staged.put(Route::Key(inst.key_id.clone()), k(INSTANCE, &inst.instance_id), encode(inst));
+                    staged.put(Route::Key(inst.key_id.clone()), k(INSTANCE, &inst.instance_id), super::compact::encode_instance(inst));
                     staged.touched.push(Touched::Instance(inst.instance_id.clone()));
                 }
                 Record::Event(e) => staged.put(Route::Key(e.key_id.clone()), k(EVENT, &e.event_id), encode(e)),

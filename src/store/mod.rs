@@ -6,6 +6,7 @@
 //! commit). Only the writer (`writer`) writes: every other module reads.
 //!
 //! - `schema`: every key prefix, and how records are encoded.
+//! - `compact`: the instance record's binary form.
 //! - `batch`: a batch being built by the writer, and its commit.
 //! - `queues`: the outbox, the KMS notices and the alert queue.
 //! - `replication`: what goes to and comes from the changelog.
@@ -15,6 +16,7 @@
 
 pub mod audit;
 mod batch;
+pub mod compact;
 mod kms_material;
 mod queues;
 mod replication;
@@ -80,14 +82,6 @@ pub struct Census {
 pub struct Tally {
     pub with_dek: u64,
     pub destroyed: u64,
-}
-
-/// The two fields a tally needs; serde skips the rest (and the DEK's bytes)
-/// without building them.
-#[derive(serde::Deserialize)]
-struct TallyFields {
-    key_id: String,
-    wrapped: Option<serde::de::IgnoredAny>,
 }
 
 pub type NoticeFilter = Box<dyn Fn(&str) -> bool + Send + Sync>;
@@ -271,7 +265,8 @@ impl Store {
     }
 
     pub fn instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>, StoreError> {
-        self.get_decoded(&k(INSTANCE, instance_id))
+        let key = k(INSTANCE, instance_id);
+        self.get(&key)?.map(|v| compact::decode_instance(&key, &v)).transpose()
     }
 
     pub fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
@@ -295,7 +290,13 @@ impl Store {
     }
 
     pub fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        self.scan(INSTANCE)
+        self.tree
+            .scan_prefix(INSTANCE)
+            .map(|kv| {
+                let (key, value) = kv.map_err(StoreError::Read)?;
+                compact::decode_instance(&key, &value)
+            })
+            .collect()
     }
 
     pub fn instance_ids_of(&self, key_id: &str) -> Result<Vec<String>, StoreError> {
@@ -317,14 +318,14 @@ impl Store {
     }
 
     /// Per key, instances that hold a wrapped DEK and destroyed ones. Reads every
-    /// instance record, but decodes only two fields of each.
+    /// instance record.
     pub fn instance_tally(&self) -> Result<HashMap<String, Tally>, StoreError> {
         let mut tally: HashMap<String, Tally> = HashMap::new();
         for kv in self.tree.scan_prefix(INSTANCE) {
             let (key, value) = kv.map_err(StoreError::Read)?;
-            let fields: TallyFields = decode(&key, &value)?;
-            let t = tally.entry(fields.key_id).or_default();
-            if fields.wrapped.is_some() {
+            let inst = compact::decode_instance(&key, &value)?;
+            let t = tally.entry(inst.key_id).or_default();
+            if inst.wrapped.is_some() {
                 t.with_dek += 1;
             } else {
                 t.destroyed += 1;

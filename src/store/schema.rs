@@ -55,14 +55,14 @@ pub(super) const COMMANDS: &[u8] = b"c/";
 /// audit entry, a replica position) is refused. Each value must decode as
 /// what its prefix holds.
 pub(super) fn replicable(key: &[u8], value: Option<&[u8]>) -> Result<(), &'static str> {
-    use crate::engine::{EventRecord, InstanceRecord, KeyRecord, RotationJob};
+    use crate::engine::{EventRecord, KeyRecord, RotationJob};
     let Some(prefix) = [KEY, INSTANCE, INDEX, EVENT, JOB, OFFSET, KMS, OWNER, EMITTED, COMMANDS].into_iter().find(|p| key.starts_with(p)) else {
         return Err("changelog_prefix");
     };
     let Some(value) = value else { return Ok(()) };
     let decodes = match prefix {
         KEY => decode::<KeyRecord>(key, value).is_ok(),
-        INSTANCE => decode::<InstanceRecord>(key, value).is_ok(),
+        INSTANCE => super::compact::decode_instance(key, value).is_ok(),
         EVENT => decode::<EventRecord>(key, value).is_ok(),
         JOB => decode::<RotationJob>(key, value).is_ok(),
         EMITTED | COMMANDS => decode::<Effect>(key, value).is_ok(),

@@ -101,6 +101,25 @@ fn tally_counts_dek_holders_and_destroyed_instances_per_key() {
 }
 
 #[test]
+fn an_instance_stored_as_json_before_the_binary_form_reads_and_is_rewritten_binary_when_it_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let mut old = inst("a", "k");
+    old.wrapped = None;
+    // As a release before the binary form wrote it, index entry included.
+    s.tree.insert(k(INSTANCE, "a"), serde_json::to_vec(&old).unwrap()).unwrap();
+    s.tree.insert(index_key("k", "a"), vec![]).unwrap();
+    assert_eq!(s.instance("a").unwrap().as_ref(), Some(&old));
+    assert_eq!(s.instances_of("k").unwrap(), vec![old.clone()]);
+    assert_eq!(s.instance_tally().unwrap()["k"], Tally { with_dek: 0, destroyed: 1 });
+    old.rewrap_error = Some("changed".into());
+    s.commit(&[Record::Instance(old.clone())], false).unwrap();
+    let stored = s.tree.get(k(INSTANCE, "a")).unwrap().unwrap();
+    assert_ne!(stored.first(), Some(&b'{'), "rewritten in the binary form");
+    assert_eq!(s.instance("a").unwrap(), Some(old));
+}
+
+#[test]
 fn committed_batch_survives_reopen_with_its_offset() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -206,7 +225,7 @@ fn a_batch_publishes_each_record_once_with_its_last_value_and_commands_first() {
     assert_eq!(keys.len(), 3, "the key once, the instance once (its index exists already), one command: {keys:?}");
     assert!(keys[0].starts_with("c/") && keys[1] == "i/i1" && keys[2] == "k/k", "{keys:?}");
     let log = log.0.lock().unwrap();
-    assert_eq!(log[1].value.as_deref(), Some(&schema::encode(&rewrapped)[..]), "the instance's last value");
+    assert_eq!(log[1].value.as_deref(), Some(&compact::encode_instance(&rewrapped)[..]), "the instance's last value");
     assert_eq!(log[2].value.as_deref(), Some(&schema::encode(&disabled)[..]), "the key's last value");
     assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
 }
