@@ -168,6 +168,29 @@ pub fn seal(key: &AuditKey, last: Option<&Head>, anchor: bool, facts: impl IntoI
         .collect()
 }
 
+/// This node's name in the changelog's sealed batches (`schema::SEALED`): taken
+/// from its audit secret, so that it is stable across restarts, differs between
+/// nodes and tells nothing about the secret.
+pub fn node_id(key: &AuditKey) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key.0).unwrap_or_else(|_| unreachable!("hmac takes any key length"));
+    mac.update(b"keywarden audit node id v1");
+    hex(&mac.finalize().into_bytes()[..8])
+}
+
+/// Whether `entries`, read back from the changelog, are this node's own and
+/// come next in its trail: the first follows `last`, each follows the one
+/// before, and every one is sealed under `key`.
+pub fn follows(key: &AuditKey, last: Option<&Head>, entries: &[AuditEntry]) -> bool {
+    let Some(first) = entries.first() else { return false };
+    let (seq, prev) = last.map(|h| (h.seq, h.hash.as_str())).unwrap_or((0, GENESIS));
+    first.seq == seq + 1 && first.prev == prev && sealed_by(key, entries)
+}
+
+/// Whether every entry hashes right, links to the one before and is sealed under `key`.
+pub fn sealed_by(key: &AuditKey, entries: &[AuditEntry]) -> bool {
+    entries.iter().all(|e| e.mac.is_some()) && verify(key, entries, false).is_ok()
+}
+
 /// What a verification found, when the trail holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Verified {

@@ -16,6 +16,9 @@ pub struct Staged {
     /// What goes to the changelog, in order, before the batch is applied.
     pub(super) changes: Vec<Change>,
     pub(super) facts: Vec<AuditFact>,
+    /// This node's own sealed audit entries, read back from the changelog
+    /// for a batch it published and did not apply (`schema::SEALED`).
+    pub(super) recovered: Vec<audit::AuditEntry>,
     /// Embedded-KMS material as this batch leaves it, for the next job's
     /// compare-and-swap.
     pub(super) kms: HashMap<String, Vec<u8>>,
@@ -117,7 +120,21 @@ impl Store {
     /// it by then.
     pub fn commit_staged(&self, mut staged: Staged, deadline: Option<Instant>) -> Result<(), StoreError> {
         let mut applied = None;
+        let mut sealed = None;
         if let (Some(publishing), false) = (self.changelog.get(), staged.changes.is_empty()) {
+            // Written ahead, the batch takes its audit entries along, sealed
+            // now as they will be applied and last, so that whatever of the
+            // batch reached the changelog before them did too: this node,
+            // killed before it applies the batch, recovers its trail with
+            // its state. A group of one applies first and needs none of it.
+            if let (Publishing::Before(_), Some(route)) = (publishing, staged.changes.last().map(|c| c.route.clone())) {
+                if !staged.facts.is_empty() {
+                    let entries = self.seal_staged(&mut staged);
+                    let key = k(SEALED, &audit::node_id(self.audit_key()));
+                    staged.changes.push(Change { route, key, value: Some(encode(&entries)) });
+                    sealed = Some(entries);
+                }
+            }
             let changelog = publishing.changelog();
             // A version this node cannot read is taken as none: the clock then
             // sets the next one, and the other nodes refuse it if it is old.
@@ -163,18 +180,28 @@ impl Store {
                 }
             }
         }
-        if staged.facts.is_empty() {
+        let anchored = sealed.is_some() || !staged.facts.is_empty();
+        let sealed = match sealed {
+            Some(entries) => entries,
+            None if staged.facts.is_empty() => Vec::new(),
+            None => self.seal_staged(&mut staged),
+        };
+        let mut entries = std::mem::take(&mut staged.recovered);
+        entries.extend(sealed);
+        if entries.is_empty() {
             self.tree.apply_batch(staged.batch)?;
         } else {
+            // Only the writer commits, so the head the entries were sealed
+            // after is still the head; the lock keeps readers of it in line.
             let mut chain = self.audit_chain.lock().unwrap_or_else(|e| e.into_inner());
-            let anchor = self.anchor_legacy.load(std::sync::atomic::Ordering::SeqCst);
-            let entries = audit::seal(self.audit_key(), chain.as_ref(), anchor, std::mem::take(&mut staged.facts), chrono::Utc::now());
             for e in &entries {
                 staged.batch.insert(queue_key(AUDIT, e.seq), encode(e));
             }
             self.tree.apply_batch(staged.batch)?;
-            // One anchor, for the unsealed entries there were at start.
-            self.anchor_legacy.store(false, std::sync::atomic::Ordering::SeqCst);
+            if anchored {
+                // One anchor, for the unsealed entries there were at start.
+                self.anchor_legacy.store(false, std::sync::atomic::Ordering::SeqCst);
+            }
             *chain = entries.last().map(audit::Head::of);
         }
         if staged.flush {
@@ -184,6 +211,17 @@ impl Store {
             deferred.applied(id, records);
         }
         Ok(())
+    }
+
+    /// The batch's audit facts sealed after the trail's head as this batch
+    /// leaves it (after any entries it recovers).
+    fn seal_staged(&self, staged: &mut Staged) -> Vec<audit::AuditEntry> {
+        let head = match staged.recovered.last() {
+            Some(e) => Some(audit::Head::of(e)),
+            None => self.audit_head(),
+        };
+        let anchor = self.anchor_legacy.load(std::sync::atomic::Ordering::SeqCst);
+        audit::seal(self.audit_key(), head.as_ref(), anchor, std::mem::take(&mut staged.facts), chrono::Utc::now())
     }
 
     /// Commits records outside a writer: for tests of the readers only.

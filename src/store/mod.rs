@@ -189,6 +189,11 @@ impl Store {
         })
     }
 
+    /// The newest audit entry, as the next seal needs it.
+    fn audit_head(&self) -> Option<audit::Head> {
+        self.audit_chain.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The seq of the newest audit entry when it carries no seal: the trail
     /// was written before it was keyed, or its seals were stripped.
     pub fn audit_unsealed(&self) -> Option<u64> {

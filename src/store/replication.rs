@@ -187,6 +187,19 @@ impl Store {
             if let Some(version) = e.authentic {
                 staged.versions.insert(e.partition, version);
             }
+            if e.key.starts_with(SEALED) {
+                match self.recover_sealed(staged, &e.key, e.value.as_deref())? {
+                    Sealed::Recovered => applied += 1,
+                    Sealed::Passed => {}
+                    Sealed::Forged => refused.push(Refused {
+                        partition: e.partition,
+                        offset: e.offset,
+                        key: String::from_utf8_lossy(&e.key).into_owned(),
+                        reason: "changelog_forged",
+                    }),
+                }
+                continue;
+            }
             match &e.value {
                 Some(value) => staged.batch.insert(e.key.clone(), value.clone()),
                 None => staged.batch.remove(e.key.clone()),
@@ -207,12 +220,50 @@ impl Store {
         Ok((applied, refused))
     }
 
+    /// A node's sealed audit entries (`SEALED`) as the replica meets them. This
+    /// node's own, next in its trail, are the entries of a batch it published
+    /// and was killed before applying: they join the trail. Its own that are
+    /// not next were applied already (or the trail moved on without them) and
+    /// are passed; its own that its audit secret did not seal are forged.
+    /// Another node's are that node's business, and passed.
+    fn recover_sealed(&self, staged: &mut Staged, key: &[u8], value: Option<&[u8]>) -> Result<Sealed, StoreError> {
+        let audit_key = self.audit_key();
+        let Some(value) = value.filter(|_| key.get(SEALED.len()..) == Some(super::audit::node_id(audit_key).as_bytes())) else {
+            return Ok(Sealed::Passed);
+        };
+        let entries: Vec<super::audit::AuditEntry> = decode(key, value)?;
+        let head = match staged.recovered.last() {
+            Some(e) => Some(super::audit::Head::of(e)),
+            None => self.audit_head(),
+        };
+        if super::audit::follows(audit_key, head.as_ref(), &entries) {
+            tracing::warn!(
+                first = entries.first().map_or(0, |e| e.seq),
+                count = entries.len(),
+                "audit entries of a batch this node published but did not apply were recovered from the changelog"
+            );
+            staged.recovered.extend(entries);
+            Ok(Sealed::Recovered)
+        } else if super::audit::sealed_by(audit_key, &entries) {
+            Ok(Sealed::Passed)
+        } else {
+            Ok(Sealed::Forged)
+        }
+    }
+
     /// Tells every node, through the changelog, that this node now writes the
     /// keys of `partition` and takes their writes at `url`.
     pub fn stage_owner(&self, staged: &mut Staged, partition: i32, url: &str) {
         staged.put(super::Route::Partition(partition), partition_key(OWNER, partition), url.as_bytes().to_vec());
         staged.flush = true;
     }
+}
+
+/// What became of a sealed batch of audit entries read from the changelog.
+enum Sealed {
+    Recovered,
+    Passed,
+    Forged,
 }
 
 /// The partition's value in `memo`, or `read` once.

@@ -49,14 +49,20 @@ pub(super) const EMITTED: &[u8] = b"v/";
 /// sent them (it then writes a tombstone): a partition's next owner sends
 /// what a dead owner left unsent. A node's own queue is its outbox.
 pub(super) const COMMANDS: &[u8] = b"c/";
+/// Several nodes: the audit entries of the batch a node published last, keyed
+/// by the node (`audit::node_id`), sealed under its own audit secret. A node
+/// killed after publishing a batch and before applying it recovers the
+/// batch's state from the changelog, and its trail from this; every other
+/// node passes it by. Never stored, only replicated.
+pub(super) const SEALED: &[u8] = b"g/";
 
 /// What replication carries, and nothing else: a record of another prefix
 /// from the changelog (an outbox entry the relay would sign and send, an
-/// audit entry, a replica position) is refused. Each value must decode as
+/// audit entry outside a node's sealed batch, a replica position) is refused. Each value must decode as
 /// what its prefix holds.
 pub(super) fn replicable(key: &[u8], value: Option<&[u8]>) -> Result<(), &'static str> {
     use crate::engine::{EventRecord, KeyRecord, RotationJob};
-    let Some(prefix) = [KEY, INSTANCE, INDEX, EVENT, JOB, OFFSET, KMS, OWNER, EMITTED, COMMANDS].into_iter().find(|p| key.starts_with(p)) else {
+    let Some(prefix) = [KEY, INSTANCE, INDEX, EVENT, JOB, OFFSET, KMS, OWNER, EMITTED, COMMANDS, SEALED].into_iter().find(|p| key.starts_with(p)) else {
         return Err("changelog_prefix");
     };
     let Some(value) = value else { return Ok(()) };
@@ -66,6 +72,7 @@ pub(super) fn replicable(key: &[u8], value: Option<&[u8]>) -> Result<(), &'stati
         EVENT => decode::<EventRecord>(key, value).is_ok(),
         JOB => decode::<RotationJob>(key, value).is_ok(),
         EMITTED | COMMANDS => decode::<Effect>(key, value).is_ok(),
+        SEALED => decode::<Vec<super::audit::AuditEntry>>(key, value).is_ok_and(|entries| !entries.is_empty()),
         INDEX => value.is_empty(),
         OFFSET => value.len() == 8 && key.len() > OFFSET.len() + 4,
         OWNER => key.len() == OWNER.len() + 4 && std::str::from_utf8(value).is_ok_and(|u| u.starts_with("http://") || u.starts_with("https://")),

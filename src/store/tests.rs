@@ -733,3 +733,118 @@ mod ordering {
         }
     }
 }
+
+/// A changelog that takes each batch and, once told to, fails after taking
+/// it: the node dies after publishing a batch and before applying it.
+#[derive(Default)]
+struct DiesAfterPublishing {
+    log: Log,
+    dies: std::sync::atomic::AtomicBool,
+}
+
+impl Changelog for DiesAfterPublishing {
+    fn partition(&self, _route: &Route) -> i32 {
+        0
+    }
+
+    fn publish(&self, records: &[Versioned], deadline: Option<Instant>) -> Result<Vec<Written>, ChangelogError> {
+        let written = self.log.publish(records, deadline)?;
+        if self.dies.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ChangelogError::Failed { topic: "state".into(), reason: "killed after publishing".into() });
+        }
+        Ok(written)
+    }
+}
+
+fn applied_fact(event_id: &str) -> crate::engine::AuditFact {
+    crate::engine::AuditFact {
+        who: "kms-event".into(),
+        what: "event disable".into(),
+        outcome: "applied".into(),
+        event_id: Some(event_id.into()),
+        key_id: Some("k".into()),
+        ..Default::default()
+    }
+}
+
+fn event_record(event_id: &str) -> EventRecord {
+    EventRecord {
+        event_id: event_id.into(),
+        key_id: "k".into(),
+        kind: crate::engine::EventType::Disable,
+        occurred_at: Utc::now(),
+        applied_at: Utc::now(),
+        outcome: crate::engine::Outcome::Applied,
+        detail: String::new(),
+        correlation_id: None,
+    }
+}
+
+/// What the replica applies and refuses of `entries`, committed.
+fn recover(s: &Store, entries: &[Replicated]) -> (usize, Vec<Refused>) {
+    let mut staged = Staged::default();
+    let out = s.stage_replicated(&mut staged, entries).unwrap();
+    s.commit_staged(staged, None).unwrap();
+    out
+}
+
+#[test]
+fn a_batch_published_and_not_applied_comes_back_from_the_changelog_with_its_audit_entry_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let changelog = Arc::new(DiesAfterPublishing::default());
+    s.set_changelog(changelog.clone());
+    s.commit(&[Record::Key(KeyRecord::new("k", Utc::now())), Record::Event(event_record("ev-1")), Record::Audit(applied_fact("ev-1"))], true).unwrap();
+    changelog.dies.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut disabled = KeyRecord::new("k", Utc::now());
+    disabled.status = KeyStatus::Disabled;
+    let lost = s.commit(&[Record::Key(disabled), Record::Event(event_record("ev-2")), Record::Audit(applied_fact("ev-2"))], true);
+    assert!(matches!(lost, Err(StoreError::Changelog(_))), "{lost:?}");
+    assert_eq!(s.audit(10).unwrap().len(), 1, "the lost batch's entry is not in the trail before recovery");
+    assert!(s.event("ev-2").unwrap().is_none());
+
+    // Restarted, the replica reads what this node published and did not apply.
+    let published = changelog.log.0.lock().unwrap().clone();
+    let (_, refused) = recover(&s, &published);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
+    assert!(s.event("ev-2").unwrap().is_some());
+    let trail = s.audit(10).unwrap();
+    let of = |id: &str| trail.iter().filter(|e| e.fact.event_id.as_deref() == Some(id)).count();
+    assert_eq!((trail.len(), of("ev-1"), of("ev-2")), (2, 1, 1), "{trail:?}");
+    s.verify_audit(&trail, true).unwrap();
+
+    // The same sealed batch again, newer in the changelog (replayed): passed,
+    // neither applied twice nor taken for a forgery.
+    let sealed = published.iter().rfind(|e| e.key.starts_with(schema::SEALED)).unwrap().clone();
+    let next = published.len() as i64;
+    let again = Replicated { offset: next, authentic: Some(i64::MAX - 2), ..sealed.clone() };
+    let (applied, refused) = recover(&s, &[again]);
+    assert_eq!((applied, refused.len(), s.audit(10).unwrap().len()), (0, 0, 2));
+
+    // A forged one under this node's name: its entries are not sealed by this
+    // node's audit secret.
+    let mut entries: Vec<audit::AuditEntry> = serde_json::from_slice(sealed.value.as_deref().unwrap()).unwrap();
+    entries[0].seq = 3;
+    entries[0].prev = trail[1].hash.clone();
+    let forged = Replicated { offset: next + 1, value: Some(serde_json::to_vec(&entries).unwrap()), authentic: Some(i64::MAX - 1), ..sealed };
+    let (applied, refused) = recover(&s, &[forged]);
+    assert_eq!((applied, refused.iter().map(|r| r.reason).collect::<Vec<_>>()), (0, vec!["changelog_forged"]));
+    assert_eq!(s.audit(10).unwrap().len(), 2);
+}
+
+#[test]
+fn another_nodes_sealed_audit_entries_are_passed_by_and_not_taken_into_this_nodes_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = Store::open(&dir.path().join("owner")).unwrap();
+    let changelog = with_changelog(&owner);
+    owner.commit(&[Record::Key(KeyRecord::new("k", Utc::now())), Record::Audit(applied_fact("ev-1"))], true).unwrap();
+    let other = Store::open(&dir.path().join("other")).unwrap();
+    other.set_audit_key(audit::AuditKey::new(zeroize::Zeroizing::new(b"another node's audit secret, 32+ bytes".to_vec())), false).unwrap();
+    let published = changelog.0.lock().unwrap().clone();
+    assert!(published.iter().any(|e| e.key.starts_with(schema::SEALED)), "the batch took its sealed entries along");
+    let (_, refused) = recover(&other, &published);
+    assert!(refused.is_empty(), "{refused:?}");
+    assert!(other.key("k").unwrap().is_some(), "the state is replicated");
+    assert!(other.audit(10).unwrap().is_empty(), "another node's trail is its own");
+}
