@@ -166,15 +166,22 @@ impl CommandWatch {
             let (seen, stop) = (seen.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
-                        let at = Instant::now();
-                        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or_default();
-                        let cause = v["cause_event_id"].as_str().unwrap_or_default().to_string();
-                        let mut s = seen.lock().unwrap();
-                        let e = s.entry(cause).or_insert((0, at));
-                        e.0 += 1;
-                        e.1 = at;
-                    }
+                    let m = match consumer.poll(Duration::from_millis(50)) {
+                        None => continue,
+                        Some(Ok(m)) => m,
+                        // Said, not swallowed: a read-back that stalls must show why.
+                        Some(Err(e)) => {
+                            eprintln!("bench: the command watch's consumer: {e}");
+                            continue;
+                        }
+                    };
+                    let at = Instant::now();
+                    let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or_default();
+                    let cause = v["cause_event_id"].as_str().unwrap_or_default().to_string();
+                    let mut s = seen.lock().unwrap();
+                    let e = s.entry(cause).or_insert((0, at));
+                    e.0 += 1;
+                    e.1 = at;
                 }
             })
         };
@@ -185,6 +192,7 @@ impl CommandWatch {
         wait_until(&format!("{count} commands of {cause}"), timeout, Duration::from_millis(1), || {
             self.seen.lock().unwrap().get(cause).filter(|(c, _)| *c >= count).map(|(_, at)| *at)
         })
+        .map_err(|e| format!("{e} ({} of them read back)", self.seen.lock().unwrap().get(cause).map_or(0, |(c, _)| *c)).into())
     }
 }
 
