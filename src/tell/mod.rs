@@ -36,6 +36,8 @@ pub enum TellError {
     Producer(KafkaError),
     #[error("cannot read what to send: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("the store read for what to send failed on its thread: {0}; retried")]
+    Reading(String),
 }
 
 impl TellError {
@@ -414,7 +416,9 @@ impl Relay {
         let mut depth_at: Option<std::time::Instant> = None;
         loop {
             let notified = self.notify.notified();
-            let batch = match self.store.outbox(ROUND) {
+            let store = self.store.clone();
+            let read = tokio::task::spawn_blocking(move || store.outbox(ROUND)).await;
+            let batch = match read.map_err(|e| TellError::Reading(e.to_string())).and_then(|r| r.map_err(TellError::from)) {
                 Ok(batch) => batch,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbox; retrying");
@@ -430,7 +434,11 @@ impl Relay {
             // A short round is an exact count, and cheap; while rounds come back
             // full the gauge is refreshed every 10 s.
             if batch.len() < ROUND || depth_at.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
-                self.metrics.outbox_depth.set(self.store.outbox_len() as i64);
+                let store = self.store.clone();
+                // A count walks the whole outbox (~50 ms for 100,000 entries): not on the runtime.
+                if let Ok(depth) = tokio::task::spawn_blocking(move || store.outbox_len()).await {
+                    self.metrics.outbox_depth.set(depth as i64);
+                }
                 depth_at = Some(std::time::Instant::now());
             }
             if batch.is_empty() {
@@ -504,9 +512,13 @@ impl Relay {
             Effect::KeyCommands { key_id, action, key_version, cause_event_id, issued_at, correlation_id, traceparent } => {
                 // Fan out to the instances the key protects now, including those
                 // created after the event: they all share the key's fate.
-                let commands: Vec<Command> = self
-                    .store
-                    .instances_of(key_id)?
+                // Every instance of the key, read and decoded off the runtime:
+                // 10,000 of them held a worker for milliseconds while the
+                // next revocation's DEK fetches waited for one.
+                let store = self.store.clone();
+                let key = key_id.clone();
+                let instances = tokio::task::spawn_blocking(move || store.instances_of(&key)).await.map_err(|e| TellError::Reading(e.to_string()))??;
+                let commands: Vec<Command> = instances
                     .into_iter()
                     .filter(|inst| inst.wrapped.is_some())
                     .map(|inst| Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
