@@ -100,12 +100,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     let (path, cache_capacity) = (config.store.path.clone(), config.store.cache_capacity);
     let opening = tokio::task::spawn_blocking(move || open_store(&path, cache_capacity));
     let opened = async {
-        opening.await.unwrap_or_else(|e| {
+        let opened = opening.await.unwrap_or_else(|e| {
             Err(StoreError::Open {
                 path: config.store.path.display().to_string(),
                 source: sled::Error::ReportableBug(format!("the store's opening thread failed: {e}")),
             })
-        })
+        });
+        Ok::<_, DaemonError>(opened?)
     };
     let topics = async {
         if config.kafka.create_topics && embedded.is_none() {
@@ -113,7 +114,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
         }
         Ok::<_, DaemonError>(())
     };
-    let (store, ()) = tokio::try_join!(async { opened.await.map_err(DaemonError::from) }, topics)?;
+    let (store, ()) = tokio::try_join!(opened, topics)?;
 
     let tasks = CancellationToken::new();
     let failure = Arc::new(crate::supervise::Failure::default());

@@ -239,6 +239,11 @@ impl Store {
     }
 
     fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, StoreError> {
+        self.scan_by(prefix, decode)
+    }
+
+    /// Every record under `prefix`, each decoded as its form needs.
+    fn scan_by<T>(&self, prefix: &[u8], decode: impl Fn(&[u8], &[u8]) -> Result<T, StoreError>) -> Result<Vec<T>, StoreError> {
         self.tree
             .scan_prefix(prefix)
             .map(|kv| {
@@ -295,13 +300,7 @@ impl Store {
     }
 
     pub fn instances(&self) -> Result<Vec<InstanceRecord>, StoreError> {
-        self.tree
-            .scan_prefix(INSTANCE)
-            .map(|kv| {
-                let (key, value) = kv.map_err(StoreError::Read)?;
-                compact::decode_instance(&key, &value)
-            })
-            .collect()
+        self.scan_by(INSTANCE, compact::decode_instance)
     }
 
     pub fn instance_ids_of(&self, key_id: &str) -> Result<Vec<String>, StoreError> {

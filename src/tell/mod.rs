@@ -411,14 +411,19 @@ impl Relay {
         warned.retain(|id| batch.iter().any(|(_, e)| matches!(e, Effect::KmsNotice { notice: Notice::Acknowledge { event_id, .. }, .. } if event_id == id)));
     }
 
+    /// A store read on a blocking thread: the relay's reads walk the outbox or
+    /// every instance of a key, which must not hold a runtime worker.
+    async fn off_runtime<T: Send + 'static>(&self, read: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static) -> Result<T, TellError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store)).await.map_err(|e| TellError::Reading(e.to_string()))?.map_err(TellError::from)
+    }
+
     async fn publish_loop(&self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut depth_at: Option<std::time::Instant> = None;
         loop {
             let notified = self.notify.notified();
-            let store = self.store.clone();
-            let read = tokio::task::spawn_blocking(move || store.outbox(ROUND)).await;
-            let batch = match read.map_err(|e| TellError::Reading(e.to_string())).and_then(|r| r.map_err(TellError::from)) {
+            let batch = match self.off_runtime(|store| store.outbox(ROUND)).await {
                 Ok(batch) => batch,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbox; retrying");
@@ -434,9 +439,8 @@ impl Relay {
             // A short round is an exact count, and cheap; while rounds come back
             // full the gauge is refreshed every 10 s.
             if batch.len() < ROUND || depth_at.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
-                let store = self.store.clone();
-                // A count walks the whole outbox (~50 ms for 100,000 entries): not on the runtime.
-                if let Ok(depth) = tokio::task::spawn_blocking(move || store.outbox_len()).await {
+                // A count walks the whole outbox (~50 ms for 100,000 entries).
+                if let Ok(depth) = self.off_runtime(|store| Ok(store.outbox_len())).await {
                     self.metrics.outbox_depth.set(depth as i64);
                 }
                 depth_at = Some(std::time::Instant::now());
@@ -515,10 +519,10 @@ impl Relay {
                 // Every instance of the key, read and decoded off the runtime:
                 // 10,000 of them held a worker for milliseconds while the
                 // next revocation's DEK fetches waited for one.
-                let store = self.store.clone();
                 let key = key_id.clone();
-                let instances = tokio::task::spawn_blocking(move || store.instances_of(&key)).await.map_err(|e| TellError::Reading(e.to_string()))??;
-                let commands: Vec<Command> = instances
+                let commands: Vec<Command> = self
+                    .off_runtime(move |store| store.instances_of(&key))
+                    .await?
                     .into_iter()
                     .filter(|inst| inst.wrapped.is_some())
                     .map(|inst| Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
