@@ -32,7 +32,7 @@ use serde::de::DeserializeOwned;
 
 pub use batch::Staged;
 pub use kms_material::{Emission, KmsChange};
-pub use queues::Queue;
+pub use queues::{Queue, SentEntry};
 pub use replication::{Change, Published, Refused, Replicated, Route, Versioned};
 pub use schema::Touched;
 

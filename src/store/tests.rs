@@ -338,7 +338,8 @@ async fn commands_a_dead_owner_left_unsent_are_adopted_by_the_next_and_forgotten
     w.import(vec![Record::Outbox(revoke("a")), Record::Outbox(revoke("b"))]).await.unwrap();
     // "b" was sent before the owner died; "a" was not.
     let b = owner.outbox(10).unwrap().into_iter().find(|(_, e)| *e == revoke("b")).unwrap().0;
-    w.sent(Queue::Outbox, vec![b]).await.unwrap();
+    // As a relay that read it back would say, and as one that knows it by id alone.
+    w.sent(Queue::Outbox, vec![SentEntry::id(b)]).await.unwrap();
     let entries = log.0.lock().unwrap().clone();
     let nw = writer(&next);
     replicate(&nw, entries).await;
@@ -358,7 +359,7 @@ async fn outbox_keeps_commit_order_and_forgets_what_was_sent() {
     let out = s.outbox(10).unwrap();
     let names: Vec<_> = out.iter().map(|(_, e)| e.clone()).collect();
     assert_eq!(names, [revoke("a"), revoke("b"), revoke("c")]);
-    w.sent(Queue::Outbox, vec![out[0].0]).await.unwrap();
+    w.sent(Queue::Outbox, vec![SentEntry::of(out[0].0, &out[0].1)]).await.unwrap();
     assert_eq!(s.outbox_len(), 2);
 }
 
@@ -490,9 +491,9 @@ async fn a_command_sent_after_its_key_moved_is_not_tombstoned_by_the_old_owner()
     let moved = keys.iter().find(|k| crate::cluster::partition_of(k, 2) == 1).unwrap();
     // Queued while both were this node's (imports are not ownership-checked).
     w.import(vec![Record::Outbox(revoke(mine)), Record::Outbox(revoke(moved))]).await.unwrap();
-    let ids: Vec<u64> = s.outbox(10).unwrap().into_iter().map(|(id, _)| id).collect();
+    let sent: Vec<SentEntry> = s.outbox(10).unwrap().iter().map(|(id, effect)| SentEntry::of(*id, effect)).collect();
     let before = log.0.lock().unwrap().len();
-    w.sent(Queue::Outbox, ids).await.unwrap();
+    w.sent(Queue::Outbox, sent).await.unwrap();
     let tombstones: Vec<String> =
         log.0.lock().unwrap()[before..].iter().filter(|e| e.value.is_none()).map(|e| String::from_utf8_lossy(&e.key).into_owned()).collect();
     assert_eq!(tombstones.len(), 1, "{tombstones:?}");

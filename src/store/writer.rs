@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use prometheus::Histogram;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{KmsChange, Queue, Replicated, Staged, Store, StoreError, Touched};
+use super::{KmsChange, Queue, Replicated, SentEntry, Staged, Store, StoreError, Touched};
 use crate::cluster::fence::Held;
 use crate::cluster::Ownership;
 use crate::engine::{decide, AuditFact, Input, Overlay, Record, Reply};
@@ -62,7 +62,7 @@ pub enum Op {
     /// belongs to a key this node does not own.
     DecideAll(Vec<Input>),
     /// A relay sent these entries of its queue.
-    Sent { queue: Queue, ids: Vec<u64> },
+    Sent { queue: Queue, sent: Vec<SentEntry> },
     /// An embedded-KMS key change (compare-and-swap on its material).
     Kms(KmsChange),
     /// This node took a partition over: it announces itself as the owner,
@@ -279,8 +279,8 @@ impl Writer {
     }
 
     /// Removes what a relay sent from its queue.
-    pub async fn sent(&self, queue: Queue, ids: Vec<u64>) -> Result<(), WriterError> {
-        self.run(Op::Sent { queue, ids }, None).await.map(|_| ())
+    pub async fn sent(&self, queue: Queue, sent: Vec<SentEntry>) -> Result<(), WriterError> {
+        self.run(Op::Sent { queue, sent }, None).await.map(|_| ())
     }
 
     /// Commits an embedded-KMS key change within `timeout`. Ok(false): the
@@ -515,8 +515,8 @@ impl Loop {
                 }
                 Done::Written
             }
-            Op::Sent { queue, ids } => {
-                self.store.stage_sent(staged, queue, &ids, mine).map_err(Failure::Batch)?;
+            Op::Sent { queue, sent } => {
+                self.store.stage_sent(staged, queue, sent, mine).map_err(Failure::Batch)?;
                 Done::Written
             }
             Op::Kms(change) => {

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::AlertSink;
 use crate::engine::{Alert, Effect};
 use crate::store::writer::Writer;
-use crate::store::{Queue, Store};
+use crate::store::{Queue, SentEntry, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AlertError {
@@ -133,7 +133,7 @@ pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Ar
                 }
             }
         }
-        if let Err(e) = writer.sent(Queue::Alerts, done).await {
+        if let Err(e) = writer.sent(Queue::Alerts, done.into_iter().map(SentEntry::id).collect()).await {
             tracing::error!(error = %e, "cannot remove delivered alerts; they will be sent again");
         }
         if let Some(e) = failed {

@@ -26,7 +26,7 @@ use crate::intake::signature::{Signer, HEADER as SIGNATURE_HEADER};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::writer::Writer;
-use crate::store::{Queue, Store};
+use crate::store::{Queue, SentEntry, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TellError {
@@ -264,7 +264,7 @@ impl Relay {
                     }
                 }
             }
-            if let Err(e) = self.writer.sent(Queue::Notices, done.clone()).await {
+            if let Err(e) = self.writer.sent(Queue::Notices, done.iter().copied().map(SentEntry::id).collect()).await {
                 tracing::error!(error = %e, "cannot remove delivered notices; they will be sent again");
             }
             // Progress and nobody waiting: the next round at once. Otherwise
@@ -471,10 +471,10 @@ impl Relay {
                 };
                 rest = &rest[now.len()..];
                 match result {
-                    Ok(()) => sent.extend(now.iter().map(|(id, _)| *id)),
+                    Ok(()) => sent.extend(now.iter().map(|(id, effect)| SentEntry::of(*id, effect))),
                     Err(e) => {
                         // What went out before the failure is done; the rest is sent again.
-                        sent.extend(now[..published].iter().map(|(id, _)| *id));
+                        sent.extend(now[..published].iter().map(|(id, effect)| SentEntry::of(*id, effect)));
                         failed = Some(e);
                         break;
                     }
