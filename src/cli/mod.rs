@@ -37,7 +37,9 @@ pub struct Cli {
     /// Bearer token for the admin API; defaults to the contents of
     /// api.admin_token_file. For `instance dek`: the instance's dek_token
     /// (see `instance dek --token-file`).
-    #[arg(long, global = true, env = "KEYWARDEN_API_TOKEN", hide_env_values = true)]
+    // An issued token is base64url: one in 64 begins with '-', which clap
+    // would otherwise take for an option.
+    #[arg(long, global = true, env = "KEYWARDEN_API_TOKEN", hide_env_values = true, allow_hyphen_values = true)]
     pub token: Option<String>,
     /// PEM CA certificate to trust for an https admin API (a private CA).
     #[arg(long, global = true, env = "KEYWARDEN_API_CA_CERT")]
@@ -434,6 +436,14 @@ pub fn spawn_signal_handler(shutdown: CancellationToken) {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn a_token_that_begins_with_a_hyphen_is_taken_as_the_token() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from(["keywarden", "--token", "-AbC_9", "instance", "dek", "db-1"]).expect("a base64url token may begin with '-'");
+        assert_eq!(cli.token.as_deref(), Some("-AbC_9"));
+        assert!(matches!(cli.command, Command::Instance(InstanceCommand::Dek { ref instance_id, .. }) if instance_id == "db-1"));
+    }
 
     #[derive(Clone, Default)]
     struct Buffer(Arc<Mutex<Vec<u8>>>);
