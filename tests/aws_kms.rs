@@ -130,9 +130,18 @@ fn reconciliation_applies_what_events_missed_and_asks_before_revoking_many() {
     for i in 0..3 {
         assert_eq!(d.state(&format!("rc-large-{i}")), "active", "held back for confirmation");
     }
-    let (_, plan) = d.post("/v1/reconcile", None);
+    // The schedule runs every second: a request that meets one of its runs is
+    // told so and asked to wait, and is made again.
+    const RUNNING: &str = "a reconciliation is already running";
+    let plan = wait_until("a reconciliation request not refused as concurrent", Duration::from_secs(30), || {
+        let (_, plan) = d.post("/v1/reconcile", None);
+        (!plan["error"].as_str().is_some_and(|e| e.contains(RUNNING))).then_some(plan)
+    });
     assert_eq!(plan["awaiting_confirmation"], true, "{plan}");
-    let confirm = Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", &d.api, "--token", &d.admin_token, "reconcile", "--confirm"]).output().unwrap();
+    let confirm = wait_until("a confirmation not refused as concurrent", Duration::from_secs(30), || {
+        let out = Command::new(env!("CARGO_BIN_EXE_keywarden")).args(["--api", &d.api, "--token", &d.admin_token, "reconcile", "--confirm"]).output().unwrap();
+        (!String::from_utf8_lossy(&out.stderr).contains(RUNNING)).then_some(out)
+    });
     assert!(confirm.status.success(), "{}", String::from_utf8_lossy(&confirm.stderr));
     for i in 0..3 {
         d.wait_state(&format!("rc-large-{i}"), "revoked");
