@@ -4,6 +4,7 @@
 //! that must be correct — duplicates, stale events, state transitions, what to
 //! publish — is decided here and can be tested without a broker or a store.
 
+mod coalesce;
 mod events;
 mod instances;
 mod purge;
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+pub use coalesce::coalesce;
 pub use types::*;
 
 /// Read access to current state. The store implements it; `Overlay` layers the

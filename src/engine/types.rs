@@ -343,6 +343,23 @@ pub enum Effect {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         traceparent: Option<String>,
     },
+    /// Instance commands of one cause and version, decided in one writer job
+    /// (a rotation's chunk of `rewrapped`s, see `coalesce`): one outbox entry,
+    /// sent as one command per instance, each with the id it would have had
+    /// alone. A chunk of 1,024 costs one queue insert, one removal and one
+    /// replicated copy instead of 1,024 of each.
+    InstanceCommands {
+        key_id: String,
+        action: CommandAction,
+        key_version: Option<String>,
+        cause_event_id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        correlation_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+        /// In the order they were decided.
+        instances: Vec<Issued>,
+    },
     /// A lifecycle event emitted by the embedded KMS, as a real KMS would.
     LifecycleEvent { key_id: String, payload: String },
     /// Something the key's KMS wants to be told (Key Protect tracks which
@@ -352,6 +369,13 @@ pub enum Effect {
     KmsNotice { key_id: String, notice: Notice },
     /// An operator alert, firing or (with `ends_at`) resolved.
     Alert(Alert),
+}
+
+/// One instance of an `Effect::InstanceCommands`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issued {
+    pub instance_id: String,
+    pub issued_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

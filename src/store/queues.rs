@@ -50,18 +50,36 @@ impl SentEntry {
 impl Store {
     /// The oldest `limit` entries of a queue, with their ids.
     pub fn queued(&self, queue: Queue, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+        self.queued_weighing(queue, limit, |_| 1)
+    }
+
+    /// The oldest entries of a queue, with their ids, until their `weight`
+    /// reaches `limit` (at least one entry, however heavy).
+    fn queued_weighing(&self, queue: Queue, limit: usize, weight: impl Fn(&Effect) -> usize) -> Result<Vec<(u64, Effect)>, StoreError> {
         let prefix = queue.prefix();
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix(prefix).take(limit) {
+        let mut total = 0;
+        for kv in self.tree.scan_prefix(prefix) {
+            if total >= limit {
+                break;
+            }
             let (key, value) = kv.map_err(StoreError::Read)?;
             let id = number(&key, &key[prefix.len()..])? as u64;
-            out.push((id, decode(&key, &value)?));
+            let effect = decode(&key, &value)?;
+            total += weight(&effect);
+            out.push((id, effect));
         }
         Ok(out)
     }
 
+    /// The oldest outbox entries up to `limit` commands: an entry of many
+    /// instance commands (a rotation's chunk) counts as that many, so that
+    /// what the relay holds in one round stays bounded.
     pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        self.queued(Queue::Outbox, limit)
+        self.queued_weighing(Queue::Outbox, limit, |e| match e {
+            Effect::InstanceCommands { instances, .. } => instances.len().max(1),
+            _ => 1,
+        })
     }
 
     pub fn notices(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {

@@ -130,6 +130,12 @@ pub(super) fn command_key(effect: &Effect) -> Option<(String, Vec<u8>)> {
     let (key_id, name) = match effect {
         Effect::KeyCommands { key_id, action, cause_event_id, .. } => (key_id, format!("{cause_event_id}/{action:?}/key")),
         Effect::InstanceCommand { key_id, instance_id, action, cause_event_id, .. } => (key_id, format!("{cause_event_id}/{action:?}/{instance_id}")),
+        // Named by its first instance and its length, as a single command is
+        // by its instance: a cause's rotation rewraps an instance once.
+        Effect::InstanceCommands { key_id, instances, action, cause_event_id, .. } => {
+            let first = instances.first().map_or("", |i| i.instance_id.as_str());
+            (key_id, format!("{cause_event_id}/{action:?}/{first}+{}", instances.len()))
+        }
         _ => return None,
     };
     Some((key_id.clone(), k(COMMANDS, &name)))

@@ -409,7 +409,54 @@ async fn a_chunk_of_rewraps_is_committed_as_one_job_and_a_stale_result_in_it_is_
     assert_eq!((version("i0"), version("i1"), version("i2")), ("2".into(), "2".into(), "1".into()));
     assert!(s.instance("gone").unwrap().is_none(), "a result for an unknown instance creates nothing");
     let commands = s.outbox(10).unwrap();
-    assert_eq!(commands.len(), 2, "one rewrapped command per applied result: {commands:?}");
+    // One outbox entry for the chunk, naming each applied result once, in order.
+    let [(_, Effect::InstanceCommands { instances, action: CommandAction::Rewrapped, key_version, .. })] = &commands[..] else {
+        panic!("the chunk's commands are one entry: {commands:?}");
+    };
+    let named: Vec<&str> = instances.iter().map(|i| i.instance_id.as_str()).collect();
+    assert_eq!((named, key_version.as_deref()), (vec!["i0", "i1"], Some("2")));
+}
+
+#[tokio::test]
+async fn a_chunk_of_commands_is_replicated_once_adopted_whole_and_forgotten_once_sent() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (owner, next) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
+    let log = with_changelog(&owner);
+    let w = writer(&owner);
+    w.import((0..3).map(|i| Record::Instance(inst(&format!("i{i}"), "k"))).collect()).await.unwrap();
+    let before = log.0.lock().unwrap().len();
+    w.enqueue_all(vec![rewrapped("i0", "1"), rewrapped("i1", "1"), rewrapped("i2", "1")]).await.unwrap().await.unwrap();
+    let copies = |log: &[Replicated]| log.iter().filter(|r| r.key.starts_with(COMMANDS)).map(|r| r.value.is_some()).collect::<Vec<bool>>();
+    assert_eq!(copies(&log.0.lock().unwrap()[before..]), [true], "one replicated copy for the chunk's three commands");
+    // The owner dies before sending it: the next owner adopts all of it.
+    let nw = writer(&next);
+    let entries = log.0.lock().unwrap().clone();
+    replicate(&nw, entries).await;
+    assert_eq!(nw.take_over("events", 0, 1, "http://next").await.unwrap().1, 1);
+    let adopted = next.outbox(10).unwrap();
+    let [(_, Effect::InstanceCommands { instances, .. })] = &adopted[..] else { panic!("adopted whole: {adopted:?}") };
+    assert_eq!(instances.len(), 3);
+    // Sent by the owner instead: its copy is tombstoned, once.
+    let queued = owner.outbox(10).unwrap();
+    let sent_at = log.0.lock().unwrap().len();
+    w.sent(Queue::Outbox, queued.iter().map(|(id, e)| SentEntry::of(*id, e)).collect()).await.unwrap();
+    assert_eq!(copies(&log.0.lock().unwrap()[sent_at..]), [false]);
+    assert_eq!(owner.outbox_len(), 0);
+}
+
+#[tokio::test]
+async fn a_round_of_the_outbox_counts_a_chunk_as_its_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let w = writer(&s);
+    w.import((0..4).map(|i| Record::Instance(inst(&format!("i{i}"), "k"))).collect()).await.unwrap();
+    w.enqueue_all(vec![rewrapped("i0", "1"), rewrapped("i1", "1"), rewrapped("i2", "1")]).await.unwrap().await.unwrap();
+    w.import(vec![Record::Outbox(revoke("a")), Record::Outbox(revoke("b"))]).await.unwrap();
+    // The chunk weighs 3: a limit of 2 still takes it (one entry at least), a
+    // limit of 4 takes one more entry, not two.
+    assert_eq!(s.outbox(2).unwrap().len(), 1);
+    assert_eq!(s.outbox(4).unwrap().len(), 2);
+    assert_eq!(s.outbox(5).unwrap().len(), 3);
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{KmsChange, Queue, Replicated, SentEntry, Staged, Store, StoreError, Touched};
 use crate::cluster::fence::Held;
 use crate::cluster::Ownership;
-use crate::engine::{decide, AuditFact, Input, Overlay, Record, Reply};
+use crate::engine::{coalesce, decide, AuditFact, Input, Overlay, Record, Reply};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -503,16 +503,20 @@ impl Loop {
                 if let Some(e) = reading.take_error() {
                     return Err(Failure::Job(WriterError::Store(e)));
                 }
+                let mut decided = Vec::new();
                 for input in inputs {
                     let d = decide(&*overlay, input);
-                    // Some of the job is staged already: the whole batch is refused.
+                    // Some of the job is in the overlay already: the whole batch is refused.
                     if let Some(e) = reading.take_error() {
                         return Err(Failure::Batch(e));
                     }
                     overlay.absorb(&d.records);
-                    self.store.stage_records(staged, &d.records).map_err(Failure::Batch)?;
-                    records.extend(d.records);
+                    decided.extend(d.records);
                 }
+                // Staged together, so that the job's commands are one outbox entry.
+                let decided = coalesce(decided);
+                self.store.stage_records(staged, &decided).map_err(Failure::Batch)?;
+                records.extend(decided);
                 Done::Written
             }
             Op::Sent { queue, sent } => {

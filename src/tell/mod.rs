@@ -108,7 +108,8 @@ pub struct Relay {
     await_agents: bool,
 }
 
-/// Effects handled per round; a key-wide command counts as one. A run of
+/// Commands handled per round (an entry of many counts as many; a key-wide
+/// command as one; a round takes one entry at least). A run of
 /// instance commands in a round is sent as one batch (one round trip).
 const ROUND: usize = 256;
 
@@ -139,7 +140,7 @@ enum KeyOutcome {
 /// The key an outbox effect concerns, if any.
 fn effect_key(e: &Effect) -> Option<&str> {
     match e {
-        Effect::KeyCommands { key_id, .. } | Effect::InstanceCommand { key_id, .. } => Some(key_id),
+        Effect::KeyCommands { key_id, .. } | Effect::InstanceCommand { key_id, .. } | Effect::InstanceCommands { key_id, .. } => Some(key_id),
         _ => None,
     }
 }
@@ -150,6 +151,38 @@ fn notice_kind(n: &Notice) -> &'static str {
         Notice::Rewrapped { .. } => "registration update",
         Notice::Deregistered { .. } => "deregistration",
         Notice::Acknowledge { .. } => "event acknowledgement",
+    }
+}
+
+/// The trace an instance command entry continues; None for any other effect.
+fn command_trace(effect: &Effect) -> Option<Option<&str>> {
+    match effect {
+        Effect::InstanceCommand { traceparent, .. } | Effect::InstanceCommands { traceparent, .. } => Some(traceparent.as_deref()),
+        _ => None,
+    }
+}
+
+/// How many commands an entry sends to the commands topic on its own (a
+/// key-wide entry's depend on the key's instances).
+fn command_count(effect: &Effect) -> usize {
+    match effect {
+        Effect::InstanceCommand { .. } => 1,
+        Effect::InstanceCommands { instances, .. } => instances.len(),
+        _ => 0,
+    }
+}
+
+/// The commands an instance command entry sends.
+fn instance_commands(effect: &Effect) -> Vec<Command> {
+    match effect {
+        Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id, .. } => {
+            vec![Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone())]
+        }
+        Effect::InstanceCommands { key_id, action, key_version, cause_event_id, correlation_id, instances, .. } => instances
+            .iter()
+            .map(|i| Command::new(&i.instance_id, key_id, *action, key_version.clone(), cause_event_id, i.issued_at, correlation_id.clone()))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -461,20 +494,31 @@ impl Relay {
                 // left a lifecycle event queued behind thousands of them for
                 // seconds. Their order in the topic is kept (one partition per
                 // instance, queued in order).
-                let (now, (published, result)) = match &rest[0].1 {
-                    Effect::InstanceCommand { traceparent, .. } => {
-                        let run = rest.iter().take_while(|(_, e)| matches!(e, Effect::InstanceCommand { traceparent: t, .. } if t == traceparent)).count();
+                let (now, (published, result)) = match command_trace(&rest[0].1) {
+                    Some(traceparent) => {
+                        let run = rest.iter().take_while(|(_, e)| command_trace(e) == Some(traceparent)).count();
                         let now = &rest[..run];
-                        (now, self.publish_run(now.iter().map(|(_, e)| e), traceparent.as_deref()).await)
+                        let commands: Vec<Command> = now.iter().flat_map(|(_, e)| instance_commands(e)).collect();
+                        (now, self.send_commands(&commands, traceparent).await)
                     }
-                    effect => (&rest[..1], (0, self.publish(effect).await)),
+                    None => (&rest[..1], (0, self.publish(&rest[0].1).await)),
                 };
                 rest = &rest[now.len()..];
                 match result {
                     Ok(()) => sent.extend(now.iter().map(|(id, effect)| SentEntry::of(*id, effect))),
                     Err(e) => {
-                        // What went out before the failure is done; the rest is sent again.
-                        sent.extend(now[..published].iter().map(|(id, effect)| SentEntry::of(*id, effect)));
+                        // The entries all of whose commands went out before the
+                        // failure are done; the rest is sent again (under the
+                        // same command ids, which the data plane deduplicates).
+                        let mut left = published;
+                        for (id, effect) in now {
+                            let n = command_count(effect);
+                            if n > left {
+                                break;
+                            }
+                            left -= n;
+                            sent.push(SentEntry::of(*id, effect));
+                        }
                         failed = Some(e);
                         break;
                     }
@@ -496,21 +540,6 @@ impl Relay {
         }
     }
 
-    /// A run of instance commands under one trace (`traceparent`): how many
-    /// of them, from the first, were published, and the first failure.
-    async fn publish_run<'a>(&self, run: impl IntoIterator<Item = &'a Effect>, traceparent: Option<&str>) -> (usize, Result<(), TellError>) {
-        let commands: Vec<Command> = run
-            .into_iter()
-            .filter_map(|effect| match effect {
-                Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id, .. } => {
-                    Some(Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
-                }
-                _ => None,
-            })
-            .collect();
-        self.send_commands(&commands, traceparent).await
-    }
-
     async fn publish(&self, effect: &Effect) -> Result<(), TellError> {
         match effect {
             Effect::KeyCommands { key_id, action, key_version, cause_event_id, issued_at, correlation_id, traceparent } => {
@@ -530,7 +559,9 @@ impl Relay {
                 self.send_commands(&commands, traceparent.as_deref()).await.1
             }
             // `publish_loop` sends these in runs; this is a run of one.
-            Effect::InstanceCommand { traceparent, .. } => self.publish_run([effect], traceparent.as_deref()).await.1,
+            Effect::InstanceCommand { traceparent, .. } | Effect::InstanceCommands { traceparent, .. } => {
+                self.send_commands(&instance_commands(effect), traceparent.as_deref()).await.1
+            }
             Effect::LifecycleEvent { key_id, payload } => {
                 let topic = &self.kafka.events_topic;
                 let signature = self.signer.as_ref().map(|s| s.sign(payload.as_bytes()));
@@ -636,5 +667,25 @@ mod tests {
             assert!(json.get(field).is_some(), "{field}");
         }
         assert_eq!(json["action"], "revoke");
+    }
+
+    #[test]
+    fn a_chunk_entry_sends_the_commands_its_instances_would_have_sent_alone() {
+        let at = Utc::now();
+        let alone = |instance: &str| Effect::InstanceCommand {
+            instance_id: instance.into(),
+            key_id: "k".into(),
+            action: CommandAction::Rewrapped,
+            key_version: Some("2".into()),
+            cause_event_id: "e1".into(),
+            issued_at: at,
+            correlation_id: Some("c".into()),
+            traceparent: None,
+        };
+        let records = crate::engine::coalesce(vec![crate::engine::Record::Outbox(alone("a")), crate::engine::Record::Outbox(alone("b"))]);
+        let [crate::engine::Record::Outbox(chunk)] = &records[..] else { panic!("{records:?}") };
+        let want: Vec<Command> = [alone("a"), alone("b")].iter().flat_map(instance_commands).collect();
+        assert_eq!(instance_commands(chunk), want, "same ids, same fields, same order");
+        assert_eq!((command_count(chunk), command_trace(chunk)), (2, Some(None)));
     }
 }
