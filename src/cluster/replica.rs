@@ -186,21 +186,31 @@ impl Follower {
         let mut last_check = Instant::now() - Duration::from_secs(1);
         while !self.replica.stop.load(Ordering::SeqCst) {
             let mut entries = Vec::new();
+            let mut read_some = false;
+            // Where each partition's position was when this poll began: what
+            // lies below it is here already (this node's own records, whose
+            // confirmation moved the position past them, or entries applied
+            // before), and the writer would skip it. Passed here, a group of
+            // one reading back its own changelog costs no writer batch.
+            let mut positions: HashMap<i32, Option<i64>> = HashMap::new();
             // Read what is there (up to a batch), then apply it in one write.
             if let Some(first) = self.consumer.poll(Duration::from_millis(50)) {
                 let mut next = Some(first);
+                let mut read = 0;
                 while let Some(result) = next.take() {
                     match result {
+                        Ok(m) if self.here_already(&m, &mut positions) => {}
                         Ok(m) => entries.push(self.read(&m)),
                         Err(e) => tracing::warn!(error = %e, topic = %self.topic, "changelog read failed; retrying"),
                     }
-                    if entries.len() < 5000 {
+                    read += 1;
+                    if read < 5000 {
                         next = self.consumer.poll(Duration::ZERO);
                     }
                 }
+                read_some = read > 0;
             }
-            let read_some = !entries.is_empty();
-            if read_some {
+            if !entries.is_empty() {
                 // Not flushed: a replica that loses its last batches in a crash
                 // loses their positions with them (one sled batch) and reads them
                 // again; a flush per batch only delayed revocations reaching the API.
@@ -230,6 +240,13 @@ impl Follower {
                 self.replica.changed.notify_all();
             }
         }
+    }
+
+    /// Below the partition's stored position: the writer would skip it. A
+    /// position that cannot be read counts as none (the writer decides).
+    fn here_already(&self, m: &rdkafka::message::BorrowedMessage<'_>, positions: &mut HashMap<i32, Option<i64>>) -> bool {
+        let at = *positions.entry(m.partition()).or_insert_with(|| self.store.replica_position(m.partition()).ok().flatten());
+        at.is_some_and(|at| m.offset() < at)
     }
 
     /// The record with its MAC checked: `authentic` holds its version only if

@@ -12,13 +12,22 @@ use super::{Effect, Issued, Record};
 /// `records` with each run of joinable instance commands as one entry, at
 /// the place of the run's first. Only another outbox command ends a run
 /// (notices and alerts are queued apart), so the order of what the relay
-/// sends is kept.
+/// sends is kept. A rotation job's record, rewritten by every rewrap of the
+/// chunk, is kept once, the last: the batch is applied whole, so the earlier
+/// ones would never exist on their own, and each was encoded for nothing.
 pub fn coalesce(records: Vec<Record>) -> Vec<Record> {
+    let mut last_job: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, record) in records.iter().enumerate() {
+        if let Record::Job(job) = record {
+            last_job.insert(job.key_id.clone(), i);
+        }
+    }
     let mut out: Vec<Record> = Vec::with_capacity(records.len());
     // Where in `out` the run that a next command may join is.
     let mut run: Option<usize> = None;
-    for record in records {
+    for (i, record) in records.into_iter().enumerate() {
         match record {
+            Record::Job(ref job) if last_job.get(&job.key_id) != Some(&i) => {}
             Record::Outbox(command @ Effect::InstanceCommand { .. }) => {
                 if let Some(Record::Outbox(open)) = run.and_then(|i| out.get_mut(i)) {
                     if join(open, &command) {
@@ -82,7 +91,7 @@ fn join(open: &mut Effect, command: &Effect) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{CommandAction, Notice};
+    use crate::engine::{CommandAction, Notice, RotationJob};
     use chrono::{TimeZone, Utc};
 
     fn command(instance: &str, cause: &str, version: &str) -> Record {
@@ -115,6 +124,29 @@ mod tests {
         assert_eq!(out[1], notice, "a notice is queued apart and stays");
         let Record::Outbox(Effect::InstanceCommands { key_version, cause_event_id, traceparent, .. }) = &out[0] else { panic!() };
         assert_eq!((key_version.as_deref(), cause_event_id.as_str(), traceparent.as_deref()), (Some("2"), "e1", Some("00-t")));
+    }
+
+    #[test]
+    fn a_job_rewritten_by_every_rewrap_is_kept_once_as_it_ends() {
+        let job = |key: &str, done: u64| {
+            Record::Job(RotationJob {
+                key_id: key.into(),
+                target_version: "2".into(),
+                cause_event_id: "e1".into(),
+                acknowledge: true,
+                correlation_id: None,
+                traceparent: None,
+                started_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),
+                total: Some(2),
+                done,
+                failed: 0,
+                finished_at: None,
+            })
+        };
+        let out = coalesce(vec![job("k", 1), command("a", "e1", "2"), job("j", 1), job("k", 2), command("b", "e1", "2")]);
+        let jobs: Vec<(String, u64)> = out.iter().filter_map(|r| if let Record::Job(j) = r { Some((j.key_id.clone(), j.done)) } else { None }).collect();
+        assert_eq!(jobs, [("j".to_string(), 1), ("k".to_string(), 2)], "{out:?}");
+        assert_eq!(out.len(), 3, "the two commands are one entry: {out:?}");
     }
 
     #[test]
