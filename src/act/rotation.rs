@@ -4,6 +4,7 @@
 //! commit that stores the new one, so a crash at any point loses no DEK, and after
 //! a restart the job continues with the instances still on an old version.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,9 @@ use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::writer::{Pending, Writer, WriterError};
 use crate::store::Store;
+
+/// Chunks queued for the writer and not yet durable, at most.
+const IN_FLIGHT: usize = 2;
 
 pub struct Rotator {
     pub store: Store,
@@ -166,20 +170,23 @@ impl Rotator {
         }
         tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = todo.len(), "rotation pass");
         let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &target, &job.cause_event_id)).buffer_unordered(self.config.concurrency);
-        // Rewraps go on while the previous chunk is being flushed: waiting for the
-        // flush without polling `results` would leave the KMS idle for one flush
-        // per chunk, and the flush, not the KMS, would bound the rotation.
+        // Rewraps go on while the chunks before are being committed: waiting
+        // for them without polling `results` would leave the KMS idle for one
+        // flush per chunk, and the flush, not the KMS, would bound the
+        // rotation. Two chunks are in flight at most, so that the writer
+        // stages one while the other is flushed.
         let mut chunk = Vec::with_capacity(self.config.batch);
-        let mut in_flight: Option<Pending> = None;
+        let mut in_flight: VecDeque<Pending> = VecDeque::with_capacity(IN_FLIGHT);
         let mut interrupted = false;
         let mut exhausted = false;
         let mut deferred = 0usize;
         while !exhausted {
             tokio::select! {
-                durable = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
-                    in_flight = None;
+                durable = async { in_flight.front_mut().expect("guarded").await }, if !in_flight.is_empty() => {
+                    in_flight.pop_front();
                     durable?;
                     if !self.current(job) {
+                        self.settle(&mut in_flight).await?;
                         return Ok(Pass::Interrupted);
                     }
                 }
@@ -191,9 +198,9 @@ impl Rotator {
                 },
             }
             let stop = interrupted || shutdown.is_cancelled();
-            // A chunk is queued once the one before it is durable; what arrives
+            // A chunk is queued once fewer than two are in flight; what arrives
             // meanwhile joins it. Memory stays bounded: past four chunks, wait.
-            let due = chunk.len() >= self.config.batch && (in_flight.is_none() || chunk.len() >= 4 * self.config.batch);
+            let due = chunk.len() >= self.config.batch && (in_flight.len() < IN_FLIGHT || chunk.len() >= 4 * self.config.batch);
             if due || stop {
                 self.commit(&mut chunk, &mut in_flight).await?;
                 if stop || !self.current(job) {
@@ -212,20 +219,24 @@ impl Rotator {
     }
 
     /// Queues a chunk for the writer without waiting for it, so that KMS calls go
-    /// on while the previous chunk is flushed; waits for that previous chunk
-    /// first, so at most two chunks are ever in flight.
-    async fn commit(&self, chunk: &mut Vec<Input>, in_flight: &mut Option<Pending>) -> Result<(), WriterError> {
-        self.settle(in_flight).await?;
+    /// on while the chunks before are committed; with two in flight already,
+    /// waits for the older first.
+    async fn commit(&self, chunk: &mut Vec<Input>, in_flight: &mut VecDeque<Pending>) -> Result<(), WriterError> {
+        if in_flight.len() >= IN_FLIGHT {
+            if let Some(oldest) = in_flight.pop_front() {
+                oldest.await?;
+            }
+        }
         if !chunk.is_empty() {
             // One job for the whole chunk: committed in one batch, answered once.
-            *in_flight = Some(self.writer.enqueue_all(std::mem::take(chunk)).await?);
+            in_flight.push_back(self.writer.enqueue_all(std::mem::take(chunk)).await?);
         }
         Ok(())
     }
 
-    /// Waits until the chunk queued last is durable.
-    async fn settle(&self, in_flight: &mut Option<Pending>) -> Result<(), WriterError> {
-        if let Some(pending) = in_flight.take() {
+    /// Waits until every chunk queued is durable.
+    async fn settle(&self, in_flight: &mut VecDeque<Pending>) -> Result<(), WriterError> {
+        while let Some(pending) = in_flight.pop_front() {
             pending.await?;
         }
         Ok(())

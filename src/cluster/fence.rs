@@ -22,12 +22,14 @@ type Owned = HashMap<Partition, u64>;
 pub struct Fence {
     owned: ArcSwap<Owned>,
     /// Serialises ownership changes with the writer's commits: a revocation
-    /// waits for a batch that passed the check to be durable.
+    /// waits for a batch that passed the check to be applied (with several
+    /// nodes, in the changelog, where the next owner reads it; its callers
+    /// hear of it once it is durable here too).
     changing: Mutex<()>,
     next: AtomicU64,
 }
 
-/// Held by the writer from its ownership check until its batch is durable.
+/// Held by the writer from its ownership check until its batch is applied.
 pub struct Held<'a> {
     _changing: MutexGuard<'a, ()>,
     owned: Arc<Owned>,

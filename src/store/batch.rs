@@ -39,6 +39,26 @@ impl Staged {
     }
 }
 
+/// A batch applied to sled and not yet known durable (see `Store::apply_staged`).
+#[must_use = "a group of one's changelog records are published only once `durable` is called"]
+pub struct Applied {
+    /// It must be flushed before anyone is answered.
+    pub flush: bool,
+    /// A group of one's changelog records, handed to the publisher once durable.
+    deferred: Option<(std::sync::Arc<crate::cluster::deferred::Deferred>, u64, Vec<super::Versioned>)>,
+}
+
+impl Applied {
+    /// Called once the batch is durable (flushed, if it had to be): a group
+    /// of one's changelog gets its records now, never what a crash could
+    /// still take back. Blocks while the publisher is at capacity.
+    pub fn durable(self) {
+        if let Some((deferred, id, records)) = self.deferred {
+            deferred.applied(id, records);
+        }
+    }
+}
+
 /// Of the changes to one store key in a batch, only the last: the batch is
 /// applied whole, so the earlier values never exist on their own (compaction
 /// would drop them too). A rotation's job record, rewritten with each of the
@@ -118,7 +138,19 @@ impl Store {
     /// publisher once durable. With a deadline, gives up with `Unavailable`
     /// (nothing applied, nothing written) if the changelog confirmed none of
     /// it by then.
-    pub fn commit_staged(&self, mut staged: Staged, deadline: Option<Instant>) -> Result<(), StoreError> {
+    pub fn commit_staged(&self, staged: Staged, deadline: Option<Instant>) -> Result<(), StoreError> {
+        let applied = self.apply_staged(staged, deadline)?;
+        if applied.flush {
+            self.tree.flush()?;
+        }
+        applied.durable();
+        Ok(())
+    }
+
+    /// As `commit_staged`, without the flush: the caller flushes (one flush
+    /// may cover several batches) before it calls `Applied::durable`, and
+    /// before it tells anyone the batch is committed.
+    pub fn apply_staged(&self, mut staged: Staged, deadline: Option<Instant>) -> Result<Applied, StoreError> {
         let mut applied = None;
         let mut sealed = None;
         if let (Some(publishing), false) = (self.changelog.get(), staged.changes.is_empty()) {
@@ -204,13 +236,7 @@ impl Store {
             }
             *chain = entries.last().map(audit::Head::of);
         }
-        if staged.flush {
-            self.tree.flush()?;
-        }
-        if let Some((deferred, id, records)) = applied {
-            deferred.applied(id, records);
-        }
-        Ok(())
+        Ok(Applied { flush: staged.flush, deferred: applied })
     }
 
     /// The batch's audit facts sealed after the trail's head as this batch

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 
-pub use batch::Staged;
+pub use batch::{Applied, Staged};
 pub use kms_material::{Emission, KmsChange};
 pub use queues::{Queue, SentEntry};
 pub use replication::{Change, Published, Refused, Replicated, Route, Versioned};

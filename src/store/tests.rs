@@ -896,3 +896,37 @@ fn another_nodes_sealed_audit_entries_are_passed_by_and_not_taken_into_this_node
     assert!(other.key("k").unwrap().is_some(), "the state is replicated");
     assert!(other.audit(10).unwrap().is_empty(), "another node's trail is its own");
 }
+
+/// The flusher answers (and hands a group of one's records to its publisher)
+/// behind the writer: a write with a deadline, which goes to the publisher
+/// from the writer's thread, must still come after every batch applied before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_ones_changelog_keeps_commit_order_with_the_flusher_behind_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let log = Arc::new(Log::default());
+    let deferred = Arc::new(crate::cluster::deferred::Deferred::default());
+    s.set_publishing(Publishing::After(log.clone(), deferred.clone()));
+    let w = writer(&s);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publisher = {
+        let (deferred, log, s, w, stop) = (deferred.clone(), log.clone(), s.clone(), w.clone(), stop.clone());
+        std::thread::spawn(move || deferred.run(log, s, w, None, stop))
+    };
+    let register = |key: String| crate::engine::Input::RegisterKey { key_id: key, version: "1".into(), at: Utc::now() };
+    for round in 0..5 {
+        let mut pending = Vec::new();
+        for i in 0..200 {
+            pending.push(w.enqueue(Some(register(format!("k{round}-{i}"))), None).await.unwrap());
+        }
+        w.submit_within(register(format!("timed-{round}")), std::time::Duration::from_secs(10)).await.unwrap();
+        for p in pending {
+            p.await.unwrap();
+        }
+    }
+    let versions: Vec<i64> = log.0.lock().unwrap().iter().filter_map(|r| r.authentic).collect();
+    assert_eq!(versions.len(), 5 * 201, "every key's record reached the changelog");
+    assert!(versions.windows(2).all(|v| v[0] < v[1]), "the changelog is in commit order: {versions:?}");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    publisher.join().unwrap();
+}

@@ -1,12 +1,16 @@
 //! record: the single writer. Every state change passes through one thread that
 //! runs the engine over a batch of inputs, commits the records together with the
-//! partition offsets that caused them, flushes once (group commit) and only then
-//! answers. Not only the engine's inputs: what the relays sent, embedded-KMS key
+//! partition offsets that caused them, and applies them; its flusher thread
+//! makes them durable, one flush for every batch applied meanwhile (group
+//! commit), and only then answers, while this thread goes on with the next
+//! batch. Not only the engine's inputs: what the relays sent, embedded-KMS key
 //! changes, partition take-overs and replicated changelog entries are committed
 //! here too, so nothing else writes the store, and there are no
 //! read-modify-write races. Every input is checked here, once, against this
 //! node's ownership of its key.
 
+use std::sync::mpsc::SyncSender;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -208,7 +212,7 @@ impl Writer {
 
     fn spawn(store: Store, ownership: Ownership, max_batch: usize, on_commit: OnCommit, commit_seconds: Option<Histogram>) -> (Writer, Thread) {
         let (tx, rx) = mpsc::channel(max_batch * 4);
-        let state = Loop { store, ownership, max_batch, on_commit, commit_seconds };
+        let state = Loop { store, ownership, max_batch, on_commit: Some(on_commit), commit_seconds };
         let handle = std::thread::Builder::new().name("keywarden-writer".into()).spawn(move || state.run(rx));
         // Without its writer thread keywarden can do nothing; the OS refusing a
         // thread at start-up is not an input, and the daemon cannot go on.
@@ -338,12 +342,42 @@ struct Loop {
     store: Store,
     ownership: Ownership,
     max_batch: usize,
-    on_commit: OnCommit,
+    /// Handed to the flusher, which alone calls it, when the loop starts.
+    on_commit: Option<OnCommit>,
     commit_seconds: Option<Histogram>,
 }
 
+/// Batches the flusher may hold before the writer waits for it: what bounds
+/// how far the store's applied state runs ahead of its durable state.
+const IN_FLIGHT: usize = 4;
+
 impl Loop {
-    fn run(self, mut rx: mpsc::Receiver<Msg>) -> Result<(), StoreError> {
+    fn run(mut self, rx: mpsc::Receiver<Msg>) -> Result<(), StoreError> {
+        let (tx, flushes) = std::sync::mpsc::sync_channel(IN_FLIGHT);
+        let failed = Arc::new(Mutex::new(None));
+        let flusher = Flusher {
+            store: self.store.clone(),
+            on_commit: self.on_commit.take().unwrap_or_else(|| Box::new(|_| {})),
+            commit_seconds: self.commit_seconds.clone(),
+            failed: failed.clone(),
+        };
+        let flushing = std::thread::Builder::new().name("keywarden-flush".into()).spawn(move || flusher.run(flushes));
+        // As for the writer thread itself: without it nothing is durable.
+        let flushing = flushing.unwrap_or_else(|e| panic!("cannot start the store flusher thread: {e}"));
+        let ended = self.commit_all(rx, &tx, &failed);
+        // The flusher answers what it holds, then ends.
+        drop(tx);
+        if flushing.join().is_err() {
+            return Err(StoreError::Changelog("the store flusher thread panicked".into()));
+        }
+        ended?;
+        if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(e);
+        }
+        self.store.flush()
+    }
+
+    fn commit_all(&self, mut rx: mpsc::Receiver<Msg>, flusher: &SyncSender<Flush>, failed: &Mutex<Option<StoreError>>) -> Result<(), StoreError> {
         let mut jobs = Vec::with_capacity(self.max_batch);
         // A job of another class than the batch it came after: it starts the next one.
         let mut carried: Option<Box<Job>> = None;
@@ -378,25 +412,43 @@ impl Loop {
             for job in expired {
                 answer(job.reply, Err(WriterError::Unavailable("it waited past its deadline behind writes the broker had not confirmed".into())));
             }
+            // A flush failed: nothing more may be acknowledged.
+            if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                for job in live {
+                    answer(job.reply, Err(WriterError::Commit("an earlier batch could not be flushed".into())));
+                }
+                return Ok(());
+            }
             if !live.is_empty() {
-                self.batch(live)?;
+                self.batch(live, flusher)?;
             }
         }
-        self.store.flush()
+        Ok(())
     }
 
     /// Decides, stages and commits one batch. Errs only when the store itself
     /// failed to commit: then nothing more may be acknowledged.
-    fn batch(&self, jobs: Vec<Job>) -> Result<(), StoreError> {
+    fn batch(&self, jobs: Vec<Job>, flusher: &SyncSender<Flush>) -> Result<(), StoreError> {
         let deadline = jobs.iter().filter_map(|j| j.deadline).min();
+        if deadline.is_some() {
+            // A group of one hands a batch's changelog records to its
+            // publisher once durable, and a batch with a deadline waits for
+            // the broker in the same queue: the batches before it must be in
+            // that queue first, or the changelog would not keep commit order.
+            let (done, wait) = std::sync::mpsc::sync_channel(1);
+            if flusher.send(Flush::Barrier(done)).is_err() || wait.recv().is_err() {
+                return Err(StoreError::Changelog("the store flusher stopped".into()));
+            }
+        }
         let replicated = matches!(jobs.first().map(|j| &j.op), Some(Op::Replicated(_)));
         // Audit batches flush only if one of their entries must be durable.
         let audits = matches!(jobs.first().map(|j| &j.op), Some(Op::Audit { .. } | Op::Published(_)));
         let mut staged = Staged { flush: !replicated && !audits, ..Staged::default() };
         let mut records = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
-        // Held until the batch is durable: a revocation waits for it, and no input
-        // read under an older generation gets in. Replicated entries are not
+        // Held until the batch is applied (with several nodes, published to
+        // the changelog first): a revocation waits for it, and no input read
+        // under an older generation gets in. Replicated entries are not
         // this node's writes, whoever owns their keys.
         let owned = if replicated { None } else { Some(self.ownership.fence().hold()) };
         let reading = self.store.reading();
@@ -422,10 +474,7 @@ impl Loop {
         drop(overlay);
         let started = Instant::now();
         let touched = std::mem::take(&mut staged.touched);
-        let committed = self.store.commit_staged(staged, deadline);
-        if let Some(h) = &self.commit_seconds {
-            h.observe(started.elapsed().as_secs_f64());
-        }
+        let committed = self.store.apply_staged(staged, deadline);
         match committed {
             Err(StoreError::Unavailable(why)) => {
                 // Nothing of the batch was written anywhere: the callers are told,
@@ -443,12 +492,19 @@ impl Loop {
                 }
                 Err(e)
             }
-            Ok(()) => {
+            Ok(applied) => {
+                // Applied under the fence: another node takes the partition
+                // over from the changelog, which (with several nodes) has the
+                // batch already, and this node's callers, the consumer's
+                // offsets among them, hear of it only once it is durable.
                 drop(owned);
                 let replicated: Vec<Touched> = if replicated { touched } else { Vec::new() };
-                (self.on_commit)(&Committed { records: &records, replicated: &replicated });
-                for (tx, done) in replies {
-                    answer(tx, Ok(done));
+                let batch = Box::new(Flushed { applied, started, records, replicated, replies });
+                if let Err(std::sync::mpsc::SendError(Flush::Batch(batch))) = flusher.send(Flush::Batch(batch)) {
+                    for (tx, _) in batch.replies {
+                        answer(tx, Err(WriterError::Commit("the store flusher stopped".into())));
+                    }
+                    return Err(StoreError::Changelog("the store flusher stopped".into()));
                 }
                 Ok(())
             }
@@ -566,6 +622,79 @@ impl Loop {
             records.push(offset);
         }
         Ok(done)
+    }
+}
+
+/// An applied batch, on its way to being durable and answered.
+struct Flushed {
+    applied: super::Applied,
+    /// When its apply began: the commit is timed from there to its flush.
+    started: Instant,
+    records: Vec<Record>,
+    replicated: Vec<Touched>,
+    replies: Vec<(oneshot::Sender<Result<Done, WriterError>>, Done)>,
+}
+
+enum Flush {
+    Batch(Box<Flushed>),
+    /// Answered once every batch sent before it is durable and answered.
+    Barrier(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Makes applied batches durable and answers them, in commit order, while the
+/// writer stages the next: a flush no longer stops the writer, and one flush
+/// covers every batch applied meanwhile (group commit across batches). The
+/// writer still applies every change; this thread only flushes, hands a group
+/// of one's changelog records to its publisher, and tells.
+struct Flusher {
+    store: Store,
+    on_commit: OnCommit,
+    commit_seconds: Option<Histogram>,
+    /// Set when a flush failed: the writer stops, and nothing after is acknowledged.
+    failed: Arc<Mutex<Option<StoreError>>>,
+}
+
+impl Flusher {
+    fn run(self, flushes: std::sync::mpsc::Receiver<Flush>) {
+        let mut broken = false;
+        while let Ok(first) = flushes.recv() {
+            let mut group = vec![first];
+            group.extend(flushes.try_iter());
+            let needs_flush = group.iter().any(|f| matches!(f, Flush::Batch(b) if b.applied.flush));
+            if needs_flush && !broken {
+                if let Err(e) = self.store.flush() {
+                    tracing::error!(error = %e, "store flush failed; stopping so that nothing is acknowledged that is not durable");
+                    *self.failed.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                    broken = true;
+                }
+            }
+            for flush in group {
+                match flush {
+                    Flush::Barrier(done) => {
+                        // The writer waits on it; gone, it stopped waiting.
+                        if done.send(()).is_err() {
+                            tracing::debug!("the store writer stopped waiting for its flushes");
+                        }
+                    }
+                    Flush::Batch(batch) if broken => {
+                        for (tx, _) in batch.replies {
+                            answer(tx, Err(WriterError::Commit("the store could not be flushed; keywarden stops".into())));
+                        }
+                    }
+                    Flush::Batch(batch) => {
+                        let Flushed { applied, started, records, replicated, replies } = *batch;
+                        applied.durable();
+                        if let Some(h) = &self.commit_seconds {
+                            h.observe(started.elapsed().as_secs_f64());
+                        }
+                        (self.on_commit)(&Committed { records: &records, replicated: &replicated });
+                        for (tx, done) in replies {
+                            answer(tx, Ok(done));
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
