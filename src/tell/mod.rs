@@ -14,6 +14,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 
 use crate::backoff::Backoff;
+use futures::StreamExt;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -112,6 +113,9 @@ pub struct Relay {
 /// command as one; a round takes one entry at least). A run of
 /// instance commands in a round is sent as one batch (one round trip).
 const ROUND: usize = 256;
+
+/// Commands prepared or queued between two yields to the runtime.
+const SLICE: usize = 256;
 
 /// Notices read per round: enough that keys waiting on their own backoff do
 /// not hide the notices of other keys behind them.
@@ -548,14 +552,19 @@ impl Relay {
                 // Every instance of the key, read and decoded off the runtime:
                 // 10,000 of them held a worker for milliseconds while the
                 // next revocation's DEK fetches waited for one.
-                let key = key_id.clone();
+                // Their commands are made there too (a UUIDv5 each).
+                let (key, action, version, cause, at, correlation) =
+                    (key_id.clone(), *action, key_version.clone(), cause_event_id.clone(), *issued_at, correlation_id.clone());
                 let commands: Vec<Command> = self
-                    .off_runtime(move |store| store.instances_of(&key))
-                    .await?
-                    .into_iter()
-                    .filter(|inst| inst.wrapped.is_some())
-                    .map(|inst| Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone()))
-                    .collect();
+                    .off_runtime(move |store| {
+                        Ok(store
+                            .instances_of(&key)?
+                            .into_iter()
+                            .filter(|inst| inst.wrapped.is_some())
+                            .map(|inst| Command::new(&inst.instance_id, &key, action, version.clone(), &cause, at, correlation.clone()))
+                            .collect())
+                    })
+                    .await?;
                 self.send_commands(&commands, traceparent.as_deref()).await.1
             }
             // `publish_loop` sends these in runs; this is a run of one.
@@ -588,15 +597,27 @@ impl Relay {
         let upstream = crate::telemetry::stored(traceparent);
         crate::telemetry::continue_trace(&span, upstream.clone());
         let header = crate::telemetry::traceparent(&span, &upstream);
-        let payloads: Vec<String> = commands.iter().map(|c| serde_json::to_string(c).expect("commands serialize")).collect();
-        // The same header as a signed event's, over the exact payload bytes.
-        let signatures: Vec<Option<String>> = payloads.iter().map(|p| self.signer.as_ref().map(|s| s.sign(p.as_bytes()))).collect();
-        // Queue them all, then wait: librdkafka batches the sends.
-        let futures: Vec<_> = commands
-            .iter()
-            .zip(&payloads)
-            .zip(&signatures)
-            .map(|((c, p), signature)| {
+        // Prepared and queued a slice at a time, yielding in between: 10,000
+        // commands of a key-wide revoke held a runtime worker for tens of
+        // milliseconds, while the DEK requests that must see the revocation
+        // waited for one.
+        let mut prepared: Vec<(String, Option<String>)> = Vec::with_capacity(commands.len());
+        for slice in commands.chunks(SLICE) {
+            prepared.extend(slice.iter().map(|c| {
+                let payload = serde_json::to_string(c).expect("commands serialize");
+                // The same header as a signed event's, over the exact payload bytes.
+                let signature = self.signer.as_ref().map(|s| s.sign(payload.as_bytes()));
+                (payload, signature)
+            }));
+            tokio::task::yield_now().await;
+        }
+        // Queue them all, then wait: librdkafka batches the sends. A send
+        // queues its record when first polled; each slice is polled once
+        // before the next is made.
+        let mut sending = futures::stream::FuturesOrdered::new();
+        let mut results = Vec::with_capacity(commands.len());
+        for (slice, prepared) in commands.chunks(SLICE).zip(prepared.chunks(SLICE)) {
+            for (c, (payload, signature)) in slice.iter().zip(prepared) {
                 let mut headers = OwnedHeaders::new();
                 if let Some(tp) = &header {
                     headers = headers.insert(Header { key: crate::telemetry::TRACEPARENT, value: Some(tp.as_str()) });
@@ -604,28 +625,43 @@ impl Relay {
                 if let Some(sig) = signature {
                     headers = headers.insert(Header { key: SIGNATURE_HEADER, value: Some(sig.as_str()) });
                 }
-                self.producer.send(FutureRecord::to(topic).key(&c.instance_id).payload(p).headers(headers), Duration::from_secs(10))
-            })
-            .collect();
-        let results = futures::future::join_all(futures).instrument(span.clone()).await;
+                sending.push_back(self.producer.send(FutureRecord::to(topic).key(&c.instance_id).payload(payload).headers(headers), Duration::from_secs(10)));
+            }
+            while let std::task::Poll::Ready(Some(result)) = futures::poll!(sending.next()) {
+                results.push(result);
+            }
+            tokio::task::yield_now().await;
+        }
+        while let Some(result) = sending.next().instrument(span.clone()).await {
+            results.push(result);
+        }
         let _in_span = span.enter();
+        let mut published: HashMap<CommandAction, u64> = HashMap::new();
+        let mut failed = None;
         for (n, (c, result)) in commands.iter().zip(results).enumerate() {
             if let Err((source, _)) = result {
-                return (n, Err(TellError::Publish { topic: topic.clone(), source }));
+                failed = Some((n, TellError::Publish { topic: topic.clone(), source }));
+                break;
             }
-            let action = serde_json::to_value(c.action).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-            self.metrics.commands.with_label_values(&[&action]).inc();
+            *published.entry(c.action).or_default() += 1;
             tracing::debug!(
                 instance_id = %c.instance_id,
                 key_id = %c.key_id,
                 event_id = %c.cause_event_id,
                 correlation_id = c.correlation_id.as_deref().unwrap_or(""),
                 command_id = %c.command_id,
-                action = %action,
+                action = ?c.action,
                 "command published"
             );
         }
-        (commands.len(), Ok(()))
+        for (action, count) in published {
+            let action = serde_json::to_value(action).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            self.metrics.commands.with_label_values(&[&action]).inc_by(count);
+        }
+        match failed {
+            Some((n, e)) => (n, Err(e)),
+            None => (commands.len(), Ok(())),
+        }
     }
 }
 
