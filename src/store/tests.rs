@@ -68,6 +68,24 @@ fn writer(s: &Store) -> Writer {
     Writer::start(s.clone(), Ownership::shared(fence, "events", 1), 16, Box::new(|_| {})).0
 }
 
+/// An owner that writes through a fake changelog, and a second node's store
+/// to replicate it to; the directories live as long as the value.
+struct TwoNodes {
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+    owner: Store,
+    next: Store,
+    log: Arc<Log>,
+    w: Writer,
+}
+
+fn two_nodes() -> TwoNodes {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (owner, next) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
+    let log = with_changelog(&owner);
+    let w = writer(&owner);
+    TwoNodes { _dirs: (d1, d2), owner, next, log, w }
+}
+
 fn revoke(key: &str) -> Effect {
     Effect::KeyCommands {
         key_id: key.into(),
@@ -289,10 +307,7 @@ async fn an_entry_published_but_not_applied_before_a_crash_is_applied_from_the_c
 
 #[tokio::test]
 async fn an_emitted_event_another_node_left_is_queued_at_take_over_until_an_event_record_shows_it_applied() {
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (owner, next) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
-    let log = with_changelog(&owner);
-    let w = writer(&owner);
+    let TwoNodes { _dirs, owner: _, next, log, w } = two_nodes();
     let emit = |id: &str, key: &str| Emission {
         event_id: id.into(),
         effect: Effect::LifecycleEvent { key_id: key.into(), payload: format!(r#"{{"event_id":"{id}"}}"#) },
@@ -331,10 +346,7 @@ async fn an_emitted_event_another_node_left_is_queued_at_take_over_until_an_even
 
 #[tokio::test]
 async fn commands_a_dead_owner_left_unsent_are_adopted_by_the_next_and_forgotten_once_sent() {
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (owner, next) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
-    let log = with_changelog(&owner);
-    let w = writer(&owner);
+    let TwoNodes { _dirs, owner, next, log, w } = two_nodes();
     w.import(vec![Record::Outbox(revoke("a")), Record::Outbox(revoke("b"))]).await.unwrap();
     // "b" was sent before the owner died; "a" was not.
     let b = owner.outbox(10).unwrap().into_iter().find(|(_, e)| *e == revoke("b")).unwrap().0;
@@ -419,10 +431,7 @@ async fn a_chunk_of_rewraps_is_committed_as_one_job_and_a_stale_result_in_it_is_
 
 #[tokio::test]
 async fn a_chunk_of_commands_is_replicated_once_adopted_whole_and_forgotten_once_sent() {
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (owner, next) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
-    let log = with_changelog(&owner);
-    let w = writer(&owner);
+    let TwoNodes { _dirs, owner, next, log, w } = two_nodes();
     w.import((0..3).map(|i| Record::Instance(inst(&format!("i{i}"), "k"))).collect()).await.unwrap();
     let before = log.0.lock().unwrap().len();
     w.enqueue_all(vec![rewrapped("i0", "1"), rewrapped("i1", "1"), rewrapped("i2", "1")]).await.unwrap().await.unwrap();
@@ -477,10 +486,7 @@ async fn a_chunk_with_a_key_another_node_owns_is_refused_whole() {
 
 #[tokio::test]
 async fn a_forged_a_replayed_and_an_unreplicable_record_are_refused_and_the_replica_goes_on() {
-    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (owner, replica) = (Store::open(d1.path()).unwrap(), Store::open(d2.path()).unwrap());
-    let log = with_changelog(&owner);
-    let w = writer(&owner);
+    let TwoNodes { _dirs, owner: _, next: replica, log, w } = two_nodes();
     let mut disabled = KeyRecord::new("k", Utc::now());
     disabled.status = KeyStatus::Disabled;
     w.import(vec![Record::Key(KeyRecord::new("k", Utc::now()))]).await.unwrap();
