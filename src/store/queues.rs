@@ -30,20 +30,27 @@ impl Queue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentEntry {
     id: u64,
-    /// Some: the effect is known (and this is its copy, if any). None: it
-    /// is read back from the queue.
-    copy: Option<Option<(String, Vec<u8>)>>,
+    copy: CopyName,
+}
+
+/// What a sent entry's replicated copy is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CopyName {
+    /// Taken from the effect the relay read: its key and name, or none (not a command).
+    Known(Option<(String, Vec<u8>)>),
+    /// Not known to the caller: the entry is read back from the queue.
+    ReadBack,
 }
 
 impl SentEntry {
     /// An entry sent as `effect`, which it was read as.
     pub fn of(id: u64, effect: &Effect) -> SentEntry {
-        SentEntry { id, copy: Some(command_key(effect)) }
+        SentEntry { id, copy: CopyName::Known(command_key(effect)) }
     }
 
     /// An entry known by its id alone (a notice, an alert).
     pub fn id(id: u64) -> SentEntry {
-        SentEntry { id, copy: None }
+        SentEntry { id, copy: CopyName::ReadBack }
     }
 }
 
@@ -107,8 +114,8 @@ impl Store {
             let key = queue_key(prefix, id);
             if queue == Queue::Outbox && self.changelog.get().is_some() {
                 let copy = match copy {
-                    Some(copy) => copy,
-                    None => match self.get(&key)? {
+                    CopyName::Known(copy) => copy,
+                    CopyName::ReadBack => match self.get(&key)? {
                         Some(value) => command_key(&decode(&key, &value)?),
                         None => None,
                     },
