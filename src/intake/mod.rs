@@ -592,8 +592,7 @@ impl Intake {
             // outage must not be able to revoke a whole fleet.
             let store = self.store.clone();
             let key_id = event.key_id.clone();
-            let instances =
-                tokio::task::spawn_blocking(move || store.instance_ids_of(&key_id).map(|ids| ids.len())).await.ok().and_then(Result::ok).unwrap_or(0);
+            let instances = tokio::task::spawn_blocking(move || store.instance_count(&key_id)).await.ok().and_then(Result::ok).unwrap_or(0);
             if instances as u64 > self.admission.confirm_above {
                 return Err(HintError::MassRevocation {
                     format: format.name,

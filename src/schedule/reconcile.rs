@@ -31,6 +31,8 @@ pub enum ReconcileError {
     Writer(#[from] WriterError),
     #[error("cannot read the store: {0}")]
     Store(#[from] crate::store::StoreError),
+    #[error("counting the instances of each key stopped ({0}); the next reconciliation tries again")]
+    Interrupted(String),
 }
 
 /// One key whose KMS disagrees with keywarden, and the event that fixes it.
@@ -129,9 +131,15 @@ impl Reconciler {
 
     async fn pass(&self, confirmed: bool) -> Result<Report, ReconcileError> {
         let keys: Vec<KeyRecord> = self.ownership.mine(self.store.keys()?, |k| &k.key_id).into_iter().filter(|k| k.purged_at.is_none()).collect();
+        // Counted on a blocking thread: a key can protect 100,000 instances,
+        // a scan that must not hold a runtime worker (and the DEK fetches on it).
+        let store = self.store.clone();
+        let ids: Vec<String> = keys.iter().map(|k| k.key_id.clone()).collect();
+        let counts = tokio::task::spawn_blocking(move || ids.iter().map(|id| store.instance_count(id)).collect::<Result<Vec<usize>, _>>())
+            .await
+            .map_err(|e| ReconcileError::Interrupted(e.to_string()))??;
         let mut report = Report { keys_checked: 0, unreachable: vec![], corrections: vec![], expired: vec![], awaiting_confirmation: false };
-        for key in &keys {
-            let instances = self.store.instance_ids_of(&key.key_id)?.len();
+        for (key, instances) in keys.iter().zip(counts) {
             if instances == 0 {
                 continue;
             }

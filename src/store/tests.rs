@@ -149,6 +149,8 @@ fn committed_batch_survives_reopen_with_its_offset() {
                 Record::Key(key),
                 Record::Instance(inst("a", "k")),
                 Record::Instance(inst("b", "k")),
+                // A key whose id starts with the other's: its instances are its own.
+                Record::Instance(inst("c", "kk")),
                 Record::Offset { topic: "t".into(), partition: 2, next: 41 },
             ],
             true,
@@ -158,6 +160,9 @@ fn committed_batch_survives_reopen_with_its_offset() {
     let s = Store::open(dir.path()).unwrap();
     assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Disabled);
     assert_eq!(s.instance_ids_of("k").unwrap(), vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(s.instance_count("k").unwrap(), 2);
+    assert_eq!(s.instance_count("kk").unwrap(), 1);
+    assert_eq!(s.instance_count("none").unwrap(), 0);
     assert_eq!(s.offset("t", 2).unwrap(), Some(41));
     assert_eq!(s.offset("t", 1).unwrap(), None);
 }
