@@ -932,7 +932,7 @@ fn derived_instance_id(store: &Path) -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let path = std::fs::canonicalize(store).unwrap_or_else(|_| std::env::current_dir().unwrap_or_default().join(store));
     let digest = Sha256::new().chain_update(host.trim()).chain_update([0]).chain_update(path.as_os_str().as_encoded_bytes()).finalize();
-    let hex: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = crate::text::hex(&digest[..6]);
     format!("keywarden-{}-{hex}", host.trim())
 }
 

@@ -157,7 +157,7 @@ fn read_or_create_with(path: &Path, credentials: Option<&Path>) -> Result<Zeroiz
     }
     let mut raw = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut raw);
-    let token = Zeroizing::new(raw.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let token = Zeroizing::new(crate::text::hex(raw.as_slice()));
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| err(e.to_string()))?;
     f.write_all(format!("{}\n", token.as_str()).as_bytes()).map_err(|e| err(e.to_string()))?;
     tracing::info!(path = %path.display(), "created an api token file (mode 0600)");

@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::engine::DekCredential;
+use crate::text::hex;
 
 /// A credential just made: the token for the caller (said once, never kept)
 /// and what the instance record keeps of it.
@@ -38,10 +39,6 @@ pub fn issue(at: DateTime<Utc>) -> Issued {
 /// surrounding whitespace is not part of it).
 pub fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.trim().as_bytes()).into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Whether `presented` (a bearer token's digest) is the digest `credential`

@@ -59,6 +59,7 @@ impl Releases {
 }
 
 async fn drain(mut rx: mpsc::Receiver<AuditFact>, writer: Writer, stop: CancellationToken) {
+    let mut facts = Vec::with_capacity(BATCH);
     loop {
         let first = tokio::select! {
             // What is queued at shutdown is still committed.
@@ -71,26 +72,23 @@ async fn drain(mut rx: mpsc::Receiver<AuditFact>, writer: Writer, stop: Cancella
                 None => return,
             },
         };
-        let mut facts = vec![first];
-        let until = tokio::time::Instant::now() + WINDOW;
-        while facts.len() < BATCH {
+        facts.push(first);
+        // The window is slept through, not spent receiving: a task waiting in
+        // `recv` is woken by every release, one task switch (often a worker
+        // unparked) per DEK fetch. Sleeping, it is woken once per batch and
+        // takes what queued meanwhile. A full batch is committed at once.
+        if rx.len() + 1 < BATCH {
             tokio::select! {
                 // At shutdown, what is queued now is committed at once.
-                _ = stop.cancelled() => {
-                    while let (true, Ok(fact)) = (facts.len() < BATCH, rx.try_recv()) {
-                        facts.push(fact);
-                    }
-                    break;
-                }
-                fact = rx.recv() => match fact {
-                    Some(fact) => facts.push(fact),
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(until) => break,
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(WINDOW) => {}
             }
         }
+        while let (true, Ok(fact)) = (facts.len() < BATCH, rx.try_recv()) {
+            facts.push(fact);
+        }
         let n = facts.len();
-        if let Err(e) = writer.audit_all(facts).await {
+        if let Err(e) = writer.audit_all(std::mem::replace(&mut facts, Vec::with_capacity(BATCH))).await {
             tracing::error!(error = %e, releases = n, "cannot audit DEK releases; check the store");
         }
     }

@@ -24,6 +24,7 @@ use serde_json::{json, Value};
 use super::changelog::ChangelogKey;
 use super::{Ownership, Peers};
 use crate::store::Store;
+use crate::text::{hex, unhex};
 
 const FORWARDED: &str = "x-keywarden-forwarded";
 const MAX_BODY: usize = 64 * 1024;
@@ -108,17 +109,6 @@ impl NodeAuth {
         }
         Ok(())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// Where a write route finds the key it is about. Each write route of the

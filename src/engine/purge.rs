@@ -76,5 +76,5 @@ pub(super) fn purge_instances(view: &impl View, key_id: &str, reason: &str, who:
 /// The lowercase hex sha256 of a destroyed wrapped DEK: the audit's proof of
 /// which ciphertext was erased, from which nothing can be unwrapped.
 pub(super) fn sha256_hex(ciphertext: &[u8]) -> String {
-    sha2::Sha256::digest(ciphertext).iter().map(|b| format!("{b:02x}")).collect()
+    crate::text::hex(&sha2::Sha256::digest(ciphertext))
 }

@@ -444,7 +444,7 @@ impl Alert {
             h.update([0]);
             h.update(v.as_bytes());
         }
-        h.finalize()[..8].iter().map(|b| format!("{b:02x}")).collect()
+        crate::text::hex(&h.finalize()[..8])
     }
 }
 

@@ -150,7 +150,7 @@ impl Dek {
         h.update(b"keywarden dek fingerprint v1\0");
         h.update(self.0.as_ref());
         let digest = h.finalize();
-        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+        crate::text::hex(&digest[..16])
     }
 }
 

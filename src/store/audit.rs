@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use crate::text::{hex, unhex};
+
 pub use crate::engine::AuditFact;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,17 +98,6 @@ impl AuditKey {
         let mac = unhex(e.mac.as_deref()?)?;
         [Seal::Entry, Seal::Anchor].into_iter().find(|&s| self.hmac(s, e).verify_slice(&mac).is_ok())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
 }
 
 /// The newest entry, as the next seal needs it.
