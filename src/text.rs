@@ -1,4 +1,4 @@
-//! Small text helpers shared by the CLI and the KMS clients.
+//! Small text helpers shared across the crate: URL segments and hex.
 
 /// Percent-encodes everything but RFC 3986's unreserved characters, for ids
 /// (CRNs, ARNs) placed in one URL path segment.
@@ -24,7 +24,8 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// The bytes of `hex`'s output; `None` for anything else.
+/// The bytes of a hex string (either case, as `u8::from_str_radix` reads
+/// each pair); `None` for an odd length or a pair that is not hex.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;

@@ -59,7 +59,6 @@ impl Releases {
 }
 
 async fn drain(mut rx: mpsc::Receiver<AuditFact>, writer: Writer, stop: CancellationToken) {
-    let mut facts = Vec::with_capacity(BATCH);
     loop {
         let first = tokio::select! {
             // What is queued at shutdown is still committed.
@@ -72,7 +71,7 @@ async fn drain(mut rx: mpsc::Receiver<AuditFact>, writer: Writer, stop: Cancella
                 None => return,
             },
         };
-        facts.push(first);
+        let mut facts = vec![first];
         // The window is slept through, not spent receiving: a task waiting in
         // `recv` is woken by every release, one task switch (often a worker
         // unparked) per DEK fetch. Sleeping, it is woken once per batch and
@@ -88,7 +87,7 @@ async fn drain(mut rx: mpsc::Receiver<AuditFact>, writer: Writer, stop: Cancella
             facts.push(fact);
         }
         let n = facts.len();
-        if let Err(e) = writer.audit_all(std::mem::replace(&mut facts, Vec::with_capacity(BATCH))).await {
+        if let Err(e) = writer.audit_all(facts).await {
             tracing::error!(error = %e, releases = n, "cannot audit DEK releases; check the store");
         }
     }
