@@ -11,7 +11,8 @@ use std::time::Duration;
 use chrono::Utc;
 use futures::StreamExt;
 use rand::Rng;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
@@ -20,10 +21,13 @@ use crate::engine::{Input, KeyStatus, RotationJob, WrappedDek};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::writer::{Pending, Writer, WriterError};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Chunks queued for the writer and not yet durable, at most.
 const IN_FLIGHT: usize = 2;
+
+/// Instances the pass reads from the store at a time.
+const PAGE: usize = 1024;
 
 pub struct Rotator {
     pub store: Store,
@@ -146,30 +150,14 @@ impl Rotator {
             }
             _ => {}
         }
-        let instances = match self.store.instances_of(&job.key_id) {
-            Ok(instances) => instances,
-            Err(e) => {
-                tracing::error!(key_id = %job.key_id, error = %e, "cannot read the key's instances; rotation waits");
-                return Ok(Pass::Interrupted);
-            }
-        };
-        // What each rewrap needs is taken from this one read: reading the
-        // instance again per rewrap decoded every record twice. A DEK that
-        // changes meanwhile (deleted, rewrapped by another pass) is caught by
-        // the engine, which drops a result whose `from_version` is no longer
-        // the instance's.
-        let todo: Vec<Todo> = instances
-            .into_iter()
-            .filter_map(|i| match i.wrapped {
-                Some(wrapped) if wrapped.key_version != target => Some(Todo { instance_id: i.instance_id, key_id: i.key_id, wrapped }),
-                _ => None,
-            })
-            .collect();
-        if job.total.is_none() {
-            self.writer.submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total: todo.len() as u64 }).await?;
-        }
-        tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = todo.len(), "rotation pass");
-        let mut results = futures::stream::iter(todo).map(|id| self.rewrap_one(id, &target, &job.cause_event_id)).buffer_unordered(self.config.concurrency);
+        // The key's instances are read page by page on a blocking thread while
+        // the first pages are rewrapped: reading 100,000 of them first held a
+        // runtime worker for half a second before the first rewrap, and the
+        // whole key in memory. The job's total is known once the reader ends.
+        let (mut pages, mut reader) = self.read_todo(&job.key_id, &target);
+        let mut planned = job.total.is_some();
+        let todo = futures::stream::poll_fn(move |cx| pages.poll_recv(cx)).flat_map(futures::stream::iter);
+        let mut results = todo.map(|id| self.rewrap_one(id, &target, &job.cause_event_id)).buffer_unordered(self.config.concurrency);
         // Rewraps go on while the chunks before are being committed: waiting
         // for them without polling `results` would leave the KMS idle for one
         // flush per chunk, and the flush, not the KMS, would bound the
@@ -180,8 +168,31 @@ impl Rotator {
         let mut interrupted = false;
         let mut exhausted = false;
         let mut deferred = 0usize;
-        while !exhausted {
+        // Set once the reader answered; `unread` if it could not read them all.
+        let mut read_done = false;
+        let mut unread = false;
+        while !(exhausted && read_done) {
             tokio::select! {
+                read = &mut reader, if !read_done => {
+                    read_done = true;
+                    match read {
+                        Ok(Ok(total)) => {
+                            tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = total, "rotation pass read the key's instances");
+                            if !planned {
+                                planned = true;
+                                self.writer.submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total }).await?;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::error!(key_id = %job.key_id, error = %e, "cannot read the key's instances; rotation waits");
+                            unread = true;
+                        }
+                        Err(e) => {
+                            tracing::error!(key_id = %job.key_id, error = %e, "the reader of the key's instances died; rotation waits");
+                            unread = true;
+                        }
+                    }
+                }
                 durable = async { in_flight.front_mut().expect("guarded").await }, if !in_flight.is_empty() => {
                     in_flight.pop_front();
                     durable?;
@@ -190,7 +201,7 @@ impl Rotator {
                         return Ok(Pass::Interrupted);
                     }
                 }
-                attempt = results.next() => match attempt {
+                attempt = results.next(), if !exhausted => match attempt {
                     Some(Attempt::Done(input)) => chunk.push(input),
                     Some(Attempt::KeyUnusable) => interrupted = true,
                     Some(Attempt::Later) => deferred += 1,
@@ -211,11 +222,49 @@ impl Rotator {
         }
         self.commit(&mut chunk, &mut in_flight).await?;
         self.settle(&mut in_flight).await?;
+        if unread {
+            return Ok(Pass::Interrupted);
+        }
         if deferred > 0 {
             tracing::warn!(key_id = %job.key_id, deferred, "kms kept failing transiently for some instances; the next pass retries them");
             return Ok(Pass::Interrupted);
         }
         Ok(if self.current(job) { Pass::Finished } else { Pass::Interrupted })
+    }
+
+    /// Starts reading the key's instances that are not on `target`, a page at
+    /// a time, on a blocking thread: the pages arrive on the receiver (two
+    /// ahead at most, so memory holds three pages, not the key), and the
+    /// reader ends with how many there were. Dropping the receiver stops it.
+    fn read_todo(&self, key_id: &str, target: &str) -> (mpsc::Receiver<Vec<Todo>>, JoinHandle<Result<u64, StoreError>>) {
+        let (tx, rx) = mpsc::channel(2);
+        let (store, key_id, target) = (self.store.clone(), key_id.to_string(), target.to_string());
+        let reader = tokio::task::spawn_blocking(move || {
+            let mut after: Option<String> = None;
+            let mut total = 0u64;
+            loop {
+                let page = store.instances_of_after(&key_id, after.as_deref(), PAGE)?;
+                let Some(last) = page.last() else { return Ok(total) };
+                let full = page.len() == PAGE;
+                after = Some(last.instance_id.clone());
+                let todo: Vec<Todo> = page
+                    .into_iter()
+                    .filter_map(|i| match i.wrapped {
+                        Some(wrapped) if wrapped.key_version != target => Some(Todo { instance_id: i.instance_id, key_id: i.key_id, wrapped }),
+                        _ => None,
+                    })
+                    .collect();
+                total += todo.len() as u64;
+                // The pass stopped listening: it was interrupted, nothing to read for.
+                if !todo.is_empty() && tx.blocking_send(todo).is_err() {
+                    return Ok(total);
+                }
+                if !full {
+                    return Ok(total);
+                }
+            }
+        });
+        (rx, reader)
     }
 
     /// Queues a chunk for the writer without waiting for it, so that KMS calls go

@@ -321,6 +321,28 @@ impl Store {
         Ok(out)
     }
 
+    /// At most `limit` of `key_id`'s instances, in instance id order, from the
+    /// first whose id is above `after` (from the first of all with `None`):
+    /// a caller that walks a large key page by page holds one page, not the
+    /// key, and can start on the first page while the rest is still unread.
+    pub fn instances_of_after(&self, key_id: &str, after: Option<&str>, limit: usize) -> Result<Vec<InstanceRecord>, StoreError> {
+        use std::ops::Bound;
+        let prefix = index_prefix(key_id);
+        let from = match after {
+            Some(id) => Bound::Excluded(index_key(key_id, id)),
+            None => Bound::Included(prefix.clone()),
+        };
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for key in self.tree.range::<Vec<u8>, _>((from, Bound::Unbounded)).keys() {
+            let key = key.map_err(StoreError::Read)?;
+            if !key.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.extend(self.instance(&String::from_utf8_lossy(&key[prefix.len()..]))?);
+        }
+        Ok(out)
+    }
+
     /// Counted, not decoded, so that a status line every few seconds stays cheap.
     pub fn census(&self) -> Census {
         let count = |prefix: &[u8]| self.tree.scan_prefix(prefix).keys().count();
@@ -404,6 +426,12 @@ impl Reading<'_> {
             self.error.borrow_mut().get_or_insert(e);
             T::default()
         })
+    }
+
+    /// Whether this reading found `instance_id` in the store (not merely
+    /// in the batch being staged over it).
+    pub fn found_instance(&self, instance_id: &str) -> bool {
+        self.instances.borrow().get(instance_id).is_some_and(Option::is_some)
     }
 
     /// The first read that failed since the last call.

@@ -168,6 +168,33 @@ fn committed_batch_survives_reopen_with_its_offset() {
 }
 
 #[test]
+fn a_keys_instances_read_page_by_page_are_each_read_once_in_order_and_only_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let mut records: Vec<Record> = (0..7).map(|i| Record::Instance(inst(&format!("i{i}"), "k"))).collect();
+    // A key whose id starts with the other's, and one sorting after it: neither's instances are k's.
+    records.push(Record::Instance(inst("x", "kk")));
+    records.push(Record::Instance(inst("y", "l")));
+    s.commit(&records, false).unwrap();
+    let mut read = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = s.instances_of_after("k", after.as_deref(), 3).unwrap();
+        assert!(page.len() <= 3, "a page holds at most its limit: {}", page.len());
+        let Some(last) = page.last() else { break };
+        after = Some(last.instance_id.clone());
+        read.extend(page.into_iter().map(|i| i.instance_id));
+        pages += 1;
+    }
+    let all: Vec<String> = s.instances_of("k").unwrap().into_iter().map(|i| i.instance_id).collect();
+    assert_eq!(read, all);
+    assert_eq!(read.len(), 7);
+    assert_eq!(pages, 3);
+    assert!(s.instances_of_after("none", None, 3).unwrap().is_empty());
+}
+
+#[test]
 fn a_corrupt_record_is_refused_by_name_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
