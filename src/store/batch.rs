@@ -77,6 +77,14 @@ fn newest_only(changes: Vec<Change>) -> Vec<Change> {
 impl Store {
     /// Adds the engine's records to the batch.
     pub fn stage_records(&self, staged: &mut Staged, records: &[Record]) -> Result<(), StoreError> {
+        self.stage_records_of(staged, records, |_| false)
+    }
+
+    /// As `stage_records`, told which instances the batch read as stored:
+    /// their index entry exists already (it is written with the instance
+    /// and never removed before it), so it is not looked up again. That
+    /// lookup was a sled read per rewrap in a rotation's chunk.
+    pub fn stage_records_of(&self, staged: &mut Staged, records: &[Record], stored: impl Fn(&str) -> bool) -> Result<(), StoreError> {
         // Queued commands are replicated, not stored here: this node's copy is its outbox entry.
         let mut commands = Vec::new();
         let first = staged.changes.len();
@@ -89,9 +97,11 @@ impl Store {
                 Record::Instance(inst) => {
                     // The index entry never changes once written: a rewrap or
                     // revocation rewrites only the instance (and publishes it alone).
-                    let index = index_key(&inst.key_id, &inst.instance_id);
-                    if !self.tree.contains_key(&index).map_err(StoreError::Read)? {
-                        staged.put(Route::Key(inst.key_id.clone()), index, vec![]);
+                    if !stored(&inst.instance_id) {
+                        let index = index_key(&inst.key_id, &inst.instance_id);
+                        if !self.tree.contains_key(&index).map_err(StoreError::Read)? {
+                            staged.put(Route::Key(inst.key_id.clone()), index, vec![]);
+                        }
                     }
                     staged.put(Route::Key(inst.key_id.clone()), k(INSTANCE, &inst.instance_id), super::compact::encode_instance(inst));
                     staged.touched.push(Touched::Instance(inst.instance_id.clone()));

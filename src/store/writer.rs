@@ -543,7 +543,7 @@ impl Loop {
                             return Err(Failure::Job(WriterError::Store(e)));
                         }
                         overlay.absorb(&d.records);
-                        self.store.stage_records(staged, &d.records).map_err(Failure::Batch)?;
+                        self.store.stage_records_of(staged, &d.records, |id| reading.found_instance(id)).map_err(Failure::Batch)?;
                         records.extend(d.records);
                         d.reply
                     }
@@ -571,7 +571,7 @@ impl Loop {
                 }
                 // Staged together, so that the job's commands are one outbox entry.
                 let decided = coalesce(decided);
-                self.store.stage_records(staged, &decided).map_err(Failure::Batch)?;
+                self.store.stage_records_of(staged, &decided, |id| reading.found_instance(id)).map_err(Failure::Batch)?;
                 records.extend(decided);
                 Done::Written
             }
