@@ -113,6 +113,11 @@ impl Drop for Broker {
 /// both (examples pull in dev-dependency features such as tokio's `test-util`)
 /// and does not rebuild the library every other run.
 pub fn keywarden_bin() -> Res<PathBuf> {
+    // Another build to measure in the same session as this one (an A/B of two
+    // commits on one machine), used as it is.
+    if let Some(bin) = std::env::var_os("KEYWARDEN_BENCH_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
     let exe = std::env::current_exe()?;
     let profile_dir = exe.parent().and_then(Path::parent).ok_or("cannot locate the target directory")?.to_path_buf();
     let release = profile_dir.file_name().map(|n| n == "release").unwrap_or(false);
