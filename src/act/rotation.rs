@@ -243,10 +243,7 @@ impl Rotator {
             let mut after: Option<String> = None;
             let mut total = 0u64;
             loop {
-                let page = store.instances_of_after(&key_id, after.as_deref(), PAGE)?;
-                let Some(last) = page.last() else { return Ok(total) };
-                let full = page.len() == PAGE;
-                after = Some(last.instance_id.clone());
+                let (page, next) = store.instances_of_after(&key_id, after.as_deref(), PAGE)?;
                 let todo: Vec<Todo> = page
                     .into_iter()
                     .filter_map(|i| match i.wrapped {
@@ -259,8 +256,9 @@ impl Rotator {
                 if !todo.is_empty() && tx.blocking_send(todo).is_err() {
                     return Ok(total);
                 }
-                if !full {
-                    return Ok(total);
+                match next {
+                    Some(next) => after = Some(next),
+                    None => return Ok(total),
                 }
             }
         });

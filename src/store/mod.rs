@@ -321,11 +321,15 @@ impl Store {
         Ok(out)
     }
 
-    /// At most `limit` of `key_id`'s instances, in instance id order, from the
-    /// first whose id is above `after` (from the first of all with `None`):
-    /// a caller that walks a large key page by page holds one page, not the
-    /// key, and can start on the first page while the rest is still unread.
-    pub fn instances_of_after(&self, key_id: &str, after: Option<&str>, limit: usize) -> Result<Vec<InstanceRecord>, StoreError> {
+    /// `key_id`'s instances among the next `limit` of its index entries, in
+    /// instance id order, from the first whose id is above `after` (from the
+    /// first of all with `None`), and where the next page starts (`None`
+    /// once the key has no more): a caller that walks a large key page by
+    /// page holds one page, not the key, and can start on the first page
+    /// while the rest is still unread. The next page is told apart from the
+    /// records found, since an index entry may come without its record (a
+    /// changelog prefix that held one and not the other).
+    pub fn instances_of_after(&self, key_id: &str, after: Option<&str>, limit: usize) -> Result<(Vec<InstanceRecord>, Option<String>), StoreError> {
         use std::ops::Bound;
         let prefix = index_prefix(key_id);
         let from = match after {
@@ -333,14 +337,20 @@ impl Store {
             None => Bound::Included(prefix.clone()),
         };
         let mut out = Vec::with_capacity(limit.min(4096));
+        let mut read = 0;
         for key in self.tree.range::<Vec<u8>, _>((from, Bound::Unbounded)).keys() {
             let key = key.map_err(StoreError::Read)?;
-            if !key.starts_with(&prefix) || out.len() >= limit {
+            if !key.starts_with(&prefix) {
                 break;
             }
-            out.extend(self.instance(&String::from_utf8_lossy(&key[prefix.len()..]))?);
+            let id = String::from_utf8_lossy(&key[prefix.len()..]).into_owned();
+            out.extend(self.instance(&id)?);
+            read += 1;
+            if read >= limit {
+                return Ok((out, Some(id)));
+            }
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Counted, not decoded, so that a status line every few seconds stays cheap.
