@@ -155,7 +155,6 @@ impl Rotator {
         // runtime worker for half a second before the first rewrap, and the
         // whole key in memory. The job's total is known once the reader ends.
         let (mut pages, mut reader) = self.read_todo(&job.key_id, &target);
-        let mut planned = job.total.is_some();
         let todo = futures::stream::poll_fn(move |cx| pages.poll_recv(cx)).flat_map(futures::stream::iter);
         let mut results = todo.map(|id| self.rewrap_one(id, &target, &job.cause_event_id)).buffer_unordered(self.config.concurrency);
         // Rewraps go on while the chunks before are being committed: waiting
@@ -178,8 +177,8 @@ impl Rotator {
                     match read {
                         Ok(Ok(total)) => {
                             tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = total, "rotation pass read the key's instances");
-                            if !planned {
-                                planned = true;
+                            // The reader answers once a pass; only the job's first pass plans it.
+                            if job.total.is_none() {
                                 self.writer.submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total }).await?;
                             }
                         }
