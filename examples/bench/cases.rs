@@ -408,6 +408,11 @@ pub fn b3_intake(bin: &Path, s: &Sizes) -> Res<Vec<Row>> {
         .filter(|l| l.starts_with("keywarden_events_total{") && l.contains("outcome=\"duplicate\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
+    let commits: f64 =
+        text.lines().find(|l| l.starts_with("keywarden_store_commit_seconds_count")).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0);
+    let commit_s: f64 =
+        text.lines().find(|l| l.starts_with("keywarden_store_commit_seconds_sum")).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0);
+    eprintln!("bench: B3 keywarden made {commits} store commits, {commit_s:.2} s apply-to-durable in total");
     d.stop()?;
     let bare2 = bare_consumer(&broker.bootstrap, topic, n)?;
     let apply2 = durable_apply(&all, max_batch)?;

@@ -52,21 +52,31 @@ impl SentEntry {
     pub fn id(id: u64) -> SentEntry {
         SentEntry { id, copy: CopyName::ReadBack }
     }
+
+    pub fn id_of(&self) -> u64 {
+        self.id
+    }
 }
 
 impl Store {
     /// The oldest `limit` entries of a queue, with their ids.
     pub fn queued(&self, queue: Queue, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        self.queued_weighing(queue, limit, |_| 1)
+        self.queued_weighing(queue, 0, limit, |_| 1)
     }
 
-    /// The oldest entries of a queue, with their ids, until their `weight`
-    /// reaches `limit` (at least one entry, however heavy).
-    fn queued_weighing(&self, queue: Queue, limit: usize, weight: impl Fn(&Effect) -> usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+    /// As `queued`, from id `from` on: a relay that removed every entry below
+    /// it reads on from there (see `Cursor`).
+    pub fn queued_from(&self, queue: Queue, from: u64, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+        self.queued_weighing(queue, from, limit, |_| 1)
+    }
+
+    /// The oldest entries of a queue from id `from` on, with their ids, until
+    /// their `weight` reaches `limit` (at least one entry, however heavy).
+    fn queued_weighing(&self, queue: Queue, from: u64, limit: usize, weight: impl Fn(&Effect) -> usize) -> Result<Vec<(u64, Effect)>, StoreError> {
         let prefix = queue.prefix();
         let mut out = Vec::new();
         let mut total = 0;
-        for kv in self.tree.scan_prefix(prefix) {
+        for kv in self.queue_range(queue, from) {
             if total >= limit {
                 break;
             }
@@ -79,26 +89,45 @@ impl Store {
         Ok(out)
     }
 
-    /// The oldest outbox entries up to `limit` commands: an entry of many
-    /// instance commands (a rotation's chunk) counts as that many, so that
-    /// what the relay holds in one round stays bounded.
-    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        self.queued_weighing(Queue::Outbox, limit, |e| match e {
+    /// A queue's entries from id `from` on. Starting past the entries a relay
+    /// removed matters: sled keeps the emptied nodes of a queue's front, and a
+    /// scan from the prefix walks all of them (after 100,000 events, most of
+    /// the relays' time, reading pages back from disk).
+    fn queue_range(&self, queue: Queue, from: u64) -> sled::Iter {
+        let prefix = queue.prefix();
+        let mut end = prefix.to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        self.tree.range(queue_key(prefix, from)..end)
+    }
+
+    /// The oldest outbox entries from id `from` on, up to `limit` commands: an
+    /// entry of many instance commands (a rotation's chunk) counts as that
+    /// many, so that what the relay holds in one round stays bounded.
+    pub fn outbox_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+        self.queued_weighing(Queue::Outbox, from, limit, |e| match e {
             Effect::InstanceCommands { instances, .. } => instances.len().max(1),
             _ => 1,
         })
+    }
+
+    /// The oldest outbox entries (see `outbox_from`).
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+        self.outbox_from(0, limit)
     }
 
     pub fn notices(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
         self.queued(Queue::Notices, limit)
     }
 
-    pub fn alert_queue(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        self.queued(Queue::Alerts, limit)
+    pub fn outbox_len(&self) -> usize {
+        self.outbox_len_from(0)
     }
 
-    pub fn outbox_len(&self) -> usize {
-        self.tree.scan_prefix(OUTBOX).count()
+    /// How many outbox entries there are from id `from` on.
+    pub fn outbox_len_from(&self, from: u64) -> usize {
+        self.queue_range(Queue::Outbox, from).count()
     }
 
     /// Removes what a relay sent. A sent command's replicated copy is

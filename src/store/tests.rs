@@ -507,6 +507,32 @@ async fn a_round_of_the_outbox_counts_a_chunk_as_its_commands() {
 }
 
 #[tokio::test]
+async fn a_queue_read_from_past_its_removed_front_sees_the_rest_in_order_and_nothing_of_other_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let w = writer(&s);
+    let keys: Vec<String> = (0..6).map(|i| format!("q{i}")).collect();
+    w.import(keys.iter().map(|k| Record::Outbox(revoke(k))).collect()).await.unwrap();
+    // Queued after the outbox, under the next prefixes: a read must stop at its own.
+    w.import(vec![Record::Offset { topic: "t".into(), partition: 0, next: 1 }]).await.unwrap();
+    let all = s.outbox(100).unwrap();
+    assert_eq!(all.len(), 6);
+    let sent: Vec<SentEntry> = all[..4].iter().map(|(id, e)| SentEntry::of(*id, e)).collect();
+    w.sent(Queue::Outbox, sent).await.unwrap();
+    let from = all[3].0 + 1;
+    let rest = s.outbox_from(from, 100).unwrap();
+    assert_eq!(rest, all[4..].to_vec(), "the two left, in order");
+    assert_eq!(s.outbox_len_from(from), 2);
+    // Entries queued later have higher ids: read from the same place, they follow.
+    w.import(vec![Record::Outbox(revoke("later"))]).await.unwrap();
+    let after = s.outbox_from(from, 100).unwrap();
+    assert_eq!(after.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(), vec![revoke("q4"), revoke("q5"), revoke("later")]);
+    // Past every id: nothing, and not the next prefix's records.
+    assert!(s.outbox_from(u64::MAX, 100).unwrap().is_empty());
+    assert_eq!(s.outbox_len_from(u64::MAX), 0);
+}
+
+#[tokio::test]
 async fn a_chunk_with_a_key_another_node_owns_is_refused_whole() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();

@@ -91,9 +91,10 @@ impl Sinks {
 /// backoff and the alert stays queued (and durable) until every sink took it.
 pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let cursor = super::Cursor::default();
     loop {
         let notified = notify.notified();
-        let batch = match store.alert_queue(32) {
+        let batch = match store.queued_from(Queue::Alerts, cursor.at(), 32) {
             Ok(batch) => batch,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the alert queue; retrying");
@@ -133,8 +134,13 @@ pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Ar
                 }
             }
         }
+        // What was delivered is a prefix of what was read.
+        let last = done.last().copied();
         if let Err(e) = writer.sent(Queue::Alerts, done.into_iter().map(SentEntry::id).collect()).await {
             tracing::error!(error = %e, "cannot remove delivered alerts; they will be sent again");
+            cursor.reset();
+        } else {
+            cursor.removed(last.map(|id| (id, true)));
         }
         if let Some(e) = failed {
             tracing::warn!(error = %e, "alert delivery failed");

@@ -6,6 +6,7 @@ pub mod alerts;
 pub mod monitor;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,6 +108,9 @@ pub struct Relay {
     /// set): an acknowledgement of a disable or delete then also waits for
     /// them (see `enforced`).
     await_agents: bool,
+    /// The outbox's front: the publish loop moves it, the notice loop reads
+    /// its key's unpublished commands from there too.
+    outbox: Cursor,
 }
 
 /// Commands handled per round (an entry of many counts as many; a key-wide
@@ -193,6 +197,39 @@ fn instance_commands(effect: &Effect) -> Vec<Command> {
 /// How often the outbox depth is counted while a backlog drains.
 const DEPTH_EVERY: Duration = Duration::from_secs(10);
 
+/// Where a relay reads its queue on from: every entry below it was sent and
+/// removed. Sound because one writer gives the ids in commit order (sled's
+/// `generate_id`, monotonic across restarts) and applies a batch's entries
+/// together: no entry below an id a relay has read can appear later. Starts
+/// at 0 (a restart reads the whole queue) and goes back there when removing
+/// failed, so that what is still queued is read again.
+#[derive(Debug, Default)]
+pub(crate) struct Cursor(AtomicU64);
+
+impl Cursor {
+    pub(crate) fn at(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// `read` are entries read from the cursor on, in order, each with whether
+    /// it was removed: the cursor moves past those removed up to the first
+    /// that was not.
+    pub(crate) fn removed(&self, read: impl IntoIterator<Item = (u64, bool)>) {
+        let mut at = self.at();
+        for (id, removed) in read {
+            if !removed {
+                break;
+            }
+            at = at.max(id.saturating_add(1));
+        }
+        self.0.store(at, Ordering::Relaxed);
+    }
+
+    pub(crate) fn reset(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+}
+
 impl Relay {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -217,7 +254,7 @@ impl Relay {
             .set("partitioner", crate::cluster::PARTITIONER)
             .create()
             .map_err(TellError::Producer)?;
-        Ok(Relay { store, writer, kms, producer, kafka: kafka.clone(), notify, metrics, signer, await_agents: false })
+        Ok(Relay { store, writer, kms, producer, kafka: kafka.clone(), notify, metrics, signer, await_agents: false, outbox: Cursor::default() })
     }
 
     /// With data-plane agents expected to confirm revocations.
@@ -243,9 +280,16 @@ impl Relay {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
         let mut waiting: HashMap<String, (std::time::Instant, Backoff)> = HashMap::new();
         let mut warned: HashSet<String> = HashSet::new();
+        let cursor = Cursor::default();
         loop {
             let notified = self.notify.notified();
-            let (batch, unflushed) = match self.store.notices(NOTICE_WINDOW).and_then(|n| Ok((n, self.store.outbox(NOTICE_WINDOW)?))) {
+            // The outbox only matters to notices (their keys' unpublished
+            // commands); every commit wakes this loop, most with none.
+            let read = self.store.queued_from(Queue::Notices, cursor.at(), NOTICE_WINDOW).and_then(|n| {
+                let outbox = if n.is_empty() { Vec::new() } else { self.store.outbox_from(self.outbox.at(), NOTICE_WINDOW)? };
+                Ok((n, outbox))
+            });
+            let (batch, unflushed) = match read {
                 Ok((batch, outbox)) => (batch, outbox.iter().filter_map(|(_, e)| effect_key(e)).map(str::to_owned).collect::<HashSet<String>>()),
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the kms notices; retrying");
@@ -265,6 +309,7 @@ impl Relay {
             }
             let now = std::time::Instant::now();
             self.deadlines(&batch, &mut warned).await;
+            let read: Vec<u64> = batch.iter().map(|(id, _)| *id).collect();
             // Per key, its notices in commit order.
             let mut by_key: Vec<(String, Vec<(u64, Notice)>)> = Vec::new();
             let mut done = Vec::new();
@@ -303,6 +348,10 @@ impl Relay {
             }
             if let Err(e) = self.writer.sent(Queue::Notices, done.iter().copied().map(SentEntry::id).collect()).await {
                 tracing::error!(error = %e, "cannot remove delivered notices; they will be sent again");
+                cursor.reset();
+            } else {
+                // Keys that wait keep their notices: the cursor stops at the first.
+                cursor.removed(read.iter().map(|id| (*id, done.contains(id))));
             }
             // Progress and nobody waiting: the next round at once. Otherwise
             // the waiting keys are retried when the first backoff ends (an
@@ -460,7 +509,8 @@ impl Relay {
         let mut depth_at: Option<std::time::Instant> = None;
         loop {
             let notified = self.notify.notified();
-            let batch = match self.off_runtime(|store| store.outbox(ROUND)).await {
+            let from = self.outbox.at();
+            let batch = match self.off_runtime(move |store| store.outbox_from(from, ROUND)).await {
                 Ok(batch) => batch,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbox; retrying");
@@ -477,7 +527,7 @@ impl Relay {
             // full the gauge is refreshed every 10 s.
             if batch.len() < ROUND || depth_at.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
                 // A count walks the whole outbox (~50 ms for 100,000 entries).
-                if let Ok(depth) = self.off_runtime(|store| Ok(store.outbox_len())).await {
+                if let Ok(depth) = self.off_runtime(move |store| Ok(store.outbox_len_from(from))).await {
                     self.metrics.outbox_depth.set(depth as i64);
                 }
                 depth_at = Some(std::time::Instant::now());
@@ -530,8 +580,13 @@ impl Relay {
             }
             // With a changelog, removing also publishes tombstones (the other
             // nodes forget their copies), on the writer's thread.
+            // What was sent is a prefix of what was read.
+            let last = sent.last().map(SentEntry::id_of);
             if let Err(e) = self.writer.sent(Queue::Outbox, sent).await {
                 tracing::error!(error = %e, "cannot remove published effects from the outbox; they will be sent again");
+                self.outbox.reset();
+            } else {
+                self.outbox.removed(last.map(|id| (id, true)));
             }
             if let Some(e) = failed {
                 tracing::warn!(error = %e, "publishing failed");
@@ -689,6 +744,22 @@ pub(crate) async fn pause(shutdown: &CancellationToken, wake: impl std::future::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cursor_moves_past_the_removed_front_only_and_goes_back_when_removing_failed() {
+        let c = Cursor::default();
+        assert_eq!(c.at(), 0);
+        c.removed([(3, true), (5, true), (9, false), (12, true)]);
+        assert_eq!(c.at(), 6, "stops at the first entry still queued");
+        c.removed([(9, false)]);
+        assert_eq!(c.at(), 6, "a waiting entry holds it");
+        c.removed([(9, true), (12, true)]);
+        assert_eq!(c.at(), 13);
+        c.removed(std::iter::empty());
+        assert_eq!(c.at(), 13, "never back by itself");
+        c.reset();
+        assert_eq!(c.at(), 0);
+    }
 
     #[test]
     fn a_resent_command_keeps_its_id() {
