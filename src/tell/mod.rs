@@ -351,7 +351,8 @@ impl Relay {
                 cursor.reset();
             } else {
                 // Keys that wait keep their notices: the cursor stops at the first.
-                cursor.removed(read.iter().map(|id| (*id, done.contains(id))));
+                let removed: HashSet<u64> = done.iter().copied().collect();
+                cursor.removed(read.iter().map(|id| (*id, removed.contains(id))));
             }
             // Progress and nobody waiting: the next round at once. Otherwise
             // the waiting keys are retried when the first backoff ends (an
