@@ -145,13 +145,10 @@ fn the_api_speaks_tls_and_the_dek_endpoint_wants_a_client_certificate_from_the_c
     // The release is audited under the certificate's identity.
     let release = wait_until("the certificate's DEK release audited", std::time::Duration::from_secs(10), || {
         let (_, audit) = d.get("/v1/audit?limit=1000");
-        audit["entries"]
-            .as_array()?
-            .iter()
-            .find(|e| e["what"] == "release dek" && e["detail"] == "opened by client certificate spiffe://keywarden/instance/tls-db")
-            .cloned()
+        releases(audit["entries"].as_array()?).into_iter().find(|r| r["opened_by"] == "client certificate spiffe://keywarden/instance/tls-db")
     });
     assert_eq!(release["instance_id"], "tls-db", "{release}");
+    assert_eq!(release["who"], "dek", "{release}");
 
     // The CLI, as an operator or a data-plane node would use it.
     let cli = |args: &[&str], token: Option<&str>| {

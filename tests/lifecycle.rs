@@ -471,12 +471,14 @@ fn the_api_takes_the_right_token_for_each_door_and_says_nothing_else() {
     // which instance, under which key version, never the DEK.
     let release = wait_until("the DEK release audited", Duration::from_secs(10), || {
         let (_, audit) = d.get("/v1/audit?limit=1000");
-        audit["entries"].as_array()?.iter().find(|e| e["what"] == "release dek" && e["instance_id"] == "auth-db").cloned()
+        releases(audit["entries"].as_array()?).into_iter().find(|r| r["instance_id"] == "auth-db")
     });
     assert_eq!(release["who"], "dek");
+    assert_eq!(release["outcome"], "200");
     assert_eq!(release["key_id"], "auth-key");
     assert_eq!(release["key_version"], "1", "{release}");
-    assert_eq!(release["detail"], format!("opened by dek credential {credential_id}"), "{release}");
+    assert_eq!(release["opened_by"], format!("dek credential {credential_id}"), "{release}");
+    assert!(release["at"].as_str().is_some_and(|at| at.parse::<chrono::DateTime<chrono::Utc>>().is_ok()), "{release}");
 }
 
 /// What a DEK request answers, all of it: a refusal must not tell an unknown
@@ -523,7 +525,9 @@ fn an_instance_credential_opens_that_instance_only_and_a_rotation_retires_it_at_
     // The releases name the credential that opened them; the rotation is audited; no token is in the trail.
     let trail = wait_until("both of A's credentials in the release audit", Duration::from_secs(10), || {
         let text = d.http.get(format!("{}/v1/audit/export", d.api)).bearer_auth(&d.admin_token).send().ok()?.text().ok()?;
-        let opened = |id: &str| text.lines().any(|l| l.contains(r#""what":"release dek""#) && l.contains(&format!("opened by dek credential {id}")));
+        let entries: Vec<serde_json::Value> = text.lines().map(serde_json::from_str).collect::<Result<_, _>>().ok()?;
+        let released = releases(&entries);
+        let opened = |id: &str| released.iter().any(|r| r["instance_id"] == "cred-a" && r["opened_by"] == format!("dek credential {id}"));
         (opened(&id_a) && opened(&new_id)).then_some(text)
     });
     let rotation = trail.lines().find(|l| l.contains("dek credential rotated")).expect("the rotation is audited");
@@ -555,7 +559,9 @@ fn the_shared_dek_token_opens_every_instance_only_when_opted_in() {
     assert_eq!(dek_answer(&d, "no-such-instance", &shared).0, 401);
     let release = wait_until("a release by the shared token audited", Duration::from_secs(10), || {
         let (_, audit) = d.get("/v1/audit?limit=1000");
-        audit["entries"].as_array()?.iter().find(|e| e["what"] == "release dek" && e["detail"] == "opened by shared dek token").cloned()
+        let released = releases(audit["entries"].as_array()?);
+        let by_shared: Vec<&serde_json::Value> = released.iter().filter(|r| r["opened_by"] == "shared dek token").collect();
+        (by_shared.len() == 2).then(|| by_shared.iter().map(|r| r["instance_id"].as_str().unwrap_or_default().to_string()).collect::<Vec<_>>())
     });
-    assert!(release["instance_id"].as_str().unwrap().starts_with("legacy-"), "{release}");
+    assert_eq!(release, ["legacy-a", "legacy-b"], "each release by the shared token audited, in order");
 }

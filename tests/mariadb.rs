@@ -107,7 +107,7 @@ fn encrypted_rows_are_absent_from_the_table_file_and_the_redo_log_and_survive_a_
     // The plugin took its keys from keywarden, which audited each release.
     let releases = wait_until("the releases audited", MIN, || {
         let entries = d.get("/v1/audit?limit=1000").1["entries"].as_array().cloned().unwrap_or_default();
-        let n = entries.iter().filter(|e| e["what"] == "release dek" && e["instance_id"] == "db-enc").count();
+        let n = releases(&entries).iter().filter(|r| r["instance_id"] == "db-enc").count();
         (n >= 2).then_some(n)
     });
     db.shutdown();

@@ -505,6 +505,23 @@ pub struct AuditFact {
     pub correlation_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The DEKs a `release dek` entry records, each with what opened it: one
+    /// entry per batch of releases (`api::releases`), not one per fetch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub releases: Vec<Release>,
+}
+
+/// One DEK handed to the data plane, as its batch's audit entry lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub instance_id: String,
+    pub key_id: String,
+    pub key_version: String,
+    /// What opened it: `dek credential <id>`, `client certificate <URI>` or
+    /// `shared dek token`; never a token.
+    pub opened_by: String,
+    /// When it was answered (the entry's own time is its batch's commit).
+    pub at: DateTime<Utc>,
 }
 
 /// One state change. A batch of these, plus the partition offsets it consumed,

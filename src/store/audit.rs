@@ -126,14 +126,28 @@ fn hash_of(e: &AuditEntry) -> String {
         .into_iter()
         .chain([&f.event_id, &f.key_id, &f.instance_id, &f.key_version, &f.correlation_id, &f.detail].map(Option::as_ref))
         .chain([Some(&e.prev)]);
+    let text = |h: &mut Sha256, s: &str| {
+        h.update((s.len() as u64).to_be_bytes());
+        h.update(s.as_bytes());
+    };
     for field in fields {
         match field {
             Some(s) => {
                 h.update([1]);
-                h.update((s.len() as u64).to_be_bytes());
-                h.update(s.as_bytes());
+                text(&mut h, s);
             }
             None => h.update([0]),
+        }
+    }
+    // After everything an entry without releases hashes, and only when there
+    // are some: the hashes of the entries written before they existed stand.
+    if !f.releases.is_empty() {
+        h.update(b"releases");
+        h.update((f.releases.len() as u64).to_be_bytes());
+        for r in &f.releases {
+            for s in [&r.instance_id, &r.key_id, &r.key_version, &r.opened_by, &r.at.to_rfc3339()] {
+                text(&mut h, s);
+            }
         }
     }
     hex(&h.finalize())
@@ -313,6 +327,43 @@ mod tests {
         let mut empty = entries.clone();
         empty[5].fact.instance_id = Some(String::new());
         assert!(verify(&empty, true).is_err());
+    }
+
+    #[test]
+    fn every_release_a_batch_entry_names_is_hashed_and_an_entry_without_any_hashes_as_before() {
+        let release = |instance: &str| crate::engine::Release {
+            instance_id: instance.into(),
+            key_id: "k".into(),
+            key_version: "v1".into(),
+            opened_by: "dek credential c1".into(),
+            at: Utc::now(),
+        };
+        let plain = fact(1);
+        let releases = AuditFact { releases: vec![release("a"), release("b")], ..fact(2) };
+        let key = AuditKey::for_tests();
+        let entries = seal(&key, None, false, [plain.clone(), releases], Utc::now());
+        verify(&key, &entries, true).unwrap();
+        // Through the store's JSON and back: the times hash as they decode.
+        let decoded: Vec<AuditEntry> = entries.iter().map(|e| serde_json::from_slice(&serde_json::to_vec(e).unwrap()).unwrap()).collect();
+        verify(&key, &decoded, true).unwrap();
+        for edit in [
+            &(|e: &mut AuditEntry| e.fact.releases[1].instance_id = "c".into()) as &dyn Fn(&mut AuditEntry),
+            &|e| e.fact.releases[0].opened_by = "shared dek token".into(),
+            &|e| e.fact.releases[1].at += chrono::Duration::milliseconds(1),
+            &|e| drop(e.fact.releases.pop()),
+            &|e| e.fact.releases.swap(0, 1),
+        ] {
+            let mut edited = entries.clone();
+            edit(&mut edited[1]);
+            assert!(verify(&key, &edited, true).unwrap_err().contains("altered"));
+        }
+        // An entry without releases hashes the bytes it always did.
+        let mut old = entries[0].clone();
+        old.fact.releases = Vec::new();
+        assert_eq!(hash_of(&old), entries[0].hash);
+        let mut with = entries[0].clone();
+        with.fact.releases = vec![release("a")];
+        assert_ne!(hash_of(&with), entries[0].hash);
     }
 
     #[test]

@@ -49,6 +49,24 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
     }
 }
 
+/// Every DEK release the audit entries name (`what: release dek`, one entry
+/// per batch of releases), each with its entry's `who`, `outcome` and `hash`
+/// beside its own fields.
+pub fn releases(entries: &[Value]) -> Vec<Value> {
+    entries
+        .iter()
+        .filter(|e| e["what"] == "release dek")
+        .flat_map(|e| {
+            e["releases"].as_array().cloned().unwrap_or_default().into_iter().map(move |mut r| {
+                for field in ["who", "outcome", "hash"] {
+                    r[field] = e[field].clone();
+                }
+                r
+            })
+        })
+        .collect()
+}
+
 /// A real tansu broker on a free loopback port, killed on drop. In memory by
 /// default; `start_durable` keeps its data in SQLite across `stop`/`restart`.
 pub struct Broker {
