@@ -676,8 +676,8 @@ pub async fn open_dek(s: &AppState, id: &str, inst: InstanceRecord, opener: &cre
 async fn release_dek(s: &AppState, id: &str, inst: InstanceRecord, opener: &credential::Opener) -> Result<Released, ApiError> {
     // The state check comes first and reads the committed key record, so a
     // revocation is in force the moment its batch is durable.
-    let key = s.store.key(&inst.key_id)?;
-    match instance_state(&inst, key.as_ref()) {
+    let key = s.store.key_shared(&inst.key_id)?;
+    match instance_state(&inst, key.as_deref()) {
         InstanceState::Active => {}
         InstanceState::Revoked => return Err(ApiError::new(StatusCode::LOCKED, format!("instance {id} is revoked: key {} is disabled", inst.key_id))),
         InstanceState::Erased => return Err(ApiError::new(StatusCode::GONE, format!("instance {id} is erased: key {} is deleted", inst.key_id))),

@@ -17,6 +17,7 @@
 pub mod audit;
 mod batch;
 pub mod compact;
+mod key_cache;
 mod kms_material;
 mod queues;
 mod replication;
@@ -122,6 +123,8 @@ pub struct Store {
     changelog: Arc<std::sync::OnceLock<Publishing>>,
     /// Which keys' KMS reads notices; set once by the daemon. Unset: all are kept.
     wants_notices: Arc<std::sync::OnceLock<NoticeFilter>>,
+    /// Key records decoded, for the data plane (`key_shared`).
+    keys: Arc<key_cache::KeyCache>,
 }
 
 impl Store {
@@ -161,6 +164,7 @@ impl Store {
             anchor_legacy: Default::default(),
             changelog: Default::default(),
             wants_notices: Default::default(),
+            keys: Default::default(),
         })
     }
 
@@ -272,6 +276,19 @@ impl Store {
 
     pub fn key(&self, key_id: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.get_decoded(&k(KEY, key_id))
+    }
+
+    /// The key record as the data plane reads it on every DEK fetch: decoded
+    /// once, until a commit changes it (`key_cache`).
+    pub fn key_shared(&self, key_id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        match self.keys.get(key_id) {
+            Ok(record) => Ok(record),
+            Err(generation) => {
+                let record = self.key(key_id)?.map(Arc::new);
+                self.keys.fill(generation, key_id, record.clone());
+                Ok(record)
+            }
+        }
     }
 
     pub fn instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>, StoreError> {

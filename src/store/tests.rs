@@ -235,9 +235,13 @@ async fn replica_skips_its_own_entries_and_applies_the_next_owners() {
     let log = with_changelog(&s);
     let w = writer(&s);
     w.import(vec![Record::Key(KeyRecord::new("k", Utc::now()))]).await.unwrap();
+    // The data plane's decoded copy follows every commit, its own and replicated.
+    let served = |s: &Store| s.key_shared("k").unwrap().unwrap().status;
+    assert_eq!(served(&s), KeyStatus::Active);
     let mut disabled = KeyRecord::new("k", Utc::now());
     disabled.status = KeyStatus::Disabled;
     w.import(vec![Record::Key(disabled)]).await.unwrap();
+    assert_eq!(served(&s), KeyStatus::Disabled, "a commit of this node replaced the decoded key");
     // This node's own entries, read back late, never undo its newer change.
     let own = log.0.lock().unwrap().clone();
     assert_eq!(replicate(&w, own.clone()).await.0, 0);
@@ -252,6 +256,7 @@ async fn replica_skips_its_own_entries_and_applies_the_next_owners() {
     };
     assert_eq!(replicate(&w, vec![enabled]).await.0, 1);
     assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Active);
+    assert_eq!(served(&s), KeyStatus::Active, "a replicated commit replaced the decoded key");
     assert_eq!(s.replica_position(0).unwrap(), Some(own.len() as i64 + 1));
 }
 

@@ -473,7 +473,8 @@ impl Loop {
         }
         drop(overlay);
         let started = Instant::now();
-        let touched = std::mem::take(&mut staged.touched);
+        // The store forgets the decoded key records they change as it applies them.
+        let touched = if replicated { staged.touched.clone() } else { Vec::new() };
         let committed = self.store.apply_staged(staged, deadline);
         match committed {
             Err(StoreError::Unavailable(why)) => {
@@ -498,8 +499,7 @@ impl Loop {
                 // batch already, and this node's callers, the consumer's
                 // offsets among them, hear of it only once it is durable.
                 drop(owned);
-                let replicated: Vec<Touched> = if replicated { touched } else { Vec::new() };
-                let batch = Box::new(Flushed { applied, started, records, replicated, replies });
+                let batch = Box::new(Flushed { applied, started, records, replicated: touched, replies });
                 if let Err(std::sync::mpsc::SendError(Flush::Batch(batch))) = flusher.send(Flush::Batch(batch)) {
                     for (tx, _) in batch.replies {
                         answer(tx, Err(WriterError::Commit("the store flusher stopped".into())));
