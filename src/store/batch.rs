@@ -46,6 +46,8 @@ pub struct Applied {
     pub flush: bool,
     /// A group of one's changelog records, handed to the publisher once durable.
     deferred: Option<(std::sync::Arc<crate::cluster::deferred::Deferred>, u64, Vec<super::Versioned>)>,
+    /// The key and instance records the batch changed.
+    pub touched: Vec<Touched>,
 }
 
 impl Applied {
@@ -230,17 +232,8 @@ impl Store {
         };
         let mut entries = std::mem::take(&mut staged.recovered);
         entries.extend(sealed);
-        // Once applied, before it is durable and anyone is told: the data
-        // plane's decoded key records must not outlive it.
-        let forget = |touched: &[Touched]| {
-            self.keys.forget(touched.iter().filter_map(|t| match t {
-                Touched::Key(key_id) => Some(key_id.as_str()),
-                Touched::Instance(_) => None,
-            }))
-        };
         if entries.is_empty() {
             self.tree.apply_batch(staged.batch)?;
-            forget(&staged.touched);
         } else {
             // Only the writer commits, so the head the entries were sealed
             // after is still the head; the lock keeps readers of it in line.
@@ -249,14 +242,19 @@ impl Store {
                 staged.batch.insert(queue_key(AUDIT, e.seq), encode(e));
             }
             self.tree.apply_batch(staged.batch)?;
-            forget(&staged.touched);
             if anchored {
                 // One anchor, for the unsealed entries there were at start.
                 self.anchor_legacy.store(false, std::sync::atomic::Ordering::SeqCst);
             }
             *chain = entries.last().map(audit::Head::of);
         }
-        Ok(Applied { flush: staged.flush, deferred: applied })
+        // Once applied, before it is durable and anyone is told: the data
+        // plane's decoded key records must not outlive it.
+        self.keys.forget(staged.touched.iter().filter_map(|t| match t {
+            Touched::Key(key_id) => Some(key_id.as_str()),
+            Touched::Instance(_) => None,
+        }));
+        Ok(Applied { flush: staged.flush, deferred: applied, touched: staged.touched })
     }
 
     /// The batch's audit facts sealed after the trail's head as this batch

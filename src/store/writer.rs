@@ -473,8 +473,6 @@ impl Loop {
         }
         drop(overlay);
         let started = Instant::now();
-        // The store forgets the decoded key records they change as it applies them.
-        let touched = if replicated { staged.touched.clone() } else { Vec::new() };
         let committed = self.store.apply_staged(staged, deadline);
         match committed {
             Err(StoreError::Unavailable(why)) => {
@@ -493,13 +491,14 @@ impl Loop {
                 }
                 Err(e)
             }
-            Ok(applied) => {
+            Ok(mut applied) => {
                 // Applied under the fence: another node takes the partition
                 // over from the changelog, which (with several nodes) has the
                 // batch already, and this node's callers, the consumer's
                 // offsets among them, hear of it only once it is durable.
                 drop(owned);
-                let batch = Box::new(Flushed { applied, started, records, replicated: touched, replies });
+                let replicated = if replicated { std::mem::take(&mut applied.touched) } else { Vec::new() };
+                let batch = Box::new(Flushed { applied, started, records, replicated, replies });
                 if let Err(std::sync::mpsc::SendError(Flush::Batch(batch))) = flusher.send(Flush::Batch(batch)) {
                     for (tx, _) in batch.replies {
                         answer(tx, Err(WriterError::Commit("the store flusher stopped".into())));

@@ -50,15 +50,15 @@ pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Optio
 }
 
 /// Every DEK release the audit entries name (`what: release dek`, one entry
-/// per batch of releases), each with its entry's `who`, `outcome` and `hash`
-/// beside its own fields.
+/// per batch of releases), each with its entry's `who` and `outcome` beside
+/// its own fields.
 pub fn releases(entries: &[Value]) -> Vec<Value> {
     entries
         .iter()
         .filter(|e| e["what"] == "release dek")
         .flat_map(|e| {
             e["releases"].as_array().cloned().unwrap_or_default().into_iter().map(move |mut r| {
-                for field in ["who", "outcome", "hash"] {
+                for field in ["who", "outcome"] {
                     r[field] = e[field].clone();
                 }
                 r
