@@ -117,9 +117,24 @@ impl Tokens {
         same(&digest(presented), &admin)
     }
 
-    /// What a DEK request presented, for the handler to match against the
-    /// instance it names. The shared-token comparison always runs when the
-    /// shared token is on, so its time says nothing either.
+    /// What a DEK (or data-plane report) request presented, for its handler
+    /// to match against the instance it names; `None` is a 401: a node's
+    /// signature opens no DEK, and with `api.tls.client_ca_file` set a
+    /// verified client certificate must come with the request.
+    pub fn dek_presented(&self, headers: &axum::http::HeaderMap, extensions: &axum::http::Extensions) -> Option<Presented> {
+        if crate::cluster::forward::NodeAuth::presented(headers) {
+            return None;
+        }
+        let cert = extensions.get::<super::tls::ClientCert>();
+        if self.dek_needs_client_cert && cert.is_none() {
+            return None;
+        }
+        let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        Some(self.presented(bearer, cert))
+    }
+
+    /// The shared-token comparison always runs when the shared token is on,
+    /// so its time says nothing either.
     fn presented(&self, bearer: Option<&str>, cert: Option<&super::tls::ClientCert>) -> Presented {
         let bearer = bearer.map(digest);
         let (_, shared) = *self.digests.read().unwrap_or_else(|e| e.into_inner());
@@ -189,25 +204,25 @@ pub async fn require(State(tokens): State<std::sync::Arc<Tokens>>, mut req: Requ
     if matches!(path, "/healthz" | "/readyz" | "/metrics") {
         return next.run(req).await;
     }
-    // A data-plane report is opened like a DEK: by the instance's own
-    // credential, which its handler checks against the instance it names.
-    let wants_dek = path.starts_with("/v1/instances/") && (path.ends_with("/dek") || path.ends_with("/data-plane"));
+    // A data-plane report is opened like a DEK (whose route is outside this
+    // layer, see `super::dek`): by the instance's own credential, which its
+    // handler checks against the instance it names.
+    if path.starts_with("/v1/instances/") && path.ends_with("/data-plane") {
+        return match tokens.dek_presented(req.headers(), req.extensions()) {
+            Some(presented) => {
+                req.extensions_mut().insert(presented);
+                next.run(req).await
+            }
+            None => unauthorized(),
+        };
+    }
     if crate::cluster::forward::NodeAuth::presented(req.headers()) {
         return match &tokens.node {
-            Some(node) if !wants_dek && matches!(*req.method(), axum::http::Method::POST | axum::http::Method::DELETE) => forwarded(node, req, next).await,
+            Some(node) if matches!(*req.method(), axum::http::Method::POST | axum::http::Method::DELETE) => forwarded(node, req, next).await,
             _ => unauthorized(),
         };
     }
     let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    if wants_dek {
-        let cert = req.extensions().get::<super::tls::ClientCert>();
-        if tokens.dek_needs_client_cert && cert.is_none() {
-            return unauthorized();
-        }
-        let presented = tokens.presented(bearer, cert);
-        req.extensions_mut().insert(presented);
-        return next.run(req).await;
-    }
     if !bearer.is_some_and(|t| tokens.admin(t)) {
         return unauthorized();
     }
@@ -237,6 +252,31 @@ mod tests {
 
     fn shared(t: &Tokens, bearer: &str) -> bool {
         t.presented(Some(bearer), None).shared
+    }
+
+    #[test]
+    fn a_dek_request_with_a_node_signature_or_without_a_required_certificate_presents_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), "admin-token-0123456789abcdefghijklmn\n").unwrap();
+        let bearer = |headers: &mut axum::http::HeaderMap| {
+            headers.insert(header::AUTHORIZATION, "Bearer some-instance-token".parse().unwrap());
+        };
+        let mut headers = axum::http::HeaderMap::new();
+        bearer(&mut headers);
+        let with_cert = {
+            let mut e = axum::http::Extensions::new();
+            e.insert(super::super::tls::ClientCert { uris: std::sync::Arc::from(Vec::new()) });
+            e
+        };
+        let plain = Tokens::load(&dir.path().join("a"), None).unwrap();
+        let presented = plain.dek_presented(&headers, &axum::http::Extensions::new()).expect("a bearer alone is presented");
+        assert_eq!(presented.bearer, Some(digest("some-instance-token")));
+        let mut signed = headers.clone();
+        signed.insert("x-keywarden-node-mac", "anything".parse().unwrap());
+        assert!(plain.dek_presented(&signed, &with_cert).is_none(), "a node's signature opens no DEK");
+        let certs = Tokens::load(&dir.path().join("a"), None).unwrap().with_client_certs_for_dek(true);
+        assert!(certs.dek_presented(&headers, &axum::http::Extensions::new()).is_none(), "the certificate is required");
+        assert!(certs.dek_presented(&headers, &with_cert).is_some());
     }
 
     #[test]

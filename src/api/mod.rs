@@ -4,10 +4,13 @@
 pub mod auth;
 pub mod credential;
 mod data_plane;
+mod dek;
 mod impact;
 mod progress;
 pub mod releases;
 pub mod tls;
+
+pub use dek::{no_store, open_dek, Released};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,14 +21,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Json, Router};
-use base64::{engine::general_purpose::STANDARD, Engine};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use crate::cluster::forward::{self, Forwarder, KeyFrom};
-use crate::engine::{instance_state, EventType, Input, InstanceRecord, InstanceState, KeyStatus, Reply};
+use crate::engine::{instance_state, EventType, Input, InstanceRecord, KeyStatus, Reply};
 use crate::intake::format::valid_id;
 use crate::intake::Health;
 use crate::kms::cache::DekCache;
@@ -125,7 +127,9 @@ enum Placement {
     Owner(KeyFrom),
 }
 
-/// The API: every route, its method and where it is answered.
+/// The API: every route, its method and where it is answered; beside them,
+/// the DEK route (`dek::route`), a read of the data plane answered here from
+/// this node's replica.
 fn routes() -> Vec<(&'static str, MethodRouter<AppState>, Placement)> {
     use Placement::*;
     vec![
@@ -147,8 +151,6 @@ fn routes() -> Vec<(&'static str, MethodRouter<AppState>, Placement)> {
         ("/v1/instances/{id}", get(show_instance), Here),
         ("/v1/instances/{id}", delete(delete_instance), Owner(KeyFrom::InstancePath("id"))),
         ("/v1/instances/{id}/credential", post(rotate_credential), Owner(KeyFrom::InstancePath("id"))),
-        // A read of the data plane: answered from this node's replica.
-        ("/v1/instances/{id}/dek", post(fetch_dek).layer(axum::middleware::map_response(no_store)), Here),
         // Authenticated by the instance's own credential, which a forwarded
         // request no longer carries: answered here, and on a node that does
         // not own the key the writer refuses it (503, retryable) until the
@@ -168,6 +170,7 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>, forwarder: Option<Arc<
         };
         router = router.route(path, route);
     }
+    let dek = dek::route(state.clone(), tokens.clone());
     router
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint; see the README for the API") })
         .with_state(state)
@@ -177,6 +180,8 @@ pub fn router(state: AppState, tokens: Arc<auth::Tokens>, forwarder: Option<Arc<
             Audit { writer, timeout: write_timeout, in_flight: Arc::new(tokio::sync::Semaphore::new(AUDITS_IN_FLIGHT)) },
             record_writes,
         ))
+        // Added after the layers, so none of them wraps it.
+        .merge(dek)
 }
 
 /// How many audit entries may wait for the writer at once; more wait for a place.
@@ -192,8 +197,8 @@ struct Audit {
 }
 
 /// Every write through the API lands in the hash-chained audit trail: which
-/// token, what, and the status answered. DEK fetches are reads and stay out, so
-/// that the data plane's hot path costs no flush.
+/// token, what, and the status answered. DEK fetches are reads, audited as
+/// releases (`releases`), and their route is not wrapped by this layer.
 async fn record_writes(State(audit): State<Audit>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -204,7 +209,7 @@ async fn record_writes(State(audit): State<Audit>, req: axum::extract::Request, 
         Some(auth::Caller::Instance) => "instance",
         None => "anonymous",
     };
-    let is_write = matches!(method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE") && !path.ends_with("/dek");
+    let is_write = matches!(method.as_str(), "POST" | "PUT" | "PATCH" | "DELETE");
     if is_write {
         let fact = AuditFact { who: who.into(), what: format!("{method} {path}"), outcome: response.status().as_u16().to_string(), ..Default::default() };
         // Usually committed before the answer goes (a later read of the trail
@@ -593,112 +598,4 @@ async fn delete_instance(State(s): State<AppState>, Path(id): Path<String>) -> A
             Ok(StatusCode::NO_CONTENT.into_response())
         }
     }
-}
-
-/// Every answer of the DEK endpoint, a plaintext DEK or a refusal, tells
-/// browsers, proxies and HTTP client caches not to keep it: a cached copy of a
-/// DEK would outlive its revocation and its erasure.
-pub(crate) async fn no_store(mut response: Response) -> Response {
-    let headers = response.headers_mut();
-    headers.insert(axum::http::header::CACHE_CONTROL, axum::http::HeaderValue::from_static("no-store"));
-    headers.insert(axum::http::header::PRAGMA, axum::http::HeaderValue::from_static("no-cache"));
-    response
-}
-
-async fn fetch_dek(State(s): State<AppState>, Path(id): Path<String>, presented: Option<axum::Extension<credential::Presented>>) -> ApiResult {
-    let inst = s.store.instance(&id)?;
-    // Before anything that could tell an unknown instance from a known one:
-    // both are refused alike when the credential does not open this instance.
-    let opener = presented.and_then(|p| p.opener(&id, inst.as_ref().and_then(|i| i.credential.as_ref())));
-    let (Some(inst), Some(opener)) = (inst, opener) else {
-        s.metrics.dek_requests.with_label_values(&["unauthorized"]).inc();
-        return Ok(auth::unauthorized());
-    };
-    let released = open_dek(&s, &id, inst, &opener).await?;
-    Ok(Json(json!({"dek": STANDARD.encode(released.dek.expose()), "key_version": released.key_version})).into_response())
-}
-
-/// A DEK opened for the data plane, and the root-key version it was
-/// wrapped under (which the release audit names).
-pub struct Released {
-    pub dek: Dek,
-    pub key_version: String,
-}
-
-impl ApiError {
-    /// Why a DEK was not opened, as the data plane's endpoints tell it
-    /// apart: the DEK endpoint answers 423 and 410 itself, the Vault KV
-    /// endpoint says the same as 403 and 404.
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    /// The reason, as the API's JSON error says it.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
-}
-
-/// Opens an instance's DEK for a caller already matched to it (`opener`),
-/// for every data-plane endpoint (`POST /v1/instances/{id}/dek` and the
-/// Vault KV listener): the replica's lag, the instance's state from the
-/// committed key record, then the cache, then the KMS; every release is
-/// audited and counted in `keywarden_dek_requests_total`. Refusals are
-/// errors: 423 revoked, 410 erased or destroyed, 503 behind or unavailable.
-pub async fn open_dek(s: &AppState, id: &str, inst: InstanceRecord, opener: &credential::Opener) -> Result<Released, ApiError> {
-    let partition = Some(&inst).filter(|i| !s.ownership.owns_key(&i.key_id)).and_then(|i| s.ownership.partition(&i.key_id));
-    if let (Some((replica, max)), Some(partition)) = (&s.replica, partition) {
-        // A key this node writes itself is never behind here.
-        let lag = replica.lag(partition);
-        if lag > *max {
-            s.metrics.dek_requests.with_label_values(&["replica_behind"]).inc();
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "this node's replica is {}ms behind the changelog (more than cluster.max_replica_lag); ask another node",
-                    lag.as_millis().min(u64::MAX as u128)
-                ),
-            ));
-        }
-    }
-    let result = release_dek(s, id, inst, opener).await;
-    let label = match &result {
-        Ok(_) => "served",
-        Err(e) if e.status == StatusCode::LOCKED => "revoked",
-        Err(e) if e.status == StatusCode::GONE => "erased",
-        Err(e) if e.status == StatusCode::NOT_FOUND => "unknown",
-        Err(_) => "error",
-    };
-    s.metrics.dek_requests.with_label_values(&[label]).inc();
-    result
-}
-
-async fn release_dek(s: &AppState, id: &str, inst: InstanceRecord, opener: &credential::Opener) -> Result<Released, ApiError> {
-    // The state check comes first and reads the committed key record, so a
-    // revocation is in force the moment its batch is durable.
-    let key = s.store.key_shared(&inst.key_id)?;
-    match instance_state(&inst, key.as_deref()) {
-        InstanceState::Active => {}
-        InstanceState::Revoked => return Err(ApiError::new(StatusCode::LOCKED, format!("instance {id} is revoked: key {} is disabled", inst.key_id))),
-        InstanceState::Erased => return Err(ApiError::new(StatusCode::GONE, format!("instance {id} is erased: key {} is deleted", inst.key_id))),
-        InstanceState::Destroyed => {
-            return Err(ApiError::new(
-                StatusCode::GONE,
-                format!("instance {id} is destroyed: {}", inst.destroyed_reason.as_deref().unwrap_or("its DEK no longer exists")),
-            ))
-        }
-    }
-    let Some(wrapped) = inst.wrapped.as_ref() else {
-        return Err(ApiError::new(StatusCode::GONE, format!("instance {id} has no wrapped DEK")));
-    };
-    let dek = match s.cache.get(id, &wrapped.key_version) {
-        Some(d) => d,
-        None => {
-            let d = s.kms.unwrap(&inst.key_id, wrapped, id.as_bytes()).await?;
-            s.cache.put(id, &inst.key_id, &wrapped.key_version, d.clone());
-            d
-        }
-    };
-    s.releases.record(id, &inst.key_id, &wrapped.key_version, opener);
-    Ok(Released { dek, key_version: wrapped.key_version.clone() })
 }

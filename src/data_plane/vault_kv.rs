@@ -89,7 +89,7 @@ fn not_found() -> Response {
 enum Caller {
     /// The instance the token is the own credential of (over a connection
     /// with the client certificate asked for, if one is).
-    Opens(Box<crate::engine::InstanceRecord>, Opener),
+    Opens(std::sync::Arc<crate::engine::InstanceRecord>, Opener),
     /// Nothing: a wrong or missing token, or an unknown instance, alike.
     Denied,
     /// The store could not be read; nothing is decided.
@@ -99,7 +99,7 @@ enum Caller {
 /// A token is compared even for an unknown instance, so that timing tells
 /// no one which instances exist either.
 fn authenticate(kv: &Kv, mount: &str, headers: &HeaderMap, cert: Option<&ClientCert>) -> Caller {
-    let inst = match kv.app.store.instance(mount) {
+    let inst = match kv.app.store.instance_shared(mount) {
         Ok(inst) => inst,
         Err(e) => {
             tracing::error!(error = %e, instance_id = %mount, "the vault kv endpoint could not read the store");
@@ -110,7 +110,7 @@ fn authenticate(kv: &Kv, mount: &str, headers: &HeaderMap, cert: Option<&ClientC
     let presented = Presented { bearer: token.map(credential::digest), ..Default::default() };
     let opener = presented.opener(mount, inst.as_ref().and_then(|i| i.credential.as_ref()));
     match (inst, opener) {
-        (Some(inst), Some(opener)) if cert.is_some() || !kv.needs_client_cert => Caller::Opens(Box::new(inst), opener),
+        (Some(inst), Some(opener)) if cert.is_some() || !kv.needs_client_cert => Caller::Opens(inst, opener),
         _ => {
             kv.app.metrics.dek_requests.with_label_values(&["unauthorized"]).inc();
             Caller::Denied
@@ -166,7 +166,7 @@ async fn read(
     let (inst, opener) = match authenticate(&kv, &mount, &headers, cert.as_deref()) {
         Caller::Unreadable => return unreadable(),
         Caller::Denied => return permission_denied(),
-        Caller::Opens(inst, opener) => (*inst, opener),
+        Caller::Opens(inst, opener) => (inst, opener),
     };
     // MariaDB's key ids are 32-bit numbers; anything else is no key of ours.
     // Version 0 is Vault's "the latest".
@@ -174,7 +174,7 @@ async fn read(
         return not_found();
     };
     let created = inst.created_at;
-    match open_dek(&kv.app, &mount, inst, &opener).await {
+    match open_dek(&kv.app, &mount, &inst, &opener).await {
         Ok(released) => {
             let key = derive_key(&released.dek, &mount, n);
             let metadata = json!({

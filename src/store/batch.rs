@@ -249,10 +249,14 @@ impl Store {
             *chain = entries.last().map(audit::Head::of);
         }
         // Once applied, before it is durable and anyone is told: the data
-        // plane's decoded key records must not outlive it.
+        // plane's decoded records must not outlive it.
         self.keys.forget(staged.touched.iter().filter_map(|t| match t {
             Touched::Key(key_id) => Some(key_id.as_str()),
             Touched::Instance(_) => None,
+        }));
+        self.instances.forget(staged.touched.iter().filter_map(|t| match t {
+            Touched::Instance(instance_id) => Some(instance_id.as_str()),
+            Touched::Key(_) => None,
         }));
         Ok(Applied { flush: staged.flush, deferred: applied, touched: staged.touched })
     }

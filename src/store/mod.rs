@@ -17,7 +17,7 @@
 pub mod audit;
 mod batch;
 pub mod compact;
-mod key_cache;
+mod decoded;
 mod kms_material;
 mod queues;
 mod replication;
@@ -123,8 +123,9 @@ pub struct Store {
     changelog: Arc<std::sync::OnceLock<Publishing>>,
     /// Which keys' KMS reads notices; set once by the daemon. Unset: all are kept.
     wants_notices: Arc<std::sync::OnceLock<NoticeFilter>>,
-    /// Key records decoded, for the data plane (`key_shared`).
-    keys: Arc<key_cache::KeyCache>,
+    /// Key and instance records decoded, for the data plane (`key_shared`, `instance_shared`).
+    keys: Arc<decoded::Decoded<KeyRecord>>,
+    instances: Arc<decoded::Decoded<InstanceRecord>>,
 }
 
 impl Store {
@@ -165,6 +166,7 @@ impl Store {
             changelog: Default::default(),
             wants_notices: Default::default(),
             keys: Default::default(),
+            instances: Default::default(),
         })
     }
 
@@ -279,7 +281,7 @@ impl Store {
     }
 
     /// The key record as the data plane reads it on every DEK fetch: decoded
-    /// once, until a commit changes it (`key_cache`).
+    /// once, until a commit changes it (`decoded`).
     pub fn key_shared(&self, key_id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError> {
         match self.keys.get(key_id) {
             Ok(record) => Ok(record),
@@ -294,6 +296,19 @@ impl Store {
     pub fn instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>, StoreError> {
         let key = k(INSTANCE, instance_id);
         self.get(&key)?.map(|v| compact::decode_instance(&key, &v)).transpose()
+    }
+
+    /// The instance record as the data plane reads it on every DEK fetch:
+    /// decoded once, until a commit changes it (`decoded`).
+    pub fn instance_shared(&self, instance_id: &str) -> Result<Option<Arc<InstanceRecord>>, StoreError> {
+        match self.instances.get(instance_id) {
+            Ok(record) => Ok(record),
+            Err(generation) => {
+                let record = self.instance(instance_id)?.map(Arc::new);
+                self.instances.fill(generation, instance_id, record.clone());
+                Ok(record)
+            }
+        }
     }
 
     pub fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {

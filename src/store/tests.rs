@@ -234,14 +234,19 @@ async fn replica_skips_its_own_entries_and_applies_the_next_owners() {
     let s = Store::open(dir.path()).unwrap();
     let log = with_changelog(&s);
     let w = writer(&s);
-    w.import(vec![Record::Key(KeyRecord::new("k", Utc::now()))]).await.unwrap();
-    // The data plane's decoded copy follows every commit, its own and replicated.
+    w.import(vec![Record::Key(KeyRecord::new("k", Utc::now())), Record::Instance(inst("i1", "k"))]).await.unwrap();
+    // The data plane's decoded copies follow every commit, its own and replicated.
     let served = |s: &Store| s.key_shared("k").unwrap().unwrap().status;
+    let version = |s: &Store| s.instance_shared("i1").unwrap().unwrap().key_version.clone();
     assert_eq!(served(&s), KeyStatus::Active);
+    assert_eq!(version(&s), "1");
     let mut disabled = KeyRecord::new("k", Utc::now());
     disabled.status = KeyStatus::Disabled;
-    w.import(vec![Record::Key(disabled)]).await.unwrap();
+    let mut rewrapped = inst("i1", "k");
+    rewrapped.key_version = "2".into();
+    w.import(vec![Record::Key(disabled), Record::Instance(rewrapped)]).await.unwrap();
     assert_eq!(served(&s), KeyStatus::Disabled, "a commit of this node replaced the decoded key");
+    assert_eq!(version(&s), "2", "a commit of this node replaced the decoded instance");
     // This node's own entries, read back late, never undo its newer change.
     let own = log.0.lock().unwrap().clone();
     assert_eq!(replicate(&w, own.clone()).await.0, 0);
@@ -254,10 +259,20 @@ async fn replica_skips_its_own_entries_and_applies_the_next_owners() {
         value: Some(schema::encode(&KeyRecord::new("k", Utc::now()))),
         authentic: Some(s.changelog_version(0).unwrap() + 1),
     };
-    assert_eq!(replicate(&w, vec![enabled]).await.0, 1);
+    let mut again = inst("i1", "k");
+    again.key_version = "3".into();
+    let rewrapped_there = Replicated {
+        partition: 0,
+        offset: own.len() as i64 + 1,
+        key: schema::k(schema::INSTANCE, "i1"),
+        value: Some(compact::encode_instance(&again)),
+        authentic: Some(s.changelog_version(0).unwrap() + 2),
+    };
+    assert_eq!(replicate(&w, vec![enabled, rewrapped_there]).await.0, 2);
     assert_eq!(s.key("k").unwrap().unwrap().status, KeyStatus::Active);
     assert_eq!(served(&s), KeyStatus::Active, "a replicated commit replaced the decoded key");
-    assert_eq!(s.replica_position(0).unwrap(), Some(own.len() as i64 + 1));
+    assert_eq!(version(&s), "3", "a replicated commit replaced the decoded instance");
+    assert_eq!(s.replica_position(0).unwrap(), Some(own.len() as i64 + 2));
 }
 
 #[test]
