@@ -46,6 +46,18 @@ impl<T> Decoded<T> {
         held.records.get(id).cloned().ok_or(held.generation)
     }
 
+    /// The record held, or what `read` decodes from the store, then kept.
+    pub(super) fn get_or_read<E>(&self, id: &str, read: impl FnOnce() -> Result<Option<T>, E>) -> Result<Option<Arc<T>>, E> {
+        match self.get(id) {
+            Ok(record) => Ok(record),
+            Err(generation) => {
+                let record = read()?.map(Arc::new);
+                self.fill(generation, id, record.clone());
+                Ok(record)
+            }
+        }
+    }
+
     /// Keeps what was read from the store, unless a commit touched a record since `generation`.
     pub(super) fn fill(&self, generation: u64, id: &str, record: Option<Arc<T>>) {
         let mut held = self.held();

@@ -283,14 +283,7 @@ impl Store {
     /// The key record as the data plane reads it on every DEK fetch: decoded
     /// once, until a commit changes it (`decoded`).
     pub fn key_shared(&self, key_id: &str) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        match self.keys.get(key_id) {
-            Ok(record) => Ok(record),
-            Err(generation) => {
-                let record = self.key(key_id)?.map(Arc::new);
-                self.keys.fill(generation, key_id, record.clone());
-                Ok(record)
-            }
-        }
+        self.keys.get_or_read(key_id, || self.key(key_id))
     }
 
     pub fn instance(&self, instance_id: &str) -> Result<Option<InstanceRecord>, StoreError> {
@@ -301,14 +294,7 @@ impl Store {
     /// The instance record as the data plane reads it on every DEK fetch:
     /// decoded once, until a commit changes it (`decoded`).
     pub fn instance_shared(&self, instance_id: &str) -> Result<Option<Arc<InstanceRecord>>, StoreError> {
-        match self.instances.get(instance_id) {
-            Ok(record) => Ok(record),
-            Err(generation) => {
-                let record = self.instance(instance_id)?.map(Arc::new);
-                self.instances.fill(generation, instance_id, record.clone());
-                Ok(record)
-            }
-        }
+        self.instances.get_or_read(instance_id, || self.instance(instance_id))
     }
 
     pub fn event(&self, event_id: &str) -> Result<Option<EventRecord>, StoreError> {
