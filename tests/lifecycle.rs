@@ -31,6 +31,11 @@ fn every_event_type_rewraps_revokes_erases_and_restores_end_to_end() {
     };
     assert_eq!(no_store("db-a"), (200, Some("no-store".to_string())));
     assert_eq!(no_store("no-such-instance"), (401, Some("no-store".to_string())));
+    // The DEK route checks its own credentials, outside the API's token layer:
+    // a node's signature header opens no DEK, even beside the instance's token.
+    let signed =
+        d.http.post(format!("{}/v1/instances/db-a/dek", d.api)).bearer_auth(d.dek_token_for("db-a")).header("x-keywarden-node-mac", "forged").send().unwrap();
+    assert_eq!(signed.status().as_u16(), 401, "a node signature opened a DEK");
 
     // Several rotations: the DEK never changes, the wrapping follows the newest version.
     for round in 2..=4 {
