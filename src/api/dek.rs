@@ -69,16 +69,17 @@ struct Answer<'a> {
 
 async fn answer(r: &DekRoute, id: &str, presented: Option<credential::Presented>) -> Result<Response, ApiError> {
     let s = &r.app;
-    let inst = match presented {
-        Some(_) => s.store.instance_shared(id)?,
-        None => None,
+    let refused = || {
+        s.metrics.dek_requests.with_label_values(&["unauthorized"]).inc();
+        Ok(auth::unauthorized())
     };
+    let Some(presented) = presented else { return refused() };
+    let inst = s.store.instance_shared(id)?;
     // Before anything that could tell an unknown instance from a known one:
     // both are refused alike when the credential does not open this instance.
-    let opener = presented.and_then(|p| p.opener(id, inst.as_ref().and_then(|i| i.credential.as_ref())));
+    let opener = presented.opener(id, inst.as_ref().and_then(|i| i.credential.as_ref()));
     let (Some(inst), Some(opener)) = (inst, opener) else {
-        s.metrics.dek_requests.with_label_values(&["unauthorized"]).inc();
-        return Ok(auth::unauthorized());
+        return refused();
     };
     let released = open_dek(s, id, &inst, &opener).await?;
     let dek = Zeroizing::new(STANDARD.encode(released.dek.expose()));
@@ -90,20 +91,6 @@ async fn answer(r: &DekRoute, id: &str, presented: Option<credential::Presented>
 pub struct Released {
     pub dek: Dek,
     pub key_version: String,
-}
-
-impl ApiError {
-    /// Why a DEK was not opened, as the data plane's endpoints tell it
-    /// apart: the DEK endpoint answers 423 and 410 itself, the Vault KV
-    /// endpoint says the same as 403 and 404.
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    /// The reason, as the API's JSON error says it.
-    pub fn message(&self) -> &str {
-        &self.message
-    }
 }
 
 /// Opens an instance's DEK for a caller already matched to it (`opener`),

@@ -79,6 +79,20 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// Why a DEK was not opened, as the data plane's endpoints tell it
+    /// apart: the DEK endpoint answers 423 and 410 itself, the Vault KV
+    /// endpoint says the same as 403 and 404.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The reason, as the API's JSON error says it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(json!({ "error": self.message }))).into_response()
