@@ -157,8 +157,13 @@ pub async fn run(mut config: Config, shutdown: CancellationToken, on_started: im
     );
     let kms_router = Arc::new(build_router(&config, local.clone())?);
     let kms: Arc<dyn Kms> = kms_router.clone();
-    let wants = kms_router.clone();
-    store.keep_notices_only_for(Box::new(move |key_id| wants.wants_notices(key_id)));
+    // Weak, because the store keeps this filter and the router keeps the store
+    // (the embedded KMS): a strong reference made a cycle that kept the store,
+    // and with it the changelog's producer, alive past shutdown, still
+    // connecting to a broker that had gone. Once the router is gone a notice is
+    // kept: queuing one nobody wants is harmless, dropping a wanted one is not.
+    let wants = Arc::downgrade(&kms_router);
+    store.keep_notices_only_for(Box::new(move |key_id| wants.upgrade().is_none_or(|router| router.wants_notices(key_id))));
 
     let health = Arc::new(Health { failure, ..Health::default() });
     let scheme = if config.api.tls.enabled() { "https" } else { "http" };
