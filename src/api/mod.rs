@@ -77,9 +77,7 @@ impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
         ApiError { status, message: message.into() }
     }
-}
 
-impl ApiError {
     /// Why a DEK was not opened, as the data plane's endpoints tell it
     /// apart: the DEK endpoint answers 423 and 410 itself, the Vault KV
     /// endpoint says the same as 403 and 404.
