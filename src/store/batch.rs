@@ -16,6 +16,8 @@ pub struct Staged {
     /// What goes to the changelog, in order, before the batch is applied.
     pub(super) changes: Vec<Change>,
     pub(super) facts: Vec<AuditFact>,
+    /// Alerts raised or resolved, queued as one record at commit.
+    pub(super) alerts: Vec<crate::engine::Alert>,
     /// This node's own sealed audit entries, read back from the changelog
     /// for a batch it published and did not apply (`schema::SEALED`).
     pub(super) recovered: Vec<audit::AuditEntry>,
@@ -115,8 +117,7 @@ impl Store {
                         None => staged.batch.insert(k(FIRING, &alert.fingerprint()), encode(alert)),
                         Some(_) => staged.batch.remove(k(FIRING, &alert.fingerprint())),
                     }
-                    let id = self.db.generate_id()?;
-                    staged.batch.insert(queue_key(ALERTS, id), encode(&Effect::Alert(alert.clone())));
+                    staged.alerts.push(alert.clone());
                 }
                 Record::Outbox(Effect::KmsNotice { key_id, .. }) if self.wants_notices.get().is_some_and(|wants| !wants(key_id)) => {}
                 Record::Outbox(effect) => {
@@ -223,6 +224,13 @@ impl Store {
                     staged.batch.insert(partition_key(PUBLISHED, w.partition), &w.version.to_be_bytes()[..]);
                 }
             }
+        }
+        if !staged.alerts.is_empty() {
+            // One queue record per commit, not one per alert: each record is
+            // inserted now and removed once delivered, and per alert that was
+            // two sled writes of an event that raises one (B3).
+            let id = self.db.generate_id()?;
+            staged.batch.insert(queue_key(ALERTS, id), encode(&std::mem::take(&mut staged.alerts)));
         }
         let anchored = sealed.is_some() || !staged.facts.is_empty();
         let sealed = match sealed {

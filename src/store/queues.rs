@@ -1,10 +1,11 @@
 //! The three queues effects wait in after their commit: the outbox (data-plane
-//! commands and embedded-KMS events), KMS notices, and alerts. Each is read
-//! oldest first by its relay, which tells the writer what it sent.
+//! commands and embedded-KMS events), KMS notices, and alerts (one record per
+//! commit). Each is read oldest first by its relay, which tells the writer what
+//! it sent.
 
 use super::schema::*;
 use super::{Change, Route, Staged, Store, StoreError};
-use crate::engine::{Effect, Record};
+use crate::engine::{Alert, Effect, Record};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Queue {
@@ -59,15 +60,32 @@ impl SentEntry {
 }
 
 impl Store {
-    /// The oldest `limit` entries of a queue, with their ids.
-    pub fn queued(&self, queue: Queue, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        self.queued_weighing(queue, 0, limit, |_| 1)
+    /// The oldest KMS notices from id `from` on, at most `limit`, with their
+    /// ids: a relay that removed every entry below `from` reads on from there
+    /// (see `Cursor`).
+    pub fn notices_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+        self.queued_weighing(Queue::Notices, from, limit, |_| 1)
     }
 
-    /// As `queued`, from id `from` on: a relay that removed every entry below
-    /// it reads on from there (see `Cursor`).
-    pub fn queued_from(&self, queue: Queue, from: u64, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        self.queued_weighing(queue, from, limit, |_| 1)
+    /// The oldest alert records from id `from` on, at most `limit`, with their
+    /// ids: each holds, in order, the alerts one commit raised or resolved,
+    /// and is removed whole once every one of them is delivered. A record an
+    /// older release wrote holds one alert.
+    pub fn alerts_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<Alert>)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.queue_range(Queue::Alerts, from).take(limit) {
+            let (key, value) = kv.map_err(StoreError::Read)?;
+            let id = number(&key, &key[ALERTS.len()..])? as u64;
+            let alerts = match decode::<Vec<Alert>>(&key, &value) {
+                Ok(alerts) => alerts,
+                Err(e) => match decode::<Effect>(&key, &value) {
+                    Ok(Effect::Alert(alert)) => vec![alert],
+                    _ => return Err(e),
+                },
+            };
+            out.push((id, alerts));
+        }
+        Ok(out)
     }
 
     /// The oldest entries of a queue from id `from` on, with their ids, until
@@ -118,7 +136,7 @@ impl Store {
     }
 
     pub fn notices(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        self.queued(Queue::Notices, limit)
+        self.notices_from(0, limit)
     }
 
     pub fn outbox_len(&self) -> usize {

@@ -433,6 +433,44 @@ async fn outbox_keeps_commit_order_and_forgets_what_was_sent() {
     assert_eq!(s.outbox_len(), 2);
 }
 
+fn alert(key: &str, resolved: bool) -> crate::engine::Alert {
+    let mut a = crate::engine::Alert::new("KeywardenKeyDisabled", crate::engine::Severity::Warning, &[("key_id", key)], "s".into(), "d".into(), Utc::now());
+    a.ends_at = resolved.then(Utc::now);
+    a
+}
+
+#[tokio::test]
+async fn a_commits_alerts_are_queued_as_one_record_in_order_and_go_once_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    let w = writer(&s);
+    let first = [alert("a", false), alert("b", false), alert("a", true)];
+    w.import(first.into_iter().map(|a| Record::Outbox(Effect::Alert(a))).collect()).await.unwrap();
+    w.import(vec![Record::Outbox(Effect::Alert(alert("c", false)))]).await.unwrap();
+    let queued = s.alerts_from(0, 10).unwrap();
+    let shape: Vec<Vec<(String, bool)>> =
+        queued.iter().map(|(_, alerts)| alerts.iter().map(|a| (a.labels["key_id"].clone(), a.ends_at.is_some())).collect()).collect();
+    assert_eq!(
+        shape,
+        vec![vec![("a".into(), false), ("b".into(), false), ("a".into(), true)], vec![("c".into(), false)]],
+        "one record per commit, its alerts in order"
+    );
+    // Resolved within its commit, a is not firing; b and c are.
+    let mut firing: Vec<String> = s.firing_alerts().unwrap().iter().map(|a| a.labels["key_id"].clone()).collect();
+    firing.sort();
+    assert_eq!(firing, ["b", "c"]);
+    w.sent(Queue::Alerts, vec![SentEntry::id(queued[0].0)]).await.unwrap();
+    let left = s.alerts_from(0, 10).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0, queued[1].0, "the delivered record went, whole");
+    // A record an older release wrote holds one alert, as an effect.
+    let id = left[0].0 + 1;
+    s.tree.insert(queue_key(ALERTS, id), encode(&Effect::Alert(alert("old", false)))).unwrap();
+    let read = s.alerts_from(id, 10).unwrap();
+    assert_eq!(read.len(), 1);
+    assert_eq!(read[0].1.iter().map(|a| a.labels["key_id"].as_str()).collect::<Vec<_>>(), ["old"]);
+}
+
 #[tokio::test]
 async fn a_key_another_node_owns_is_refused_by_the_writer() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,7 +11,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::AlertSink;
-use crate::engine::{Alert, Effect};
+use crate::engine::Alert;
 use crate::store::writer::Writer;
 use crate::store::{Queue, SentEntry, Store};
 
@@ -89,13 +89,18 @@ impl Sinks {
 
 /// Delivers queued alerts in commit order; a sink that fails is retried with
 /// backoff and the alert stays queued (and durable) until every sink took it.
+/// The queue holds one record per commit, removed once every alert in it is
+/// delivered: a crash half-way through a record sends its first alerts again.
 pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let cursor = super::Cursor::default();
+    // A record whose first alerts were delivered before a sink failed, and how
+    // many: the retry goes on from the one that failed.
+    let mut delivered: Option<(u64, usize)> = None;
     loop {
         let notified = notify.notified();
-        let batch = match store.queued_from(Queue::Alerts, cursor.at(), 32) {
-            Ok(batch) => batch,
+        let records = match store.alerts_from(cursor.at(), RECORDS_PER_ROUND) {
+            Ok(records) => records,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the alert queue; retrying");
                 if !super::pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
@@ -104,7 +109,7 @@ pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Ar
                 continue;
             }
         };
-        if batch.is_empty() {
+        if records.is_empty() {
             if !super::idle(&shutdown, notified).await {
                 return;
             }
@@ -112,27 +117,24 @@ pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Ar
         }
         let mut done = Vec::new();
         let mut failed = None;
-        for (id, effect) in batch {
-            let Effect::Alert(alert) = &effect else {
-                done.push(id);
-                continue;
-            };
-            if sinks.is_empty() {
-                tracing::warn!(alert = %alert.name, labels = ?alert.labels, resolved = alert.ends_at.is_some(), summary = %alert.summary, "alert (no alerts.sinks configured)");
-                done.push(id);
-                continue;
-            }
-            let instances = instance_count(&store, alert).await;
-            match sinks.send(alert, instances).await {
-                Ok(()) => {
-                    tracing::info!(alert = %alert.name, fingerprint = %alert.fingerprint(), resolved = alert.ends_at.is_some(), "alert sent");
-                    done.push(id);
+        'records: for (id, alerts) in records {
+            let skip = delivered.filter(|(at, _)| *at == id).map_or(0, |(_, n)| n);
+            for (i, alert) in alerts.iter().enumerate().skip(skip) {
+                if sinks.is_empty() {
+                    tracing::warn!(alert = %alert.name, labels = ?alert.labels, resolved = alert.ends_at.is_some(), summary = %alert.summary, "alert (no alerts.sinks configured)");
+                    continue;
                 }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
+                let instances = instance_count(&store, alert).await;
+                match sinks.send(alert, instances).await {
+                    Ok(()) => tracing::info!(alert = %alert.name, fingerprint = %alert.fingerprint(), resolved = alert.ends_at.is_some(), "alert sent"),
+                    Err(e) => {
+                        delivered = Some((id, i));
+                        failed = Some(e);
+                        break 'records;
+                    }
                 }
             }
+            done.push(id);
         }
         // What was delivered is a prefix of what was read.
         let last = done.last().copied();
@@ -152,6 +154,10 @@ pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Ar
         }
     }
 }
+
+/// Alert records read per round: each holds one commit's alerts (up to a
+/// batch's worth), and is removed only once all of them are delivered.
+const RECORDS_PER_ROUND: usize = 4;
 
 /// Sends every firing alert again now and then: Alertmanager drops an alert
 /// that is not repeated within its resolve_timeout.
@@ -248,7 +254,7 @@ fn slack_body(alert: &Alert, instances: Option<usize>) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::Severity;
+    use crate::engine::{Effect, Severity};
 
     fn alert() -> Alert {
         Alert::new("KeywardenKeyDeleted", Severity::Critical, &[("key_id", "k/1")], "root key k/1 was deleted".into(), "gone".into(), chrono::Utc::now())
@@ -270,5 +276,55 @@ mod tests {
         assert!(slack_body(&alert(), Some(3))["text"].as_str().unwrap().contains("CRITICAL"));
         // The same condition, raised twice, is the same alert.
         assert_eq!(alert().fingerprint(), alert().resolved(chrono::Utc::now()).fingerprint());
+    }
+
+    type Took = Arc<std::sync::Mutex<Vec<String>>>;
+
+    /// A webhook that refuses its second request once, and records the key
+    /// of every alert it took.
+    async fn flaky_webhook() -> (String, Took) {
+        let took = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let state = (took.clone(), calls);
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(
+                |axum::extract::State((took, calls)): axum::extract::State<(Took, Arc<std::sync::atomic::AtomicUsize>)>,
+                 axum::Json(body): axum::Json<Value>| async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                        return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    took.lock().unwrap().push(body["labels"]["key_id"].as_str().unwrap_or_default().to_string());
+                    axum::http::StatusCode::OK
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app.with_state(state)).await });
+        (url, took)
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_fails_half_way_through_a_commits_alerts_gets_the_rest_and_not_the_first_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let fence = Arc::new(crate::cluster::Fence::default());
+        fence.assign(&[("events".to_string(), 0)]);
+        let (writer, _) = Writer::start(store.clone(), crate::cluster::Ownership::shared(fence, "events", 1), 16, Box::new(|_| {}));
+        let raised = |key: &str| Alert::new("KeywardenKeyDisabled", Severity::Warning, &[("key_id", key)], "s".into(), "d".into(), chrono::Utc::now());
+        writer.import(["a", "b", "c"].map(|k| crate::engine::Record::Outbox(Effect::Alert(raised(k)))).to_vec()).await.unwrap();
+        let (url, took) = flaky_webhook().await;
+        let sinks = Sinks::new(vec![AlertSink { kind: "webhook".into(), url, slack: false }], Context { node: "n1".into(), api: "http://127.0.0.1:1".into() });
+        let shutdown = CancellationToken::new();
+        let relay = tokio::spawn(deliver_loop(store.clone(), writer, sinks, Arc::new(Notify::new()), shutdown.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !store.alerts_from(0, 10).unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the commit's alerts were not all delivered: {:?}", took.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        relay.await.unwrap();
+        assert_eq!(*took.lock().unwrap(), ["a", "b", "c"], "each alert delivered once, in order, b after its refusal");
     }
 }

@@ -285,7 +285,7 @@ impl Relay {
             let notified = self.notify.notified();
             // The outbox only matters to notices (their keys' unpublished
             // commands); every commit wakes this loop, most with none.
-            let read = self.store.queued_from(Queue::Notices, cursor.at(), NOTICE_WINDOW).and_then(|n| {
+            let read = self.store.notices_from(cursor.at(), NOTICE_WINDOW).and_then(|n| {
                 let outbox = if n.is_empty() { Vec::new() } else { self.store.outbox_from(self.outbox.at(), NOTICE_WINDOW)? };
                 Ok((n, outbox))
             });
