@@ -92,7 +92,7 @@ impl Metrics {
                 .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]),
         )
         .expect("metric");
-        let outbox_depth = IntGauge::new("keywarden_outbox_depth", "Effects committed but not yet published").expect("metric");
+        let outbox_depth = IntGauge::new("keywarden_outbox_depth", "Outbox records (one per commit) whose effects are not all published yet").expect("metric");
         let kms_ack_oldest_seconds = IntGauge::new(
             "keywarden_kms_ack_oldest_pending_seconds",
             "Age of the oldest unsent acknowledgement to a KMS that sets a deadline (Key Protect: 4h)",

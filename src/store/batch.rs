@@ -18,6 +18,8 @@ pub struct Staged {
     pub(super) facts: Vec<AuditFact>,
     /// Alerts raised or resolved, queued as one record at commit.
     pub(super) alerts: Vec<crate::engine::Alert>,
+    /// Outbox effects, queued as one record at commit.
+    pub(super) outbox: Vec<Effect>,
     /// This node's own sealed audit entries, read back from the changelog
     /// for a batch it published and did not apply (`schema::SEALED`).
     pub(super) recovered: Vec<audit::AuditEntry>,
@@ -120,15 +122,16 @@ impl Store {
                     staged.alerts.push(alert.clone());
                 }
                 Record::Outbox(Effect::KmsNotice { key_id, .. }) if self.wants_notices.get().is_some_and(|wants| !wants(key_id)) => {}
-                Record::Outbox(effect) => {
-                    let value = encode(effect);
-                    if let Some((key_id, name)) = command_key(effect) {
-                        commands.push(Change { route: Route::Key(key_id), key: name, value: Some(value.clone()) });
-                    }
-                    // generate_id is monotonic across restarts, so the outbox keeps commit order.
+                Record::Outbox(effect @ Effect::KmsNotice { .. }) => {
+                    // generate_id is monotonic across restarts, so the queue keeps commit order.
                     let id = self.db.generate_id()?;
-                    let prefix = if matches!(effect, Effect::KmsNotice { .. }) { NOTICES } else { OUTBOX };
-                    staged.batch.insert(queue_key(prefix, id), value);
+                    staged.batch.insert(queue_key(NOTICES, id), encode(effect));
+                }
+                Record::Outbox(effect) => {
+                    if let Some((key_id, name)) = command_key(effect) {
+                        commands.push(Change { route: Route::Key(key_id), key: name, value: Some(encode(effect)) });
+                    }
+                    staged.outbox.push(effect.clone());
                 }
                 Record::Offset { topic, partition, next } => {
                     staged.put(Route::Partition(*partition), offset_key(topic, *partition), next.to_be_bytes().to_vec())
@@ -225,12 +228,17 @@ impl Store {
                 }
             }
         }
+        // One queue record per commit, not one per effect or alert: each
+        // record is inserted now and removed once all of it is sent, and per
+        // entry that was two sled writes for every event (B3). generate_id is
+        // monotonic across restarts, so each queue keeps commit order.
         if !staged.alerts.is_empty() {
-            // One queue record per commit, not one per alert: each record is
-            // inserted now and removed once delivered, and per alert that was
-            // two sled writes of an event that raises one (B3).
             let id = self.db.generate_id()?;
             staged.batch.insert(queue_key(ALERTS, id), encode(&std::mem::take(&mut staged.alerts)));
+        }
+        if !staged.outbox.is_empty() {
+            let id = self.db.generate_id()?;
+            staged.batch.insert(queue_key(OUTBOX, id), encode(&std::mem::take(&mut staged.outbox)));
         }
         let anchored = sealed.is_some() || !staged.facts.is_empty();
         let sealed = match sealed {

@@ -1,7 +1,7 @@
 //! The three queues effects wait in after their commit: the outbox (data-plane
-//! commands and embedded-KMS events), KMS notices, and alerts (one record per
-//! commit). Each is read oldest first by its relay, which tells the writer what
-//! it sent.
+//! commands and embedded-KMS events) and alerts, one record per commit each,
+//! and KMS notices, one entry each. Each is read oldest first by its relay,
+//! which tells the writer what it sent; a record goes once all of it was sent.
 
 use super::schema::*;
 use super::{Change, Route, Staged, Store, StoreError};
@@ -24,38 +24,47 @@ impl Queue {
     }
 }
 
-/// A queue entry its relay sent: its id and, for a data-plane command, its
-/// replicated copy's key and name, taken from the effect the relay read.
+/// A queue entry its relay sent: its id and, for an outbox record, its
+/// commands' replicated copies, named from the effects the relay read.
 /// Removing an outbox entry used to read it back and decode it again only to
-/// find that name: over a third of the writer's time in a 100,000-DEK rotation.
+/// find those names: over a third of the writer's time in a 100,000-DEK rotation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SentEntry {
     id: u64,
-    copy: CopyName,
+    copies: Copies,
 }
 
-/// What a sent entry's replicated copy is.
+/// What a sent entry's replicated copies are.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum CopyName {
-    /// Taken from the effect the relay read: its key and name, or none (not a command).
-    Known(Option<(String, Vec<u8>)>),
+enum Copies {
+    /// Taken from the effects the relay read: each command's key and name.
+    Known(Vec<(String, Vec<u8>)>),
     /// Not known to the caller: the entry is read back from the queue.
     ReadBack,
 }
 
 impl SentEntry {
-    /// An entry sent as `effect`, which it was read as.
-    pub fn of(id: u64, effect: &Effect) -> SentEntry {
-        SentEntry { id, copy: CopyName::Known(command_key(effect)) }
+    /// An outbox record whose every effect was sent, as it was read.
+    pub fn of(id: u64, effects: &[Effect]) -> SentEntry {
+        SentEntry { id, copies: Copies::Known(effects.iter().filter_map(command_key).collect()) }
     }
 
     /// An entry known by its id alone (a notice, an alert).
     pub fn id(id: u64) -> SentEntry {
-        SentEntry { id, copy: CopyName::ReadBack }
+        SentEntry { id, copies: Copies::ReadBack }
     }
 
     pub fn id_of(&self) -> u64 {
         self.id
+    }
+}
+
+/// An outbox record's effects: a list (one record per commit), or one effect
+/// as an older release queued it.
+fn outbox_effects(key: &[u8], value: &[u8]) -> Result<Vec<Effect>, StoreError> {
+    match decode::<Vec<Effect>>(key, value) {
+        Ok(effects) => Ok(effects),
+        Err(e) => decode::<Effect>(key, value).map(|effect| vec![effect]).map_err(|_| e),
     }
 }
 
@@ -64,7 +73,13 @@ impl Store {
     /// ids: a relay that removed every entry below `from` reads on from there
     /// (see `Cursor`).
     pub fn notices_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        self.queued_weighing(Queue::Notices, from, limit, |_| 1)
+        let mut out = Vec::new();
+        for kv in self.queue_range(Queue::Notices, from).take(limit) {
+            let (key, value) = kv.map_err(StoreError::Read)?;
+            let id = number(&key, &key[NOTICES.len()..])? as u64;
+            out.push((id, decode(&key, &value)?));
+        }
+        Ok(out)
     }
 
     /// The oldest alert records from id `from` on, at most `limit`, with their
@@ -88,25 +103,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The oldest entries of a queue from id `from` on, with their ids, until
-    /// their `weight` reaches `limit` (at least one entry, however heavy).
-    fn queued_weighing(&self, queue: Queue, from: u64, limit: usize, weight: impl Fn(&Effect) -> usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        let prefix = queue.prefix();
-        let mut out = Vec::new();
-        let mut total = 0;
-        for kv in self.queue_range(queue, from) {
-            if total >= limit {
-                break;
-            }
-            let (key, value) = kv.map_err(StoreError::Read)?;
-            let id = number(&key, &key[prefix.len()..])? as u64;
-            let effect = decode(&key, &value)?;
-            total += weight(&effect);
-            out.push((id, effect));
-        }
-        Ok(out)
-    }
-
     /// A queue's entries from id `from` on. Starting past the entries a relay
     /// removed matters: sled keeps the emptied nodes of a queue's front, and a
     /// scan from the prefix walks all of them (after 100,000 events, most of
@@ -120,18 +116,35 @@ impl Store {
         self.tree.range(queue_key(prefix, from)..end)
     }
 
-    /// The oldest outbox entries from id `from` on, up to `limit` commands: an
-    /// entry of many instance commands (a rotation's chunk) counts as that
-    /// many, so that what the relay holds in one round stays bounded.
-    pub fn outbox_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
-        self.queued_weighing(Queue::Outbox, from, limit, |e| match e {
-            Effect::InstanceCommands { instances, .. } => instances.len().max(1),
-            _ => 1,
-        })
+    /// The oldest outbox records from id `from` on, each the effects one
+    /// commit queued, in order, until they hold `limit` commands: an entry of
+    /// many instance commands (a rotation's chunk) counts as that many, so that
+    /// what the relay holds in one round stays bounded (at least one record,
+    /// however heavy; a record holds one writer batch at most).
+    pub fn outbox_from(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<Effect>)>, StoreError> {
+        let mut out = Vec::new();
+        let mut total = 0;
+        for kv in self.queue_range(Queue::Outbox, from) {
+            if total >= limit {
+                break;
+            }
+            let (key, value) = kv.map_err(StoreError::Read)?;
+            let id = number(&key, &key[OUTBOX.len()..])? as u64;
+            let effects = outbox_effects(&key, &value)?;
+            total += effects
+                .iter()
+                .map(|e| match e {
+                    Effect::InstanceCommands { instances, .. } => instances.len().max(1),
+                    _ => 1,
+                })
+                .sum::<usize>();
+            out.push((id, effects));
+        }
+        Ok(out)
     }
 
-    /// The oldest outbox entries (see `outbox_from`).
-    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Effect)>, StoreError> {
+    /// The oldest outbox records (see `outbox_from`).
+    pub fn outbox(&self, limit: usize) -> Result<Vec<(u64, Vec<Effect>)>, StoreError> {
         self.outbox_from(0, limit)
     }
 
@@ -139,11 +152,12 @@ impl Store {
         self.notices_from(0, limit)
     }
 
+    /// How many outbox records (commits with effects not all sent) there are.
     pub fn outbox_len(&self) -> usize {
         self.outbox_len_from(0)
     }
 
-    /// How many outbox entries there are from id `from` on.
+    /// How many outbox records there are from id `from` on.
     pub fn outbox_len_from(&self, from: u64) -> usize {
         self.queue_range(Queue::Outbox, from).count()
     }
@@ -157,17 +171,17 @@ impl Store {
     /// stable id downstream; alerts are, as a sink may page someone twice.
     pub fn stage_sent(&self, staged: &mut Staged, queue: Queue, sent: Vec<SentEntry>, mine: impl Fn(&str) -> bool) -> Result<(), StoreError> {
         let prefix = queue.prefix();
-        for SentEntry { id, copy } in sent {
+        for SentEntry { id, copies } in sent {
             let key = queue_key(prefix, id);
             if queue == Queue::Outbox && self.changelog.get().is_some() {
-                let copy = match copy {
-                    CopyName::Known(copy) => copy,
-                    CopyName::ReadBack => match self.get(&key)? {
-                        Some(value) => command_key(&decode(&key, &value)?),
-                        None => None,
+                let copies = match copies {
+                    Copies::Known(copies) => copies,
+                    Copies::ReadBack => match self.get(&key)? {
+                        Some(value) => outbox_effects(&key, &value)?.iter().filter_map(command_key).collect(),
+                        None => Vec::new(),
                     },
                 };
-                if let Some((key_id, name)) = copy.filter(|(key_id, _)| mine(key_id)) {
+                for (key_id, name) in copies.into_iter().filter(|(key_id, _)| mine(key_id)) {
                     staged.changes.push(Change { route: Route::Key(key_id), key: name, value: None });
                 }
             }

@@ -86,6 +86,11 @@ fn two_nodes() -> TwoNodes {
     TwoNodes { _dirs: (d1, d2), owner, next, log, w }
 }
 
+/// Queue records' effects, in order.
+fn effects(records: Vec<(u64, Vec<Effect>)>) -> Vec<Effect> {
+    records.into_iter().flat_map(|(_, effects)| effects).collect()
+}
+
 fn revoke(key: &str) -> Effect {
     Effect::KeyCommands {
         key_id: key.into(),
@@ -395,7 +400,7 @@ async fn an_emitted_event_another_node_left_is_queued_at_take_over_until_an_even
     assert_eq!(next.outbox_len(), 0);
     let (emitted, _) = nw.take_over("events", 0, 1, "http://next").await.unwrap();
     assert_eq!(emitted, 1);
-    assert_eq!(next.outbox(10).unwrap().into_iter().map(|(_, e)| e).collect::<Vec<_>>(), vec![emit("e2", "b").effect]);
+    assert_eq!(effects(next.outbox(10).unwrap()), vec![emit("e2", "b").effect]);
     assert_eq!(next.owner_url(0).unwrap().as_deref(), Some("http://next"));
     // The emitting node's own take-over queues nothing again: its copy is its outbox.
     let (own, _) = w.take_over("events", 0, 1, "http://owner").await.unwrap();
@@ -405,9 +410,10 @@ async fn an_emitted_event_another_node_left_is_queued_at_take_over_until_an_even
 #[tokio::test]
 async fn commands_a_dead_owner_left_unsent_are_adopted_by_the_next_and_forgotten_once_sent() {
     let TwoNodes { _dirs, owner, next, log, w } = two_nodes();
-    w.import(vec![Record::Outbox(revoke("a")), Record::Outbox(revoke("b"))]).await.unwrap();
+    w.import(vec![Record::Outbox(revoke("a"))]).await.unwrap();
+    w.import(vec![Record::Outbox(revoke("b"))]).await.unwrap();
     // "b" was sent before the owner died; "a" was not.
-    let b = owner.outbox(10).unwrap().into_iter().find(|(_, e)| *e == revoke("b")).unwrap().0;
+    let b = owner.outbox(10).unwrap().into_iter().find(|(_, e)| *e == [revoke("b")]).unwrap().0;
     // As a relay that read it back would say, and as one that knows it by id alone.
     w.sent(Queue::Outbox, vec![SentEntry::id(b)]).await.unwrap();
     let entries = log.0.lock().unwrap().clone();
@@ -415,22 +421,27 @@ async fn commands_a_dead_owner_left_unsent_are_adopted_by_the_next_and_forgotten
     replicate(&nw, entries).await;
     assert_eq!(next.outbox_len(), 0, "a copy is not sent by a node that does not own the key");
     assert_eq!(nw.take_over("events", 0, 1, "http://next").await.unwrap().1, 1);
-    assert_eq!(next.outbox(10).unwrap().into_iter().map(|(_, e)| e).collect::<Vec<_>>(), vec![revoke("a")]);
+    assert_eq!(effects(next.outbox(10).unwrap()), vec![revoke("a")]);
     assert_eq!(nw.take_over("events", 0, 1, "http://next").await.unwrap().1, 0, "adopted once");
 }
 
 #[tokio::test]
-async fn outbox_keeps_commit_order_and_forgets_what_was_sent() {
+async fn outbox_keeps_commit_order_one_record_per_commit_and_forgets_what_was_sent() {
     let dir = tempfile::tempdir().unwrap();
     let s = Store::open(dir.path()).unwrap();
     let w = writer(&s);
     w.import(vec![Record::Outbox(revoke("a")), Record::Outbox(revoke("b"))]).await.unwrap();
     w.import(vec![Record::Outbox(revoke("c"))]).await.unwrap();
     let out = s.outbox(10).unwrap();
-    let names: Vec<_> = out.iter().map(|(_, e)| e.clone()).collect();
-    assert_eq!(names, [revoke("a"), revoke("b"), revoke("c")]);
+    let records: Vec<Vec<Effect>> = out.iter().map(|(_, e)| e.clone()).collect();
+    assert_eq!(records, [vec![revoke("a"), revoke("b")], vec![revoke("c")]]);
     w.sent(Queue::Outbox, vec![SentEntry::of(out[0].0, &out[0].1)]).await.unwrap();
-    assert_eq!(s.outbox_len(), 2);
+    assert_eq!(effects(s.outbox(10).unwrap()), [revoke("c")], "the first commit's record went whole");
+    assert_eq!(s.outbox_len(), 1);
+    // A record an older release wrote holds one effect.
+    let id = out[1].0 + 1;
+    s.tree.insert(queue_key(OUTBOX, id), encode(&revoke("old"))).unwrap();
+    assert_eq!(s.outbox_from(id, 10).unwrap(), [(id, vec![revoke("old")])]);
 }
 
 fn alert(key: &str, resolved: bool) -> crate::engine::Alert {
@@ -518,7 +529,7 @@ async fn a_chunk_of_rewraps_is_committed_as_one_job_and_a_stale_result_in_it_is_
     assert!(s.instance("gone").unwrap().is_none(), "a result for an unknown instance creates nothing");
     let commands = s.outbox(10).unwrap();
     // One outbox entry for the chunk, naming each applied result once, in order.
-    let [(_, Effect::InstanceCommands { instances, action: CommandAction::Rewrapped, key_version, .. })] = &commands[..] else {
+    let [Effect::InstanceCommands { instances, action: CommandAction::Rewrapped, key_version, .. }] = &effects(commands.clone())[..] else {
         panic!("the chunk's commands are one entry: {commands:?}");
     };
     let named: Vec<&str> = instances.iter().map(|i| i.instance_id.as_str()).collect();
@@ -538,8 +549,8 @@ async fn a_chunk_of_commands_is_replicated_once_adopted_whole_and_forgotten_once
     let entries = log.0.lock().unwrap().clone();
     replicate(&nw, entries).await;
     assert_eq!(nw.take_over("events", 0, 1, "http://next").await.unwrap().1, 1);
-    let adopted = next.outbox(10).unwrap();
-    let [(_, Effect::InstanceCommands { instances, .. })] = &adopted[..] else { panic!("adopted whole: {adopted:?}") };
+    let adopted = effects(next.outbox(10).unwrap());
+    let [Effect::InstanceCommands { instances, .. }] = &adopted[..] else { panic!("adopted whole: {adopted:?}") };
     assert_eq!(instances.len(), 3);
     // Sent by the owner instead: its copy is tombstoned, once.
     let queued = owner.outbox(10).unwrap();
@@ -556,9 +567,10 @@ async fn a_round_of_the_outbox_counts_a_chunk_as_its_commands() {
     let w = writer(&s);
     w.import((0..4).map(|i| Record::Instance(inst(&format!("i{i}"), "k"))).collect()).await.unwrap();
     w.enqueue_all(vec![rewrapped("i0", "1"), rewrapped("i1", "1"), rewrapped("i2", "1")]).await.unwrap().await.unwrap();
-    w.import(vec![Record::Outbox(revoke("a")), Record::Outbox(revoke("b"))]).await.unwrap();
-    // The chunk weighs 3: a limit of 2 still takes it (one entry at least), a
-    // limit of 4 takes one more entry, not two.
+    w.import(vec![Record::Outbox(revoke("a"))]).await.unwrap();
+    w.import(vec![Record::Outbox(revoke("b"))]).await.unwrap();
+    // The chunk weighs 3: a limit of 2 still takes it (one record at least), a
+    // limit of 4 takes one more record, not two.
     assert_eq!(s.outbox(2).unwrap().len(), 1);
     assert_eq!(s.outbox(4).unwrap().len(), 2);
     assert_eq!(s.outbox(5).unwrap().len(), 3);
@@ -570,7 +582,9 @@ async fn a_queue_read_from_past_its_removed_front_sees_the_rest_in_order_and_not
     let s = Store::open(dir.path()).unwrap();
     let w = writer(&s);
     let keys: Vec<String> = (0..6).map(|i| format!("q{i}")).collect();
-    w.import(keys.iter().map(|k| Record::Outbox(revoke(k))).collect()).await.unwrap();
+    for k in &keys {
+        w.import(vec![Record::Outbox(revoke(k))]).await.unwrap();
+    }
     // Queued after the outbox, under the next prefixes: a read must stop at its own.
     w.import(vec![Record::Offset { topic: "t".into(), partition: 0, next: 1 }]).await.unwrap();
     let all = s.outbox(100).unwrap();
@@ -584,7 +598,7 @@ async fn a_queue_read_from_past_its_removed_front_sees_the_rest_in_order_and_not
     // Entries queued later have higher ids: read from the same place, they follow.
     w.import(vec![Record::Outbox(revoke("later"))]).await.unwrap();
     let after = s.outbox_from(from, 100).unwrap();
-    assert_eq!(after.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(), vec![revoke("q4"), revoke("q5"), revoke("later")]);
+    assert_eq!(effects(after), vec![revoke("q4"), revoke("q5"), revoke("later")]);
     // Past every id: nothing, and not the next prefix's records.
     assert!(s.outbox_from(u64::MAX, 100).unwrap().is_empty());
     assert_eq!(s.outbox_len_from(u64::MAX), 0);
@@ -894,7 +908,7 @@ mod ordering {
                 want.sort();
                 prop_assert_eq!(node.store.instance_ids_of(&key(*k)).unwrap(), want, "instances of key {}", k);
             }
-            let mut commands: Vec<(String, CommandAction)> = node.store.outbox(100_000).unwrap().into_iter().filter_map(|(_, e)| match e {
+            let mut commands: Vec<(String, CommandAction)> = effects(node.store.outbox(100_000).unwrap()).into_iter().filter_map(|e| match e {
                 Effect::KeyCommands { cause_event_id, action, .. } => Some((cause_event_id, action)),
                 _ => None,
             }).collect();

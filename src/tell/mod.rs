@@ -290,7 +290,9 @@ impl Relay {
                 Ok((n, outbox))
             });
             let (batch, unflushed) = match read {
-                Ok((batch, outbox)) => (batch, outbox.iter().filter_map(|(_, e)| effect_key(e)).map(str::to_owned).collect::<HashSet<String>>()),
+                Ok((batch, outbox)) => {
+                    (batch, outbox.iter().flat_map(|(_, effects)| effects.iter().filter_map(effect_key)).map(str::to_owned).collect::<HashSet<String>>())
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the kms notices; retrying");
                     if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
@@ -508,11 +510,15 @@ impl Relay {
     async fn publish_loop(&self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut depth_at: Option<std::time::Instant> = None;
+        // A record whose first effects were published before a failure, and
+        // how many: the retry goes on from the first that was not (a crash
+        // sends them again, under the same command ids).
+        let mut progress: Option<(u64, usize)> = None;
         loop {
             let notified = self.notify.notified();
             let from = self.outbox.at();
-            let batch = match self.off_runtime(move |store| store.outbox_from(from, ROUND)).await {
-                Ok(batch) => batch,
+            let records = match self.off_runtime(move |store| store.outbox_from(from, ROUND)).await {
+                Ok(records) => records,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the outbox; retrying");
                     if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
@@ -526,20 +532,29 @@ impl Relay {
             // daemon's CPU during one (a count of 100,000 entries takes ~50 ms).
             // A short round is an exact count, and cheap; while rounds come back
             // full the gauge is refreshed every 10 s.
-            if batch.len() < ROUND || depth_at.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
+            if records.iter().map(|(_, effects)| effects.len()).sum::<usize>() < ROUND || depth_at.is_none_or(|t| t.elapsed() >= DEPTH_EVERY) {
                 // A count walks the whole outbox (~50 ms for 100,000 entries).
                 if let Ok(depth) = self.off_runtime(move |store| Ok(store.outbox_len_from(from))).await {
                     self.metrics.outbox_depth.set(depth as i64);
                 }
                 depth_at = Some(std::time::Instant::now());
             }
-            if batch.is_empty() {
+            if records.is_empty() {
                 if !idle(&shutdown, notified).await {
                     return;
                 }
                 continue;
             }
-            let mut sent = Vec::with_capacity(batch.len());
+            // Each record's effects, less those published already, in order
+            // and each under its record's id; a record goes once all are out.
+            let mut batch: Vec<(u64, Effect)> = Vec::new();
+            let mut read: Vec<(SentEntry, usize, usize)> = Vec::with_capacity(records.len());
+            for (id, effects) in records {
+                let skip = progress.filter(|(at, _)| *at == id).map_or(0, |(_, n)| n).min(effects.len());
+                read.push((SentEntry::of(id, &effects), skip, effects.len() - skip));
+                batch.extend(effects.into_iter().skip(skip).map(|e| (id, e)));
+            }
+            let mut sent = 0;
             let mut failed = None;
             let mut rest = batch.as_slice();
             while !rest.is_empty() {
@@ -560,30 +575,40 @@ impl Relay {
                 };
                 rest = &rest[now.len()..];
                 match result {
-                    Ok(()) => sent.extend(now.iter().map(|(id, effect)| SentEntry::of(*id, effect))),
+                    Ok(()) => sent += now.len(),
                     Err(e) => {
-                        // The entries all of whose commands went out before the
+                        // The effects all of whose commands went out before the
                         // failure are done; the rest is sent again (under the
                         // same command ids, which the data plane deduplicates).
                         let mut left = published;
-                        for (id, effect) in now {
+                        for (_, effect) in now {
                             let n = command_count(effect);
                             if n > left {
                                 break;
                             }
                             left -= n;
-                            sent.push(SentEntry::of(*id, effect));
+                            sent += 1;
                         }
                         failed = Some(e);
                         break;
                     }
                 }
             }
+            // What was sent is a prefix of what was read: the records it
+            // covers whole go, and the first it does not keeps its progress.
+            let mut done = Vec::new();
+            for (entry, skip, unsent) in read {
+                if sent < unsent {
+                    progress = (skip + sent > 0).then_some((entry.id_of(), skip + sent));
+                    break;
+                }
+                sent -= unsent;
+                done.push(entry);
+            }
             // With a changelog, removing also publishes tombstones (the other
             // nodes forget their copies), on the writer's thread.
-            // What was sent is a prefix of what was read.
-            let last = sent.last().map(SentEntry::id_of);
-            if let Err(e) = self.writer.sent(Queue::Outbox, sent).await {
+            let last = done.last().map(SentEntry::id_of);
+            if let Err(e) = self.writer.sent(Queue::Outbox, done).await {
                 tracing::error!(error = %e, "cannot remove published effects from the outbox; they will be sent again");
                 self.outbox.reset();
             } else {
