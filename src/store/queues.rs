@@ -59,13 +59,20 @@ impl SentEntry {
     }
 }
 
-/// An outbox record's effects: a list (one record per commit), or one effect
-/// as an older release queued it.
-fn outbox_effects(key: &[u8], value: &[u8]) -> Result<Vec<Effect>, StoreError> {
-    match decode::<Vec<Effect>>(key, value) {
-        Ok(effects) => Ok(effects),
-        Err(e) => decode::<Effect>(key, value).map(|effect| vec![effect]).map_err(|_| e),
+/// A queue record's items: a list (one record per commit), or the one effect
+/// an older release queued per entry, which `legacy` takes as an item.
+fn record_items<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8], legacy: impl FnOnce(Effect) -> Option<T>) -> Result<Vec<T>, StoreError> {
+    match decode::<Vec<T>>(key, value) {
+        Ok(items) => Ok(items),
+        Err(e) => match decode::<Effect>(key, value).ok().and_then(legacy) {
+            Some(item) => Ok(vec![item]),
+            None => Err(e),
+        },
     }
+}
+
+fn outbox_effects(key: &[u8], value: &[u8]) -> Result<Vec<Effect>, StoreError> {
+    record_items(key, value, Some)
 }
 
 impl Store {
@@ -91,13 +98,10 @@ impl Store {
         for kv in self.queue_range(Queue::Alerts, from).take(limit) {
             let (key, value) = kv.map_err(StoreError::Read)?;
             let id = number(&key, &key[ALERTS.len()..])? as u64;
-            let alerts = match decode::<Vec<Alert>>(&key, &value) {
-                Ok(alerts) => alerts,
-                Err(e) => match decode::<Effect>(&key, &value) {
-                    Ok(Effect::Alert(alert)) => vec![alert],
-                    _ => return Err(e),
-                },
-            };
+            let alerts = record_items(&key, &value, |effect| match effect {
+                Effect::Alert(alert) => Some(alert),
+                _ => None,
+            })?;
             out.push((id, alerts));
         }
         Ok(out)

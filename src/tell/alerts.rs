@@ -94,9 +94,8 @@ impl Sinks {
 pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Arc<Notify>, shutdown: CancellationToken) {
     let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let cursor = super::Cursor::default();
-    // A record whose first alerts were delivered before a sink failed, and how
-    // many: the retry goes on from the one that failed.
-    let mut delivered: Option<(u64, usize)> = None;
+    // A record whose first alerts were delivered before a sink failed.
+    let mut resume = super::Resume::default();
     loop {
         let notified = notify.notified();
         let records = match store.alerts_from(cursor.at(), RECORDS_PER_ROUND) {
@@ -118,7 +117,7 @@ pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Ar
         let mut done = Vec::new();
         let mut failed = None;
         'records: for (id, alerts) in records {
-            let skip = delivered.filter(|(at, _)| *at == id).map_or(0, |(_, n)| n);
+            let skip = resume.sent_of(id);
             for (i, alert) in alerts.iter().enumerate().skip(skip) {
                 if sinks.is_empty() {
                     tracing::warn!(alert = %alert.name, labels = ?alert.labels, resolved = alert.ends_at.is_some(), summary = %alert.summary, "alert (no alerts.sinks configured)");
@@ -128,7 +127,7 @@ pub async fn deliver_loop(store: Store, writer: Writer, sinks: Sinks, notify: Ar
                 match sinks.send(alert, instances).await {
                     Ok(()) => tracing::info!(alert = %alert.name, fingerprint = %alert.fingerprint(), resolved = alert.ends_at.is_some(), "alert sent"),
                     Err(e) => {
-                        delivered = Some((id, i));
+                        resume.stopped(id, i);
                         failed = Some(e);
                         break 'records;
                     }

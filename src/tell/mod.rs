@@ -230,6 +230,25 @@ impl Cursor {
     }
 }
 
+/// Where a relay stopped inside a queue record it could not send whole (one
+/// record per commit): the record's id and how many of its items went out.
+/// The retry goes on from the first that did not; after a restart nothing is
+/// remembered, and the record is sent from its start, under the same ids.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Resume(Option<(u64, usize)>);
+
+impl Resume {
+    /// How many of record `id`'s items went out already.
+    pub(crate) fn sent_of(&self, id: u64) -> usize {
+        self.0.filter(|(at, _)| *at == id).map_or(0, |(_, n)| n)
+    }
+
+    /// Record `id` stopped after its first `sent` items.
+    pub(crate) fn stopped(&mut self, id: u64, sent: usize) {
+        self.0 = (sent > 0).then_some((id, sent));
+    }
+}
+
 impl Relay {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -510,10 +529,8 @@ impl Relay {
     async fn publish_loop(&self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         let mut depth_at: Option<std::time::Instant> = None;
-        // A record whose first effects were published before a failure, and
-        // how many: the retry goes on from the first that was not (a crash
-        // sends them again, under the same command ids).
-        let mut progress: Option<(u64, usize)> = None;
+        // A record whose first effects were published before a failure.
+        let mut resume = Resume::default();
         loop {
             let notified = self.notify.notified();
             let from = self.outbox.at();
@@ -550,7 +567,7 @@ impl Relay {
             let mut batch: Vec<(u64, Effect)> = Vec::new();
             let mut read: Vec<(SentEntry, usize, usize)> = Vec::with_capacity(records.len());
             for (id, effects) in records {
-                let skip = progress.filter(|(at, _)| *at == id).map_or(0, |(_, n)| n).min(effects.len());
+                let skip = resume.sent_of(id).min(effects.len());
                 read.push((SentEntry::of(id, &effects), skip, effects.len() - skip));
                 batch.extend(effects.into_iter().skip(skip).map(|e| (id, e)));
             }
@@ -599,7 +616,7 @@ impl Relay {
             let mut done = Vec::new();
             for (entry, skip, unsent) in read {
                 if sent < unsent {
-                    progress = (skip + sent > 0).then_some((entry.id_of(), skip + sent));
+                    resume.stopped(entry.id_of(), skip + sent);
                     break;
                 }
                 sent -= unsent;
