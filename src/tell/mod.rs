@@ -247,6 +247,22 @@ impl Resume {
     pub(crate) fn stopped(&mut self, id: u64, sent: usize) {
         self.0 = (sent > 0).then_some((id, sent));
     }
+
+    /// A round read `records` (id, items sent before it, items it had left),
+    /// in order, and sent the first `sent` of the items left: how many records
+    /// went out whole (to be removed), and where the first that did not stopped.
+    fn settle(&mut self, records: impl IntoIterator<Item = (u64, usize, usize)>, mut sent: usize) -> usize {
+        let mut whole = 0;
+        for (id, before, left) in records {
+            if sent < left {
+                self.stopped(id, before + sent);
+                break;
+            }
+            sent -= left;
+            whole += 1;
+        }
+        whole
+    }
 }
 
 impl Relay {
@@ -611,17 +627,8 @@ impl Relay {
                     }
                 }
             }
-            // What was sent is a prefix of what was read: the records it
-            // covers whole go, and the first it does not keeps its progress.
-            let mut done = Vec::new();
-            for (entry, skip, unsent) in read {
-                if sent < unsent {
-                    resume.stopped(entry.id_of(), skip + sent);
-                    break;
-                }
-                sent -= unsent;
-                done.push(entry);
-            }
+            let whole = resume.settle(read.iter().map(|(entry, skip, unsent)| (entry.id_of(), *skip, *unsent)), sent);
+            let done: Vec<SentEntry> = read.into_iter().take(whole).map(|(entry, _, _)| entry).collect();
             // With a changelog, removing also publishes tombstones (the other
             // nodes forget their copies), on the writer's thread.
             let last = done.last().map(SentEntry::id_of);
@@ -787,6 +794,21 @@ pub(crate) async fn pause(shutdown: &CancellationToken, wake: impl std::future::
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_removes_the_records_sent_whole_and_goes_on_inside_the_first_that_was_not() {
+        let mut resume = Resume::default();
+        // Records 1 (three effects) and 2 (two): four sent, then a failure.
+        assert_eq!(resume.settle([(1, 0, 3), (2, 0, 2)], 4), 1, "record 1 went whole");
+        assert_eq!((resume.sent_of(1), resume.sent_of(2)), (0, 1), "record 2 goes on after its first");
+        // The next round reads record 2's last effect only; a failure before it keeps the place.
+        assert_eq!(resume.settle([(2, 1, 1)], 0), 0);
+        assert_eq!(resume.sent_of(2), 1);
+        assert_eq!(resume.settle([(2, 1, 1), (3, 0, 2)], 3), 2, "both went whole");
+        // A record none of which went out starts from its first.
+        assert_eq!(resume.settle([(4, 0, 2)], 0), 0);
+        assert_eq!(resume.sent_of(4), 0);
+    }
 
     #[test]
     fn a_cursor_moves_past_the_removed_front_only_and_goes_back_when_removing_failed() {
