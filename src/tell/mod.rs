@@ -610,13 +610,17 @@ impl Relay {
                 match result {
                     Ok(()) => sent += now.len(),
                     Err(e) => {
-                        // The effects all of whose commands went out before the
-                        // failure are done; the rest is sent again (under the
-                        // same command ids, which the data plane deduplicates).
+                        // In a run of instance commands, the effects all of
+                        // whose commands went out before the failure are done;
+                        // the rest is sent again (under the same command ids,
+                        // which the data plane deduplicates). An effect sent on
+                        // its own (a key-wide command, a lifecycle event) has
+                        // no count of its own and failed whole: counted as
+                        // sent, it was removed unsent.
                         let mut left = published;
                         for (_, effect) in now {
                             let n = command_count(effect);
-                            if n > left {
+                            if n == 0 || n > left {
                                 break;
                             }
                             left -= n;
@@ -808,6 +812,109 @@ mod tests {
         // A record none of which went out starts from its first.
         assert_eq!(resume.settle([(4, 0, 2)], 0), 0);
         assert_eq!(resume.sent_of(4), 0);
+    }
+
+    /// The publish loop itself, through a broker that refuses the second of a
+    /// commit's three effects once, a key-wide revoke (a permanent error, so
+    /// librdkafka does not retry it inside the producer): the loop backs off
+    /// and sends the rest, the revoke reaches every instance, and what went
+    /// out before the refusal is not sent again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_that_refuses_half_way_through_a_commits_effects_gets_the_rest_and_not_the_first_again() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        use rdkafka::Message;
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let kafka = KafkaConfig { events_topic: "events".into(), commands_topic: "commands".into(), ..KafkaConfig::default() };
+        for topic in ["events", "commands"] {
+            cluster.create_topic(topic, 1, 1).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let fence = Arc::new(crate::cluster::Fence::default());
+        fence.assign(&[("events".to_string(), 0)]);
+        let (writer, _) = Writer::start(store.clone(), crate::cluster::Ownership::shared(fence, "events", 1), 16, Box::new(|_| {}));
+        let instance = |id: &str| {
+            crate::engine::Record::Instance(crate::engine::InstanceRecord {
+                instance_id: id.into(),
+                key_id: "k".into(),
+                wrapped: Some(crate::engine::WrappedDek { key_version: "1".into(), ciphertext: vec![1] }),
+                key_version: "1".into(),
+                dek_fingerprint: "f".into(),
+                created_at: Utc::now(),
+                updated_at: Utc::now(),
+                destroyed_at: None,
+                destroyed_reason: None,
+                rewrap_error: None,
+                credential: None,
+                data_plane: None,
+            })
+        };
+        writer.import(vec![instance("i1"), instance("i2")]).await.unwrap();
+        let event = |payload: &str| crate::engine::Record::Outbox(Effect::LifecycleEvent { key_id: "k".into(), payload: payload.into() });
+        let at = Utc::now();
+        let revoke = crate::engine::Record::Outbox(Effect::KeyCommands {
+            key_id: "k".into(),
+            action: CommandAction::Revoke,
+            key_version: None,
+            cause_event_id: "e1".into(),
+            issued_at: at,
+            correlation_id: None,
+            traceparent: None,
+        });
+        writer.import(vec![event("a"), revoke, event("c")]).await.unwrap();
+        let queued = store.outbox_from(0, 10).unwrap();
+        assert_eq!(queued.iter().map(|(_, effects)| effects.len()).collect::<Vec<_>>(), [3], "one commit, one record of three effects");
+        // The first produce request goes through, the second is refused.
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR, RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        );
+        let kms: Arc<dyn Kms> =
+            Arc::new(crate::kms::local::LocalKms::open(store.clone(), writer.clone(), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap());
+        let relay =
+            Relay::new(store.clone(), writer, kms, &kafka, &cluster.bootstrap_servers(), Arc::new(Notify::new()), Arc::new(Metrics::new()), None).unwrap();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(relay.run(shutdown.clone()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !store.outbox_from(0, 10).unwrap().is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the commit's effects were not all published");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        running.await.unwrap();
+        // The record is removed only once all of it is acknowledged, so each
+        // topic's end is final: read everything up to it.
+        let read = |topic: &'static str| {
+            let bootstrap = cluster.bootstrap_servers();
+            tokio::task::spawn_blocking(move || {
+                let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "check").create().unwrap();
+                let (_, end) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
+                let mut assignment = rdkafka::TopicPartitionList::new();
+                assignment.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+                consumer.assign(&assignment).unwrap();
+                let mut payloads = Vec::new();
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while (payloads.len() as i64) < end && std::time::Instant::now() < deadline {
+                    if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                        payloads.push(String::from_utf8_lossy(m.unwrap().payload().unwrap_or_default()).into_owned());
+                    }
+                }
+                payloads
+            })
+        };
+        assert_eq!(read("events").await.unwrap(), ["a", "c"], "each event published once, in order");
+        // A key-wide command is sent again whole, so a command may repeat, under its id.
+        let commands: HashSet<(String, String)> = read("commands")
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| serde_json::from_str::<serde_json::Value>(p).unwrap())
+            .map(|c| (c["instance_id"].as_str().unwrap().to_string(), c["command_id"].as_str().unwrap().to_string()))
+            .collect();
+        let want: HashSet<(String, String)> =
+            ["i1", "i2"].map(|i| (i.to_string(), Command::new(i, "k", CommandAction::Revoke, None, "e1", at, None).command_id)).into();
+        assert_eq!(commands, want, "the refused revoke reached every instance, under its command ids");
     }
 
     #[test]
