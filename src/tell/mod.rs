@@ -194,6 +194,26 @@ fn instance_commands(effect: &Effect) -> Vec<Command> {
     }
 }
 
+/// Which of `keys` still have an effect in the outbox from `from` on. The
+/// whole outbox is read, a page at a time, until every key is found: an
+/// acknowledgement must not overtake its key's commands however many
+/// commits are queued before them (a first window of 512 records let it,
+/// behind a backlog). Blocking; for an acknowledgement only.
+fn unpublished_among(store: &Store, mut from: u64, mut keys: HashSet<String>) -> Result<HashSet<String>, crate::store::StoreError> {
+    let mut found = HashSet::new();
+    while !keys.is_empty() {
+        let page = store.outbox_from(from, NOTICE_WINDOW)?;
+        let Some((last, _)) = page.last() else { break };
+        from = last + 1;
+        for key in page.iter().flat_map(|(_, effects)| effects.iter().filter_map(effect_key)) {
+            if let Some(key) = keys.take(key) {
+                found.insert(key);
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// How often the outbox depth is counted while a backlog drains.
 const DEPTH_EVERY: Duration = Duration::from_secs(10);
 
@@ -318,16 +338,25 @@ impl Relay {
         let cursor = Cursor::default();
         loop {
             let notified = self.notify.notified();
-            // The outbox only matters to notices (their keys' unpublished
-            // commands); every commit wakes this loop, most with none.
-            let read = self.store.notices_from(cursor.at(), NOTICE_WINDOW).and_then(|n| {
-                let outbox = if n.is_empty() { Vec::new() } else { self.store.outbox_from(self.outbox.at(), NOTICE_WINDOW)? };
-                Ok((n, outbox))
-            });
+            // The outbox only matters to acknowledgements (their keys'
+            // unpublished commands); every commit wakes this loop, most with none.
+            let from = (cursor.at(), self.outbox.at());
+            let read = self
+                .off_runtime(move |store| {
+                    let notices = store.notices_from(from.0, NOTICE_WINDOW)?;
+                    let acknowledging = notices
+                        .iter()
+                        .filter_map(|(_, effect)| match effect {
+                            Effect::KmsNotice { key_id, notice: Notice::Acknowledge { .. } } => Some(key_id.clone()),
+                            _ => None,
+                        })
+                        .collect();
+                    let unflushed = unpublished_among(store, from.1, acknowledging)?;
+                    Ok((notices, unflushed))
+                })
+                .await;
             let (batch, unflushed) = match read {
-                Ok((batch, outbox)) => {
-                    (batch, outbox.iter().flat_map(|(_, effects)| effects.iter().filter_map(effect_key)).map(str::to_owned).collect::<HashSet<String>>())
-                }
+                Ok(read) => read,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the kms notices; retrying");
                     if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
@@ -915,6 +944,114 @@ mod tests {
         let want: HashSet<(String, String)> =
             ["i1", "i2"].map(|i| (i.to_string(), Command::new(i, "k", CommandAction::Revoke, None, "e1", at, None).command_id)).into();
         assert_eq!(commands, want, "the refused revoke reached every instance, under its command ids");
+    }
+
+    /// A KMS that only records the notices it is told.
+    #[derive(Default)]
+    struct Told(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl Kms for Told {
+        fn provider(&self) -> &'static str {
+            "told"
+        }
+        async fn wrap(&self, key_id: &str, _: &crate::kms::Dek, _: &[u8], _: Option<&str>) -> Result<crate::engine::WrappedDek, crate::kms::KmsError> {
+            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
+        }
+        async fn unwrap(&self, key_id: &str, _: &crate::engine::WrappedDek, _: &[u8]) -> Result<crate::kms::Dek, crate::kms::KmsError> {
+            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
+        }
+        async fn rewrap(
+            &self,
+            key_id: &str,
+            _: &crate::engine::WrappedDek,
+            _: &[u8],
+            _: Option<&str>,
+        ) -> Result<crate::engine::WrappedDek, crate::kms::KmsError> {
+            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
+        }
+        async fn key_state(&self, key_id: &str) -> Result<crate::kms::KmsKeyState, crate::kms::KmsError> {
+            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
+        }
+        async fn notify(&self, key_id: &str, _: &Notice) -> Result<(), crate::kms::KmsError> {
+            self.0.lock().unwrap().push(key_id.to_string());
+            Ok(())
+        }
+    }
+
+    /// An acknowledgement tells the KMS that the key's data-plane commands are
+    /// out; behind a backlog of more commits than one read of the outbox
+    /// holds, key b's went to the KMS while its revoke was still queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_acknowledgement_waits_for_its_keys_commands_behind_any_backlog() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let fence = Arc::new(crate::cluster::Fence::default());
+        fence.assign(&[("events".to_string(), 0)]);
+        let (writer, _) = Writer::start(store.clone(), crate::cluster::Ownership::shared(fence, "events", 1), 16, Box::new(|_| {}));
+        let at = Utc::now();
+        let revoke = |key: &str| {
+            crate::engine::Record::Outbox(Effect::KeyCommands {
+                key_id: key.into(),
+                action: CommandAction::Revoke,
+                key_version: None,
+                cause_event_id: format!("{key}-disabled"),
+                issued_at: at,
+                correlation_id: None,
+                traceparent: None,
+            })
+        };
+        let ack = |key: &str| {
+            crate::engine::Record::Outbox(Effect::KmsNotice {
+                key_id: key.into(),
+                notice: Notice::Acknowledge { event_id: format!("{key}-disabled"), state: AdopterState::Disabled, key_version: None, at, correlation_id: None },
+            })
+        };
+        // One commit each, so each is its own outbox record: more than one read's worth.
+        for i in 0..NOTICE_WINDOW + 88 {
+            writer.import(vec![revoke(&format!("a{i}"))]).await.unwrap();
+        }
+        writer.import(vec![revoke("b"), ack("b")]).await.unwrap();
+        // Key c's acknowledgement, committed after b's, has no commands to wait for.
+        writer.import(vec![ack("c")]).await.unwrap();
+        let told = Arc::new(Told::default());
+        let relay = Arc::new(
+            Relay::new(
+                store.clone(),
+                writer.clone(),
+                told.clone(),
+                &KafkaConfig::default(),
+                "127.0.0.1:9",
+                Arc::new(Notify::new()),
+                Arc::new(Metrics::new()),
+                None,
+            )
+            .unwrap(),
+        );
+        let shutdown = CancellationToken::new();
+        let notices = tokio::spawn({
+            let (relay, shutdown) = (relay.clone(), shutdown.clone());
+            async move { relay.notice_loop(shutdown).await }
+        });
+        let wait_for = |key: &'static str| {
+            let told = told.clone();
+            async move {
+                let deadline = std::time::Instant::now() + Duration::from_secs(20);
+                while !told.0.lock().unwrap().iter().any(|k| k == key) {
+                    assert!(std::time::Instant::now() < deadline, "key {key}'s acknowledgement never went out");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        wait_for("c").await;
+        assert_eq!(*told.0.lock().unwrap(), ["c"], "b's acknowledgement went out before its revoke was published");
+        // Once everything queued is published (removed), b's goes too: it waited, it was not dropped.
+        let queued = store.outbox_from(0, usize::MAX).unwrap();
+        writer.sent(crate::store::Queue::Outbox, queued.iter().map(|(id, effects)| SentEntry::of(*id, effects)).collect()).await.unwrap();
+        wait_for("b").await;
+        shutdown.cancel();
+        notices.await.unwrap();
+        assert_eq!(*told.0.lock().unwrap(), ["c", "b"]);
     }
 
     #[test]
