@@ -233,6 +233,45 @@ async fn a_decision_over_a_corrupt_record_is_refused_and_the_writer_goes_on() {
     assert!(s.key("good").unwrap().is_some());
 }
 
+/// An event that could not be committed (its key's stored record cannot be
+/// read) must not be passed by the offset of a later event of its
+/// partition: the intake stops on the failure, and the next read of the
+/// partition starts at the stored offset, which would skip a disable that
+/// was never applied.
+#[tokio::test]
+async fn a_consumed_input_that_fails_is_not_passed_by_a_later_offset_of_its_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(dir.path()).unwrap();
+    s.tree.insert(schema::k(schema::KEY, "bad"), &b"\xff"[..]).unwrap();
+    let w = writer(&s);
+    let disable = |event: &str, key: &str| crate::engine::Input::Event {
+        event: crate::engine::LifecycleEvent {
+            event_id: event.into(),
+            kind: crate::engine::EventType::Disable,
+            key_id: key.into(),
+            key_version: None,
+            occurred_at: Utc::now(),
+            correlation_id: None,
+            traceparent: None,
+            material_destroyed: false,
+        },
+        at: Utc::now(),
+        kms: None,
+    };
+    let consumed = |next: i64| writer::Consumed { topic: "events".into(), partition: 0, next, generation: 1 };
+    let first = w.enqueue(Some(disable("e1", "bad")), Some(consumed(1))).await.unwrap();
+    let second = w.enqueue(Some(disable("e2", "good")), Some(consumed(2))).await.unwrap();
+    let first = first.await;
+    assert!(matches!(first, Err(writer::WriterError::Store(StoreError::Corrupt { .. }))), "{first:?}");
+    let second = second.await;
+    assert!(matches!(second, Err(writer::WriterError::Halted { partition: 0, .. })), "{second:?}");
+    assert_eq!(s.offset("events", 0).unwrap(), None, "no offset of partition 0 passes the event that failed");
+    assert!(s.event("e2").unwrap().is_none(), "the later event waits to be read again, after the failed one");
+    // Inputs that are not consumed from the partition go on.
+    let created = w.submit(crate::engine::Input::RegisterKey { key_id: "k2".into(), version: "1".into(), at: Utc::now() }).await;
+    assert!(created.is_ok(), "{created:?}");
+}
+
 #[tokio::test]
 async fn replica_skips_its_own_entries_and_applies_the_next_owners() {
     let dir = tempfile::tempdir().unwrap();

@@ -9,6 +9,7 @@
 //! read-modify-write races. Every input is checked here, once, against this
 //! node's ownership of its key.
 
+use std::collections::HashSet;
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -37,6 +38,10 @@ pub enum WriterError {
     NotOwner { key_id: String },
     #[error("not written: {0}")]
     Store(StoreError),
+    /// An earlier input of the same partition (and generation) was not
+    /// committed: committing this one's offset would pass it.
+    #[error("not written: an earlier input of {topic}/{partition} could not be committed, and this one's offset would pass it; its partition is read again from there")]
+    Halted { topic: String, partition: i32 },
 }
 
 impl WriterError {
@@ -212,7 +217,7 @@ impl Writer {
 
     fn spawn(store: Store, ownership: Ownership, max_batch: usize, on_commit: OnCommit, commit_seconds: Option<Histogram>) -> (Writer, Thread) {
         let (tx, rx) = mpsc::channel(max_batch * 4);
-        let state = Loop { store, ownership, max_batch, on_commit: Some(on_commit), commit_seconds };
+        let state = Loop { store, ownership, max_batch, on_commit: Some(on_commit), commit_seconds, halted: Default::default() };
         let handle = std::thread::Builder::new().name("keywarden-writer".into()).spawn(move || state.run(rx));
         // Without its writer thread keywarden can do nothing; the OS refusing a
         // thread at start-up is not an input, and the daemon cannot go on.
@@ -345,6 +350,12 @@ struct Loop {
     /// Handed to the flusher, which alone calls it, when the loop starts.
     on_commit: Option<OnCommit>,
     commit_seconds: Option<Histogram>,
+    /// Partitions (topic, partition, generation) one of whose consumed
+    /// inputs failed: their later inputs are refused, uncommitted, so that
+    /// no stored offset passes an input that was never applied (the next
+    /// read of the partition starts at the failed one). Only the writer
+    /// thread touches it.
+    halted: std::cell::RefCell<HashSet<(String, i32, u64)>>,
 }
 
 /// Batches the flusher may hold before the writer waits for it: what bounds
@@ -446,6 +457,8 @@ impl Loop {
         let mut staged = Staged { flush: !replicated && !audits, ..Staged::default() };
         let mut records = Vec::new();
         let mut replies = Vec::with_capacity(jobs.len());
+        // The partitions of the consumed inputs staged so far, halted if the batch fails.
+        let mut partitions = Vec::new();
         // Held until the batch is applied (with several nodes, published to
         // the changelog first): a revocation waits for it, and no input read
         // under an older generation gets in. Replicated entries are not
@@ -454,11 +467,28 @@ impl Loop {
         let reading = self.store.reading();
         let mut overlay = Overlay::new(&reading);
         for job in jobs {
+            let partition = job.consumed.as_ref().map(|c| (c.topic.clone(), c.partition, c.generation));
+            if let Some((topic, partition, _)) = partition.as_ref().filter(|p| self.halted.borrow().contains(*p)) {
+                answer(job.reply, Err(WriterError::Halted { topic: topic.clone(), partition: *partition }));
+                continue;
+            }
             let outcome = self.stage(job.op, job.consumed, owned.as_ref(), &reading, &mut overlay, &mut staged, &mut records);
             match outcome {
-                Ok(done) => replies.push((job.reply, done)),
-                Err(Failure::Job(e)) => answer(job.reply, Err(e)),
+                Ok(done) => {
+                    replies.push((job.reply, done));
+                    partitions.extend(partition);
+                }
+                // A fenced input's partition is another owner's to read now.
+                Err(Failure::Job(e @ WriterError::Fenced { .. })) => answer(job.reply, Err(e)),
+                Err(Failure::Job(e)) => {
+                    if let Some(partition) = partition {
+                        tracing::error!(topic = %partition.0, partition = partition.1, error = %e, "an input was not committed: its partition's later inputs are refused until it is read again");
+                        self.halted.borrow_mut().insert(partition);
+                    }
+                    answer(job.reply, Err(e));
+                }
                 Err(Failure::Batch(e)) => {
+                    self.halted.borrow_mut().extend(partitions.drain(..).chain(partition));
                     // A read failed half-way through staging: nothing of the
                     // batch is written, every caller is told, the writer goes on.
                     tracing::error!(error = %e, "a batch was not written: the store could not be read");
