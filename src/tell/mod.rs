@@ -468,8 +468,11 @@ impl Relay {
                         format!("{e}. The notice was dropped; fix the cause, then run `keywarden key sync <key>` if the KMS should hear of the key again"),
                         Utc::now(),
                     );
+                    // Dropped only once the operator will hear of it: without
+                    // the alert the notice stays, and its refusal is met again.
                     if let Err(e) = self.writer.submit(Input::Alert(alert)).await {
-                        tracing::error!(error = %e, "cannot record the refused-notice alert");
+                        tracing::error!(error = %e, "cannot record the refused-notice alert; the notice is kept and retried");
+                        return (done, KeyOutcome::Retry);
                     }
                     done.push(*id);
                 }
@@ -557,7 +560,9 @@ impl Relay {
                 now,
             );
             if let Err(e) = self.writer.submit(Input::Alert(alert)).await {
-                tracing::error!(error = %e, "cannot record the acknowledgement deadline alert");
+                // Not warned, then: the next round raises it again.
+                tracing::error!(error = %e, "cannot record the acknowledgement deadline alert; retrying next round");
+                warned.remove(event_id);
             }
         }
         // Acks no longer queued need no memory of their warning.
@@ -977,6 +982,72 @@ mod tests {
             self.0.lock().unwrap().push(key_id.to_string());
             Ok(())
         }
+    }
+
+    /// A KMS that refuses every notice and wants acknowledgements at once.
+    struct Refuses;
+
+    #[async_trait::async_trait]
+    impl Kms for Refuses {
+        fn provider(&self) -> &'static str {
+            "refuses"
+        }
+        async fn wrap(&self, key_id: &str, _: &crate::kms::Dek, _: &[u8], _: Option<&str>) -> Result<crate::engine::WrappedDek, crate::kms::KmsError> {
+            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
+        }
+        async fn unwrap(&self, key_id: &str, _: &crate::engine::WrappedDek, _: &[u8]) -> Result<crate::kms::Dek, crate::kms::KmsError> {
+            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
+        }
+        async fn rewrap(
+            &self,
+            key_id: &str,
+            _: &crate::engine::WrappedDek,
+            _: &[u8],
+            _: Option<&str>,
+        ) -> Result<crate::engine::WrappedDek, crate::kms::KmsError> {
+            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
+        }
+        async fn key_state(&self, key_id: &str) -> Result<crate::kms::KmsKeyState, crate::kms::KmsError> {
+            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
+        }
+        async fn notify(&self, key_id: &str, _: &Notice) -> Result<(), crate::kms::KmsError> {
+            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
+        }
+        fn notice_deadline(&self, _: &str) -> Option<crate::kms::NoticeDeadline> {
+            Some(crate::kms::NoticeDeadline { deadline: Duration::from_secs(4 * 3600), warn_after: Duration::ZERO })
+        }
+    }
+
+    /// A refused notice is dropped, and an overdue acknowledgement marked
+    /// warned, only once its alert is recorded: with the writer stopped, the
+    /// notice stays and the warning is raised again next round.
+    #[tokio::test]
+    async fn a_notice_or_warning_whose_alert_was_not_recorded_is_kept_for_the_next_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let fence = Arc::new(crate::cluster::Fence::default());
+        fence.assign(&[("events".to_string(), 0)]);
+        let (writer, thread) = Writer::start(store.clone(), crate::cluster::Ownership::shared(fence, "events", 1), 16, Box::new(|_| {}));
+        let relay =
+            Relay::new(store, writer, Arc::new(Refuses), &KafkaConfig::default(), "127.0.0.1:9", Arc::new(Notify::new()), Arc::new(Metrics::new()), None)
+                .unwrap();
+        let ack = Effect::KmsNotice {
+            key_id: "k".into(),
+            notice: Notice::Acknowledge { event_id: "e1".into(), state: AdopterState::Disabled, key_version: None, at: Utc::now(), correlation_id: None },
+        };
+        let Effect::KmsNotice { notice, .. } = &ack else { unreachable!() };
+        // With the writer running, the refusal's alert is recorded and the notice dropped.
+        let (dropped, _) = relay.notify_key("k", &[(1, notice.clone())], false).await;
+        assert_eq!(dropped, [1]);
+        let mut warned = HashSet::new();
+        relay.deadlines(&[(1, ack.clone())], &mut warned).await;
+        assert!(warned.contains("e1"));
+        tokio::task::spawn_blocking(move || thread.close()).await.unwrap().unwrap();
+        let (dropped, outcome) = relay.notify_key("k", &[(1, notice.clone())], false).await;
+        assert!(dropped.is_empty() && matches!(outcome, KeyOutcome::Retry), "a refused notice was dropped with no alert recorded");
+        let mut warned = HashSet::new();
+        relay.deadlines(&[(1, ack)], &mut warned).await;
+        assert!(warned.is_empty(), "an overdue acknowledgement was marked warned with no alert recorded");
     }
 
     /// An acknowledgement tells the KMS that the key's data-plane commands are
