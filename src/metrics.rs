@@ -302,18 +302,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let inst = |id: &str, key: &str, dek: bool| InstanceRecord {
-            instance_id: id.into(),
-            key_id: key.into(),
             wrapped: dek.then(|| WrappedDek { key_version: "1".into(), ciphertext: vec![1] }),
-            key_version: "1".into(),
-            dek_fingerprint: "f".into(),
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-            destroyed_at: None,
-            destroyed_reason: None,
-            rewrap_error: None,
-            credential: None,
-            data_plane: None,
+            ..InstanceRecord::sample(id, key)
         };
         let mut disabled = KeyRecord::new("d", Utc::now());
         disabled.status = KeyStatus::Disabled;

@@ -244,6 +244,28 @@ pub fn instance_state(inst: &InstanceRecord, key: Option<&KeyRecord>) -> Instanc
     }
 }
 
+#[cfg(test)]
+impl InstanceRecord {
+    /// An instance of `key_id` holding a wrapped DEK under version 1, made
+    /// now: what most tests start from.
+    pub(crate) fn sample(instance_id: &str, key_id: &str) -> InstanceRecord {
+        InstanceRecord {
+            instance_id: instance_id.into(),
+            key_id: key_id.into(),
+            wrapped: Some(WrappedDek { key_version: "1".into(), ciphertext: vec![1] }),
+            key_version: "1".into(),
+            dek_fingerprint: "f".into(),
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+            destroyed_at: None,
+            destroyed_reason: None,
+            rewrap_error: None,
+            credential: None,
+            data_plane: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RotationJob {
     pub key_id: String,

@@ -12,20 +12,7 @@ use crate::cluster::{Changelog, ChangelogError, Fence, Ownership, Written};
 use crate::engine::{CommandAction, Effect, EventRecord, InstanceRecord, KeyRecord, KeyStatus, Record, WrappedDek};
 
 fn inst(id: &str, key: &str) -> InstanceRecord {
-    InstanceRecord {
-        instance_id: id.into(),
-        key_id: key.into(),
-        wrapped: Some(WrappedDek { key_version: "1".into(), ciphertext: vec![1] }),
-        key_version: "1".into(),
-        dek_fingerprint: "f".into(),
-        created_at: Utc::now(),
-        updated_at: Utc::now(),
-        destroyed_at: None,
-        destroyed_reason: None,
-        rewrap_error: None,
-        credential: None,
-        data_plane: None,
-    }
+    InstanceRecord::sample(id, key)
 }
 
 /// A fake changelog: one partition, entries appended in order.

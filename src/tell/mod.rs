@@ -868,22 +868,7 @@ mod tests {
         let fence = Arc::new(crate::cluster::Fence::default());
         fence.assign(&[("events".to_string(), 0)]);
         let (writer, _) = Writer::start(store.clone(), crate::cluster::Ownership::shared(fence, "events", 1), 16, Box::new(|_| {}));
-        let instance = |id: &str| {
-            crate::engine::Record::Instance(crate::engine::InstanceRecord {
-                instance_id: id.into(),
-                key_id: "k".into(),
-                wrapped: Some(crate::engine::WrappedDek { key_version: "1".into(), ciphertext: vec![1] }),
-                key_version: "1".into(),
-                dek_fingerprint: "f".into(),
-                created_at: Utc::now(),
-                updated_at: Utc::now(),
-                destroyed_at: None,
-                destroyed_reason: None,
-                rewrap_error: None,
-                credential: None,
-                data_plane: None,
-            })
-        };
+        let instance = |id: &str| crate::engine::Record::Instance(crate::engine::InstanceRecord::sample(id, "k"));
         writer.import(vec![instance("i1"), instance("i2")]).await.unwrap();
         let event = |payload: &str| crate::engine::Record::Outbox(Effect::LifecycleEvent { key_id: "k".into(), payload: payload.into() });
         let at = Utc::now();
@@ -951,9 +936,13 @@ mod tests {
         assert_eq!(commands, want, "the refused revoke reached every instance, under its command ids");
     }
 
-    /// A KMS that only records the notices it is told.
+    /// A KMS that records the notices it is told, or refuses every one and
+    /// wants acknowledgements at once (`refuse`).
     #[derive(Default)]
-    struct Told(std::sync::Mutex<Vec<String>>);
+    struct Told {
+        told: std::sync::Mutex<Vec<String>>,
+        refuse: bool,
+    }
 
     #[async_trait::async_trait]
     impl Kms for Told {
@@ -979,42 +968,14 @@ mod tests {
             Err(crate::kms::KmsError::UnknownKey(key_id.into()))
         }
         async fn notify(&self, key_id: &str, _: &Notice) -> Result<(), crate::kms::KmsError> {
-            self.0.lock().unwrap().push(key_id.to_string());
+            if self.refuse {
+                return Err(crate::kms::KmsError::UnknownKey(key_id.into()));
+            }
+            self.told.lock().unwrap().push(key_id.to_string());
             Ok(())
         }
-    }
-
-    /// A KMS that refuses every notice and wants acknowledgements at once.
-    struct Refuses;
-
-    #[async_trait::async_trait]
-    impl Kms for Refuses {
-        fn provider(&self) -> &'static str {
-            "refuses"
-        }
-        async fn wrap(&self, key_id: &str, _: &crate::kms::Dek, _: &[u8], _: Option<&str>) -> Result<crate::engine::WrappedDek, crate::kms::KmsError> {
-            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
-        }
-        async fn unwrap(&self, key_id: &str, _: &crate::engine::WrappedDek, _: &[u8]) -> Result<crate::kms::Dek, crate::kms::KmsError> {
-            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
-        }
-        async fn rewrap(
-            &self,
-            key_id: &str,
-            _: &crate::engine::WrappedDek,
-            _: &[u8],
-            _: Option<&str>,
-        ) -> Result<crate::engine::WrappedDek, crate::kms::KmsError> {
-            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
-        }
-        async fn key_state(&self, key_id: &str) -> Result<crate::kms::KmsKeyState, crate::kms::KmsError> {
-            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
-        }
-        async fn notify(&self, key_id: &str, _: &Notice) -> Result<(), crate::kms::KmsError> {
-            Err(crate::kms::KmsError::UnknownKey(key_id.into()))
-        }
         fn notice_deadline(&self, _: &str) -> Option<crate::kms::NoticeDeadline> {
-            Some(crate::kms::NoticeDeadline { deadline: Duration::from_secs(4 * 3600), warn_after: Duration::ZERO })
+            self.refuse.then_some(crate::kms::NoticeDeadline { deadline: Duration::from_secs(4 * 3600), warn_after: Duration::ZERO })
         }
     }
 
@@ -1028,9 +989,17 @@ mod tests {
         let fence = Arc::new(crate::cluster::Fence::default());
         fence.assign(&[("events".to_string(), 0)]);
         let (writer, thread) = Writer::start(store.clone(), crate::cluster::Ownership::shared(fence, "events", 1), 16, Box::new(|_| {}));
-        let relay =
-            Relay::new(store, writer, Arc::new(Refuses), &KafkaConfig::default(), "127.0.0.1:9", Arc::new(Notify::new()), Arc::new(Metrics::new()), None)
-                .unwrap();
+        let relay = Relay::new(
+            store,
+            writer,
+            Arc::new(Told { refuse: true, ..Told::default() }),
+            &KafkaConfig::default(),
+            "127.0.0.1:9",
+            Arc::new(Notify::new()),
+            Arc::new(Metrics::new()),
+            None,
+        )
+        .unwrap();
         let ack = Effect::KmsNotice {
             key_id: "k".into(),
             notice: Notice::Acknowledge { event_id: "e1".into(), state: AdopterState::Disabled, key_version: None, at: Utc::now(), correlation_id: None },
@@ -1108,21 +1077,21 @@ mod tests {
             let told = told.clone();
             async move {
                 let deadline = std::time::Instant::now() + Duration::from_secs(20);
-                while !told.0.lock().unwrap().iter().any(|k| k == key) {
+                while !told.told.lock().unwrap().iter().any(|k| k == key) {
                     assert!(std::time::Instant::now() < deadline, "key {key}'s acknowledgement never went out");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
         };
         wait_for("c").await;
-        assert_eq!(*told.0.lock().unwrap(), ["c"], "b's acknowledgement went out before its revoke was published");
+        assert_eq!(*told.told.lock().unwrap(), ["c"], "b's acknowledgement went out before its revoke was published");
         // Once everything queued is published (removed), b's goes too: it waited, it was not dropped.
         let queued = store.outbox_from(0, usize::MAX).unwrap();
         writer.sent(crate::store::Queue::Outbox, queued.iter().map(|(id, effects)| SentEntry::of(*id, effects)).collect()).await.unwrap();
         wait_for("b").await;
         shutdown.cancel();
         notices.await.unwrap();
-        assert_eq!(*told.0.lock().unwrap(), ["c", "b"]);
+        assert_eq!(*told.told.lock().unwrap(), ["c", "b"]);
     }
 
     #[test]
