@@ -234,7 +234,6 @@ mod tests {
             target_version: "2".into(),
             cause_event_id: "e".into(),
             acknowledge: true,
-            acknowledges: None,
             correlation_id: None,
             traceparent: None,
             started_at: Utc::now(),

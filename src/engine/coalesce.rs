@@ -134,7 +134,6 @@ mod tests {
                 target_version: "2".into(),
                 cause_event_id: "e1".into(),
                 acknowledge: true,
-                acknowledges: None,
                 correlation_id: None,
                 traceparent: None,
                 started_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),

@@ -160,7 +160,6 @@ fn on_rotate(key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> 
         target_version: version.clone(),
         cause_event_id: event.event_id.clone(),
         acknowledge: true,
-        acknowledges: None,
         correlation_id: event.correlation_id.clone(),
         traceparent: event.traceparent.clone(),
         started_at: at,

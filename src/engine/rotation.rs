@@ -135,23 +135,15 @@ pub(super) fn on_job_finished(view: &impl View, key_id: String, target_version: 
                 key_id: Some(key_id.clone()),
                 key_version: Some(target_version.clone()),
                 correlation_id: job.correlation_id.clone(),
-                detail: Some(if job.acknowledge && job.failed > 0 {
-                    format!("{} rewrapped, {} failed; the kms is acknowledged once a retry rewraps the rest", job.done, job.failed)
-                } else {
-                    format!("{} rewrapped, {} failed", job.done, job.failed)
-                }),
+                detail: Some(format!("{} rewrapped, {} failed", job.done, job.failed)),
                 ..Default::default()
             });
-            // A rotation is acknowledged once every DEK is rewrapped: Key
-            // Protect's acknowledgement says the rewrap completed, with the
-            // version used (`dek-rewrapping.md`, step 4). One that finished
-            // with failures (KeywardenRotationFailed asks for a retry) owes
-            // it: the operator's retry sends it once it rewraps the rest.
-            let ack = (job.acknowledge && job.failed == 0).then(|| {
+            // A rotation is acknowledged once every DEK is rewrapped.
+            let ack = job.acknowledge.then(|| {
                 Record::Outbox(notice(
                     &key_id,
                     Notice::Acknowledge {
-                        event_id: job.acknowledges.clone().unwrap_or_else(|| job.cause_event_id.clone()),
+                        event_id: job.cause_event_id.clone(),
                         state: AdopterState::Enabled,
                         key_version: Some(target_version),
                         at,
@@ -176,8 +168,7 @@ pub(super) fn on_job_finished(view: &impl View, key_id: String, target_version: 
 ///
 /// The new job replaces the previous one with fresh counts and keeps its
 /// correlation id, so that the retry can be followed with the original request.
-/// The KMS sent no event for it, so it acknowledges only what the job it
-/// replaces still owes (see `on_job_finished`). The retry is audited.
+/// It acknowledges nothing: the KMS sent no event for it. The retry is audited.
 pub(super) fn on_retry_rewraps(view: &impl View, key_id: String, request_id: String, at: DateTime<Utc>) -> Decision {
     let Some(key) = view.key(&key_id) else {
         return decision(vec![], Reply::NotFound(format!("key {key_id} is unknown to keywarden")));
@@ -189,19 +180,11 @@ pub(super) fn on_retry_rewraps(view: &impl View, key_id: String, request_id: Str
         return decision(vec![], Reply::Conflict(format!("key {key_id} is {:?}; enable or restore it before retrying", key.status).to_lowercase()));
     }
     let previous = view.job(&key_id);
-    // A rotation to this version that has not sent its KMS event's
-    // acknowledgement (it finished with failures, or is replaced before it
-    // finished) hands it to the retry.
-    let owed = previous
-        .as_ref()
-        .filter(|p| p.acknowledge && p.target_version == version && (p.failed > 0 || p.finished_at.is_none()))
-        .map(|p| p.acknowledges.clone().unwrap_or_else(|| p.cause_event_id.clone()));
     let job = RotationJob {
         key_id: key_id.clone(),
         target_version: version.clone(),
         cause_event_id: request_id.clone(),
-        acknowledge: owed.is_some(),
-        acknowledges: owed,
+        acknowledge: false,
         correlation_id: previous.as_ref().and_then(|j| j.correlation_id.clone()),
         traceparent: None,
         started_at: at,

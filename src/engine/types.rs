@@ -275,12 +275,6 @@ pub struct RotationJob {
     /// event is acknowledged; an operator's retry answers no event.
     #[serde(default = "yes")]
     pub acknowledge: bool,
-    /// The KMS event acknowledged when the job finishes with every DEK
-    /// rewrapped, when it is not `cause_event_id`: an operator's retry of a
-    /// rotation that finished with failures sends that rotation's owed
-    /// acknowledgement.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub acknowledges: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
     /// The causing event's trace: the rotation's rewraps are recorded in it.
