@@ -466,7 +466,8 @@ impl Loop {
         let owned = if replicated { None } else { Some(self.ownership.fence().hold()) };
         let reading = self.store.reading();
         let mut overlay = Overlay::new(&reading);
-        for job in jobs {
+        let mut jobs = jobs.into_iter();
+        while let Some(job) = jobs.next() {
             let partition = job.consumed.as_ref().map(|c| (c.topic.clone(), c.partition, c.generation));
             if let Some((topic, partition, _)) = partition.as_ref().filter(|p| self.halted.borrow().contains(*p)) {
                 answer(job.reply, Err(WriterError::Halted { topic: topic.clone(), partition: *partition }));
@@ -496,6 +497,14 @@ impl Loop {
                     answer(job.reply, Err(WriterError::Store(e)));
                     for (tx, _) in replies {
                         answer(tx, Err(WriterError::Unavailable(why.clone())));
+                    }
+                    // The batch's jobs not staged yet are not written either:
+                    // told so, and their partitions held like the others.
+                    for rest in jobs {
+                        if let Some(c) = &rest.consumed {
+                            self.halted.borrow_mut().insert((c.topic.clone(), c.partition, c.generation));
+                        }
+                        answer(rest.reply, Err(WriterError::Unavailable(why.clone())));
                     }
                     return Ok(());
                 }

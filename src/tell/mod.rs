@@ -194,11 +194,12 @@ fn instance_commands(effect: &Effect) -> Vec<Command> {
     }
 }
 
-/// Which of `keys` still have an effect in the outbox from `from` on. The
-/// whole outbox is read, a page at a time, until every key is found: an
-/// acknowledgement must not overtake its key's commands however many
-/// commits are queued before them (a first window of 512 records let it,
-/// behind a backlog). Blocking; for an acknowledgement only.
+/// Which of `keys` still have a data-plane command in the outbox from
+/// `from` on. The outbox is read a page at a time until every key is found
+/// or it ends: an acknowledgement must not overtake its key's commands
+/// however many commits are queued before them (one page of 512 commands'
+/// worth let it, behind a backlog). Blocking; for due acknowledgements
+/// only, each looked at again no sooner than `UNFLUSHED_RECHECK`.
 fn unpublished_among(store: &Store, mut from: u64, mut keys: HashSet<String>) -> Result<HashSet<String>, crate::store::StoreError> {
     let mut found = HashSet::new();
     while !keys.is_empty() {
@@ -338,23 +339,30 @@ impl Relay {
         let cursor = Cursor::default();
         loop {
             let notified = self.notify.notified();
-            // The outbox only matters to acknowledgements (their keys'
-            // unpublished commands); every commit wakes this loop, most with none.
-            let from = (cursor.at(), self.outbox.at());
-            let read = self
-                .off_runtime(move |store| {
-                    let notices = store.notices_from(from.0, NOTICE_WINDOW)?;
-                    let acknowledging = notices
+            let (from, outbox) = (cursor.at(), self.outbox.at());
+            let read = match self.off_runtime(move |store| store.notices_from(from, NOTICE_WINDOW)).await {
+                Ok(batch) => {
+                    // The outbox only matters to acknowledgements that are due
+                    // (their keys' unpublished commands): it is read for those
+                    // alone, since that may mean reading all of it.
+                    let now = std::time::Instant::now();
+                    let acknowledging: HashSet<String> = batch
                         .iter()
                         .filter_map(|(_, effect)| match effect {
-                            Effect::KmsNotice { key_id, notice: Notice::Acknowledge { .. } } => Some(key_id.clone()),
+                            Effect::KmsNotice { key_id, notice: Notice::Acknowledge { .. } } => Some(key_id),
                             _ => None,
                         })
+                        .filter(|k| waiting.get(*k).is_none_or(|(at, _)| *at <= now))
+                        .cloned()
                         .collect();
-                    let unflushed = unpublished_among(store, from.1, acknowledging)?;
-                    Ok((notices, unflushed))
-                })
-                .await;
+                    if acknowledging.is_empty() {
+                        Ok((batch, HashSet::new()))
+                    } else {
+                        self.off_runtime(move |store| unpublished_among(store, outbox, acknowledging)).await.map(|unflushed| (batch, unflushed))
+                    }
+                }
+                Err(e) => Err(e),
+            };
             let (batch, unflushed) = match read {
                 Ok(read) => read,
                 Err(e) => {
@@ -404,6 +412,9 @@ impl Relay {
                         any_waiting = true;
                     }
                     KeyOutcome::Unflushed => {
+                        // Looked at again after a pause, not on every commit's
+                        // wake-up: each look may read the outbox up to its command.
+                        waiting.insert(key_id.clone(), (std::time::Instant::now() + UNFLUSHED_RECHECK, Backoff::new(UNFLUSHED_RECHECK, UNFLUSHED_RECHECK)));
                         any_waiting = true;
                     }
                     KeyOutcome::AwaitingAgents => {
