@@ -46,6 +46,14 @@ impl TellError {
     pub fn retryable(&self) -> bool {
         matches!(self, TellError::Publish { .. })
     }
+
+    /// A broker that cannot be reached only times messages out (and
+    /// `KeywardenKafkaUnreachable` says so); anything else kept the outbox's
+    /// front from going out although something answered: a refusal (an ACL,
+    /// a message too large) or a record that cannot be read.
+    fn stops_the_outbox(&self) -> bool {
+        !matches!(self, TellError::Publish { source: KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::MessageTimedOut), .. })
+    }
 }
 
 /// A data-plane command, as published to the commands topic.
@@ -132,6 +140,7 @@ const UNFLUSHED_RECHECK: Duration = Duration::from_millis(200);
 const AGENTS_RECHECK: Duration = Duration::from_secs(1);
 
 const NOTICE_REFUSED: &str = "KeywardenKmsNoticeRefused";
+const OUTBOX_REFUSED: &str = "KeywardenOutboxRefused";
 const ACK_DEADLINE: &str = "KeywardenKmsAckDeadline";
 
 /// How one key's notices went this round.
@@ -592,6 +601,10 @@ impl Relay {
         let mut depth_at: Option<std::time::Instant> = None;
         // A record whose first effects were published before a failure.
         let mut resume = Resume::default();
+        // Whether KeywardenOutboxRefused is firing: raised when the front of
+        // the outbox is refused (it is retried, and everything after it
+        // waits), resolved once publishing goes on.
+        let mut refused = false;
         loop {
             let notified = self.notify.notified();
             let from = self.outbox.at();
@@ -689,11 +702,46 @@ impl Relay {
             }
             if let Some(e) = failed {
                 tracing::warn!(error = %e, "publishing failed");
+                if !refused && e.stops_the_outbox() {
+                    refused = self.outbox_alert(Some(&e)).await;
+                }
                 if !pause(&shutdown, tokio::time::sleep(backoff.next_delay())).await {
                     return;
                 }
             } else {
                 backoff.reset();
+                if refused {
+                    refused = !self.outbox_alert(None).await;
+                }
+            }
+        }
+    }
+
+    /// Raises KeywardenOutboxRefused for `error`, or resolves it (`None`);
+    /// true if the writer recorded it.
+    async fn outbox_alert(&self, error: Option<&TellError>) -> bool {
+        let now = Utc::now();
+        let mut alert = Alert::new(
+            OUTBOX_REFUSED,
+            Severity::Critical,
+            &[],
+            "the outbox's next effect was refused; it is retried and every command after it waits".into(),
+            match error {
+                Some(e) => format!(
+                    "{e}. Fix the cause (the producer's ACL on the topic, the message size limit, the record named in the log); revocations are in force on the DEK endpoint meanwhile, but their commands do not reach the data plane"
+                ),
+                None => "the outbox is published again".into(),
+            },
+            now,
+        );
+        if error.is_none() {
+            alert.ends_at = Some(now);
+        }
+        match self.writer.submit(Input::Alert(alert)).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot record the outbox alert; the next round tries again");
+                false
             }
         }
     }
@@ -859,16 +907,17 @@ mod tests {
         assert_eq!(resume.sent_of(4), 0);
     }
 
-    /// The publish loop itself, through a broker that refuses the second of a
-    /// commit's three effects once, a key-wide revoke (a permanent error, so
-    /// librdkafka does not retry it inside the producer): the loop backs off
-    /// and sends the rest, the revoke reaches every instance, and what went
-    /// out before the refusal is not sent again.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_broker_that_refuses_half_way_through_a_commits_effects_gets_the_rest_and_not_the_first_again() {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-        use rdkafka::Message;
+    /// librdkafka's mock cluster with the events and commands topics (one
+    /// partition each), and a store with its writer.
+    struct Mocked {
+        cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        kafka: KafkaConfig,
+        _dir: tempfile::TempDir,
+        store: Store,
+        writer: Writer,
+    }
+
+    fn mocked() -> Mocked {
         let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
         let kafka = KafkaConfig { events_topic: "events".into(), commands_topic: "commands".into(), ..KafkaConfig::default() };
         for topic in ["events", "commands"] {
@@ -879,6 +928,83 @@ mod tests {
         let fence = Arc::new(crate::cluster::Fence::default());
         fence.assign(&[("events".to_string(), 0)]);
         let (writer, _) = Writer::start(store.clone(), crate::cluster::Ownership::shared(fence, "events", 1), 16, Box::new(|_| {}));
+        Mocked { cluster, kafka, _dir: dir, store, writer }
+    }
+
+    /// Every payload of the topic's one partition, up to its end.
+    fn read_topic(bootstrap: String, topic: &'static str) -> tokio::task::JoinHandle<Vec<String>> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::Message;
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "check").create().unwrap();
+            let (_, end) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
+            let mut assignment = rdkafka::TopicPartitionList::new();
+            assignment.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+            consumer.assign(&assignment).unwrap();
+            let mut payloads = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while (payloads.len() as i64) < end && std::time::Instant::now() < deadline {
+                if let Some(m) = consumer.poll(Duration::from_millis(100)) {
+                    payloads.push(String::from_utf8_lossy(m.unwrap().payload().unwrap_or_default()).into_owned());
+                }
+            }
+            payloads
+        })
+    }
+
+    /// A broker that refuses the outbox's front (an ACL, a size limit) holds
+    /// every effect after it: the operator hears of it at once, and hears it
+    /// is over once the effect went out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_outbox_front_raises_an_alert_that_resolves_once_it_goes_out() {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let Mocked { cluster, kafka, _dir, store, writer } = mocked();
+        writer.import(vec![crate::engine::Record::Outbox(Effect::LifecycleEvent { key_id: "k".into(), payload: "a".into() })]).await.unwrap();
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 2]);
+        let relay = Relay::new(
+            store.clone(),
+            writer,
+            Arc::new(Told::default()),
+            &kafka,
+            &cluster.bootstrap_servers(),
+            Arc::new(Notify::new()),
+            Arc::new(Metrics::new()),
+            None,
+        )
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(relay.run(shutdown.clone()));
+        let queued = |store: &Store| -> Vec<bool> {
+            store
+                .alerts_from(0, 100)
+                .unwrap()
+                .into_iter()
+                .flat_map(|(_, alerts)| alerts)
+                .filter(|a| a.name == OUTBOX_REFUSED)
+                .map(|a| a.ends_at.is_some())
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while queued(&store).len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "the outbox alert was not raised and resolved: {:?}", queued(&store));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        running.await.unwrap();
+        assert_eq!(queued(&store), [false, true], "raised once while refused, resolved once published");
+        assert!(store.firing_alerts().unwrap().iter().all(|a| a.name != OUTBOX_REFUSED));
+        assert_eq!(read_topic(cluster.bootstrap_servers(), "events").await.unwrap(), ["a"]);
+    }
+
+    /// The publish loop itself, through a broker that refuses the second of a
+    /// commit's three effects once, a key-wide revoke (a permanent error, so
+    /// librdkafka does not retry it inside the producer): the loop backs off
+    /// and sends the rest, the revoke reaches every instance, and what went
+    /// out before the refusal is not sent again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_that_refuses_half_way_through_a_commits_effects_gets_the_rest_and_not_the_first_again() {
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let Mocked { cluster, kafka, _dir, store, writer } = mocked();
         let instance = |id: &str| crate::engine::Record::Instance(crate::engine::InstanceRecord::sample(id, "k"));
         writer.import(vec![instance("i1"), instance("i2")]).await.unwrap();
         let event = |payload: &str| crate::engine::Record::Outbox(Effect::LifecycleEvent { key_id: "k".into(), payload: payload.into() });
@@ -900,10 +1026,17 @@ mod tests {
             RDKafkaApiKey::Produce,
             &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR, RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
         );
-        let kms: Arc<dyn Kms> =
-            Arc::new(crate::kms::local::LocalKms::open(store.clone(), writer.clone(), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap());
-        let relay =
-            Relay::new(store.clone(), writer, kms, &kafka, &cluster.bootstrap_servers(), Arc::new(Notify::new()), Arc::new(Metrics::new()), None).unwrap();
+        let relay = Relay::new(
+            store.clone(),
+            writer,
+            Arc::new(Told::default()),
+            &kafka,
+            &cluster.bootstrap_servers(),
+            Arc::new(Notify::new()),
+            Arc::new(Metrics::new()),
+            None,
+        )
+        .unwrap();
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(relay.run(shutdown.clone()));
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -915,24 +1048,7 @@ mod tests {
         running.await.unwrap();
         // The record is removed only once all of it is acknowledged, so each
         // topic's end is final: read everything up to it.
-        let read = |topic: &'static str| {
-            let bootstrap = cluster.bootstrap_servers();
-            tokio::task::spawn_blocking(move || {
-                let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "check").create().unwrap();
-                let (_, end) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)).unwrap();
-                let mut assignment = rdkafka::TopicPartitionList::new();
-                assignment.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
-                consumer.assign(&assignment).unwrap();
-                let mut payloads = Vec::new();
-                let deadline = std::time::Instant::now() + Duration::from_secs(10);
-                while (payloads.len() as i64) < end && std::time::Instant::now() < deadline {
-                    if let Some(m) = consumer.poll(Duration::from_millis(100)) {
-                        payloads.push(String::from_utf8_lossy(m.unwrap().payload().unwrap_or_default()).into_owned());
-                    }
-                }
-                payloads
-            })
-        };
+        let read = |topic: &'static str| read_topic(cluster.bootstrap_servers(), topic);
         assert_eq!(read("events").await.unwrap(), ["a", "c"], "each event published once, in order");
         // A key-wide command is sent again whole, so a command may repeat, under its id.
         let commands: HashSet<(String, String)> = read("commands")
