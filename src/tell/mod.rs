@@ -47,12 +47,29 @@ impl TellError {
         matches!(self, TellError::Publish { .. })
     }
 
-    /// A broker that cannot be reached only times messages out (and
-    /// `KeywardenKafkaUnreachable` says so); anything else kept the outbox's
-    /// front from going out although something answered: a refusal (an ACL,
-    /// a message too large) or a record that cannot be read.
+    /// Whether the outbox's front was refused, rather than not delivered: a
+    /// broker that cannot be reached times messages out or drops connections
+    /// (`KeywardenKafkaUnreachable` says so); anything else kept it from
+    /// going out although the broker answered (an ACL, a message too large),
+    /// or it could not be read.
     fn stops_the_outbox(&self) -> bool {
-        !matches!(self, TellError::Publish { source: KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::MessageTimedOut), .. })
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        match self {
+            TellError::Publish { source, .. } => !matches!(
+                source.rdkafka_error_code(),
+                Some(
+                    Code::MessageTimedOut
+                        | Code::AllBrokersDown
+                        | Code::BrokerTransportFailure
+                        | Code::Resolve
+                        | Code::QueueFull
+                        | Code::TimedOutQueue
+                        | Code::RequestTimedOut
+                        | Code::NetworkException
+                )
+            ),
+            TellError::Producer(_) | TellError::Store(_) | TellError::Reading(_) => true,
+        }
     }
 }
 
@@ -1219,6 +1236,16 @@ mod tests {
         shutdown.cancel();
         notices.await.unwrap();
         assert_eq!(*told.told.lock().unwrap(), ["c", "b"]);
+    }
+
+    #[test]
+    fn an_unreachable_broker_is_no_refusal_of_the_outbox() {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        let publish = |code| TellError::Publish { topic: "t".into(), source: KafkaError::MessageProduction(code) };
+        assert!(!publish(Code::MessageTimedOut).stops_the_outbox());
+        assert!(!publish(Code::AllBrokersDown).stops_the_outbox());
+        assert!(publish(Code::TopicAuthorizationFailed).stops_the_outbox());
+        assert!(publish(Code::MessageSizeTooLarge).stops_the_outbox());
     }
 
     #[test]
