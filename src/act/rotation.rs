@@ -80,7 +80,12 @@ impl Rotator {
                     Ok(Pass::Finished) => {
                         let _ = self
                             .writer
-                            .submit(Input::JobFinished { key_id: job.key_id.clone(), target_version: job.target_version.clone(), at: Utc::now() })
+                            .submit(Input::JobFinished {
+                                key_id: job.key_id.clone(),
+                                target_version: job.target_version.clone(),
+                                job: job.cause_event_id.clone(),
+                                at: Utc::now(),
+                            })
                             .await;
                         tracing::info!(
                             key_id = %job.key_id,
@@ -109,7 +114,10 @@ impl Rotator {
     fn current(&self, job: &RotationJob) -> bool {
         // A store that cannot be read stops the pass; the next one reads again.
         let key_active = self.store.key(&job.key_id).ok().flatten().is_some_and(|k| k.status == KeyStatus::Active);
-        let same_job = self.store.job(&job.key_id).ok().flatten().is_some_and(|j| j.target_version == job.target_version);
+        // The same job, not only the same version: an operator's retry
+        // replaces a job of the same version, and its own pass must run.
+        let same_job =
+            self.store.job(&job.key_id).ok().flatten().is_some_and(|j| j.target_version == job.target_version && j.cause_event_id == job.cause_event_id);
         key_active && same_job
     }
 

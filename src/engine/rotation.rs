@@ -123,9 +123,9 @@ pub(super) fn on_rewrap_failed(view: &impl View, instance_id: String, from_versi
 /// rotation was complete or partial (some rewraps failed). If the job came from
 /// a rotate event, the KMS gets that event's acknowledgement now, not when the
 /// event arrived: the rotation is only done once the DEKs are rewrapped.
-pub(super) fn on_job_finished(view: &impl View, key_id: String, target_version: String, at: DateTime<Utc>) -> Decision {
+pub(super) fn on_job_finished(view: &impl View, key_id: String, target_version: String, cause: String, at: DateTime<Utc>) -> Decision {
     match view.job(&key_id) {
-        Some(mut job) if job.target_version == target_version && job.finished_at.is_none() => {
+        Some(mut job) if job.target_version == target_version && job.cause_event_id == cause && job.finished_at.is_none() => {
             job.finished_at = Some(at);
             let fact = Record::Audit(AuditFact {
                 who: "rotation".into(),

@@ -127,7 +127,7 @@ fn the_kms_is_told_of_registrations_rewraps_and_handled_events() {
     m.run(ev("e", EventType::Enable, "k", 20));
     m.run(ev("r", EventType::Rotate, "k", 30));
     m.run(rewrapped("a", "1", "v-r", 9, "r", t(31)));
-    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), at: t(32) });
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: "r".into(), at: t(32) });
     m.run(Input::DeleteInstance { instance_id: "a".into(), request_id: "req".into(), at: t(40) });
     let kinds: Vec<String> = m
         .notices
@@ -485,17 +485,30 @@ fn an_operator_retry_starts_a_new_pass_that_acknowledges_nothing() {
     create(&mut m, "a", "k");
     m.run(ev("r", EventType::Rotate, "k", 10));
     m.run(Input::RewrapFailed { instance_id: "a".into(), from_version: "1".into(), reason: "refused".into(), job: "r".into(), at: t(11) });
-    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), at: t(12) });
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: "r".into(), at: t(12) });
     let acks = |m: &Mem| m.notices.iter().filter(|n| matches!(n, Notice::Acknowledge { .. })).count();
     assert_eq!(acks(&m), 1);
     assert_eq!(m.run(Input::RetryRewraps { key_id: "k".into(), request_id: "retry-1".into(), at: t(20) }), Reply::Done);
     let job = &m.jobs["k"];
     assert_eq!((job.target_version.as_str(), job.cause_event_id.as_str(), job.finished_at, job.acknowledge), ("v-r", "retry-1", None, false));
-    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), at: t(21) });
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: "retry-1".into(), at: t(21) });
     assert_eq!(acks(&m), 1, "the retry answers no KMS event");
     assert!(matches!(m.run(Input::RetryRewraps { key_id: "zz".into(), request_id: "x".into(), at: t(22) }), Reply::NotFound(_)));
     m.run(ev("d", EventType::Disable, "k", 30));
     assert!(matches!(m.run(Input::RetryRewraps { key_id: "k".into(), request_id: "y".into(), at: t(31) }), Reply::Conflict(_)));
+}
+
+#[test]
+fn a_pass_of_a_replaced_job_does_not_close_the_retry_that_replaced_it() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("r", EventType::Rotate, "k", 10));
+    // An operator's retry while the rotate event's pass still runs.
+    m.run(Input::RetryRewraps { key_id: "k".into(), request_id: "retry-1".into(), at: t(11) });
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: "r".into(), at: t(12) });
+    assert_eq!(m.jobs["k"].finished_at, None, "the retry's own pass has not run yet");
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: "retry-1".into(), at: t(13) });
+    assert_eq!(m.jobs["k"].finished_at, Some(t(13)));
 }
 
 /// An event whose producer claims it occurred at `occurred`, applied by
