@@ -948,6 +948,15 @@ mod tests {
         Mocked { cluster, kafka, _dir: dir, store, writer }
     }
 
+    /// Starts the relay's loops on the mock cluster; cancel the token to stop them.
+    fn start_relay(store: &Store, writer: Writer, kafka: &KafkaConfig, bootstrap: &str) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+        let relay =
+            Relay::new(store.clone(), writer, Arc::new(Told::default()), kafka, bootstrap, Arc::new(Notify::new()), Arc::new(Metrics::new()), None).unwrap();
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(relay.run(shutdown.clone()));
+        (shutdown, running)
+    }
+
     /// Every payload of the topic's one partition, up to its end.
     fn read_topic(bootstrap: String, topic: &'static str) -> tokio::task::JoinHandle<Vec<String>> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -978,19 +987,7 @@ mod tests {
         let Mocked { cluster, kafka, _dir, store, writer } = mocked();
         writer.import(vec![crate::engine::Record::Outbox(Effect::LifecycleEvent { key_id: "k".into(), payload: "a".into() })]).await.unwrap();
         cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 2]);
-        let relay = Relay::new(
-            store.clone(),
-            writer,
-            Arc::new(Told::default()),
-            &kafka,
-            &cluster.bootstrap_servers(),
-            Arc::new(Notify::new()),
-            Arc::new(Metrics::new()),
-            None,
-        )
-        .unwrap();
-        let shutdown = CancellationToken::new();
-        let running = tokio::spawn(relay.run(shutdown.clone()));
+        let (shutdown, running) = start_relay(&store, writer, &kafka, &cluster.bootstrap_servers());
         let queued = |store: &Store| -> Vec<bool> {
             store
                 .alerts_from(0, 100)
@@ -1043,19 +1040,7 @@ mod tests {
             RDKafkaApiKey::Produce,
             &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR, RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
         );
-        let relay = Relay::new(
-            store.clone(),
-            writer,
-            Arc::new(Told::default()),
-            &kafka,
-            &cluster.bootstrap_servers(),
-            Arc::new(Notify::new()),
-            Arc::new(Metrics::new()),
-            None,
-        )
-        .unwrap();
-        let shutdown = CancellationToken::new();
-        let running = tokio::spawn(relay.run(shutdown.clone()));
+        let (shutdown, running) = start_relay(&store, writer, &kafka, &cluster.bootstrap_servers());
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !store.outbox_from(0, 10).unwrap().is_empty() {
             assert!(std::time::Instant::now() < deadline, "the commit's effects were not all published");
