@@ -234,6 +234,7 @@ mod tests {
             target_version: "2".into(),
             cause_event_id: "e".into(),
             acknowledge: true,
+            acknowledges: Vec::new(),
             correlation_id: None,
             traceparent: None,
             started_at: Utc::now(),

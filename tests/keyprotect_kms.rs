@@ -518,3 +518,81 @@ fn with_agents_expected_a_disable_is_acknowledged_only_once_every_database_repor
     assert_eq!(ack["adopterKeyState"], "DEK_DISABLED");
     drop(rt);
 }
+
+/// Key Protect is told a rotation is done only once every DEK is rewrapped
+/// ([rewrap], `crypto-erasure.md`): a rotation whose rewraps Key Protect
+/// refused for two instances ends partial and acknowledges nothing; the
+/// operator's retry, once the cause is gone, rewraps them and sends the
+/// rotate event's acknowledgement, once.
+#[test]
+fn a_rotation_with_refused_rewraps_is_acknowledged_only_by_the_retry_that_rewraps_them() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let kp = KeyProtectDouble::start(&rt, "us-south");
+    let key = "partial-root-key";
+    kp.add_key(key);
+    let crn = kp.crn(key);
+    let enc = crn.replace('/', "%2F");
+    let broker = Broker::start();
+    let (d, _config) = daemon_on_key_protect(&broker, &[&kp], "");
+    let ids: Vec<String> = (0..6).map(|i| format!("part-{i}")).collect();
+    for id in &ids {
+        d.create_instance(id, &crn);
+    }
+    let deks: Vec<String> = ids.iter().map(|id| d.dek(id).1["dek"].as_str().unwrap().to_string()).collect();
+    let registered_now = |instance: &str| {
+        wait_until(&format!("{instance} registered"), Duration::from_secs(30), || {
+            kp.kp.registrations.lock().unwrap().contains_key(&(key.to_string(), registered("us-south", instance))).then_some(())
+        })
+    };
+    let acks_of = |event: &str| kp.acks().iter().filter(|a| a["eventId"] == event).count();
+
+    *kp.kp.refuse_rewraps_of.lock().unwrap() = vec!["part-1".into(), "part-4".into()];
+    let (v2, rotated) = kp.rotate(key);
+    let p = producer(&broker.bootstrap);
+    produce(&p, "key-lifecycle", Some(&crn), &event(&rotated, "rotate", &crn, Some(&v2), &soon(1)));
+    let k = wait_until("the rotation to end", Duration::from_secs(60), || {
+        let (_, v) = d.get(&format!("/v1/keys/{enc}"));
+        v["rotation"]["finished_at"].is_string().then_some(v)
+    });
+    assert_eq!((k["rotation"]["done"].as_u64(), k["rotation"]["failed"].as_u64(), k["pending_rewraps"].as_u64()), (Some(4), Some(2), Some(2)), "{k}");
+    // The marker: the key's notices go in commit order, so once a later
+    // instance's registration reached Key Protect, an acknowledgement queued
+    // at the rotation's end would have gone before it.
+    d.create_instance("part-late", &crn);
+    registered_now("part-late");
+    assert_eq!(acks_of(&rotated), 0, "a rotation that left two DEKs on the old version was acknowledged");
+
+    // A retry before the cause is fixed fails them again: still nothing.
+    let retry = |d: &Daemon| {
+        let (s, v) = d.post(&format!("/v1/keys/{enc}/retry"), None);
+        assert_eq!(s, 202, "{v}");
+        v["event_id"].as_str().unwrap().to_string()
+    };
+    let first = retry(&d);
+    let k = wait_until("the first retry to end", Duration::from_secs(60), || {
+        let (_, v) = d.get(&format!("/v1/keys/{enc}"));
+        (v["rotation"]["cause_event_id"] == first.as_str() && v["rotation"]["finished_at"].is_string()).then_some(v)
+    });
+    assert_eq!((k["rotation"]["failed"].as_u64(), &k["rotation"]["acknowledges"]), (Some(2), &json!([rotated])), "{k}");
+    d.create_instance("part-late-2", &crn);
+    registered_now("part-late-2");
+    assert_eq!(acks_of(&rotated), 0, "a retry that failed the same two again acknowledged the rotation");
+
+    kp.kp.refuse_rewraps_of.lock().unwrap().clear();
+    retry(&d);
+    let ack = wait_until("the rotate event's acknowledgement after the retry", Duration::from_secs(60), || {
+        kp.acks().into_iter().find(|a| a["eventId"] == rotated.as_str())
+    });
+    assert_eq!(ack["adopterKeyState"], "DEK_ENABLED", "{ack}");
+    assert_eq!(ack["keyStateData"]["rewrappedKeyVersion"], v2.as_str(), "{ack}");
+    d.wait_rotated(&enc, &v2);
+    for (id, dek) in ids.iter().zip(&deks) {
+        let (s, v) = d.dek(id);
+        assert_eq!((s, v["dek"].as_str(), v["key_version"].as_str()), (200, Some(dek.as_str()), Some(v2.as_str())), "{id}: {v}");
+    }
+    d.create_instance("part-later", &crn);
+    registered_now("part-later");
+    assert_eq!(acks_of(&rotated), 1, "acknowledged once");
+    assert!(kp.refusals().iter().all(|r| !r.contains("event_ack")), "{:?}", kp.refusals());
+    drop(rt);
+}

@@ -41,7 +41,9 @@ pub struct Rotator {
 }
 
 enum Pass {
-    Finished,
+    /// Every instance not yet on the newest version was tried; the KMS
+    /// refused `failed` of them.
+    Finished { failed: u64 },
     /// The key stopped being usable, or a newer rotation replaced this one.
     Interrupted,
 }
@@ -77,21 +79,26 @@ impl Rotator {
                     return;
                 }
                 match self.pass(&job, &shutdown).await {
-                    Ok(Pass::Finished) => {
-                        let _ = self
-                            .writer
-                            .submit(Input::JobFinished {
-                                key_id: job.key_id.clone(),
-                                target_version: job.target_version.clone(),
-                                job: job.cause_event_id.clone(),
-                                at: Utc::now(),
-                            })
-                            .await;
+                    Ok(Pass::Finished { failed }) => {
+                        let end = Input::JobFinished {
+                            key_id: job.key_id.clone(),
+                            target_version: job.target_version.clone(),
+                            job: job.cause_event_id.clone(),
+                            failed,
+                            at: Utc::now(),
+                        };
+                        // Not recorded, the job stays open: the next round's
+                        // pass finds what is left and ends it again.
+                        if let Err(e) = self.writer.submit(end).await {
+                            tracing::warn!(key_id = %job.key_id, error = %e, "cannot record the rotation's end; the next pass ends it");
+                            continue;
+                        }
                         tracing::info!(
                             key_id = %job.key_id,
                             version = %job.target_version,
                             event_id = %job.cause_event_id,
                             correlation_id = job.correlation_id.as_deref().unwrap_or(""),
+                            failed,
                             "rotation finished"
                         );
                     }
@@ -175,6 +182,7 @@ impl Rotator {
         let mut interrupted = false;
         let mut exhausted = false;
         let mut deferred = 0usize;
+        let mut failed = 0u64;
         // Set once the reader answered; `unread` if it could not read them all.
         let mut read_done = false;
         let mut unread = false;
@@ -209,7 +217,10 @@ impl Rotator {
                     }
                 }
                 attempt = results.next(), if !exhausted => match attempt {
-                    Some(Attempt::Done(input)) => chunk.push(input),
+                    Some(Attempt::Done(input)) => {
+                        failed += u64::from(matches!(input, Input::RewrapFailed { .. }));
+                        chunk.push(input);
+                    }
                     Some(Attempt::KeyUnusable) => interrupted = true,
                     Some(Attempt::Later) => deferred += 1,
                     None => exhausted = true,
@@ -236,7 +247,7 @@ impl Rotator {
             tracing::warn!(key_id = %job.key_id, deferred, "kms kept failing transiently for some instances; the next pass retries them");
             return Ok(Pass::Interrupted);
         }
-        Ok(if self.current(job) { Pass::Finished } else { Pass::Interrupted })
+        Ok(if self.current(job) { Pass::Finished { failed } } else { Pass::Interrupted })
     }
 
     /// Starts reading the key's instances that are not on `target`, a page at

@@ -59,6 +59,7 @@ mod tests {
             target_version: "2".into(),
             cause_event_id: "e".into(),
             acknowledge: true,
+            acknowledges: Vec::new(),
             correlation_id: None,
             traceparent: None,
             started_at: "2026-01-01T00:00:00Z".parse().unwrap(),

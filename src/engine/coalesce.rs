@@ -134,6 +134,7 @@ mod tests {
                 target_version: "2".into(),
                 cause_event_id: "e1".into(),
                 acknowledge: true,
+                acknowledges: Vec::new(),
                 correlation_id: None,
                 traceparent: None,
                 started_at: Utc.timestamp_opt(1_700_000_000, 0).unwrap(),

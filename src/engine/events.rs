@@ -132,7 +132,7 @@ fn audit(event: &LifecycleEvent, outcome: Outcome, detail: &str) -> Record {
 /// still counts as applied (the key already is in that state), or is ignored.
 fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> Transition {
     match event.kind {
-        EventType::Rotate => on_rotate(key, event, at),
+        EventType::Rotate => on_rotate(view, key, event, at),
         EventType::Disable => on_disable(key, event, at),
         EventType::Enable => on_enable(key, event, at),
         EventType::Delete => on_delete(view, key, event, at),
@@ -141,13 +141,16 @@ fn transition(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at:
 }
 
 /// A rotate sets the key's newest version and starts a rotation job towards it;
-/// the job is acknowledged to the KMS when it finishes.
+/// the job is acknowledged to the KMS when it finishes with every DEK
+/// rewrapped. A job it replaces that still owed acknowledgements (a rotation
+/// that left DEKs behind, or had not ended) hands them on: rewrapping every
+/// DEK to the newer version completes the older rotation too.
 ///
 /// - A deleted key is not rotated: a rotate cannot bring it back.
 /// - A rotate without a version has nothing to rotate to and is ignored.
 /// - A disabled key gets its job too, but the rotation waits until the key is
 ///   enabled (the detail says so): its DEKs cannot be rewrapped meanwhile.
-fn on_rotate(key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> Transition {
+fn on_rotate(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> Transition {
     if key.status == KeyStatus::Deleted {
         return ignored("key is deleted; a rotate cannot bring it back");
     }
@@ -155,17 +158,20 @@ fn on_rotate(key: &mut KeyRecord, event: &LifecycleEvent, at: DateTime<Utc>) -> 
         return ignored("rotate without key_version");
     };
     key.version = Some(version.clone());
+    let previous = view.job(&key.key_id);
     let job = RotationJob {
         key_id: key.key_id.clone(),
         target_version: version.clone(),
         cause_event_id: event.event_id.clone(),
         acknowledge: true,
+        acknowledges: previous.as_ref().map(RotationJob::owed_acknowledgements).unwrap_or_default(),
         correlation_id: event.correlation_id.clone(),
         traceparent: event.traceparent.clone(),
         started_at: at,
         total: None,
         done: 0,
-        failed: 0,
+        // Instances the replaced job failed stay counted until rewrapped.
+        failed: previous.as_ref().map_or(0, |j| j.failed),
         finished_at: None,
     };
     let detail = if key.status == KeyStatus::Disabled {

@@ -85,7 +85,7 @@ fn inputs_that_name_their_key_are_about_it_whether_or_not_it_is_known() {
         Input::RegisterKey { key_id: "k".into(), version: "1".into(), at: t(0) },
         create("i1", "k"),
         Input::JobPlanned { key_id: "k".into(), target_version: "2".into(), total: 3 },
-        Input::JobFinished { key_id: "k".into(), target_version: "2".into(), job: "e".into(), at: t(0) },
+        Input::JobFinished { key_id: "k".into(), target_version: "2".into(), job: "e".into(), failed: 0, at: t(0) },
         Input::Purge { key_id: "k".into(), purge_after: Duration::from_secs(1), at: t(0) },
         Input::RetryRewraps { key_id: "k".into(), request_id: "r1".into(), at: t(0) },
     ];
@@ -145,7 +145,7 @@ fn a_decision_writes_state_only_of_the_key_its_input_is_about() {
         Input::RetryRewraps { key_id: "k".into(), request_id: "r1".into(), at: t(3) },
         Input::RotateCredential { instance_id: "i1".into(), credential: credential("c2"), at: t(3) },
         Input::Rewrapped { instance_id: "i1".into(), from_version: "1".into(), wrapped: wrapped("v-e1"), job: "r1".into(), at: t(4) },
-        Input::JobFinished { key_id: "k".into(), target_version: "v-e1".into(), job: "r1".into(), at: t(5) },
+        Input::JobFinished { key_id: "k".into(), target_version: "v-e1".into(), job: "r1".into(), failed: 0, at: t(5) },
         event("e2", EventType::Delete, "k", 6),
         Input::Purge { key_id: "k".into(), purge_after: Duration::from_secs(1), at: t(100) },
         Input::DeleteInstance { instance_id: "j1".into(), request_id: "r2".into(), at: t(101) },

@@ -100,6 +100,10 @@ pub enum Input {
         /// The finished job's `cause_event_id`: a pass of a job that another
         /// (an operator's retry) replaced meanwhile closes nothing.
         job: String,
+        /// Rewraps the KMS refused in the pass that ended the job. That pass
+        /// went through every instance not yet on the newest version, so
+        /// these are the DEKs the rotation leaves behind.
+        failed: u64,
         at: DateTime<Utc>,
     },
     Purge {
@@ -161,7 +165,7 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
         Input::JobPlanned { key_id, target_version, total } => rotation::on_job_planned(view, key_id, target_version, total),
         Input::Rewrapped { instance_id, from_version, wrapped, job, at } => rotation::on_rewrapped(view, instance_id, from_version, wrapped, &job, at),
         Input::RewrapFailed { instance_id, from_version, reason, job, at } => rotation::on_rewrap_failed(view, instance_id, from_version, reason, &job, at),
-        Input::JobFinished { key_id, target_version, job, at } => rotation::on_job_finished(view, key_id, target_version, job, at),
+        Input::JobFinished { key_id, target_version, job, failed, at } => rotation::on_job_finished(view, key_id, target_version, job, failed, at),
         Input::Alert(alert) => on_alert(alert),
         Input::RetryRewraps { key_id, request_id, at } => rotation::on_retry_rewraps(view, key_id, request_id, at),
         Input::Purge { key_id, purge_after, at } => purge::on_purge(view, key_id, purge_after, at),

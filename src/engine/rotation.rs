@@ -115,44 +115,64 @@ pub(super) fn on_rewrap_failed(view: &impl View, instance_id: String, from_versi
 }
 
 /// Closes the key's job for `target_version` once the worker went through every
-/// instance.
+/// instance, `failed` of which the KMS refused to rewrap.
 ///
 /// A job that already finished, or a report for a target that is no longer the
 /// key's job (a newer rotation replaced it), changes nothing: the end is
 /// recorded, audited and acknowledged exactly once. The audit says whether the
-/// rotation was complete or partial (some rewraps failed). If the job came from
-/// a rotate event, the KMS gets that event's acknowledgement now, not when the
-/// event arrived: the rotation is only done once the DEKs are rewrapped.
-pub(super) fn on_job_finished(view: &impl View, key_id: String, target_version: String, cause: String, at: DateTime<Utc>) -> Decision {
+/// rotation was complete or partial (some rewraps failed).
+///
+/// The KMS hears of a rotation only once every DEK is rewrapped, not when the
+/// event arrived (`crypto-erasure.md`): a complete job acknowledges its rotate
+/// event and those it took over. A partial one acknowledges nothing; its
+/// failures raise `KeywardenRotationFailed`, and the operator's retry takes the
+/// acknowledgements over and sends them once it completes.
+pub(super) fn on_job_finished(view: &impl View, key_id: String, target_version: String, cause: String, failed: u64, at: DateTime<Utc>) -> Decision {
     match view.job(&key_id) {
         Some(mut job) if job.target_version == target_version && job.cause_event_id == cause && job.finished_at.is_none() => {
+            let owed = job.owed_acknowledgements();
+            // The ending pass's count, not the job's running one: that counts
+            // an instance that an earlier job already failed as not failed.
+            job.failed = failed;
             job.finished_at = Some(at);
+            let mut detail = format!("{} rewrapped, {} failed", job.done, job.failed);
+            if failed > 0 && !owed.is_empty() {
+                detail.push_str(&format!("; the acknowledgement of {} waits for a retry that rewraps them", owed.join(", ")));
+            }
             let fact = Record::Audit(AuditFact {
                 who: "rotation".into(),
                 what: "rotation finished".into(),
-                outcome: if job.failed > 0 { "partial".into() } else { "complete".into() },
+                outcome: if failed > 0 { "partial".into() } else { "complete".into() },
                 event_id: Some(job.cause_event_id.clone()),
                 key_id: Some(key_id.clone()),
                 key_version: Some(target_version.clone()),
                 correlation_id: job.correlation_id.clone(),
-                detail: Some(format!("{} rewrapped, {} failed", job.done, job.failed)),
+                detail: Some(detail),
                 ..Default::default()
             });
-            // A rotation is acknowledged once every DEK is rewrapped.
-            let ack = job.acknowledge.then(|| {
-                Record::Outbox(notice(
-                    &key_id,
-                    Notice::Acknowledge {
-                        event_id: job.cause_event_id.clone(),
-                        state: AdopterState::Enabled,
-                        key_version: Some(target_version),
-                        at,
-                        correlation_id: job.correlation_id.clone(),
-                    },
-                ))
-            });
+            // Partial: the job keeps what it owes, for the retry to take over.
+            let acks: Vec<Record> = if failed > 0 {
+                job.acknowledges = owed;
+                Vec::new()
+            } else {
+                job.acknowledges.clear();
+                owed.into_iter()
+                    .map(|event_id| {
+                        Record::Outbox(notice(
+                            &key_id,
+                            Notice::Acknowledge {
+                                event_id,
+                                state: AdopterState::Enabled,
+                                key_version: Some(target_version.clone()),
+                                at,
+                                correlation_id: job.correlation_id.clone(),
+                            },
+                        ))
+                    })
+                    .collect()
+            };
             let mut records = vec![Record::Job(job), fact];
-            records.extend(ack);
+            records.extend(acks);
             decision(records, Reply::Done)
         }
         _ => decision(vec![], Reply::Done),
@@ -168,7 +188,9 @@ pub(super) fn on_job_finished(view: &impl View, key_id: String, target_version: 
 ///
 /// The new job replaces the previous one with fresh counts and keeps its
 /// correlation id, so that the retry can be followed with the original request.
-/// It acknowledges nothing: the KMS sent no event for it. The retry is audited.
+/// The KMS sent no event for it, but it takes over the acknowledgements the
+/// previous job still owed (it left DEKs behind, or had not ended): they go
+/// once the retry rewraps every DEK. The retry is audited.
 pub(super) fn on_retry_rewraps(view: &impl View, key_id: String, request_id: String, at: DateTime<Utc>) -> Decision {
     let Some(key) = view.key(&key_id) else {
         return decision(vec![], Reply::NotFound(format!("key {key_id} is unknown to keywarden")));
@@ -185,12 +207,16 @@ pub(super) fn on_retry_rewraps(view: &impl View, key_id: String, request_id: Str
         target_version: version.clone(),
         cause_event_id: request_id.clone(),
         acknowledge: false,
+        acknowledges: previous.as_ref().map(RotationJob::owed_acknowledgements).unwrap_or_default(),
         correlation_id: previous.as_ref().and_then(|j| j.correlation_id.clone()),
         traceparent: None,
         started_at: at,
         total: None,
         done: 0,
-        failed: 0,
+        // The instances still failed stay counted (a rewrap of one takes it
+        // off), so that the alert about them lasts until they are fixed, not
+        // until the retry starts.
+        failed: previous.as_ref().map_or(0, |j| j.failed),
         finished_at: None,
     };
     let fact = Record::Audit(AuditFact {

@@ -271,10 +271,19 @@ pub struct RotationJob {
     pub key_id: String,
     pub target_version: String,
     pub cause_event_id: String,
-    /// Whether the KMS is told when it finishes: a rotation caused by a KMS
-    /// event is acknowledged; an operator's retry answers no event.
+    /// Whether the job's own cause is a KMS event to acknowledge once every
+    /// DEK is rewrapped: a rotate event's job is; an operator's retry answers
+    /// no event of its own.
     #[serde(default = "yes")]
     pub acknowledge: bool,
+    /// Rotate events this job has yet to acknowledge besides its running
+    /// cause: taken over from the job it replaced (which left DEKs on an
+    /// older version, or had not ended), or, once this job ended with DEKs
+    /// left behind, its own cause too. Acknowledged, and emptied, when a job
+    /// ends with every DEK rewrapped. A job recorded before this field owes
+    /// nothing once ended: it acknowledged when it ended, partial or not.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub acknowledges: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
     /// The causing event's trace: the rotation's rewraps are recorded in it.
@@ -286,6 +295,16 @@ pub struct RotationJob {
     pub done: u64,
     pub failed: u64,
     pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl RotationJob {
+    /// The KMS events this job has yet to acknowledge: those it holds, and its
+    /// own cause (if it is one) while it runs. A job replaced before it
+    /// acknowledged them hands them to the job that replaces it.
+    pub fn owed_acknowledgements(&self) -> Vec<String> {
+        let own = (self.acknowledge && self.finished_at.is_none()).then(|| self.cause_event_id.clone());
+        self.acknowledges.iter().cloned().chain(own).collect()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

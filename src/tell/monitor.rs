@@ -218,15 +218,20 @@ impl Monitor {
                 ));
             }
             if job.failed > 0 {
+                let mut description = format!(
+                    "the KMS refused their rewrap to version {}; see GET /v1/keys/{}, fix the cause and run `keywarden key retry`",
+                    job.target_version, job.key_id
+                );
+                let owed = job.owed_acknowledgements();
+                if !owed.is_empty() {
+                    description.push_str(&format!(". The KMS is not told of the rotation ({}) until the retry rewraps them", owed.join(", ")));
+                }
                 out.push(Alert::new(
                     "KeywardenRotationFailed",
                     Severity::Warning,
                     &[("key_id", &job.key_id)],
                     format!("{} instance(s) of key {} could not be rewrapped", job.failed, job.key_id),
-                    format!(
-                        "the KMS refused their rewrap to version {}; see GET /v1/keys/{}, fix the cause and run `keywarden key retry`",
-                        job.target_version, job.key_id
-                    ),
+                    description,
                     now,
                 ));
             }

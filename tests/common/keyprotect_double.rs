@@ -75,6 +75,9 @@ pub struct Inner {
     /// Throttle only event_ack calls for this key id (the 429 burst test).
     pub throttle_acks_of: Mutex<Option<(String, usize)>>,
     pub fail_next: AtomicUsize,
+    /// Instances (by AAD) whose rewraps are refused as Key Protect refuses a
+    /// ciphertext it cannot open (422 [errors]): a fault a test injects.
+    pub refuse_rewraps_of: Mutex<Vec<String>>,
     pub rewraps: AtomicUsize,
     /// (key id, resource CRN) -> registered key version, if updated.
     pub registrations: Mutex<HashMap<(String, String), Option<String>>>,
@@ -481,6 +484,7 @@ async fn action(State(kp): S, headers: HeaderMap, Path((id, action)): Path<(Stri
                     None => kp.refuse(&what, unprocessable()),
                 },
                 _ => match open(b["ciphertext"].as_str().unwrap_or_default()) {
+                    _ if kp.refuse_rewraps_of.lock().unwrap().contains(&aad) => kp.refuse(&what, unprocessable()),
                     Some((vid, plain)) => {
                         kp.rewraps.fetch_add(1, Ordering::SeqCst);
                         Json(json!({"ciphertext": wrap(&plain), "keyVersion": {"id": vid}, "rewrappedKeyVersion": {"id": latest_id}})).into_response()
@@ -613,6 +617,7 @@ impl KeyProtectDouble {
             throttle_next: AtomicUsize::new(0),
             throttle_acks_of: Mutex::new(None),
             fail_next: AtomicUsize::new(0),
+            refuse_rewraps_of: Mutex::default(),
             rewraps: AtomicUsize::new(0),
             registrations: Mutex::default(),
             acks: Mutex::default(),
