@@ -196,6 +196,82 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
     worker.await.unwrap();
 }
 
+/// With several nodes, a key can move to another node while its rotation
+/// pass runs: the writer then refuses the pass's chunks (`NotOwner`, to be
+/// retried). That ends the pass, not the rotation worker, which serves every
+/// other key and picks the rotation up again once the key is its own. Here
+/// the worker still believes it owns the key while the writer's fence says
+/// otherwise, as in the moment a partition moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_refused_because_its_key_moved_ends_the_pass_not_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store")).unwrap();
+    let notify = Arc::new(Notify::new());
+    let wake = notify.clone();
+    let fence = Arc::new(keywarden::cluster::fence::Fence::default());
+    let partition = ("key-lifecycle".to_string(), 0);
+    fence.assign(std::slice::from_ref(&partition));
+    let ownership = Ownership::shared(fence.clone(), "key-lifecycle", 1);
+    let (writer, _thread) = Writer::start(store.clone(), ownership, 256, Box::new(move |_| wake.notify_one()));
+    let local = Arc::new(LocalKms::open(store.clone(), writer.clone(), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap());
+    let (key, _) = local.create_key(Some("moving".into())).await.unwrap();
+    for i in 0..20 {
+        let id = format!("mv-{i}");
+        let dek = Dek::generate();
+        let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
+        let create = Input::CreateInstance {
+            instance_id: id,
+            key_id: key.clone(),
+            wrapped,
+            fingerprint: dek.fingerprint(),
+            credential: keywarden::api::credential::issue(Utc::now()).credential,
+            at: Utc::now(),
+        };
+        assert!(matches!(writer.submit(create).await.unwrap(), Reply::Created(_)));
+    }
+    local.operate(&key, EventType::Rotate).await.unwrap();
+    writer.submit(rotate_event("rot-moving", &key, "2")).await.unwrap();
+    // Planned already, so that a pass's first write is a chunk of rewraps.
+    writer.submit(Input::JobPlanned { key_id: key.clone(), target_version: "2".into(), total: 20 }).await.unwrap();
+    fence.revoke(std::slice::from_ref(&partition));
+
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    let rotator = Rotator {
+        store: store.clone(),
+        kms: local.clone(),
+        writer: writer.clone(),
+        notify,
+        config: RotationConfig { concurrency: 4, batch: 4, max_attempts: 2 },
+        metrics: metrics.clone(),
+        ownership: Ownership::single(Default::default()),
+    };
+    let worker = tokio::spawn(rotator.run(shutdown.clone()));
+    // The marker: each pass rewraps at least a chunk (4) before its refused
+    // commit; more than 20 rewraps of 20 DEKs means passes after the first
+    // refused one, so that refusal left the worker running.
+    let provider = local.provider_for(&key);
+    let rewraps = || metrics.rewraps.with_label_values(&[provider, "ok"]).get();
+    for _ in 0..1500 {
+        if rewraps() > 20 || worker.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!worker.is_finished(), "the rotation worker ended when the writer refused a pass for another node's key");
+    assert!(rewraps() > 20, "no second pass after the refused one: {} rewraps", rewraps());
+    assert!(store.job(&key).unwrap().unwrap().finished_at.is_none(), "a refused pass ended the job");
+
+    fence.assign(std::slice::from_ref(&partition));
+    let job = wait_job_finished(&store, &key, "rot-moving").await;
+    assert_eq!(job.failed, 0, "{job:?}");
+    for i in 0..20 {
+        assert_eq!(store.instance(&format!("mv-{i}")).unwrap().unwrap().key_version, "2");
+    }
+    shutdown.cancel();
+    worker.await.unwrap();
+}
+
 /// A KMS with a hard quota: above `per_second` requests in a one-second window it
 /// answers 429, like Key Protect or AWS do.
 struct QuotaKms {

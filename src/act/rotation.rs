@@ -103,6 +103,12 @@ impl Rotator {
                         );
                     }
                     Ok(Pass::Interrupted) => {}
+                    // The key moved to another node mid-pass (or the writer
+                    // could not take a chunk now): what was committed stays,
+                    // and the next round asks again whose key it is.
+                    Err(e) if e.retryable() => {
+                        tracing::info!(error = %e, key_id = %job.key_id, "rotation pass stopped; the next round goes on where it is");
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, key_id = %job.key_id, "rotation stopped: the store writer is gone");
                         return;
