@@ -414,3 +414,47 @@ fn an_owner_announced_outside_the_peer_list_receives_nothing() {
         other => panic!("the rogue owner URL received a connection: {other:?}"),
     }
 }
+
+/// A data-plane report is judged and recorded by the key's owner alone.
+/// Judged on another node, whose replica may not hold the command's cause
+/// yet, a real command would read as one keywarden never issued (409), which
+/// the agent gives up on; another node answers 503, which it retries. A
+/// cause that no node has seen stands for the lagging replica.
+#[test]
+fn a_data_plane_report_is_judged_by_the_keys_owner_and_retried_elsewhere() {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let broker = Broker::start();
+    let shared = Shared::new();
+    let nodes: Vec<Daemon> = (0..3).map(|_| shared.node(&broker.bootstrap)).collect();
+    write(&nodes[0], "/v1/keys", Some(json!({"key_id": "dp-key"})));
+    write(&nodes[1], "/v1/instances", Some(json!({"instance_id": "dp-db", "key_id": "dp-key"})));
+    let disabled = write(&nodes[2], "/v1/keys/dp-key/disable", None);
+    let cause = disabled["event_id"].as_str().unwrap().to_string();
+    let report = |d: &Daemon, cause: &str| -> (u16, Value) {
+        let at = chrono::Utc::now();
+        let c = keywarden::tell::Command::new("dp-db", "dp-key", keywarden::engine::CommandAction::Revoke, None, cause, at, None);
+        let body = json!({"command_id": c.command_id, "cause_event_id": cause, "action": "revoke", "outcome": "enforced", "at": at});
+        let r = d.http.post(format!("{}/v1/instances/dp-db/data-plane", d.api)).bearer_auth(d.dek_token_for("dp-db")).json(&body).send().unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(Value::Null))
+    };
+    // Every node has the instance (else 401) once its replica caught up.
+    let answers = wait_until("one node to judge the unknown cause and the others to defer", Duration::from_secs(60), || {
+        let answers: Vec<(u16, Value)> = nodes.iter().map(|d| report(d, "an-event-no-node-has-seen")).collect();
+        let mut statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+        statuses.sort();
+        (statuses == [409, 503, 503]).then_some(answers)
+    });
+    let owner = answers.iter().position(|(s, _)| *s == 409).unwrap();
+    for (i, (_, v)) in answers.iter().enumerate().filter(|(i, _)| *i != owner) {
+        assert!(v["error"].as_str().unwrap_or("").contains("another node owns key dp-key"), "node {i}: {v}");
+    }
+    // The real command: deferred by the others, recorded by the owner.
+    for (i, d) in nodes.iter().enumerate().filter(|(i, _)| *i != owner) {
+        assert_eq!(report(d, &cause).0, 503, "node {i}");
+    }
+    let (s, v) = report(&nodes[owner], &cause);
+    assert_eq!((s, &v["recorded"]), (200, &json!(true)), "{v}");
+    let (_, shown) = nodes[owner].get("/v1/instances/dp-db");
+    assert_eq!((&shown["data_plane"]["action"], &shown["data_plane"]["outcome"]), (&json!("revoke"), &json!("enforced")), "{shown}");
+}

@@ -6,7 +6,8 @@
 //! keywarden issued to this instance: its id is recomputed from what caused
 //! it (see `tell::Command::new`) and that cause must be a lifecycle event of
 //! the instance's key that keywarden applied, or, for the erase of an
-//! instance deleted through the API, that deletion's request.
+//! instance deleted through the API, that deletion's request. That is judged
+//! by the key's owner alone; another node answers 503, retried by the agent.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -63,6 +64,16 @@ pub(super) async fn report(State(s): State<AppState>, Path(id): Path<String>, pr
     let Some(report) = parse_body::<Report>(&body, false)? else {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "request body is empty; send a JSON report"));
     };
+    // Only the key's owner can record the report, and this node's replica
+    // may not hold the command's cause yet: judged here, a real command would
+    // read as one keywarden never issued (409, which the agent gives up on).
+    // 503 says what the writer would: retry until the owner answers.
+    if !s.ownership.owns_key(&inst.key_id) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("another node owns key {} and records its instances' reports; retry, through an address that reaches it", inst.key_id),
+        ));
+    }
     let expected = crate::tell::Command::new(&id, &inst.key_id, report.action, None, &report.cause_event_id, report.at, None).command_id;
     let cause = s.store.event(&report.cause_event_id)?;
     // An instance deleted through the API got its erase from the request,

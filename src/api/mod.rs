@@ -165,8 +165,8 @@ fn routes() -> Vec<(&'static str, MethodRouter<AppState>, Placement)> {
         ("/v1/instances/{id}/credential", post(rotate_credential), Owner(KeyFrom::InstancePath("id"))),
         // Authenticated by the instance's own credential, which a forwarded
         // request no longer carries: answered here, and on a node that does
-        // not own the key the writer refuses it (503, retryable) until the
-        // agent reaches the owner.
+        // not own the key refused (503, retryable) until the agent reaches
+        // the owner.
         ("/v1/instances/{id}/data-plane", post(data_plane::report), Here),
     ]
 }
