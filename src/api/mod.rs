@@ -320,7 +320,8 @@ async fn readyz(State(s): State<AppState>) -> Response {
     } else if !s.health.broker_ok.load(Ordering::SeqCst) {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not ready: kafka is unreachable; state is kept and intake resumes when it is back").into_response()
     } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the consumer group to assign partitions").into_response()
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not ready: waiting for the consumer group to assign partitions, and for this node to take them over")
+            .into_response()
     }
 }
 

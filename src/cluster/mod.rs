@@ -127,12 +127,24 @@ impl Ownership {
     pub fn owns_key(&self, key_id: &str) -> bool {
         match &self.shared {
             None => true,
-            Some((topic, n)) => self.fence.generation(topic, partition_of(key_id, *n)).is_some(),
+            Some((topic, n)) => self.fence.serves(topic, partition_of(key_id, *n)),
         }
     }
 
     /// As `owns_key`, in the snapshot the writer holds for its batch.
     pub fn owns_key_held(&self, held: &fence::Held<'_>, key_id: &str) -> bool {
+        match &self.shared {
+            None => true,
+            Some((topic, n)) => held.serves(topic, partition_of(key_id, *n)),
+        }
+    }
+
+    /// Whether this node is the key's partition's assigned owner in the held
+    /// snapshot, taken over or not: the one writer of that partition of the
+    /// changelog, which is all a record of sent commands needs (their copies
+    /// are dropped from every node's store), including those the take-over
+    /// itself adopted.
+    pub fn assigned_key_held(&self, held: &fence::Held<'_>, key_id: &str) -> bool {
         match &self.shared {
             None => true,
             Some((topic, n)) => held.owns_partition(topic, partition_of(key_id, *n)),
@@ -146,5 +158,27 @@ impl Ownership {
             return items;
         }
         items.into_iter().filter(|item| self.owns_key(key_of(item))).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A partition this node was just given, still being taken over (its
+    /// replica may not hold what the previous owner wrote), is not yet this
+    /// node's for anything but its consumed events: not for API writes, the
+    /// workers, or a DEK served without the replica's lag check.
+    #[test]
+    fn a_key_of_a_partition_pending_take_over_is_not_owned_until_taken_over() {
+        let fence = Arc::new(Fence::default());
+        let ownership = Ownership::shared(fence.clone(), "events", 1);
+        fence.assign_pending(&[("events".to_string(), 0)]);
+        assert!(!ownership.owns_key("k"));
+        assert!(!ownership.owns_key_held(&fence.hold(), "k"));
+        assert!(ownership.mine(vec!["k"], |k| k).is_empty());
+        fence.taken_over("events", 0, fence.generation("events", 0).unwrap());
+        assert!(ownership.owns_key("k") && ownership.owns_key_held(&fence.hold(), "k"));
+        assert!(Ownership::single(Arc::new(Fence::default())).owns_key("k"), "one node without a changelog owns every key");
     }
 }

@@ -4,7 +4,6 @@
 //! join round (JoinGroup, SyncGroup) costs seconds on tansu at every start and
 //! restart, and a node alone has nobody to share partitions with.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,7 +67,7 @@ fn assign(consumer: &StreamConsumer<IntakeContext>, topic: &str, ids: &[i32]) ->
         context.fence.revoke_all();
         return Err(IntakeError::Assign { topic: topic.to_string(), source });
     }
-    context.health.assigned.store(context.fence.owned_count() > 0, Ordering::SeqCst);
+    context.health.note_ownership(&context.fence);
     context.log_assigned(&parts, "assigned every partition to this node alone; resuming from the store's offsets");
     Ok(())
 }

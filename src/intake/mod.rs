@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header};
@@ -149,6 +150,9 @@ impl IntakeError {
 #[derive(Default)]
 pub struct Health {
     pub assigned: AtomicBool,
+    /// Every partition assigned has been taken over at least once since the
+    /// start (see `Health::note_ownership`).
+    pub served_once: AtomicBool,
     pub broker_ok: AtomicBool,
     pub progress: crate::notify::Heartbeat,
     /// Set by the supervisor when a critical task stopped: never ready again.
@@ -156,6 +160,21 @@ pub struct Health {
 }
 
 impl Health {
+    /// Assigned as far as readiness goes: the first time, only once every
+    /// partition is taken over, so that a node does not report ready and then
+    /// refuse writes for the keys of a partition still being taken over. A
+    /// later rebalance does not take readiness away while its take-overs run:
+    /// DEKs are still served meanwhile (within the replica's lag), and every
+    /// node of a group is rebalanced at once.
+    pub fn note_ownership(&self, fence: &Fence) {
+        let all = fence.serving_all();
+        if all {
+            self.served_once.store(true, Ordering::SeqCst);
+        }
+        let ready = fence.owned_count() > 0 && (all || self.served_once.load(Ordering::SeqCst));
+        self.assigned.store(ready, Ordering::SeqCst);
+    }
+
     pub fn ready(&self) -> bool {
         self.failure.get().is_none() && self.assigned.load(Ordering::SeqCst) && self.broker_ok.load(Ordering::SeqCst)
     }
@@ -164,6 +183,12 @@ impl Health {
 /// `recv` waits as long as the topic is idle; waking this often lets the
 /// heartbeat tell an idle loop from a stuck one (well inside a watchdog of 2s).
 const IDLE_WAKE: Duration = Duration::from_millis(250);
+
+/// Held while one caller takes a partition (and generation) over.
+type TakeOverTurn = Arc<tokio::sync::Mutex<()>>;
+
+/// How soon a failed take-over is tried again.
+const TAKEOVER_RETRY: Duration = Duration::from_secs(1);
 
 /// Rebalance handling: on assignment each partition resumes from the offset in
 /// the store (the truth; Kafka's committed offset is only a hint) under a new
@@ -198,9 +223,12 @@ impl IntakeContext {
     }
 
     /// A new fence generation per partition; with several nodes, each is
-    /// queued to be taken over.
+    /// queued to be taken over, and served only once it is.
     fn fence_and_take_over(&self, parts: &[Partition]) {
-        self.fence.assign(parts);
+        match &self.takeovers {
+            Some(_) => self.fence.assign_pending(parts),
+            None => self.fence.assign(parts),
+        }
         if let Some(tx) = &self.takeovers {
             for (topic, partition) in parts {
                 if let Some(generation) = self.fence.generation(topic, *partition) {
@@ -248,7 +276,7 @@ impl ConsumerContext for IntakeContext {
                 let _ = consumer.unassign();
             }
         }
-        self.health.assigned.store(self.fence.owned_count() > 0, Ordering::SeqCst);
+        self.health.note_ownership(&self.fence);
     }
 }
 
@@ -283,6 +311,9 @@ pub struct Intake {
     /// partitions (and generations) for which that is done.
     replica: Option<Arc<crate::cluster::replica::Replica>>,
     taken_over: std::sync::Mutex<std::collections::HashSet<(i32, u64)>>,
+    /// One take-over of a partition (and generation) at a time: the consume
+    /// path and the take-over loop may both ask for it.
+    taking: std::sync::Mutex<std::collections::HashMap<(i32, u64), TakeOverTurn>>,
     takeover_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(i32, u64)>>>,
     /// This node's API, announced to the others for each partition it takes.
     advertise_url: String,
@@ -381,6 +412,7 @@ impl Intake {
             admission,
             replica,
             taken_over: Default::default(),
+            taking: Default::default(),
             takeover_rx: std::sync::Mutex::new(Some(takeover_rx)),
             advertise_url: advertise_url.to_string(),
             rejoin_after,
@@ -419,8 +451,36 @@ impl Intake {
         let takeovers = async {
             match takeover_rx.as_mut() {
                 Some(rx) => {
-                    while let Some((partition, generation)) = rx.recv().await {
-                        self.take_over(partition, generation).await;
+                    // Partitions are taken over at once, not one after the
+                    // other (each may wait for the replica). One that failed
+                    // (the broker away) is tried again TAKEOVER_RETRY later,
+                    // while the partition is still ours under that generation:
+                    // until it is done, its keys are not served here.
+                    let mut running = futures::stream::FuturesUnordered::new();
+                    let mut again: std::collections::VecDeque<(tokio::time::Instant, i32, u64)> = Default::default();
+                    let this = &self;
+                    let current = |partition: i32, generation: u64| this.fence.generation(&this.kafka.events_topic, partition) == Some(generation);
+                    let attempt = |partition: i32, generation: u64| async move { (partition, generation, this.take_over(partition, generation).await) };
+                    loop {
+                        let retry_at = again.front().map(|(at, _, _)| *at);
+                        tokio::select! {
+                            next = rx.recv() => match next {
+                                Some((partition, generation)) => running.push(attempt(partition, generation)),
+                                None => break,
+                            },
+                            Some((partition, generation, done)) = running.next(), if !running.is_empty() => {
+                                if !done && current(partition, generation) {
+                                    again.push_back((tokio::time::Instant::now() + TAKEOVER_RETRY, partition, generation));
+                                }
+                            }
+                            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                                if let Some((_, partition, generation)) = again.pop_front() {
+                                    if current(partition, generation) {
+                                        running.push(attempt(partition, generation));
+                                    }
+                                }
+                            }
+                        }
                     }
                     std::future::pending::<()>().await
                 }
@@ -547,6 +607,8 @@ impl Intake {
     /// done in the rebalance callback: blocking there stalls the whole group.
     async fn take_over(&self, partition: i32, generation: u64) -> bool {
         let Some(replica) = &self.replica else { return true };
+        let gate = self.taking.lock().expect("intake lock").entry((partition, generation)).or_default().clone();
+        let _turn = gate.lock().await;
         if self.taken_over.lock().expect("intake lock").contains(&(partition, generation)) {
             return true;
         }
@@ -555,6 +617,15 @@ impl Intake {
             Ok(()) => {
                 tracing::info!(partition, "partition taken over: replica caught up, ownership announced");
                 self.taken_over.lock().expect("intake lock").insert((partition, generation));
+                self.taking.lock().expect("intake lock").remove(&(partition, generation));
+                // The fence's lock is held by the writer across a batch's
+                // changelog publish: waited for off the runtime.
+                let (fence, topic) = (self.fence.clone(), self.kafka.events_topic.clone());
+                if let Err(e) = tokio::task::spawn_blocking(move || fence.taken_over(&topic, partition, generation)).await {
+                    tracing::error!(partition, error = %e, "cannot mark the partition taken over; retrying");
+                    return false;
+                }
+                self.health.note_ownership(&self.fence);
                 true
             }
             Err(e) => {

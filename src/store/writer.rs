@@ -614,7 +614,8 @@ impl Loop {
                 Done::Written
             }
             Op::Sent { queue, sent } => {
-                self.store.stage_sent(staged, queue, sent, mine).map_err(Failure::Batch)?;
+                let assigned = |key_id: &str| owned.is_none_or(|held| self.ownership.assigned_key_held(held, key_id));
+                self.store.stage_sent(staged, queue, sent, assigned).map_err(Failure::Batch)?;
                 Done::Written
             }
             Op::Kms(change) => {
