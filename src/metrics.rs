@@ -242,6 +242,8 @@ mod tests {
             done,
             failed,
             finished_at: finished.then(Utc::now),
+            rewrapping_to: None,
+            arrivals: 0,
         }
     }
 

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info_span, Instrument};
 
 use crate::config::RotationConfig;
-use crate::engine::{Input, KeyStatus, RotationJob, WrappedDek};
+use crate::engine::{Input, KeyStatus, Reply, RotationJob, WrappedDek};
 use crate::kms::Kms;
 use crate::metrics::Metrics;
 use crate::store::writer::{Pending, Writer, WriterError};
@@ -85,13 +85,21 @@ impl Rotator {
                             target_version: job.target_version.clone(),
                             job: job.cause_event_id.clone(),
                             failed,
+                            arrivals: job.arrivals,
                             at: Utc::now(),
                         };
                         // Not recorded, the job stays open: the next round's
                         // pass finds what is left and ends it again.
-                        if let Err(e) = self.writer.submit(end).await {
-                            tracing::warn!(key_id = %job.key_id, error = %e, "cannot record the rotation's end; the next pass ends it");
-                            continue;
+                        match self.writer.submit(end).await {
+                            Ok(Reply::Conflict(why)) => {
+                                tracing::info!(key_id = %job.key_id, %why, "rotation goes on");
+                                continue;
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(key_id = %job.key_id, error = %e, "cannot record the rotation's end; the next pass ends it");
+                                continue;
+                            }
                         }
                         tracing::info!(
                             key_id = %job.key_id,
@@ -199,10 +207,10 @@ impl Rotator {
                     match read {
                         Ok(Ok(total)) => {
                             tracing::info!(key_id = %job.key_id, version = %job.target_version, remaining = total, "rotation pass read the key's instances");
-                            // The reader answers once a pass; only the job's first pass plans it.
-                            if job.total.is_none() {
-                                self.writer.submit(Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total }).await?;
-                            }
+                            // The reader answers once a pass: the job's first pass sets
+                            // its total, every pass the version it rewraps to.
+                            let plan = Input::JobPlanned { key_id: job.key_id.clone(), target_version: job.target_version.clone(), total, rewrapping_to: target.clone() };
+                            self.writer.submit(plan).await?;
                         }
                         Ok(Err(e)) => {
                             tracing::error!(key_id = %job.key_id, error = %e, "cannot read the key's instances; rotation waits");

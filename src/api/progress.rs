@@ -67,6 +67,8 @@ mod tests {
             done,
             failed,
             finished_at: None,
+            rewrapping_to: None,
+            arrivals: 0,
         }
     }
 

@@ -142,6 +142,8 @@ mod tests {
                 done,
                 failed: 0,
                 finished_at: None,
+                rewrapping_to: None,
+                arrivals: 0,
             })
         };
         let out = coalesce(vec![job("k", 1), command("a", "e1", "2"), job("j", 1), job("k", 2), command("b", "e1", "2")]);

@@ -173,6 +173,8 @@ fn on_rotate(view: &impl View, key: &mut KeyRecord, event: &LifecycleEvent, at: 
         // Instances the replaced job failed stay counted until rewrapped.
         failed: previous.as_ref().map_or(0, |j| j.failed),
         finished_at: None,
+        rewrapping_to: None,
+        arrivals: 0,
     };
     let detail = if key.status == KeyStatus::Disabled {
         format!("rotation to version {version} waits until the key is enabled")

@@ -65,6 +65,14 @@ pub(super) fn on_create_instance(
             records.push(Record::Key(k));
         }
     }
+    // Wrapped before the KMS rotated and committed after the rotate event:
+    // the running pass may already have read past this id.
+    if let Some(mut job) =
+        view.job(&key_id).filter(|j| j.finished_at.is_none() && *j.rewrapping_to.as_ref().unwrap_or(&j.target_version) != wrapped.key_version)
+    {
+        job.arrivals += 1;
+        records.push(Record::Job(job));
+    }
     let inst = InstanceRecord {
         instance_id,
         key_id,

@@ -73,10 +73,14 @@ pub enum Input {
         instance_id: String,
         status: DataPlaneStatus,
     },
+    /// A pass of the job for `target_version` read the key: `total` needed
+    /// a rewrap, to `rewrapping_to` (the KMS's newest version, which an
+    /// event's label or a missing version does not name).
     JobPlanned {
         key_id: String,
         target_version: String,
         total: u64,
+        rewrapping_to: String,
     },
     /// `job` is the cause event id of the rotation job whose pass did the
     /// rewrap: only that job counts it, not a newer one that replaced it.
@@ -102,8 +106,12 @@ pub enum Input {
         job: String,
         /// Rewraps the KMS refused in the pass that ended the job. That pass
         /// went through every instance not yet on the newest version, so
-        /// these are the DEKs the rotation leaves behind.
+        /// these are the DEKs the rotation leaves behind (or, when the engine
+        /// dropped a report because the DEK had changed meanwhile, more).
         failed: u64,
+        /// The job's `arrivals` when the pass began: a pass that began before
+        /// an instance arrived under an older version does not end the job.
+        arrivals: u64,
         at: DateTime<Utc>,
     },
     Purge {
@@ -162,10 +170,12 @@ pub fn decide(view: &impl View, input: Input) -> Decision {
         Input::RotateCredential { instance_id, credential, at } => instances::on_rotate_credential(view, instance_id, credential, at),
         Input::DeleteInstance { instance_id, request_id, at } => instances::on_delete_instance(view, instance_id, request_id, at),
         Input::DataPlaneReport { instance_id, status } => instances::on_data_plane_report(view, instance_id, status),
-        Input::JobPlanned { key_id, target_version, total } => rotation::on_job_planned(view, key_id, target_version, total),
+        Input::JobPlanned { key_id, target_version, total, rewrapping_to } => rotation::on_job_planned(view, key_id, target_version, total, rewrapping_to),
         Input::Rewrapped { instance_id, from_version, wrapped, job, at } => rotation::on_rewrapped(view, instance_id, from_version, wrapped, &job, at),
         Input::RewrapFailed { instance_id, from_version, reason, job, at } => rotation::on_rewrap_failed(view, instance_id, from_version, reason, &job, at),
-        Input::JobFinished { key_id, target_version, job, failed, at } => rotation::on_job_finished(view, key_id, target_version, job, failed, at),
+        Input::JobFinished { key_id, target_version, job, failed, arrivals, at } => {
+            rotation::on_job_finished(view, key_id, target_version, job, failed, arrivals, at)
+        }
         Input::Alert(alert) => on_alert(alert),
         Input::RetryRewraps { key_id, request_id, at } => rotation::on_retry_rewraps(view, key_id, request_id, at),
         Input::Purge { key_id, purge_after, at } => purge::on_purge(view, key_id, purge_after, at),

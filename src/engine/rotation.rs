@@ -10,17 +10,20 @@ use chrono::{DateTime, Utc};
 use super::{decision, notice, Decision, Reply, View};
 use super::{AdopterState, AuditFact, CommandAction, Effect, KeyStatus, Notice, Record, RotationJob, WrappedDek};
 
-/// Records how many instances the job for `target_version` has to rewrap.
+/// Records how many instances the job for `target_version` has to rewrap,
+/// and the version its pass rewraps them to.
 ///
-/// Only the first plan of the key's current job counts: a plan for an older
-/// target (a rotation that was superseded) or a second plan for the same job
-/// (every pass plans while the job has no total) leaves the job as it is, so
-/// progress is measured against one total, that of the first pass.
-pub(super) fn on_job_planned(view: &impl View, key_id: String, target_version: String, total: u64) -> Decision {
+/// Only the first plan of the key's current job sets the total: a plan for an
+/// older target (a rotation that was superseded) leaves the job as it is, and
+/// a later pass's plan, only its version, so progress is measured against
+/// one total, that of the first pass.
+pub(super) fn on_job_planned(view: &impl View, key_id: String, target_version: String, total: u64, rewrapping_to: String) -> Decision {
     match view.job(&key_id) {
-        Some(mut job) if job.target_version == target_version && job.total.is_none() => {
-            job.total = Some(total);
-            decision(vec![Record::Job(job)], Reply::Done)
+        Some(mut job) if job.target_version == target_version && job.finished_at.is_none() => {
+            let planned = job.total.is_none() || job.rewrapping_to.as_deref() != Some(rewrapping_to.as_str());
+            job.total.get_or_insert(total);
+            job.rewrapping_to = Some(rewrapping_to);
+            decision(if planned { vec![Record::Job(job)] } else { vec![] }, Reply::Done)
         }
         _ => decision(vec![], Reply::Done),
     }
@@ -119,7 +122,9 @@ pub(super) fn on_rewrap_failed(view: &impl View, instance_id: String, from_versi
 ///
 /// A job that already finished, or a report for a target that is no longer the
 /// key's job (a newer rotation replaced it), changes nothing: the end is
-/// recorded, audited and acknowledged exactly once. The audit says whether the
+/// recorded, audited and acknowledged exactly once. Nor does a pass that began
+/// before an instance arrived under an older version (`arrivals`): it may have
+/// read past it, so the next pass ends the job. The audit says whether the
 /// rotation was complete or partial (some rewraps failed).
 ///
 /// The KMS hears of a rotation only once every DEK is rewrapped, not when the
@@ -127,8 +132,20 @@ pub(super) fn on_rewrap_failed(view: &impl View, instance_id: String, from_versi
 /// event and those it took over. A partial one acknowledges nothing; its
 /// failures raise `KeywardenRotationFailed`, and the operator's retry takes the
 /// acknowledgements over and sends them once it completes.
-pub(super) fn on_job_finished(view: &impl View, key_id: String, target_version: String, cause: String, failed: u64, at: DateTime<Utc>) -> Decision {
+pub(super) fn on_job_finished(
+    view: &impl View,
+    key_id: String,
+    target_version: String,
+    cause: String,
+    failed: u64,
+    arrivals: u64,
+    at: DateTime<Utc>,
+) -> Decision {
     match view.job(&key_id) {
+        Some(job) if job.cause_event_id == cause && job.finished_at.is_none() && job.arrivals != arrivals => decision(
+            vec![],
+            Reply::Conflict(format!("instances of key {key_id} arrived under an older version during the pass; another pass ends the rotation")),
+        ),
         Some(mut job) if job.target_version == target_version && job.cause_event_id == cause && job.finished_at.is_none() => {
             let owed = job.owed_acknowledgements();
             // The ending pass's count, not the job's running one: that counts
@@ -218,6 +235,8 @@ pub(super) fn on_retry_rewraps(view: &impl View, key_id: String, request_id: Str
         // until the retry starts.
         failed: previous.as_ref().map_or(0, |j| j.failed),
         finished_at: None,
+        rewrapping_to: None,
+        arrivals: 0,
     };
     let fact = Record::Audit(AuditFact {
         who: "api".into(),

@@ -127,7 +127,7 @@ fn the_kms_is_told_of_registrations_rewraps_and_handled_events() {
     m.run(ev("e", EventType::Enable, "k", 20));
     m.run(ev("r", EventType::Rotate, "k", 30));
     m.run(rewrapped("a", "1", "v-r", 9, "r", t(31)));
-    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: "r".into(), failed: 0, at: t(32) });
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: "r".into(), failed: 0, arrivals: 0, at: t(32) });
     m.run(Input::DeleteInstance { instance_id: "a".into(), request_id: "req".into(), at: t(40) });
     let kinds: Vec<String> = m
         .notices
@@ -480,7 +480,7 @@ fn the_traceparent_reaches_commands_and_the_rotation_it_causes() {
 }
 
 fn finished(job: &str, failed: u64, at: DateTime<Utc>) -> Input {
-    Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: job.into(), failed, at }
+    Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: job.into(), failed, arrivals: 0, at }
 }
 
 fn retry(request: &str, at: DateTime<Utc>) -> Input {
@@ -581,6 +581,61 @@ fn a_job_ended_by_the_previous_release_owes_nothing() {
     assert_eq!(acked(&m), Vec::<String>::new());
 }
 
+/// An instance of key k created at t(12), its DEK wrapped under `version`.
+fn arriving(id: &str, version: &str) -> Input {
+    Input::CreateInstance {
+        instance_id: id.into(),
+        key_id: "k".into(),
+        wrapped: WrappedDek { key_version: version.into(), ciphertext: vec![1] },
+        fingerprint: "f".into(),
+        credential: credential(id),
+        at: t(12),
+    }
+}
+
+/// A pass rewraps to the KMS's newest version, which the event may not name
+/// (a label, or none): an instance created under that version needs no
+/// other pass, or steady creations would keep the job from ever ending. A
+/// later pass's plan records its version, not a new total.
+#[test]
+fn an_instance_under_the_version_the_pass_rewraps_to_is_no_arrival() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("r", EventType::Rotate, "k", 10));
+    let plan = |total, to: &str| Input::JobPlanned { key_id: "k".into(), target_version: "v-r".into(), total, rewrapping_to: to.into() };
+    m.run(plan(1, "kms-7"));
+    m.run(arriving("new", "kms-7"));
+    assert_eq!(m.jobs["k"].arrivals, 0);
+    m.run(arriving("old", "1"));
+    assert_eq!(m.jobs["k"].arrivals, 1);
+    m.run(plan(5, "kms-8"));
+    assert_eq!((m.jobs["k"].total, m.jobs["k"].rewrapping_to.as_deref()), (Some(1), Some("kms-8")));
+}
+
+/// An instance wrapped just before the KMS rotated and committed after the
+/// rotate event may be created after the running pass read past its id: that
+/// pass must not end the job (nor acknowledge it), the next one, which reads
+/// it, does. An instance created under the target changes nothing.
+#[test]
+fn an_instance_that_arrives_under_an_older_version_during_a_rotation_needs_another_pass() {
+    let mut m = Mem::default();
+    create(&mut m, "a", "k");
+    m.run(ev("r", EventType::Rotate, "k", 10));
+    m.run(rewrapped("a", "1", "v-r", 9, "r", t(11)));
+    m.run(arriving("on-target", "v-r"));
+    assert_eq!(m.jobs["k"].arrivals, 0);
+    m.run(arriving("late", "1"));
+    assert_eq!(m.jobs["k"].arrivals, 1);
+    let end = |arrivals| Input::JobFinished { key_id: "k".into(), target_version: "v-r".into(), job: "r".into(), failed: 0, arrivals, at: t(13) };
+    assert!(matches!(m.run(end(0)), Reply::Conflict(_)), "a pass that began before the arrival ended the job");
+    assert_eq!((m.jobs["k"].finished_at, acked(&m)), (None, Vec::<String>::new()));
+    m.run(rewrapped("late", "1", "v-r", 9, "r", t(14)));
+    assert_eq!(m.run(end(1)), Reply::Done);
+    assert_eq!((m.jobs["k"].finished_at, acked(&m)), (Some(t(13)), vec!["r".to_string()]));
+    m.run(arriving("after-the-end", "1"));
+    assert_eq!(m.jobs["k"].arrivals, 1, "a finished job is not reopened");
+}
+
 /// A job replaced before it ended (an operator's retry while its pass ran,
 /// or a newer rotate event) hands its acknowledgement on instead of losing
 /// it: the replacing job acknowledges both once it rewraps every DEK.
@@ -595,7 +650,7 @@ fn a_job_replaced_before_it_ended_hands_its_acknowledgement_on() {
     m.run(ev("r2", EventType::Rotate, "k", 20));
     assert_eq!(m.jobs["k"].acknowledges, ["r"]);
     m.run(rewrapped("a", "1", "v-r2", 9, "r2", t(21)));
-    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r2".into(), job: "r2".into(), failed: 0, at: t(22) });
+    m.run(Input::JobFinished { key_id: "k".into(), target_version: "v-r2".into(), job: "r2".into(), failed: 0, arrivals: 0, at: t(22) });
     assert_eq!(acked(&m), ["r", "r2"]);
 }
 

@@ -65,6 +65,10 @@ fn yes() -> bool {
     true
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// keywarden's view of a root key, built from the events it applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -295,6 +299,16 @@ pub struct RotationJob {
     pub done: u64,
     pub failed: u64,
     pub finished_at: Option<DateTime<Utc>>,
+    /// The version the job's last pass rewraps to: the KMS's newest when the
+    /// pass began, which the event may not name (a label, or no version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrapping_to: Option<String>,
+    /// Instances created while the job ran, wrapped under another version
+    /// than the one it rewraps to (wrapped just before the KMS rotated,
+    /// committed after the event): the running pass may have read past them.
+    /// Only a pass that began after the last of them ends the job.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub arrivals: u64,
 }
 
 impl RotationJob {
