@@ -30,12 +30,24 @@ impl Alertmanager {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("am.yml"), "route:\n  receiver: blackhole\n  group_wait: 1s\nreceivers:\n  - name: blackhole\n").unwrap();
         let mut am = Alertmanager { child: None, port: free_port(), dir };
-        am.spawn();
-        Some(am)
+        // A port found free can be taken by another test before alertmanager
+        // binds it; alertmanager then exits, and another port is tried.
+        for _ in 0..3 {
+            if am.try_spawn() {
+                return Some(am);
+            }
+            am.port = free_port();
+        }
+        panic!("alertmanager exited at start on three free ports");
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(Self::binary().unwrap())
+        assert!(self.try_spawn(), "alertmanager exited at start on port {}", self.port);
+    }
+
+    /// Starts alertmanager and waits until it is ready; false if it exited first.
+    fn try_spawn(&mut self) -> bool {
+        let mut child = Command::new(Self::binary().unwrap())
             .arg(format!("--config.file={}", self.dir.path().join("am.yml").display()))
             .arg(format!("--storage.path={}", self.dir.path().join("data").display()))
             .arg(format!("--web.listen-address=127.0.0.1:{}", self.port))
@@ -44,9 +56,15 @@ impl Alertmanager {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        self.child = Some(child);
         let url = self.url();
-        wait_until("alertmanager to be ready", MIN, || reqwest::blocking::get(format!("{url}/-/ready")).ok().filter(|r| r.status().is_success()));
+        let ready = wait_until("alertmanager to be ready or to exit", MIN, || {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return Some(false);
+            }
+            reqwest::blocking::get(format!("{url}/-/ready")).ok().filter(|r| r.status().is_success()).map(|_| true)
+        });
+        self.child = Some(child);
+        ready
     }
 
     fn stop(&mut self) {
