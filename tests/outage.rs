@@ -400,3 +400,50 @@ fn a_hung_broker_never_stalls_dek_requests_and_writes_fail_fast() {
     });
     assert_eq!(d.dek("h-0").1["dek"], dek);
 }
+
+/// tansu 0.6.0 answers a fetch from an offset inside a record batch with
+/// nothing of that batch: a node that stopped after applying part of a
+/// producer's batch, resumed at its stored offset, never saw the rest of it
+/// (and jumped past it once later events came). Here the store's offset is
+/// put at 11 of one 40-event batch, as such a stop leaves it; after the
+/// start the other 29 are applied, and the first 11 (applied before, as far
+/// as the store knows) are not read again as new.
+#[test]
+fn a_start_inside_a_producer_batch_applies_the_rest_of_the_batch() {
+    let broker = Broker::start();
+    let mut d = Daemon::start(&broker.bootstrap, &[]);
+    assert_eq!(d.terminate(), Some(0));
+    // One batch: a long linger, all 40 sent before it ends.
+    let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).set("linger.ms", "1000").create().unwrap();
+    for i in 0..40 {
+        let payload = event(&format!("mb-{i}"), ["disable", "enable"][i % 2], "mb-key", None, &at(i));
+        let sig = keywarden::intake::signature::Signer::hmac("local", TEST_EVENT_SECRET.as_bytes()).sign(&payload);
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header { key: keywarden::intake::signature::HEADER, value: Some(&sig) });
+        p.send(BaseRecord::<str, Vec<u8>>::to("key-lifecycle").partition(0).key("mb-key").payload(&payload).headers(headers)).map_err(|(e, _)| e).unwrap();
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+    {
+        use keywarden::cluster::{Fence, Ownership};
+        use keywarden::store::writer::{Consumed, Writer};
+        let store = keywarden::store::Store::open(&d.dir.path().join("store")).unwrap();
+        let fence = std::sync::Arc::new(Fence::default());
+        fence.assign(&[("key-lifecycle".to_string(), 0)]);
+        let generation = fence.generation("key-lifecycle", 0).unwrap();
+        let (writer, thread) = Writer::start(store, Ownership::single(fence), 16, Box::new(|_| {}));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let consumed = Consumed { topic: "key-lifecycle".into(), partition: 0, next: 11, generation };
+            writer.enqueue(None, Some(consumed)).await.unwrap().await.unwrap();
+        });
+        drop(writer);
+        thread.close().unwrap();
+    }
+    d.restart();
+    for i in 11..40 {
+        assert_eq!(d.wait_event(&format!("mb-{i}"))["outcome"], "applied", "mb-{i}");
+    }
+    // After the last of the batch: none of the first 11 came in as new.
+    for i in 0..11 {
+        assert_eq!(d.get(&format!("/v1/events/mb-{i}")).0, 404, "mb-{i} was read again as a new event");
+    }
+}

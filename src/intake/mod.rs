@@ -14,6 +14,7 @@ mod lag;
 pub mod native;
 pub mod signature;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -184,6 +185,15 @@ impl Health {
 /// heartbeat tell an idle loop from a stuck one (well inside a watchdog of 2s).
 const IDLE_WAKE: Duration = Duration::from_millis(250);
 
+/// How far before its stored offset a partition is read again on assignment.
+/// tansu 0.6.0 answers a fetch from an offset inside a record batch with
+/// nothing from that batch: resumed at the stored offset, a node skipped the
+/// rest of the batch its last applied event was in (events lost). Read from
+/// here, the batch holding the stored offset comes whole (a producer batch is
+/// at most librdkafka's `batch.num.messages`, 10,000 by default), and what is
+/// below the stored offset is passed by unread.
+const REWIND: i64 = 10_000;
+
 /// Held while one caller takes a partition (and generation) over.
 type TakeOverTurn = Arc<tokio::sync::Mutex<()>>;
 
@@ -200,6 +210,10 @@ pub struct IntakeContext {
     /// With several nodes: newly assigned partitions, to be taken over (replica
     /// caught up, ownership announced) at once, not only when an event comes.
     takeovers: Option<mpsc::UnboundedSender<(i32, u64)>>,
+    /// Partitions read again from before their stored offset (see `REWIND`),
+    /// with that offset, until a message at or past it arrives.
+    resume: std::sync::Mutex<HashMap<Partition, i64>>,
+    resuming: AtomicBool,
 }
 
 impl ClientContext for IntakeContext {}
@@ -215,11 +229,39 @@ impl IntakeContext {
                 None
             });
             if let Some(next) = stored {
-                if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(next)) {
+                // An offset before the log's start reads from its start
+                // (`auto.offset.reset`), which is before `next` too.
+                if let Err(e) = tpl.set_partition_offset(topic, *partition, Offset::Offset(next.saturating_sub(REWIND).max(0))) {
                     tracing::error!(error = %e, %topic, partition, "cannot seek to the stored offset");
                 }
+                let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+                resume.insert((topic.clone(), *partition), next);
+                self.resuming.store(true, Ordering::SeqCst);
             }
         }
+    }
+
+    /// Whether a message at `offset` was applied before this assignment
+    /// (below the stored offset): passed by. The first message at or past the
+    /// stored offset ends the partition's resumption; one past it means the
+    /// offsets between are gone (deleted by retention or compaction) or were
+    /// in a batch larger than `REWIND`, and is said.
+    fn applied_before(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        if !self.resuming.load(Ordering::SeqCst) {
+            return false;
+        }
+        let mut resume = self.resume.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (topic.to_string(), partition);
+        let Some(next) = resume.get(&key).copied() else { return false };
+        if offset < next {
+            return true;
+        }
+        resume.remove(&key);
+        self.resuming.store(!resume.is_empty(), Ordering::SeqCst);
+        if offset > next {
+            tracing::warn!(%topic, partition, stored = next, first = offset, "resumed past the stored offset: the offsets between are gone from the topic, or were in a producer batch of more than 10,000 messages");
+        }
+        false
     }
 
     /// A new fence generation per partition; with several nodes, each is
@@ -264,6 +306,7 @@ impl ConsumerContext for IntakeContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.fence.revoke(&parts);
+                self.resume.lock().unwrap_or_else(|e| e.into_inner()).retain(|p, _| !parts.contains(p));
                 let result = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
                 if let Err(e) = result {
                     tracing::error!(error = %e, "unassigning partitions failed");
@@ -393,6 +436,8 @@ impl Intake {
                 fence: fence.clone(),
                 health: health.clone(),
                 takeovers: replica.as_ref().map(|_| takeover_tx.clone()),
+                resume: Default::default(),
+                resuming: AtomicBool::new(false),
             })
             .map_err(IntakeError::Consumer)?;
         if !assign_all {
@@ -533,6 +578,9 @@ impl Intake {
                 // Fetched before a revocation: the partition's next owner reads it.
                 continue;
             };
+            if self.consumer.context().applied_before(&topic, partition, offset) {
+                continue;
+            }
             if !self.take_over(partition, generation).await {
                 // Not applied and not acknowledged: the partition's next reader gets it.
                 return Err(IntakeError::Writer);
