@@ -142,7 +142,8 @@ impl ChangelogPublisher {
     ///
     /// With a deadline, gives up once it passes if the broker has confirmed
     /// none of the changes, withdrawing those not yet sent, so the caller can
-    /// answer in bounded time. Once one change is confirmed the batch is in
+    /// answer in bounded time. Once any change is confirmed (in order, or a
+    /// later one on another partition while an earlier one waits) the batch is in
     /// the changelog in part, other nodes may apply it, and so it is finished
     /// whatever the deadline. (A request already on the wire to a hung broker
     /// cannot be withdrawn; should the broker wake and take it, replicas apply
@@ -150,10 +151,13 @@ impl ChangelogPublisher {
     fn publish_all(&self, changes: &[Versioned], deadline: Option<Instant>) -> Result<Vec<Written>, ChangelogError> {
         let mut versions: HashMap<i32, i64> = HashMap::new();
         let mut written: HashMap<i32, i64> = HashMap::new();
+        // Some change of the batch is confirmed, in order or not: the batch is
+        // in the changelog in part, so the deadline no longer applies.
+        let mut in_part = false;
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut rest = changes;
         while !rest.is_empty() {
-            let sends: Vec<_> = rest
+            let mut sends: Vec<_> = rest
                 .iter()
                 .map(|c| {
                     let mac = self.key.sign(c.partition, &c.key, c.value.as_deref(), c.version);
@@ -175,29 +179,53 @@ impl ChangelogPublisher {
             // so a retry never writes an older value after a newer one.
             let mut done = 0;
             let mut failure = None;
-            for send in sends {
-                let delivered = match send {
-                    Err(e) => Err(e),
-                    Ok(delivery) => match wait_until(delivery, deadline.filter(|_| written.is_empty())) {
-                        None => {
-                            // Past the deadline with nothing confirmed: withdraw what waits to be sent.
-                            self.producer.purge(PurgeConfig::default().queue());
-                            return Err(ChangelogError::Unconfirmed { topic: self.topic.clone(), reason: "the broker did not answer".into() });
-                        }
-                        Some(Ok(Ok((partition, offset)))) => Ok((partition, offset)),
-                        Some(Ok(Err((e, _)))) => Err(e.to_string()),
-                        Some(Err(_)) => Err("the producer was dropped".to_string()),
+            // Deliveries of later changes already read while an earlier one waited.
+            let mut early: HashMap<usize, Result<(i32, i64), String>> = HashMap::new();
+            for i in 0..sends.len() {
+                let delivered = match early.remove(&i) {
+                    Some(delivered) => delivered,
+                    None => match &mut sends[i] {
+                        Err(e) => Err(e.clone()),
+                        Ok(delivery) => match wait_until(&mut *delivery, deadline.filter(|_| !in_part)) {
+                            Some(out) => delivery_of(out),
+                            None => {
+                                // Past the deadline with this change unconfirmed.
+                                // A later change of the batch may be confirmed
+                                // already (another partition): then the batch is
+                                // in the changelog in part, and finished.
+                                for (j, later) in sends.iter_mut().enumerate().skip(i + 1) {
+                                    if let Ok(later) = later {
+                                        if let Some(out) = wait_until(&mut *later, Some(Instant::now())) {
+                                            early.insert(j, delivery_of(out));
+                                        }
+                                    }
+                                }
+                                if !early.values().any(Result::is_ok) {
+                                    // Nothing confirmed: withdraw what waits to be sent.
+                                    self.producer.purge(PurgeConfig::default().queue());
+                                    return Err(ChangelogError::Unconfirmed { topic: self.topic.clone(), reason: "the broker did not answer".into() });
+                                }
+                                in_part = true;
+                                match &mut sends[i] {
+                                    Ok(delivery) => wait_until(&mut *delivery, None).map_or_else(|| Err("the broker did not answer".to_string()), delivery_of),
+                                    Err(e) => Err(e.clone()),
+                                }
+                            }
+                        },
                     },
                 };
                 match delivered {
                     Ok((partition, offset)) if failure.is_none() => {
+                        in_part = true;
                         let next = written.entry(partition).or_insert(0);
                         *next = (*next).max(offset + 1);
                         let version = versions.entry(partition).or_insert(0);
                         *version = (*version).max(rest[done].version);
                         done += 1;
                     }
-                    Ok(_) => {}
+                    // In the changelog, though after a failure: sent again below
+                    // (the same version), and the batch is in it in part.
+                    Ok(_) => in_part = true,
                     Err(e) => failure = failure.or(Some(e)),
                 }
             }
@@ -206,13 +234,22 @@ impl ChangelogPublisher {
             if self.stop.load(Ordering::SeqCst) {
                 return Err(ChangelogError::Failed { topic: self.topic.clone(), reason: format!("{e} (shutting down)") });
             }
-            if written.is_empty() && deadline.is_some_and(|d| Instant::now() + backoff.peek() >= d) {
+            if !in_part && deadline.is_some_and(|d| Instant::now() + backoff.peek() >= d) {
                 return Err(ChangelogError::Unconfirmed { topic: self.topic.clone(), reason: format!("{e}, until the deadline") });
             }
             tracing::warn!(error = %e, topic = %self.topic, "cannot write to the changelog; retrying (state changes wait)");
             std::thread::sleep(backoff.next_delay());
         }
         Ok(written.into_iter().map(|(partition, next)| Written { partition, next, version: versions.get(&partition).copied().unwrap_or(0) }).collect())
+    }
+}
+
+/// A delivery's partition and offset, or why it failed.
+fn delivery_of(out: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>) -> Result<(i32, i64), String> {
+    match out {
+        Ok(Ok((partition, offset))) => Ok((partition, offset)),
+        Ok(Err((e, _))) => Err(e.to_string()),
+        Err(_) => Err("the producer was dropped".to_string()),
     }
 }
 
@@ -292,6 +329,35 @@ mod tests {
         let other = ChangelogKey::new(Zeroizing::new(b"another secret of thirty-two bytes".to_vec()));
         assert!(!other.verify(3, b"k/a", Some(b"v"), 7, &mac), "another cluster's secret");
         assert!(!key.verify(3, b"k/a", Some(b"v"), 7, &mac[..31]), "a truncated mac");
+    }
+
+    /// A batch with a change on each of two partitions, the first one's
+    /// broker slower than the write's deadline: the second change is
+    /// confirmed (in the changelog, where the other nodes apply it) while
+    /// the first still waits. The batch is then in the changelog in part,
+    /// and must be finished, not answered "nothing applied" (which the API
+    /// turns into a 503 while the other nodes apply half of it).
+    #[test]
+    fn a_later_change_confirmed_while_an_earlier_one_waits_past_the_deadline_finishes_the_batch() {
+        let cluster = rdkafka::mocking::MockCluster::new(2).unwrap();
+        cluster.create_topic("state", 2, 1).unwrap();
+        cluster.partition_leader("state", 0, Some(1)).unwrap();
+        cluster.partition_leader("state", 1, Some(2)).unwrap();
+        let key = Arc::new(ChangelogKey::new(Zeroizing::new(vec![7u8; 32])));
+        let publisher = ChangelogPublisher::new(&KafkaConfig::default(), &cluster.bootstrap_servers(), "state", 2, key).unwrap();
+        let change = |partition: i32, name: &str, version: i64| Versioned { partition, version, key: name.as_bytes().to_vec(), value: Some(b"v".to_vec()) };
+        // Both brokers' connections up first, so that only the slow answer counts.
+        publisher.publish(&[change(0, "k/warm-0", 1), change(1, "k/warm-1", 1)], None).unwrap();
+        cluster.broker_round_trip_time(1, Duration::from_millis(1500)).unwrap();
+        let started = Instant::now();
+        let written = publisher
+            .publish(&[change(0, "k/a", 2), change(1, "k/b", 2)], Some(started + Duration::from_millis(300)))
+            .expect("a batch in the changelog in part is finished, not abandoned");
+        let took = started.elapsed();
+        let mut partitions: Vec<i32> = written.iter().map(|w| w.partition).collect();
+        partitions.sort();
+        assert_eq!(partitions, [0, 1]);
+        assert!(took >= Duration::from_millis(1000), "the first change was waited for past the deadline: {took:?}");
     }
 
     #[test]
