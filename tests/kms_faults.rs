@@ -28,6 +28,8 @@ use keywarden::store::Store;
 
 struct FaultyKms {
     inner: Arc<LocalKms>,
+    /// Whether 30% of rewraps fail transiently (timeouts, 5xx, 429).
+    flaky: bool,
     rng: Mutex<rand::rngs::StdRng>,
     /// Instances (by AAD) the KMS refuses outright, until healed.
     poisoned: Mutex<HashSet<Vec<u8>>>,
@@ -57,7 +59,7 @@ impl Kms for FaultyKms {
             self.count("refused");
             return Err(KmsError::Refused("400 ciphertext is not valid for this key".into()));
         }
-        let roll: f64 = self.rng.lock().unwrap().gen();
+        let roll: f64 = if self.flaky { self.rng.lock().unwrap().gen() } else { 1.0 };
         if roll < 0.10 {
             self.count("timeout");
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -74,6 +76,7 @@ impl Kms for FaultyKms {
         self.inner.rewrap(key_id, wrapped, aad, label).await
     }
     async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
+        self.count("key_state");
         self.inner.key_state(key_id).await
     }
 }
@@ -119,6 +122,7 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
     println!("fault seed {seed}");
     let kms = Arc::new(FaultyKms {
         inner: local.clone(),
+        flaky: true,
         rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
         poisoned: Mutex::new(HashSet::new()),
         calls: Mutex::new(HashMap::new()),
@@ -196,32 +200,6 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
     worker.await.unwrap();
 }
 
-/// The embedded KMS, counting the key-state reads that begin each rotation pass.
-struct CountingKms {
-    inner: Arc<LocalKms>,
-    states: std::sync::atomic::AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl Kms for CountingKms {
-    fn provider(&self) -> &'static str {
-        "counting"
-    }
-    async fn wrap(&self, key_id: &str, dek: &Dek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
-        self.inner.wrap(key_id, dek, aad, label).await
-    }
-    async fn unwrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8]) -> Result<Dek, KmsError> {
-        self.inner.unwrap(key_id, wrapped, aad).await
-    }
-    async fn rewrap(&self, key_id: &str, wrapped: &WrappedDek, aad: &[u8], label: Option<&str>) -> Result<WrappedDek, KmsError> {
-        self.inner.rewrap(key_id, wrapped, aad, label).await
-    }
-    async fn key_state(&self, key_id: &str) -> Result<KmsKeyState, KmsError> {
-        self.states.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.key_state(key_id).await
-    }
-}
-
 /// With several nodes, a key can move to another node while its rotation
 /// pass runs: the writer then refuses the pass's chunks (`NotOwner`, to be
 /// retried). That ends the pass, not the rotation worker, which serves every
@@ -260,7 +238,13 @@ async fn a_pass_refused_because_its_key_moved_ends_the_pass_not_the_worker() {
     fence.revoke(std::slice::from_ref(&partition));
 
     let shutdown = CancellationToken::new();
-    let kms = Arc::new(CountingKms { inner: local.clone(), states: Default::default() });
+    let kms = Arc::new(FaultyKms {
+        inner: local.clone(),
+        flaky: false,
+        rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(0)),
+        poisoned: Mutex::new(HashSet::new()),
+        calls: Mutex::new(HashMap::new()),
+    });
     let rotator = Rotator {
         store: store.clone(),
         kms: kms.clone(),
@@ -274,7 +258,7 @@ async fn a_pass_refused_because_its_key_moved_ends_the_pass_not_the_worker() {
     // The marker: every pass begins by asking the KMS for the key's state,
     // so a third ask means passes after a refused one: the refusal left the
     // worker running.
-    let passes = || kms.states.load(std::sync::atomic::Ordering::SeqCst);
+    let passes = || kms.calls.lock().unwrap().get("key_state").copied().unwrap_or(0);
     for _ in 0..1500 {
         if passes() >= 3 || worker.is_finished() {
             break;
