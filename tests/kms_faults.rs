@@ -93,6 +93,22 @@ async fn wait_job_finished(store: &Store, key: &str, event_id: &str) -> keywarde
     panic!("rotation {event_id} did not finish: {:?}", store.job(key));
 }
 
+/// The input that creates instance `id` under `key`, with its DEK (wrapped by
+/// the embedded KMS, the instance id as AAD).
+async fn creation(local: &LocalKms, key: &str, id: &str) -> (Input, Dek) {
+    let dek = Dek::generate();
+    let wrapped = local.wrap(key, &dek, id.as_bytes(), None).await.unwrap();
+    let input = Input::CreateInstance {
+        instance_id: id.into(),
+        key_id: key.into(),
+        wrapped,
+        fingerprint: dek.fingerprint(),
+        credential: keywarden::api::credential::issue(Utc::now()).credential,
+        at: Utc::now(),
+    };
+    (input, dek)
+}
+
 fn rotate_event(id: &str, key: &str, version: &str) -> Input {
     Input::Event {
         event: LifecycleEvent {
@@ -132,20 +148,8 @@ async fn flaky_kms_still_rewraps_everything_and_reports_refusals_per_instance() 
     let mut originals = HashMap::new();
     for i in 0..400 {
         let id = format!("inst-{i}");
-        let dek = Dek::generate();
-        let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
-        let reply = writer
-            .submit(Input::CreateInstance {
-                instance_id: id.clone(),
-                key_id: key.clone(),
-                wrapped,
-                fingerprint: dek.fingerprint(),
-                credential: keywarden::api::credential::issue(Utc::now()).credential,
-                at: Utc::now(),
-            })
-            .await
-            .unwrap();
-        assert!(matches!(reply, Reply::Created(_)));
+        let (create, dek) = creation(&local, &key, &id).await;
+        assert!(matches!(writer.submit(create).await.unwrap(), Reply::Created(_)));
         originals.insert(id, dek);
     }
     let poisoned: HashSet<String> = ["inst-7", "inst-123", "inst-399"].iter().map(|s| s.to_string()).collect();
@@ -220,17 +224,7 @@ async fn a_pass_refused_because_its_key_moved_ends_the_pass_not_the_worker() {
     let local = Arc::new(LocalKms::open(store.clone(), writer.clone(), &dir.path().join("master.key"), Duration::from_secs(3600)).unwrap());
     let (key, _) = local.create_key(Some("moving".into())).await.unwrap();
     for i in 0..20 {
-        let id = format!("mv-{i}");
-        let dek = Dek::generate();
-        let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
-        let create = Input::CreateInstance {
-            instance_id: id,
-            key_id: key.clone(),
-            wrapped,
-            fingerprint: dek.fingerprint(),
-            credential: keywarden::api::credential::issue(Utc::now()).credential,
-            at: Utc::now(),
-        };
+        let (create, _) = creation(&local, &key, &format!("mv-{i}")).await;
         assert!(matches!(writer.submit(create).await.unwrap(), Reply::Created(_)));
     }
     local.operate(&key, EventType::Rotate).await.unwrap();
@@ -335,17 +329,7 @@ async fn a_100k_rotation_at_the_kms_quota_completes_without_failures() {
     let setup = std::time::Instant::now();
     let mut last = None;
     for i in 0..N {
-        let id = format!("b-{i:06}");
-        let dek = Dek::generate();
-        let wrapped = local.wrap(&key, &dek, id.as_bytes(), None).await.unwrap();
-        let input = Input::CreateInstance {
-            instance_id: id,
-            key_id: key.clone(),
-            wrapped,
-            fingerprint: dek.fingerprint(),
-            credential: keywarden::api::credential::issue(Utc::now()).credential,
-            at: Utc::now(),
-        };
+        let (input, _) = creation(&local, &key, &format!("b-{i:06}")).await;
         last = Some(writer.enqueue(Some(input), None).await.unwrap());
     }
     last.unwrap().await.unwrap();
