@@ -100,6 +100,10 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
             r.ok().filter(|r| r.status() == 200).map(|_| ())
         });
         recovery.push(restarted.elapsed());
+        // The next action is an API write on the test key: it is taken once
+        // the key's partition is taken over, which readiness waits for (the
+        // probe's partition may be taken over first).
+        wait_until("readiness after restart", Duration::from_secs(90), || d.is_ready().then_some(()));
     }
 
     // Let the last rotation finish, then check every instance.
