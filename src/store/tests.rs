@@ -717,15 +717,18 @@ async fn a_command_sent_after_its_key_moved_is_not_tombstoned_by_the_old_owner()
 }
 
 /// Ordering against a reference model, through the real writer and store.
-/// Several keys each get distinct events (disable or enable) dated at random,
-/// so that they arrive out of order: some older than what was applied, some
-/// newer. Producers' duplicates (the same event again at a new offset) and
-/// instance creations are mixed in. At random points the node "crashes": the
-/// writer and store are closed and reopened, and the intake, whose
-/// acknowledgement to Kafka lags the store by the last `k` committed inputs,
-/// is handed those inputs again at their old offsets. The final key states,
-/// the instances and the set of commands (cause and action of every
-/// key-wide command in the outbox) must be exactly what the model says.
+/// Several keys each get distinct events (disable, enable, rotate) dated at
+/// random, so that they arrive out of order: some older than what was
+/// applied, some newer. Producers' duplicates (the same event again at a new
+/// offset), instance creations and rotation results (chunks of rewraps, some
+/// late: from a version the instance left, or by the pass of a job a newer
+/// rotate replaced) are mixed in. At random points the node "crashes": the
+/// writer and store are closed and reopened, and everything the last `k`
+/// inputs committed but nobody acknowledged (the intake's offsets to Kafka,
+/// the rotation worker's and API callers' answers) is handed to it again. The
+/// final keys (status, version, rotation job), instances (key and version)
+/// and every command the outbox would send, by command id, must be exactly
+/// what an independent reference model says.
 mod ordering {
     use std::collections::{BTreeMap, HashSet};
 
@@ -735,52 +738,127 @@ mod ordering {
     use super::*;
     use crate::engine::{EventType, Input, LifecycleEvent};
     use crate::store::writer::{Consumed, Thread};
+    use crate::tell::Command;
 
     #[derive(Debug, Clone)]
     enum Step {
-        Event { key: usize, id: String, kind: EventType, at: i64 },
-        Create { key: usize, instance: String },
+        /// A rotate carries the version it rotated to; versions grow with time.
+        Event {
+            key: usize,
+            id: String,
+            kind: EventType,
+            at: i64,
+        },
+        Create {
+            key: usize,
+            instance: String,
+        },
+        /// A chunk of one pass's results: each instance rewrapped `from` → `to`.
+        Rewraps {
+            job: String,
+            results: Vec<(String, u32, u32)>,
+        },
     }
 
-    /// The engine's rules for disable and enable, written out independently.
+    /// The rotate event dated `at` rotates to this version.
+    fn version_at(at: i64) -> u32 {
+        at as u32 / 10 + 2
+    }
+
+    /// The engine's rules, written out independently.
     #[derive(Default)]
     struct Model {
         status: BTreeMap<usize, KeyStatus>,
+        version: BTreeMap<usize, u32>,
         last: BTreeMap<usize, i64>,
+        /// The key's rotation job: its cause, target version and rewraps counted.
+        job: BTreeMap<usize, (String, u32, u64)>,
         seen: HashSet<String>,
-        commands: Vec<(String, CommandAction)>,
-        instances: BTreeMap<usize, HashSet<String>>,
+        /// How each event was first taken: applied or stale.
+        outcomes: BTreeMap<String, &'static str>,
+        /// Key-wide commands: key, cause, action, the key's version then.
+        key_commands: Vec<(usize, String, CommandAction, Option<u32>)>,
+        /// `rewrapped` commands: instance, cause (the pass's job), version.
+        rewrapped: Vec<(String, String, u32)>,
+        /// Instance → its key and version.
+        instances: BTreeMap<String, (usize, u32)>,
     }
 
     impl Model {
         fn apply(&mut self, step: &Step) {
             match step {
-                // A second creation of the same id is refused.
+                // A second creation of the same id is refused; the first
+                // makes the key known, at the instance's version if it had none.
                 Step::Create { key, instance } => {
-                    self.instances.entry(*key).or_default().insert(instance.clone());
+                    if !self.instances.contains_key(instance) {
+                        self.instances.insert(instance.clone(), (*key, 1));
+                        self.status.entry(*key).or_insert(KeyStatus::Active);
+                        self.version.entry(*key).or_insert(1);
+                    }
                 }
                 Step::Event { key, id, kind, at } => {
                     if !self.seen.insert(id.clone()) {
                         return; // duplicate
                     }
                     if self.last.get(key).is_some_and(|last| at < last) {
-                        return; // stale: recorded, changes nothing
+                        self.outcomes.insert(id.clone(), "stale");
+                        return; // recorded, changes nothing
                     }
+                    self.outcomes.insert(id.clone(), "applied");
                     let status = self.status.entry(*key).or_insert(KeyStatus::Active);
                     match (kind, *status) {
                         (EventType::Disable, KeyStatus::Active) => {
                             *status = KeyStatus::Disabled;
-                            self.commands.push((id.clone(), CommandAction::Revoke));
+                            self.key_commands.push((*key, id.clone(), CommandAction::Revoke, self.version.get(key).copied()));
                         }
                         (EventType::Enable, KeyStatus::Disabled) => {
                             *status = KeyStatus::Active;
-                            self.commands.push((id.clone(), CommandAction::Restore));
+                            self.key_commands.push((*key, id.clone(), CommandAction::Restore, self.version.get(key).copied()));
+                        }
+                        // A rotate sets the version and replaces the job, whatever the status.
+                        (EventType::Rotate, _) => {
+                            self.version.insert(*key, version_at(*at));
+                            self.job.insert(*key, (id.clone(), version_at(*at), 0));
                         }
                         _ => {}
                     }
                     self.last.insert(*key, *at);
                 }
+                Step::Rewraps { job, results } => {
+                    for (instance, from, to) in results {
+                        // Only the version that was read is replaced.
+                        let Some((key, version)) = self.instances.get_mut(instance) else { continue };
+                        if version != from {
+                            continue;
+                        }
+                        *version = *to;
+                        // Told under the pass's job; counted only by that job.
+                        self.rewrapped.push((instance.clone(), job.clone(), *to));
+                        if let Some((_, _, done)) = self.job.get_mut(key).filter(|(cause, _, _)| cause == job) {
+                            *done += 1;
+                        }
+                    }
+                }
             }
+        }
+
+        /// Every command the model's outbox sends, by id, with its action and
+        /// version; a key-wide command goes to each instance of its key.
+        fn commands(&self) -> Vec<(String, CommandAction, Option<String>)> {
+            let mut out = Vec::new();
+            for (k, cause, action, version) in &self.key_commands {
+                for (instance, _) in self.instances.iter().filter(|(_, (key, _))| key == k) {
+                    let c = Command::new(instance, &key(*k), *action, version.map(|v| v.to_string()), cause, Utc::now(), None);
+                    out.push((c.command_id, c.action, c.key_version));
+                }
+            }
+            for (instance, cause, version) in &self.rewrapped {
+                let key_id = key(self.instances[instance].0);
+                let c = Command::new(instance, &key_id, CommandAction::Rewrapped, Some(version.to_string()), cause, Utc::now(), None);
+                out.push((c.command_id, c.action, c.key_version));
+            }
+            out.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(&b.2)));
+            out
         }
     }
 
@@ -788,31 +866,44 @@ mod ordering {
         format!("key-{k}")
     }
 
-    fn input(step: &Step) -> Input {
-        let base = Utc.timestamp_opt(1_800_000_000, 0).unwrap();
+    fn base() -> chrono::DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000, 0).unwrap()
+    }
+
+    fn inputs(step: &Step) -> Vec<Input> {
         match step {
-            Step::Event { key: k, id, kind, at } => Input::Event {
+            Step::Event { key: k, id, kind, at } => vec![Input::Event {
                 event: LifecycleEvent {
                     event_id: id.clone(),
                     kind: *kind,
                     key_id: key(*k),
-                    key_version: None,
-                    occurred_at: base + chrono::Duration::seconds(*at),
+                    key_version: (*kind == EventType::Rotate).then(|| version_at(*at).to_string()),
+                    occurred_at: base() + chrono::Duration::seconds(*at),
                     correlation_id: None,
                     traceparent: None,
                     material_destroyed: false,
                 },
-                at: base,
+                at: base(),
                 kms: None,
-            },
-            Step::Create { key: k, instance } => Input::CreateInstance {
+            }],
+            Step::Create { key: k, instance } => vec![Input::CreateInstance {
                 instance_id: instance.clone(),
                 key_id: key(*k),
                 wrapped: WrappedDek { key_version: "1".into(), ciphertext: vec![1] },
                 fingerprint: "f".into(),
-                credential: crate::engine::DekCredential { id: format!("c-{instance}"), sha256: "ab".repeat(32), issued_at: base },
-                at: base,
-            },
+                credential: crate::engine::DekCredential { id: format!("c-{instance}"), sha256: "ab".repeat(32), issued_at: base() },
+                at: base(),
+            }],
+            Step::Rewraps { job, results } => results
+                .iter()
+                .map(|(instance, from, to)| Input::Rewrapped {
+                    instance_id: instance.clone(),
+                    from_version: from.to_string(),
+                    wrapped: WrappedDek { key_version: to.to_string(), ciphertext: vec![*to as u8] },
+                    job: job.clone(),
+                    at: base(),
+                })
+                .collect(),
         }
     }
 
@@ -831,13 +922,22 @@ mod ordering {
         Node { store, writer, thread, fence }
     }
 
-    /// Feeds `steps[from..to]`; an event carries its offset (its index).
+    /// Feeds `steps[from..to]`; an event carries its offset (its index); a
+    /// chunk of rewraps is one writer job, as the rotation worker sends it.
     async fn feed(node: &Node, steps: &[Step], from: usize, to: usize) {
         let generation = node.fence.generation("events", 0).unwrap();
         let mut pending = Vec::new();
         for (offset, step) in steps.iter().enumerate().take(to).skip(from) {
-            let consumed = matches!(step, Step::Event { .. }).then(|| Consumed { topic: "events".into(), partition: 0, next: offset as i64 + 1, generation });
-            pending.push(node.writer.enqueue(Some(input(step)), consumed).await.unwrap());
+            let mut inputs = inputs(step);
+            let job = match step {
+                Step::Rewraps { .. } => node.writer.enqueue_all(inputs).await.unwrap(),
+                Step::Event { .. } => {
+                    let consumed = Consumed { topic: "events".into(), partition: 0, next: offset as i64 + 1, generation };
+                    node.writer.enqueue(inputs.pop(), Some(consumed)).await.unwrap()
+                }
+                Step::Create { .. } => node.writer.enqueue(inputs.pop(), None).await.unwrap(),
+            };
+            pending.push(job);
         }
         for p in pending {
             p.await.unwrap();
@@ -846,11 +946,12 @@ mod ordering {
 
     fn steps() -> impl Strategy<Value = Vec<Step>> {
         // Per key: up to 10 distinct events at distinct, shuffled times.
-        let per_key = (prop::collection::vec(any::<bool>(), 1..10)).prop_flat_map(|kinds| {
+        let per_key = (prop::collection::vec(0u8..3, 1..10)).prop_flat_map(|kinds| {
             let n = kinds.len();
             (Just(kinds), Just((0..n as i64).collect::<Vec<_>>()).prop_shuffle())
         });
-        (prop::collection::vec(per_key, 1..4), prop::collection::vec((0usize..4, 0usize..40), 0..12), prop::collection::vec(0usize..1000, 0..60)).prop_map(
+        let extra = (0usize..4, 0usize..40, 0u8..3, prop::collection::vec((0usize..16, 1u32..5, 1u32..3), 1..5));
+        (prop::collection::vec(per_key, 1..4), prop::collection::vec(extra, 0..16), prop::collection::vec(0usize..1000, 0..60)).prop_map(
             |(keys, extras, order)| {
                 let mut streams: Vec<Vec<Step>> = keys
                     .iter()
@@ -860,23 +961,32 @@ mod ordering {
                             .iter()
                             .zip(times)
                             .enumerate()
-                            .map(|(i, (disable, at))| Step::Event {
+                            .map(|(i, (kind, at))| Step::Event {
                                 key: k,
                                 id: format!("k{k}-e{i}"),
-                                kind: if *disable { EventType::Disable } else { EventType::Enable },
+                                kind: [EventType::Disable, EventType::Enable, EventType::Rotate][*kind as usize],
                                 at: at * 10,
                             })
                             .collect()
                     })
                     .collect();
-                // Producers' duplicates and instance creations, inserted in the streams.
-                for (n, (k, pos)) in extras.iter().enumerate() {
-                    let stream = &mut streams[k % keys.len()];
+                // Producers' duplicates, instance creations and chunks of rewraps,
+                // inserted in the streams. A chunk's job is one of its key's
+                // rotate events (maybe replaced, maybe stale, maybe not yet
+                // applied), and it may name instances that do not exist (yet).
+                for (n, (k, pos, what, rewraps)) in extras.iter().enumerate() {
+                    let k = k % keys.len();
+                    let stream = &mut streams[k];
                     let pos = pos % (stream.len() + 1);
-                    let step = if n % 2 == 0 && !stream.is_empty() {
-                        stream[pos % stream.len()].clone()
-                    } else {
-                        Step::Create { key: k % keys.len(), instance: format!("i{n}") }
+                    let step = match what {
+                        0 if !stream.is_empty() => stream[pos % stream.len()].clone(),
+                        2 => {
+                            let rotates: Vec<String> =
+                                stream.iter().filter(|s| matches!(s, Step::Event { kind: EventType::Rotate, .. })).map(event_id).collect();
+                            let job = if rotates.is_empty() { format!("k{k}-e0") } else { rotates[n % rotates.len()].clone() };
+                            Step::Rewraps { job, results: rewraps.iter().map(|(m, from, by)| (format!("i{m}"), *from, from + by)).collect() }
+                        }
+                        _ => Step::Create { key: k, instance: format!("i{n}") },
                     };
                     stream.insert(pos, step);
                 }
@@ -890,15 +1000,72 @@ mod ordering {
                     out.push(streams[k][cursors[k]].clone());
                     cursors[k] += 1;
                 }
-                out
+                realistic(out)
             },
         )
+    }
+
+    /// A rewrap result is made from a DEK the worker read: its instance
+    /// existed, at the version the result names as `from`, or the result is
+    /// late and the instance has moved on since. A result from a version the
+    /// instance never had yet is dropped or read at its current version.
+    fn realistic(steps: Vec<Step>) -> Vec<Step> {
+        let mut model = Model::default();
+        let mut out = Vec::new();
+        for mut step in steps {
+            if let Step::Rewraps { results, .. } = &mut step {
+                results.retain(|(instance, _, _)| model.instances.contains_key(instance));
+                for (instance, from, to) in results.iter_mut() {
+                    let now = model.instances[instance].1;
+                    if *from > now {
+                        *to = now + (*to - *from);
+                        *from = now;
+                    }
+                }
+                if results.is_empty() {
+                    continue;
+                }
+            }
+            model.apply(&step);
+            out.push(step);
+        }
+        out
+    }
+
+    fn event_id(step: &Step) -> String {
+        match step {
+            Step::Event { id, .. } => id.clone(),
+            _ => String::new(),
+        }
+    }
+
+    /// Every command the store's outbox would send, by id, with its action
+    /// and version; a key-wide command goes to each instance its key has now,
+    /// as the relay sends it.
+    fn outbox_commands(store: &Store) -> Vec<(String, CommandAction, Option<String>)> {
+        let mut out = Vec::new();
+        for effect in effects(store.outbox(100_000).unwrap()) {
+            match &effect {
+                Effect::KeyCommands { key_id, action, key_version, cause_event_id, issued_at, .. } => {
+                    for inst in store.instances_of(key_id).unwrap().into_iter().filter(|i| i.wrapped.is_some()) {
+                        let c = Command::new(&inst.instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, None);
+                        out.push((c.command_id, c.action, c.key_version));
+                    }
+                }
+                Effect::InstanceCommand { .. } | Effect::InstanceCommands { .. } => {
+                    out.extend(crate::tell::instance_commands(&effect).into_iter().map(|c| (c.command_id, c.action, c.key_version)));
+                }
+                _ => {}
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0).then(a.2.cmp(&b.2)));
+        out
     }
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
         #[test]
-        fn out_of_order_events_duplicates_and_crashes_end_like_the_reference_model(
+        fn out_of_order_events_rewraps_duplicates_and_crashes_end_like_the_reference_model(
             steps in steps(),
             crashes in prop::collection::vec((0usize..64, 0usize..4), 0..4),
         ) {
@@ -915,7 +1082,7 @@ mod ordering {
             for (at, lag) in crash_points {
                 let at = at.max(done);
                 rt.block_on(feed(&node, &steps, done, at));
-                // The crash: Kafka was told of all but the last `lag` inputs.
+                // The crash: nobody heard of the last `lag` inputs' commit.
                 let Node { store, writer, thread, .. } = node;
                 drop(writer);
                 thread.close().unwrap();
@@ -925,23 +1092,32 @@ mod ordering {
             }
             rt.block_on(feed(&node, &steps, done, steps.len()));
 
-            for (k, want) in &model.status {
-                let got = node.store.key(&key(*k)).unwrap().map(|r| r.status);
-                prop_assert_eq!(got, Some(*want), "key {}", k);
-            }
-            for (k, ids) in &model.instances {
-                let mut want: Vec<String> = ids.iter().cloned().collect();
+            let keys: HashSet<usize> = model.status.keys().copied().collect();
+            for k in keys {
+                let got = node.store.key(&key(k)).unwrap();
+                let got = got.as_ref().map(|r| (r.status, r.version.clone()));
+                let want = Some((model.status[&k], model.version.get(&k).map(|v| v.to_string())));
+                prop_assert_eq!(got, want, "key {}", k);
+                let job = node.store.job(&key(k)).unwrap().map(|j| (j.cause_event_id, j.target_version, j.done));
+                let want = model.job.get(&k).map(|(cause, target, done)| (cause.clone(), target.to_string(), *done));
+                prop_assert_eq!(job, want, "rotation job of key {}", k);
+                let mut want: Vec<String> = model.instances.iter().filter(|(_, (key, _))| *key == k).map(|(id, _)| id.clone()).collect();
                 want.sort();
-                prop_assert_eq!(node.store.instance_ids_of(&key(*k)).unwrap(), want, "instances of key {}", k);
+                prop_assert_eq!(node.store.instance_ids_of(&key(k)).unwrap(), want, "instances of key {}", k);
             }
-            let mut commands: Vec<(String, CommandAction)> = effects(node.store.outbox(100_000).unwrap()).into_iter().filter_map(|e| match e {
-                Effect::KeyCommands { cause_event_id, action, .. } => Some((cause_event_id, action)),
-                _ => None,
-            }).collect();
-            let mut want = model.commands.clone();
-            commands.sort_by(|a, b| a.0.cmp(&b.0));
-            want.sort_by(|a, b| a.0.cmp(&b.0));
-            prop_assert_eq!(commands, want);
+            for (id, (k, version)) in &model.instances {
+                let got = node.store.instance(id).unwrap().map(|i| (i.key_id, i.key_version, i.wrapped.map(|w| w.key_version)));
+                prop_assert_eq!(got, Some((key(*k), version.to_string(), Some(version.to_string()))), "instance {}", id);
+            }
+            prop_assert_eq!(outbox_commands(&node.store), model.commands());
+            // Exactly one audit entry per event, however often it was handed
+            // over, saying how it was taken.
+            let mut audited: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            for entry in node.store.audit(100_000).unwrap().into_iter().filter(|e| e.fact.what.starts_with("event ")) {
+                audited.entry(entry.fact.event_id.unwrap_or_default()).or_default().push(entry.fact.outcome);
+            }
+            let want: BTreeMap<String, Vec<String>> = model.outcomes.iter().map(|(id, outcome)| (id.clone(), vec![outcome.to_string()])).collect();
+            prop_assert_eq!(audited, want);
             let Node { store, writer, thread, .. } = node;
             drop(writer);
             thread.close().unwrap();

@@ -207,7 +207,7 @@ fn command_count(effect: &Effect) -> usize {
 }
 
 /// The commands an instance command entry sends.
-fn instance_commands(effect: &Effect) -> Vec<Command> {
+pub(crate) fn instance_commands(effect: &Effect) -> Vec<Command> {
     match effect {
         Effect::InstanceCommand { instance_id, key_id, action, key_version, cause_event_id, issued_at, correlation_id, .. } => {
             vec![Command::new(instance_id, key_id, *action, key_version.clone(), cause_event_id, *issued_at, correlation_id.clone())]
