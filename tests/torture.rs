@@ -1,8 +1,10 @@
 //! Kill torture: the real binary over the real broker, killed with SIGKILL
-//! while a key with 2,000 instances is rotated (each rotation is killed at a
-//! random point between 10% and 90% done), disabled and enabled. Nothing may
-//! be lost, nothing applied twice (shown from the persisted audit trail and
-//! from the commands), no DEK ever changes.
+//! 24 times while a key with 2,000 instances is rotated: every kill is aimed
+//! at a running rotation, at a random point between 10% and 90% done. Every
+//! third round the key is also disabled and enabled once the daemon is back,
+//! so that those commands' fan-out overlaps the next rotation and its kill.
+//! Nothing may be lost, no event applied twice (shown from the persisted audit
+//! trail), every expected command published and no other, no DEK ever changes.
 
 mod common;
 
@@ -45,53 +47,39 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
     let original: HashMap<String, String> = ids.iter().map(|id| (id.clone(), d.dek(id).1["dek"].as_str().unwrap().to_string())).collect();
     println!("set up {INSTANCES} instances in {:.1?}", started.elapsed());
 
-    // The operator's actions; each is followed by a kill at a random moment.
-    let mut plan = Vec::new();
-    for round in 0..24 {
-        plan.push(match round % 6 {
-            2 => "disable",
-            3 => "enable",
-            _ => "rotate",
-        });
-    }
+    // The operator's actions: 24 rotations, each killed while it runs, at a
+    // random point between 10% and 90% done. After every third kill, once the
+    // daemon is back and ready, a disable and an enable follow without a kill
+    // of their own: their revokes and restores are still being fanned out when
+    // the next rotation starts and is killed.
+    const ROUNDS: usize = 24;
     let mut version = 1;
+    // Every event this test sent, in order, with its type ("probe" for the
+    // probes).
+    let mut sent: Vec<(String, &str)> = Vec::new();
+    // The disables and enables, each with the command it sends every instance.
     let mut revocations: Vec<(String, &str)> = Vec::new();
     let mut kills = 0;
     let mut mid_rotation = 0;
-    let mut events_sent: Vec<String> = Vec::new();
     let mut recovery = Vec::new();
-    for (i, action) in plan.iter().enumerate() {
-        let ev = d.act(KEY, action);
-        match *action {
-            "rotate" => version += 1,
-            "disable" => {
-                revocations.push((ev["event_id"].as_str().unwrap().to_string(), "revoke"));
-            }
-            _ => {
-                revocations.push((ev["event_id"].as_str().unwrap().to_string(), "restore"));
-            }
-        }
-        let cause = ev["event_id"].as_str().unwrap().to_string();
-        events_sent.push(cause.clone());
-        let rotating = if *action == "rotate" {
-            // Killed at a random point of this rotation's progress, which may
-            // overlap the resumed rest of the one killed before it. Aimed at
-            // most at 70% so that a fifth of the rotation remains in which a
-            // look (one every ~200 ms in a debug build) finds it between the
-            // target and 90%.
-            let target = rng.gen_range(0.1..0.7);
-            kill_mid_rotation(&d, &cause, target)
-        } else {
-            std::thread::sleep(Duration::from_millis(rng.gen_range(0..400)));
-            false
-        };
+    for round in 0..ROUNDS {
+        let cause = d.act(KEY, "rotate")["event_id"].as_str().unwrap().to_string();
+        sent.push((cause.clone(), "rotate"));
+        version += 1;
+        // Killed at a random point of this rotation's progress, which may
+        // overlap the resumed rest of the one killed before it, and the
+        // fan-out of a disable and an enable. Aimed at most at 70% so that a
+        // fifth of the rotation remains in which a look (one every ~200 ms in
+        // a debug build) finds it between the target and 90%.
+        let target = rng.gen_range(0.1..0.7);
+        let rotating = kill_mid_rotation(&d, &cause, target);
         d.kill();
         kills += 1;
         mid_rotation += usize::from(rotating);
         // A probe event for another key, produced while the daemon is down: the
         // time until it is applied is the restart-to-processing time.
-        let probe = format!("probe-{i}");
-        events_sent.push(probe.clone());
+        let probe = format!("probe-{round}");
+        sent.push((probe.clone(), "probe"));
         produce(&events, "key-lifecycle", Some("probe-key"), &event(&probe, "disable", "probe-key", None, &soon(0)));
         let restarted = Instant::now();
         d.respawn();
@@ -104,6 +92,13 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
         // the key's partition is taken over, which readiness waits for (the
         // probe's partition may be taken over first).
         wait_until("readiness after restart", Duration::from_secs(90), || d.is_ready().then_some(()));
+        if round % 3 == 1 {
+            for (action, command) in [("disable", "revoke"), ("enable", "restore")] {
+                let cause = d.act(KEY, action)["event_id"].as_str().unwrap().to_string();
+                sent.push((cause.clone(), action));
+                revocations.push((cause, command));
+            }
+        }
     }
 
     // Let the last rotation finish, then check every instance.
@@ -124,45 +119,95 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
         assert_eq!(v["dek"].as_str().unwrap(), original[id], "{id}: the DEK changed or was lost");
     }
 
-    // Every command expected was published at least once: a revoke or restore per
-    // instance for each disable and enable, and a rewrapped to the final version.
-    let expected = INSTANCES * (revocations.len() + 1);
+    // A last disable marks the end: the relay publishes its outbox in order,
+    // so once its revokes are read, everything issued before it was published
+    // too. Its revokes are expected like those of the other disables.
+    let marker = d.act(KEY, "disable")["event_id"].as_str().unwrap().to_string();
+    sent.push((marker.clone(), "disable"));
+    revocations.push((marker, "revoke"));
+
+    // Every command expected was published at least once: a revoke or restore
+    // per instance for each disable and enable, and a rewrapped to the final
+    // version. Then reading goes on until nothing new arrived for 3 s, so that
+    // an extra published after them is seen too.
+    let mut want: HashSet<(String, String)> = HashSet::new();
+    for id in &ids {
+        want.insert(("final".into(), id.clone()));
+        for (cause, _) in &revocations {
+            want.insert((cause.clone(), id.clone()));
+        }
+    }
     let mut have: HashSet<(String, String)> = HashSet::new();
     let mut scanned = 0;
     let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
+    while have.len() < want.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} expected commands were published; e.g. missing {:?}",
+            have.len(),
+            want.len(),
+            want.difference(&have).take(5).collect::<Vec<_>>()
+        );
         commands.drain(Duration::from_millis(500));
-        for m in &commands.seen[scanned..] {
-            let c = m.json();
+        for c in commands.seen[scanned..].iter().map(Read::json) {
             let inst = c["instance_id"].as_str().unwrap_or_default().to_string();
-            if c["action"] == "rewrapped" && c["key_version"] == final_version.as_str() {
-                have.insert(("final".into(), inst));
+            let found = if c["action"] == "rewrapped" && c["key_version"] == final_version.as_str() {
+                ("final".to_string(), inst)
             } else if revocations.iter().any(|(cause, action)| c["cause_event_id"] == cause.as_str() && c["action"] == *action) {
-                have.insert((c["cause_event_id"].as_str().unwrap().to_string(), inst));
+                (c["cause_event_id"].as_str().unwrap().to_string(), inst)
+            } else {
+                continue;
+            };
+            if want.contains(&found) {
+                have.insert(found);
             }
         }
         scanned = commands.seen.len();
-        if have.len() >= expected {
-            break;
-        }
-        assert!(Instant::now() < deadline, "only {} of {expected} expected commands were published", have.len());
     }
-    // No unexpected extra: a command may be re-sent after a crash, but only
-    // under its command id; a second id for the same instance, cause and
-    // action would be a second application. And every command has a cause
-    // this test produced.
+    let late = commands.drain(Duration::from_secs(3));
+
+    // No unexpected extra. Each command's action is the one its cause issues:
+    // a revoke for a disable this test sent, a restore for an enable, a
+    // rewrapped (to a version some rotation made) for a rotate; the probes'
+    // key has no instances, so they issue none. Each is for one of the test
+    // key's instances. A command may be re-sent after a crash, but only under
+    // its command id; a second id for the same instance, cause and action
+    // would be a second application.
+    let causes: HashMap<&str, &str> = sent.iter().map(|(id, kind)| (id.as_str(), *kind)).collect();
+    let instances: HashSet<&str> = ids.iter().map(String::as_str).collect();
     let mut applications: HashMap<(String, String, String), HashSet<String>> = HashMap::new();
     let mut duplicates = 0;
-    for c in commands.seen.iter().map(|m| m.json()) {
-        let cause = c["cause_event_id"].as_str().unwrap().to_string();
-        assert!(events_sent.contains(&cause), "a command with a cause nobody sent: {c}");
-        let what = (cause, c["instance_id"].as_str().unwrap().to_string(), format!("{}@{}", c["action"], c["key_version"]));
+    for c in commands.seen.iter().map(Read::json) {
+        let cause = c["cause_event_id"].as_str().unwrap_or_default().to_string();
+        let kind = causes.get(cause.as_str()).copied();
+        let issues = match kind {
+            Some("disable") => Some("revoke"),
+            Some("enable") => Some("restore"),
+            Some("rotate") => Some("rewrapped"),
+            _ => None,
+        };
+        let inst = c["instance_id"].as_str().unwrap_or_default().to_string();
+        let rotated_to = |c: &serde_json::Value| c["key_version"].as_str().and_then(|v| v.parse::<u32>().ok()).is_some_and(|v| (2..=version).contains(&v));
+        assert!(
+            issues.is_some_and(|a| c["action"] == a)
+                && c["key_id"] == KEY
+                && instances.contains(inst.as_str())
+                && (c["action"] != "rewrapped" || rotated_to(&c)),
+            "an unexpected command (its cause is {}, which issues {}): {c}",
+            kind.map_or("no event this test sent".to_string(), |k| format!("a {k} event")),
+            issues.unwrap_or("no command")
+        );
+        let what = (cause, inst, format!("{}@{}", c["action"], c["key_version"]));
         if !applications.entry(what).or_default().insert(c["command_id"].as_str().unwrap().to_string()) {
             duplicates += 1;
         }
     }
     let twice: Vec<_> = applications.iter().filter(|(_, ids)| ids.len() > 1).take(5).collect();
     assert!(twice.is_empty(), "commands issued twice under different ids: {twice:?}");
+    println!(
+        "TORTURE: all {} expected commands published ({late} more read in the idle wait after them); every command read is one its cause issues",
+        want.len()
+    );
 
     // Exactly one application per event, from the audit trail the store kept
     // across every kill.
@@ -176,7 +221,7 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
     // A group of one applies and flushes each batch, audit entries included,
     // before it publishes the batch to its changelog (`cluster::deferred`), so
     // no kill can leave an event applied without its audit entry.
-    for id in &events_sent {
+    for (id, _) in &sent {
         if applied.get(id).copied() != Some(1) {
             let entries: Vec<&str> = export.lines().filter(|l| l.contains(id.as_str())).collect();
             panic!(
@@ -186,7 +231,7 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
             );
         }
     }
-    println!("TORTURE: every one of the {} events applied exactly once, each with its one audit entry", events_sent.len());
+    println!("TORTURE: every one of the {} events applied exactly once, each with its one audit entry", sent.len());
 
     recovery.sort();
     let p50 = recovery[recovery.len() / 2];
