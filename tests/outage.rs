@@ -2,13 +2,14 @@
 
 mod common;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::*;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
 
 /// The `n`th event's time: `n` milliseconds from now, so that events made in
 /// order are dated in order, and never far enough ahead to be refused.
@@ -114,16 +115,28 @@ fn commands_cross_a_broker_outage_exactly_once_per_instance() {
     });
     let ev = d.act("xo", "disable");
     let cause = ev["event_id"].as_str().unwrap().to_string();
-    wait_until("the disable to be committed", Duration::from_secs(30), || (d.dek("xo-0").0 == 423).then_some(()));
+    let committed = wait_until("the disable to be committed", Duration::from_secs(30), || (d.dek("xo-0").0 == 423).then(Instant::now));
     broker.stop();
     let down = Instant::now();
+    // Proof that commands cross the outage: the relay counts a revoke as
+    // published only once the broker has acknowledged it (all of a key-wide
+    // run at once), and the broker is dead now, so the count cannot have
+    // been lower at the stop than it is here. Below N, some revokes were
+    // still unsent when the broker died.
+    let published_at_stop = published_revokes(&d);
+    println!("OUTAGE: broker killed {:.1?} after the commit was seen, with {published_at_stop} of {N} revokes published", down - committed);
+    assert!(published_at_stop < N as u64, "all {published_at_stop} revokes were published before the broker was stopped: no command crossed the outage");
     // The relay keeps trying while the broker is away.
     std::thread::sleep(Duration::from_secs(5));
     broker.restart();
-    println!("OUTAGE: broker killed at the commit, back after {:.1?}", down.elapsed());
+    println!("OUTAGE: broker back after {:.1?}", down.elapsed());
+    let published = wait_until("the relay to publish every revoke after the outage", Duration::from_secs(120), || {
+        let n = published_revokes(&d);
+        (n >= N as u64).then_some(n)
+    });
 
     let mut commands = TopicReader::new(&broker.bootstrap, "instance-commands");
-    let mut ids: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    let mut ids: HashMap<String, HashSet<String>> = HashMap::new();
     let revoked = |read: &[Read]| read.iter().map(Read::json).filter(|c| c["action"] == "revoke" && c["cause_event_id"] == cause.as_str()).count();
     // Read until every instance has its revoke and then nothing more comes
     // for 5 s, or nothing at all comes for 60 s. A poll error (the group
@@ -150,7 +163,18 @@ fn commands_cross_a_broker_outage_exactly_once_per_instance() {
     assert_eq!(ids.len(), N, "instances with a revoke");
     let twice: Vec<_> = ids.iter().filter(|(_, c)| c.len() != 1).collect();
     assert!(twice.is_empty(), "instances revoked under more than one command id: {twice:?}");
-    println!("OUTAGE: {} commands read, one command id for each of the {N} instances; {copies} redelivered copies", commands.seen.len());
+    let distinct: HashSet<&String> = ids.values().flatten().collect();
+    assert_eq!(distinct.len(), N, "one distinct command id per instance");
+    println!(
+        "OUTAGE: {published} revokes published after the outage, {} commands read, one distinct command id for each of the {N} instances; {copies} redelivered copies",
+        commands.seen.len()
+    );
+}
+
+/// `keywarden_commands_published_total{action="revoke"}` as the daemon reports it now.
+fn published_revokes(d: &Daemon) -> u64 {
+    let text = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
+    text.lines().find(|l| l.starts_with("keywarden_commands_published_total{action=\"revoke\"}")).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0)
 }
 
 #[test]
@@ -175,67 +199,124 @@ fn intruder_mid_stream(assignment: &str) {
     let mut last: HashMap<String, &str> = HashMap::new();
     produce_rb(&p, &mut sent, 60, &mut last);
 
-    // Another member joins the group, takes partitions, and commits offsets for
-    // events keywarden never applied; then it leaves.
+    // Another member joins the group, takes partitions, reads events
+    // keywarden has not applied and commits their offsets itself; then it
+    // leaves. It commits by hand, synchronously, so that the test holds the
+    // broker's answer to the intruder's own commit.
     let intruder: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &broker.bootstrap)
         .set("group.id", "keywarden")
         .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "100")
+        .set("enable.auto.commit", "false")
         .create()
         .unwrap();
     intruder.subscribe(&["key-lifecycle"]).unwrap();
     let joined = Instant::now();
     let mut got_partitions = false;
-    // Events the intruder read before keywarden had applied them, and all it read.
-    let mut ahead: Vec<String> = Vec::new();
-    let mut read = 0;
+    // Every event the intruder read, and whether keywarden had not applied it yet.
+    let mut reads: Vec<Intruded> = Vec::new();
     while joined.elapsed() < Duration::from_secs(60) {
-        note_ahead(&d, intruder.poll(Duration::from_millis(100)), &mut ahead, &mut read);
+        note_read(&d, intruder.poll(Duration::from_millis(100)), &mut reads, None);
         if intruder.assignment().map(|a| a.count() > 0).unwrap_or(false) {
             got_partitions = true;
             if joined.elapsed() > Duration::from_secs(1) {
                 break;
             }
         }
-        if got_partitions && sent < 120 {
+        // In the group, the partitions the intruder took are keywarden's no
+        // more: what is produced to them now keywarden cannot apply.
+        if in_group && got_partitions && sent < 120 {
             produce_rb(&p, &mut sent, 60, &mut last);
         }
     }
     assert!(got_partitions, "the second member never got a partition");
+    let held = intruder.assignment().unwrap();
+    // A node alone keeps every partition whoever joins its group, and applies
+    // each event within milliseconds: the intruder would read one before
+    // keywarden applied it only by chance. So keywarden is frozen (SIGSTOP)
+    // while the next 60 events are produced and the intruder reads and commits
+    // them: none of them can have been applied when the intruder commits.
+    let frozen_from = (!in_group).then_some(sent);
+    if !in_group {
+        d.signal("STOP");
+    }
     if sent < 120 {
         produce_rb(&p, &mut sent, 60, &mut last);
     }
-    for _ in 0..30 {
-        note_ahead(&d, intruder.poll(Duration::from_millis(100)), &mut ahead, &mut read);
+    match frozen_from {
+        None => {
+            for _ in 0..30 {
+                note_read(&d, intruder.poll(Duration::from_millis(100)), &mut reads, None);
+            }
+        }
+        Some(from) => wait_until("the intruder to read the events produced while keywarden was frozen", Duration::from_secs(30), || {
+            note_read(&d, intruder.poll(Duration::from_millis(100)), &mut reads, frozen_from);
+            (from..sent).all(|n| reads.iter().any(|r| r.n == n)).then_some(())
+        }),
     }
-    // What the intruder read is committed for the group (auto-commit, every
-    // 100 ms): Kafka now says those events were consumed, ahead of keywarden.
-    // Asked by a client outside the group, which leaves the intruder alone.
-    let held = intruder.assignment().unwrap();
+    assert!(!reads.is_empty(), "the intruder consumed nothing");
+
+    // The intruder commits, for each partition it read, the offset after the
+    // last event it read there.
+    let mut last_read: BTreeMap<i32, &Intruded> = BTreeMap::new();
+    for r in &reads {
+        let at = last_read.entry(r.partition).or_insert(r);
+        if r.offset > at.offset {
+            *at = r;
+        }
+    }
+    let mut commit = TopicPartitionList::new();
+    for (partition, r) in &last_read {
+        commit.add_partition_offset("key-lifecycle", *partition, Offset::Offset(r.offset + 1)).unwrap();
+    }
+    let result = intruder.commit(&commit, CommitMode::Sync);
+    assert!(result.is_ok(), "the intruder's commit {commit:?} failed: {result:?}");
+    // The commit put the group ahead of keywarden: on some partition the last
+    // event committed past is one keywarden had not applied after the commit
+    // had succeeded (asked now in the group; frozen, by construction).
+    let ahead_at_commit: Vec<(i32, i64, String)> = last_read
+        .iter()
+        .filter(|(_, r)| match frozen_from {
+            None => d.get(&format!("/v1/events/rb-ev-{}", r.n)).0 == 404,
+            Some(_) => r.ahead,
+        })
+        .map(|(partition, r)| (*partition, r.offset + 1, format!("rb-ev-{}", r.n)))
+        .collect();
+    assert!(!ahead_at_commit.is_empty(), "the intruder committed past no event keywarden had not applied: {last_read:?}");
+    // Read back, by a client outside the group (which leaves the intruder
+    // alone): the group's committed offsets are the intruder's. Keywarden
+    // cannot have committed over them meanwhile: in the group it holds none
+    // of these partitions, and alone it is frozen.
+    let want: Vec<(i32, i64)> = last_read.iter().map(|(partition, r)| (*partition, r.offset + 1)).collect();
     let observer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &broker.bootstrap).set("group.id", "keywarden").create().unwrap();
-    let committed: Vec<i64> = wait_until("the intruder's offsets committed", Duration::from_secs(30), || {
-        let offsets: Vec<i64> = observer
-            .committed_offsets(held.clone(), Duration::from_secs(10))
+    let committed: Vec<(i32, i64)> = wait_until("the intruder's commit to be the group's", Duration::from_secs(30), || {
+        let offsets: Vec<(i32, i64)> = observer
+            .committed_offsets(commit.clone(), Duration::from_secs(10))
             .ok()?
             .elements()
             .iter()
             .filter_map(|e| match e.offset() {
-                rdkafka::Offset::Offset(o) => Some(o),
+                Offset::Offset(o) => Some((e.partition(), o)),
                 _ => None,
             })
             .collect();
-        offsets.iter().any(|o| *o > 0).then_some(offsets)
+        (offsets == want).then_some(offsets)
     });
+    if !in_group {
+        d.signal("CONT");
+    }
+    let ahead = reads.iter().filter(|r| r.ahead).count();
     if in_group {
-        assert!(!ahead.is_empty(), "the intruder consumed no event before keywarden applied it");
+        assert!(ahead > 0, "the intruder consumed no event before keywarden applied it");
     } else {
         // keywarden is no member, so the group's only member holds everything.
         assert_eq!(held.count(), 3, "the intruder holds every partition of the group: {held:?}");
-        assert!(read > 0, "the intruder consumed nothing");
+        assert!(ahead >= 60, "the intruder read {ahead} events keywarden could not have applied, not all 60 produced while it was frozen");
     }
-    println!("REBALANCE ({assignment}): the intruder read {read} events, {} before keywarden applied them, and committed offsets {committed:?}", ahead.len());
+    println!(
+        "REBALANCE ({assignment}): the intruder read {} events, {ahead} before keywarden applied them, and committed {committed:?}, ahead of keywarden at {ahead_at_commit:?}",
+        reads.len()
+    );
     intruder.unsubscribe();
     // Closed on its own thread: librdkafka's close of this consumer sometimes
     // waits forever on tansu after the group has moved on (keywarden is
@@ -269,15 +350,35 @@ fn intruder_mid_stream(assignment: &str) {
     println!("REBALANCE ({assignment}): {sent} events, all applied once, across a member joining and leaving");
 }
 
-/// Notes an event the intruder read that keywarden had not applied yet.
-fn note_ahead(d: &Daemon, polled: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>, ahead: &mut Vec<String>, read: &mut usize) {
+/// An event the intruder read: `rb-ev-{n}` at `offset` of `partition`, and
+/// whether keywarden had not applied it when it was read.
+#[derive(Debug)]
+struct Intruded {
+    n: usize,
+    partition: i32,
+    offset: i64,
+    ahead: bool,
+}
+
+/// Notes an event the intruder read. Keywarden is asked whether it has
+/// applied it, unless it is frozen (`frozen_from`: since before `rb-ev-{n}`
+/// was produced): then the events from there on are unapplied by
+/// construction, and those before counted as applied.
+fn note_read(
+    d: &Daemon,
+    polled: Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>>,
+    reads: &mut Vec<Intruded>,
+    frozen_from: Option<usize>,
+) {
     if let Some(Ok(m)) = polled {
-        *read += 1;
         let event: serde_json::Value = serde_json::from_slice(rdkafka::Message::payload(&m).unwrap_or_default()).unwrap();
-        let id = event["event_id"].as_str().unwrap().to_string();
-        if d.get(&format!("/v1/events/{id}")).0 == 404 {
-            ahead.push(id);
-        }
+        let id = event["event_id"].as_str().unwrap();
+        let n: usize = id.strip_prefix("rb-ev-").and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("not a test event: {id}"));
+        let ahead = match frozen_from {
+            None => d.get(&format!("/v1/events/{id}")).0 == 404,
+            Some(from) => n >= from,
+        };
+        reads.push(Intruded { n, partition: rdkafka::Message::partition(&m), offset: rdkafka::Message::offset(&m), ahead });
     }
 }
 
@@ -394,10 +495,23 @@ fn a_hung_broker_never_stalls_dek_requests_and_writes_fail_fast() {
         assert!(*took < Duration::from_millis(6500), "refused within api.write_timeout (5s) and a margin: {took:?}");
         assert!(body["error"].as_str().unwrap_or_default().contains("retry"), "{body}");
     }
-    // The broker back: writes go through again, and the DEK is the same.
+    // The broker back: writes go through again, and the DEK is the same. A
+    // retry after a refusal is answered 503 again; a 409 would say a refused
+    // attempt was applied after all.
     wait_until("a write to succeed after the broker resumes", Duration::from_secs(60), || {
-        (d.post("/v1/instances", Some(serde_json::json!({"instance_id": "after-hang", "key_id": "hung"}))).0 == 201).then_some(())
+        match d.post("/v1/instances", Some(serde_json::json!({"instance_id": "after-hang", "key_id": "hung"}))) {
+            (201, _) => Some(()),
+            (503, _) => None,
+            (status, body) => panic!("a write after the hang answered {status}: {body}"),
+        }
     });
+    assert_eq!(d.get("/v1/instances/after-hang").0, 200, "the write after the hang is visible");
+    // Keywarden processes writes again (the later one is applied, and the
+    // writer takes its jobs in order): a refused write that was only delayed,
+    // not dropped, would exist by now.
+    for n in 0..writes.len() {
+        assert_eq!(d.get(&format!("/v1/instances/hw-{n}")).0, 404, "hw-{n} was refused, so it must not exist after the broker resumed");
+    }
     assert_eq!(d.dek("h-0").1["dek"], dek);
 }
 
