@@ -725,7 +725,9 @@ async fn a_command_sent_after_its_key_moved_is_not_tombstoned_by_the_old_owner()
 /// rotate replaced) are mixed in. At random points the node "crashes": the
 /// writer and store are closed and reopened, and everything the last `k`
 /// inputs committed but nobody acknowledged (the intake's offsets to Kafka,
-/// the rotation worker's and API callers' answers) is handed to it again. The
+/// the rotation worker's and API callers' answers) is handed to it again;
+/// or the crash loses those inputs' batches (applied, never durable), the
+/// store is as it was before them, and they come again. The
 /// final keys (status, version, rotation job), instances (key and version)
 /// and every command the outbox would send, by command id, must be exactly
 /// what an independent reference model says.
@@ -922,6 +924,26 @@ mod ordering {
         Node { store, writer, thread, fence }
     }
 
+    fn stop(node: Node) {
+        let Node { store, writer, thread, .. } = node;
+        drop(writer);
+        thread.close().unwrap();
+        drop(store);
+    }
+
+    fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
     /// Feeds `steps[from..to]`; an event carries its offset (its index); a
     /// chunk of rewraps is one writer job, as the rotation worker sends it.
     async fn feed(node: &Node, steps: &[Step], from: usize, to: usize) {
@@ -1067,7 +1089,7 @@ mod ordering {
         #[test]
         fn out_of_order_events_rewraps_duplicates_and_crashes_end_like_the_reference_model(
             steps in steps(),
-            crashes in prop::collection::vec((0usize..64, 0usize..4), 0..4),
+            crashes in prop::collection::vec((0usize..64, 0usize..4, any::<bool>()), 0..4),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -1075,20 +1097,37 @@ mod ordering {
             for step in &steps {
                 model.apply(step);
             }
-            let mut crash_points: Vec<(usize, usize)> = crashes.iter().map(|(at, k)| (at % (steps.len() + 1), *k)).collect();
+            let mut crash_points: Vec<(usize, usize, bool)> = crashes.iter().map(|(at, k, lost)| (at % (steps.len() + 1), *k, *lost)).collect();
             crash_points.sort();
             let mut node = start(dir.path());
             let mut done = 0;
-            for (at, lag) in crash_points {
+            for (at, lag, lost) in crash_points {
                 let at = at.max(done);
-                rt.block_on(feed(&node, &steps, done, at));
-                // The crash: nobody heard of the last `lag` inputs' commit.
-                let Node { store, writer, thread, .. } = node;
-                drop(writer);
-                thread.close().unwrap();
-                drop(store);
+                let from = at.saturating_sub(lag).max(done);
+                if lost {
+                    // The crash loses the last `lag` inputs' batches: applied,
+                    // never made durable, never answered. The store is left as
+                    // it was before them (a copy taken then), and they come
+                    // again: the events from the store's offsets, the API's
+                    // and the rotation worker's inputs from callers that had
+                    // no answer.
+                    rt.block_on(feed(&node, &steps, done, from));
+                    stop(node);
+                    let durable = tempfile::tempdir().unwrap();
+                    copy_dir(dir.path(), durable.path());
+                    node = start(dir.path());
+                    rt.block_on(feed(&node, &steps, from, at));
+                    stop(node);
+                    std::fs::remove_dir_all(dir.path()).unwrap();
+                    copy_dir(durable.path(), dir.path());
+                } else {
+                    // The crash: nobody heard of the last `lag` inputs' commit,
+                    // and they come again.
+                    rt.block_on(feed(&node, &steps, done, at));
+                    stop(node);
+                }
                 node = start(dir.path());
-                done = at.saturating_sub(lag);
+                done = from;
             }
             rt.block_on(feed(&node, &steps, done, steps.len()));
 
@@ -1118,10 +1157,7 @@ mod ordering {
             }
             let want: BTreeMap<String, Vec<String>> = model.outcomes.iter().map(|(id, outcome)| (id.clone(), vec![outcome.to_string()])).collect();
             prop_assert_eq!(audited, want);
-            let Node { store, writer, thread, .. } = node;
-            drop(writer);
-            thread.close().unwrap();
-            drop(store);
+            stop(node);
         }
     }
 }
