@@ -390,15 +390,28 @@ async fn wait_job_finished_within(store: &Store, key: &str, event_id: &str, limi
     panic!("rotation {event_id} did not finish within {limit:?}: {:?}", store.job(key));
 }
 
+/// The message of an injected throttle answered with HTTP 429, as in the
+/// client's error, so the log shows which form took the throttling path.
+const THROTTLED_429: &str = "injected: throttled with HTTP 429";
+/// The same for a throttle answered with HTTP 400, as AWS KMS answers it.
+const THROTTLED_400: &str = "injected: throttled with HTTP 400";
+
 /// A proxy in front of moto_server that, while on, answers 30% of every AWS
 /// KMS operation with a fault: a hang past the client's timeout, a 500
-/// `KMSInternalException`, or a 400 `ThrottlingException` (how AWS throttles).
+/// `KMSInternalException`, or a `ThrottlingException`. Per the AWS KMS API
+/// reference ("ThrottlingException ... HTTP Status Code: 400"; AWS's
+/// knowledge-center article quotes "Status Code: 400; Error Code:
+/// ThrottlingException") AWS throttles with a 400; a gateway or proxy on the
+/// way may answer 429 instead. Half of the throttles take each form
+/// (alternating), counted apart as "429" and "400-throttle".
 struct FaultProxy {
     moto: String,
     http: reqwest::Client,
     rng: Mutex<rand::rngs::StdRng>,
     on: std::sync::atomic::AtomicBool,
     hang: Duration,
+    /// Throttles injected so far: even ones are answered 429, odd ones 400.
+    throttles: std::sync::atomic::AtomicUsize,
     /// (operation, what happened) -> count
     seen: Mutex<HashMap<(String, &'static str), usize>>,
 }
@@ -406,6 +419,11 @@ struct FaultProxy {
 impl FaultProxy {
     fn count(&self, op: &str, what: &'static str) -> usize {
         self.seen.lock().unwrap().get(&(op.to_string(), what)).copied().unwrap_or(0)
+    }
+
+    /// How many `what` faults were injected, over every operation.
+    fn injected(&self, what: &str) -> usize {
+        self.seen.lock().unwrap().iter().filter(|((_, w), _)| *w == what).map(|(_, n)| n).sum()
     }
 }
 
@@ -416,11 +434,11 @@ async fn proxy(
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
     let op = headers.get("x-amz-target").and_then(|v| v.to_str().ok()).and_then(|t| t.strip_prefix("TrentService.")).unwrap_or("?").to_string();
-    let fault = |status: u16, kind: &str| {
+    let fault = |status: u16, kind: &str, message: &str| {
         (
             axum::http::StatusCode::from_u16(status).unwrap(),
             [("content-type", "application/x-amz-json-1.1")],
-            format!(r#"{{"__type":"{kind}","message":"injected"}}"#),
+            format!(r#"{{"__type":"{kind}","message":"{message}"}}"#),
         )
             .into_response()
     };
@@ -429,7 +447,7 @@ async fn proxy(
         let what = match roll {
             r if r < 0.10 => Some("hang"),
             r if r < 0.20 => Some("5xx"),
-            r if r < 0.30 => Some("429"),
+            r if r < 0.30 => Some(if p.throttles.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 0 { "429" } else { "400-throttle" }),
             _ => None,
         };
         if let Some(what) = what {
@@ -437,10 +455,11 @@ async fn proxy(
             return match what {
                 "hang" => {
                     tokio::time::sleep(p.hang).await;
-                    fault(500, "KMSInternalException")
+                    fault(500, "KMSInternalException", "injected")
                 }
-                "5xx" => fault(500, "KMSInternalException"),
-                _ => fault(400, "ThrottlingException"),
+                "5xx" => fault(500, "KMSInternalException", "injected"),
+                "429" => fault(429, "ThrottlingException", THROTTLED_429),
+                _ => fault(400, "ThrottlingException", THROTTLED_400),
             };
         }
     }
@@ -466,16 +485,36 @@ async fn proxy(
     }
 }
 
+/// moto_server and boto3, which the AWS tests drive it with: `Some` when
+/// both import. The check comes first, so that a missing moto fails at once
+/// with how to install it rather than after moto_server's start-up timeout.
+fn moto_installed() -> Option<()> {
+    let out = std::process::Command::new("python3").args(["-c", "import moto.server, boto3"]).output().ok()?;
+    out.status.success().then_some(())
+}
+
+/// Every complete line the daemon logged so far (the whole file: `log()` keeps
+/// only the last 300 lines), in order.
+fn log_lines(d: &common::Daemon) -> Vec<String> {
+    let all = std::fs::read_to_string(d.dir.path().join("keywarden.log")).unwrap_or_default();
+    // A line still being written has no newline yet.
+    let complete = all.rfind('\n').map_or("", |end| &all[..end]);
+    complete.lines().map(str::to_owned).collect()
+}
+
 /// The real daemon's AWS provider through the fault proxy: 30% of every call
 /// (ReEncrypt, Decrypt, DescribeKey alike) hangs past the 1 s client timeout,
-/// fails with a 500 or is throttled. A rotation of every DEK completes and
-/// each DEK is byte-identical afterwards; reconciliation runs every 2 s
-/// against the same faults and never revokes or erases an instance because a
-/// DescribeKey failed; and the governor's throttling path is taken.
+/// fails with a 500 or is throttled (as a 429 or as a 400). A rotation of
+/// every DEK completes and each DEK is byte-identical afterwards;
+/// reconciliation runs every 2 s against the same faults and never revokes or
+/// erases an instance because a DescribeKey failed; and the throttling path is
+/// taken for both forms of throttle.
 #[test]
 fn the_aws_provider_rewraps_everything_through_hangs_5xx_and_throttling_on_every_operation() {
     use common::*;
     const N: usize = 150;
+    let install = "run scripts/install-test-deps.sh, or pip install 'moto[server]' boto3";
+    let Some(()) = required(moto_installed(), "moto_server (python3 -m moto.server) with boto3", install) else { return };
     let broker = Broker::start();
     let moto = Moto::start();
     let arn = moto.boto("print(kms.create_key(Description='keywarden faults')['KeyMetadata']['Arn'])");
@@ -488,6 +527,7 @@ fn the_aws_provider_rewraps_everything_through_hangs_5xx_and_throttling_on_every
         rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(seed)),
         on: false.into(),
         hang: Duration::from_millis(1500),
+        throttles: 0.into(),
         seen: Mutex::new(HashMap::new()),
     });
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
@@ -528,11 +568,49 @@ fn the_aws_provider_rewraps_everything_through_hangs_5xx_and_throttling_on_every
         key["rotation"]["finished_at"].is_string().then_some(key)
     });
     assert_eq!((key["rotation"]["done"].as_u64(), key["rotation"]["failed"].as_u64()), (Some(N as u64), Some(0)), "{key}");
-    // Reconciliation has asked DescribeKey through the faults meanwhile.
-    wait_until("a failed DescribeKey", Duration::from_secs(60), || {
-        (faults.count("DescribeKey", "hang") + faults.count("DescribeKey", "5xx") + faults.count("DescribeKey", "429") > 0).then_some(())
+
+    // Reconciliation asks DescribeKey through the same faults. Its own line
+    // for a read that failed (src/schedule/reconcile.rs), not the rotator's
+    // "cannot read the key state; rotation waits"; then, after it, a whole
+    // pass that read the key's state: every pass ends with "reconciliation
+    // found (no) drift", and this key is the only one with instances, so a
+    // pass without the failure line read the state. A DescribeKey answered
+    // by moto after the failure was seen confirms it.
+    let failed_read = |l: &str| l.contains("reconciliation cannot read the key's state") && l.contains(arn.as_str());
+    let pass_end = |l: &str| l.contains("reconciliation found no drift") || l.contains("reconciliation found drift");
+    let mut answered_at_failure = None;
+    let (failure, clean_pass) = wait_until("a failed reconciliation read of the key's state, then a pass that read it", Duration::from_secs(120), || {
+        let lines = log_lines(&d);
+        let failed = lines.iter().position(|l| failed_read(l))?;
+        let answered = faults.count("DescribeKey", "ok");
+        let since = *answered_at_failure.get_or_insert(answered);
+        if answered <= since {
+            return None;
+        }
+        // The end of the pass that failed, then the passes after it.
+        let mut end = failed + 1 + lines[failed + 1..].iter().position(|l| pass_end(l))?;
+        loop {
+            let next = end + 1 + lines[end + 1..].iter().position(|l| pass_end(l))?;
+            if !lines[end + 1..next].iter().any(|l| failed_read(l)) {
+                return Some((lines[failed].clone(), lines[next].clone()));
+            }
+            end = next;
+        }
     });
-    wait_until("a DescribeKey answered", Duration::from_secs(60), || (faults.count("DescribeKey", "ok") > 0).then_some(()));
+    println!("reconciliation could not read the key's state:\n  {failure}\nand a later pass read it:\n  {clean_pass}");
+    // Only now: nothing was revoked or erased for the failed read.
+    let log = log_lines(&d);
+    let drift: Vec<&String> =
+        log.iter().filter(|l| l.contains("reconciliation found drift") || l.contains("drift: applying the event that was missed")).collect();
+    assert!(drift.is_empty(), "reconciliation saw drift where a DescribeKey failed: {drift:?}");
+    let (_, key) = d.get(&format!("/v1/keys/{enc}"));
+    assert_eq!(key["state"], "active", "{key}");
+    for id in &ids {
+        assert_eq!(d.state(id), "active", "{id} was revoked or erased after a failed DescribeKey");
+    }
+    let (_, audit) = d.get("/v1/audit?limit=10000");
+    let reconciled: Vec<_> = audit["entries"].as_array().unwrap().iter().filter(|e| e["who"] == "schedule:reconcile").collect();
+    assert!(reconciled.is_empty(), "reconciliation changed something on a failed DescribeKey: {reconciled:?}");
 
     // Every DEK, read through Decrypt under the same faults (a failed read is
     // a 503 to retry, never another DEK), is the one it was.
@@ -546,18 +624,41 @@ fn the_aws_provider_rewraps_everything_through_hangs_5xx_and_throttling_on_every
         assert_eq!(v["key_version"], "flt-2");
         assert_eq!(d.state(id), "active", "{id} was revoked or erased");
     }
-    let (_, audit) = d.get("/v1/audit?limit=1000");
+    let (_, audit) = d.get("/v1/audit?limit=10000");
     let reconciled: Vec<_> = audit["entries"].as_array().unwrap().iter().filter(|e| e["who"] == "schedule:reconcile").collect();
     assert!(reconciled.is_empty(), "reconciliation changed something on a failed DescribeKey: {reconciled:?}");
+
+    let seen = faults.seen.lock().unwrap().clone();
+    println!(
+        "faults injected: {} hangs, {} 5xx, {} throttles as 429, {} throttles as 400; by operation: {seen:?}",
+        faults.injected("hang"),
+        faults.injected("5xx"),
+        faults.injected("429"),
+        faults.injected("400-throttle")
+    );
+    for what in ["hang", "5xx", "429", "400-throttle"] {
+        assert!(faults.injected(what) > 0, "no {what} injected: {seen:?}");
+        assert!(faults.count("ReEncrypt", what) > 0, "no {what} on ReEncrypt: {seen:?}");
+    }
+    for op in ["Decrypt", "DescribeKey"] {
+        let faulted: usize = ["hang", "5xx", "429", "400-throttle"].iter().map(|w| faults.count(op, w)).sum();
+        assert!(faulted > 0, "no fault injected on {op}: {seen:?}");
+    }
+    // The throttling path, for each form: the client classifies both as
+    // throttling (KmsError::Throttled, "kms is throttling: ..."; a 429 read as
+    // unavailable would say "kms is unavailable: ..."), the rotation retries
+    // them, the metric counts them and the governor halves its concurrency.
+    let log = log_lines(&d);
+    for (form, message) in [("429", THROTTLED_429), ("400", THROTTLED_400)] {
+        let line = log.iter().find(|l| l.contains(message) && l.contains("rewrap"));
+        let line = line.unwrap_or_else(|| panic!("no rewrap error for an injected {form} throttle in the log"));
+        assert!(line.contains("kms is throttling: aws kms ReEncrypt"), "an injected {form} throttle was not classified as throttling: {line}");
+        println!("a {form} throttle on the throttling path: {line}");
+    }
     let metrics = d.http.get(format!("{}/metrics", d.api)).send().unwrap().text().unwrap();
     let throttled =
         metrics.lines().find(|l| l.starts_with("keywarden_rewrap_errors_total") && l.contains("class=\"throttled\"") && l.contains("provider=\"aws\""));
     assert!(throttled.is_some_and(|l| !l.ends_with(" 0")), "the throttling path was not taken:\n{metrics}");
-    assert!(d.log().contains("kms throttled: concurrency halved"), "the governor halved its concurrency");
-    let seen = faults.seen.lock().unwrap().clone();
-    println!("faults injected: {seen:?}");
-    for what in ["hang", "5xx", "429"] {
-        assert!(faults.count("ReEncrypt", what) > 0, "no {what} on ReEncrypt: {seen:?}");
-    }
+    assert!(log.iter().any(|l| l.contains("kms throttled: concurrency halved")), "the governor did not halve its concurrency");
     drop(rt);
 }
