@@ -95,21 +95,31 @@ fn daemon_reports_ready_status_watchdog_and_stopping_to_systemd() {
         m.iter().filter_map(|(_, s)| status_of(s)).any(|s| s.starts_with("ready: ") && s.contains("1 keys, 1 instances"))
     });
 
-    // Pings keep coming at about half of WATCHDOG_USEC while idle.
+    // Pings keep coming at about half of WATCHDOG_USEC while idle: the
+    // third arrives within 4 s (awaited, not slept for).
     let idle_from = Instant::now();
-    std::thread::sleep(Duration::from_secs(4));
+    let idle_pings = |m: &[(Instant, String)]| m.iter().filter(|(t, s)| *t >= idle_from && has(s, "WATCHDOG=1")).map(|(t, _)| *t).collect::<Vec<_>>();
+    notify.wait_for("three watchdog pings while idle", Duration::from_secs(10), |m| idle_pings(m).len() >= 3);
+    let third = idle_pings(&notify.messages())[2];
+    assert!(third - idle_from <= Duration::from_secs(4), "only 2 watchdog pings in {:?} idle", third - idle_from);
     let pings: Vec<Instant> = notify.messages().iter().skip(ready_at).filter(|(_, s)| has(s, "WATCHDOG=1")).map(|(t, _)| *t).collect();
-    let idle_pings = pings.iter().filter(|t| **t >= idle_from).count();
-    assert!(idle_pings >= 3, "only {idle_pings} watchdog pings in 4s idle");
     let worst = pings.windows(2).map(|w| w[1] - w[0]).max().unwrap();
     println!("watchdog pings since READY=1: {}; longest gap {worst:?} (systemd's limit: 2s)", pings.len());
     assert!(worst < Duration::from_millis(1800), "a watchdog gap of {worst:?} would get keywarden killed");
-    assert_eq!(notify.messages().iter().filter(|(_, s)| has(s, "READY=1")).count(), 1, "READY=1 is sent once");
 
     assert_eq!(d.terminate(), Some(0));
+    // The daemon has exited, so everything it sent is queued on the socket;
+    // a datagram of our own queues behind it, and once it is read so is every
+    // notification of the daemon's run.
+    UnixDatagram::unbound().unwrap().send_to(b"TEST_END=1", &notify.path).unwrap();
+    notify.wait_for("the test's own end marker", Duration::from_secs(10), |m| m.iter().any(|(_, s)| has(s, "TEST_END=1")));
     let all = notify.messages();
-    let stopping = all.iter().find(|(_, s)| has(s, "STOPPING=1")).expect("STOPPING=1 on SIGTERM");
+    let stopping_at = all.iter().position(|(_, s)| has(s, "STOPPING=1")).expect("STOPPING=1 on SIGTERM");
+    let stopping = &all[stopping_at];
     assert!(status_of(&stopping.1).is_some_and(|s| s.starts_with("stopping: draining")), "{}", stopping.1);
+    let readies: Vec<usize> = all.iter().enumerate().filter(|(_, (_, s))| has(s, "READY=1")).map(|(i, _)| i).collect();
+    assert_eq!(readies, [ready_at], "READY=1 is sent once, in {} notifications", all.len());
+    assert!(ready_at < stopping_at, "STOPPING=1 (at {stopping_at}) came before READY=1 (at {ready_at})");
     println!("notify messages: {}; statuses: {:?}", all.len(), all.iter().filter_map(|(_, s)| status_of(s)).collect::<Vec<_>>());
 }
 
