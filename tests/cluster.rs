@@ -408,11 +408,43 @@ fn an_owner_announced_outside_the_peer_list_receives_nothing() {
         (s == 503 && v["error"].as_str().unwrap_or_default().contains("not in cluster.peers")).then_some(v)
     });
     assert!(refused["error"].as_str().unwrap().contains(&rogue_url), "{refused}");
+    // The first node's watch of the partitions it does not own asks their
+    // announced owners whether they live, every 2 s. It must not ask the rogue
+    // URL: it takes the partition for ownerless, and after
+    // cluster.rejoin_after (10 s) rejoins the group to have it assigned
+    // again. That rejoin is the positive marker that the watch judged the
+    // rogue's partition, after which nothing may have reached the rogue URL.
+    let partitions = format!("{partition}");
+    wait_until("the first node to take the rogue's partition for ownerless and rejoin", Duration::from_secs(60), || {
+        nodes[0]
+            .log()
+            .lines()
+            .map(without_colours)
+            .any(|l| {
+                l.contains("partitions have had no live owner")
+                    && l.split("partitions=[").nth(1).and_then(|rest| rest.split(']').next()).is_some_and(|list| list.split(", ").any(|p| p == partitions))
+            })
+            .then_some(())
+    });
     // Neither the write nor an owner health probe ever reached the rogue URL.
     match rogue.accept() {
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
         other => panic!("the rogue owner URL received a connection: {other:?}"),
     }
+}
+
+/// A log line without its terminal colour codes (`ESC [ ... m`).
+fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A data-plane report is judged and recorded by the key's owner alone.
