@@ -260,7 +260,10 @@ fn kill_mid_rotation(d: &Daemon, cause: &str, target: f64) -> bool {
         if job["cause_event_id"] == cause {
             let total = job["total"].as_u64().unwrap_or(0);
             let done = job["done"].as_u64().unwrap_or(0) as f64 / total.max(1) as f64;
-            first_seen.get_or_insert((done, started.elapsed()));
+            // Until its first pass has read the key, the job has no total.
+            if total > 0 {
+                first_seen.get_or_insert((done, started.elapsed()));
+            }
             if job["finished_at"].is_string() || (total > 0 && done > 0.9) {
                 break (false, "past 90% before a look saw it at the target");
             }
