@@ -253,4 +253,17 @@ fn a_report_needs_the_instances_own_credential_and_a_command_keywarden_issued_it
     let (_, v) = d.get("/v1/instances/ar-0");
     assert_eq!(v["data_plane"]["command_id"], ours["command_id"], "{v}");
     assert_eq!(v["data_plane"]["outcome"], "enforced", "{v}");
+
+    // A rewrapped command's id names the version it announces: its report
+    // carries that version, and one naming another version is no command
+    // keywarden issued.
+    let enable = d.act("ar-key", "enable");
+    d.wait_event(enable["event_id"].as_str().unwrap());
+    let rotate = d.act("ar-key", "rotate");
+    let rotation = rotate["event_id"].as_str().unwrap().to_string();
+    let rewrapped = commands_of(&mut reader, "rewrapped", &rotation, 2).into_iter().find(|m| m.key.as_deref() == Some("ar-0")).unwrap().json();
+    let version = rewrapped["key_version"].as_str().unwrap().to_string();
+    let report_rewrap = |version: &str| json!({"command_id": rewrapped["command_id"], "cause_event_id": rotation, "action": "rewrapped", "key_version": version, "outcome": "enforced", "at": chrono::Utc::now()});
+    assert_eq!(report("ar-0", &d.dek_token_for("ar-0"), &report_rewrap("1")), 409, "another version's rewrap");
+    assert_eq!(report("ar-0", &d.dek_token_for("ar-0"), &report_rewrap(&version)), 200, "the rewrap to {version}");
 }

@@ -75,6 +75,7 @@ impl Reporter {
             "command_id": c.command_id,
             "cause_event_id": c.cause_event_id,
             "action": c.action,
+            "key_version": c.key_version,
             "outcome": outcome.outcome,
             "at": outcome.at,
             "detail": outcome.detail,

@@ -30,6 +30,9 @@ pub struct Report {
     pub command_id: String,
     pub cause_event_id: String,
     pub action: CommandAction,
+    /// The version the command carried: a `rewrapped` command's id depends on it.
+    #[serde(default)]
+    pub key_version: Option<String>,
     pub outcome: DataPlaneOutcome,
     pub at: DateTime<Utc>,
     #[serde(default)]
@@ -74,7 +77,7 @@ pub(super) async fn report(State(s): State<AppState>, Path(id): Path<String>, pr
             format!("another node owns key {} and records its instances' reports; retry, through an address that reaches it", inst.key_id),
         ));
     }
-    let expected = crate::tell::Command::new(&id, &inst.key_id, report.action, None, &report.cause_event_id, report.at, None).command_id;
+    let expected = crate::tell::Command::new(&id, &inst.key_id, report.action, report.key_version.clone(), &report.cause_event_id, report.at, None).command_id;
     let cause = s.store.event(&report.cause_event_id)?;
     // An instance deleted through the API got its erase from the request,
     // which is no event: its id names the request (see `delete_instance`).

@@ -91,7 +91,11 @@ const COMMAND_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6b65_7977_6172_646
 
 impl Command {
     /// The id depends only on what caused the command, so a re-send after a crash
-    /// carries the same id and consumers can deduplicate.
+    /// carries the same id and consumers can deduplicate. A `rewrapped` names
+    /// the version it announces too: one rotation's passes may rewrap an
+    /// instance twice (the KMS rotated again before its event was applied),
+    /// and the second is another command, which an agent that journals by id
+    /// must not take for a re-send of the first.
     pub fn new(
         instance_id: &str,
         key_id: &str,
@@ -102,7 +106,10 @@ impl Command {
         correlation_id: Option<String>,
     ) -> Command {
         let action_name = serde_json::to_string(&action).expect("actions serialize");
-        let name = format!("{cause_event_id}\0{instance_id}\0{action_name}");
+        let name = match (&action, &key_version) {
+            (CommandAction::Rewrapped, Some(version)) => format!("{cause_event_id}\0{instance_id}\0{action_name}\0{version}"),
+            _ => format!("{cause_event_id}\0{instance_id}\0{action_name}"),
+        };
         Command {
             command_id: uuid::Uuid::new_v5(&COMMAND_NAMESPACE, name.as_bytes()).to_string(),
             instance_id: instance_id.to_string(),
@@ -1262,6 +1269,17 @@ mod tests {
             assert!(json.get(field).is_some(), "{field}");
         }
         assert_eq!(json["action"], "revoke");
+    }
+
+    #[test]
+    fn a_rewrap_to_another_version_is_another_command() {
+        let at = Utc::now();
+        let rewrapped = |v: &str| Command::new("i", "k", CommandAction::Rewrapped, Some(v.into()), "rot", at, None).command_id;
+        assert_eq!(rewrapped("3"), rewrapped("3"), "a re-send keeps its id");
+        assert_ne!(rewrapped("3"), rewrapped("4"), "one rotation's second rewrap of an instance is another command");
+        // A revoke's id does not depend on the version it carries.
+        let revoke = |v: Option<&str>| Command::new("i", "k", CommandAction::Revoke, v.map(str::to_owned), "dis", at, None).command_id;
+        assert_eq!(revoke(Some("3")), revoke(None));
     }
 
     #[test]
