@@ -1,10 +1,13 @@
 //! Kill torture: the real binary over the real broker, killed with SIGKILL
-//! 24 times while a key with 2,000 instances is rotated: every kill is aimed
-//! at a running rotation, at a random point between 10% and 90% done. Every
-//! third round the key is also disabled and enabled once the daemon is back,
-//! so that those commands' fan-out overlaps the next rotation and its kill.
-//! Nothing may be lost, no event applied twice (shown from the persisted audit
-//! trail), every expected command published and no other, no DEK ever changes.
+//! 24 times while a key with 2,000 instances is rotated: each kill only once
+//! a look saw the rotation running, at a random target between 10% and 70%
+//! done (below 90%); where it landed is read from the dead daemon's store,
+//! and at least half must have landed between 10% and 90%. After every third
+//! kill the key is also disabled and enabled once the daemon is back, so that
+//! those commands' fan-out overlaps the next rotation and its kill. Nothing
+//! may be lost, no event applied twice (shown from the persisted audit trail),
+//! every expected command published and no other, every re-sent copy the same
+//! command, no DEK ever changes.
 
 mod common;
 
@@ -47,38 +50,51 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
     let original: HashMap<String, String> = ids.iter().map(|id| (id.clone(), d.dek(id).1["dek"].as_str().unwrap().to_string())).collect();
     println!("set up {INSTANCES} instances in {:.1?}", started.elapsed());
 
-    // The operator's actions: 24 rotations, each killed while it runs, at a
-    // random point between 10% and 90% done. After every third kill, once the
+    // The operator's actions: rotations, each killed while it runs (one seen
+    // past 90% first is not killed), until 24 kills. After every third kill, once the
     // daemon is back and ready, a disable and an enable follow without a kill
     // of their own: their revokes and restores are still being fanned out when
     // the next rotation starts and is killed.
-    const ROUNDS: usize = 24;
+    const KILLS: usize = 24;
     let mut version = 1;
     // Every event this test sent, in order, with its type ("probe" for the
     // probes).
     let mut sent: Vec<(String, &str)> = Vec::new();
-    // The disables and enables, each with the command it sends every instance.
-    let mut revocations: Vec<(String, &str)> = Vec::new();
-    let mut kills = 0;
-    let mut mid_rotation = 0;
+    // The disables and enables, each with the command it sends every instance
+    // and the key's version then (which the command carries).
+    let mut revocations: Vec<(String, &str, u32)> = Vec::new();
+    // Each rotate's target version.
+    let mut rotations: HashMap<String, u32> = HashMap::new();
+    let (mut kills, mut rounds, mut mid_rotation) = (0, 0, 0);
     let mut recovery = Vec::new();
-    for round in 0..ROUNDS {
+    while kills < KILLS {
+        rounds += 1;
+        assert!(rounds <= 2 * KILLS, "only {kills} of {} rotations were seen between 10% and 90% done", rounds - 1);
         let cause = d.act(KEY, "rotate")["event_id"].as_str().unwrap().to_string();
         sent.push((cause.clone(), "rotate"));
         version += 1;
+        rotations.insert(cause.clone(), version);
         // Killed at a random point of this rotation's progress, which may
         // overlap the resumed rest of the one killed before it, and the
-        // fan-out of a disable and an enable. Aimed at most at 70% so that a
-        // fifth of the rotation remains in which a look (one every ~200 ms in
-        // a debug build) finds it between the target and 90%.
+        // fan-out of a disable and an enable. Aimed at 10-70% so that a fifth
+        // of the rotation remains in which a look (one every ~200 ms in a
+        // debug build) finds it between the target and 90%.
+        // A rotation that a look saw past 90% first is not killed: the next
+        // round rotates again.
         let target = rng.gen_range(0.1..0.7);
-        let rotating = kill_mid_rotation(&d, &cause, target);
+        if !aim_at_rotation(&d, &cause, target) {
+            continue;
+        }
         d.kill();
         kills += 1;
-        mid_rotation += usize::from(rotating);
+        // Where the kill landed, from the job the dead daemon's store kept
+        // (what the restart resumes from).
+        let (landed, progress) = landed_mid_rotation(&d, &cause);
+        println!("kill {kills}: the store says {progress}");
+        mid_rotation += usize::from(landed);
         // A probe event for another key, produced while the daemon is down: the
         // time until it is applied is the restart-to-processing time.
-        let probe = format!("probe-{round}");
+        let probe = format!("probe-{rounds}");
         sent.push((probe.clone(), "probe"));
         produce(&events, "key-lifecycle", Some("probe-key"), &event(&probe, "disable", "probe-key", None, &soon(0)));
         let restarted = Instant::now();
@@ -92,11 +108,11 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
         // the key's partition is taken over, which readiness waits for (the
         // probe's partition may be taken over first).
         wait_until("readiness after restart", Duration::from_secs(90), || d.is_ready().then_some(()));
-        if round % 3 == 1 {
+        if kills % 3 == 2 {
             for (action, command) in [("disable", "revoke"), ("enable", "restore")] {
                 let cause = d.act(KEY, action)["event_id"].as_str().unwrap().to_string();
                 sent.push((cause.clone(), action));
-                revocations.push((cause, command));
+                revocations.push((cause, command, version));
             }
         }
     }
@@ -124,7 +140,7 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
     // too. Its revokes are expected like those of the other disables.
     let marker = d.act(KEY, "disable")["event_id"].as_str().unwrap().to_string();
     sent.push((marker.clone(), "disable"));
-    revocations.push((marker, "revoke"));
+    revocations.push((marker, "revoke", version));
 
     // Every command expected was published at least once: a revoke or restore
     // per instance for each disable and enable, and a rewrapped to the final
@@ -133,7 +149,7 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
     let mut want: HashSet<(String, String)> = HashSet::new();
     for id in &ids {
         want.insert(("final".into(), id.clone()));
-        for (cause, _) in &revocations {
+        for (cause, _, _) in &revocations {
             want.insert((cause.clone(), id.clone()));
         }
     }
@@ -153,7 +169,7 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
             let inst = c["instance_id"].as_str().unwrap_or_default().to_string();
             let found = if c["action"] == "rewrapped" && c["key_version"] == final_version.as_str() {
                 ("final".to_string(), inst)
-            } else if revocations.iter().any(|(cause, action)| c["cause_event_id"] == cause.as_str() && c["action"] == *action) {
+            } else if revocations.iter().any(|(cause, action, _)| c["cause_event_id"] == cause.as_str() && c["action"] == *action) {
                 (c["cause_event_id"].as_str().unwrap().to_string(), inst)
             } else {
                 continue;
@@ -167,15 +183,17 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
     let late = commands.drain(Duration::from_secs(3));
 
     // No unexpected extra. Each command's action is the one its cause issues:
-    // a revoke for a disable this test sent, a restore for an enable, a
-    // rewrapped (to a version some rotation made) for a rotate; the probes'
-    // key has no instances, so they issue none. Each is for one of the test
-    // key's instances. A command may be re-sent after a crash, but only under
-    // its command id; a second id for the same instance, cause and action
-    // would be a second application.
+    // a revoke for a disable this test sent, a restore for an enable (each
+    // carrying the key's version when it was sent), a rewrapped for a rotate
+    // (to its target version or a later one: a pass rewraps to the newest);
+    // the probes' key has no instances, so they issue none. Each is for one of
+    // the test key's instances. A command may be re-sent after a crash (from
+    // its durable outbox entry), but then as it was: every copy of a command
+    // id is the same command.
     let causes: HashMap<&str, &str> = sent.iter().map(|(id, kind)| (id.as_str(), *kind)).collect();
+    let versions: HashMap<&str, u32> = revocations.iter().map(|(id, _, v)| (id.as_str(), *v)).collect();
     let instances: HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let mut applications: HashMap<(String, String, String), HashSet<String>> = HashMap::new();
+    let mut by_id: HashMap<String, serde_json::Value> = HashMap::new();
     let mut duplicates = 0;
     for c in commands.seen.iter().map(Read::json) {
         let cause = c["cause_event_id"].as_str().unwrap_or_default().to_string();
@@ -186,24 +204,30 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
             Some("rotate") => Some("rewrapped"),
             _ => None,
         };
-        let inst = c["instance_id"].as_str().unwrap_or_default().to_string();
-        let rotated_to = |c: &serde_json::Value| c["key_version"].as_str().and_then(|v| v.parse::<u32>().ok()).is_some_and(|v| (2..=version).contains(&v));
+        let carried = c["key_version"].as_str().and_then(|v| v.parse::<u32>().ok());
+        let version_right = match kind {
+            Some("rotate") => carried.is_some_and(|v| (rotations[cause.as_str()]..=version).contains(&v)),
+            _ => carried == versions.get(cause.as_str()).copied(),
+        };
         assert!(
             issues.is_some_and(|a| c["action"] == a)
                 && c["key_id"] == KEY
-                && instances.contains(inst.as_str())
-                && (c["action"] != "rewrapped" || rotated_to(&c)),
+                && instances.contains(c["instance_id"].as_str().unwrap_or_default())
+                && version_right,
             "an unexpected command (its cause is {}, which issues {}): {c}",
             kind.map_or("no event this test sent".to_string(), |k| format!("a {k} event")),
             issues.unwrap_or("no command")
         );
-        let what = (cause, inst, format!("{}@{}", c["action"], c["key_version"]));
-        if !applications.entry(what).or_default().insert(c["command_id"].as_str().unwrap().to_string()) {
-            duplicates += 1;
+        match by_id.entry(c["command_id"].as_str().unwrap_or_default().to_string()) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                assert_eq!(first.get(), &c, "command {} re-sent as another command", first.key());
+                duplicates += 1;
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(c);
+            }
         }
     }
-    let twice: Vec<_> = applications.iter().filter(|(_, ids)| ids.len() > 1).take(5).collect();
-    assert!(twice.is_empty(), "commands issued twice under different ids: {twice:?}");
     println!(
         "TORTURE: all {} expected commands published ({late} more read in the idle wait after them); every command read is one its cause issues",
         want.len()
@@ -236,9 +260,16 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
     recovery.sort();
     let p50 = recovery[recovery.len() / 2];
     let max = *recovery.last().unwrap();
-    println!("TORTURE: {kills} SIGKILLs, {mid_rotation} of them mid-rotation; {INSTANCES} instances; {} rotations; final version {final_version}", version - 1);
+    println!(
+        "TORTURE: {kills} SIGKILLs, {mid_rotation} of them landed between 10% and 90% of a rotation (by the job the store kept); {INSTANCES} instances; {} rotations; final version {final_version}",
+        version - 1
+    );
     println!("TORTURE: restart-to-processing p50 {p50:.2?}, max {max:.2?} (a node alone assigns itself every partition)");
-    println!("TORTURE: {} commands read, {duplicates} re-sent after crashes (same command_id); total {:.1?}", commands.seen.len(), started.elapsed());
+    println!(
+        "TORTURE: {} commands read, {duplicates} re-sent after crashes (same command_id, same command); total {:.1?}",
+        commands.seen.len(),
+        started.elapsed()
+    );
     // Timing is printed, not asserted: this machine is shared and noisy.
     assert!(2 * mid_rotation >= kills, "only {mid_rotation} of {kills} kills landed mid-rotation");
 }
@@ -247,7 +278,7 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
 /// returns at once so that the caller kills the daemon; true if it was caught
 /// between 10% and 90% done, false if it went past that first. Prints what it
 /// saw, so that a miss says why.
-fn kill_mid_rotation(d: &Daemon, cause: &str, target: f64) -> bool {
+fn aim_at_rotation(d: &Daemon, cause: &str, target: f64) -> bool {
     let started = Instant::now();
     let (mut looks, mut first_seen) = (0, None);
     let verdict = loop {
@@ -281,4 +312,22 @@ fn kill_mid_rotation(d: &Daemon, cause: &str, target: f64) -> bool {
         first_seen.map(|(f, t)| format!("{:.0}% done at {t:.2?}", f * 100.0)).unwrap_or_else(|| "never".into())
     );
     verdict.0
+}
+
+/// Whether the rotation `cause` started was between 10% and 90% done when
+/// the daemon was killed, by the job its store kept, and that progress.
+fn landed_mid_rotation(d: &Daemon, cause: &str) -> (bool, String) {
+    let store = keywarden::store::Store::open(&d.dir.path().join("store")).expect("the killed daemon's store");
+    let job = store.job(KEY).expect("the key's rotation job").expect("a rotation job");
+    let total = job.total.unwrap_or(0);
+    let done = job.done as f64 / total.max(1) as f64;
+    let landed = job.cause_event_id == cause && job.finished_at.is_none() && total > 0 && (0.1..=0.9).contains(&done);
+    let progress = format!(
+        "{} of {total} rewrapped ({:.0}%){}{}",
+        job.done,
+        done * 100.0,
+        if job.finished_at.is_some() { ", finished" } else { "" },
+        if job.cause_event_id == cause { "" } else { ", another job's" }
+    );
+    (landed, progress)
 }
