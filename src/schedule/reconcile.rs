@@ -152,6 +152,7 @@ impl Reconciler {
                     continue;
                 }
                 Err(_) => {
+                    tracing::warn!(key_id = %key.key_id, error = "no answer within 10s", "reconciliation cannot read the key's state");
                     report.unreachable.push(key.key_id.clone());
                     continue;
                 }
