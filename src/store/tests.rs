@@ -738,7 +738,7 @@ mod ordering {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::engine::{EventType, Input, LifecycleEvent};
+    use crate::engine::{AdopterState, EventType, Input, LifecycleEvent, Notice};
     use crate::store::writer::{Consumed, Thread};
     use crate::tell::Command;
 
@@ -778,6 +778,10 @@ mod ordering {
         seen: HashSet<String>,
         /// How each event was first taken: applied or stale.
         outcomes: BTreeMap<String, &'static str>,
+        /// What the KMS is told of each applied disable and enable: the
+        /// state the key's DEKs are in, and the key's version. A rotate is
+        /// told when its rotation finishes, which no step here reports.
+        acknowledged: Vec<(String, AdopterState, Option<u32>)>,
         /// Key-wide commands: key, cause, action, the key's version then.
         key_commands: Vec<(usize, String, CommandAction, Option<u32>)>,
         /// `rewrapped` commands: instance, cause (the pass's job), version.
@@ -823,6 +827,10 @@ mod ordering {
                             self.job.insert(*key, (id.clone(), version_at(*at), 0));
                         }
                         _ => {}
+                    }
+                    if *kind != EventType::Rotate {
+                        let state = if *status == KeyStatus::Disabled { AdopterState::Disabled } else { AdopterState::Enabled };
+                        self.acknowledged.push((id.clone(), state, self.version.get(key).copied()));
                     }
                     self.last.insert(*key, *at);
                 }
@@ -995,7 +1003,7 @@ mod ordering {
                 // Producers' duplicates, instance creations and chunks of rewraps,
                 // inserted in the streams. A chunk's job is one of its key's
                 // rotate events (maybe replaced, maybe stale, maybe not yet
-                // applied), and it may name instances that do not exist (yet).
+                // applied); see `realistic` for the instances it may name.
                 for (n, (k, pos, what, rewraps)) in extras.iter().enumerate() {
                     let k = k % keys.len();
                     let stream = &mut streams[k];
@@ -1029,16 +1037,26 @@ mod ordering {
 
     /// A rewrap result is made from a DEK the worker read: its instance
     /// existed, at the version the result names as `from`, or the result is
-    /// late and the instance has moved on since. A result from a version the
-    /// instance never had yet is dropped or read at its current version.
+    /// late and the instance has moved on since (or is gone). A result for an
+    /// instance created later is dropped, and one from a version the instance
+    /// has not reached yet is read at its current version.
     fn realistic(steps: Vec<Step>) -> Vec<Step> {
+        let created: HashSet<String> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Create { instance, .. } => Some(instance.clone()),
+                _ => None,
+            })
+            .collect();
         let mut model = Model::default();
         let mut out = Vec::new();
         for mut step in steps {
             if let Step::Rewraps { results, .. } = &mut step {
-                results.retain(|(instance, _, _)| model.instances.contains_key(instance));
+                // An instance that is never created stands for one deleted
+                // since it was read: its result is dropped.
+                results.retain(|(instance, _, _)| model.instances.contains_key(instance) || !created.contains(instance));
                 for (instance, from, to) in results.iter_mut() {
-                    let now = model.instances[instance].1;
+                    let Some(&(_, now)) = model.instances.get(instance) else { continue };
                     if *from > now {
                         *to = now + (*to - *from);
                         *from = now;
@@ -1101,10 +1119,12 @@ mod ordering {
             crash_points.sort();
             let mut node = start(dir.path());
             let mut done = 0;
-            for (at, lag, lost) in crash_points {
+            // The commands queued by the runs that crashes lost.
+            let mut lost: Vec<(String, CommandAction, Option<String>)> = Vec::new();
+            for (at, lag, lose) in crash_points {
                 let at = at.max(done);
                 let from = at.saturating_sub(lag).max(done);
-                if lost {
+                if lose {
                     // The crash loses the last `lag` inputs' batches: applied,
                     // never made durable, never answered. The store is left as
                     // it was before them (a copy taken then), and they come
@@ -1117,6 +1137,7 @@ mod ordering {
                     copy_dir(dir.path(), durable.path());
                     node = start(dir.path());
                     rt.block_on(feed(&node, &steps, from, at));
+                    lost.extend(outbox_commands(&node.store));
                     stop(node);
                     std::fs::remove_dir_all(dir.path()).unwrap();
                     copy_dir(durable.path(), dir.path());
@@ -1149,6 +1170,26 @@ mod ordering {
                 prop_assert_eq!(got, Some((key(*k), version.to_string(), Some(version.to_string()))), "instance {}", id);
             }
             prop_assert_eq!(outbox_commands(&node.store), model.commands());
+            // The key-wide entries themselves, also of keys without instances
+            // (whose entries send no command).
+            let mut entries: Vec<(String, String, CommandAction, Option<String>)> = effects(node.store.outbox(100_000).unwrap())
+                .into_iter()
+                .filter_map(|e| match e {
+                    Effect::KeyCommands { key_id, cause_event_id, action, key_version, .. } => Some((key_id, cause_event_id, action, key_version)),
+                    _ => None,
+                })
+                .collect();
+            entries.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            let mut want: Vec<(String, String, CommandAction, Option<String>)> =
+                model.key_commands.iter().map(|(k, cause, action, version)| (key(*k), cause.clone(), *action, version.map(|v| v.to_string()))).collect();
+            want.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+            prop_assert_eq!(entries, want);
+            // What a lost run had queued (and, had it been durable, would have
+            // sent) is queued again, under the same command ids.
+            let sent_again: HashSet<(String, CommandAction, Option<String>)> = outbox_commands(&node.store).into_iter().collect();
+            for c in &lost {
+                prop_assert!(sent_again.contains(c), "a command of a lost run is not queued again: {:?}", c);
+            }
             // Exactly one audit entry per event, however often it was handed
             // over, saying how it was taken.
             let mut audited: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -1157,6 +1198,22 @@ mod ordering {
             }
             let want: BTreeMap<String, Vec<String>> = model.outcomes.iter().map(|(id, outcome)| (id.clone(), vec![outcome.to_string()])).collect();
             prop_assert_eq!(audited, want);
+            // What the KMS is told: one acknowledgement per applied disable and enable.
+            let mut acks: Vec<(String, AdopterState, Option<String>)> = node
+                .store
+                .notices(100_000)
+                .unwrap()
+                .into_iter()
+                .filter_map(|(_, e)| match e {
+                    Effect::KmsNotice { notice: Notice::Acknowledge { event_id, state, key_version, .. }, .. } => Some((event_id, state, key_version)),
+                    _ => None,
+                })
+                .collect();
+            acks.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut want: Vec<(String, AdopterState, Option<String>)> =
+                model.acknowledged.iter().map(|(id, state, version)| (id.clone(), *state, version.map(|v| v.to_string()))).collect();
+            want.sort_by(|a, b| a.0.cmp(&b.0));
+            prop_assert_eq!(acks, want);
             stop(node);
         }
     }
