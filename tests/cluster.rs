@@ -414,12 +414,15 @@ fn an_owner_announced_outside_the_peer_list_receives_nothing() {
     // cluster.rejoin_after (10 s) rejoins the group to have it assigned
     // again. That rejoin is the positive marker that the watch judged the
     // rogue's partition, after which nothing may have reached the rogue URL.
+    // Only a round after the refusal counts: an earlier one may have judged
+    // the partition before the rogue announcement was read.
+    let log_lines = || std::fs::read_to_string(nodes[0].dir.path().join("keywarden.log")).unwrap_or_default().lines().map(without_colours).collect::<Vec<_>>();
+    let judged_from = log_lines().len();
     let partitions = format!("{partition}");
     wait_until("the first node to take the rogue's partition for ownerless and rejoin", Duration::from_secs(60), || {
-        nodes[0]
-            .log()
-            .lines()
-            .map(without_colours)
+        log_lines()
+            .iter()
+            .skip(judged_from)
             .any(|l| {
                 l.contains("partitions have had no live owner")
                     && l.split("partitions=[").nth(1).and_then(|rest| rest.split(']').next()).is_some_and(|list| list.split(", ").any(|p| p == partitions))
