@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{StoreError, Versioned};
-use crate::engine::Effect;
+use crate::engine::{CommandAction, Effect};
 
 pub(super) const KEY: &[u8] = b"k/";
 pub(super) const INSTANCE: &[u8] = b"i/";
@@ -125,16 +125,25 @@ pub(super) fn queue_key(prefix: &[u8], id: u64) -> Vec<u8> {
 }
 
 /// The replicated name of a queued command: the same on every node, derived
-/// from what the command is (the relay's command ids are derived alike).
+/// from what the command is (the relay's command ids are derived alike). A
+/// `rewrapped` is named by its version too: one rotation's passes may rewrap
+/// an instance twice (see `tell::Command::new`), and the second command's
+/// copy must not replace the first's, nor go when the first is sent.
 pub(super) fn command_key(effect: &Effect) -> Option<(String, Vec<u8>)> {
+    let version = |action: &CommandAction, version: &Option<String>| match (action, version) {
+        (CommandAction::Rewrapped, Some(v)) => format!("@{v}"),
+        _ => String::new(),
+    };
     let (key_id, name) = match effect {
         Effect::KeyCommands { key_id, action, cause_event_id, .. } => (key_id, format!("{cause_event_id}/{action:?}/key")),
-        Effect::InstanceCommand { key_id, instance_id, action, cause_event_id, .. } => (key_id, format!("{cause_event_id}/{action:?}/{instance_id}")),
+        Effect::InstanceCommand { key_id, instance_id, action, cause_event_id, key_version, .. } => {
+            (key_id, format!("{cause_event_id}/{action:?}/{instance_id}{}", version(action, key_version)))
+        }
         // Named by its first instance and its length, as a single command is
-        // by its instance: a cause's rotation rewraps an instance once.
-        Effect::InstanceCommands { key_id, instances, action, cause_event_id, .. } => {
+        // by its instance (and version).
+        Effect::InstanceCommands { key_id, instances, action, cause_event_id, key_version, .. } => {
             let first = instances.first().map_or("", |i| i.instance_id.as_str());
-            (key_id, format!("{cause_event_id}/{action:?}/{first}+{}", instances.len()))
+            (key_id, format!("{cause_event_id}/{action:?}/{first}+{}{}", instances.len(), version(action, key_version)))
         }
         _ => return None,
     };
@@ -265,5 +274,21 @@ mod tests {
         assert_eq!(touched(&k(KEY, "a")), Some(Touched::Key("a".into())));
         assert_eq!(touched(&k(INSTANCE, "i")), Some(Touched::Instance("i".into())));
         assert_eq!(touched(&k(EVENT, "e")), None);
+    }
+
+    #[test]
+    fn a_second_rewrap_of_an_instance_by_one_rotation_has_its_own_replicated_name() {
+        let rewrapped = |version: &str| Effect::InstanceCommand {
+            instance_id: "i".into(),
+            key_id: "k".into(),
+            action: CommandAction::Rewrapped,
+            key_version: Some(version.into()),
+            cause_event_id: "rot".into(),
+            issued_at: chrono::DateTime::UNIX_EPOCH,
+            correlation_id: None,
+            traceparent: None,
+        };
+        assert_eq!(command_key(&rewrapped("3")), command_key(&rewrapped("3")));
+        assert_ne!(command_key(&rewrapped("3")), command_key(&rewrapped("4")));
     }
 }
