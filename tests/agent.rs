@@ -88,6 +88,15 @@ fn a_disable_runs_each_hosted_instances_revoke_once_and_a_forged_or_resent_comma
     let (_, other) = d.get("/v1/instances/ag-elsewhere");
     assert_eq!(other["data_plane"], Value::Null, "{other}");
 
+    // A rotation's rewrapped commands, for which this agent has no hook: each
+    // is reported skipped, with the version the command's id depends on.
+    let rotate = d.act("ag-key", "rotate");
+    d.wait_event(rotate["event_id"].as_str().unwrap());
+    for id in hosted {
+        let dp = wait_data_plane(&d, id, "rewrapped", "skipped");
+        assert_eq!(dp["command_id"].as_str().map(str::len), Some(36), "{dp}");
+    }
+
     // An instance deleted through the API: its erase runs and is reported too.
     let (s, v) = d.delete("/v1/instances/ag-2");
     assert_eq!(s, 204, "{v}");
@@ -265,5 +274,9 @@ fn a_report_needs_the_instances_own_credential_and_a_command_keywarden_issued_it
     let version = rewrapped["key_version"].as_str().unwrap().to_string();
     let report_rewrap = |version: &str| json!({"command_id": rewrapped["command_id"], "cause_event_id": rotation, "action": "rewrapped", "key_version": version, "outcome": "enforced", "at": chrono::Utc::now()});
     assert_eq!(report("ar-0", &d.dek_token_for("ar-0"), &report_rewrap("1")), 409, "another version's rewrap");
+    // An agent of the previous release reports it without the version.
+    let mut unversioned = report_rewrap(&version);
+    unversioned.as_object_mut().unwrap().remove("key_version");
+    assert_eq!(report("ar-0", &d.dek_token_for("ar-0"), &unversioned), 409, "a rewrap reported without its version");
     assert_eq!(report("ar-0", &d.dek_token_for("ar-0"), &report_rewrap(&version)), 200, "the rewrap to {version}");
 }

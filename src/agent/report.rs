@@ -13,7 +13,7 @@ use serde_json::json;
 use zeroize::Zeroizing;
 
 use super::config::{AgentConfig, HostedInstance};
-use crate::engine::DataPlaneOutcome;
+use crate::engine::{CommandAction, DataPlaneOutcome};
 use crate::tell::Command;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,15 +71,21 @@ impl Reporter {
         let token = read_credential(&instance.id, &instance.credential_file)?;
         let url = format!("{}/v1/instances/{}/data-plane", self.base, instance.id);
         let c = &outcome.command;
-        let body = json!({
+        let mut body = json!({
             "command_id": c.command_id,
             "cause_event_id": c.cause_event_id,
             "action": c.action,
-            "key_version": c.key_version,
             "outcome": outcome.outcome,
             "at": outcome.at,
             "detail": outcome.detail,
         });
+        // Only a rewrapped command's id depends on its version. Sent with
+        // that one alone, so that a keywarden of the previous release, which
+        // refuses unknown fields, still takes every other report (revokes
+        // among them) while it is upgraded after its agents.
+        if c.action == CommandAction::Rewrapped {
+            body["key_version"] = json!(c.key_version);
+        }
         let response = self
             .http
             .post(&url)
