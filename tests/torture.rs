@@ -69,7 +69,7 @@ fn sigkill_at_random_moments_loses_no_dek_and_leaves_every_instance_right() {
     let mut recovery = Vec::new();
     while kills < KILLS {
         rounds += 1;
-        assert!(rounds <= 2 * KILLS, "only {kills} of {} rotations were seen between 10% and 90% done", rounds - 1);
+        assert!(rounds <= 3 * KILLS, "only {kills} of {} rotations were seen between 10% and 90% done", rounds - 1);
         let cause = d.act(KEY, "rotate")["event_id"].as_str().unwrap().to_string();
         sent.push((cause.clone(), "rotate"));
         version += 1;
